@@ -1,0 +1,249 @@
+"""The `pipeline` command line: parse options into a typed config, call the stage, report.
+
+Known errors print one line on stderr and exit with their code (README: exit codes); set
+PIPELINE_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from pipeline import DATA_ROOT, __version__
+from pipeline.config import build_config, field_default, merge_options
+from pipeline.jobs import run_caching, run_training
+from stages import cache_teacher, train_student
+from stages.cache import CacheReader
+from stages.errors import InputError, PipelineError
+
+app = typer.Typer(
+    name="pipeline",
+    help="Offline knowledge distillation: cache a teacher's softened logits once, train many students from the cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("pipeline")
+CT = cache_teacher.CacheTeacherConfig
+TS = train_student.TrainConfig
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="TOML file of options; command-line options override it.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
+DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+
+
+def handle_errors(command):
+    """Turn known failures into one line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        _setup_logging()
+        if os.environ.get("PIPELINE_DEBUG"):
+            return command(*args, **kwargs)
+        try:
+            return command(*args, **kwargs)
+        except PipelineError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except MemoryError:
+            _fail("out of memory", 1)
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+        except Exception as exc:  # a bug: still one line, with a pointer to the traceback
+            _fail(f"internal error: {type(exc).__name__}: {exc} (set PIPELINE_DEBUG=1 for the traceback)", 1)
+
+    return wrapper
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}".splitlines()[0], file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _emit(as_json: bool, payload: dict, table: Table) -> None:
+    if as_json:
+        print(json.dumps(payload, default=str))
+    else:
+        Console().print(table)
+
+
+def _key_value_table(title: str, values: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False)
+    for key, value in values.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """Offline knowledge distillation: cache a teacher's softened logits once, train many students from the cache.
+
+    Quick start:  pipeline demo
+    """
+
+
+@app.command("cache-teacher")
+@handle_errors
+def cache_teacher_command(
+    ctx: typer.Context,
+    teacher: Annotated[str | None, typer.Option(help="Teacher model spec: a built-in name, package.module:factory or path/to/file.py:factory.")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="Teacher weights: .safetensors or a PyTorch state dict (loaded with weights_only).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset spec: mnist-5k, digits, synthetic[:k=v,..], a .npz file, or module:factory.")] = None,
+    split: Annotated[str, typer.Option(help="Split to cache.")] = field_default(CT, "split"),
+    out: Annotated[Path | None, typer.Option(help="Cache to write (a .zarr folder). [default: data/caches/TEACHER-DATASET-SPLIT-T.zarr]")] = None,
+    temperature: Annotated[float, typer.Option(help="Temperature T: the cache stores teacher logits / T.")] = field_default(CT, "temperature"),
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = field_default(CT, "batch_size"),
+    device: DeviceOption = field_default(CT, "device"),
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
+    chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk. [default: about 2 MB of logits per chunk]")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out.")] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a teacher once over a dataset split and store its temperature-softened logits.
+
+    Example:
+
+        pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --dataset mnist-5k --temperature 4
+    """
+    values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")})
+    if values["out"] is None and values["teacher"] and values["dataset"]:
+        name = f"{_slug(values['teacher'])}-{_slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}.zarr"
+        values["out"] = DATA_ROOT / "caches" / name
+    cfg = build_config(CT, values, required=("teacher", "dataset"))
+    result = run_caching(cfg)
+    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+    _emit(as_json, payload, _key_value_table("cache written", payload))
+
+
+@app.command("train-student")
+@handle_errors
+def train_student_command(
+    ctx: typer.Context,
+    cache: Annotated[Path | None, typer.Option(help="Cache written by cache-teacher. Without it the student trains on hard labels only (the baseline).")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model spec: a built-in name, package.module:factory or path/to/file.py:factory.")] = None,
+    student_weights: Annotated[Path | None, typer.Option(help="Initial student weights (.safetensors or a state dict).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset spec. [default: the cache's dataset]")] = None,
+    split: Annotated[str | None, typer.Option(help="Training split. [default: the cache's split, else train]")] = None,
+    eval_split: Annotated[str, typer.Option(help="Held-out split evaluated after every epoch.")] = field_default(TS, "eval_split"),
+    out: Annotated[Path | None, typer.Option(help="Run folder to write. [default: data/runs/STUDENT-MODE-sSEED]")] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the soft (KD) term; 1 - alpha weighs cross-entropy with the hard labels.")] = field_default(TS, "alpha"),
+    temperature: Annotated[float | None, typer.Option(help="Distillation temperature. [default: the cache's T; another T' re-tempers exactly]")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = field_default(TS, "epochs"),
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
+    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0 over the epochs).")] = field_default(TS, "lr"),
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
+    augment: Annotated[str, typer.Option(help="Input augmentation: none or shift:N (random shifts of up to N pixels).")] = field_default(TS, "augment"),
+    device: DeviceOption = field_default(TS, "device"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --out.")] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a student from a cache (the teacher is never loaded), or from hard labels without one.
+
+    Example:
+
+        pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400 --alpha 0.9 --epochs 20
+    """
+    values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")})
+    if values["cache"] is not None:
+        provenance = CacheReader(Path(values["cache"])).attrs["dataset"]
+        values["dataset"] = values["dataset"] or provenance["spec"]
+        values["split"] = values["split"] or provenance["split"]
+    values["split"] = values["split"] or "train"
+    if values["out"] is None and values["student"]:
+        mode = "kd" if values["cache"] is not None else "scratch"
+        values["out"] = DATA_ROOT / "runs" / f"{_slug(values['student'])}-{mode}-s{values['seed']}"
+    values["model"], values["model_weights"] = values.pop("student"), values.pop("student_weights")
+    cfg = build_config(TS, values, required=("model", "dataset"))
+    result = run_training(cfg)
+    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+    _emit(as_json, payload, _key_value_table(f"student run {result.mode}", payload))
+
+
+@app.command("train-teacher")
+@handle_errors
+def train_teacher_command(
+    model: Annotated[str, typer.Option(help="Teacher model spec: a built-in name, package.module:factory or path/to/file.py:factory.")] = "cnn",
+    dataset: Annotated[str, typer.Option(help="Dataset spec to train on (its train split).")] = "mnist-5k",
+    out: Annotated[Path | None, typer.Option(help="Weights file to write (.safetensors); the run folder goes beside it. [default: data/teachers/MODEL-DATASET.safetensors]")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
+    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0).")] = field_default(TS, "lr"),
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
+    augment: Annotated[str, typer.Option(help="Input augmentation: none or shift:N.")] = "shift:2",
+    device: DeviceOption = field_default(TS, "device"),
+    overwrite: Annotated[bool, typer.Option(help="Replace existing weights at --out.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a teacher on hard labels and save its weights, so that there is a teacher to cache.
+
+    Example:
+
+        pipeline train-teacher --model cnn --dataset mnist-5k --epochs 15
+    """
+    out = out or DATA_ROOT / "teachers" / f"{_slug(model)}-{_slug(dataset)}.safetensors"
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    cfg = TS(
+        model=model, dataset=dataset, out=out.with_suffix(".run"), weights_out=out, alpha=0.0, epochs=epochs,
+        batch_size=batch_size, lr=lr, seed=seed, augment=augment, device=device, overwrite=overwrite,
+    )
+    result = run_training(cfg)
+    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+    _emit(as_json, payload, _key_value_table("teacher trained", payload))
+
+
+@app.command("demo")
+@handle_errors
+def demo_command(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's teacher, cache and runs.")] = DATA_ROOT / "demo",
+    seeds: Annotated[int, typer.Option(min=1, help="Student seeds to average over.")] = 3,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """The whole pipeline on the embedded MNIST digits: teacher, cache, scratch vs distilled student.
+
+    Trains a CNN teacher, caches its logits at T=4 on the train split, trains the same MLP from
+    scratch and from the cache for each seed, and prints test errors (out of 1,000) and seconds.
+    """
+    from pipeline.demo import run_demo, demo_table
+
+    report = run_demo(out, seeds=seeds, device=device)
+    _emit(as_json, report, demo_table(report))
+
+
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(spec.split(":")[0]).stem or spec).strip("-")

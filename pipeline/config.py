@@ -1,0 +1,68 @@
+"""Options from a TOML file, overridden by the command line, into a typed stage config.
+
+A config file holds the same option names as the command (dashes or underscores), e.g.
+
+    teacher = "cnn"
+    teacher-weights = "data/teachers/cnn-mnist-5k.safetensors"
+    temperature = 4.0
+
+Precedence: an option given on the command line > the file > the option's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stages.errors import InputError
+
+
+def field_default(config_class, name: str) -> Any:
+    """The default a config dataclass declares for `name`: the one source of CLI defaults."""
+    return next(f.default for f in dataclasses.fields(config_class) if f.name == name)
+
+
+def read_toml(path: Path, allowed: set[str]) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"config file {path} is not valid TOML: {exc}") from exc
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise InputError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
+    return values
+
+
+def merge_options(ctx: click.Context, config_file: Path | None, values: dict[str, Any]) -> dict[str, Any]:
+    """Command-line values, with those left at their defaults taken from `config_file`."""
+    if config_file is None:
+        return values
+    from_file = read_toml(config_file, set(values))
+    merged = dict(values)
+    for name, value in from_file.items():
+        if ctx.get_parameter_source(name) in (None, click.core.ParameterSource.DEFAULT):
+            merged[name] = value
+    return merged
+
+
+def build_config(config_class, values: dict[str, Any], required: tuple[str, ...] = ()):
+    """The frozen config dataclass from merged option values (paths converted, required ones checked)."""
+    missing = [name for name in required if values.get(name) is None]
+    if missing:
+        raise InputError(f"missing option(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    kwargs = {}
+    for f in dataclasses.fields(config_class):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if value is not None and "Path" in str(f.type) and not isinstance(value, Path):
+            value = Path(value)
+        kwargs[f.name] = value
+    return config_class(**kwargs)

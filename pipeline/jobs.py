@@ -1,0 +1,40 @@
+"""Resolve the specs named in a stage config into objects and run the stage: the one path
+the CLI commands, the demo and later orchestration share."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.datasets import resolve_dataset
+from pipeline.models import resolve_model
+from stages import cache_teacher, train_student
+from stages.cache import CacheReader
+from stages.data import input_shape
+from stages.errors import InputError
+from stages.runtime import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def run_caching(cfg: cache_teacher.CacheTeacherConfig) -> cache_teacher.CacheTeacherResult:
+    split = resolve_dataset(cfg.dataset).split(cfg.split)
+    if split.num_classes is None:
+        raise InputError(f"dataset {cfg.dataset} does not say how many classes it has (no labels and no num_classes)")
+    if cfg.teacher_weights is None:
+        log.warning("no --teacher-weights given: caching the teacher as its factory builds it")
+    teacher = resolve_model(
+        cfg.teacher, num_classes=split.num_classes, input_shape=input_shape(split), weights=cfg.teacher_weights
+    )
+    return cache_teacher.run(cfg, teacher, split)
+
+
+def run_training(cfg: train_student.TrainConfig) -> train_student.TrainResult:
+    data = resolve_dataset(cfg.dataset)
+    train = data.split(cfg.split)
+    evaluation = data.split(cfg.eval_split) if cfg.eval_split else None
+    num_classes = CacheReader(cfg.cache).num_classes if cfg.cache else train.num_classes
+    if num_classes is None:
+        raise InputError(f"dataset {cfg.dataset} does not say how many classes it has")
+    seed_everything(cfg.seed)  # the model's initial weights belong to the run's seed too
+    model = resolve_model(cfg.model, num_classes=num_classes, input_shape=input_shape(train), weights=cfg.model_weights)
+    return train_student.run(cfg, model, train, evaluation)

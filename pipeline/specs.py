@@ -1,0 +1,57 @@
+"""Loading the user's own code named by a `module:factory` or `path/to/file.py:factory` spec.
+
+This is the one place where user code is imported, and only code the user named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from stages.errors import InputError
+
+
+def is_factory_spec(spec: str) -> bool:
+    target, sep, name = spec.rpartition(":")
+    return bool(sep and target and name.isidentifier())
+
+
+def load_factory(spec: str, what: str) -> Callable:
+    """The callable named by `package.module:factory` or `path/to/file.py:factory`."""
+    target, _, name = spec.rpartition(":")
+    if target.endswith(".py"):
+        module = _import_file(Path(target), what)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise InputError(f"{what} spec {spec!r}: module {exc.name!r} not found") from exc
+        except Exception as exc:
+            raise InputError(f"{what} spec {spec!r}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise InputError(f"{what} spec {spec!r}: {target} has no callable {name!r}")
+    return factory
+
+
+def _import_file(path: Path, what: str):
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    # A name derived from the full path, so two user files with one stem do not collide.
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    module_name = f"_user_{path.stem}_{digest}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise InputError(f"{what} file {path} failed to import: {type(exc).__name__}: {exc}") from exc
+    return module

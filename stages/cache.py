@@ -1,0 +1,370 @@
+"""The cache contract: a versioned, self-describing Zarr v3 group of softened teacher outputs.
+
+Layout (schema version 1, kind "dense"; the README documents every field):
+
+    CACHE.zarr/
+      zarr.json          group attributes: format, schema_version, kind, temperature, num_classes,
+                         num_samples, chunk_rows, dtype, codec, teachers, combine, dataset,
+                         complete, created_at, completed_at, tool, teacher_metrics, config
+      logits/            (N, C) float16|float32  teacher logits / T; unwritten rows read as NaN
+      index/             (N,)   int64            dataset index of every row; unwritten = -1
+      labels/            (N,)   int64            hard labels (only when the split has labels)
+      chunk_done/        (num_chunks,) uint8     1 once every array's rows of that chunk are written
+
+Every per-row array is chunked along the sample axis only, with the same `chunk_rows`, so a
+chunk of rows is a unit of work: a writer owns whole chunks (a partial-chunk write would
+read-modify-write it), a reader decodes whole chunks. `chunk_done` has one storage chunk per
+element, so marking one chunk complete never rewrites another's record.
+
+Room for later kinds, without breaking readers of this one: a reader dispatches on `kind`
+(top-k adds `topk_values`, `topk_indices`, `logsumexp`), rows may carry extra axes after the
+sample axis (views, tokens), and `teachers` is a list with a `combine` rule for ensembles.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from stages import __version__
+from stages.errors import CacheMismatchError, InputError, PipelineError
+
+FORMAT = "distill-cache"
+SCHEMA_VERSION = 1
+STORED_VALUES = "teacher_logits / temperature"
+DTYPES = ("float16", "float32")
+ZSTD_LEVEL = 3
+# Default chunking: about 2 MB of logits per chunk (1024 rows x 1000 classes x float16), where
+# whole-chunk reads are fast, but no more than 1024 rows, so that even a cache of few classes
+# has enough chunks to shuffle between.
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+MAX_CHUNK_ROWS = 1024
+
+Rows = dict[str, np.ndarray]
+
+
+def default_chunk_rows(row_values: int, dtype: str) -> int:
+    """Rows per chunk: about DEFAULT_CHUNK_BYTES of logits, at most MAX_CHUNK_ROWS rows."""
+    row_bytes = row_values * np.dtype(dtype).itemsize
+    return int(max(64, min(MAX_CHUNK_ROWS, DEFAULT_CHUNK_BYTES // max(row_bytes, 1))))
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes on disk of every file under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def is_cache(path: Path) -> bool:
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+    except (FileNotFoundError, ValueError, OSError, zarr.errors.NodeTypeValidationError):
+        return False
+
+
+def remove_cache(path: Path) -> None:
+    """Delete an existing cache for --overwrite; refuse to delete anything that is not one."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not is_cache(path):
+        raise InputError(f"{path} exists and is not a cache; refusing to delete it")
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        raise InputError(f"{path} exists and is not a cache; refusing to delete it")
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """The split of N rows into chunks of `chunk_rows` rows (the last one may be short)."""
+
+    num_samples: int
+    chunk_rows: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.chunk_rows)
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.num_samples)
+
+
+class CacheWriter:
+    """Creates a cache and writes whole chunks of rows from a background thread.
+
+    Rows arrive in any batch size through `write_rows`; they are buffered until a chunk is
+    full, then handed to the writer thread, so the caller (the teacher loop) never waits on
+    storage unless more than `max_pending_chunks` chunks are queued. A chunk's `chunk_done`
+    record is set only after all of its arrays are written.
+    """
+
+    def __init__(self, path: Path, *, max_pending_chunks: int = 4):
+        self.path = Path(path)
+        self.group = zarr.open_group(str(self.path), mode="r+")
+        attrs = self.group.attrs
+        self.grid = ChunkGrid(attrs["num_samples"], attrs["chunk_rows"])
+        self._arrays = {name: self.group[name] for name in self.group.array_keys() if name != "chunk_done"}
+        self._done = self.group["chunk_done"]
+        self._buffers: dict[int, dict[str, list[np.ndarray]]] = {}
+        self._filled: dict[int, int] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending_chunks)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="cache-writer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        num_samples: int,
+        row_shape: tuple[int, ...],
+        dtype: str,
+        chunk_rows: int,
+        labelled: bool,
+        attrs: dict,
+    ) -> CacheWriter:
+        """Create the group, its arrays and attributes (marked incomplete) and open a writer."""
+        if dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        grid = ChunkGrid(num_samples, chunk_rows)
+        group = zarr.open_group(str(path), mode="w-")
+        codec = ZstdCodec(level=ZSTD_LEVEL)
+        group.create_array(
+            "logits", shape=(num_samples, *row_shape), chunks=(chunk_rows, *row_shape),
+            dtype=dtype, fill_value=float("nan"), compressors=codec,
+        )
+        group.create_array("index", shape=(num_samples,), chunks=(chunk_rows,), dtype="int64", fill_value=-1, compressors=codec)
+        if labelled:
+            group.create_array("labels", shape=(num_samples,), chunks=(chunk_rows,), dtype="int64", fill_value=-1, compressors=codec)
+        group.create_array("chunk_done", shape=(grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
+        group.attrs.update(
+            {
+                "format": FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "kind": "dense",
+                "stored_values": STORED_VALUES,
+                "num_samples": num_samples,
+                "row_shape": list(row_shape),
+                "chunk_rows": chunk_rows,
+                "dtype": dtype,
+                "codec": f"zstd(level={ZSTD_LEVEL})",
+                "complete": False,
+                "created_at": now_iso(),
+                "completed_at": None,
+                "tool": {"name": "pipeline", "version": __version__},
+                **attrs,
+            }
+        )
+        return cls(path)
+
+    def missing_chunks(self) -> list[int]:
+        return [int(c) for c in np.flatnonzero(self._done[:] == 0)]
+
+    def write_rows(self, start: int, rows: Rows) -> None:
+        """Buffer rows [start, start + len) of every array; full chunks go to the writer thread.
+        Rows of one chunk must not straddle another chunk's range within one call."""
+        self._raise_writer_error()
+        count = len(next(iter(rows.values())))
+        position = start
+        while position < start + count:
+            chunk = position // self.grid.chunk_rows
+            chunk_start, chunk_stop = self.grid.rows(chunk)
+            take = min(chunk_stop, start + count) - position
+            offset = position - start
+            parts = self._buffers.setdefault(chunk, {name: [] for name in rows})
+            for name, values in rows.items():
+                parts[name].append(values[offset : offset + take])
+            self._filled[chunk] = self._filled.get(chunk, 0) + take
+            if self._filled[chunk] == chunk_stop - chunk_start:
+                full = {name: np.concatenate(pieces) for name, pieces in self._buffers.pop(chunk).items()}
+                del self._filled[chunk]
+                self._put((chunk, full))
+            position += take
+
+    def close(self) -> None:
+        """Wait for every queued chunk to be written; re-raise a failure of the writer thread."""
+        if self._buffers:
+            raise PipelineError(f"internal: chunks {sorted(self._buffers)} were left partly filled")
+        self._put(None)
+        self._thread.join()
+        self._raise_writer_error()
+
+    def abort(self) -> None:
+        """Stop after the chunks already queued; chunks not fully written stay unmarked."""
+        self._buffers.clear()
+        self._filled.clear()
+        try:
+            self._queue.put(None, timeout=60)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=60)
+
+    def mark_complete(self, extra_attrs: dict) -> None:
+        if self.missing_chunks():
+            raise PipelineError("internal: marking a cache complete with chunks missing")
+        self.group.attrs.update({**extra_attrs, "complete": True, "completed_at": now_iso()})
+
+    def _put(self, item) -> None:
+        while True:
+            self._raise_writer_error()
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            chunk, rows = item
+            try:
+                start, stop = self.grid.rows(chunk)
+                for name, values in rows.items():
+                    self._arrays[name][start:stop] = values
+                self._done[chunk] = 1
+            except BaseException as exc:  # surfaced to the caller by _raise_writer_error
+                self._error = exc
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, OSError):
+                raise PipelineError(f"writing the cache failed: {error}") from error
+            raise error
+
+
+class CacheReader:
+    """Opens a cache for reading, checks that it is a complete cache this tool understands,
+    and streams it in whole chunks."""
+
+    def __init__(self, path: Path, *, require_complete: bool = True):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"cache not found: {self.path}")
+        if not is_cache(self.path):
+            raise InputError(f"{self.path} is not a cache written by this tool (no '{FORMAT}' format attribute)")
+        self.group = zarr.open_group(str(self.path), mode="r")
+        self.attrs = dict(self.group.attrs)
+        version = self.attrs.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise CacheMismatchError(
+                f"cache {self.path} has schema version {version}, newer than this tool reads "
+                f"({SCHEMA_VERSION}); upgrade the tool (pip install -U) to read it"
+            )
+        if self.attrs.get("kind") != "dense":
+            raise CacheMismatchError(f"cache kind {self.attrs.get('kind')!r} is not supported by this tool version")
+        if require_complete and not self.attrs.get("complete"):
+            raise CacheMismatchError(
+                f"cache {self.path} is incomplete; re-run the same cache-teacher command to finish it"
+            )
+        self.grid = ChunkGrid(self.attrs["num_samples"], self.attrs["chunk_rows"])
+        self.arrays = {name: self.group[name] for name in ("index", "labels", "logits") if name in self.group}
+
+    @property
+    def num_samples(self) -> int:
+        return self.grid.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["num_classes"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.attrs["temperature"])
+
+    @property
+    def labelled(self) -> bool:
+        return "labels" in self.arrays
+
+    def read_chunk(self, chunk: int) -> Rows:
+        start, stop = self.grid.rows(chunk)
+        return {name: array[start:stop] for name, array in self.arrays.items()}
+
+    def chunk_order(self, seed: int, epoch: int) -> np.ndarray:
+        """A permutation of the chunks, fixed by (seed, epoch)."""
+        return np.random.default_rng([seed, epoch]).permutation(self.grid.num_chunks)
+
+    def batches(
+        self, batch_size: int, *, seed: int, epoch: int, buffer_chunks: int = 8, prefetch_chunks: int = 4
+    ) -> Iterator[Rows]:
+        """Every row once, in batches: whole chunks in shuffled order are read ahead on a
+        background thread; rows are shuffled inside a buffer of `buffer_chunks` chunks.
+        The order depends only on (seed, epoch)."""
+        rng = np.random.default_rng([seed, epoch, 1])
+        chunks = (self.read_chunk(int(c)) for c in self.chunk_order(seed, epoch))
+        pending: Rows | None = None
+        buffered = 0
+        for rows in prefetch(chunks, depth=prefetch_chunks):
+            pending = rows if pending is None else {k: np.concatenate([pending[k], rows[k]]) for k in rows}
+            buffered += 1
+            if buffered < buffer_chunks:
+                continue
+            pending = _shuffled(pending, rng)
+            full = (len(pending["index"]) // batch_size) * batch_size
+            for start in range(0, full, batch_size):
+                yield {k: v[start : start + batch_size] for k, v in pending.items()}
+            pending = {k: v[full:] for k, v in pending.items()}
+            buffered = 0
+        if pending is not None and len(pending["index"]):
+            pending = _shuffled(pending, rng)
+            for start in range(0, len(pending["index"]), batch_size):
+                yield {k: v[start : start + batch_size] for k, v in pending.items()}
+
+
+def _shuffled(rows: Rows, rng: np.random.Generator) -> Rows:
+    order = rng.permutation(len(rows["index"]))
+    return {k: v[order] for k, v in rows.items()}
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """Produce `items` on a background thread, at most `depth` ahead of the consumer.
+    An exception in the producer is re-raised in the consumer; abandoning the iterator
+    stops the producer."""
+    slots: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+    finished = object()
+
+    def offer(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((finished, None))
+        except BaseException as exc:
+            offer((finished, exc))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is finished:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,224 @@
+"""Stage one: run a teacher once over a dataset split and store its softened logits as a cache.
+
+    pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist.safetensors \\
+        --dataset mnist-5k --split train --temperature 4 --out data/caches/mnist-cnn-T4.zarr
+
+From Python, with your own module and split (see stages.data.Split):
+
+    result = run(CacheTeacherConfig(teacher="mine", dataset="mine", out=Path("c.zarr")), teacher, split)
+
+The teacher runs in eval mode under inference_mode. Input batches are prepared on a
+background thread and finished chunks are written by another (stages.cache.CacheWriter), so
+the forward pass does not wait on storage. The cache layout is described in stages.cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.cache import CacheWriter, default_chunk_rows, disk_usage, prefetch, remove_cache
+from stages.data import Split, fingerprint, sha256
+from stages.errors import InputError, PipelineError
+from stages.runtime import config_dict, resolve_device
+from stages.weights import count_parameters, weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheTeacherConfig:
+    teacher: str
+    dataset: str
+    out: Path
+    teacher_weights: Path | None = None
+    split: str = "train"
+    temperature: float = 4.0
+    batch_size: int = 256
+    device: str = "auto"
+    dtype: str = "float16"
+    chunk_rows: int | None = None  # None: about 2 MB of logits per chunk
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise InputError(f"--temperature must be a positive number, got {self.temperature}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise InputError(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
+
+
+@dataclass(frozen=True)
+class CacheTeacherResult:
+    cache: Path
+    num_samples: int
+    num_classes: int
+    temperature: float
+    bytes_on_disk: int
+    seconds: float
+    teacher_accuracy: float | None
+    teacher_nll: float | None
+
+
+def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> CacheTeacherResult:
+    """Write the cache for `split` at `config.out` and return what was written."""
+    config.validate()
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    if len(split) == 0:
+        raise InputError(f"split {config.split!r} of {config.dataset} is empty")
+    if config.out.exists() and not config.overwrite:
+        raise InputError(f"{config.out} already exists; pass --overwrite to replace it")
+    teacher = teacher.to(device).eval()
+
+    num_classes = _output_classes(teacher, split, device)
+    labels = split.labels
+    if labels is not None and len(labels) and int(labels.max()) >= num_classes:
+        raise InputError(
+            f"the teacher outputs {num_classes} classes but the dataset has label {int(labels.max())}"
+        )
+    chunk_rows = config.chunk_rows or default_chunk_rows(num_classes, config.dtype)
+    if config.overwrite:
+        remove_cache(config.out)
+    writer = CacheWriter.create(
+        config.out,
+        num_samples=len(split),
+        row_shape=(num_classes,),
+        dtype=config.dtype,
+        chunk_rows=chunk_rows,
+        labelled=labels is not None,
+        attrs=_provenance(config, teacher, split, num_classes),
+    )
+    try:
+        _teacher_pass(config, teacher, split, writer, device)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    metrics = _teacher_metrics(writer, config.temperature)
+    writer.mark_complete({"teacher_metrics": metrics})
+    seconds = time.perf_counter() - started
+    log.info("cache %s written: %d rows x %d classes in %.1fs", config.out, len(split), num_classes, seconds)
+    return CacheTeacherResult(
+        cache=config.out,
+        num_samples=len(split),
+        num_classes=num_classes,
+        temperature=config.temperature,
+        bytes_on_disk=disk_usage(config.out),
+        seconds=seconds,
+        teacher_accuracy=metrics["accuracy"] if metrics else None,
+        teacher_nll=metrics["nll"] if metrics else None,
+    )
+
+
+def _output_classes(teacher: torch.nn.Module, split: Split, device: torch.device) -> int:
+    with torch.inference_mode():
+        out = teacher(split.inputs(np.zeros(1, dtype=np.int64)).to(device))
+    if out.ndim != 2:
+        raise InputError(f"the teacher must return logits of shape (batch, classes), got {tuple(out.shape)}")
+    return int(out.shape[1])
+
+
+def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, num_classes: int) -> dict:
+    index = np.arange(len(split), dtype=np.int64)
+    return {
+        "temperature": config.temperature,
+        "num_classes": num_classes,
+        "teachers": [
+            {
+                "spec": config.teacher,
+                "weights": None if config.teacher_weights is None else str(config.teacher_weights),
+                "weights_sha256": weights_fingerprint(teacher),
+                "num_parameters": count_parameters(teacher),
+            }
+        ],
+        "combine": None,
+        "dataset": {
+            "spec": config.dataset,
+            "split": config.split,
+            "fingerprint": fingerprint(split),
+            "index_sha256": sha256(index),
+        },
+        "teacher_metrics": None,
+        "config": config_dict(config),
+    }
+
+
+def _teacher_pass(
+    config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, writer: CacheWriter, device: torch.device
+) -> None:
+    missing = writer.missing_chunks()
+    total = len(missing)
+    log.info("teacher pass over %d rows in %d chunks on %s", len(split), total, device)
+    pin = device.type == "cuda"
+    dtype = getattr(torch, config.dtype)
+    labels = split.labels
+    last_report = time.perf_counter()
+    for start, inputs in prefetch(_input_batches(split, writer, missing, config.batch_size, pin), depth=2):
+        with torch.inference_mode():
+            logits = teacher(inputs.to(device, non_blocking=pin)).float()
+        stop = start + len(logits)
+        finite = torch.isfinite(logits).all(dim=1)
+        if not bool(finite.all()):
+            bad = (start + torch.nonzero(~finite).flatten().cpu().numpy()).tolist()
+            raise PipelineError(
+                f"teacher produced NaN or infinite logits for samples {bad[:10]}"
+                f"{' and more' if len(bad) > 10 else ''}; chunks already written are kept"
+            )
+        rows = {
+            "logits": (logits / config.temperature).to(dtype).cpu().numpy(),
+            "index": np.arange(start, stop, dtype=np.int64),
+        }
+        if labels is not None:
+            rows["labels"] = labels[start:stop]
+        writer.write_rows(start, rows)
+        if time.perf_counter() - last_report > 10:
+            last_report = time.perf_counter()
+            log.info("teacher pass: rows up to %d of %d", stop, len(split))
+
+
+def _input_batches(
+    split: Split, writer: CacheWriter, chunks: list[int], batch_size: int, pin: bool
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, inputs) for batches covering exactly the given chunks, in row order."""
+    for first, last in _runs(chunks):
+        start, _ = writer.grid.rows(first)
+        _, stop = writer.grid.rows(last)
+        for b in range(start, stop, batch_size):
+            inputs = split.inputs(np.arange(b, min(b + batch_size, stop), dtype=np.int64))
+            yield b, inputs.pin_memory() if pin else inputs
+
+
+def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:
+    """Contiguous runs (first, last) of sorted chunk numbers."""
+    i = 0
+    while i < len(chunks):
+        j = i
+        while j + 1 < len(chunks) and chunks[j + 1] == chunks[j] + 1:
+            j += 1
+        yield chunks[i], chunks[j]
+        i = j + 1
+
+
+def _teacher_metrics(writer: CacheWriter, temperature: float) -> dict | None:
+    """Top-1 accuracy and mean NLL at T=1 of the stored logits against the stored labels."""
+    if "labels" not in writer.group:
+        return None
+    logits_array, labels_array = writer.group["logits"], writer.group["labels"]
+    correct, nll = 0, 0.0
+    for chunk in range(writer.grid.num_chunks):
+        start, stop = writer.grid.rows(chunk)
+        logits = torch.from_numpy(logits_array[start:stop]).float() * temperature
+        labels = torch.from_numpy(labels_array[start:stop])
+        correct += int((logits.argmax(1) == labels).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+    n = writer.grid.num_samples
+    return {"accuracy": correct / n, "errors": n - correct, "nll": nll / n, "num_samples": n}

@@ -1,0 +1,124 @@
+"""What the stages need from a dataset: one split, addressable by sample index.
+
+A split gives its length, its inputs for any array of indices (the cache is joined with its
+dataset through the stored index of every row), its hard labels when it has them, and a
+fingerprint that a cache records so that a student is never trained against the wrong data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+# Rows hashed for the inputs' fingerprint: enough to tell datasets and orderings apart,
+# few enough that fingerprinting a huge split costs nothing.
+FINGERPRINT_ROWS = 64
+
+
+class Split(Protocol):
+    """One named split of a dataset."""
+
+    name: str
+    num_classes: int | None
+
+    def __len__(self) -> int: ...
+
+    def inputs(self, index: np.ndarray) -> torch.Tensor:
+        """The inputs of the samples at `index` (int64, shape (B,)), stacked as (B, ...)."""
+        ...
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """All hard labels as int64 (N,), or None for an unlabeled split."""
+        ...
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """A split held in memory as one input tensor and an optional label array."""
+
+    name: str
+    x: torch.Tensor
+    y: np.ndarray | None
+    num_classes: int | None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def inputs(self, index: np.ndarray) -> torch.Tensor:
+        return self.x[torch.from_numpy(np.asarray(index, dtype=np.int64))]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.y
+
+
+class TorchDatasetSplit:
+    """A split backed by the user's map-style `torch.utils.data.Dataset`.
+
+    Items are `(input, label)` pairs or bare inputs (an unlabeled transfer set). Labels are
+    read once, from a `targets` attribute when the dataset has one (as torchvision's do),
+    otherwise by visiting every item.
+    """
+
+    def __init__(self, name: str, dataset: torch.utils.data.Dataset, num_classes: int | None = None):
+        self.name = name
+        self.dataset = dataset
+        self._labels = _read_labels(dataset)
+        if num_classes is None:
+            num_classes = getattr(dataset, "num_classes", None)
+        if num_classes is None and self._labels is not None and len(self._labels):
+            num_classes = int(self._labels.max()) + 1
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def inputs(self, index: np.ndarray) -> torch.Tensor:
+        return torch.stack([_input_of(self.dataset[int(i)]) for i in index])
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self._labels
+
+
+def _input_of(item) -> torch.Tensor:
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    return torch.as_tensor(x, dtype=torch.float32)
+
+
+def _read_labels(dataset) -> np.ndarray | None:
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return np.asarray(targets, dtype=np.int64)
+    if len(dataset) == 0 or not isinstance(dataset[0], (tuple, list)):
+        return None
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def input_shape(split: Split) -> tuple[int, ...]:
+    """The shape of one input, without the batch axis."""
+    return tuple(split.inputs(np.zeros(1, dtype=np.int64)).shape[1:])
+
+
+def fingerprint(split: Split) -> dict:
+    """Identify a split's content and ordering: sample count, a hash of all labels, and a
+    hash of the inputs at evenly spaced indices (so reordering or swapping data shows)."""
+    n = len(split)
+    sample_index = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, FINGERPRINT_ROWS)).astype(np.int64))
+    inputs = split.inputs(sample_index).to(torch.float32).contiguous().numpy() if n else np.zeros(0)
+    labels = split.labels
+    return {
+        "num_samples": n,
+        "labels_sha256": None if labels is None else sha256(np.ascontiguousarray(labels, dtype=np.int64)),
+        "inputs_sha256": sha256(inputs),
+        "input_shape": list(inputs.shape[1:]),
+    }
+
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()

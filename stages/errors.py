@@ -1,0 +1,25 @@
+"""Known failures, each with the process exit code the CLI turns it into.
+
+The CLI prints the message as one line and exits with `exit_code`; anything else is a bug and
+shows as an internal error. The codes are documented in the README.
+"""
+
+
+class PipelineError(Exception):
+    """A runtime failure the user can act on (exit code 1)."""
+
+    exit_code = 1
+
+
+class InputError(PipelineError):
+    """Bad input: an unknown spec, a missing or malformed file, an invalid option value,
+    an existing output without --overwrite (exit code 2, like a usage error)."""
+
+    exit_code = 2
+
+
+class CacheMismatchError(PipelineError):
+    """The cache does not fit what it is used with: another dataset or ordering, another
+    class count, an incomplete cache, or a schema newer than this tool (exit code 3)."""
+
+    exit_code = 3

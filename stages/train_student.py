@@ -1,0 +1,246 @@
+"""Stage two: train a student from a cache of softened teacher logits (or from hard labels).
+
+    pipeline train-student --cache data/caches/mnist-cnn-T4.zarr --student mlp-400 \\
+        --alpha 0.9 --epochs 20 --out data/runs/mlp-400-kd
+
+From Python, with your own module and splits (see stages.data.Split):
+
+    result = run(TrainConfig(model="mine", dataset="mine", out=Path("run"), cache=Path("c.zarr")),
+                 model, train_split, test_split)
+
+The teacher is never imported, built or loaded here: its knowledge arrives only through the
+cache, read in whole chunks in shuffled order on a background thread (stages.cache) and joined
+with the dataset's inputs by the stored index. Without a cache the same loop trains on hard
+labels only: the baseline, and how `pipeline train-teacher` trains a teacher.
+
+The run folder holds config.json (resolved config), metrics.jsonl (one line per epoch),
+model.safetensors (final weights) and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.augment import parse_augment
+from stages.cache import CacheReader, Rows, prefetch
+from stages.data import Split, fingerprint
+from stages.errors import CacheMismatchError, InputError
+from stages.losses import distillation_loss, retemper
+from stages.runtime import config_dict, resolve_device, seed_everything
+from stages.weights import count_parameters, save_weights
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.safetensors")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    dataset: str
+    out: Path
+    cache: Path | None = None
+    model_weights: Path | None = None
+    split: str = "train"
+    eval_split: str | None = "test"
+    alpha: float = 0.9
+    temperature: float | None = None  # None: the cache's own T
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    augment: str = "none"
+    buffer_chunks: int = 8
+    weights_out: Path | None = None  # None: model.safetensors in the run folder
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InputError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature is not None and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise InputError(f"--temperature must be a positive number, got {self.temperature}")
+        for name in ("epochs", "batch_size", "buffer_chunks"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise InputError(f"--lr must be positive, got {self.lr}")
+        parse_augment(self.augment)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    weights: Path
+    mode: str  # "distilled" or "scratch"
+    num_parameters: int
+    test_accuracy: float | None
+    test_errors: int | None
+    test_samples: int | None
+    test_nll: float | None
+    seconds: float
+
+
+def run(config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None) -> TrainResult:
+    """Train `model` on `train` (distilled from `config.cache` when given), evaluating on
+    `evaluation` after every epoch, and write the run folder."""
+    config.validate()
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    cache = CacheReader(config.cache) if config.cache is not None else None
+    model = model.to(device)
+    labels = _check_inputs(config, model, train, cache, device)
+    temperature = config.temperature or (cache.temperature if cache else 1.0)
+    _prepare_run_dir(config.out, config.overwrite)
+
+    seed_everything(config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    augment = parse_augment(config.augment)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def loss_step(batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = batch["inputs"]
+        if augment is not None:
+            x = augment(x, generator)
+        logits = model(x.to(device))
+        y = torch.from_numpy(batch["labels"]).to(device) if "labels" in batch else None
+        if cache is None:
+            hard = F.cross_entropy(logits, y)
+            return hard, {"ce": hard.detach()}
+        teacher = retemper(torch.from_numpy(batch["logits"]).to(device), cache.temperature, temperature)
+        return distillation_loss(logits, teacher, y, alpha=config.alpha, temperature=temperature)
+
+    _write_json(config.out / "config.json", _run_config(config, cache, temperature))
+    metrics = {}
+    with open(config.out / "metrics.jsonl", "w") as metrics_file:
+        for epoch in range(config.epochs):
+            epoch_started = time.perf_counter()
+            model.train()
+            sums: dict[str, float] = {}
+            steps = 0
+            for batch in _epoch_batches(config, train, labels, cache, epoch):
+                loss, parts = loss_step(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for name, value in {"loss": loss.detach(), **parts}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                steps += 1
+            schedule.step()
+            metrics = {"epoch": epoch + 1, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
+            if evaluation is not None:
+                metrics.update({f"test_{k}": v for k, v in evaluate(model, evaluation, device).items()})
+            metrics["seconds"] = time.perf_counter() - epoch_started
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            log.info("epoch %d/%d %s", epoch + 1, config.epochs, _brief(metrics))
+
+    weights = config.weights_out or config.out / "model.safetensors"
+    save_weights(model, weights)
+    result = TrainResult(
+        run_dir=config.out,
+        weights=weights,
+        mode="distilled" if cache else "scratch",
+        num_parameters=count_parameters(model),
+        test_accuracy=metrics.get("test_accuracy"),
+        test_errors=metrics.get("test_errors"),
+        test_samples=metrics.get("test_num_samples"),
+        test_nll=metrics.get("test_nll"),
+        seconds=time.perf_counter() - started,
+    )
+    _write_json(config.out / "summary.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()})
+    return result
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 512) -> dict:
+    """Accuracy, error count and mean NLL of `model` on a labelled split."""
+    if split.labels is None:
+        raise InputError(f"cannot evaluate on split {split.name!r}: it has no labels")
+    model.eval()
+    correct, nll = 0, 0.0
+    for start in range(0, len(split), batch_size):
+        index = np.arange(start, min(start + batch_size, len(split)), dtype=np.int64)
+        logits = model(split.inputs(index).to(device)).float()
+        y = torch.from_numpy(split.labels[index]).to(device)
+        correct += int((logits.argmax(1) == y).sum())
+        nll += float(F.cross_entropy(logits, y, reduction="sum"))
+    n = len(split)
+    return {"accuracy": correct / n, "errors": n - correct, "nll": nll / n, "num_samples": n}
+
+
+def _check_inputs(
+    config: TrainConfig, model: torch.nn.Module, train: Split, cache: CacheReader | None, device: torch.device
+) -> np.ndarray | None:
+    """Refuse a cache that belongs to other data or has another class count; return the labels to train on."""
+    model.eval()
+    with torch.no_grad():
+        classes = int(model(train.inputs(np.zeros(1, dtype=np.int64)).to(device)).shape[-1])
+    if cache is None:
+        if train.labels is None:
+            raise InputError(f"split {train.name!r} has no labels: training without a cache needs them")
+        if int(train.labels.max()) >= classes:
+            raise InputError(f"the model outputs {classes} classes but the dataset has label {int(train.labels.max())}")
+        return train.labels
+    if classes != cache.num_classes:
+        raise CacheMismatchError(f"the student outputs {classes} classes but the cache has {cache.num_classes}")
+    recorded = cache.attrs["dataset"]["fingerprint"]
+    actual = fingerprint(train)
+    differ = [k for k in recorded if recorded[k] != actual.get(k)]
+    if differ:
+        raise CacheMismatchError(
+            f"dataset {config.dataset} split {train.name!r} does not match the cache "
+            f"(made from {cache.attrs['dataset']['spec']} split {cache.attrs['dataset']['split']!r}): "
+            f"{', '.join(differ)} differ"
+        )
+    if config.alpha < 1.0 and not cache.labelled:
+        raise InputError("the cache has no hard labels; use --alpha 1 (soft labels only)")
+    return None  # labels come with the cache rows
+
+
+def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, cache: CacheReader | None, epoch: int) -> Iterator[Rows]:
+    """Batches of rows joined with their inputs, prepared on a background thread."""
+    if cache is not None:
+        rows = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks)
+    else:
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
+        rows = ({"index": i, "labels": labels[i]} for i in np.array_split(order, math.ceil(len(order) / config.batch_size)))
+    return prefetch(({**r, "inputs": train.inputs(r["index"])} for r in rows), depth=4)
+
+
+def _prepare_run_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"run folder {out} already exists; pass --overwrite to replace it")
+        if not (out / "config.json").is_file():
+            raise InputError(f"{out} exists and is not a run folder; refusing to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _run_config(config: TrainConfig, cache: CacheReader | None, temperature: float) -> dict:
+    resolved = {**config_dict(config), "temperature": temperature}
+    if cache is not None:
+        resolved["cache_provenance"] = {k: cache.attrs[k] for k in ("teachers", "combine", "dataset", "temperature", "created_at")}
+    return resolved
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def _brief(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch")
