@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import click
+import typer
 
 from stages.errors import InputError
 
@@ -40,14 +40,16 @@ def read_toml(path: Path, allowed: set[str]) -> dict[str, Any]:
     return values
 
 
-def merge_options(ctx: click.Context, config_file: Path | None, values: dict[str, Any]) -> dict[str, Any]:
+def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str, Any]) -> dict[str, Any]:
     """Command-line values, with those left at their defaults taken from `config_file`."""
     if config_file is None:
         return values
     from_file = read_toml(config_file, set(values))
     merged = dict(values)
     for name, value in from_file.items():
-        if ctx.get_parameter_source(name) in (None, click.core.ParameterSource.DEFAULT):
+        source = ctx.get_parameter_source(name)
+        # Compared by name: typer ships its own copy of click, so the enum class is not click's.
+        if source is None or source.name == "DEFAULT":
             merged[name] = value
     return merged
 

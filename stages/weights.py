@@ -7,6 +7,7 @@ state dict loaded with `weights_only=True`: nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import pickle  # only for its exception type: nothing here unpickles
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"cannot read weights file {path}: it holds objects other than tensors; refusing to unpickle them") from exc
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise InputError(f"cannot read weights file {path}: {_first_line(exc)}") from exc
     if not isinstance(state, dict):

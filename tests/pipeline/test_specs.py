@@ -1,0 +1,129 @@
+"""Resolving dataset and model specs: built-ins, the user's files and modules, safe weights."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.datasets import resolve_dataset
+from pipeline.models import BUILTIN_MODELS, resolve_model
+from stages.data import fingerprint
+from stages.errors import InputError
+from stages.weights import load_weights, save_weights
+
+
+def test_mnist_5k_is_a_fixed_4000_1000_split():
+    data = resolve_dataset("mnist-5k")
+    train, test = data.split("train"), data.split("test")
+    assert (len(train), len(test)) == (4000, 1000)
+    assert train.x.shape[1:] == (1, 28, 28) and 0 <= float(train.x.min()) and float(train.x.max()) <= 1
+    assert np.bincount(np.concatenate([train.labels, test.labels])).tolist() == [500] * 10
+    # disjoint: no test image appears among the training images
+    train_rows = {row.tobytes() for row in train.x.reshape(4000, -1).numpy()}
+    assert not any(row.tobytes() in train_rows for row in test.x.reshape(1000, -1).numpy())
+    assert fingerprint(train) == fingerprint(resolve_dataset("mnist-5k").split("train"))
+
+
+def test_digits_builtin():
+    train = resolve_dataset("digits").split("train")
+    assert train.x.shape[1:] == (1, 8, 8) and train.num_classes == 10 and len(train) == 1438
+
+
+def test_synthetic_is_seeded_and_configurable():
+    a = resolve_dataset("synthetic:n=50,test=10,features=3,classes=5,seed=1").split("train")
+    b = resolve_dataset("synthetic:n=50,test=10,features=3,classes=5,seed=1").split("train")
+    c = resolve_dataset("synthetic:n=50,test=10,features=3,classes=5,seed=2").split("train")
+    assert a.x.shape == (50, 3) and a.num_classes == 5
+    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+    with pytest.raises(InputError, match="bad parameter"):
+        resolve_dataset("synthetic:size=3").split("train")
+
+
+def test_npz_with_and_without_labels(tmp_path):
+    x = np.random.default_rng(0).normal(size=(20, 2, 3)).astype(np.float32)
+    np.savez(tmp_path / "l.npz", x_train=x, y_train=np.arange(20) % 3, x_test=x[:5], y_test=np.zeros(5, dtype=np.int64))
+    train = resolve_dataset(str(tmp_path / "l.npz")).split("train")
+    assert train.num_classes == 3 and torch.equal(train.inputs(np.array([4, 2])), torch.from_numpy(x[[4, 2]]))
+    np.savez(tmp_path / "u.npz", x_train=x)
+    unlabeled = resolve_dataset(str(tmp_path / "u.npz")).split("train")
+    assert unlabeled.labels is None and fingerprint(unlabeled)["labels_sha256"] is None
+
+
+def test_npz_refuses_pickles_and_bad_labels(tmp_path):
+    np.savez(tmp_path / "obj.npz", x_train=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match="cannot read"):
+        resolve_dataset(str(tmp_path / "obj.npz")).split("train")
+    np.savez(tmp_path / "neg.npz", x_train=np.zeros((3, 2)), y_train=np.array([0, -1, 1]))
+    with pytest.raises(InputError, match="non-negative integer labels"):
+        resolve_dataset(str(tmp_path / "neg.npz")).split("train")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="cannot read"):
+        resolve_dataset(str(tmp_path / "junk.npz")).split("train")
+
+
+def test_dataset_factory_from_a_user_file(tmp_path):
+    (tmp_path / "mydata.py").write_text(textwrap.dedent("""
+        import torch
+        class Squares(torch.utils.data.Dataset):
+            def __init__(self, n): self.n = n
+            def __len__(self): return self.n
+            def __getitem__(self, i): return torch.full((3,), float(i)), i % 2
+        def make(split):
+            return {"train": Squares(10), "test": Squares(4)}.get(split)
+    """))
+    data = resolve_dataset(f"{tmp_path / 'mydata.py'}:make")
+    train = data.split("train")
+    assert len(train) == 10 and train.num_classes == 2 and train.labels.tolist() == [0, 1] * 5
+    assert train.inputs(np.array([3, 7]))[:, 0].tolist() == [3.0, 7.0]
+    with pytest.raises(InputError, match="no split 'valid'"):
+        data.split("valid")
+
+
+def test_model_factory_from_a_module_gets_input_shape_when_it_asks(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+        import math
+        from torch import nn
+        def wide(num_classes, input_shape):
+            return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+        def not_a_module(num_classes):
+            return "nope"
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = resolve_model("my_models:wide", num_classes=3, input_shape=(2, 5))
+    assert model(torch.zeros(4, 2, 5)).shape == (4, 3)
+    with pytest.raises(InputError, match="not a torch.nn.Module"):
+        resolve_model("my_models:not_a_module", num_classes=3, input_shape=(2, 5))
+    with pytest.raises(InputError, match="has no callable 'missing'"):
+        resolve_model("my_models:missing", num_classes=3, input_shape=(2, 5))
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_MODELS))
+def test_builtin_models_output_logits(name):
+    model = resolve_model(name, num_classes=7, input_shape=(1, 28, 28))
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_round_trip_safely(tmp_path, suffix):
+    source = resolve_model("mlp-64", num_classes=3, input_shape=(4,))
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pt":
+        torch.save(source.state_dict(), path)
+    else:
+        save_weights(source, path)
+    target = resolve_model("mlp-64", num_classes=3, input_shape=(4,), weights=path)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(target(x), source(x))
+
+
+def test_pickled_objects_in_weights_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"weight": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="cannot read weights"):
+        load_weights(resolve_model("linear", num_classes=2, input_shape=(2,)), tmp_path / "evil.pt")

@@ -1,0 +1,166 @@
+"""The cache contract: what cache-teacher writes, read back with plain zarr and with the reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.datasets import resolve_dataset
+from pipeline.models import resolve_model
+from stages.cache import FORMAT, SCHEMA_VERSION, CacheReader, CacheWriter, default_chunk_rows
+from stages.errors import CacheMismatchError, InputError
+from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE
+
+
+def test_plain_zarr_gives_the_teachers_softened_probabilities(cache_path, teacher_weights):
+    """No project code on the read side: zarr + numpy, against softmax(teacher(x)/T) computed here."""
+    group = zarr.open_group(str(cache_path), mode="r")
+    assert group.attrs["format"] == FORMAT and group.attrs["complete"] is True
+    T = group.attrs["temperature"]
+    stored = group["logits"][:].astype(np.float64)
+    index = group["index"][:]
+    probs = np.exp(stored - stored.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+
+    split = resolve_dataset(DATASET).split("train")
+    teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights).eval()
+    with torch.no_grad():
+        expected = torch.softmax(teacher(split.inputs(index)).double() / T, dim=1).numpy()
+    assert stored.dtype == np.float64 and group["logits"].dtype == np.float16
+    np.testing.assert_allclose(probs, expected, atol=2e-3)
+    np.testing.assert_array_equal(index, np.arange(600))
+    np.testing.assert_array_equal(group["labels"][:], split.labels)
+
+
+def test_attributes_describe_the_cache(cache_path, teacher_weights):
+    attrs = dict(zarr.open_group(str(cache_path), mode="r").attrs)
+    assert attrs["schema_version"] == SCHEMA_VERSION
+    assert attrs["kind"] == "dense" and attrs["stored_values"] == "teacher_logits / temperature"
+    assert attrs["temperature"] == TEMPERATURE and attrs["num_classes"] == 4 and attrs["num_samples"] == 600
+    assert attrs["chunk_rows"] == CHUNK_ROWS and attrs["dtype"] == "float16" and attrs["codec"].startswith("zstd")
+    (teacher,) = attrs["teachers"]
+    assert teacher["spec"] == "mlp-64" and teacher["weights"] == str(teacher_weights)
+    assert teacher["num_parameters"] == 8 * 64 + 64 + 64 * 64 + 64 + 64 * 4 + 4
+    assert len(teacher["weights_sha256"]) == 64
+    assert attrs["dataset"]["spec"] == DATASET and attrs["dataset"]["split"] == "train"
+    assert attrs["dataset"]["fingerprint"]["num_samples"] == 600
+    metrics = attrs["teacher_metrics"]
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["errors"] == round(600 * (1 - metrics["accuracy"]))
+    assert attrs["tool"]["name"] == "pipeline" and attrs["created_at"] and attrs["completed_at"]
+    assert attrs["config"]["chunk_rows"] == CHUNK_ROWS
+    json.dumps(attrs)  # every attribute is plain JSON
+
+
+def test_teacher_metrics_match_a_direct_computation(cache_path, teacher_weights):
+    split = resolve_dataset(DATASET).split("train")
+    teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights).eval()
+    with torch.no_grad():
+        logits = teacher(split.x)
+    accuracy = float((logits.argmax(1).numpy() == split.labels).mean())
+    metrics = CacheReader(cache_path).attrs["teacher_metrics"]
+    assert metrics["accuracy"] == pytest.approx(accuracy, abs=2 / 600)  # float16 can flip a near tie
+    nll = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(split.labels)))
+    assert metrics["nll"] == pytest.approx(nll, rel=1e-2)
+
+
+def _write(tmp_path, n=300, chunk_rows=32, classes=5, name="c.zarr"):
+    writer = CacheWriter.create(
+        tmp_path / name, num_samples=n, row_shape=(classes,), dtype="float32", chunk_rows=chunk_rows,
+        labelled=True, attrs={"temperature": 1.0, "num_classes": classes},
+    )
+    logits = np.random.default_rng(0).normal(size=(n, classes)).astype(np.float32)
+    labels = np.arange(n) % classes
+    return writer, logits, labels
+
+
+def test_round_trip_in_uneven_batches(tmp_path):
+    writer, logits, labels = _write(tmp_path)
+    for start in range(0, 300, 45):  # batches that straddle chunk boundaries
+        stop = min(start + 45, 300)
+        writer.write_rows(start, {"logits": logits[start:stop], "index": np.arange(start, stop), "labels": labels[start:stop]})
+    writer.close()
+    writer.mark_complete({})
+    reader = CacheReader(tmp_path / "c.zarr")
+    rows = [reader.read_chunk(c) for c in range(reader.grid.num_chunks)]
+    np.testing.assert_array_equal(np.concatenate([r["logits"] for r in rows]), logits)
+    np.testing.assert_array_equal(np.concatenate([r["labels"] for r in rows]), labels)
+
+
+def test_unwritten_rows_read_as_nan_and_are_not_marked_done(tmp_path):
+    writer, logits, labels = _write(tmp_path)
+    writer.write_rows(0, {"logits": logits[:40], "index": np.arange(40), "labels": labels[:40]})
+    writer.abort()  # chunk 0 (rows 0-31) was full; chunk 1 only partly filled
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert group["chunk_done"][:2].tolist() == [1, 0]
+    assert np.isnan(group["logits"][32:]).all() and (group["index"][32:] == -1).all()
+    with pytest.raises(CacheMismatchError, match="incomplete"):
+        CacheReader(tmp_path / "c.zarr")
+
+
+def _complete_cache(tmp_path, n=300, chunk_rows=32):
+    writer, logits, labels = _write(tmp_path, n=n, chunk_rows=chunk_rows)
+    writer.write_rows(0, {"logits": logits, "index": np.arange(n), "labels": labels})
+    writer.close()
+    writer.mark_complete({})
+    return CacheReader(tmp_path / "c.zarr"), logits
+
+
+@pytest.mark.parametrize("batch_size", [1, 17, 64, 1000])
+def test_reader_visits_every_row_once_per_epoch(tmp_path, batch_size):
+    reader, logits = _complete_cache(tmp_path)
+    orders = []
+    for epoch in range(3):
+        batches = list(reader.batches(batch_size, seed=5, epoch=epoch, buffer_chunks=3))
+        assert all(len(b["index"]) == batch_size for b in batches[:-1])
+        index = np.concatenate([b["index"] for b in batches])
+        assert sorted(index.tolist()) == list(range(300))
+        got = np.concatenate([b["logits"] for b in batches])
+        np.testing.assert_array_equal(got, logits[index])  # rows keep their own logits
+        orders.append(index)
+    assert not np.array_equal(orders[0], orders[1])  # reshuffled each epoch
+    assert not np.array_equal(orders[0], np.arange(300))
+
+
+def test_reader_streams_whole_chunks_in_shuffled_order(tmp_path):
+    """The first buffer holds exactly the first `buffer_chunks` chunks of the epoch's chunk order."""
+    reader, _ = _complete_cache(tmp_path)
+    order = reader.chunk_order(seed=5, epoch=0)
+    assert sorted(order.tolist()) == list(range(reader.grid.num_chunks)) and order.tolist() != sorted(order.tolist())
+    batches = reader.batches(32, seed=5, epoch=0, buffer_chunks=3)
+    first_buffer = np.concatenate([next(batches)["index"] for _ in range(3)])
+    expected = np.concatenate([np.arange(*reader.grid.rows(int(c))) for c in order[:3]])
+    assert sorted(first_buffer.tolist()) == sorted(expected.tolist())
+    assert first_buffer.tolist() != sorted(first_buffer.tolist())  # rows shuffled inside the buffer
+
+
+def test_reader_order_is_reproducible(tmp_path):
+    reader, _ = _complete_cache(tmp_path)
+    a = np.concatenate([b["index"] for b in reader.batches(50, seed=1, epoch=2)])
+    b = np.concatenate([b["index"] for b in reader.batches(50, seed=1, epoch=2)])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_schema_from_the_future_is_refused_with_an_upgrade_hint(tmp_path):
+    _complete_cache(tmp_path)
+    zarr.open_group(str(tmp_path / "c.zarr"), mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(CacheMismatchError, match="upgrade"):
+        CacheReader(tmp_path / "c.zarr")
+
+
+def test_missing_and_foreign_paths_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        CacheReader(tmp_path / "nope.zarr")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["format"] = "something-else"
+    with pytest.raises(InputError, match="not a cache"):
+        CacheReader(tmp_path / "other.zarr")
+
+
+def test_default_chunking_targets_about_two_megabytes():
+    assert default_chunk_rows(1000, "float16") == 1024
+    assert default_chunk_rows(8000, "float16") == 131
+    assert default_chunk_rows(32000, "float16") == 64  # floor: a chunk is never tiny in rows
+    assert default_chunk_rows(10, "float16") == 1024  # capped so small caches still shuffle by chunk
