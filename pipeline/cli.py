@@ -21,10 +21,10 @@ from rich.table import Table
 
 from pipeline import DATA_ROOT, __version__
 from pipeline.config import build_config, field_default, merge_options
-from pipeline.jobs import run_caching, run_training
+from pipeline.jobs import run_caching, run_training, run_verify
 from stages import cache_teacher, train_student
 from stages.cache import CacheReader
-from stages.errors import InputError, PipelineError
+from stages.errors import CacheDamagedError, InputError, PipelineError
 
 app = typer.Typer(
     name="pipeline",
@@ -128,11 +128,13 @@ def cache_teacher_command(
     device: DeviceOption = field_default(CT, "device"),
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
     chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk. [default: about 2 MB of logits per chunk]")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out. Without it, re-running the same command resumes an interrupted cache.")] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run a teacher once over a dataset split and store its temperature-softened logits.
+
+    If the process is killed, run the same command again: it computes only the missing chunks.
 
     Example:
 
@@ -167,6 +169,8 @@ def train_student_command(
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
     augment: Annotated[str, typer.Option(help="Input augmentation: none or shift:N (random shifts of up to N pixels).")] = field_default(TS, "augment"),
     device: DeviceOption = field_default(TS, "device"),
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and after the last); 0: never.")] = field_default(TS, "checkpoint_every"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint (same options required); a finished run is left as it is.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --out.")] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
@@ -224,6 +228,41 @@ def train_teacher_command(
     result = run_training(cfg)
     payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
     _emit(as_json, payload, _key_value_table("teacher trained", payload))
+
+
+@app.command("verify")
+@handle_errors
+def verify_command(
+    cache: Annotated[Path, typer.Argument(help="The cache to check.", show_default=False)],
+    teacher: Annotated[str | None, typer.Option(help="Also re-run this teacher spec on --samples random rows and compare.")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="Weights for --teacher.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset spec for the re-run. [default: the cache's dataset]")] = None,
+    samples: Annotated[int, typer.Option(min=0, help="Rows to re-run the teacher on.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed choosing the rows.")] = 0,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Check a cache: metadata, completeness, every chunk readable and finite, index and labels.
+
+    With --teacher, re-run the teacher on --samples random rows and report the largest
+    difference from the stored logits/T. Exits 0 only when every check passes, 4 otherwise.
+
+    Example:
+
+        pipeline verify data/caches/cnn-mnist-5k-train-T4.zarr --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors
+    """
+    report = run_verify(cache, teacher=teacher, teacher_weights=teacher_weights, dataset=dataset,
+                        samples=samples, seed=seed, device=device)
+    table = Table(title=f"verify {cache}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for check in report.checks:
+        table.add_row(check["check"], "ok" if check["ok"] else "FAILED", check["detail"])
+    _emit(as_json, report.as_dict(), table)
+    if not report.ok:
+        failed = ", ".join(c["check"] for c in report.checks if not c["ok"])
+        print(f"error: cache {cache} failed verification: {failed}", file=sys.stderr)
+        raise typer.Exit(CacheDamagedError.exit_code)
 
 
 @app.command("demo")

@@ -4,14 +4,18 @@ the CLI commands, the demo and later orchestration share."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
+import zarr
 
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
 from stages import cache_teacher, train_student
-from stages.cache import CacheReader
+from stages.cache import CacheReader, is_cache
 from stages.data import input_shape
 from stages.errors import InputError
-from stages.runtime import seed_everything
+from stages.runtime import resolve_device, seed_everything
+from stages.verify import Report, verify
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +42,18 @@ def run_training(cfg: train_student.TrainConfig) -> train_student.TrainResult:
     seed_everything(cfg.seed)  # the model's initial weights belong to the run's seed too
     model = resolve_model(cfg.model, num_classes=num_classes, input_shape=input_shape(train), weights=cfg.model_weights)
     return train_student.run(cfg, model, train, evaluation)
+
+
+def run_verify(cache: Path, *, teacher: str | None, teacher_weights: Path | None, dataset: str | None,
+               samples: int, seed: int, device: str) -> Report:
+    """Verify a cache; with a teacher spec, rebuild the teacher on the cache's split and compare."""
+    model = split = None
+    if teacher is not None and is_cache(cache):  # (verify itself explains a path that is not a cache)
+        attrs = dict(zarr.open_group(str(cache), mode="r").attrs)
+        recorded = attrs.get("dataset") or {}
+        spec = dataset or recorded.get("spec")
+        if spec is None:
+            raise InputError(f"{cache} records no dataset; pass --dataset")
+        split = resolve_dataset(spec).split(recorded.get("split", "train"))
+        model = resolve_model(teacher, num_classes=attrs["num_classes"], input_shape=input_shape(split), weights=teacher_weights)
+    return verify(cache, teacher=model, split=split, samples=samples, seed=seed, device=resolve_device(device))

@@ -23,6 +23,8 @@ sample axis (views, tokens), and `teachers` is a list with a `combine` rule for 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import queue
 import shutil
 import threading
@@ -36,7 +38,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from stages import __version__
-from stages.errors import CacheMismatchError, InputError, PipelineError
+from stages.errors import CacheDamagedError, CacheLockedError, CacheMismatchError, InputError, PipelineError
 
 FORMAT = "distill-cache"
 SCHEMA_VERSION = 1
@@ -81,8 +83,57 @@ def remove_cache(path: Path) -> None:
         raise InputError(f"{path} exists and is not a cache; refusing to delete it")
     if path.is_dir():
         shutil.rmtree(path)
-    elif path.exists():
-        raise InputError(f"{path} exists and is not a cache; refusing to delete it")
+
+
+class WriterLock:
+    """An exclusive lock on a cache for the one process allowed to write it.
+
+    An flock on the file CACHE.lock beside the cache (inside it, plain zarr would warn about a
+    foreign entry). The kernel drops an flock when its holder exits, however it exits (even
+    SIGKILL), so a crashed writer leaves at most a harmless unlocked file, never a stale lock.
+    Readers take no lock: they only read complete caches, which writers no longer change.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> WriterLock:
+        while True:
+            try:
+                self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise PipelineError(f"cannot lock cache {self.path} for writing: {exc.strerror}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CacheLockedError(
+                    f"cache {self.path} is being written by another process (pid {holder}); wait for it to finish"
+                ) from None
+            # The previous holder unlinks the file as it lets go: if it did so between our
+            # open and our flock, we locked an orphan and must try again on the new file.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            self.lock_path.unlink(missing_ok=True)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass(frozen=True)
@@ -140,18 +191,14 @@ class CacheWriter:
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         grid = ChunkGrid(num_samples, chunk_rows)
-        group = zarr.open_group(str(path), mode="w-")
-        codec = ZstdCodec(level=ZSTD_LEVEL)
-        group.create_array(
-            "logits", shape=(num_samples, *row_shape), chunks=(chunk_rows, *row_shape),
-            dtype=dtype, fill_value=float("nan"), compressors=codec,
-        )
-        group.create_array("index", shape=(num_samples,), chunks=(chunk_rows,), dtype="int64", fill_value=-1, compressors=codec)
-        if labelled:
-            group.create_array("labels", shape=(num_samples,), chunks=(chunk_rows,), dtype="int64", fill_value=-1, compressors=codec)
-        group.create_array("chunk_done", shape=(grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
-        group.attrs.update(
-            {
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise InputError(f"{path} exists and is not empty; refusing to create a cache there")
+        # The attributes go into the group's own zarr.json from the start, so that a crash at
+        # any later point leaves something recognisable as an incomplete cache.
+        group = zarr.open_group(
+            str(path), mode="a",
+            attributes={
                 "format": FORMAT,
                 "schema_version": SCHEMA_VERSION,
                 "kind": "dense",
@@ -166,8 +213,17 @@ class CacheWriter:
                 "completed_at": None,
                 "tool": {"name": "pipeline", "version": __version__},
                 **attrs,
-            }
+            },
         )
+        codec = ZstdCodec(level=ZSTD_LEVEL)
+        group.create_array(
+            "logits", shape=(num_samples, *row_shape), chunks=(chunk_rows, *row_shape),
+            dtype=dtype, fill_value=float("nan"), compressors=codec,
+        )
+        group.create_array("index", shape=(num_samples,), chunks=(chunk_rows,), dtype="int64", fill_value=-1, compressors=codec)
+        if labelled:
+            group.create_array("labels", shape=(num_samples,), chunks=(chunk_rows,), dtype="int64", fill_value=-1, compressors=codec)
+        group.create_array("chunk_done", shape=(grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
         return cls(path)
 
     def missing_chunks(self) -> list[int]:
@@ -291,8 +347,18 @@ class CacheReader:
         return "labels" in self.arrays
 
     def read_chunk(self, chunk: int) -> Rows:
+        """All arrays' rows of one chunk; a chunk that cannot be decoded, or whose logits are
+        not all finite (a gap reads as NaN), is reported as damage, never passed on as data."""
         start, stop = self.grid.rows(chunk)
-        return {name: array[start:stop] for name, array in self.arrays.items()}
+        try:
+            rows = {name: array[start:stop] for name, array in self.arrays.items()}
+        except Exception as exc:
+            raise CacheDamagedError(
+                f"cache {self.path}: chunk {chunk} cannot be read ({type(exc).__name__}: {exc}); run pipeline verify"
+            ) from exc
+        if not np.isfinite(rows["logits"]).all():
+            raise CacheDamagedError(f"cache {self.path}: chunk {chunk} holds non-finite logits; run pipeline verify")
+        return rows
 
     def chunk_order(self, seed: int, epoch: int) -> np.ndarray:
         """A permutation of the chunks, fixed by (seed, epoch)."""

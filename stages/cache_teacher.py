@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
-from stages.cache import CacheWriter, default_chunk_rows, disk_usage, prefetch, remove_cache
+from stages.cache import DTYPES, CacheWriter, WriterLock, default_chunk_rows, disk_usage, is_cache, prefetch, remove_cache
 from stages.data import Split, fingerprint, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import config_dict, resolve_device
@@ -52,6 +53,8 @@ class CacheTeacherConfig:
             raise InputError(f"--temperature must be a positive number, got {self.temperature}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise InputError(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
 
@@ -66,17 +69,24 @@ class CacheTeacherResult:
     seconds: float
     teacher_accuracy: float | None
     teacher_nll: float | None
+    chunks_computed: int  # by this run: fewer than chunks_total when it resumed a cache
+    chunks_total: int
+
+
+# What must agree between an existing cache and this run for the run to resume it.
+RESUME_KEYS = ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "temperature", "num_classes")
 
 
 def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> CacheTeacherResult:
-    """Write the cache for `split` at `config.out` and return what was written."""
+    """Write the cache for `split` at `config.out`, or finish an incomplete one that this
+    same teacher, data and layout started (only its missing chunks are computed)."""
     config.validate()
     started = time.perf_counter()
     device = resolve_device(config.device)
     if len(split) == 0:
         raise InputError(f"split {config.split!r} of {config.dataset} is empty")
-    if config.out.exists() and not config.overwrite:
-        raise InputError(f"{config.out} already exists; pass --overwrite to replace it")
+    if config.out.exists() and not (config.out.is_dir() and (is_cache(config.out) or not any(config.out.iterdir()))):
+        raise InputError(f"{config.out} exists and is not a cache; choose another --out")
     teacher = teacher.to(device).eval()
 
     num_classes = _output_classes(teacher, split, device)
@@ -86,27 +96,26 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> C
             f"the teacher outputs {num_classes} classes but the dataset has label {int(labels.max())}"
         )
     chunk_rows = config.chunk_rows or default_chunk_rows(num_classes, config.dtype)
-    if config.overwrite:
-        remove_cache(config.out)
-    writer = CacheWriter.create(
-        config.out,
-        num_samples=len(split),
-        row_shape=(num_classes,),
-        dtype=config.dtype,
-        chunk_rows=chunk_rows,
-        labelled=labels is not None,
-        attrs=_provenance(config, teacher, split, num_classes),
-    )
-    try:
-        _teacher_pass(config, teacher, split, writer, device)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    metrics = _teacher_metrics(writer, config.temperature)
-    writer.mark_complete({"teacher_metrics": metrics})
+    layout = {"kind": "dense", "num_samples": len(split), "row_shape": [num_classes], "chunk_rows": chunk_rows, "dtype": config.dtype}
+    provenance = _provenance(config, teacher, split, num_classes)
+    with WriterLock(config.out):
+        writer = _open_for_writing(config, {**layout, **provenance}, labelled=labels is not None)
+        missing = writer.missing_chunks()
+        if missing and len(missing) < writer.grid.num_chunks:
+            log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
+        try:
+            _teacher_pass(config, teacher, split, writer, device, missing)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        metrics = writer.group.attrs.get("teacher_metrics") if writer.group.attrs["complete"] else None
+        if not writer.group.attrs["complete"]:
+            metrics = _teacher_metrics(writer, config.temperature)
+            writer.mark_complete({"teacher_metrics": metrics})
     seconds = time.perf_counter() - started
-    log.info("cache %s written: %d rows x %d classes in %.1fs", config.out, len(split), num_classes, seconds)
+    log.info("cache %s complete: %d rows x %d classes, %d chunks computed in %.1fs",
+             config.out, len(split), num_classes, len(missing), seconds)
     return CacheTeacherResult(
         cache=config.out,
         num_samples=len(split),
@@ -116,7 +125,41 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> C
         seconds=seconds,
         teacher_accuracy=metrics["accuracy"] if metrics else None,
         teacher_nll=metrics["nll"] if metrics else None,
+        chunks_computed=len(missing),
+        chunks_total=writer.grid.num_chunks,
     )
+
+
+def _open_for_writing(config: CacheTeacherConfig, expected: dict, labelled: bool) -> CacheWriter:
+    """A writer on a new cache, or on the existing one when it was made by this same teacher
+    from this same data with this layout. Called with the writer lock held."""
+    if is_cache(config.out) and not config.overwrite:
+        differences = _differences(dict(zarr.open_group(str(config.out), mode="r").attrs), expected)
+        if differences:
+            raise InputError(
+                f"{config.out} holds a different cache ({'; '.join(differences)}); "
+                "pass --overwrite to replace it, or choose another --out"
+            )
+        return CacheWriter(config.out)
+    remove_cache(config.out)
+    return CacheWriter.create(
+        config.out, num_samples=expected["num_samples"], row_shape=tuple(expected["row_shape"]),
+        dtype=expected["dtype"], chunk_rows=expected["chunk_rows"], labelled=labelled,
+        attrs={k: v for k, v in expected.items() if k not in ("kind", "num_samples", "row_shape", "chunk_rows", "dtype")},
+    )
+
+
+def _differences(existing: dict, expected: dict) -> list[str]:
+    """Human-readable differences that forbid resuming `existing` with this run."""
+    found = [f"{k}: cache has {existing.get(k)}, this run {expected[k]}" for k in RESUME_KEYS if existing.get(k) != expected[k]]
+    if _teacher_identities(existing) != _teacher_identities(expected):
+        found.append("teacher: another model spec or other weights")
+    have, want = existing.get("dataset") or {}, expected["dataset"]
+    if have.get("split") != want["split"]:
+        found.append(f"split: cache has {have.get('split')!r}, this run {want['split']!r}")
+    if have.get("fingerprint") != want["fingerprint"] or have.get("index_sha256") != want["index_sha256"]:
+        found.append("dataset: other samples, labels or ordering")
+    return found
 
 
 def _output_classes(teacher: torch.nn.Module, split: Split, device: torch.device) -> int:
@@ -152,12 +195,16 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
     }
 
 
+def _teacher_identities(attrs: dict) -> list[tuple]:
+    return [(t.get("spec"), t.get("weights_sha256")) for t in attrs.get("teachers") or []]
+
+
 def _teacher_pass(
-    config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, writer: CacheWriter, device: torch.device
+    config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, writer: CacheWriter, device: torch.device,
+    missing: list[int],
 ) -> None:
-    missing = writer.missing_chunks()
-    total = len(missing)
-    log.info("teacher pass over %d rows in %d chunks on %s", len(split), total, device)
+    if missing:
+        log.info("teacher pass over %d chunks of %d rows on %s", len(missing), writer.grid.chunk_rows, device)
     pin = device.type == "cuda"
     dtype = getattr(torch, config.dtype)
     labels = split.labels

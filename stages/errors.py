@@ -23,3 +23,16 @@ class CacheMismatchError(PipelineError):
     class count, an incomplete cache, or a schema newer than this tool (exit code 3)."""
 
     exit_code = 3
+
+
+class CacheDamagedError(PipelineError):
+    """A cache whose contents fail a check: an unreadable chunk, non-finite values, a broken
+    index or label array (exit code 4). `pipeline verify` reports every such problem."""
+
+    exit_code = 4
+
+
+class CacheLockedError(PipelineError):
+    """Another process holds the cache's writer lock (exit code 5): retry when it is done."""
+
+    exit_code = 5

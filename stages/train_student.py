@@ -14,7 +14,8 @@ with the dataset's inputs by the stored index. Without a cache the same loop tra
 labels only: the baseline, and how `pipeline train-teacher` trains a teacher.
 
 The run folder holds config.json (resolved config), metrics.jsonl (one line per epoch),
-model.safetensors (final weights) and summary.json.
+checkpoint.pt (model, optimizer, schedule and RNG states at the last checkpointed epoch, for
+--resume), model.safetensors (final weights) and summary.json.
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ import torch.nn.functional as F
 from stages.augment import parse_augment
 from stages.cache import CacheReader, Rows, prefetch
 from stages.data import Split, fingerprint
-from stages.errors import CacheMismatchError, InputError
+from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.losses import distillation_loss, retemper
 from stages.runtime import config_dict, resolve_device, seed_everything
 from stages.weights import count_parameters, save_weights
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.safetensors")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoint.pt")
+CHECKPOINT = "checkpoint.pt"
+# Options that may change when a run is resumed: they do not change what it computes.
+RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class TrainConfig:
     augment: str = "none"
     buffer_chunks: int = 8
     weights_out: Path | None = None  # None: model.safetensors in the run folder
+    checkpoint_every: int = 1  # epochs between checkpoints; 0: none
+    resume: bool = False
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -75,6 +81,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "buffer_chunks"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise InputError(f"--checkpoint-every must be 0 (never) or more, got {self.checkpoint_every}")
         if not self.lr > 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         parse_augment(self.augment)
@@ -103,13 +111,28 @@ def run(config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: S
     model = model.to(device)
     labels = _check_inputs(config, model, train, cache, device)
     temperature = config.temperature or (cache.temperature if cache else 1.0)
-    _prepare_run_dir(config.out, config.overwrite)
+    run_config = _run_config(config, cache, temperature)
+    if config.resume and (config.out / "summary.json").is_file():
+        _check_same_run(config.out, run_config)
+        log.info("run %s already finished; nothing to resume", config.out)
+        summary = json.loads((config.out / "summary.json").read_text())
+        return TrainResult(**{**summary, "run_dir": config.out, "weights": Path(summary["weights"])})
+    state = _open_run_dir(config, run_config)
 
     seed_everything(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     augment = parse_augment(config.augment)
     generator = torch.Generator().manual_seed(config.seed)
+    first_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["augment_rng"])
+        first_epoch = state["epoch"]
+        log.info("resuming %s after epoch %d", config.out, first_epoch)
 
     def loss_step(batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["inputs"]
@@ -123,10 +146,9 @@ def run(config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: S
         teacher = retemper(torch.from_numpy(batch["logits"]).to(device), cache.temperature, temperature)
         return distillation_loss(logits, teacher, y, alpha=config.alpha, temperature=temperature)
 
-    _write_json(config.out / "config.json", _run_config(config, cache, temperature))
-    metrics = {}
-    with open(config.out / "metrics.jsonl", "w") as metrics_file:
-        for epoch in range(config.epochs):
+    metrics = _kept_metrics(config.out / "metrics.jsonl", first_epoch)
+    with open(config.out / "metrics.jsonl", "a") as metrics_file:
+        for epoch in range(first_epoch, config.epochs):
             epoch_started = time.perf_counter()
             model.train()
             sums: dict[str, float] = {}
@@ -147,6 +169,12 @@ def run(config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: S
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             log.info("epoch %d/%d %s", epoch + 1, config.epochs, _brief(metrics))
+            if config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
+                _save_checkpoint(config.out / CHECKPOINT, {
+                    "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "augment_rng": generator.get_state(),
+                })
 
     weights = config.weights_out or config.out / "model.safetensors"
     save_weights(model, weights)
@@ -221,14 +249,57 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
     return prefetch(({**r, "inputs": train.inputs(r["index"])} for r in rows), depth=4)
 
 
-def _prepare_run_dir(out: Path, overwrite: bool) -> None:
+def _open_run_dir(config: TrainConfig, run_config: dict) -> dict | None:
+    """Make the run folder ready; when resuming a run that has a checkpoint, return its state."""
+    out = config.out
+    if config.resume and (out / "config.json").is_file():
+        _check_same_run(out, run_config)
+        if (out / CHECKPOINT).is_file():
+            try:
+                return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise PipelineError(f"checkpoint {out / CHECKPOINT} cannot be read ({exc}); start over with --overwrite") from exc
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # killed before its first checkpoint
+        return None
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"run folder {out} already exists; pass --overwrite to replace it")
+        if not config.overwrite:
+            raise InputError(f"run folder {out} already exists; pass --resume to continue it or --overwrite to replace it")
         if not (out / "config.json").is_file():
             raise InputError(f"{out} exists and is not a run folder; refusing to delete it")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", run_config)
+    except OSError as exc:
+        raise PipelineError(f"cannot write run folder {out}: {exc.strerror}") from exc
+    return None
+
+
+def _check_same_run(out: Path, run_config: dict) -> None:
+    stored = json.loads((out / "config.json").read_text())
+    differ = [k for k in sorted(set(stored) | set(run_config))
+              if k not in RESUMABLE_CHANGES and stored.get(k) != run_config.get(k)]
+    if differ:
+        raise InputError(
+            f"cannot resume {out}: it was started with other options ({', '.join(differ)} differ); "
+            "use the same options, or --overwrite to start over"
+        )
+
+
+def _kept_metrics(path: Path, epochs: int) -> dict:
+    """Keep the metrics lines of the epochs a resumed run keeps; return the last one."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()[:epochs]
+    path.write_text("".join(line + "\n" for line in lines))
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Atomically: a kill while saving leaves the previous checkpoint intact."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)
 
 
 def _run_config(config: TrainConfig, cache: CacheReader | None, temperature: float) -> dict:

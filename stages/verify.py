@@ -1,0 +1,170 @@
+"""Check a cache before trusting it: metadata, completeness, every chunk, the index and labels,
+and optionally the stored logits against a fresh teacher forward on a sample of rows.
+
+    pipeline verify data/caches/cnn-mnist-5k-train-T4.zarr
+    pipeline verify CACHE --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --samples 64
+
+The per-chunk checks run as dask tasks over the chunks, so a large cache is checked out of core
+and in parallel, and every damaged chunk is named rather than the first one only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+import torch
+import zarr
+
+from stages.cache import FORMAT, SCHEMA_VERSION, ChunkGrid, is_cache
+from stages.data import Split, sha256
+from stages.errors import InputError
+
+REQUIRED_ATTRS = {
+    "format": str, "schema_version": int, "kind": str, "temperature": (int, float), "num_classes": int,
+    "num_samples": int, "row_shape": list, "chunk_rows": int, "dtype": str, "teachers": list,
+    "dataset": dict, "complete": bool,
+}
+
+
+@dataclass
+class Report:
+    """Named checks, each passed or failed with a one-line detail."""
+
+    cache: str
+    checks: list[dict] = field(default_factory=list)
+    max_abs_diff: float | None = None
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append({"check": name, "ok": bool(ok), "detail": detail})
+        return ok
+
+    @property
+    def ok(self) -> bool:
+        return all(c["ok"] for c in self.checks)
+
+    def as_dict(self) -> dict:
+        return {"cache": self.cache, "ok": self.ok, "checks": self.checks, "max_abs_diff": self.max_abs_diff}
+
+
+def verify(path: Path, *, teacher: torch.nn.Module | None = None, split: Split | None = None,
+           samples: int = 0, seed: int = 0, device: torch.device | None = None) -> Report:
+    """Run every check on the cache at `path`. With `teacher` and `split` (the cached split),
+    also re-run the teacher on `samples` random rows and compare with the stored values."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"cache not found: {path}")
+    if not is_cache(path):
+        raise InputError(f"{path} is not a cache written by this tool (no '{FORMAT}' format attribute)")
+    report = Report(str(path))
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    if not _check_metadata(report, group, attrs):
+        return report
+    grid = ChunkGrid(attrs["num_samples"], attrs["chunk_rows"])
+    done = group["chunk_done"][:]
+    missing = np.flatnonzero(done == 0)
+    report.add("complete", attrs["complete"] and not len(missing),
+               f"complete={attrs['complete']}, {len(missing)} of {grid.num_chunks} chunks unwritten")
+    _check_chunks(report, group, attrs, grid)
+    _check_index_and_labels(report, group, attrs)
+    if teacher is not None and split is not None and samples > 0:
+        _check_against_teacher(report, group, attrs, teacher, split, samples, seed, device or torch.device("cpu"))
+    return report
+
+
+def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> bool:
+    wrong = [k for k, kind in REQUIRED_ATTRS.items() if not isinstance(attrs.get(k), kind)]
+    if not report.add("metadata", not wrong, f"missing or mistyped: {', '.join(wrong)}" if wrong else "all attributes present"):
+        return False
+    if not report.add("schema", attrs["schema_version"] <= SCHEMA_VERSION and attrs["kind"] == "dense",
+                      f"schema {attrs['schema_version']} kind {attrs['kind']!r} (this tool reads {SCHEMA_VERSION}, dense)"):
+        return False
+    n, rows = attrs["num_samples"], attrs["chunk_rows"]
+    expected = {"logits": (n, *attrs["row_shape"]), "index": (n,), "chunk_done": (ChunkGrid(n, rows).num_chunks,)}
+    if "labels" in group:
+        expected["labels"] = (n,)
+    problems = [
+        f"{name}: {'absent' if name not in group else f'shape {group[name].shape}'} (expected {shape})"
+        for name, shape in expected.items()
+        if name not in group or group[name].shape != shape
+    ]
+    problems += [
+        f"{name}: chunked {group[name].chunks[0]} rows (expected {rows})"
+        for name in ("logits", "index", "labels") if name in group and group[name].chunks[0] != rows
+    ]
+    if "logits" in group and str(group["logits"].dtype) != attrs["dtype"]:
+        problems.append(f"logits: dtype {group['logits'].dtype} (attributes say {attrs['dtype']})")
+    return report.add("arrays", not problems, "; ".join(problems) or "shapes, chunking and dtype as described")
+
+
+def _check_chunk(group: zarr.Group, grid: ChunkGrid, chunk: int, num_classes: int, dataset_size: int) -> str | None:
+    """Why one chunk is bad, or None when it is readable and its values are sound."""
+    start, stop = grid.rows(chunk)
+    try:
+        rows = {name: group[name][start:stop] for name in ("logits", "index", "labels") if name in group}
+    except Exception as exc:
+        return f"unreadable ({type(exc).__name__})"
+    if not np.isfinite(rows["logits"]).all():
+        bad = start + np.flatnonzero(~np.isfinite(rows["logits"].reshape(stop - start, -1)).all(axis=1))
+        return f"non-finite logits in rows {bad[:5].tolist()}"
+    if rows["index"].min() < 0 or rows["index"].max() >= dataset_size:
+        return "index outside the dataset"
+    if "labels" in rows and (rows["labels"].min() < 0 or rows["labels"].max() >= num_classes):
+        return "label outside [0, num_classes)"
+    return None
+
+
+def _check_chunks(report: Report, group: zarr.Group, attrs: dict, grid: ChunkGrid) -> None:
+    dataset_size = attrs["dataset"].get("fingerprint", {}).get("num_samples", attrs["num_samples"])
+    tasks = [dask.delayed(_check_chunk)(group, grid, c, attrs["num_classes"], dataset_size) for c in range(grid.num_chunks)]
+    results = dask.compute(*tasks, scheduler="threads")
+    bad = [f"chunk {c}: {why}" for c, why in enumerate(results) if why]
+    report.add("chunks", not bad, "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+               if bad else f"{grid.num_chunks} chunks readable and finite")
+
+
+def _check_index_and_labels(report: Report, group: zarr.Group, attrs: dict) -> None:
+    try:
+        index = group["index"][:]
+    except Exception as exc:
+        report.add("index", False, f"unreadable ({type(exc).__name__})")
+        return
+    unique = len(np.unique(index)) == len(index)
+    recorded = attrs["dataset"].get("index_sha256")
+    report.add("index", unique and sha256(index) == recorded,
+               "unique, and its hash matches the attributes" if unique and sha256(index) == recorded
+               else ("repeated dataset indices" if not unique else "hash differs from dataset.index_sha256"))
+    if "labels" not in group:
+        return
+    try:
+        labels = group["labels"][:]
+    except Exception as exc:
+        report.add("labels", False, f"unreadable ({type(exc).__name__})")
+        return
+    recorded = attrs["dataset"].get("fingerprint", {}).get("labels_sha256")
+    # The fingerprint hashes labels in dataset order; the cache stores them in row order.
+    in_dataset_order = np.full(int(index.max()) + 1 if len(index) else 0, -1, dtype=np.int64)
+    in_dataset_order[index[index >= 0]] = labels[index >= 0]
+    report.add("labels", sha256(in_dataset_order) == recorded,
+               "match the dataset fingerprint" if sha256(in_dataset_order) == recorded else "differ from the dataset fingerprint")
+
+
+def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, teacher: torch.nn.Module, split: Split,
+                           samples: int, seed: int, device: torch.device) -> None:
+    n = attrs["num_samples"]
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))
+    stored = group["logits"].oindex[rows].astype(np.float32)  # each chunk involved is decoded once
+    index = group["index"].oindex[rows]
+    teacher = teacher.to(device).eval()
+    with torch.inference_mode():
+        fresh = (teacher(split.inputs(index).to(device)).float() / attrs["temperature"]).cpu().numpy()
+    diff = np.abs(fresh - stored)
+    report.max_abs_diff = float(diff.max())
+    # Storage rounds to the cache's dtype: allow that rounding (relative) plus a little for
+    # kernels that differ between batch compositions or devices.
+    eps = float(np.finfo(attrs["dtype"]).eps)
+    ok = bool((diff <= 1e-3 + eps * np.abs(fresh)).all())
+    report.add("teacher", ok, f"{len(rows)} rows re-run, largest |difference| {report.max_abs_diff:.3g} (in logits/T)")
