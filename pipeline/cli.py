@@ -52,6 +52,8 @@ def handle_errors(command):
             return command(*args, **kwargs)
         try:
             return command(*args, **kwargs)
+        except typer.Exit:
+            raise
         except PipelineError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
@@ -261,8 +263,7 @@ def verify_command(
     _emit(as_json, report.as_dict(), table)
     if not report.ok:
         failed = ", ".join(c["check"] for c in report.checks if not c["ok"])
-        print(f"error: cache {cache} failed verification: {failed}", file=sys.stderr)
-        raise typer.Exit(CacheDamagedError.exit_code)
+        raise CacheDamagedError(f"cache {cache} failed verification: {failed}")
 
 
 @app.command("demo")

@@ -1,0 +1,133 @@
+"""Every bad input: a non-zero exit code, one line naming the problem, no traceback, and every
+file that existed before left byte-for-byte as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from stages.cache import WriterLock
+from tests.conftest import DATASET, invoke, invoke_json
+
+OTHER_DATA = "synthetic:n=600,test=200,features=8,classes=4,seed=9"
+
+
+def _user_file(tmp_path: Path, name: str, body: str) -> str:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    return f"{tmp_path / name}.py:build"
+
+
+def _copy(cache: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy.zarr"
+    shutil.copytree(cache, target)
+    return target
+
+
+def _run_folder(tmp_path: Path, cache: Path) -> Path:
+    invoke_json("train-student", "--cache", cache, "--student", "mlp-64", "--epochs", "1", "--out", tmp_path / "run")
+    return tmp_path / "run"
+
+
+# Each case: (tmp_path, cache, teacher_weights) -> (arguments, exit code, words the error line holds).
+# Set-up (copies, corruptions, runs) happens before the files are snapshotted.
+CASES = {
+    "missing cache": lambda t, c, w: (["train-student", "--cache", t / "none.zarr", "--student", "mlp-64"], 2, "cache not found"),
+    "folder that is not a cache": lambda t, c, w: (["train-student", "--cache", t, "--student", "mlp-64"], 2, "not a cache"),
+    "missing dataset file": lambda t, c, w: (["train-student", "--student", "mlp-64", "--dataset", t / "no.npz"], 2, "dataset file not found"),
+    "malformed dataset file": lambda t, c, w: ((t / "bad.npz").write_bytes(b"PK junk") and None) or (["train-student", "--student", "mlp-64", "--dataset", t / "bad.npz"], 2, "cannot read dataset file"),
+    "unknown dataset spec": lambda t, c, w: (["train-student", "--student", "mlp-64", "--dataset", "imagenet-99"], 2, "unknown dataset spec"),
+    "malformed synthetic spec": lambda t, c, w: (["train-student", "--student", "mlp-64", "--dataset", "synthetic:n=ten"], 2, "whole number"),
+    "unknown model spec": lambda t, c, w: (["train-student", "--cache", c, "--student", "resnet-9000"], 2, "unknown model spec"),
+    "missing model module": lambda t, c, w: (["train-student", "--cache", c, "--student", "no_such_pkg.models:build"], 2, "not found"),
+    "missing model file": lambda t, c, w: (["train-student", "--cache", c, "--student", t / "none.py:build"], 2, "file not found"),
+    "model file that fails to import": lambda t, c, w: (["train-student", "--cache", c, "--student", _user_file(t, "broken", "def build(:\n")], 2, "failed to import"),
+    "student class count differs": lambda t, c, w: (["train-student", "--cache", c, "--student", _user_file(t, "five", """
+        from torch import nn
+        def build(num_classes):
+            return nn.Linear(8, 5)
+    """)], 3, "5 classes but the cache has 4"),
+    "cache of other data": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--dataset", OTHER_DATA], 3, "does not match the cache"),
+    "cache of another split": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--split", "test"], 3, "does not match the cache"),
+    "incomplete cache": lambda t, c, w: (zarr.open_group(str(_copy(c, t)), mode="r+")["chunk_done"].__setitem__(4, 0), zarr.open_group(str(t / "copy.zarr"), mode="r+").attrs.__setitem__("complete", False))
+        and (["train-student", "--cache", t / "copy.zarr", "--student", "mlp-64"], 3, "incomplete"),
+    "schema from the future": lambda t, c, w: zarr.open_group(str(_copy(c, t)), mode="r+").attrs.__setitem__("schema_version", 99)
+        or (["train-student", "--cache", t / "copy.zarr", "--student", "mlp-64"], 3, "upgrade"),
+    "corrupted chunk": lambda t, c, w: (_copy(c, t) / "logits" / "c" / "1" / "0").write_bytes(b"\x00garbage")
+        and (["train-student", "--cache", t / "copy.zarr", "--student", "mlp-64", "--out", t / "r"], 4, "chunk 1 cannot be read"),
+    "deleted chunk": lambda t, c, w: (_copy(c, t) / "logits" / "c" / "2" / "0").unlink()
+        or (["train-student", "--cache", t / "copy.zarr", "--student", "mlp-64", "--out", t / "r"], 4, "non-finite"),
+    "verify of a corrupted cache": lambda t, c, w: (_copy(c, t) / "index" / "c" / "0").write_bytes(b"junk")
+        and (["verify", t / "copy.zarr"], 4, "failed verification"),
+    "verify of a missing cache": lambda t, c, w: (["verify", t / "nope.zarr"], 2, "cache not found"),
+    "no dataset without a cache": lambda t, c, w: (["train-student", "--student", "mlp-64"], 2, "missing option"),
+    "existing cache with other options": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--teacher-weights", w, "--dataset", DATASET, "--out", c, "--temperature", "7", "--chunk-rows", "64"], 2, "temperature: cache has 3.0, this run 7.0"),
+    "existing cache with another teacher": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", c, "--temperature", "3", "--chunk-rows", "64"], 2, "teacher: another model spec or other weights"),
+    "cache output is a file": lambda t, c, w: ((t / "file.zarr").write_text("mine") and None) or (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "file.zarr"], 2, "not a cache"),
+    "locked cache": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--teacher-weights", w, "--dataset", DATASET, "--out", t / "locked.zarr"], 5, "being written by another process"),
+    "non-finite teacher outputs": lambda t, c, w: (["cache-teacher", "--teacher", _user_file(t, "nan_teacher", """
+        import torch
+        from torch import nn
+        class NaNs(nn.Module):
+            def forward(self, x):
+                return torch.full((len(x), 4), float("nan"))
+        def build(num_classes):
+            return NaNs()
+    """), "--dataset", DATASET, "--out", t / "n.zarr"], 1, "NaN or infinite logits for samples [0, 1, 2"),
+    "temperature zero": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "t0.zarr", "--temperature", "0"], 2, "temperature"),
+    "negative student temperature": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--temperature", "-1"], 2, "temperature"),
+    "alpha above one": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--alpha", "2"], 2, "alpha"),
+    "unknown dtype": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "d.zarr", "--dtype", "int8"], 2, "dtype"),
+    "missing weights file": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--teacher-weights", t / "w.safetensors", "--dataset", DATASET, "--out", t / "w.zarr"], 2, "weights file not found"),
+    "weights that do not fit": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-128", "--teacher-weights", w, "--dataset", DATASET, "--out", t / "f.zarr"], 2, "does not fit"),
+    "pickled weights": lambda t, c, w: torch.save({"weight": contextlib.nullcontext()}, t / "evil.pt")
+        or (["cache-teacher", "--teacher", "linear", "--teacher-weights", t / "evil.pt", "--dataset", DATASET, "--out", t / "e.zarr"], 2, "refusing to unpickle"),
+    "cnn on flat inputs": lambda t, c, w: (["cache-teacher", "--teacher", "cnn", "--dataset", DATASET, "--out", t / "cnn.zarr"], 2, "image inputs"),
+    "bad TOML": lambda t, c, w: ((t / "bad.toml").write_text("epochs = [") and None) or (["train-student", "--config", t / "bad.toml"], 2, "not valid TOML"),
+    "unknown TOML option": lambda t, c, w: ((t / "odd.toml").write_text("epochz = 3") and None) or (["train-student", "--config", t / "odd.toml"], 2, "unknown option(s) epochz"),
+    "missing split": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--split", "valid", "--out", t / "v.zarr"], 2, "no split 'valid'"),
+    "bad augment": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--augment", "shift:x"], 2, "augment"),
+    "run folder exists": lambda t, c, w: (_run_folder(t, c) and None) or (["train-student", "--cache", c, "--student", "mlp-64", "--epochs", "1", "--out", t / "run"], 2, "--resume to continue it or --overwrite"),
+    "resume with other options": lambda t, c, w: (_run_folder(t, c) and None) or (["train-student", "--cache", c, "--student", "mlp-64", "--epochs", "3", "--out", t / "run", "--resume"], 2, "epochs differ"),
+    "existing teacher weights": lambda t, c, w: (["train-teacher", "--model", "mlp-64", "--dataset", DATASET, "--out", w], 2, "--overwrite"),
+    "cuda without a GPU": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--device", "cuda"], 2, "CUDA"),
+}
+
+
+# Failures found part-way leave what they wrote so far, resumable: a partial cache, or a run
+# folder whose first epoch met a damaged chunk.
+FAILS_PART_WAY = {"non-finite teacher outputs", "corrupted chunk", "deleted chunk"}
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_line_and_changes_nothing(case, tmp_path, cache_path, teacher_weights):
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args, code, words = CASES[case](tmp_path, cache_path, teacher_weights)
+    before = {**_tree(tmp_path), **_tree(teacher_weights.parent)}
+    holding = WriterLock(tmp_path / "locked.zarr") if case == "locked cache" else contextlib.nullcontext()
+    with holding:
+        exit_code, out, err = invoke(*args)
+    assert exit_code == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+    assert "Traceback" not in err + out
+    after = {**_tree(tmp_path), **_tree(teacher_weights.parent)}
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing that existed changed
+    if case not in FAILS_PART_WAY:
+        assert set(after) == set(before), set(after) ^ set(before)
+
+
+def test_there_are_at_least_twenty_distinct_cases():
+    assert len(CASES) >= 20

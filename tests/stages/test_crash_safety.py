@@ -1,0 +1,191 @@
+"""Crash safety: a killed cache-teacher or train-student resumes to the uninterrupted result,
+non-finite teacher outputs stop the pass without losing written chunks, and the writer lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from stages.cache import WriterLock
+from tests.conftest import invoke, invoke_json
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS, CHUNK = 1500, 50  # 30 chunks
+
+
+def _pipeline(*args, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"process ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def slow_teacher(tmp_path) -> tuple[str, Path, Path]:
+    """A real (if slow) teacher: a fixed linear map that sleeps 40 ms a batch and logs how
+    many rows each forward call saw, so a test can count what was recomputed."""
+    log = tmp_path / "forward-rows.log"
+    (tmp_path / "slow_teacher.py").write_text(textwrap.dedent(f"""
+        import time
+        import torch
+        from torch import nn
+
+        class Slow(nn.Module):
+            def __init__(self, num_classes):
+                super().__init__()
+                self.linear = nn.Linear(8, num_classes)
+
+            def forward(self, x):
+                time.sleep(0.04)
+                with open({str(log)!r}, "a") as f:
+                    f.write(f"{{len(x)}}\\n")
+                return self.linear(x)
+
+        def build(num_classes):
+            torch.manual_seed(0)
+            return Slow(num_classes)
+    """))
+    return f"{tmp_path / 'slow_teacher.py'}:build", log, tmp_path
+
+
+def _rows_seen(log: Path) -> int:
+    return sum(int(line) for line in log.read_text().split()) if log.exists() else 0
+
+
+def _cache_args(spec: str, out: Path) -> list:
+    return ["cache-teacher", "--teacher", spec, "--dataset", f"synthetic:n={ROWS},test=10,features=8,classes=4",
+            "--out", out, "--chunk-rows", CHUNK, "--batch-size", CHUNK, "--device", "cpu", "--json"]
+
+
+def _same_cache(a: Path, b: Path) -> None:
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    for name in ("logits", "index", "labels", "chunk_done"):
+        assert np.array_equal(ga[name][:], gb[name][:], equal_nan=False), name  # bitwise for these dtypes
+    volatile = {"created_at", "completed_at", "config"}
+    assert {k: v for k, v in ga.attrs.items() if k not in volatile} == {k: v for k, v in gb.attrs.items() if k not in volatile}
+
+
+def test_killed_cache_teacher_resumes_only_missing_chunks(slow_teacher):
+    spec, log, tmp = slow_teacher
+    reference = invoke_json(*_cache_args(spec, tmp / "reference.zarr"))
+    assert reference["chunks_computed"] == reference["chunks_total"] == ROWS // CHUNK
+    log.unlink()
+
+    cache = tmp / "killed.zarr"
+    proc = _pipeline(*_cache_args(spec, cache))
+    _wait_for(lambda: len(list(cache.glob("chunk_done/c/*"))) >= 8, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = int(zarr.open_group(str(cache), mode="r")["chunk_done"][:].sum())
+    assert 8 <= finished_before < ROWS // CHUNK
+    assert not zarr.open_group(str(cache), mode="r").attrs["complete"]
+    log.unlink()
+
+    proc = _pipeline(*_cache_args(spec, cache))  # the same command again
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    missing = ROWS // CHUNK - finished_before
+    assert result["chunks_computed"] == missing
+    assert _rows_seen(log) == missing * CHUNK + 1  # + the one-row probe of the output shape
+    _same_cache(cache, tmp / "reference.zarr")
+
+
+def test_non_finite_teacher_outputs_stop_the_pass_and_keep_written_chunks(tmp_path):
+    x = np.random.default_rng(0).normal(size=(400, 3)).astype(np.float32)
+    x[:, 0] = np.arange(400)  # the first feature is the sample index, so the teacher can pick rows
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.arange(400) % 2)
+    (tmp_path / "t.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        class T(nn.Module):
+            def forward(self, x):
+                bad = {int(i) for i in open(__file__.replace("t.py", "bad.txt")).read().split()}
+                out = torch.stack([x[:, 1], x[:, 2]], dim=1)
+                for row, index in enumerate(x[:, 0].tolist()):
+                    if int(index) in bad:
+                        out[row, 0] = float("nan") if int(index) % 2 else float("inf")
+                return out
+        def build(num_classes):
+            return T()
+    """))
+    (tmp_path / "bad.txt").write_text("237 238")
+    args = ["cache-teacher", "--teacher", f"{tmp_path / 't.py'}:build", "--dataset", tmp_path / "d.npz",
+            "--out", tmp_path / "c.zarr", "--chunk-rows", "50", "--batch-size", "25"]
+    code, _, err = invoke(*args)
+    assert code == 1 and err.strip().splitlines() == [
+        "error: teacher produced NaN or infinite logits for samples [237, 238]; chunks already written are kept"]
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert group["chunk_done"][:].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    np.testing.assert_array_equal(group["logits"][:200, 0], (x[:200, 1] / 4).astype(np.float16))
+
+    (tmp_path / "bad.txt").write_text("")  # the teacher is fixed: the same command finishes the cache
+    result = invoke_json(*args)
+    assert result["chunks_computed"] == 4 and result["chunks_total"] == 8
+
+
+def test_a_locked_cache_refuses_a_second_writer(tmp_path, teacher_weights):
+    out = tmp_path / "c.zarr"
+    with WriterLock(out):
+        code, _, err = invoke("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights,
+                              "--dataset", "synthetic:n=600,test=200,features=8,classes=4,seed=3", "--out", out)
+    assert code == 5 and "being written by another process" in err and f"pid {os.getpid()}" in err
+    assert not out.with_name("c.zarr.lock").exists()  # released and removed
+
+
+def test_resuming_with_other_options_is_refused(tmp_path, cache_path, teacher_weights):
+    code, _, err = invoke("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights,
+                          "--dataset", "synthetic:n=600,test=200,features=8,classes=4,seed=3", "--out", cache_path,
+                          "--temperature", "2", "--chunk-rows", "64")
+    assert code == 2 and "temperature: cache has 3.0, this run 2.0" in err and "--overwrite" in err
+
+
+def _train_args(out: Path) -> list:
+    return ["train-student", "--student", "mlp-128", "--dataset", "synthetic:n=30000,test=2000,features=32,classes=10",
+            "--epochs", "10", "--batch-size", "64", "--seed", "4", "--out", out, "--device", "cpu", "--json"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in lines]
+
+
+def test_killed_train_student_resumes_to_the_same_result(tmp_path):
+    reference = tmp_path / "reference"
+    proc = _pipeline(*_train_args(reference))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
+    run = tmp_path / "killed"
+    proc = _pipeline(*_train_args(run))
+    metrics = run / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists()
+
+    code, _, err = invoke(*_train_args(run)[:-1])  # without --resume: refused, nothing touched
+    assert code == 2 and "--resume" in err
+    proc = _pipeline(*_train_args(run), "--resume")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "resuming" in err
+    assert _metrics(run) == _metrics(reference)
+    summary, expected = json.loads(out), json.loads((reference / "summary.json").read_text())
+    assert (summary["test_errors"], summary["test_nll"]) == (expected["test_errors"], expected["test_nll"])
