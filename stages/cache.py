@@ -10,6 +10,7 @@ Layout (schema version 1, kind "dense"; the README documents every field):
       index/             (N,)   int64            dataset index of every row; unwritten = -1
       labels/            (N,)   int64            hard labels (only when the split has labels)
       chunk_done/        (num_chunks,) uint8     1 once every array's rows of that chunk are written
+    CACHE.zarr.lock      beside the group, held (flock) by the one process writing it
 
 Every per-row array is chunked along the sample axis only, with the same `chunk_rows`, so a
 chunk of rows is a unit of work: a writer owns whole chunks (a partial-chunk write would
