@@ -15,7 +15,6 @@ the forward pass does not wait on storage. The cache layout is described in stag
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import zarr
 from stages.cache import DTYPES, CacheWriter, WriterLock, default_chunk_rows, disk_usage, is_cache, prefetch, remove_cache
 from stages.data import Split, fingerprint, sha256
 from stages.errors import InputError, PipelineError
-from stages.runtime import config_dict, resolve_device
+from stages.runtime import check_labels_fit, check_positive, config_dict, output_classes, resolve_device
 from stages.weights import count_parameters, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -49,8 +48,7 @@ class CacheTeacherConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise InputError(f"--temperature must be a positive number, got {self.temperature}")
+        check_positive("temperature", self.temperature)
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
@@ -89,12 +87,9 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> C
         raise InputError(f"{config.out} exists and is not a cache; choose another --out")
     teacher = teacher.to(device).eval()
 
-    num_classes = _output_classes(teacher, split, device)
+    num_classes = output_classes(teacher, split, device, "teacher")
+    check_labels_fit(split, num_classes, "teacher")
     labels = split.labels
-    if labels is not None and len(labels) and int(labels.max()) >= num_classes:
-        raise InputError(
-            f"the teacher outputs {num_classes} classes but the dataset has label {int(labels.max())}"
-        )
     chunk_rows = config.chunk_rows or default_chunk_rows(num_classes, config.dtype)
     layout = {"kind": "dense", "num_samples": len(split), "row_shape": [num_classes], "chunk_rows": chunk_rows, "dtype": config.dtype}
     provenance = _provenance(config, teacher, split, num_classes)
@@ -160,14 +155,6 @@ def _differences(existing: dict, expected: dict) -> list[str]:
     if have.get("fingerprint") != want["fingerprint"] or have.get("index_sha256") != want["index_sha256"]:
         found.append("dataset: other samples, labels or ordering")
     return found
-
-
-def _output_classes(teacher: torch.nn.Module, split: Split, device: torch.device) -> int:
-    with torch.inference_mode():
-        out = teacher(split.inputs(np.zeros(1, dtype=np.int64)).to(device))
-    if out.ndim != 2:
-        raise InputError(f"the teacher must return logits of shape (batch, classes), got {tuple(out.shape)}")
-    return int(out.shape[1])
 
 
 def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, num_classes: int) -> dict:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from stages.data import Split
 from stages.errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,3 +36,24 @@ def seed_everything(seed: int) -> None:
 def config_dict(config) -> dict:
     """A config dataclass as plain JSON values (paths as strings), for run folders and caches."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def check_positive(option: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise InputError(f"--{option} must be a positive number, got {value}")
+
+
+def output_classes(model: torch.nn.Module, split: Split, device: torch.device, role: str) -> int:
+    """How many classes `model` (in eval mode) outputs for the split's first input."""
+    model.eval()
+    with torch.inference_mode():
+        out = model(split.inputs(np.zeros(1, dtype=np.int64)).to(device))
+    if out.ndim != 2:
+        raise InputError(f"the {role} must return logits of shape (batch, classes), got {tuple(out.shape)}")
+    return int(out.shape[1])
+
+
+def check_labels_fit(split: Split, classes: int, role: str) -> None:
+    labels = split.labels
+    if labels is not None and len(labels) and int(labels.max()) >= classes:
+        raise InputError(f"the {role} outputs {classes} classes but the dataset has label {int(labels.max())}")

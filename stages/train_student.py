@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from stages.cache import CacheReader, Rows, prefetch
 from stages.data import Split, fingerprint
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.losses import distillation_loss, retemper
-from stages.runtime import config_dict, resolve_device, seed_everything
+from stages.runtime import check_labels_fit, check_positive, config_dict, output_classes, resolve_device, seed_everything
 from stages.weights import count_parameters, save_weights
 
 log = logging.getLogger(__name__)
@@ -76,15 +75,14 @@ class TrainConfig:
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise InputError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature is not None and not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise InputError(f"--temperature must be a positive number, got {self.temperature}")
+        if self.temperature is not None:
+            check_positive("temperature", self.temperature)
         for name in ("epochs", "batch_size", "buffer_chunks"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise InputError(f"--checkpoint-every must be 0 (never) or more, got {self.checkpoint_every}")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
+        check_positive("lr", self.lr)
         parse_augment(self.augment)
 
 
@@ -214,14 +212,11 @@ def _check_inputs(
     config: TrainConfig, model: torch.nn.Module, train: Split, cache: CacheReader | None, device: torch.device
 ) -> np.ndarray | None:
     """Refuse a cache that belongs to other data or has another class count; return the labels to train on."""
-    model.eval()
-    with torch.no_grad():
-        classes = int(model(train.inputs(np.zeros(1, dtype=np.int64)).to(device)).shape[-1])
+    classes = output_classes(model, train, device, "model")
     if cache is None:
         if train.labels is None:
             raise InputError(f"split {train.name!r} has no labels: training without a cache needs them")
-        if int(train.labels.max()) >= classes:
-            raise InputError(f"the model outputs {classes} classes but the dataset has label {int(train.labels.max())}")
+        check_labels_fit(train, classes, "model")
         return train.labels
     if classes != cache.num_classes:
         raise CacheMismatchError(f"the student outputs {classes} classes but the cache has {cache.num_classes}")
@@ -245,7 +240,7 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
         rows = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks)
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-        rows = ({"index": i, "labels": labels[i]} for i in np.array_split(order, math.ceil(len(order) / config.batch_size)))
+        rows = ({"index": i, "labels": labels[i]} for i in (order[b : b + config.batch_size] for b in range(0, len(order), config.batch_size)))
     return prefetch(({**r, "inputs": train.inputs(r["index"])} for r in rows), depth=4)
 
 
