@@ -61,19 +61,65 @@ def _digits() -> dict[str, Split]:
 SYNTHETIC_DEFAULTS = {"n": 4000, "test": 1000, "features": 32, "classes": 10, "seed": 0}
 
 
+class SyntheticSplit:
+    """A seeded classification set whose inputs are computed from their row number on demand,
+    so memory does not grow with its size (benchmarks at scale; only labels are held).
+
+    Classes are Gaussian clusters seen through a fixed random nonlinearity, so that a linear
+    model cannot separate them perfectly and a teacher has something to teach. The noise of
+    row r comes from a counter-based hash of (seed, r), so any subset of rows is reproducible.
+    """
+
+    def __init__(self, name: str, first_row: int, labels: np.ndarray, centers: np.ndarray, mixing: np.ndarray, seed: int):
+        self.name = name
+        self.num_classes = len(centers)
+        self._first_row = first_row
+        self._labels = labels
+        self._centers = centers
+        self._mixing = mixing
+        self._seed = seed
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def inputs(self, index: np.ndarray) -> torch.Tensor:
+        index = np.asarray(index, dtype=np.int64)
+        noise = _hashed_normals(self._seed, self._first_row + index, self._centers.shape[1])
+        latent = self._centers[self._labels[index]] + noise
+        return torch.from_numpy(np.tanh(latent @ self._mixing).astype(np.float32))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, vectorised. Its uint64 arithmetic is meant to wrap around."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _hashed_normals(seed: int, rows: np.ndarray, features: int) -> np.ndarray:
+    """Standard normals (len(rows), features), a pure function of (seed, row, feature)."""
+    counters = rows.astype(np.uint64)[:, None] * np.uint64(2 * features) + np.arange(2 * features, dtype=np.uint64)
+    bits = _splitmix64(counters ^ _splitmix64(np.uint64(seed)))
+    uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    u1, u2 = uniform[:, :features], uniform[:, features:]
+    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+
+
 @lru_cache(maxsize=None)
 def _synthetic(n: int, test: int, features: int, classes: int, seed: int) -> dict[str, Split]:
-    """Classes are Gaussian clusters, seen through a fixed random nonlinearity so that a
-    linear model cannot separate them perfectly and a teacher has something to teach."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(classes, features)) * 1.5
     mixing = rng.normal(size=(features, features)) / np.sqrt(features)
     y = rng.integers(0, classes, size=n + test)
-    latent = centers[y] + rng.normal(size=(n + test, features))
-    x = np.tanh(latent @ mixing).astype(np.float32)
     return {
-        "train": TensorSplit("train", torch.from_numpy(x[:n]), y[:n].astype(np.int64), classes),
-        "test": TensorSplit("test", torch.from_numpy(x[n:]), y[n:].astype(np.int64), classes),
+        "train": SyntheticSplit("train", 0, y[:n], centers, mixing, seed),
+        "test": SyntheticSplit("test", n, y[n:], centers, mixing, seed),
     }
 
 

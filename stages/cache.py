@@ -297,11 +297,31 @@ class CacheWriter:
                 self._error = exc
 
     def _raise_writer_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
+        """Re-raise the writer thread's failure. It stays set: the thread writes nothing after
+        its first failure, and every later call fails the same way."""
+        error = self._error
+        if error is not None:
             if isinstance(error, OSError):
                 raise PipelineError(f"writing the cache failed: {error}") from error
             raise error
+
+
+# Attributes every cache has, with their JSON types: a reader refuses a cache without them.
+REQUIRED_ATTRS = {
+    "format": str, "schema_version": int, "kind": str, "temperature": (int, float), "num_classes": int,
+    "num_samples": int, "row_shape": list, "chunk_rows": int, "dtype": str, "teachers": list,
+    "dataset": dict, "complete": bool,
+}
+
+
+def malformed_attributes(attrs: dict) -> list[str]:
+    """Names of required attributes that are missing or of the wrong type."""
+    return [name for name, kind in REQUIRED_ATTRS.items() if not _has_type(attrs.get(name), kind)]
+
+
+def _has_type(value, kind) -> bool:
+    # JSON booleans load as Python bools, which are ints too: never let one pass for a number.
+    return kind is bool if isinstance(value, bool) else isinstance(value, kind)
 
 
 class CacheReader:
@@ -317,19 +337,27 @@ class CacheReader:
         self.group = zarr.open_group(str(self.path), mode="r")
         self.attrs = dict(self.group.attrs)
         version = self.attrs.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
+        if isinstance(version, int) and version > SCHEMA_VERSION:
             raise CacheMismatchError(
                 f"cache {self.path} has schema version {version}, newer than this tool reads "
-                f"({SCHEMA_VERSION}); upgrade the tool (pip install -U) to read it"
+                f"({SCHEMA_VERSION}); upgrade the tool (pip install -U kd-pipeline) to read it"
             )
-        if self.attrs.get("kind") != "dense":
-            raise CacheMismatchError(f"cache kind {self.attrs.get('kind')!r} is not supported by this tool version")
-        if require_complete and not self.attrs.get("complete"):
+        malformed = malformed_attributes(self.attrs)
+        if malformed:
+            raise CacheDamagedError(f"cache {self.path}: attributes missing or malformed: {', '.join(malformed)}; run pipeline verify")
+        if self.attrs["kind"] != "dense":
+            raise CacheMismatchError(f"cache kind {self.attrs['kind']!r} is not supported by this tool version")
+        if require_complete and not self.attrs["complete"]:
             raise CacheMismatchError(
                 f"cache {self.path} is incomplete; re-run the same cache-teacher command to finish it"
             )
         self.grid = ChunkGrid(self.attrs["num_samples"], self.attrs["chunk_rows"])
-        self.arrays = {name: self.group[name] for name in ("index", "labels", "logits") if name in self.group}
+        try:
+            self.arrays = {name: self.group[name] for name in ("index", "labels", "logits") if name in self.group}
+        except Exception as exc:
+            raise CacheDamagedError(f"cache {self.path}: an array cannot be opened ({type(exc).__name__}); run pipeline verify") from exc
+        if "logits" not in self.arrays or "index" not in self.arrays:
+            raise CacheDamagedError(f"cache {self.path}: the logits or index array is missing; run pipeline verify")
 
     @property
     def num_samples(self) -> int:
@@ -347,54 +375,86 @@ class CacheReader:
     def labelled(self) -> bool:
         return "labels" in self.arrays
 
-    def read_chunk(self, chunk: int) -> Rows:
-        """All arrays' rows of one chunk; a chunk that cannot be decoded, or whose logits are
-        not all finite (a gap reads as NaN), is reported as damage, never passed on as data."""
-        start, stop = self.grid.rows(chunk)
+    def read_chunks(self, first: int, last: int) -> Rows:
+        """All arrays' rows of chunks first..last (one read per array). Damage is reported as
+        such, never passed on as data: an undecodable chunk, non-finite logits (a gap reads as
+        NaN), or an unwritten index or label (-1)."""
+        start, _ = self.grid.rows(first)
+        _, stop = self.grid.rows(last)
+        where = f"cache {self.path}: chunk{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''}"
         try:
             rows = {name: array[start:stop] for name, array in self.arrays.items()}
         except Exception as exc:
-            raise CacheDamagedError(
-                f"cache {self.path}: chunk {chunk} cannot be read ({type(exc).__name__}: {exc}); run pipeline verify"
-            ) from exc
+            raise CacheDamagedError(f"{where} cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
         if not np.isfinite(rows["logits"]).all():
-            raise CacheDamagedError(f"cache {self.path}: chunk {chunk} holds non-finite logits; run pipeline verify")
+            raise CacheDamagedError(f"{where} holds non-finite logits; run pipeline verify")
+        if rows["index"].min() < 0 or ("labels" in rows and rows["labels"].min() < 0):
+            raise CacheDamagedError(f"{where} holds unwritten index or label entries; run pipeline verify")
         return rows
+
+    def read_chunk(self, chunk: int) -> Rows:
+        return self.read_chunks(chunk, chunk)
 
     def chunk_order(self, seed: int, epoch: int) -> np.ndarray:
         """A permutation of the chunks, fixed by (seed, epoch)."""
         return np.random.default_rng([seed, epoch]).permutation(self.grid.num_chunks)
 
+    def runs(self, seed: int, epoch: int, run_chunks: int = 1, shuffle: bool = True) -> list[tuple[int, int]]:
+        """(first, last) chunk runs of `run_chunks` adjacent chunks, in shuffled or file order."""
+        runs = [(c, min(c + run_chunks, self.grid.num_chunks) - 1) for c in range(0, self.grid.num_chunks, run_chunks)]
+        if shuffle:
+            runs = [runs[i] for i in np.random.default_rng([seed, epoch]).permutation(len(runs))]
+        return runs
+
     def batches(
-        self, batch_size: int, *, seed: int, epoch: int, buffer_chunks: int = 8, prefetch_chunks: int = 4
+        self, batch_size: int, *, seed: int, epoch: int, buffer_chunks: int = 8, run_chunks: int = 1,
+        prefetch_runs: int = 2, shuffle: bool = True,
     ) -> Iterator[Rows]:
-        """Every row once, in batches: whole chunks in shuffled order are read ahead on a
-        background thread; rows are shuffled inside a buffer of `buffer_chunks` chunks.
-        The order depends only on (seed, epoch)."""
+        """Every row once per epoch, in batches. Runs of `run_chunks` adjacent chunks are read
+        whole, in shuffled order, on a background thread at most `prefetch_runs` runs ahead;
+        rows are shuffled inside a buffer of at least `buffer_chunks` chunks, so memory is
+        bounded by the buffer, not by the cache. The order depends only on (seed, epoch).
+        With shuffle=False, rows come in file order (for measuring read speed)."""
         rng = np.random.default_rng([seed, epoch, 1])
-        chunks = (self.read_chunk(int(c)) for c in self.chunk_order(seed, epoch))
-        pending: Rows | None = None
-        buffered = 0
-        for rows in prefetch(chunks, depth=prefetch_chunks):
-            pending = rows if pending is None else {k: np.concatenate([pending[k], rows[k]]) for k in rows}
-            buffered += 1
-            if buffered < buffer_chunks:
-                continue
-            pending = _shuffled(pending, rng)
-            full = (len(pending["index"]) // batch_size) * batch_size
-            for start in range(0, full, batch_size):
-                yield {k: v[start : start + batch_size] for k, v in pending.items()}
-            pending = {k: v[full:] for k, v in pending.items()}
-            buffered = 0
-        if pending is not None and len(pending["index"]):
-            pending = _shuffled(pending, rng)
-            for start in range(0, len(pending["index"]), batch_size):
-                yield {k: v[start : start + batch_size] for k, v in pending.items()}
+        runs = self.runs(seed, epoch, run_chunks, shuffle)
+        buffer: list[Rows] = []
+        chunks_buffered = 0
+        for (first, last), rows in zip(runs, prefetch((self.read_chunks(f, l) for f, l in runs), depth=prefetch_runs)):
+            buffer.append(rows)
+            chunks_buffered += last - first + 1
+            if chunks_buffered >= buffer_chunks:
+                carry = yield from _emit_batches(buffer, batch_size, rng if shuffle else None, final=False)
+                buffer, chunks_buffered = ([carry] if carry else []), 0
+        yield from _emit_batches(buffer, batch_size, rng if shuffle else None, final=True)
 
 
-def _shuffled(rows: Rows, rng: np.random.Generator) -> Rows:
-    order = rng.permutation(len(rows["index"]))
-    return {k: v[order] for k, v in rows.items()}
+def batch_bounds(rows: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of batches covering `rows` rows. A last partial batch of fewer than half
+    a batch joins the one before it, so no step sees a sliver (one row breaks BatchNorm)."""
+    bounds = [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < batch_size / 2:
+        bounds[-2:] = [(bounds[-2][0], rows)]
+    return bounds
+
+
+def _emit_batches(buffer: list[Rows], batch_size: int, rng: np.random.Generator | None, final: bool):
+    """Yield batches from the buffered rows (shuffled when `rng` is given); return the rows
+    held back for the next buffer: until the final flush, the partial batch and one full
+    batch more, so that the last batch of the epoch can absorb a small remainder."""
+    if not buffer:
+        return None
+    rows = {k: np.concatenate([part[k] for part in buffer]) for k in buffer[0]}
+    n = len(rows["index"])
+    if rng is not None:
+        order = rng.permutation(n)
+        rows = {k: v[order] for k, v in rows.items()}
+    if final:
+        emit = n
+    else:
+        emit = max(n // batch_size - 1, 0) * batch_size
+    for start, stop in batch_bounds(emit, batch_size) if final else [(b, b + batch_size) for b in range(0, emit, batch_size)]:
+        yield {k: v[start:stop] for k, v in rows.items()}
+    return {k: v[emit:] for k, v in rows.items()} if emit < n else None
 
 
 def prefetch(items: Iterator, depth: int) -> Iterator:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.augment import parse_augment
-from stages.cache import CacheReader, Rows, prefetch
+from stages.cache import CacheReader, Rows, batch_bounds, prefetch
 from stages.data import Split, fingerprint
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.losses import distillation_loss, retemper
@@ -240,7 +240,7 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
         rows = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks)
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-        rows = ({"index": i, "labels": labels[i]} for i in (order[b : b + config.batch_size] for b in range(0, len(order), config.batch_size)))
+        rows = ({"index": order[a:b], "labels": labels[order[a:b]]} for a, b in batch_bounds(len(order), config.batch_size))
     return prefetch(({**r, "inputs": train.inputs(r["index"])} for r in rows), depth=4)
 
 

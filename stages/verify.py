@@ -18,16 +18,9 @@ import numpy as np
 import torch
 import zarr
 
-from stages.cache import FORMAT, SCHEMA_VERSION, ChunkGrid, is_cache
+from stages.cache import FORMAT, SCHEMA_VERSION, ChunkGrid, is_cache, malformed_attributes
 from stages.data import Split, sha256
 from stages.errors import InputError
-
-REQUIRED_ATTRS = {
-    "format": str, "schema_version": int, "kind": str, "temperature": (int, float), "num_classes": int,
-    "num_samples": int, "row_shape": list, "chunk_rows": int, "dtype": str, "teachers": list,
-    "dataset": dict, "complete": bool,
-}
-
 
 @dataclass
 class Report:
@@ -76,7 +69,7 @@ def verify(path: Path, *, teacher: torch.nn.Module | None = None, split: Split |
 
 
 def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> bool:
-    wrong = [k for k, kind in REQUIRED_ATTRS.items() if not isinstance(attrs.get(k), kind)]
+    wrong = malformed_attributes(attrs)
     if not report.add("metadata", not wrong, f"missing or mistyped: {', '.join(wrong)}" if wrong else "all attributes present"):
         return False
     if not report.add("schema", attrs["schema_version"] <= SCHEMA_VERSION and attrs["kind"] == "dense",

@@ -36,8 +36,20 @@ def test_synthetic_is_seeded_and_configurable():
     a = resolve_dataset("synthetic:n=50,test=10,features=3,classes=5,seed=1").split("train")
     b = resolve_dataset("synthetic:n=50,test=10,features=3,classes=5,seed=1").split("train")
     c = resolve_dataset("synthetic:n=50,test=10,features=3,classes=5,seed=2").split("train")
-    assert a.x.shape == (50, 3) and a.num_classes == 5
+    assert a.inputs(np.arange(50)).shape == (50, 3) and a.num_classes == 5
     assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+    # rows are a pure function of their number: any subset, in any order, reads the same
+    torch.testing.assert_close(a.inputs(np.array([7, 3])), a.inputs(np.arange(10))[[7, 3]])
+    test = resolve_dataset("synthetic:n=50,test=10,features=3,classes=5,seed=1").split("test")
+    assert not torch.equal(test.inputs(np.arange(3)), a.inputs(np.arange(3)))  # test rows are other rows
+
+
+def test_synthetic_inputs_look_like_the_gaussian_model():
+    from pipeline.datasets import _hashed_normals
+
+    z = _hashed_normals(3, np.arange(20000), 8)
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+    assert abs(np.corrcoef(z[:, 0], z[:, 1])[0, 1]) < 0.03
     with pytest.raises(InputError, match="bad parameter"):
         resolve_dataset("synthetic:size=3").split("train")
 

@@ -11,7 +11,7 @@ import zarr
 
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
-from stages.cache import FORMAT, SCHEMA_VERSION, CacheReader, CacheWriter, default_chunk_rows
+from stages.cache import FORMAT, SCHEMA_VERSION, CacheReader, CacheWriter, batch_bounds, default_chunk_rows
 from stages.errors import CacheMismatchError, InputError
 from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE
 
@@ -59,7 +59,7 @@ def test_teacher_metrics_match_a_direct_computation(cache_path, teacher_weights)
     split = resolve_dataset(DATASET).split("train")
     teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights).eval()
     with torch.no_grad():
-        logits = teacher(split.x)
+        logits = teacher(split.inputs(np.arange(len(split))))
     accuracy = float((logits.argmax(1).numpy() == split.labels).mean())
     metrics = CacheReader(cache_path).attrs["teacher_metrics"]
     assert metrics["accuracy"] == pytest.approx(accuracy, abs=2 / 600)  # float16 can flip a near tie
@@ -70,7 +70,7 @@ def test_teacher_metrics_match_a_direct_computation(cache_path, teacher_weights)
 def _write(tmp_path, n=300, chunk_rows=32, classes=5, name="c.zarr"):
     writer = CacheWriter.create(
         tmp_path / name, num_samples=n, row_shape=(classes,), dtype="float32", chunk_rows=chunk_rows,
-        labelled=True, attrs={"temperature": 1.0, "num_classes": classes},
+        labelled=True, attrs={"temperature": 1.0, "num_classes": classes, "teachers": [], "dataset": {}},
     )
     logits = np.random.default_rng(0).normal(size=(n, classes)).astype(np.float32)
     labels = np.arange(n) % classes
@@ -116,6 +116,7 @@ def test_reader_visits_every_row_once_per_epoch(tmp_path, batch_size):
     for epoch in range(3):
         batches = list(reader.batches(batch_size, seed=5, epoch=epoch, buffer_chunks=3))
         assert all(len(b["index"]) == batch_size for b in batches[:-1])
+        assert batch_size / 2 <= len(batches[-1]["index"]) < 1.5 * batch_size or len(batches) == 1
         index = np.concatenate([b["index"] for b in batches])
         assert sorted(index.tolist()) == list(range(300))
         got = np.concatenate([b["logits"] for b in batches])
@@ -126,15 +127,39 @@ def test_reader_visits_every_row_once_per_epoch(tmp_path, batch_size):
 
 
 def test_reader_streams_whole_chunks_in_shuffled_order(tmp_path):
-    """The first buffer holds exactly the first `buffer_chunks` chunks of the epoch's chunk order."""
+    """The first batches come only from the first `buffer_chunks` chunks of the epoch's order."""
     reader, _ = _complete_cache(tmp_path)
     order = reader.chunk_order(seed=5, epoch=0)
     assert sorted(order.tolist()) == list(range(reader.grid.num_chunks)) and order.tolist() != sorted(order.tolist())
     batches = reader.batches(32, seed=5, epoch=0, buffer_chunks=3)
-    first_buffer = np.concatenate([next(batches)["index"] for _ in range(3)])
+    # a buffer of 3 chunks (96 rows) gives 2 batches; one batch's worth is held for the next
+    first_rows = np.concatenate([next(batches)["index"] for _ in range(2)])
     expected = np.concatenate([np.arange(*reader.grid.rows(int(c))) for c in order[:3]])
-    assert sorted(first_buffer.tolist()) == sorted(expected.tolist())
-    assert first_buffer.tolist() != sorted(first_buffer.tolist())  # rows shuffled inside the buffer
+    assert set(first_rows.tolist()) <= set(expected.tolist()) and len(first_rows) == 64
+    assert first_rows.tolist() != sorted(first_rows.tolist())  # rows shuffled inside the buffer
+
+
+@pytest.mark.parametrize("run_chunks", [1, 2, 4])
+def test_runs_of_chunks_cover_every_chunk_once(tmp_path, run_chunks):
+    reader, logits = _complete_cache(tmp_path)
+    runs = reader.runs(seed=1, epoch=0, run_chunks=run_chunks)
+    covered = sorted(c for first, last in runs for c in range(first, last + 1))
+    assert covered == list(range(reader.grid.num_chunks))
+    assert all(last - first + 1 <= run_chunks for first, last in runs)
+    index = np.concatenate([b["index"] for b in reader.batches(40, seed=1, epoch=0, run_chunks=run_chunks)])
+    assert sorted(index.tolist()) == list(range(300))
+
+
+def test_sequential_order_reads_rows_in_file_order(tmp_path):
+    reader, _ = _complete_cache(tmp_path)
+    index = np.concatenate([b["index"] for b in reader.batches(50, seed=1, epoch=0, shuffle=False)])
+    assert index.tolist() == list(range(300))
+
+
+@pytest.mark.parametrize(("rows", "batch", "sizes"), [(300, 64, [64] * 4 + [44]), (280, 64, [64, 64, 64, 88]), (300, 100, [100, 100, 100]),
+                                                     (300, 17, [17] * 17 + [11]), (5, 64, [5]), (130, 64, [64, 66])])
+def test_a_small_last_batch_joins_the_one_before(rows, batch, sizes):
+    assert [b - a for a, b in batch_bounds(rows, batch)] == sizes
 
 
 def test_reader_order_is_reproducible(tmp_path):
