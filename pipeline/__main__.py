@@ -1,6 +1,6 @@
 """`python -m pipeline` runs the CLI, as the `pipeline` console script does."""
 
-from pipeline.cli import app
+from pipeline.cli import main
 
 if __name__ == "__main__":
-    app(prog_name="pipeline")
+    main()

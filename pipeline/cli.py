@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -68,6 +69,21 @@ def handle_errors(command):
     return wrapper
 
 
+def main() -> None:
+    """The console entry point: the app, with click's usage errors (bad option values, unknown
+    options) also reduced to one line on stderr and exit code 2."""
+    try:
+        code = app(prog_name="pipeline", standalone_mode=False)
+    except typer.Abort:
+        code = 130
+    except typer.exceptions.TyperException as exc:  # click's UsageError and friends
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if message:  # empty when the error is "no arguments": the help was printed instead
+            print(f"error: {message}".splitlines()[0], file=sys.stderr)
+        code = getattr(exc, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def _fail(message: str, code: int) -> None:
     print(f"error: {message}".splitlines()[0], file=sys.stderr)
     raise typer.Exit(code)
@@ -88,9 +104,22 @@ def _setup_logging() -> None:
 
 def _emit(as_json: bool, payload: dict, table: Table) -> None:
     if as_json:
-        print(json.dumps(payload, default=str))
+        print(json.dumps(_strict_json(payload), default=str, allow_nan=False))
     else:
         Console().print(table)
+
+
+def _strict_json(value):
+    """NaN and infinity are not JSON: report them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def _key_value_table(title: str, values: dict[str, Any]) -> Table:
@@ -107,7 +136,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(
+def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
 ) -> None:
     """Offline knowledge distillation: cache a teacher's softened logits once, train many students from the cache.
@@ -130,6 +159,8 @@ def cache_teacher_command(
     device: DeviceOption = field_default(CT, "device"),
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
     chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk. [default: about 2 MB of logits per chunk]")] = None,
+    amp: Annotated[str, typer.Option(help="Run the teacher under autocast: none, bf16 or fp16 (recorded in the cache).")] = field_default(CT, "amp"),
+    num_classes: Annotated[int | None, typer.Option(help="Classes the teacher outputs; needed only for a split without labels.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out. Without it, re-running the same command resumes an interrupted cache.")] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
@@ -142,11 +173,11 @@ def cache_teacher_command(
 
         pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --dataset mnist-5k --temperature 4
     """
-    values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")})
+    values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")}, CT)
     if values["out"] is None and values["teacher"] and values["dataset"]:
         name = f"{_slug(values['teacher'])}-{_slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}.zarr"
         values["out"] = DATA_ROOT / "caches" / name
-    cfg = build_config(CT, values, required=("teacher", "dataset"))
+    cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
     result = run_caching(cfg)
     payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
     _emit(as_json, payload, _key_value_table("cache written", payload))
@@ -168,8 +199,10 @@ def train_student_command(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = field_default(TS, "epochs"),
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
     lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0 over the epochs).")] = field_default(TS, "lr"),
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = field_default(TS, "weight_decay"),
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
     augment: Annotated[str, typer.Option(help="Input augmentation: none or shift:N (random shifts of up to N pixels).")] = field_default(TS, "augment"),
+    buffer_chunks: Annotated[int, typer.Option(help="Cache chunks buffered and shuffled together.")] = field_default(TS, "buffer_chunks"),
     device: DeviceOption = field_default(TS, "device"),
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and after the last); 0: never.")] = field_default(TS, "checkpoint_every"),
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint (same options required); a finished run is left as it is.")] = False,
@@ -183,7 +216,8 @@ def train_student_command(
 
         pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400 --alpha 0.9 --epochs 20
     """
-    values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")})
+    values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")},
+                           TS, renamed={"student": "model", "student_weights": "model_weights"})
     if values["cache"] is not None:
         provenance = CacheReader(Path(values["cache"])).attrs["dataset"]
         values["dataset"] = values["dataset"] or provenance["spec"]
@@ -192,8 +226,10 @@ def train_student_command(
     if values["out"] is None and values["student"]:
         mode = "kd" if values["cache"] is not None else "scratch"
         values["out"] = DATA_ROOT / "runs" / f"{_slug(values['student'])}-{mode}-s{values['seed']}"
+    if values["student"] is None or values["dataset"] is None:
+        raise InputError(f"missing option {'--student' if values['student'] is None else '--dataset (or --cache)'}")
     values["model"], values["model_weights"] = values.pop("student"), values.pop("student_weights")
-    cfg = build_config(TS, values, required=("model", "dataset"))
+    cfg = build_config(TS, _absolute_paths(values, "model", "dataset"))
     result = run_training(cfg)
     payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
     _emit(as_json, payload, _key_value_table(f"student run {result.mode}", payload))
@@ -209,7 +245,7 @@ def train_teacher_command(
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
     lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0).")] = field_default(TS, "lr"),
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
-    augment: Annotated[str, typer.Option(help="Input augmentation: none or shift:N.")] = "shift:2",
+    augment: Annotated[str, typer.Option(help="Input augmentation: none or shift:N (images; the demo uses shift:2).")] = field_default(TS, "augment"),
     device: DeviceOption = field_default(TS, "device"),
     overwrite: Annotated[bool, typer.Option(help="Replace existing weights at --out.")] = False,
     as_json: JsonOption = False,
@@ -218,13 +254,17 @@ def train_teacher_command(
 
     Example:
 
-        pipeline train-teacher --model cnn --dataset mnist-5k --epochs 15
+        pipeline train-teacher --model cnn --dataset mnist-5k --epochs 15 --augment shift:2
     """
     out = out or DATA_ROOT / "teachers" / f"{_slug(model)}-{_slug(dataset)}.safetensors"
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give the weights file to write")
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    names = _absolute_paths({"model": model, "dataset": dataset}, "model", "dataset")
+    run_dir = out.with_suffix(".run") if out.suffix != ".run" else out.with_name(out.name + ".run")
     cfg = TS(
-        model=model, dataset=dataset, out=out.with_suffix(".run"), weights_out=out, alpha=0.0, epochs=epochs,
+        model=names["model"], dataset=names["dataset"], out=run_dir, weights_out=out, alpha=0.0, epochs=epochs,
         batch_size=batch_size, lr=lr, seed=seed, augment=augment, device=device, overwrite=overwrite,
     )
     result = run_training(cfg)
@@ -286,4 +326,24 @@ def demo_command(
 
 
 def _slug(spec: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(spec.split(":")[0]).stem or spec).strip("-")
+    """A file-name-safe short name for a spec: a file's stem, or the spec with its parameters."""
+    target = spec.rpartition(":")[0] if ":" in spec else spec
+    if target.endswith(".py") or spec.endswith(".npz"):
+        spec = Path(target if target.endswith(".py") else spec).stem
+    return "".join(c if c.isalnum() or c in "._" else "-" for c in spec).strip("-")
+
+
+def _absolute_paths(values: dict, *spec_names: str) -> dict:
+    """Specs that name files are recorded with absolute paths, so that a cache or a run can be
+    used from any working directory."""
+    resolved = dict(values)
+    for name in spec_names:
+        spec = values.get(name)
+        if spec is None:
+            continue
+        target, sep, factory = spec.rpartition(":")
+        if spec.endswith(".npz"):
+            resolved[name] = str(Path(spec).absolute())
+        elif sep and target.endswith(".py"):
+            resolved[name] = f"{Path(target).absolute()}:{factory}"
+    return resolved

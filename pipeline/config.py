@@ -40,18 +40,38 @@ def read_toml(path: Path, allowed: set[str]) -> dict[str, Any]:
     return values
 
 
-def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str, Any]) -> dict[str, Any]:
-    """Command-line values, with those left at their defaults taken from `config_file`."""
+def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str, Any], config_class,
+                  renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """Command-line values, with those left at their defaults taken from `config_file`. File
+    values are type-checked against `config_class`'s fields (`renamed` maps option names to
+    field names where they differ)."""
     if config_file is None:
         return values
     from_file = read_toml(config_file, set(values))
+    types = {f.name: str(f.type) for f in dataclasses.fields(config_class)}
     merged = dict(values)
     for name, value in from_file.items():
         source = ctx.get_parameter_source(name)
         # Compared by name: typer ships its own copy of click, so the enum class is not click's.
         if source is None or source.name == "DEFAULT":
+            _check_type(config_file, name, value, types.get((renamed or {}).get(name, name), "str"))
             merged[name] = value
     return merged
+
+
+def _check_type(config_file: Path, name: str, value: Any, annotation: str) -> None:
+    """TOML values must have the option's type: a string where a number belongs would only
+    fail much later, inside the stage."""
+    if "bool" in annotation:
+        ok, kind = isinstance(value, bool), "true or false"
+    elif "int" in annotation:
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif "float" in annotation:
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, kind = isinstance(value, str), "a string"
+    if not ok:
+        raise InputError(f"config file {config_file}: {name.replace('_', '-')} must be {kind}, got {value!r}")
 
 
 def build_config(config_class, values: dict[str, Any], required: tuple[str, ...] = ()):

@@ -197,6 +197,8 @@ class ResolvedDataset:
         split = self._load(name)
         if split is None:
             raise InputError(f"dataset {self.spec} has no split {name!r}")
+        if len(split) == 0:
+            raise InputError(f"split {name!r} of dataset {self.spec} is empty")
         return split
 
 

@@ -21,18 +21,19 @@ log = logging.getLogger(__name__)
 
 
 def run_caching(cfg: cache_teacher.CacheTeacherConfig) -> cache_teacher.CacheTeacherResult:
+    cfg.validate()  # before loading anything: bad options fail fast
     split = resolve_dataset(cfg.dataset).split(cfg.split)
-    if split.num_classes is None:
-        raise InputError(f"dataset {cfg.dataset} does not say how many classes it has (no labels and no num_classes)")
+    num_classes = cfg.num_classes or split.num_classes
+    if num_classes is None:
+        raise InputError(f"split {cfg.split!r} of {cfg.dataset} has no labels to count classes by; pass --num-classes")
     if cfg.teacher_weights is None:
         log.warning("no --teacher-weights given: caching the teacher as its factory builds it")
-    teacher = resolve_model(
-        cfg.teacher, num_classes=split.num_classes, input_shape=input_shape(split), weights=cfg.teacher_weights
-    )
+    teacher = resolve_model(cfg.teacher, num_classes=num_classes, input_shape=input_shape(split), weights=cfg.teacher_weights)
     return cache_teacher.run(cfg, teacher, split)
 
 
 def run_training(cfg: train_student.TrainConfig) -> train_student.TrainResult:
+    cfg.validate()
     data = resolve_dataset(cfg.dataset)
     train = data.split(cfg.split)
     evaluation = data.split(cfg.eval_split) if cfg.eval_split else None

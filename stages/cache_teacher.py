@@ -14,8 +14,10 @@ the forward pass does not wait on storage. The cache layout is described in stag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,8 @@ class CacheTeacherConfig:
     device: str = "auto"
     dtype: str = "float16"
     chunk_rows: int | None = None  # None: about 2 MB of logits per chunk
+    amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
+    num_classes: int | None = None  # needed only when the split has no labels to count them
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -53,6 +57,8 @@ class CacheTeacherConfig:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.amp not in AMP_DTYPES and self.amp != "none":
+            raise InputError(f"--amp must be none, {' or '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise InputError(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
 
@@ -71,8 +77,9 @@ class CacheTeacherResult:
     chunks_total: int
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What must agree between an existing cache and this run for the run to resume it.
-RESUME_KEYS = ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "temperature", "num_classes")
+RESUME_KEYS = ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "temperature", "num_classes", "teacher_amp")
 
 
 def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> CacheTeacherResult:
@@ -162,6 +169,7 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
     return {
         "temperature": config.temperature,
         "num_classes": num_classes,
+        "teacher_amp": config.amp,
         "teachers": [
             {
                 "spec": config.teacher,
@@ -190,33 +198,83 @@ def _teacher_pass(
     config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, writer: CacheWriter, device: torch.device,
     missing: list[int],
 ) -> None:
+    """Forward every row of the missing chunks and hand the stored values to the writer.
+
+    On CUDA the loop never waits for a batch it has just launched: softened logits are copied
+    device-to-host asynchronously into pinned buffers (a small ring, reused), and a batch is
+    taken off the GPU only once MAX_IN_FLIGHT newer batches are queued behind it."""
     if missing:
         log.info("teacher pass over %d chunks of %d rows on %s", len(missing), writer.grid.chunk_rows, device)
-    pin = device.type == "cuda"
+    cuda = device.type == "cuda"
     dtype = getattr(torch, config.dtype)
-    labels = split.labels
+    in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
+    pinned = _PinnedRing(MAX_IN_FLIGHT + 1) if cuda else None
     last_report = time.perf_counter()
-    for start, inputs in prefetch(_input_batches(split, writer, missing, config.batch_size, pin), depth=2):
-        with torch.inference_mode():
-            logits = teacher(inputs.to(device, non_blocking=pin)).float()
-        stop = start + len(logits)
-        finite = torch.isfinite(logits).all(dim=1)
-        if not bool(finite.all()):
-            bad = (start + torch.nonzero(~finite).flatten().cpu().numpy()).tolist()
-            raise PipelineError(
-                f"teacher produced NaN or infinite logits for samples {bad[:10]}"
-                f"{' and more' if len(bad) > 10 else ''}; chunks already written are kept"
-            )
-        rows = {
-            "logits": (logits / config.temperature).to(dtype).cpu().numpy(),
-            "index": np.arange(start, stop, dtype=np.int64),
-        }
-        if labels is not None:
-            rows["labels"] = labels[start:stop]
-        writer.write_rows(start, rows)
+    for start, inputs in prefetch(_input_batches(split, writer, missing, config.batch_size, pin=cuda), depth=2):
+        with torch.inference_mode(), _autocast(config.amp, device):
+            stored = (teacher(inputs.to(device, non_blocking=cuda)).float() / config.temperature).to(dtype)
+        if cuda:
+            host = pinned.next(stored.shape, dtype)
+            host.copy_(stored, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            in_flight.append((start, host, done))
+        else:
+            in_flight.append((start, stored, None))
+        while in_flight and (len(in_flight) > MAX_IN_FLIGHT or in_flight[0][2] is None or in_flight[0][2].query()):
+            _store(writer, split, config, *in_flight.popleft())
         if time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
-            log.info("teacher pass: rows up to %d of %d", stop, len(split))
+            log.info("teacher pass: rows up to %d of %d", start + len(inputs), len(split))
+    while in_flight:
+        _store(writer, split, config, *in_flight.popleft())
+
+
+# Batches a CUDA teacher may run ahead of the host copies it has queued.
+MAX_IN_FLIGHT = 4
+
+
+class _PinnedRing:
+    """A few reusable page-locked host buffers: allocating pinned memory per batch is slow."""
+
+    def __init__(self, size: int):
+        self._buffers: list[torch.Tensor | None] = [None] * size
+        self._next = 0
+
+    def next(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        i, self._next = self._next, (self._next + 1) % len(self._buffers)
+        buffer = self._buffers[i]
+        if buffer is None or buffer.dtype != dtype or buffer.shape[1:] != shape[1:] or len(buffer) < shape[0]:
+            buffer = self._buffers[i] = torch.empty(shape, dtype=dtype, pin_memory=True)
+        return buffer[: shape[0]]
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def _store(writer: CacheWriter, split: Split, config: CacheTeacherConfig, start: int, host: torch.Tensor,
+           done: torch.cuda.Event | None) -> None:
+    """Check one batch of stored values (after rounding to the cache dtype, so an overflow of
+    float16 is caught as well as a NaN) and hand it to the writer."""
+    if done is not None:
+        done.synchronize()
+    values = host.numpy().copy() if done is not None else host.numpy()  # a pinned buffer is reused
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        bad = (start + np.flatnonzero(~finite)).tolist()
+        hint = " (or logits / T beyond float16's range: try --dtype float32)" if config.dtype == "float16" else ""
+        raise PipelineError(
+            f"teacher produced NaN or infinite logits{hint} for samples {bad[:10]}"
+            f"{' and more' if len(bad) > 10 else ''}; chunks already written are kept"
+        )
+    stop = start + len(values)
+    rows = {"logits": values, "index": np.arange(start, stop, dtype=np.int64)}
+    if split.labels is not None:
+        rows["labels"] = split.labels[start:stop]
+    writer.write_rows(start, rows)
 
 
 def _input_batches(

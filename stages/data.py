@@ -87,8 +87,9 @@ class TorchDatasetSplit:
 
 
 def _input_of(item) -> torch.Tensor:
-    x = item[0] if isinstance(item, (tuple, list)) else item
-    return torch.as_tensor(x, dtype=torch.float32)
+    """An item's input as a tensor: floating point as float32, integers (token ids) kept."""
+    x = torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+    return x.float() if x.is_floating_point() else x
 
 
 def _read_labels(dataset) -> np.ndarray | None:

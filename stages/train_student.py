@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -83,6 +84,8 @@ class TrainConfig:
         if self.checkpoint_every < 0:
             raise InputError(f"--checkpoint-every must be 0 (never) or more, got {self.checkpoint_every}")
         check_positive("lr", self.lr)
+        if self.seed < 0:
+            raise InputError(f"--seed must be 0 or more, got {self.seed}")
         parse_augment(self.augment)
 
 
@@ -107,8 +110,8 @@ def run(config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: S
     device = resolve_device(config.device)
     cache = CacheReader(config.cache) if config.cache is not None else None
     model = model.to(device)
-    labels = _check_inputs(config, model, train, cache, device)
-    temperature = config.temperature or (cache.temperature if cache else 1.0)
+    labels = _check_inputs(config, model, train, evaluation, cache, device)
+    temperature = config.temperature or (cache.temperature if cache else None)
     run_config = _run_config(config, cache, temperature)
     if config.resume and (config.out / "summary.json").is_file():
         _check_same_run(config.out, run_config)
@@ -149,7 +152,7 @@ def run(config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: S
         for epoch in range(first_epoch, config.epochs):
             epoch_started = time.perf_counter()
             model.train()
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
             steps = 0
             for batch in _epoch_batches(config, train, labels, cache, epoch):
                 loss, parts = loss_step(batch)
@@ -157,10 +160,15 @@ def run(config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: S
                 loss.backward()
                 optimizer.step()
                 for name, value in {"loss": loss.detach(), **parts}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
+                    sums[name] = sums[name] + value if name in sums else value.clone()
                 steps += 1
             schedule.step()
-            metrics = {"epoch": epoch + 1, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
+            means = {k: float(v) / max(steps, 1) for k, v in sums.items()}
+            if not all(math.isfinite(v) for v in means.values()):
+                raise PipelineError(
+                    f"the loss became {means['loss']} in epoch {epoch + 1}; lower --lr (the last checkpoint is kept)"
+                )
+            metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()}}
             if evaluation is not None:
                 metrics.update({f"test_{k}": v for k, v in evaluate(model, evaluation, device).items()})
             metrics["seconds"] = time.perf_counter() - epoch_started
@@ -209,10 +217,22 @@ def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_s
 
 
 def _check_inputs(
-    config: TrainConfig, model: torch.nn.Module, train: Split, cache: CacheReader | None, device: torch.device
+    config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, cache: CacheReader | None,
+    device: torch.device,
 ) -> np.ndarray | None:
-    """Refuse a cache that belongs to other data or has another class count; return the labels to train on."""
+    """Everything that can be checked before the run folder is touched: a cache that belongs
+    to other data or has another class count, an evaluation split without fitting labels, an
+    augmentation that does not fit the inputs. Returns the labels to train on."""
+    if config.out.exists() and not config.out.is_dir():
+        raise InputError(f"--out {config.out} is a file; give a folder for the run")
     classes = output_classes(model, train, device, "model")
+    if evaluation is not None:
+        if evaluation.labels is None:
+            raise InputError(f"cannot evaluate on split {evaluation.name!r}: it has no labels (pick another --eval-split)")
+        check_labels_fit(evaluation, classes, "model")
+    augment = parse_augment(config.augment)
+    if augment is not None:
+        augment(train.inputs(np.zeros(1, dtype=np.int64)), torch.Generator().manual_seed(0))
     if cache is None:
         if train.labels is None:
             raise InputError(f"split {train.name!r} has no labels: training without a cache needs them")
@@ -298,7 +318,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _run_config(config: TrainConfig, cache: CacheReader | None, temperature: float) -> dict:
-    resolved = {**config_dict(config), "temperature": temperature}
+    resolved = {**config_dict(config), "temperature": temperature if cache is not None else None}
     if cache is not None:
         resolved["cache_provenance"] = {k: cache.attrs[k] for k in ("teachers", "combine", "dataset", "temperature", "created_at")}
     return resolved

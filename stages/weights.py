@@ -14,16 +14,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stages.errors import InputError
+from stages.errors import InputError, PipelineError
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Write the model's state dict as safetensors, atomically (a crash leaves no half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the model's state dict, atomically (a crash leaves no half file): safetensors for a
+    .safetensors path, otherwise a plain PyTorch state dict (readable with weights_only=True)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     partial = path.with_name(path.name + ".partial")
-    save_file(state, str(partial))
-    partial.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            save_file(state, str(partial))
+        else:
+            torch.save(state, partial)
+        partial.replace(path)
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        partial.unlink(missing_ok=True)
+        raise PipelineError(f"cannot write weights {path}: {_first_line(exc)}") from exc
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -38,14 +46,30 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InputError(f"cannot read weights file {path}: it holds objects other than tensors; refusing to unpickle them") from exc
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise InputError(f"cannot read weights file {path}: {_first_line(exc)}") from exc
-    if not isinstance(state, dict):
-        raise InputError(f"weights file {path} does not hold a state dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise InputError(f"weights file {path} does not fit the model: {_first_line(exc)}") from exc
+    except Exception as exc:  # a file of another format fails in many ways inside the readers
+        raise InputError(f"cannot read weights file {path}: not safetensors or a PyTorch state dict ({_first_line(exc)})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"weights file {path} does not hold a state dict of tensors")
+    problems = _fit_problems(model.state_dict(), state)
+    if problems:
+        raise InputError(f"weights file {path} does not fit the model: {problems}")
+    model.load_state_dict(state)
+
+
+def _fit_problems(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """What stops `state` from loading into a model with state dict `expected`, in one line."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} is {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape (e.g. {shapes[0]})")
+    return "; ".join(parts)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

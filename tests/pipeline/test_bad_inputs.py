@@ -4,8 +4,9 @@ file that existed before left byte-for-byte as it was."""
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from stages.cache import WriterLock
 from tests.conftest import DATASET, invoke, invoke_json
 
 OTHER_DATA = "synthetic:n=600,test=200,features=8,classes=4,seed=9"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _user_file(tmp_path: Path, name: str, body: str) -> str:
@@ -80,13 +82,13 @@ CASES = {
                 return torch.full((len(x), 4), float("nan"))
         def build(num_classes):
             return NaNs()
-    """), "--dataset", DATASET, "--out", t / "n.zarr"], 1, "NaN or infinite logits for samples [0, 1, 2"),
+    """), "--dataset", DATASET, "--out", t / "n.zarr"], 1, "for samples [0, 1, 2"),
     "temperature zero": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "t0.zarr", "--temperature", "0"], 2, "temperature"),
     "negative student temperature": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--temperature", "-1"], 2, "temperature"),
     "alpha above one": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--alpha", "2"], 2, "alpha"),
     "unknown dtype": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "d.zarr", "--dtype", "int8"], 2, "dtype"),
     "missing weights file": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--teacher-weights", t / "w.safetensors", "--dataset", DATASET, "--out", t / "w.zarr"], 2, "weights file not found"),
-    "weights that do not fit": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-128", "--teacher-weights", w, "--dataset", DATASET, "--out", t / "f.zarr"], 2, "does not fit"),
+    "weights that do not fit": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-128", "--teacher-weights", w, "--dataset", DATASET, "--out", t / "f.zarr"], 2, "does not fit the model: 5 of another shape (e.g. 1.weight is (64, 8) in the file, (128, 8) in the model)"),
     "pickled weights": lambda t, c, w: torch.save({"weight": contextlib.nullcontext()}, t / "evil.pt")
         or (["cache-teacher", "--teacher", "linear", "--teacher-weights", t / "evil.pt", "--dataset", DATASET, "--out", t / "e.zarr"], 2, "refusing to unpickle"),
     "cnn on flat inputs": lambda t, c, w: (["cache-teacher", "--teacher", "cnn", "--dataset", DATASET, "--out", t / "cnn.zarr"], 2, "image inputs"),
@@ -97,13 +99,30 @@ CASES = {
     "run folder exists": lambda t, c, w: (_run_folder(t, c) and None) or (["train-student", "--cache", c, "--student", "mlp-64", "--epochs", "1", "--out", t / "run"], 2, "--resume to continue it or --overwrite"),
     "resume with other options": lambda t, c, w: (_run_folder(t, c) and None) or (["train-student", "--cache", c, "--student", "mlp-64", "--epochs", "3", "--out", t / "run", "--resume"], 2, "epochs differ"),
     "existing teacher weights": lambda t, c, w: (["train-teacher", "--model", "mlp-64", "--dataset", DATASET, "--out", w], 2, "--overwrite"),
+    "TOML value of the wrong type": lambda t, c, w: ((t / "typed.toml").write_text('epochs = "2"') and None) or (["train-student", "--config", t / "typed.toml"], 2, "epochs must be a whole number"),
+    "negative seed": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--seed", "-1"], 2, "--seed must be 0 or more"),
+    "weights file of another format": lambda t, c, w: ((t / "w.toml").write_text("a = 1") and None) or (["cache-teacher", "--teacher", "mlp-64", "--teacher-weights", t / "w.toml", "--dataset", DATASET, "--out", t / "x.zarr"], 2, "not safetensors or a PyTorch state dict"),
+    "empty split": lambda t, c, w: np.savez(t / "empty.npz", x_train=np.zeros((0, 3)), y_train=np.zeros(0, dtype=np.int64))
+        or (["train-student", "--student", "mlp-64", "--dataset", t / "empty.npz"], 2, "is empty"),
+    "evaluation split without labels": lambda t, c, w: np.savez(t / "nolab.npz", x_train=np.ones((20, 3)), y_train=np.arange(20) % 2, x_test=np.ones((5, 3)))
+        or (["train-student", "--student", "mlp-64", "--dataset", t / "nolab.npz", "--out", t / "r"], 2, "has no labels (pick another --eval-split)"),
+    "unlabeled split without --num-classes": lambda t, c, w: np.savez(t / "unl.npz", x_train=np.ones((20, 3)))
+        or (["cache-teacher", "--teacher", "mlp-64", "--dataset", t / "unl.npz", "--out", t / "u.zarr"], 2, "pass --num-classes"),
+    "augmentation that does not fit, with --overwrite": lambda t, c, w: (_run_folder(t, c) and None) or (["train-student", "--cache", c, "--student", "mlp-64", "--out", t / "run", "--overwrite", "--augment", "shift:1"], 2, "needs image inputs"),
+    "run folder that is a file": lambda t, c, w: ((t / "runfile").write_text("x") and None) or (["train-student", "--cache", c, "--student", "mlp-64", "--out", t / "runfile"], 2, "is a file"),
+    "weights folder as train-teacher output": lambda t, c, w: (["train-teacher", "--model", "mlp-64", "--dataset", DATASET, "--out", t], 2, "is a folder"),
+    "loss that diverges": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--lr", "1e30", "--epochs", "2", "--out", t / "r"], 1, "lower --lr"),
+    "schema version missing": lambda t, c, w: zarr.open_group(str(_copy(c, t)), mode="r+").attrs.__setitem__("schema_version", None)
+        or (["train-student", "--cache", t / "copy.zarr", "--student", "mlp-64"], 4, "malformed: schema_version"),
+    "array metadata corrupted": lambda t, c, w: (_copy(c, t) / "logits" / "zarr.json").write_text("{not json")
+        and (["train-student", "--cache", t / "copy.zarr", "--student", "mlp-64"], 4, "cannot be opened"),
     "cuda without a GPU": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--device", "cuda"], 2, "CUDA"),
 }
 
 
 # Failures found part-way leave what they wrote so far, resumable: a partial cache, or a run
 # folder whose first epoch met a damaged chunk.
-FAILS_PART_WAY = {"non-finite teacher outputs", "corrupted chunk", "deleted chunk"}
+FAILS_PART_WAY = {"non-finite teacher outputs", "corrupted chunk", "deleted chunk", "loss that diverges"}
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -131,3 +150,16 @@ def test_bad_input_gives_one_line_and_changes_nothing(case, tmp_path, cache_path
 
 def test_there_are_at_least_twenty_distinct_cases():
     assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["train-student", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["train-student", "--bogus"], "No such option: --bogus"),
+    (["demo", "--seeds", "0"], "Invalid value for '--seeds'"),
+    (["no-such-command"], "No such command"),
+])
+def test_usage_errors_from_the_console_entry_point_are_one_line(args, words):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr

@@ -9,9 +9,11 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
+import zarr
 
 import pipeline.jobs
+from pipeline.cli import _strict_json
+from pipeline.datasets import resolve_dataset
 from tests.conftest import DATASET, invoke, invoke_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +46,7 @@ def test_end_to_end_on_tiny_data(tmp_path, monkeypatch):
 
 def test_default_paths_go_under_the_data_root(tmp_path, teacher_weights):
     cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET)
-    assert Path(cache["cache"]) == tmp_path / "data" / "caches" / "mlp-64-synthetic-train-T4.zarr"
+    assert Path(cache["cache"]) == tmp_path / "data" / "caches" / "mlp-64-synthetic-n-600-test-200-features-8-classes-4-seed-3-train-T4.zarr"
     run = invoke_json("train-student", "--cache", cache["cache"], "--student", "mlp-64", "--epochs", "1")
     assert Path(run["run_dir"]) == tmp_path / "data" / "runs" / "mlp-64-kd-s0"
 
@@ -83,3 +85,41 @@ def test_npz_dataset_through_the_cli(tmp_path):
     cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", run["weights"],
                         "--dataset", tmp_path / "mine.npz", "--out", tmp_path / "c.zarr")
     assert cache["num_samples"] == 200 and cache["num_classes"] == 4
+
+
+def test_unlabeled_transfer_set_is_distilled_with_alpha_one(tmp_path, teacher_weights):
+    source = resolve_dataset(DATASET)
+    train, test = source.split("train"), source.split("test")
+    np.savez(tmp_path / "transfer.npz", x_train=train.inputs(np.arange(600)).numpy(),
+             x_test=test.inputs(np.arange(200)).numpy(), y_test=test.labels)
+    cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights,
+                        "--dataset", tmp_path / "transfer.npz", "--num-classes", "4", "--out", tmp_path / "c.zarr")
+    assert cache["teacher_accuracy"] is None and cache["num_classes"] == 4
+    code, _, err = invoke("train-student", "--cache", cache["cache"], "--student", "mlp-64", "--out", tmp_path / "r0")
+    assert code == 2 and "--alpha 1" in err
+    run = invoke_json("train-student", "--cache", cache["cache"], "--student", "mlp-64", "--alpha", "1",
+                      "--epochs", "10", "--out", tmp_path / "r1")
+    assert run["test_accuracy"] > 0.5
+
+
+def test_train_teacher_writes_the_format_its_suffix_names(tmp_path):
+    run = invoke_json("train-teacher", "--model", "mlp-64", "--dataset", DATASET, "--epochs", "1", "--out", tmp_path / "t.pt")
+    assert Path(run["run_dir"]) == tmp_path / "t.run"
+    cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", tmp_path / "t.pt",
+                        "--dataset", DATASET, "--out", tmp_path / "c.zarr")
+    assert cache["num_samples"] == 600
+
+
+def test_json_output_is_strict():
+    assert json.dumps(_strict_json({"a": float("nan"), "b": [float("inf"), 1.5], "c": Path("/x")}), allow_nan=False) == \
+        '{"a": null, "b": [null, 1.5], "c": "/x"}'
+
+
+def test_file_specs_are_recorded_with_absolute_paths(tmp_path, monkeypatch, teacher_weights):
+    np.savez(tmp_path / "rel.npz", **{"x_train": np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32),
+                                      "y_train": np.arange(50) % 4})
+    monkeypatch.chdir(tmp_path)
+    cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights,
+                        "--dataset", "rel.npz", "--out", "c.zarr")
+    assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r").attrs["dataset"]["spec"] == str(tmp_path / "rel.npz")
+    assert cache["num_samples"] == 50

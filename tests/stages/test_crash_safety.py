@@ -130,7 +130,8 @@ def test_non_finite_teacher_outputs_stop_the_pass_and_keep_written_chunks(tmp_pa
             "--out", tmp_path / "c.zarr", "--chunk-rows", "50", "--batch-size", "25"]
     code, _, err = invoke(*args)
     assert code == 1 and err.strip().splitlines() == [
-        "error: teacher produced NaN or infinite logits for samples [237, 238]; chunks already written are kept"]
+        "error: teacher produced NaN or infinite logits (or logits / T beyond float16's range: try --dtype float32)"
+        " for samples [237, 238]; chunks already written are kept"]
     group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert group["chunk_done"][:].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
     np.testing.assert_array_equal(group["logits"][:200, 0], (x[:200, 1] / 4).astype(np.float16))
@@ -189,3 +190,35 @@ def test_killed_train_student_resumes_to_the_same_result(tmp_path):
     assert _metrics(run) == _metrics(reference)
     summary, expected = json.loads(out), json.loads((reference / "summary.json").read_text())
     assert (summary["test_errors"], summary["test_nll"]) == (expected["test_errors"], expected["test_nll"])
+
+
+def test_logits_beyond_float16_are_caught_not_stored_as_infinity(tmp_path):
+    """Finite teacher logits of 1e6 overflow float16: refused with a hint, fine as float32."""
+    spec = f"{tmp_path / 'loud.py'}:build"
+    (tmp_path / "loud.py").write_text(textwrap.dedent("""
+        from torch import nn
+        class Loud(nn.Module):
+            def forward(self, x):
+                return x[:, :4] * 1e6
+        def build(num_classes):
+            return Loud()
+    """))
+    args = ["cache-teacher", "--teacher", spec, "--dataset", "synthetic:n=300,test=10,features=8,classes=4", "--temperature", "1"]
+    code, _, err = invoke(*args, "--out", tmp_path / "f16.zarr")
+    assert code == 1 and "try --dtype float32" in err
+    result = invoke_json(*args, "--out", tmp_path / "f32.zarr", "--dtype", "float32")
+    assert np.isfinite(zarr.open_group(result["cache"], mode="r")["logits"][:]).all()
+
+
+def test_teacher_pass_under_bf16_autocast(tmp_path, teacher_weights):
+    common = ["cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights,
+              "--dataset", "synthetic:n=600,test=200,features=8,classes=4,seed=3", "--dtype", "float32"]
+    full = invoke_json(*common, "--out", tmp_path / "fp32.zarr")
+    half = invoke_json(*common, "--out", tmp_path / "bf16.zarr", "--amp", "bf16")
+    a = zarr.open_group(full["cache"], mode="r")
+    b = zarr.open_group(half["cache"], mode="r")
+    assert b.attrs["teacher_amp"] == "bf16" and a.attrs["teacher_amp"] == "none"
+    difference = np.abs(a["logits"][:] - b["logits"][:])
+    assert 0 < difference.max() < 0.05 * np.abs(a["logits"][:]).max()  # bf16 keeps ~3 significant digits
+    code, _, err = invoke(*common, "--out", tmp_path / "bf16.zarr")  # resuming it without AMP: refused
+    assert code == 2 and "teacher_amp: cache has bf16, this run none" in err

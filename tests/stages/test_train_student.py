@@ -151,3 +151,12 @@ def test_teacher_is_never_imported_or_loaded(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["test_samples"] == 200
     assert not marker.exists()
+
+
+def test_batchnorm_student_never_gets_a_one_row_batch(tmp_path, cache_path):
+    """600 rows in batches of 599 would leave a 1-row batch, which BatchNorm cannot train on."""
+    bn = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    result = _train(tmp_path, cache_path, model=bn, batch_size=599, epochs=2)
+    assert result.test_samples == 200
+    result = _train(tmp_path, None, model=bn, batch_size=599, epochs=1, name="scratch")
+    assert result.mode == "scratch"
