@@ -1,6 +1,6 @@
 """Built-in architectures and resolving a model spec into an `nn.Module`.
 
-A model spec is a built-in name (see BUILTIN_MODELS), `package.module:factory` or
+A model spec is a built-in name (see BUILTIN_MODELS), `mlp:width=W,depth=D`, `package.module:factory` or
 `path/to/file.py:factory`. A factory is called with `num_classes` (and `input_shape`, the
 shape of one input without the batch axis, when its signature accepts it) and returns an
 `nn.Module` whose output is (batch, num_classes) logits.
@@ -53,12 +53,26 @@ BUILTIN_MODELS = {
     "mlp-800": partial(build_mlp, width=800),
     "linear": partial(build_mlp, width=0, depth=0),
 }
+MLP_PARAMETERS = ("width", "depth")
+
+
+def _mlp_from_args(args: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """`mlp:width=W,depth=D`: any width and number of hidden layers (for sweeps and benchmarks)."""
+    params = {"width": 256, "depth": 2}
+    for item in filter(None, args.split(",")):
+        key, _, value = item.partition("=")
+        if key not in MLP_PARAMETERS or not value.isdigit() or int(value) < 1:
+            raise InputError(f"model spec mlp:{args}: parameters are width and depth, whole numbers >= 1, as in mlp:width=256,depth=2")
+        params[key] = int(value)
+    return build_mlp(num_classes, input_shape, **params)
 
 
 def resolve_model(spec: str, *, num_classes: int, input_shape: tuple[int, ...], weights: Path | None = None) -> nn.Module:
     """Build the model named by `spec` for `num_classes` classes, loading `weights` if given."""
     if spec in BUILTIN_MODELS:
         model = BUILTIN_MODELS[spec](num_classes, tuple(input_shape))
+    elif spec.startswith("mlp:"):
+        model = _mlp_from_args(spec[len("mlp:"):], num_classes, tuple(input_shape))
     elif is_factory_spec(spec):
         factory = load_factory(spec, "model")
         kwargs = {"num_classes": num_classes}
@@ -72,7 +86,7 @@ def resolve_model(spec: str, *, num_classes: int, input_shape: tuple[int, ...], 
             raise InputError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     else:
         raise InputError(
-            f"unknown model spec {spec!r}; use a built-in ({', '.join(BUILTIN_MODELS)}), "
+            f"unknown model spec {spec!r}; use a built-in ({', '.join(BUILTIN_MODELS)}, mlp:width=W,depth=D), "
             "package.module:factory or path/to/file.py:factory"
         )
     if weights is not None:

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import zarr
 
-from stages.cache import DTYPES, CacheWriter, WriterLock, default_chunk_rows, disk_usage, is_cache, prefetch, remove_cache
+from stages.cache import CODECS, DTYPES, ZSTD_LEVEL, CacheWriter, all_finite, WriterLock, default_chunk_rows, disk_usage, is_cache, prefetch, remove_cache
 from stages.data import Split, fingerprint, sha256
 from stages.errors import InputError, PipelineError
-from stages.runtime import check_labels_fit, check_positive, config_dict, output_classes, resolve_device
+from stages.runtime import check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes, resolve_device
 from stages.weights import count_parameters, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class CacheTeacherConfig:
     device: str = "auto"
     dtype: str = "float16"
     chunk_rows: int | None = None  # None: about 2 MB of logits per chunk
+    codec: str = "none"  # of the logits array: none or zstd (see stages.cache.CODECS)
     amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
     num_classes: int | None = None  # needed only when the split has no labels to count them
     overwrite: bool = False
@@ -57,6 +58,8 @@ class CacheTeacherConfig:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.codec not in CODECS:
+            raise InputError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.amp not in AMP_DTYPES and self.amp != "none":
             raise InputError(f"--amp must be none, {' or '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
@@ -79,7 +82,7 @@ class CacheTeacherResult:
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What must agree between an existing cache and this run for the run to resume it.
-RESUME_KEYS = ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "temperature", "num_classes", "teacher_amp")
+RESUME_KEYS = ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "codec", "temperature", "num_classes", "teacher_amp")
 
 
 def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> CacheTeacherResult:
@@ -98,7 +101,8 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> C
     check_labels_fit(split, num_classes, "teacher")
     labels = split.labels
     chunk_rows = config.chunk_rows or default_chunk_rows(num_classes, config.dtype)
-    layout = {"kind": "dense", "num_samples": len(split), "row_shape": [num_classes], "chunk_rows": chunk_rows, "dtype": config.dtype}
+    layout = {"kind": "dense", "num_samples": len(split), "row_shape": [num_classes], "chunk_rows": chunk_rows,
+              "dtype": config.dtype, "codec": "none" if config.codec == "none" else f"zstd(level={ZSTD_LEVEL})"}
     provenance = _provenance(config, teacher, split, num_classes)
     with WriterLock(config.out):
         writer = _open_for_writing(config, {**layout, **provenance}, labelled=labels is not None)
@@ -106,7 +110,8 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> C
         if missing and len(missing) < writer.grid.num_chunks:
             log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
         try:
-            _teacher_pass(config, teacher, split, writer, device, missing)
+            with one_blas_thread_beside_torch():
+                _teacher_pass(config, teacher, split, writer, device, missing)
             writer.close()
         except BaseException:
             writer.abort()
@@ -146,8 +151,8 @@ def _open_for_writing(config: CacheTeacherConfig, expected: dict, labelled: bool
     remove_cache(config.out)
     return CacheWriter.create(
         config.out, num_samples=expected["num_samples"], row_shape=tuple(expected["row_shape"]),
-        dtype=expected["dtype"], chunk_rows=expected["chunk_rows"], labelled=labelled,
-        attrs={k: v for k, v in expected.items() if k not in ("kind", "num_samples", "row_shape", "chunk_rows", "dtype")},
+        dtype=expected["dtype"], chunk_rows=expected["chunk_rows"], labelled=labelled, codec=config.codec,
+        attrs={k: v for k, v in expected.items() if k not in ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "codec")},
     )
 
 
@@ -262,9 +267,8 @@ def _store(writer: CacheWriter, split: Split, config: CacheTeacherConfig, start:
     if done is not None:
         done.synchronize()
     values = host.numpy().copy() if done is not None else host.numpy()  # a pinned buffer is reused
-    finite = np.isfinite(values).all(axis=1)
-    if not finite.all():
-        bad = (start + np.flatnonzero(~finite)).tolist()
+    if not all_finite(values):
+        bad = (start + np.flatnonzero(~np.isfinite(values).all(axis=1))).tolist()
         hint = " (or logits / T beyond float16's range: try --dtype float32)" if config.dtype == "float16" else ""
         raise PipelineError(
             f"teacher produced NaN or infinite logits{hint} for samples {bad[:10]}"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 from stages.data import Split
 from stages.errors import InputError
@@ -57,3 +60,20 @@ def check_labels_fit(split: Split, classes: int, role: str) -> None:
     labels = split.labels
     if labels is not None and len(labels) and int(labels.max()) >= classes:
         raise InputError(f"the {role} outputs {classes} classes but the dataset has label {int(labels.max())}")
+
+
+@contextlib.contextmanager
+def one_blas_thread_beside_torch() -> Iterator[None]:
+    """Limit BLAS libraries other than torch's (numpy's OpenBLAS, typically) to one thread.
+
+    Data is prepared on background threads while torch computes on all cores. A dataset that
+    calls numpy BLAS there would start its own thread team beside torch's OpenMP one and
+    oversubscribe the cores: measured on 2 cores, that made the teacher pass 2x slower.
+    Torch's own libraries are left as they are."""
+    controller = ThreadpoolController()
+    others = [lib.filepath for lib in controller.lib_controllers if lib.user_api == "blas" and "torch" not in lib.filepath]
+    if not others:
+        yield
+        return
+    with controller.select(filepath=others).limit(limits=1):
+        yield

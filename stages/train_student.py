@@ -38,7 +38,9 @@ from stages.cache import CacheReader, Rows, batch_bounds, prefetch
 from stages.data import Split, fingerprint
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.losses import distillation_loss, retemper
-from stages.runtime import check_labels_fit, check_positive, config_dict, output_classes, resolve_device, seed_everything
+from stages.runtime import (
+    check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes, resolve_device, seed_everything,
+)
 from stages.weights import count_parameters, save_weights
 
 log = logging.getLogger(__name__)
@@ -102,13 +104,21 @@ class TrainResult:
     seconds: float
 
 
-def run(config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None) -> TrainResult:
+def run(
+    config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None,
+    soft_labels: CacheReader | None = None,
+) -> TrainResult:
     """Train `model` on `train` (distilled from `config.cache` when given), evaluating on
-    `evaluation` after every epoch, and write the run folder."""
+    `evaluation` after every epoch, and write the run folder.
+
+    `soft_labels` stands in for the cache named by `config.cache`: any object with the
+    CacheReader's reading interface (attrs, temperature, num_classes, labelled, batches). The
+    benchmark uses it to compare the cache with logits held in memory and with a teacher run
+    online; rows it yields with "inputs" already attached are not joined again."""
     config.validate()
     started = time.perf_counter()
     device = resolve_device(config.device)
-    cache = CacheReader(config.cache) if config.cache is not None else None
+    cache = soft_labels or (CacheReader(config.cache) if config.cache is not None else None)
     model = model.to(device)
     labels = _check_inputs(config, model, train, evaluation, cache, device)
     temperature = config.temperature or (cache.temperature if cache else None)
@@ -148,7 +158,7 @@ def run(config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: S
         return distillation_loss(logits, teacher, y, alpha=config.alpha, temperature=temperature)
 
     metrics = _kept_metrics(config.out / "metrics.jsonl", first_epoch)
-    with open(config.out / "metrics.jsonl", "a") as metrics_file:
+    with open(config.out / "metrics.jsonl", "a") as metrics_file, one_blas_thread_beside_torch():
         for epoch in range(first_epoch, config.epochs):
             epoch_started = time.perf_counter()
             model.train()
@@ -261,7 +271,7 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
         rows = ({"index": order[a:b], "labels": labels[order[a:b]]} for a, b in batch_bounds(len(order), config.batch_size))
-    return prefetch(({**r, "inputs": train.inputs(r["index"])} for r in rows), depth=4)
+    return prefetch((r if "inputs" in r else {**r, "inputs": train.inputs(r["index"])} for r in rows), depth=4)
 
 
 def _open_run_dir(config: TrainConfig, run_config: dict) -> dict | None:

@@ -139,3 +139,10 @@ def test_pickled_objects_in_weights_are_refused(tmp_path):
     torch.save({"weight": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(InputError, match="cannot read weights"):
         load_weights(resolve_model("linear", num_classes=2, input_shape=(2,)), tmp_path / "evil.pt")
+
+
+def test_parameterised_mlp():
+    model = resolve_model("mlp:width=32,depth=3", num_classes=5, input_shape=(7,))
+    assert [m.out_features for m in model if isinstance(m, torch.nn.Linear)] == [32, 32, 32, 5]
+    with pytest.raises(InputError, match="width and depth"):
+        resolve_model("mlp:width=wide", num_classes=5, input_shape=(7,))

@@ -1,0 +1,261 @@
+"""`pipeline bench`: what the cache costs and what it buys, as ratios measured in one run.
+
+The workload is synthetic but shaped like real distillation: a wide MLP teacher over many
+classes, a narrow MLP student, inputs generated on demand (so the dataset's memory does not
+grow with its size). Every ratio compares two measurements taken in the same process, on the
+same machine, one right after the other:
+
+1. cache-teacher (the whole stage) / the bare teacher forward over the same batches
+2. train-student from the cache, per epoch / the same KD training from logits held in memory
+   (reading is free), and / plain hard-label training (what the KD loss itself costs)
+3. a student run from the cache / an online-KD run with the teacher computing every batch,
+   and how many student runs pay back the one teacher pass
+4. train-student's peak resident memory with a 10x larger cache / with the base cache
+   (separate processes; both caches written by a cheap teacher, since only size matters)
+5. cache rows per second read in shuffled-chunk order / in file order
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.datasets import resolve_dataset
+from pipeline.models import resolve_model
+from stages import cache_teacher, train_student
+from stages.cache import CacheReader, Rows, batch_bounds
+from stages.data import Split, input_shape
+from stages.errors import PipelineError
+from stages.runtime import one_blas_thread_beside_torch, resolve_device, seed_everything
+from stages.weights import count_parameters, save_weights
+
+ROUNDS = 2
+TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    samples: int = 20000
+    classes: int = 1000
+    features: int = 256
+    teacher_width: int = 2048
+    teacher_depth: int = 3
+    student_width: int = 256
+    batch_size: int = 256
+    epochs: int = 3
+    temperature: float = 4.0
+    device: str = "auto"
+
+
+QUICK = BenchConfig(samples=4000, classes=200, features=128, teacher_width=1024, student_width=128, epochs=2)
+
+
+def run_bench(config: BenchConfig, work: Path | None = None) -> dict:
+    """Measure everything in a scratch folder (removed afterwards unless `work` is given)."""
+    scratch = Path(tempfile.mkdtemp(prefix="pipeline-bench-")) if work is None else work
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        return _measure(config, scratch)
+    finally:
+        if work is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _measure(config: BenchConfig, scratch: Path) -> dict:
+    device = resolve_device(config.device)
+    dataset = f"synthetic:n={config.samples},test=1000,features={config.features},classes={config.classes},seed=0"
+    train = resolve_dataset(dataset).split("train")
+    teacher_spec = f"mlp:width={config.teacher_width},depth={config.teacher_depth}"
+    student_spec = f"mlp:width={config.student_width},depth=2"
+    seed_everything(0)
+    teacher = resolve_model(teacher_spec, num_classes=config.classes, input_shape=input_shape(train)).to(device).eval()
+    save_weights(teacher, scratch / "teacher.safetensors")
+
+    # 1. the teacher pass: bare forward, then the whole stage, over the same batches
+    bare = _bare_forward_seconds(teacher, train, config.batch_size, device)
+    caching = cache_teacher.run(
+        cache_teacher.CacheTeacherConfig(
+            teacher=teacher_spec, teacher_weights=scratch / "teacher.safetensors", dataset=dataset,
+            out=scratch / "cache.zarr", temperature=config.temperature, batch_size=config.batch_size, device=config.device,
+        ),
+        teacher, train,
+    )
+
+    # 2-3. student epochs: from the cache, from logits in memory, from hard labels, online KD.
+    # After a warm-up run, the three cheap arms take turns for ROUNDS rounds so that drift in
+    # the machine's speed falls on all of them alike; each arm's figure is the median of its
+    # epochs after the first of each run. Online KD, many times slower, runs once.
+    cache = CacheReader(caching.cache)
+    sources = {"cache": cache, "memory": InMemorySoftLabels(cache), "hard_labels": None}
+    _student_epochs(config, dataset, train, student_spec, sources["memory"], scratch / "warm-up", epochs=1)
+    epochs: dict[str, list[float]] = {name: [] for name in (*sources, "online")}
+    for _ in range(ROUNDS):
+        for name, source in sources.items():
+            epochs[name] += _student_epochs(config, dataset, train, student_spec, source, scratch / f"student-{name}")
+    epochs["online"] = _student_epochs(config, dataset, train, student_spec, OnlineTeacher(teacher, train, cache, device),
+                                       scratch / "student-online")
+    epoch_seconds = {name: statistics.median(values) for name, values in epochs.items()}
+
+    # 4. peak memory of train-student processes, base cache vs a 10x larger one
+    memory = {scale: _peak_rss_of_student(config, scratch, scale) for scale in (1, 10)}
+
+    # 5. read speed in shuffled-chunk order vs file order (after one pass to warm the page cache)
+    big = CacheReader(scratch / "memory-10x.zarr")
+    _read_all(big, shuffle=False)
+    rows_per_second = {order: big.num_samples / _read_all(big, shuffle=order == "shuffled") for order in ("shuffled", "sequential")}
+
+    s = epoch_seconds
+    # A run costs its epochs; fixed start-up costs (imports, first allocations) are left out
+    # because they are the same whichever way the soft labels arrive.
+    online_saving = config.epochs * (s["online"] - s["cache"])
+    ratios = {
+        "cache_vs_forward": caching.seconds / bare,
+        "student_cache_vs_memory": s["cache"] / s["memory"],
+        "student_cache_vs_hard_labels": s["cache"] / s["hard_labels"],
+        "student_cache_vs_online_kd": s["cache"] / s["online"],
+        "memory_10x_vs_1x": memory[10]["peak_rss_mb"] / memory[1]["peak_rss_mb"],
+        "shuffled_vs_sequential_reads": rows_per_second["shuffled"] / rows_per_second["sequential"],
+    }
+    return {
+        "machine": _machine(device),
+        "config": asdict(config),
+        "seconds": {"bare_teacher_forward": bare, "cache_teacher": caching.seconds,
+                    **{f"student_epoch_{k}": v for k, v in s.items()}},
+        "cache": {"bytes_on_disk": caching.bytes_on_disk, "bytes_per_row": caching.bytes_on_disk / config.samples,
+                  "rows_per_second_shuffled": rows_per_second["shuffled"], "rows_per_second_sequential": rows_per_second["sequential"]},
+        "memory": {f"{scale}x": m for scale, m in memory.items()},
+        "parameters": {"teacher": count_parameters(teacher),
+                       "student": count_parameters(resolve_model(student_spec, num_classes=config.classes, input_shape=input_shape(train)))},
+        "ratios": ratios,
+        "break_even_student_runs": math.ceil(caching.seconds / online_saving) if online_saving > 0 else None,
+        "targets": TARGETS,
+        "meets_targets": {k: (ratios[k] >= t if k == "shuffled_vs_sequential_reads" else ratios[k] <= t) for k, t in TARGETS.items()},
+    }
+
+
+def _bare_forward_seconds(teacher: torch.nn.Module, split: Split, batch_size: int, device: torch.device) -> float:
+    """The plain inference loop cache-teacher replaces: over the same batches, take the
+    inputs, run the teacher, keep nothing."""
+    bounds = [(b, min(b + batch_size, len(split))) for b in range(0, len(split), batch_size)]
+    with torch.inference_mode():
+        teacher(split.inputs(np.arange(*bounds[0])).to(device))  # warm-up: first-call allocations
+    started = time.perf_counter()
+    with torch.inference_mode(), one_blas_thread_beside_torch():
+        for start, stop in bounds:
+            teacher(split.inputs(np.arange(start, stop)).to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def _student_epochs(config: BenchConfig, dataset: str, train: Split, student_spec: str, source, out: Path,
+                    epochs: int | None = None) -> list[float]:
+    """Seconds of each epoch but the first of one train-student run (all of them for one epoch).
+    `source` is the soft-label source (None: hard labels only)."""
+    run_config = train_student.TrainConfig(
+        model=student_spec, dataset=dataset, out=out, cache=None if source is None else out.parent / "cache.zarr",
+        eval_split=None, epochs=epochs or config.epochs, batch_size=config.batch_size, device=config.device,
+        overwrite=True, checkpoint_every=0,
+    )
+    seed_everything(0)
+    student = resolve_model(student_spec, num_classes=config.classes, input_shape=input_shape(train))
+    result = train_student.run(run_config, student, train, None, soft_labels=source)
+    seconds = [json.loads(line)["seconds"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return seconds[1:] if len(seconds) > 1 else seconds
+
+
+class InMemorySoftLabels:
+    """The cache's rows held in memory as arrays: KD training with the teacher's logits
+    already a tensor, the limit that reading the cache approaches."""
+
+    def __init__(self, cache: CacheReader):
+        self.attrs, self.temperature, self.num_classes, self.labelled = cache.attrs, cache.temperature, cache.num_classes, cache.labelled
+        self._rows = {name: array[:] for name, array in cache.arrays.items()}
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, **_) -> Iterator[Rows]:
+        order = np.random.default_rng([seed, epoch]).permutation(len(self._rows["index"]))
+        for start, stop in batch_bounds(len(order), batch_size):
+            yield {k: v[order[start:stop]] for k, v in self._rows.items()}
+
+
+class OnlineTeacher:
+    """Online KD: the teacher computes every batch's soft labels as training goes (on the
+    batch prefetch thread, so it overlaps the student's step as a good online loop would)."""
+
+    def __init__(self, teacher: torch.nn.Module, split: Split, cache: CacheReader, device: torch.device):
+        self.attrs, self.temperature, self.num_classes, self.labelled = cache.attrs, cache.temperature, cache.num_classes, True
+        self._teacher, self._split, self._device = teacher, split, device
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, **_) -> Iterator[Rows]:
+        order = np.random.default_rng([seed, epoch]).permutation(len(self._split))
+        for start, stop in batch_bounds(len(order), batch_size):
+            index = order[start:stop]
+            inputs = self._split.inputs(index)
+            with torch.inference_mode():
+                logits = (self._teacher(inputs.to(self._device)).float() / self.temperature).cpu().numpy()
+            yield {"index": index, "labels": self._split.labels[index], "logits": logits, "inputs": inputs}
+
+
+def _peak_rss_of_student(config: BenchConfig, scratch: Path, scale: int) -> dict:
+    """Write a cache of scale x samples with a cheap (linear) teacher, then train one epoch
+    from it in a fresh process and read that process's peak resident memory."""
+    samples = config.samples * scale
+    dataset = f"synthetic:n={samples},test=1000,features={config.features},classes={config.classes},seed=0"
+    train = resolve_dataset(dataset).split("train")
+    cheap = resolve_model("linear", num_classes=config.classes, input_shape=input_shape(train))
+    cache = cache_teacher.run(
+        cache_teacher.CacheTeacherConfig(teacher="linear", dataset=dataset, out=scratch / f"memory-{scale}x.zarr",
+                                         temperature=config.temperature, batch_size=1024, device=config.device),
+        cheap, train,
+    ).cache
+    command = [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache), "--student",
+               f"mlp:width={config.student_width},depth=2", "--epochs", "1", "--batch-size", str(config.batch_size),
+               "--out", str(scratch / f"memory-run-{scale}x"), "--device", config.device, "--checkpoint-every", "0", "--json"]
+    started = time.perf_counter()
+    log_path = scratch / f"memory-run-{scale}x.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4, not wait: it returns the child's rusage
+    if os.waitstatus_to_exitcode(status) != 0:
+        last = log_path.read_text().strip().splitlines()[-1:]
+        raise PipelineError(f"the benchmark's student process failed: {last}")
+    # ru_maxrss is in kilobytes on Linux
+    return {"cache_rows": samples, "cache_bytes": sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file()),
+            "peak_rss_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - started}
+
+
+def _read_all(cache: CacheReader, shuffle: bool) -> float:
+    started = time.perf_counter()
+    for _ in cache.batches(4096, seed=0, epoch=0, shuffle=shuffle):
+        pass
+    return time.perf_counter() - started
+
+
+def _machine(device: torch.device) -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
+def with_sizes(config: BenchConfig, **sizes) -> BenchConfig:
+    """`config` with the sizes given (None leaves a size as it is)."""
+    return replace(config, **{k: v for k, v in sizes.items() if v is not None})

@@ -1,0 +1,33 @@
+"""`pipeline bench` runs and reports well-formed figures. Its numbers are not asserted here:
+speed belongs to the benchmark command itself, on a quiet machine, never to a test."""
+
+import json
+import math
+
+from pipeline import bench
+from tests.conftest import invoke
+
+TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2)
+
+
+def test_bench_reports_every_ratio(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "QUICK", bench.BenchConfig(**TINY))
+    code, out, err = invoke("bench", "--quick", "--json", "--keep", tmp_path / "bench")
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(report["ratios"]) == {
+        "cache_vs_forward", "student_cache_vs_memory", "student_cache_vs_hard_labels", "student_cache_vs_online_kd",
+        "memory_10x_vs_1x", "shuffled_vs_sequential_reads",
+    }
+    assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in report["ratios"].values())
+    assert set(report["meets_targets"]) == set(report["targets"]) and all(isinstance(v, bool) for v in report["meets_targets"].values())
+    assert report["memory"]["10x"]["cache_rows"] == 10 * report["memory"]["1x"]["cache_rows"] == 6000
+    assert report["memory"]["10x"]["cache_bytes"] > 5 * report["memory"]["1x"]["cache_bytes"]
+    assert report["machine"]["cpu_count"] >= 1 and report["parameters"]["teacher"] > report["parameters"]["student"]
+    assert (tmp_path / "bench" / "cache.zarr" / "zarr.json").is_file()
+
+
+def test_bench_prints_a_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "QUICK", bench.BenchConfig(**TINY))
+    code, out, _ = invoke("bench", "--quick", "--epochs", "1")
+    assert code == 0 and "cache_vs_forward" in out and "break-even" in out
