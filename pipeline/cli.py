@@ -314,7 +314,7 @@ def bench_command(
     samples: Annotated[int | None, typer.Option(min=256, help="Training rows. [default: 20000; quick 4000]")] = None,
     classes: Annotated[int | None, typer.Option(min=2, help="Classes. [default: 1000; quick 200]")] = None,
     features: Annotated[int | None, typer.Option(min=1, help="Input features. [default: 256; quick 128]")] = None,
-    teacher_width: Annotated[int | None, typer.Option(min=1, help="Teacher MLP width (3 hidden layers). [default: 2048; quick 1024]")] = None,
+    teacher_width: Annotated[int | None, typer.Option(min=1, help="Teacher MLP width (3 hidden layers). [default: 4096; quick 1024]")] = None,
     student_width: Annotated[int | None, typer.Option(min=1, help="Student MLP width (2 hidden layers). [default: 256; quick 128]")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size for both stages. [default: 256]")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Student epochs per measured run. [default: 3; quick 2]")] = None,

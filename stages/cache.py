@@ -480,7 +480,10 @@ def _emit_batches(buffer: list[Rows], batch_size: int, rng: np.random.Generator 
 def prefetch(items: Iterator, depth: int) -> Iterator:
     """Produce `items` on a background thread, at most `depth` ahead of the consumer.
     An exception in the producer is re-raised in the consumer; abandoning the iterator
-    stops the producer."""
+    stops the producer. depth=0: no thread, items are produced as they are consumed."""
+    if depth == 0:
+        yield from items
+        return
     slots: queue.Queue = queue.Queue(maxsize=max(depth, 1))
     stop = threading.Event()
     finished = object()

@@ -217,7 +217,7 @@ def _teacher_pass(
     last_report = time.perf_counter()
     for start, inputs in prefetch(_input_batches(split, writer, missing, config.batch_size, pin=cuda), depth=2):
         with torch.inference_mode(), _autocast(config.amp, device):
-            stored = (teacher(inputs.to(device, non_blocking=cuda)).float() / config.temperature).to(dtype)
+            stored = teacher(inputs.to(device, non_blocking=cuda)).float().div_(config.temperature).to(dtype)
         if cuda:
             host = pinned.next(stored.shape, dtype)
             host.copy_(stored, non_blocking=True)
