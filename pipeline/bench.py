@@ -189,10 +189,11 @@ class InMemorySoftLabels:
         self.attrs, self.temperature, self.num_classes, self.labelled = cache.attrs, cache.temperature, cache.num_classes, cache.labelled
         self._rows = {name: array[:] for name, array in cache.arrays.items()}
 
-    def batches(self, batch_size: int, *, seed: int, epoch: int, **_) -> Iterator[Rows]:
+    def batches(self, batch_size: int, *, seed: int, epoch: int, names: tuple[str, ...] | None = None, **_) -> Iterator[Rows]:
         order = np.random.default_rng([seed, epoch]).permutation(len(self._rows["index"]))
+        wanted = {k: v for k, v in self._rows.items() if names is None or k in names}
         for start, stop in batch_bounds(len(order), batch_size):
-            yield {k: v[order[start:stop]] for k, v in self._rows.items()}
+            yield {k: v[order[start:stop]] for k, v in wanted.items()}
 
 
 class OnlineTeacher:

@@ -395,7 +395,7 @@ class CacheReader:
     def labelled(self) -> bool:
         return "labels" in self.arrays
 
-    def read_chunks(self, first: int, last: int) -> Rows:
+    def read_chunks(self, first: int, last: int, names: tuple[str, ...] | None = None) -> Rows:
         """All arrays' rows of chunks first..last (one read per array). Damage is reported as
         such, never passed on as data: an undecodable chunk, non-finite logits (a gap reads as
         NaN), or an unwritten index or label (-1)."""
@@ -403,12 +403,12 @@ class CacheReader:
         _, stop = self.grid.rows(last)
         where = f"cache {self.path}: chunk{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''}"
         try:
-            rows = {name: array[start:stop] for name, array in self.arrays.items()}
+            rows = {name: array[start:stop] for name, array in self.arrays.items() if names is None or name in names}
         except Exception as exc:
             raise CacheDamagedError(f"{where} cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
-        if not all_finite(rows["logits"]):
+        if "logits" in rows and not all_finite(rows["logits"]):
             raise CacheDamagedError(f"{where} holds non-finite logits; run pipeline verify")
-        if rows["index"].min() < 0 or ("labels" in rows and rows["labels"].min() < 0):
+        if ("index" in rows and rows["index"].min() < 0) or ("labels" in rows and rows["labels"].min() < 0):
             raise CacheDamagedError(f"{where} holds unwritten index or label entries; run pipeline verify")
         return rows
 
@@ -428,18 +428,20 @@ class CacheReader:
 
     def batches(
         self, batch_size: int, *, seed: int, epoch: int, buffer_chunks: int = 8, run_chunks: int = 1,
-        prefetch_runs: int = 2, shuffle: bool = True,
+        prefetch_runs: int = 2, shuffle: bool = True, names: tuple[str, ...] | None = None,
     ) -> Iterator[Rows]:
         """Every row once per epoch, in batches. Runs of `run_chunks` adjacent chunks are read
         whole, in shuffled order, on a background thread at most `prefetch_runs` runs ahead;
         rows are shuffled inside a buffer of at least `buffer_chunks` chunks, so memory is
         bounded by the buffer, not by the cache. The order depends only on (seed, epoch).
-        With shuffle=False, rows come in file order (for measuring read speed)."""
+        With shuffle=False, rows come in file order (for measuring read speed). `names` limits
+        the arrays read (default: all; "index" is always read)."""
+        names = None if names is None else tuple({"index", *names})
         rng = np.random.default_rng([seed, epoch, 1])
         runs = self.runs(seed, epoch, run_chunks, shuffle)
         buffer: list[Rows] = []
         chunks_buffered = 0
-        for (first, last), rows in zip(runs, prefetch((self.read_chunks(f, l) for f, l in runs), depth=prefetch_runs)):
+        for (first, last), rows in zip(runs, prefetch((self.read_chunks(f, l, names) for f, l in runs), depth=prefetch_runs)):
             buffer.append(rows)
             chunks_buffered += last - first + 1
             if chunks_buffered >= buffer_chunks:
@@ -480,10 +482,7 @@ def _emit_batches(buffer: list[Rows], batch_size: int, rng: np.random.Generator 
 def prefetch(items: Iterator, depth: int) -> Iterator:
     """Produce `items` on a background thread, at most `depth` ahead of the consumer.
     An exception in the producer is re-raised in the consumer; abandoning the iterator
-    stops the producer. depth=0: no thread, items are produced as they are consumed."""
-    if depth == 0:
-        yield from items
-        return
+    stops the producer."""
     slots: queue.Queue = queue.Queue(maxsize=max(depth, 1))
     stop = threading.Event()
     finished = object()
