@@ -5,9 +5,11 @@ classes, a narrow MLP student, inputs generated on demand (so the dataset's memo
 grow with its size). Every ratio compares two measurements taken in the same process, on the
 same machine, one right after the other:
 
-1. cache-teacher (the whole stage) / the bare teacher forward over the same batches
+1. cache-teacher (the whole stage) / the plain inference loop over the same batches, the
+   fastest of two turns each
 2. train-student from the cache, per epoch / the same KD training from logits held in memory
-   (reading is free), and / plain hard-label training (what the KD loss itself costs)
+   (reading is free), and / plain hard-label training (what the KD loss itself costs); the
+   median epoch over four rotated rounds
 3. a student run from the cache / an online-KD run with the teacher computing every batch,
    and how many student runs pay back the one teacher pass
 4. train-student's peak resident memory with a 10x larger cache / with the base cache
@@ -44,6 +46,7 @@ from stages.runtime import one_blas_thread_beside_torch, resolve_device, seed_ev
 from stages.weights import count_parameters, save_weights
 
 ROUNDS = 4
+TEACHER_PASSES = 2
 TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5}
 
 
@@ -85,15 +88,21 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
     teacher = resolve_model(teacher_spec, num_classes=config.classes, input_shape=input_shape(train)).to(device).eval()
     save_weights(teacher, scratch / "teacher.safetensors")
 
-    # 1. the teacher pass: bare forward, then the whole stage, over the same batches
-    bare = _bare_forward_seconds(teacher, train, config.batch_size, device)
-    caching = cache_teacher.run(
-        cache_teacher.CacheTeacherConfig(
-            teacher=teacher_spec, teacher_weights=scratch / "teacher.safetensors", dataset=dataset,
-            out=scratch / "cache.zarr", temperature=config.temperature, batch_size=config.batch_size, device=config.device,
-        ),
-        teacher, train,
-    )
+    # 1. the teacher pass: bare forward, then the whole stage, over the same batches; taken
+    # TEACHER_PASSES times in turn, keeping each one's fastest (interference only slows down)
+    bare_seconds, stage_seconds = [], []
+    for _ in range(TEACHER_PASSES):
+        bare_seconds.append(_bare_forward_seconds(teacher, train, config.batch_size, device))
+        caching = cache_teacher.run(
+            cache_teacher.CacheTeacherConfig(
+                teacher=teacher_spec, teacher_weights=scratch / "teacher.safetensors", dataset=dataset,
+                out=scratch / "cache.zarr", temperature=config.temperature, batch_size=config.batch_size,
+                device=config.device, overwrite=True,
+            ),
+            teacher, train,
+        )
+        stage_seconds.append(caching.seconds)
+    bare, cache_seconds = min(bare_seconds), min(stage_seconds)
 
     # 2-3. student epochs: from the cache, from logits in memory, from hard labels, online KD.
     # After a warm-up run, the three cheap arms take turns for ROUNDS rounds so that drift in
@@ -124,7 +133,7 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
     # because they are the same whichever way the soft labels arrive.
     online_saving = config.epochs * (s["online"] - s["cache"])
     ratios = {
-        "cache_vs_forward": caching.seconds / bare,
+        "cache_vs_forward": cache_seconds / bare,
         "student_cache_vs_memory": s["cache"] / s["memory"],
         "student_cache_vs_hard_labels": s["cache"] / s["hard_labels"],
         "student_cache_vs_online_kd": s["cache"] / s["online"],
@@ -134,8 +143,8 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
     return {
         "machine": _machine(device),
         "config": asdict(config),
-        "seconds": {"bare_teacher_forward": bare, "cache_teacher": caching.seconds,
-                    "cache_overhead_per_row_us": 1e6 * (caching.seconds - bare) / config.samples,
+        "seconds": {"bare_teacher_forward": bare_seconds, "cache_teacher": stage_seconds,
+                    "cache_overhead_per_row_us": 1e6 * (cache_seconds - bare) / config.samples,
                     **{f"student_epoch_{k}": v for k, v in s.items()}},
         "student_epochs_measured": {k: [round(x, 4) for x in v] for k, v in epochs.items()},
         "cache": {"bytes_on_disk": caching.bytes_on_disk, "bytes_per_row": caching.bytes_on_disk / config.samples,
@@ -144,7 +153,7 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         "parameters": {"teacher": count_parameters(teacher),
                        "student": count_parameters(resolve_model(student_spec, num_classes=config.classes, input_shape=input_shape(train)))},
         "ratios": ratios,
-        "break_even_student_runs": math.ceil(caching.seconds / online_saving) if online_saving > 0 else None,
+        "break_even_student_runs": math.ceil(cache_seconds / online_saving) if online_saving > 0 else None,
         "targets": TARGETS,
         "meets_targets": {k: (ratios[k] >= t if k == "shuffled_vs_sequential_reads" else ratios[k] <= t) for k, t in TARGETS.items()},
     }
