@@ -39,7 +39,7 @@ import torch
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
 from stages import cache_teacher, train_student
-from stages.cache import CacheReader, Rows, batch_bounds
+from stages.cache import CacheReader, Rows, batch_bounds, disk_usage
 from stages.data import Split, input_shape
 from stages.errors import PipelineError
 from stages.runtime import one_blas_thread_beside_torch, resolve_device, seed_everything
@@ -237,17 +237,19 @@ def _peak_rss_of_student(config: BenchConfig, scratch: Path, scale: int) -> dict
     ).cache
     command = [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache), "--student",
                f"mlp:width={config.student_width},depth=2", "--epochs", "1", "--batch-size", str(config.batch_size),
-               "--out", str(scratch / f"memory-run-{scale}x"), "--device", config.device, "--checkpoint-every", "0", "--json"]
+               "--out", str(scratch / f"memory-run-{scale}x"), "--device", config.device, "--checkpoint-every", "0",
+               "--overwrite", "--json"]
     started = time.perf_counter()
     log_path = scratch / f"memory-run-{scale}x.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # wait4, not wait: it returns the child's rusage
-    if os.waitstatus_to_exitcode(status) != 0:
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
         last = log_path.read_text().strip().splitlines()[-1:]
         raise PipelineError(f"the benchmark's student process failed: {last}")
     # ru_maxrss is in kilobytes on Linux
-    return {"cache_rows": samples, "cache_bytes": sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file()),
+    return {"cache_rows": samples, "cache_bytes": disk_usage(cache),
             "peak_rss_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - started}
 
 

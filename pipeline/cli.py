@@ -310,7 +310,7 @@ def verify_command(
 @app.command("bench")
 @handle_errors
 def bench_command(
-    quick: Annotated[bool, typer.Option(help="Small sizes: about a minute on 2 CPU cores (checks that it runs).")] = False,
+    quick: Annotated[bool, typer.Option(help="Small sizes: about half a minute on 2 CPU cores (checks that it runs).")] = False,
     samples: Annotated[int | None, typer.Option(min=256, help="Training rows. [default: 20000; quick 4000]")] = None,
     classes: Annotated[int | None, typer.Option(min=2, help="Classes. [default: 1000; quick 200]")] = None,
     features: Annotated[int | None, typer.Option(min=1, help="Input features. [default: 256; quick 128]")] = None,

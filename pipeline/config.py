@@ -31,6 +31,8 @@ def read_toml(path: Path, allowed: set[str]) -> dict[str, Any]:
         raise InputError(f"config file not found: {path}")
     try:
         raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read config file {path}: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"config file {path} is not valid TOML: {exc}") from exc
     values = {key.replace("-", "_"): value for key, value in raw.items()}

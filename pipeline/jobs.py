@@ -11,7 +11,7 @@ import zarr
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
 from stages import cache_teacher, train_student
-from stages.cache import CacheReader, is_cache
+from stages.cache import CacheReader, is_cache, malformed_attributes
 from stages.data import input_shape
 from stages.errors import InputError
 from stages.runtime import resolve_device, seed_everything
@@ -37,20 +37,22 @@ def run_training(cfg: train_student.TrainConfig) -> train_student.TrainResult:
     data = resolve_dataset(cfg.dataset)
     train = data.split(cfg.split)
     evaluation = data.split(cfg.eval_split) if cfg.eval_split else None
-    num_classes = CacheReader(cfg.cache).num_classes if cfg.cache else train.num_classes
+    cache = CacheReader(cfg.cache) if cfg.cache else None
+    num_classes = cache.num_classes if cache else train.num_classes
     if num_classes is None:
         raise InputError(f"dataset {cfg.dataset} does not say how many classes it has")
     seed_everything(cfg.seed)  # the model's initial weights belong to the run's seed too
     model = resolve_model(cfg.model, num_classes=num_classes, input_shape=input_shape(train), weights=cfg.model_weights)
-    return train_student.run(cfg, model, train, evaluation)
+    return train_student.run(cfg, model, train, evaluation, soft_labels=cache)
 
 
 def run_verify(cache: Path, *, teacher: str | None, teacher_weights: Path | None, dataset: str | None,
                samples: int, seed: int, device: str) -> Report:
     """Verify a cache; with a teacher spec, rebuild the teacher on the cache's split and compare."""
     model = split = None
-    if teacher is not None and is_cache(cache):  # (verify itself explains a path that is not a cache)
-        attrs = dict(zarr.open_group(str(cache), mode="r").attrs)
+    attrs = dict(zarr.open_group(str(cache), mode="r").attrs) if is_cache(cache) else {}
+    # A teacher is rebuilt only for a cache whose metadata is sound; verify reports the rest.
+    if teacher is not None and attrs and not malformed_attributes(attrs):
         recorded = attrs.get("dataset") or {}
         spec = dataset or recorded.get("spec")
         if spec is None:

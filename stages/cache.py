@@ -3,9 +3,10 @@
 Layout (schema version 1, kind "dense"; the README documents every field):
 
     CACHE.zarr/
-      zarr.json          group attributes: format, schema_version, kind, temperature, num_classes,
-                         num_samples, chunk_rows, dtype, codec, teachers, combine, dataset,
-                         complete, created_at, completed_at, tool, teacher_metrics, config
+      zarr.json          group attributes: format, schema_version, kind, stored_values, temperature,
+                         num_classes, num_samples, row_shape, chunk_rows, dtype, codec, teacher_amp,
+                         teachers, combine, dataset, complete, created_at, completed_at, tool,
+                         teacher_metrics, config
       logits/            (N, C) float16|float32  teacher logits / T; unwritten rows read as NaN
       index/             (N,)   int64            dataset index of every row; unwritten = -1
       labels/            (N,)   int64            hard labels (only when the split has labels)
@@ -52,11 +53,17 @@ CODECS = ("none", "zstd")
 ZSTD_LEVEL = 3
 # Default chunking: about 2 MB of logits per chunk (1024 rows x 1000 classes x float16), where
 # whole-chunk reads are fast, but no more than 1024 rows, so that even a cache of few classes
-# has enough chunks to shuffle between.
+# has enough chunks to shuffle between, and no fewer than 64 (a chunk of very wide rows is
+# then larger than 2 MB rather than a sliver of rows).
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 MAX_CHUNK_ROWS = 1024
 
 Rows = dict[str, np.ndarray]
+
+
+def codec_attribute(codec: str) -> str:
+    """How the `codec` attribute names the logits' compression."""
+    return "none" if codec == "none" else f"zstd(level={ZSTD_LEVEL})"
 
 
 def default_chunk_rows(row_values: int, dtype: str) -> int:
@@ -93,7 +100,7 @@ def remove_cache(path: Path) -> None:
 class WriterLock:
     """An exclusive lock on a cache for the one process allowed to write it.
 
-    An flock on the file CACHE.lock beside the cache (inside it, plain zarr would warn about a
+    An flock on the file CACHE.zarr.lock beside the cache (inside it, plain zarr would warn about a
     foreign entry). The kernel drops an flock when its holder exits, however it exits (even
     SIGKILL), so a crashed writer leaves at most a harmless unlocked file, never a stale lock.
     Readers take no lock: they only read complete caches, which writers no longer change.
@@ -215,7 +222,7 @@ class CacheWriter:
                 "row_shape": list(row_shape),
                 "chunk_rows": chunk_rows,
                 "dtype": dtype,
-                "codec": "none" if codec == "none" else f"zstd(level={ZSTD_LEVEL})",
+                "codec": codec_attribute(codec),
                 "complete": False,
                 "created_at": now_iso(),
                 "completed_at": None,
@@ -267,14 +274,13 @@ class CacheWriter:
         self._raise_writer_error()
 
     def abort(self) -> None:
-        """Stop after the chunks already queued; chunks not fully written stay unmarked."""
+        """Stop after the chunks already queued (at most max_pending_chunks); chunks not fully
+        written stay unmarked. Waits for the thread: the caller releases the writer lock next,
+        and no write may outlive it."""
         self._buffers.clear()
         self._filled.clear()
-        try:
-            self._queue.put(None, timeout=60)
-        except queue.Full:
-            pass
-        self._thread.join(timeout=60)
+        self._queue.put(None)
+        self._thread.join()
 
     def mark_complete(self, extra_attrs: dict) -> None:
         if self.missing_chunks():
@@ -332,6 +338,18 @@ def all_finite(values: np.ndarray) -> bool:
         return bool(np.isfinite(values).all())
     bits, mask = _EXPONENT_MASKS[values.dtype]
     return not ((values.view(bits) & bits(mask)) == mask).any()
+
+
+def dataset_size(attrs: dict) -> int:
+    """Samples in the split a cache was made from: its `index` entries point into it."""
+    return int(attrs["dataset"].get("fingerprint", {}).get("num_samples", attrs["num_samples"]))
+
+
+def nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """Positions of the rows (first axis) holding a NaN or an infinity."""
+    if all_finite(values):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
 
 
 def malformed_attributes(attrs: dict) -> list[str]:
@@ -395,6 +413,10 @@ class CacheReader:
     def labelled(self) -> bool:
         return "labels" in self.arrays
 
+    @property
+    def dataset_size(self) -> int:
+        return dataset_size(self.attrs)
+
     def read_chunks(self, first: int, last: int, names: tuple[str, ...] | None = None) -> Rows:
         """All arrays' rows of chunks first..last (one read per array). Damage is reported as
         such, never passed on as data: an undecodable chunk, non-finite logits (a gap reads as
@@ -408,16 +430,14 @@ class CacheReader:
             raise CacheDamagedError(f"{where} cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
         if "logits" in rows and not all_finite(rows["logits"]):
             raise CacheDamagedError(f"{where} holds non-finite logits; run pipeline verify")
-        if ("index" in rows and rows["index"].min() < 0) or ("labels" in rows and rows["labels"].min() < 0):
-            raise CacheDamagedError(f"{where} holds unwritten index or label entries; run pipeline verify")
+        if "index" in rows and (rows["index"].min() < 0 or rows["index"].max() >= self.dataset_size):
+            raise CacheDamagedError(f"{where} holds index entries unwritten or outside the dataset; run pipeline verify")
+        if "labels" in rows and rows["labels"].min() < 0:
+            raise CacheDamagedError(f"{where} holds unwritten label entries; run pipeline verify")
         return rows
 
     def read_chunk(self, chunk: int) -> Rows:
         return self.read_chunks(chunk, chunk)
-
-    def chunk_order(self, seed: int, epoch: int) -> np.ndarray:
-        """A permutation of the chunks, fixed by (seed, epoch)."""
-        return np.random.default_rng([seed, epoch]).permutation(self.grid.num_chunks)
 
     def runs(self, seed: int, epoch: int, run_chunks: int = 1, shuffle: bool = True) -> list[tuple[int, int]]:
         """(first, last) chunk runs of `run_chunks` adjacent chunks, in shuffled or file order."""
@@ -472,9 +492,11 @@ def _emit_batches(buffer: list[Rows], batch_size: int, rng: np.random.Generator 
         rows = {k: v[order] for k, v in rows.items()}
     if final:
         emit = n
+        bounds = batch_bounds(n, batch_size)
     else:
         emit = max(n // batch_size - 1, 0) * batch_size
-    for start, stop in batch_bounds(emit, batch_size) if final else [(b, b + batch_size) for b in range(0, emit, batch_size)]:
+        bounds = [(b, b + batch_size) for b in range(0, emit, batch_size)]
+    for start, stop in bounds:
         yield {k: v[start:stop] for k, v in rows.items()}
     return {k: v[emit:] for k, v in rows.items()} if emit < n else None
 

@@ -14,7 +14,6 @@ the forward pass does not wait on storage. The cache layout is described in stag
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import deque
@@ -26,10 +25,16 @@ import numpy as np
 import torch
 import zarr
 
-from stages.cache import CODECS, DTYPES, ZSTD_LEVEL, CacheWriter, all_finite, WriterLock, default_chunk_rows, disk_usage, is_cache, prefetch, remove_cache
+from stages.cache import (
+    CODECS, DTYPES, CacheWriter, WriterLock, codec_attribute, default_chunk_rows, disk_usage, is_cache, nonfinite_rows,
+    prefetch, remove_cache,
+)
 from stages.data import Split, fingerprint, sha256
 from stages.errors import InputError, PipelineError
-from stages.runtime import check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes, resolve_device
+from stages.runtime import (
+    AMP_DTYPES, autocast, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes,
+    resolve_device,
+)
 from stages.weights import count_parameters, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -49,7 +54,7 @@ class CacheTeacherConfig:
     chunk_rows: int | None = None  # None: about 2 MB of logits per chunk
     codec: str = "none"  # of the logits array: none or zstd (see stages.cache.CODECS)
     amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
-    num_classes: int | None = None  # needed only when the split has no labels to count them
+    num_classes: int | None = None  # for building the teacher when the split has no labels to count classes by
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -80,7 +85,8 @@ class CacheTeacherResult:
     chunks_total: int
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Arrays every cache has once created; a cache missing one never finished being created.
+WRITTEN_ARRAYS = ("logits", "index", "chunk_done")
 # What must agree between an existing cache and this run for the run to resume it.
 RESUME_KEYS = ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "codec", "temperature", "num_classes", "teacher_amp")
 
@@ -102,14 +108,14 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> C
     labels = split.labels
     chunk_rows = config.chunk_rows or default_chunk_rows(num_classes, config.dtype)
     layout = {"kind": "dense", "num_samples": len(split), "row_shape": [num_classes], "chunk_rows": chunk_rows,
-              "dtype": config.dtype, "codec": "none" if config.codec == "none" else f"zstd(level={ZSTD_LEVEL})"}
+              "dtype": config.dtype, "codec": codec_attribute(config.codec)}
     provenance = _provenance(config, teacher, split, num_classes)
     with WriterLock(config.out):
         writer = _open_for_writing(config, {**layout, **provenance}, labelled=labels is not None)
-        missing = writer.missing_chunks()
-        if missing and len(missing) < writer.grid.num_chunks:
-            log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
         try:
+            missing = writer.missing_chunks()
+            if missing and len(missing) < writer.grid.num_chunks:
+                log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
             with one_blas_thread_beside_torch():
                 _teacher_pass(config, teacher, split, writer, device, missing)
             writer.close()
@@ -140,8 +146,11 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> C
 def _open_for_writing(config: CacheTeacherConfig, expected: dict, labelled: bool) -> CacheWriter:
     """A writer on a new cache, or on the existing one when it was made by this same teacher
     from this same data with this layout. Called with the writer lock held."""
-    if is_cache(config.out) and not config.overwrite:
-        differences = _differences(dict(zarr.open_group(str(config.out), mode="r").attrs), expected)
+    group = zarr.open_group(str(config.out), mode="r") if is_cache(config.out) else None
+    # A cache whose arrays were never all created (killed right after its attributes) holds
+    # no finished chunk: it is simply made again.
+    if group is not None and not config.overwrite and set(WRITTEN_ARRAYS) <= set(group.array_keys()):
+        differences = _differences(dict(group.attrs), expected)
         if differences:
             raise InputError(
                 f"{config.out} holds a different cache ({'; '.join(differences)}); "
@@ -216,7 +225,7 @@ def _teacher_pass(
     pinned = _PinnedRing(MAX_IN_FLIGHT + 1) if cuda else None
     last_report = time.perf_counter()
     for start, inputs in prefetch(_input_batches(split, writer, missing, config.batch_size, pin=cuda), depth=2):
-        with torch.inference_mode(), _autocast(config.amp, device):
+        with torch.inference_mode(), autocast(config.amp, device):
             stored = teacher(inputs.to(device, non_blocking=cuda)).float().div_(config.temperature).to(dtype)
         if cuda:
             host = pinned.next(stored.shape, dtype)
@@ -254,12 +263,6 @@ class _PinnedRing:
         return buffer[: shape[0]]
 
 
-def _autocast(amp: str, device: torch.device):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
-
-
 def _store(writer: CacheWriter, split: Split, config: CacheTeacherConfig, start: int, host: torch.Tensor,
            done: torch.cuda.Event | None) -> None:
     """Check one batch of stored values (after rounding to the cache dtype, so an overflow of
@@ -267,8 +270,8 @@ def _store(writer: CacheWriter, split: Split, config: CacheTeacherConfig, start:
     if done is not None:
         done.synchronize()
     values = host.numpy().copy() if done is not None else host.numpy()  # a pinned buffer is reused
-    if not all_finite(values):
-        bad = (start + np.flatnonzero(~np.isfinite(values).all(axis=1))).tolist()
+    bad = (start + nonfinite_rows(values)).tolist()
+    if bad:
         hint = " (or logits / T beyond float16's range: try --dtype float32)" if config.dtype == "float16" else ""
         raise PipelineError(
             f"teacher produced NaN or infinite logits{hint} for samples {bad[:10]}"

@@ -77,3 +77,13 @@ def one_blas_thread_beside_torch() -> Iterator[None]:
         return
     with controller.select(filepath=others).limit(limits=1):
         yield
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: str, device: torch.device):
+    """The autocast context for a teacher forward: `none`, `bf16` or `fp16`."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])

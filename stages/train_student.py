@@ -45,7 +45,6 @@ from stages.weights import count_parameters, save_weights
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoint.pt")
 CHECKPOINT = "checkpoint.pt"
 # Options that may change when a run is resumed: they do not change what it computes.
 RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every")
@@ -118,7 +117,7 @@ def run(
     config.validate()
     started = time.perf_counter()
     device = resolve_device(config.device)
-    cache = soft_labels or (CacheReader(config.cache) if config.cache is not None else None)
+    cache = soft_labels if soft_labels is not None else (CacheReader(config.cache) if config.cache is not None else None)
     model = model.to(device)
     labels = _check_inputs(config, model, train, evaluation, cache, device)
     temperature = config.temperature or (cache.temperature if cache else None)
@@ -300,6 +299,8 @@ def _open_run_dir(config: TrainConfig, run_config: dict) -> dict | None:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # killed before its first checkpoint
         return None
     if out.exists() and any(out.iterdir()):
+        if config.resume and not config.overwrite:
+            raise InputError(f"{out} is not a run folder (no config.json): nothing to resume")
         if not config.overwrite:
             raise InputError(f"run folder {out} already exists; pass --resume to continue it or --overwrite to replace it")
         if not (out / "config.json").is_file():

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import zarr
 
-from stages.cache import FORMAT, SCHEMA_VERSION, ChunkGrid, is_cache, malformed_attributes
+from stages.cache import FORMAT, SCHEMA_VERSION, ChunkGrid, dataset_size, is_cache, malformed_attributes, nonfinite_rows
 from stages.data import Split, sha256
 from stages.errors import InputError
+from stages.runtime import AMP_DTYPES, autocast
 
 @dataclass
 class Report:
@@ -100,8 +101,8 @@ def _check_chunk(group: zarr.Group, grid: ChunkGrid, chunk: int, num_classes: in
         rows = {name: group[name][start:stop] for name in ("logits", "index", "labels") if name in group}
     except Exception as exc:
         return f"unreadable ({type(exc).__name__})"
-    if not np.isfinite(rows["logits"]).all():
-        bad = start + np.flatnonzero(~np.isfinite(rows["logits"].reshape(stop - start, -1)).all(axis=1))
+    bad = start + nonfinite_rows(rows["logits"])
+    if len(bad):
         return f"non-finite logits in rows {bad[:5].tolist()}"
     if rows["index"].min() < 0 or rows["index"].max() >= dataset_size:
         return "index outside the dataset"
@@ -111,8 +112,7 @@ def _check_chunk(group: zarr.Group, grid: ChunkGrid, chunk: int, num_classes: in
 
 
 def _check_chunks(report: Report, group: zarr.Group, attrs: dict, grid: ChunkGrid) -> None:
-    dataset_size = attrs["dataset"].get("fingerprint", {}).get("num_samples", attrs["num_samples"])
-    tasks = [dask.delayed(_check_chunk)(group, grid, c, attrs["num_classes"], dataset_size) for c in range(grid.num_chunks)]
+    tasks = [dask.delayed(_check_chunk)(group, grid, c, attrs["num_classes"], dataset_size(attrs)) for c in range(grid.num_chunks)]
     results = dask.compute(*tasks, scheduler="threads")
     bad = [f"chunk {c}: {why}" for c, why in enumerate(results) if why]
     report.add("chunks", not bad, "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -125,11 +125,14 @@ def _check_index_and_labels(report: Report, group: zarr.Group, attrs: dict) -> N
     except Exception as exc:
         report.add("index", False, f"unreadable ({type(exc).__name__})")
         return
+    size = dataset_size(attrs)
     unique = len(np.unique(index)) == len(index)
-    recorded = attrs["dataset"].get("index_sha256")
-    report.add("index", unique and sha256(index) == recorded,
-               "unique, and its hash matches the attributes" if unique and sha256(index) == recorded
-               else ("repeated dataset indices" if not unique else "hash differs from dataset.index_sha256"))
+    in_range = bool(len(index) == 0 or (index.min() >= 0 and index.max() < size))
+    hash_matches = sha256(index) == attrs["dataset"].get("index_sha256")
+    problem = (None if unique and in_range and hash_matches else "entries outside the dataset" if not in_range
+               else "repeated dataset indices" if not unique else "hash differs from dataset.index_sha256")
+    if not report.add("index", problem is None, problem or "unique, in range, and its hash matches the attributes"):
+        return  # labels are checked through the index: not with a broken one
     if "labels" not in group:
         return
     try:
@@ -137,12 +140,11 @@ def _check_index_and_labels(report: Report, group: zarr.Group, attrs: dict) -> N
     except Exception as exc:
         report.add("labels", False, f"unreadable ({type(exc).__name__})")
         return
-    recorded = attrs["dataset"].get("fingerprint", {}).get("labels_sha256")
     # The fingerprint hashes labels in dataset order; the cache stores them in row order.
-    in_dataset_order = np.full(int(index.max()) + 1 if len(index) else 0, -1, dtype=np.int64)
-    in_dataset_order[index[index >= 0]] = labels[index >= 0]
-    report.add("labels", sha256(in_dataset_order) == recorded,
-               "match the dataset fingerprint" if sha256(in_dataset_order) == recorded else "differ from the dataset fingerprint")
+    in_dataset_order = np.full(size, -1, dtype=np.int64)
+    in_dataset_order[index] = labels
+    matches = sha256(in_dataset_order) == attrs["dataset"].get("fingerprint", {}).get("labels_sha256")
+    report.add("labels", matches, "match the dataset fingerprint" if matches else "differ from the dataset fingerprint")
 
 
 def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, teacher: torch.nn.Module, split: Split,
@@ -152,12 +154,16 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, teach
     stored = group["logits"].oindex[rows].astype(np.float32)  # each chunk involved is decoded once
     index = group["index"].oindex[rows]
     teacher = teacher.to(device).eval()
-    with torch.inference_mode():
+    amp = attrs.get("teacher_amp", "none")
+    with torch.inference_mode(), autocast(amp, device):  # as the teacher ran when caching
         fresh = (teacher(split.inputs(index).to(device)).float() / attrs["temperature"]).cpu().numpy()
     diff = np.abs(fresh - stored)
     report.max_abs_diff = float(diff.max())
     # Storage rounds to the cache's dtype: allow that rounding (relative) plus a little for
-    # kernels that differ between batch compositions or devices.
+    # kernels that differ between batch compositions or devices; under autocast, reduced
+    # precision kernels round at their own (coarser) precision, in each layer.
     eps = float(np.finfo(attrs["dtype"]).eps)
+    if amp != "none":
+        eps = max(eps, 4 * float(torch.finfo(AMP_DTYPES[amp]).eps))
     ok = bool((diff <= 1e-3 + eps * np.abs(fresh)).all())
     report.add("teacher", ok, f"{len(rows)} rows re-run, largest |difference| {report.max_abs_diff:.3g} (in logits/T)")

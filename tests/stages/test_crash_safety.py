@@ -222,3 +222,19 @@ def test_teacher_pass_under_bf16_autocast(tmp_path, teacher_weights):
     assert 0 < difference.max() < 0.05 * np.abs(a["logits"][:]).max()  # bf16 keeps ~3 significant digits
     code, _, err = invoke(*common, "--out", tmp_path / "bf16.zarr")  # resuming it without AMP: refused
     assert code == 2 and "teacher_amp: cache has bf16, this run none" in err
+
+
+def test_a_cache_killed_before_its_arrays_existed_is_made_again(tmp_path, teacher_weights):
+    """Attributes written, arrays not yet: the same command starts the cache over."""
+
+    args = ["cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights,
+            "--dataset", "synthetic:n=600,test=200,features=8,classes=4,seed=3", "--out", tmp_path / "c.zarr"]
+    reference = invoke_json(*args[:-1], tmp_path / "reference.zarr")
+    invoke_json(*args)
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")
+    for name in ("logits", "index", "labels", "chunk_done"):
+        del group[name]
+    result = invoke_json(*args)
+    assert result["chunks_computed"] == result["chunks_total"] == reference["chunks_total"]
+    np.testing.assert_array_equal(zarr.open_group(result["cache"], mode="r")["logits"][:],
+                                  zarr.open_group(reference["cache"], mode="r")["logits"][:])

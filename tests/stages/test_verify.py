@@ -10,7 +10,7 @@ import zarr
 from pipeline.models import resolve_model
 from stages.verify import verify
 from stages.weights import save_weights
-from tests.conftest import invoke, invoke_json
+from tests.conftest import DATASET, invoke, invoke_json
 
 
 def _damaged_copy(cache_path, tmp_path, name="broken.zarr"):
@@ -45,15 +45,20 @@ def test_incomplete_cache_fails_completeness(cache_path, tmp_path):
     assert failed == {"complete"}
 
 
-def test_tampered_index_and_labels_are_caught(cache_path, tmp_path):
+def test_tampered_index_is_caught(cache_path, tmp_path):
     broken = _damaged_copy(cache_path, tmp_path)
     group = zarr.open_group(str(broken), mode="r+")
-    index = group["index"][:]
-    group["index"][:2] = index[1::-1]  # swap two rows' dataset indices
-    labels = group["labels"][:]
-    group["labels"][10] = (labels[10] + 1) % 4
+    group["index"][:2] = group["index"][:2][::-1]  # swap two rows' dataset indices
     failed = {c["check"] for c in verify(broken).checks if not c["ok"]}
-    assert failed == {"index", "labels"}
+    assert failed == {"index"}
+
+
+def test_tampered_labels_are_caught(cache_path, tmp_path):
+    broken = _damaged_copy(cache_path, tmp_path)
+    group = zarr.open_group(str(broken), mode="r+")
+    group["labels"][10] = (group["labels"][10] + 1) % 4
+    failed = {c["check"] for c in verify(broken).checks if not c["ok"]}
+    assert failed == {"labels"}
 
 
 def test_another_teachers_weights_fail_the_teacher_check(cache_path, tmp_path):
@@ -72,3 +77,27 @@ def test_missing_attributes_fail_metadata(cache_path, tmp_path):
     report = verify(broken)
     assert [c["check"] for c in report.checks] == ["metadata"] and not report.ok
     assert "temperature" in report.checks[0]["detail"]
+
+
+def test_an_index_pointing_outside_the_dataset_fails_checks_not_the_tool(cache_path, tmp_path):
+    broken = _damaged_copy(cache_path, tmp_path)
+    zarr.open_group(str(broken), mode="r+")["index"][5] = 2**40
+    report = verify(broken)
+    failed = {c["check"] for c in report.checks if not c["ok"]}
+    assert failed == {"chunks", "index"}  # labels are not judged through a broken index
+    code, _, err = invoke("train-student", "--cache", broken, "--student", "mlp-64", "--out", tmp_path / "r")
+    assert code == 4 and "outside the dataset" in err
+
+
+def test_verify_with_a_teacher_on_malformed_metadata_reports_it(cache_path, tmp_path, teacher_weights):
+    broken = _damaged_copy(cache_path, tmp_path)
+    del zarr.open_group(str(broken), mode="r+").attrs["num_classes"]
+    code, _, err = invoke("verify", broken, "--teacher", "mlp-64", "--teacher-weights", teacher_weights)
+    assert code == 4 and "metadata" in err
+
+
+def test_verify_replays_the_recorded_autocast(tmp_path, teacher_weights):
+    cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET,
+                        "--out", tmp_path / "bf16.zarr", "--amp", "bf16", "--temperature", "1")["cache"]
+    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "100")
+    assert report["ok"]
