@@ -29,7 +29,7 @@ from stages.cache import (
     CODECS, DTYPES, CacheWriter, WriterLock, codec_attribute, default_chunk_rows, disk_usage, is_cache, nonfinite_rows,
     prefetch, remove_cache,
 )
-from stages.data import Split, fingerprint, sha256
+from stages.data import Split, fingerprint, joined_with_inputs, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
     AMP_DTYPES, autocast, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes,
@@ -54,6 +54,7 @@ class CacheTeacherConfig:
     chunk_rows: int | None = None  # None: about 2 MB of logits per chunk
     codec: str = "none"  # of the logits array: none or zstd (see stages.cache.CODECS)
     amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
+    workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
     num_classes: int | None = None  # for building the teacher when the split has no labels to count classes by
     overwrite: bool = False
 
@@ -65,6 +66,8 @@ class CacheTeacherConfig:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.codec not in CODECS:
             raise InputError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.workers < 0:
+            raise InputError(f"--workers must be 0 or more, got {self.workers}")
         if self.amp not in AMP_DTYPES and self.amp != "none":
             raise InputError(f"--amp must be none, {' or '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
@@ -224,7 +227,8 @@ def _teacher_pass(
     in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
     pinned = _PinnedRing(MAX_IN_FLIGHT + 1) if cuda else None
     last_report = time.perf_counter()
-    for start, inputs in prefetch(_input_batches(split, writer, missing, config.batch_size, pin=cuda), depth=2):
+    batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.workers)
+    for start, inputs in prefetch(batches, depth=2):
         with torch.inference_mode(), autocast(config.amp, device):
             stored = teacher(inputs.to(device, non_blocking=cuda)).float().div_(config.temperature).to(dtype)
         if cuda:
@@ -285,15 +289,16 @@ def _store(writer: CacheWriter, split: Split, config: CacheTeacherConfig, start:
 
 
 def _input_batches(
-    split: Split, writer: CacheWriter, chunks: list[int], batch_size: int, pin: bool
+    split: Split, writer: CacheWriter, chunks: list[int], batch_size: int, pin: bool, workers: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, inputs) for batches covering exactly the given chunks, in row order."""
-    for first, last in _runs(chunks):
-        start, _ = writer.grid.rows(first)
-        _, stop = writer.grid.rows(last)
-        for b in range(start, stop, batch_size):
-            inputs = split.inputs(np.arange(b, min(b + batch_size, stop), dtype=np.int64))
-            yield b, inputs.pin_memory() if pin else inputs
+    rows = (
+        {"index": np.arange(b, min(b + batch_size, stop), dtype=np.int64)}
+        for start, stop in ((writer.grid.rows(first)[0], writer.grid.rows(last)[1]) for first, last in _runs(chunks))
+        for b in range(start, stop, batch_size)
+    )
+    for batch in joined_with_inputs(rows, split, workers):
+        yield int(batch["index"][0]), batch["inputs"].pin_memory() if pin else batch["inputs"]
 
 
 def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:

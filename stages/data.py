@@ -8,6 +8,8 @@ fingerprint that a cache records so that a student is never trained against the 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,7 +81,7 @@ class TorchDatasetSplit:
         return len(self.dataset)
 
     def inputs(self, index: np.ndarray) -> torch.Tensor:
-        return torch.stack([_input_of(self.dataset[int(i)]) for i in index])
+        return _stacked_inputs([self.dataset[int(i)] for i in index])
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -99,6 +101,41 @@ def _read_labels(dataset) -> np.ndarray | None:
     if len(dataset) == 0 or not isinstance(dataset[0], (tuple, list)):
         return None
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def joined_with_inputs(rows: Iterable[dict], split: Split, workers: int = 0) -> Iterator[dict]:
+    """Each batch of rows (a dict with an "index" array) with "inputs" for its stored indices,
+    in order. Rows that already carry inputs pass as they are.
+
+    With workers > 0 and a map-style dataset, items are loaded by that many DataLoader worker
+    processes, so an expensive __getitem__ (decoding, tokenising) runs in parallel; in-memory
+    splits are indexed in place, which beats any worker, and ignore `workers`."""
+    if workers > 0 and isinstance(split, TorchDatasetSplit):
+        yield from _loaded_by_workers(rows, split, workers)
+        return
+    for batch in rows:
+        yield batch if "inputs" in batch else {**batch, "inputs": split.inputs(batch["index"])}
+
+
+def _loaded_by_workers(rows: Iterable[dict], split: TorchDatasetSplit, workers: int) -> Iterator[dict]:
+    # The loader pulls index lists from the rows as it dispatches them to workers, and returns
+    # batches in dispatch order: a queue of the rows pulled pairs each batch with its rows.
+    pulled: deque[dict] = deque()
+
+    def index_lists() -> Iterator[list[int]]:
+        for batch in rows:
+            pulled.append(batch)
+            yield batch["index"].tolist()
+
+    loader = torch.utils.data.DataLoader(
+        split.dataset, batch_sampler=index_lists(), num_workers=workers, collate_fn=_stacked_inputs
+    )
+    for inputs in loader:
+        yield {**pulled.popleft(), "inputs": inputs}
+
+
+def _stacked_inputs(items: list) -> torch.Tensor:
+    return torch.stack([_input_of(item) for item in items])
 
 
 def input_shape(split: Split) -> tuple[int, ...]:

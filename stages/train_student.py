@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from stages.augment import parse_augment
 from stages.cache import CacheReader, Rows, batch_bounds, prefetch
-from stages.data import Split, fingerprint
+from stages.data import Split, fingerprint, joined_with_inputs
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.losses import distillation_loss, retemper
 from stages.runtime import (
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Options that may change when a run is resumed: they do not change what it computes.
-RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every")
+RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "workers")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"
     augment: str = "none"
     buffer_chunks: int = 8
+    workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
     weights_out: Path | None = None  # None: model.safetensors in the run folder
     checkpoint_every: int = 1  # epochs between checkpoints; 0: none
     resume: bool = False
@@ -82,6 +83,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "buffer_chunks"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise InputError(f"--workers must be 0 or more, got {self.workers}")
         if self.checkpoint_every < 0:
             raise InputError(f"--checkpoint-every must be 0 (never) or more, got {self.checkpoint_every}")
         check_positive("lr", self.lr)
@@ -266,24 +269,15 @@ def _check_inputs(
 
 
 def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, cache: CacheReader | None, epoch: int) -> Iterator[Rows]:
-    """Batches of rows joined with their inputs, prepared on a background thread."""
+    """Batches of rows joined with their inputs and labels, prepared on a background thread."""
     if cache is not None:
         rows = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks,
                              names=("index", "logits"))
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
         rows = ({"index": order[a:b]} for a, b in batch_bounds(len(order), config.batch_size))
-    return prefetch((_joined(r, train, labels) for r in rows), depth=4)
-
-
-def _joined(rows: Rows, train: Split, labels: np.ndarray | None) -> Rows:
-    """A batch of cache rows with the dataset's inputs and labels for their stored indices."""
-    joined = dict(rows)
-    if "inputs" not in joined:
-        joined["inputs"] = train.inputs(rows["index"])
-    if labels is not None and "labels" not in joined:
-        joined["labels"] = labels[rows["index"]]
-    return joined
+    joined = joined_with_inputs(rows, train, config.workers)
+    return prefetch((r if labels is None or "labels" in r else {**r, "labels": labels[r["index"]]} for r in joined), depth=4)
 
 
 def _open_run_dir(config: TrainConfig, run_config: dict) -> dict | None:
