@@ -6,6 +6,7 @@ PIPELINE_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import Progress, TimeElapsedColumn
 from rich.table import Table
 
 from pipeline import DATA_ROOT, __version__
@@ -109,6 +111,17 @@ def _emit(as_json: bool, payload: dict, table: Table) -> None:
         Console().print(table)
 
 
+@contextlib.contextmanager
+def _progress_bar(description: str):
+    """A rich progress bar on stderr when it is a terminal (else None: log lines only)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def _strict_json(value):
     """NaN and infinity are not JSON: report them as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -180,7 +193,8 @@ def cache_teacher_command(
         name = f"{_slug(values['teacher'])}-{_slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}.zarr"
         values["out"] = DATA_ROOT / "caches" / name
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
-    result = run_caching(cfg)
+    with _progress_bar("teacher pass (rows)") as progress:
+        result = run_caching(cfg, progress)
     payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
     _emit(as_json, payload, _key_value_table("cache written", payload))
 
@@ -233,7 +247,8 @@ def train_student_command(
         raise InputError(f"missing option {'--student' if values['student'] is None else '--dataset (or --cache)'}")
     values["model"], values["model_weights"] = values.pop("student"), values.pop("student_weights")
     cfg = build_config(TS, _absolute_paths(values, "model", "dataset"))
-    result = run_training(cfg)
+    with _progress_bar("training (steps)") as progress:
+        result = run_training(cfg, progress)
     payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
     _emit(as_json, payload, _key_value_table(f"student run {result.mode}", payload))
 
@@ -270,7 +285,8 @@ def train_teacher_command(
         model=names["model"], dataset=names["dataset"], out=run_dir, weights_out=out, alpha=0.0, epochs=epochs,
         batch_size=batch_size, lr=lr, seed=seed, augment=augment, device=device, overwrite=overwrite,
     )
-    result = run_training(cfg)
+    with _progress_bar("training (steps)") as progress:
+        result = run_training(cfg, progress)
     payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
     _emit(as_json, payload, _key_value_table("teacher trained", payload))
 

@@ -14,13 +14,13 @@ from stages import cache_teacher, train_student
 from stages.cache import CacheReader, is_cache, malformed_attributes
 from stages.data import input_shape
 from stages.errors import InputError
-from stages.runtime import resolve_device, seed_everything
+from stages.runtime import Progress, resolve_device, seed_everything
 from stages.verify import Report, verify
 
 log = logging.getLogger(__name__)
 
 
-def run_caching(cfg: cache_teacher.CacheTeacherConfig) -> cache_teacher.CacheTeacherResult:
+def run_caching(cfg: cache_teacher.CacheTeacherConfig, progress: Progress | None = None) -> cache_teacher.CacheTeacherResult:
     cfg.validate()  # before loading anything: bad options fail fast
     split = resolve_dataset(cfg.dataset).split(cfg.split)
     num_classes = cfg.num_classes or split.num_classes
@@ -29,10 +29,10 @@ def run_caching(cfg: cache_teacher.CacheTeacherConfig) -> cache_teacher.CacheTea
     if cfg.teacher_weights is None:
         log.warning("no --teacher-weights given: caching the teacher as its factory builds it")
     teacher = resolve_model(cfg.teacher, num_classes=num_classes, input_shape=input_shape(split), weights=cfg.teacher_weights)
-    return cache_teacher.run(cfg, teacher, split)
+    return cache_teacher.run(cfg, teacher, split, progress)
 
 
-def run_training(cfg: train_student.TrainConfig) -> train_student.TrainResult:
+def run_training(cfg: train_student.TrainConfig, progress: Progress | None = None) -> train_student.TrainResult:
     cfg.validate()
     data = resolve_dataset(cfg.dataset)
     train = data.split(cfg.split)
@@ -43,7 +43,7 @@ def run_training(cfg: train_student.TrainConfig) -> train_student.TrainResult:
         raise InputError(f"dataset {cfg.dataset} does not say how many classes it has")
     seed_everything(cfg.seed)  # the model's initial weights belong to the run's seed too
     model = resolve_model(cfg.model, num_classes=num_classes, input_shape=input_shape(train), weights=cfg.model_weights)
-    return train_student.run(cfg, model, train, evaluation, soft_labels=cache)
+    return train_student.run(cfg, model, train, evaluation, soft_labels=cache, progress=progress)
 
 
 def run_verify(cache: Path, *, teacher: str | None, teacher_weights: Path | None, dataset: str | None,

@@ -32,7 +32,7 @@ from stages.cache import (
 from stages.data import Split, fingerprint, joined_with_inputs, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
-    AMP_DTYPES, autocast, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes,
+    AMP_DTYPES, Progress, autocast, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes,
     resolve_device,
 )
 from stages.weights import count_parameters, weights_fingerprint
@@ -94,7 +94,7 @@ WRITTEN_ARRAYS = ("logits", "index", "chunk_done")
 RESUME_KEYS = ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "codec", "temperature", "num_classes", "teacher_amp")
 
 
-def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> CacheTeacherResult:
+def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, progress: Progress | None = None) -> CacheTeacherResult:
     """Write the cache for `split` at `config.out`, or finish an incomplete one that this
     same teacher, data and layout started (only its missing chunks are computed)."""
     config.validate()
@@ -120,7 +120,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> C
             if missing and len(missing) < writer.grid.num_chunks:
                 log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
             with one_blas_thread_beside_torch():
-                _teacher_pass(config, teacher, split, writer, device, missing)
+                _teacher_pass(config, teacher, split, writer, device, missing, progress)
             writer.close()
         except BaseException:
             writer.abort()
@@ -213,7 +213,7 @@ def _teacher_identities(attrs: dict) -> list[tuple]:
 
 def _teacher_pass(
     config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, writer: CacheWriter, device: torch.device,
-    missing: list[int],
+    missing: list[int], progress: Progress | None,
 ) -> None:
     """Forward every row of the missing chunks and hand the stored values to the writer.
 
@@ -226,6 +226,8 @@ def _teacher_pass(
     dtype = getattr(torch, config.dtype)
     in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
     pinned = _PinnedRing(MAX_IN_FLIGHT + 1) if cuda else None
+    rows_to_compute = sum(stop - start for start, stop in map(writer.grid.rows, missing))
+    rows_done = 0
     last_report = time.perf_counter()
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.workers)
     for start, inputs in prefetch(batches, depth=2):
@@ -240,7 +242,9 @@ def _teacher_pass(
         else:
             in_flight.append((start, stored, None))
         while in_flight and (len(in_flight) > MAX_IN_FLIGHT or in_flight[0][2] is None or in_flight[0][2].query()):
-            _store(writer, split, config, *in_flight.popleft())
+            rows_done += _store(writer, split, config, *in_flight.popleft())
+            if progress is not None:
+                progress(rows_done, rows_to_compute)
         if time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
             log.info("teacher pass: rows up to %d of %d", start + len(inputs), len(split))
@@ -268,9 +272,9 @@ class _PinnedRing:
 
 
 def _store(writer: CacheWriter, split: Split, config: CacheTeacherConfig, start: int, host: torch.Tensor,
-           done: torch.cuda.Event | None) -> None:
+           done: torch.cuda.Event | None) -> int:
     """Check one batch of stored values (after rounding to the cache dtype, so an overflow of
-    float16 is caught as well as a NaN) and hand it to the writer."""
+    float16 is caught as well as a NaN), hand it to the writer, and return its row count."""
     if done is not None:
         done.synchronize()
     values = host.numpy().copy() if done is not None else host.numpy()  # a pinned buffer is reused
@@ -286,6 +290,7 @@ def _store(writer: CacheWriter, split: Split, config: CacheTeacherConfig, start:
     if split.labels is not None:
         rows["labels"] = split.labels[start:stop]
     writer.write_rows(start, rows)
+    return len(values)
 
 
 def _input_batches(

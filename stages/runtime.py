@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,10 @@ from stages.data import Split
 from stages.errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda")
+
+# progress(done, total): called as a stage advances (rows for cache-teacher, optimizer steps for
+# train-student), so that a front end can draw a progress bar.
+Progress = Callable[[int, int], None]
 
 
 def resolve_device(name: str) -> torch.device:

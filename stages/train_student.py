@@ -39,7 +39,8 @@ from stages.data import Split, fingerprint, joined_with_inputs
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.losses import distillation_loss, retemper
 from stages.runtime import (
-    check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes, resolve_device, seed_everything,
+    Progress, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes, resolve_device,
+    seed_everything,
 )
 from stages.weights import count_parameters, save_weights
 
@@ -108,7 +109,7 @@ class TrainResult:
 
 def run(
     config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None,
-    soft_labels: CacheReader | None = None,
+    soft_labels: CacheReader | None = None, progress: Progress | None = None,
 ) -> TrainResult:
     """Train `model` on `train` (distilled from `config.cache` when given), evaluating on
     `evaluation` after every epoch, and write the run folder.
@@ -159,6 +160,8 @@ def run(
         teacher = retemper(torch.from_numpy(batch["logits"]).to(device), cache.temperature, temperature)
         return distillation_loss(logits, teacher, y, alpha=config.alpha, temperature=temperature)
 
+    steps_per_epoch = len(batch_bounds(len(train), config.batch_size))  # the readers batch alike
+    total_steps = steps_per_epoch * (config.epochs - first_epoch)
     metrics = _kept_metrics(config.out / "metrics.jsonl", first_epoch)
     with open(config.out / "metrics.jsonl", "a") as metrics_file, one_blas_thread_beside_torch():
         for epoch in range(first_epoch, config.epochs):
@@ -174,6 +177,8 @@ def run(
                 for name, value in {"loss": loss.detach(), **parts}.items():
                     sums[name] = sums[name] + value if name in sums else value.clone()
                 steps += 1
+                if progress is not None:
+                    progress((epoch - first_epoch) * steps_per_epoch + steps, total_steps)
             schedule.step()
             means = {k: float(v) / max(steps, 1) for k, v in sums.items()}
             if not all(math.isfinite(v) for v in means.values()):

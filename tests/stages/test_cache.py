@@ -213,3 +213,15 @@ def test_all_finite_by_exponent_bits(dtype):
         broken[13, 4] = bad
         assert not all_finite(broken)
     assert all_finite(np.array([np.finfo(dtype).max, np.finfo(dtype).tiny, 0.0], dtype=dtype))
+
+
+def test_teacher_pass_reports_rows_done(tmp_path, teacher_weights):
+    from stages import cache_teacher
+
+    calls = []
+    split = resolve_dataset(DATASET).split("train")
+    teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights)
+    config = cache_teacher.CacheTeacherConfig(teacher="mlp-64", dataset=DATASET, out=tmp_path / "p.zarr",
+                                              chunk_rows=CHUNK_ROWS, batch_size=100, device="cpu")
+    cache_teacher.run(config, teacher, split, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 600) for done in range(100, 700, 100)]

@@ -161,3 +161,13 @@ def test_batchnorm_student_never_gets_a_one_row_batch(tmp_path, cache_path):
     assert result.test_samples == 200
     result = _train(tmp_path, None, model=bn, batch_size=599, epochs=1, name="scratch")
     assert result.mode == "scratch"
+
+
+def test_progress_is_reported_up_to_the_total(tmp_path, cache_path):
+    calls = []
+    data = resolve_dataset(DATASET)
+    config = train_student.TrainConfig(model="mlp-64", dataset=DATASET, out=tmp_path / "p", cache=cache_path,
+                                       epochs=2, batch_size=64, device="cpu")
+    train_student.run(config, resolve_model("mlp-64", num_classes=4, input_shape=(8,)), data.split("train"), None,
+                      progress=lambda done, total: calls.append((done, total)))
+    assert [done for done, _ in calls] == list(range(1, 19)) and {total for _, total in calls} == {18}  # 600 rows / 64
