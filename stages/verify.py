@@ -120,31 +120,37 @@ def _check_chunks(report: Report, group: zarr.Group, attrs: dict, grid: ChunkGri
 
 
 def _check_index_and_labels(report: Report, group: zarr.Group, attrs: dict) -> None:
-    try:
-        index = group["index"][:]
-    except Exception as exc:
-        report.add("index", False, f"unreadable ({type(exc).__name__})")
+    index = _read_whole(report, group, "index")
+    if index is None:
         return
     size = dataset_size(attrs)
-    unique = len(np.unique(index)) == len(index)
-    in_range = bool(len(index) == 0 or (index.min() >= 0 and index.max() < size))
-    hash_matches = sha256(index) == attrs["dataset"].get("index_sha256")
-    problem = (None if unique and in_range and hash_matches else "entries outside the dataset" if not in_range
-               else "repeated dataset indices" if not unique else "hash differs from dataset.index_sha256")
+    if len(index) and (index.min() < 0 or index.max() >= size):
+        problem = "entries outside the dataset"
+    elif len(np.unique(index)) != len(index):
+        problem = "repeated dataset indices"
+    elif sha256(index) != attrs["dataset"].get("index_sha256"):
+        problem = "hash differs from dataset.index_sha256"
+    else:
+        problem = None
     if not report.add("index", problem is None, problem or "unique, in range, and its hash matches the attributes"):
         return  # labels are checked through the index: not with a broken one
-    if "labels" not in group:
-        return
-    try:
-        labels = group["labels"][:]
-    except Exception as exc:
-        report.add("labels", False, f"unreadable ({type(exc).__name__})")
+    labels = _read_whole(report, group, "labels") if "labels" in group else None
+    if labels is None:
         return
     # The fingerprint hashes labels in dataset order; the cache stores them in row order.
     in_dataset_order = np.full(size, -1, dtype=np.int64)
     in_dataset_order[index] = labels
     matches = sha256(in_dataset_order) == attrs["dataset"].get("fingerprint", {}).get("labels_sha256")
     report.add("labels", matches, "match the dataset fingerprint" if matches else "differ from the dataset fingerprint")
+
+
+def _read_whole(report: Report, group: zarr.Group, name: str) -> np.ndarray | None:
+    """A whole (small, per-row) array, or None after reporting it unreadable."""
+    try:
+        return group[name][:]
+    except Exception as exc:
+        report.add(name, False, f"unreadable ({type(exc).__name__})")
+        return None
 
 
 def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, teacher: torch.nn.Module, split: Split,
