@@ -36,7 +36,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-log = logging.getLogger("pipeline")
 CT = cache_teacher.CacheTeacherConfig
 TS = train_student.TrainConfig
 
