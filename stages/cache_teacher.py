@@ -114,7 +114,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
               "dtype": config.dtype, "codec": codec_attribute(config.codec)}
     provenance = _provenance(config, teacher, split, num_classes)
     with WriterLock(config.out):
-        writer = _open_for_writing(config, {**layout, **provenance}, labelled=labels is not None)
+        writer = _open_for_writing(config, layout, provenance, labelled=labels is not None)
         try:
             missing = writer.missing_chunks()
             if missing and len(missing) < writer.grid.num_chunks:
@@ -125,8 +125,9 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         except BaseException:
             writer.abort()
             raise
-        metrics = writer.group.attrs.get("teacher_metrics") if writer.group.attrs["complete"] else None
-        if not writer.group.attrs["complete"]:
+        if writer.group.attrs["complete"]:  # finished by an earlier run: nothing was computed now
+            metrics = writer.group.attrs["teacher_metrics"]
+        else:
             metrics = _teacher_metrics(writer, config.temperature)
             writer.mark_complete({"teacher_metrics": metrics})
     seconds = time.perf_counter() - started
@@ -146,14 +147,14 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     )
 
 
-def _open_for_writing(config: CacheTeacherConfig, expected: dict, labelled: bool) -> CacheWriter:
+def _open_for_writing(config: CacheTeacherConfig, layout: dict, provenance: dict, labelled: bool) -> CacheWriter:
     """A writer on a new cache, or on the existing one when it was made by this same teacher
     from this same data with this layout. Called with the writer lock held."""
     group = zarr.open_group(str(config.out), mode="r") if is_cache(config.out) else None
     # A cache whose arrays were never all created (killed right after its attributes) holds
     # no finished chunk: it is simply made again.
     if group is not None and not config.overwrite and set(WRITTEN_ARRAYS) <= set(group.array_keys()):
-        differences = _differences(dict(group.attrs), expected)
+        differences = _differences(dict(group.attrs), {**layout, **provenance})
         if differences:
             raise InputError(
                 f"{config.out} holds a different cache ({'; '.join(differences)}); "
@@ -162,9 +163,8 @@ def _open_for_writing(config: CacheTeacherConfig, expected: dict, labelled: bool
         return CacheWriter(config.out)
     remove_cache(config.out)
     return CacheWriter.create(
-        config.out, num_samples=expected["num_samples"], row_shape=tuple(expected["row_shape"]),
-        dtype=expected["dtype"], chunk_rows=expected["chunk_rows"], labelled=labelled, codec=config.codec,
-        attrs={k: v for k, v in expected.items() if k not in ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "codec")},
+        config.out, num_samples=layout["num_samples"], row_shape=tuple(layout["row_shape"]), dtype=config.dtype,
+        chunk_rows=layout["chunk_rows"], labelled=labelled, codec=config.codec, attrs=provenance,
     )
 
 
