@@ -105,7 +105,7 @@ def _setup_logging() -> None:
 
 def _emit(as_json: bool, payload: dict, table: Table) -> None:
     if as_json:
-        print(json.dumps(_strict_json(payload), default=str, allow_nan=False))
+        print(json.dumps(_strict_json(payload), allow_nan=False))
     else:
         Console().print(table)
 
@@ -194,8 +194,7 @@ def cache_teacher_command(
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
     with _progress_bar("teacher pass (rows)") as progress:
         result = run_caching(cfg, progress)
-    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
-    _emit(as_json, payload, _key_value_table("cache written", payload))
+    _emit(as_json, vars(result), _key_value_table("cache written", vars(result)))
 
 
 @app.command("train-student")
@@ -248,8 +247,7 @@ def train_student_command(
     cfg = build_config(TS, _absolute_paths(values, "model", "dataset"))
     with _progress_bar("training (steps)") as progress:
         result = run_training(cfg, progress)
-    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
-    _emit(as_json, payload, _key_value_table(f"student run {result.mode}", payload))
+    _emit(as_json, vars(result), _key_value_table(f"student run {result.mode}", vars(result)))
 
 
 @app.command("train-teacher")
@@ -286,8 +284,7 @@ def train_teacher_command(
     )
     with _progress_bar("training (steps)") as progress:
         result = run_training(cfg, progress)
-    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
-    _emit(as_json, payload, _key_value_table("teacher trained", payload))
+    _emit(as_json, vars(result), _key_value_table("teacher trained", vars(result)))
 
 
 @app.command("verify")
