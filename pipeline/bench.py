@@ -196,6 +196,7 @@ class InMemorySoftLabels:
 
     def __init__(self, cache: CacheReader):
         self.attrs, self.temperature, self.num_classes, self.labelled = cache.attrs, cache.temperature, cache.num_classes, cache.labelled
+        self.layout, self.soft_arrays = cache.layout, cache.soft_arrays
         self._rows = {name: array[:] for name, array in cache.arrays.items()}
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, names: tuple[str, ...] | None = None, **_) -> Iterator[Rows]:
@@ -211,6 +212,7 @@ class OnlineTeacher:
 
     def __init__(self, teacher: torch.nn.Module, split: Split, cache: CacheReader, device: torch.device):
         self.attrs, self.temperature, self.num_classes, self.labelled = cache.attrs, cache.temperature, cache.num_classes, True
+        self.layout, self.soft_arrays = cache.layout, cache.soft_arrays
         self._teacher, self._split, self._device = teacher, split, device
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, **_) -> Iterator[Rows]:

@@ -1,31 +1,41 @@
 """The cache contract: a versioned, self-describing Zarr v3 group of softened teacher outputs.
 
-Layout (schema version 1, kind "dense"; the README documents every field):
+Layout (schema version 2; the README documents every field):
 
     CACHE.zarr/
       zarr.json          group attributes: format, schema_version, kind, stored_values, temperature,
-                         num_classes, num_samples, row_shape, chunk_rows, dtype, codec, teacher_amp,
-                         teachers, combine, dataset, complete, created_at, completed_at, tool,
-                         teacher_metrics, config
-      logits/            (N, C) float16|float32  teacher logits / T; unwritten rows read as NaN
+                         num_classes, num_samples, row_shape, row_axes, top_k, chunk_rows, dtype,
+                         codec, teacher_amp, teachers, combine, dataset, complete, created_at,
+                         completed_at, tool, teacher_metrics, config
+      kind "dense":
+        logits/          (N, [L,] C) float16|float32   teacher logits / T; unwritten rows read as NaN
+      kind "topk":
+        topk_values/     (N, [L,] K) float16|float32   the K largest logits / T of each row, descending
+        topk_indices/    (N, [L,] K) uint8|16|32       their classes (the smallest type holding C - 1)
+        logsumexp/       (N, [L]) float32              log-sum-exp of the whole row of stored logits / T
       index/             (N,)   int64            dataset index of every row; unwritten = -1
-      labels/            (N,)   int64            hard labels (only when the split has labels)
+      labels/            (N, [L]) int64          hard labels (only when the split has labels)
+      lengths/           (N,)   int32            valid tokens of each sequence (token-level caches)
       chunk_done/        (num_chunks,) uint8     1 once every array's rows of that chunk are written
     CACHE.zarr.lock      beside the group, held (flock) by the one process writing it
 
-Every per-row array is chunked along the sample axis only, with the same `chunk_rows`, so a
-chunk of rows is a unit of work: a writer owns whole chunks (a partial-chunk write would
-read-modify-write it), a reader decodes whole chunks. `chunk_done` has one storage chunk per
-element, so marking one chunk complete never rewrites another's record.
+The optional L axis makes a token-level cache, for models that output logits per token (a
+language model): `row_axes` names the axes after the sample axis ("token", then "class" for
+dense or "rank" for top-k), and positions at or past a sequence's length hold zeros and never
+count. Every per-row array is chunked along the sample axis only, with the same
+`chunk_rows`, so a chunk of rows is a unit of work: a writer owns whole chunks (a
+partial-chunk write would read-modify-write it), a reader decodes whole chunks. `chunk_done`
+has one storage chunk per element, so marking one chunk complete never rewrites another's.
 
-Room for later kinds, without breaking readers of this one: a reader dispatches on `kind`
-(top-k adds `topk_values`, `topk_indices`, `logsumexp`), rows may carry extra axes after the
-sample axis (views, tokens), and `teachers` is a list with a `combine` rule for ensembles.
+Room for later kinds without breaking readers of these: a reader dispatches on `kind`, rows
+may carry further named axes (views), and `teachers` is a list with a `combine` rule for
+ensembles. Schema 1 caches (dense, one row per sample, before `row_axes`) read as schema 2.
 """
 
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import queue
 import shutil
@@ -36,6 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
@@ -43,9 +54,14 @@ from stages import __version__
 from stages.errors import CacheDamagedError, CacheLockedError, CacheMismatchError, InputError, PipelineError
 
 FORMAT = "distill-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STORED_VALUES = "teacher_logits / temperature"
+KINDS = ("dense", "topk")
 DTYPES = ("float16", "float32")
+# The arrays holding each kind's soft labels, and those of them that hold floats (a NaN in one
+# is a gap or damage, never data).
+SOFT_ARRAYS = {"dense": ("logits",), "topk": ("topk_values", "topk_indices", "logsumexp")}
+FLOAT_ARRAYS = ("logits", "topk_values", "logsumexp")
 # Codecs for the logits array. float16 logits hardly compress losslessly (zstd: ~1.1x), and
 # decoding costs the training loop CPU time, so "none" is the default; index and labels are
 # always zstd-compressed (they compress well and are small).
@@ -66,10 +82,14 @@ def codec_attribute(codec: str) -> str:
     return "none" if codec == "none" else f"zstd(level={ZSTD_LEVEL})"
 
 
-def default_chunk_rows(row_values: int, dtype: str) -> int:
-    """Rows per chunk: about DEFAULT_CHUNK_BYTES of logits, at most MAX_CHUNK_ROWS rows."""
-    row_bytes = row_values * np.dtype(dtype).itemsize
+def default_chunk_rows(row_bytes: int) -> int:
+    """Rows per chunk: about DEFAULT_CHUNK_BYTES of soft labels, at most MAX_CHUNK_ROWS rows."""
     return int(max(64, min(MAX_CHUNK_ROWS, DEFAULT_CHUNK_BYTES // max(row_bytes, 1))))
+
+
+def index_dtype(num_classes: int) -> str:
+    """The smallest unsigned integer type that holds every class number 0..C-1."""
+    return next(t for t in ("uint8", "uint16", "uint32") if num_classes - 1 <= np.iinfo(t).max)
 
 
 def now_iso() -> str:
@@ -164,6 +184,119 @@ class ChunkGrid:
         return start, min(start + self.chunk_rows, self.num_samples)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a cache holds and how it is laid out: its kind, shapes, dtypes and chunking.
+
+    The one place that knows which arrays each kind has; writers create them from it, readers
+    rebuild it from the attributes, and a resumed write must find the same layout."""
+
+    kind: str  # "dense" or "topk"
+    num_samples: int
+    num_classes: int
+    chunk_rows: int
+    dtype: str = "float16"
+    codec: str = "none"  # of the soft-label arrays (see CODECS)
+    top_k: int | None = None  # kind "topk": entries kept per row
+    tokens: int | None = None  # token-level caches: positions per sample (L)
+    labelled: bool = True
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InputError(f"cache format must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.codec not in CODECS:
+            raise InputError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.kind == "topk" and not (self.top_k is not None and 1 <= self.top_k <= self.num_classes):
+            raise InputError(f"--top-k must be between 1 and the number of classes ({self.num_classes}), got {self.top_k}")
+
+    @property
+    def grid(self) -> ChunkGrid:
+        return ChunkGrid(self.num_samples, self.chunk_rows)
+
+    @property
+    def position_shape(self) -> tuple[int, ...]:
+        """The axes between the sample axis and the class (or rank) axis: (L,) or ()."""
+        return () if self.tokens is None else (self.tokens,)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return (*self.position_shape, self.num_classes if self.kind == "dense" else self.top_k)
+
+    @property
+    def row_axes(self) -> list[str]:
+        return [*(["token"] if self.tokens is not None else []), "class" if self.kind == "dense" else "rank"]
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str, object, bool]]:
+        """Per-row arrays: name -> (shape after the sample axis, dtype, fill value, compressed)."""
+        soft = self.codec != "none"
+        if self.kind == "dense":
+            arrays = {"logits": (self.row_shape, self.dtype, float("nan"), soft)}
+        else:
+            arrays = {
+                "topk_values": (self.row_shape, self.dtype, float("nan"), soft),
+                "topk_indices": (self.row_shape, index_dtype(self.num_classes), 0, soft),
+                "logsumexp": (self.position_shape, "float32", float("nan"), soft),
+            }
+        arrays["index"] = ((), "int64", -1, True)
+        if self.labelled:
+            arrays["labels"] = (self.position_shape, "int64", -1, True)
+        if self.tokens is not None:
+            arrays["lengths"] = ((), "int32", -1, True)
+        return arrays
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of soft labels per sample, uncompressed."""
+        return sum(np.dtype(dtype).itemsize * math.prod(shape) for name, (shape, dtype, _, _) in self.arrays().items()
+                   if name in SOFT_ARRAYS[self.kind])
+
+    def attributes(self) -> dict:
+        return {
+            "kind": self.kind, "num_samples": self.num_samples, "num_classes": self.num_classes,
+            "row_shape": list(self.row_shape), "row_axes": self.row_axes, "top_k": self.top_k,
+            "chunk_rows": self.chunk_rows, "dtype": self.dtype, "codec": codec_attribute(self.codec),
+        }
+
+    @classmethod
+    def from_attributes(cls, attrs: dict, labelled: bool) -> Layout:
+        """The layout a cache's attributes describe (schema 1 caches: dense, one row per sample)."""
+        row_shape = attrs["row_shape"]
+        return cls(
+            kind=attrs["kind"], num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
+            chunk_rows=attrs["chunk_rows"], dtype=attrs["dtype"],
+            codec="none" if attrs.get("codec", "none") == "none" else "zstd",
+            top_k=attrs.get("top_k"), tokens=row_shape[0] if len(row_shape) == 2 else None, labelled=labelled,
+        )
+
+
+def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The soft-label arrays a cache of `layout` stores for a batch of teacher logits / T
+    ((B, C), or (B, L, C) for a token-level cache), computed on the logits' device.
+
+    Values are rounded to the cache dtype first, and a top-k row's log-sum-exp is taken over the
+    whole rounded row: so exp(value - logsumexp) is exactly the probability a dense cache of the
+    same teacher gives that class, and a top-k cache with K = C is the dense one, sorted. On
+    a token-level cache, positions at or past a sequence's length are zeroed: what a teacher
+    says about padding is not part of the cache (and would differ between teachers' masks)."""
+    rounded = logits_over_t.to(getattr(torch, layout.dtype))
+    if layout.kind == "dense":
+        rows = {"logits": rounded}
+    else:
+        values, indices = rounded.float().topk(layout.top_k, dim=-1)
+        rows = {
+            "topk_values": values.to(rounded.dtype),
+            "topk_indices": indices.to(getattr(torch, index_dtype(layout.num_classes))),
+            "logsumexp": torch.logsumexp(rounded.float(), dim=-1),
+        }
+    if lengths is not None:
+        padding = torch.arange(rounded.shape[1], device=rounded.device) >= lengths.to(rounded.device).unsqueeze(1)
+        for values in rows.values():
+            values[padding] = 0
+    return rows
+
+
 class CacheWriter:
     """Creates a cache and writes whole chunks of rows from a background thread.
 
@@ -176,8 +309,8 @@ class CacheWriter:
     def __init__(self, path: Path, *, max_pending_chunks: int = 4):
         self.path = Path(path)
         self.group = zarr.open_group(str(self.path), mode="r+")
-        attrs = self.group.attrs
-        self.grid = ChunkGrid(attrs["num_samples"], attrs["chunk_rows"])
+        self.layout = Layout.from_attributes(dict(self.group.attrs), labelled="labels" in self.group)
+        self.grid = self.layout.grid
         # zarr by default compares every chunk written with the fill value, to skip storing
         # "empty" chunks; a cache never writes one, and the check was 60% of the writer's CPU.
         arrays = {name: self.group[name].with_config({"write_empty_chunks": True}) for name in self.group.array_keys()}
@@ -191,24 +324,9 @@ class CacheWriter:
         self._thread.start()
 
     @classmethod
-    def create(
-        cls,
-        path: Path,
-        *,
-        num_samples: int,
-        row_shape: tuple[int, ...],
-        dtype: str,
-        chunk_rows: int,
-        labelled: bool,
-        attrs: dict,
-        codec: str = "none",
-    ) -> CacheWriter:
-        """Create the group, its arrays and attributes (marked incomplete) and open a writer."""
-        if dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if codec not in CODECS:
-            raise InputError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
-        grid = ChunkGrid(num_samples, chunk_rows)
+    def create(cls, path: Path, layout: Layout, attrs: dict) -> CacheWriter:
+        """Create the group, the arrays of `layout` and the attributes (marked incomplete), and
+        open a writer."""
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise InputError(f"{path} exists and is not empty; refusing to create a cache there")
@@ -219,13 +337,8 @@ class CacheWriter:
             attributes={
                 "format": FORMAT,
                 "schema_version": SCHEMA_VERSION,
-                "kind": "dense",
                 "stored_values": STORED_VALUES,
-                "num_samples": num_samples,
-                "row_shape": list(row_shape),
-                "chunk_rows": chunk_rows,
-                "dtype": dtype,
-                "codec": codec_attribute(codec),
+                **layout.attributes(),
                 "complete": False,
                 "created_at": now_iso(),
                 "completed_at": None,
@@ -234,14 +347,11 @@ class CacheWriter:
             },
         )
         zstd = ZstdCodec(level=ZSTD_LEVEL)
-        group.create_array(
-            "logits", shape=(num_samples, *row_shape), chunks=(chunk_rows, *row_shape),
-            dtype=dtype, fill_value=float("nan"), compressors=None if codec == "none" else zstd,
-        )
-        group.create_array("index", shape=(num_samples,), chunks=(chunk_rows,), dtype="int64", fill_value=-1, compressors=zstd)
-        if labelled:
-            group.create_array("labels", shape=(num_samples,), chunks=(chunk_rows,), dtype="int64", fill_value=-1, compressors=zstd)
-        group.create_array("chunk_done", shape=(grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
+        n, rows = layout.num_samples, layout.chunk_rows
+        for name, (shape, dtype, fill, compressed) in layout.arrays().items():
+            group.create_array(name, shape=(n, *shape), chunks=(rows, *shape), dtype=dtype, fill_value=fill,
+                               compressors=zstd if compressed else None)
+        group.create_array("chunk_done", shape=(layout.grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
         return cls(path)
 
     def missing_chunks(self) -> list[int]:
@@ -365,6 +475,23 @@ def _has_type(value, kind) -> bool:
     return kind is bool if isinstance(value, bool) else isinstance(value, kind)
 
 
+def row_problem(rows: Rows, layout: Layout, dataset_size: int) -> str | None:
+    """What is wrong with rows read from a cache, or None: non-finite values (an unwritten
+    gap reads as NaN), or entries unwritten or out of range. Checks the arrays present."""
+    bad_floats = [name for name in FLOAT_ARRAYS if name in rows and not all_finite(rows[name])]
+    if bad_floats:
+        return f"non-finite {', '.join(bad_floats)}"
+    if "index" in rows and (rows["index"].min() < 0 or rows["index"].max() >= dataset_size):
+        return "index entries unwritten or outside the dataset"
+    if "labels" in rows and (rows["labels"].min() < 0 or rows["labels"].max() >= layout.num_classes):
+        return "label entries unwritten or outside [0, num_classes)"
+    if "topk_indices" in rows and rows["topk_indices"].max() >= layout.num_classes:
+        return "top-k class indices outside [0, num_classes)"
+    if "lengths" in rows and (rows["lengths"].min() < 1 or rows["lengths"].max() > layout.tokens):
+        return f"sequence lengths unwritten or outside [1, {layout.tokens}]"
+    return None
+
+
 class CacheReader:
     """Opens a cache for reading, checks that it is a complete cache this tool understands,
     and streams it in whole chunks."""
@@ -386,19 +513,24 @@ class CacheReader:
         malformed = malformed_attributes(self.attrs)
         if malformed:
             raise CacheDamagedError(f"cache {self.path}: attributes missing or malformed: {', '.join(malformed)}; run pipeline verify")
-        if self.attrs["kind"] != "dense":
+        if self.attrs["kind"] not in KINDS:
             raise CacheMismatchError(f"cache kind {self.attrs['kind']!r} is not supported by this tool version")
         if require_complete and not self.attrs["complete"]:
             raise CacheMismatchError(
                 f"cache {self.path} is incomplete; re-run the same cache-teacher command to finish it"
             )
-        self.grid = ChunkGrid(self.attrs["num_samples"], self.attrs["chunk_rows"])
         try:
-            self.arrays = {name: self.group[name] for name in ("index", "labels", "logits") if name in self.group}
+            self.layout = Layout.from_attributes(self.attrs, labelled="labels" in self.group)
+        except (InputError, TypeError, IndexError) as exc:
+            raise CacheDamagedError(f"cache {self.path}: its layout attributes are inconsistent ({exc}); run pipeline verify") from exc
+        self.grid = self.layout.grid
+        try:
+            self.arrays = {name: self.group[name] for name in self.layout.arrays() if name in self.group}
         except Exception as exc:
             raise CacheDamagedError(f"cache {self.path}: an array cannot be opened ({type(exc).__name__}); run pipeline verify") from exc
-        if "logits" not in self.arrays or "index" not in self.arrays:
-            raise CacheDamagedError(f"cache {self.path}: the logits or index array is missing; run pipeline verify")
+        missing = [name for name in self.layout.arrays() if name not in self.arrays]
+        if missing:
+            raise CacheDamagedError(f"cache {self.path}: array {', '.join(missing)} missing; run pipeline verify")
 
     @property
     def num_samples(self) -> int:
@@ -417,13 +549,18 @@ class CacheReader:
         return "labels" in self.arrays
 
     @property
+    def soft_arrays(self) -> tuple[str, ...]:
+        """The arrays holding this cache's soft labels (by kind)."""
+        return SOFT_ARRAYS[self.layout.kind]
+
+    @property
     def dataset_size(self) -> int:
         return dataset_size(self.attrs)
 
     def read_chunks(self, first: int, last: int, names: tuple[str, ...] | None = None) -> Rows:
         """All arrays' rows of chunks first..last (one read per array). Damage is reported as
-        such, never passed on as data: an undecodable chunk, non-finite logits (a gap reads as
-        NaN), or an unwritten index or label (-1)."""
+        such, never passed on as data: an undecodable chunk, non-finite values (a gap reads as
+        NaN), or an entry that is unwritten or out of range."""
         start, _ = self.grid.rows(first)
         _, stop = self.grid.rows(last)
         where = f"cache {self.path}: chunk{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''}"
@@ -431,12 +568,9 @@ class CacheReader:
             rows = {name: array[start:stop] for name, array in self.arrays.items() if names is None or name in names}
         except Exception as exc:
             raise CacheDamagedError(f"{where} cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
-        if "logits" in rows and not all_finite(rows["logits"]):
-            raise CacheDamagedError(f"{where} holds non-finite logits; run pipeline verify")
-        if "index" in rows and (rows["index"].min() < 0 or rows["index"].max() >= self.dataset_size):
-            raise CacheDamagedError(f"{where} holds index entries unwritten or outside the dataset; run pipeline verify")
-        if "labels" in rows and rows["labels"].min() < 0:
-            raise CacheDamagedError(f"{where} holds unwritten label entries; run pipeline verify")
+        problem = row_problem(rows, self.layout, self.dataset_size)
+        if problem:
+            raise CacheDamagedError(f"{where} holds {problem}; run pipeline verify")
         return rows
 
     def read_chunk(self, chunk: int) -> Rows:

@@ -3,10 +3,15 @@
     pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist.safetensors \\
         --dataset mnist-5k --split train --temperature 4 --out data/caches/mnist-cnn-T4.zarr
 
+    pipeline cache-teacher --teacher bytelm-teacher --teacher-weights data/teachers/bytelm.safetensors \\
+        --dataset stdlib-bytes --temperature 1 --format topk --top-k 32 --out data/caches/lm-top32.zarr
+
 From Python, with your own module and split (see stages.data.Split):
 
     result = run(CacheTeacherConfig(teacher="mine", dataset="mine", out=Path("c.zarr")), teacher, split)
 
+A cache holds every class's logit ("dense") or the K largest per row ("topk"), per sample or,
+for a teacher that outputs logits per token, per token (stages.cache.stored_rows).
 The teacher runs in eval mode under inference_mode. Input batches are prepared on a
 background thread and finished chunks are written by another (stages.cache.CacheWriter), so
 the forward pass does not wait on storage. The cache layout is described in stages.cache.
@@ -18,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +31,13 @@ import torch
 import zarr
 
 from stages.cache import (
-    CODECS, DTYPES, CacheWriter, WriterLock, codec_attribute, default_chunk_rows, disk_usage, is_cache, nonfinite_rows,
-    prefetch, remove_cache,
+    CODECS, DTYPES, FLOAT_ARRAYS, KINDS, CacheWriter, Layout, WriterLock, default_chunk_rows, disk_usage, is_cache,
+    nonfinite_rows, prefetch, remove_cache, stored_rows,
 )
-from stages.data import Split, fingerprint, joined_with_inputs, sha256
+from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
-    AMP_DTYPES, Progress, autocast, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes,
+    AMP_DTYPES, Progress, autocast, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_shape,
     resolve_device,
 )
 from stages.weights import count_parameters, weights_fingerprint
@@ -51,7 +56,9 @@ class CacheTeacherConfig:
     batch_size: int = 256
     device: str = "auto"
     dtype: str = "float16"
-    chunk_rows: int | None = None  # None: about 2 MB of logits per chunk
+    format: str = "dense"  # dense: every class's logit; topk: the top_k largest, their classes and the row's log-sum-exp
+    top_k: int | None = None
+    chunk_rows: int | None = None  # None: about 2 MB of soft labels per chunk
     codec: str = "none"  # of the logits array: none or zstd (see stages.cache.CODECS)
     amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
     workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
@@ -66,6 +73,12 @@ class CacheTeacherConfig:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.codec not in CODECS:
             raise InputError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.format not in KINDS:
+            raise InputError(f"--format must be one of {', '.join(KINDS)}, got {self.format!r}")
+        if (self.format == "topk") != (self.top_k is not None):
+            raise InputError("--top-k K goes with --format topk, and --format topk needs --top-k K")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"--top-k must be at least 1, got {self.top_k}")
         if self.workers < 0:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
         if self.amp not in AMP_DTYPES and self.amp != "none":
@@ -91,7 +104,8 @@ class CacheTeacherResult:
 # Arrays every cache has once created; a cache missing one never finished being created.
 WRITTEN_ARRAYS = ("logits", "index", "chunk_done")
 # What must agree between an existing cache and this run for the run to resume it.
-RESUME_KEYS = ("kind", "num_samples", "row_shape", "chunk_rows", "dtype", "codec", "temperature", "num_classes", "teacher_amp")
+RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "chunk_rows", "dtype", "codec", "temperature",
+               "teacher_amp")
 
 
 def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, progress: Progress | None = None) -> CacheTeacherResult:
@@ -106,21 +120,26 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         raise InputError(f"{config.out} exists and is not a cache; choose another --out")
     teacher = teacher.to(device).eval()
 
-    num_classes = output_classes(teacher, split, device, "teacher")
-    check_labels_fit(split, num_classes, "teacher")
-    labels = split.labels
-    chunk_rows = config.chunk_rows or default_chunk_rows(num_classes, config.dtype)
-    layout = {"kind": "dense", "num_samples": len(split), "row_shape": [num_classes], "chunk_rows": chunk_rows,
-              "dtype": config.dtype, "codec": codec_attribute(config.codec)}
-    provenance = _provenance(config, teacher, split, num_classes)
+    shape = output_shape(teacher, split, device, "teacher")
+    check_labels_fit(split, shape, "teacher")
+    num_classes = shape[-1]
+    layout = Layout(
+        kind=config.format, num_samples=len(split), num_classes=num_classes, chunk_rows=config.chunk_rows or 1,
+        dtype=config.dtype, codec=config.codec, top_k=config.top_k, tokens=shape[0] if len(shape) == 2 else None,
+        labelled=split.labels is not None,
+    )
+    if config.chunk_rows is None:
+        layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes))
+    lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
+    provenance = _provenance(config, teacher, split)
     with WriterLock(config.out):
-        writer = _open_for_writing(config, layout, provenance, labelled=labels is not None)
+        writer = _open_for_writing(config, layout, provenance)
         try:
             missing = writer.missing_chunks()
             if missing and len(missing) < writer.grid.num_chunks:
                 log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
             with one_blas_thread_beside_torch():
-                _teacher_pass(config, teacher, split, writer, device, missing, progress)
+                _teacher_pass(config, teacher, split, lengths, writer, device, missing, progress)
             writer.close()
         except BaseException:
             writer.abort()
@@ -147,14 +166,14 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     )
 
 
-def _open_for_writing(config: CacheTeacherConfig, layout: dict, provenance: dict, labelled: bool) -> CacheWriter:
+def _open_for_writing(config: CacheTeacherConfig, layout: Layout, provenance: dict) -> CacheWriter:
     """A writer on a new cache, or on the existing one when it was made by this same teacher
     from this same data with this layout. Called with the writer lock held."""
     group = zarr.open_group(str(config.out), mode="r") if is_cache(config.out) else None
     # A cache whose arrays were never all created (killed right after its attributes) holds
     # no finished chunk: it is simply made again.
     if group is not None and not config.overwrite and set(WRITTEN_ARRAYS) <= set(group.array_keys()):
-        differences = _differences(dict(group.attrs), {**layout, **provenance})
+        differences = _differences(dict(group.attrs), {**layout.attributes(), **provenance})
         if differences:
             raise InputError(
                 f"{config.out} holds a different cache ({'; '.join(differences)}); "
@@ -162,10 +181,7 @@ def _open_for_writing(config: CacheTeacherConfig, layout: dict, provenance: dict
             )
         return CacheWriter(config.out)
     remove_cache(config.out)
-    return CacheWriter.create(
-        config.out, num_samples=layout["num_samples"], row_shape=tuple(layout["row_shape"]), dtype=config.dtype,
-        chunk_rows=layout["chunk_rows"], labelled=labelled, codec=config.codec, attrs=provenance,
-    )
+    return CacheWriter.create(config.out, layout, provenance)
 
 
 def _differences(existing: dict, expected: dict) -> list[str]:
@@ -181,11 +197,10 @@ def _differences(existing: dict, expected: dict) -> list[str]:
     return found
 
 
-def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, num_classes: int) -> dict:
+def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> dict:
     index = np.arange(len(split), dtype=np.int64)
     return {
         "temperature": config.temperature,
-        "num_classes": num_classes,
         "teacher_amp": config.amp,
         "teachers": [
             {
@@ -212,44 +227,49 @@ def _teacher_identities(attrs: dict) -> list[tuple]:
 
 
 def _teacher_pass(
-    config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, writer: CacheWriter, device: torch.device,
-    missing: list[int], progress: Progress | None,
+    config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, lengths: np.ndarray | None, writer: CacheWriter,
+    device: torch.device, missing: list[int], progress: Progress | None,
 ) -> None:
     """Forward every row of the missing chunks and hand the stored values to the writer.
 
-    On CUDA the loop never waits for a batch it has just launched: softened logits are copied
-    device-to-host asynchronously into pinned buffers (a small ring, reused), and a batch is
-    taken off the GPU only once MAX_IN_FLIGHT newer batches are queued behind it."""
+    On CUDA the loop never waits for a batch it has just launched: the stored arrays are
+    computed on the GPU (top-k included) and copied device-to-host asynchronously into pinned
+    buffers (a small ring per array, reused), and a batch is taken off the GPU only once
+    MAX_IN_FLIGHT newer batches are queued behind it."""
     if missing:
         log.info("teacher pass over %d chunks of %d rows on %s", len(missing), writer.grid.chunk_rows, device)
     cuda = device.type == "cuda"
-    dtype = getattr(torch, config.dtype)
-    in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
-    pinned = _PinnedRing(MAX_IN_FLIGHT + 1) if cuda else None
+    in_flight: deque[tuple[int, dict[str, torch.Tensor], torch.cuda.Event | None]] = deque()
+    rings: dict[str, _PinnedRing] = {}
     rows_to_compute = sum(stop - start for start, stop in map(writer.grid.rows, missing))
     rows_done = 0
     last_report = time.perf_counter()
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.workers)
     for start, inputs in prefetch(batches, depth=2):
-        with torch.inference_mode(), autocast(config.amp, device):
-            stored = teacher(inputs.to(device, non_blocking=cuda)).float().div_(config.temperature).to(dtype)
+        with torch.inference_mode():
+            with autocast(config.amp, device):
+                logits = teacher(inputs.to(device, non_blocking=cuda))
+            batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + len(inputs)])
+            stored = stored_rows(logits.float().div_(config.temperature), writer.layout, batch_lengths)
         if cuda:
-            host = pinned.next(stored.shape, dtype)
-            host.copy_(stored, non_blocking=True)
+            host = {}
+            for name, values in stored.items():
+                ring = rings.setdefault(name, _PinnedRing(MAX_IN_FLIGHT + 1))
+                host[name] = ring.next(values.shape, values.dtype).copy_(values, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
             in_flight.append((start, host, done))
         else:
             in_flight.append((start, stored, None))
         while in_flight and (len(in_flight) > MAX_IN_FLIGHT or in_flight[0][2] is None or in_flight[0][2].query()):
-            rows_done += _store(writer, split, config, *in_flight.popleft())
+            rows_done += _store(writer, split, lengths, config, *in_flight.popleft())
             if progress is not None:
                 progress(rows_done, rows_to_compute)
         if time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
             log.info("teacher pass: rows up to %d of %d", start + len(inputs), len(split))
     while in_flight:
-        _store(writer, split, config, *in_flight.popleft())
+        _store(writer, split, lengths, config, *in_flight.popleft())
 
 
 # Batches a CUDA teacher may run ahead of the host copies it has queued.
@@ -271,26 +291,30 @@ class _PinnedRing:
         return buffer[: shape[0]]
 
 
-def _store(writer: CacheWriter, split: Split, config: CacheTeacherConfig, start: int, host: torch.Tensor,
-           done: torch.cuda.Event | None) -> int:
+def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config: CacheTeacherConfig, start: int,
+           stored: dict[str, torch.Tensor], done: torch.cuda.Event | None) -> int:
     """Check one batch of stored values (after rounding to the cache dtype, so an overflow of
     float16 is caught as well as a NaN), hand it to the writer, and return its row count."""
     if done is not None:
         done.synchronize()
-    values = host.numpy().copy() if done is not None else host.numpy()  # a pinned buffer is reused
-    bad = (start + nonfinite_rows(values)).tolist()
+    # A pinned buffer is reused for a later batch: copy out of it.
+    rows = {name: values.numpy().copy() if done is not None else values.numpy() for name, values in stored.items()}
+    count = len(next(iter(rows.values())))
+    bad = sorted({int(r) for name in FLOAT_ARRAYS if name in rows for r in start + nonfinite_rows(rows[name])})
     if bad:
         hint = " (or logits / T beyond float16's range: try --dtype float32)" if config.dtype == "float16" else ""
         raise PipelineError(
             f"teacher produced NaN or infinite logits{hint} for samples {bad[:10]}"
             f"{' and more' if len(bad) > 10 else ''}; chunks already written are kept"
         )
-    stop = start + len(values)
-    rows = {"logits": values, "index": np.arange(start, stop, dtype=np.int64)}
+    stop = start + count
+    rows["index"] = np.arange(start, stop, dtype=np.int64)
     if split.labels is not None:
         rows["labels"] = split.labels[start:stop]
+    if lengths is not None:
+        rows["lengths"] = lengths[start:stop]
     writer.write_rows(start, rows)
-    return len(values)
+    return count
 
 
 def _input_batches(
@@ -318,16 +342,29 @@ def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:
 
 
 def _teacher_metrics(writer: CacheWriter, temperature: float) -> dict | None:
-    """Top-1 accuracy and mean NLL at T=1 of the stored logits against the stored labels."""
-    if "labels" not in writer.group:
+    """Top-1 accuracy and mean NLL at T=1 of the stored values against the stored labels, per
+    sample or per valid token. A top-k cache gives the accuracy only: its NLL at T=1 would need
+    the dropped logits."""
+    layout, group = writer.layout, writer.group
+    if "labels" not in group:
         return None
-    logits_array, labels_array = writer.group["logits"], writer.group["labels"]
-    correct, nll = 0, 0.0
+    correct, nll, count = 0, 0.0, 0
     for chunk in range(writer.grid.num_chunks):
         start, stop = writer.grid.rows(chunk)
-        logits = torch.from_numpy(logits_array[start:stop]).float() * temperature
-        labels = torch.from_numpy(labels_array[start:stop])
-        correct += int((logits.argmax(1) == labels).sum())
-        nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-    n = writer.grid.num_samples
-    return {"accuracy": correct / n, "errors": n - correct, "nll": nll / n, "num_samples": n}
+        labels = torch.from_numpy(group["labels"][start:stop])
+        valid = (torch.ones(labels.shape, dtype=torch.bool) if layout.tokens is None
+                 else torch.arange(layout.tokens) < torch.from_numpy(group["lengths"][start:stop]).unsqueeze(1))
+        labels = labels[valid]
+        if layout.kind == "dense":
+            logits = torch.from_numpy(group["logits"][start:stop]).float()[valid] * temperature
+            predicted = logits.argmax(-1)
+            nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        else:
+            predicted = torch.from_numpy(group["topk_indices"][start:stop]).long()[valid][:, 0]
+        correct += int((predicted == labels).sum())
+        count += len(labels)
+    metrics = {"accuracy": correct / count, "errors": count - correct,
+               "nll": nll / count if layout.kind == "dense" else None, "num_samples": layout.num_samples}
+    if layout.tokens is not None:
+        metrics["num_tokens"] = count
+    return metrics

@@ -16,6 +16,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from stages.errors import InputError
+
 # Rows hashed for the inputs' fingerprint: enough to tell datasets and orderings apart,
 # few enough that fingerprinting a huge split costs nothing.
 FINGERPRINT_ROWS = 64
@@ -35,8 +37,12 @@ class Split(Protocol):
 
     @property
     def labels(self) -> np.ndarray | None:
-        """All hard labels as int64 (N,), or None for an unlabeled split."""
+        """All hard labels as int64: (N,), or (N, L) per token for sequences; None for an
+        unlabeled split."""
         ...
+
+    # Optional, for sequences of tokens: `lengths`, int (N,), the valid tokens of each sample
+    # (positions past it are padding). A split without it has no padding.
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class TensorSplit:
     x: torch.Tensor
     y: np.ndarray | None
     num_classes: int | None
+    lengths: np.ndarray | None = None  # sequences: valid tokens per sample
 
     def __len__(self) -> int:
         return len(self.x)
@@ -64,7 +71,8 @@ class TorchDatasetSplit:
 
     Items are `(input, label)` pairs or bare inputs (an unlabeled transfer set). Labels are
     read once, from a `targets` attribute when the dataset has one (as torchvision's do),
-    otherwise by visiting every item.
+    otherwise by visiting every item; a label may be an array (one per token). A dataset of
+    padded sequences gives their valid lengths as a `lengths` attribute.
     """
 
     def __init__(self, name: str, dataset: torch.utils.data.Dataset, num_classes: int | None = None):
@@ -76,6 +84,8 @@ class TorchDatasetSplit:
         if num_classes is None and self._labels is not None and len(self._labels):
             num_classes = int(self._labels.max()) + 1
         self.num_classes = num_classes
+        lengths = getattr(dataset, "lengths", None)
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -100,7 +110,7 @@ def _read_labels(dataset) -> np.ndarray | None:
         return np.asarray(targets, dtype=np.int64)
     if len(dataset) == 0 or not isinstance(dataset[0], (tuple, list)):
         return None
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+    return np.asarray([np.asarray(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
 
 def joined_with_inputs(rows: Iterable[dict], split: Split, workers: int = 0) -> Iterator[dict]:
@@ -143,16 +153,31 @@ def input_shape(split: Split) -> tuple[int, ...]:
     return tuple(split.inputs(np.zeros(1, dtype=np.int64)).shape[1:])
 
 
+def sequence_lengths(split: Split, positions: int) -> np.ndarray:
+    """The valid tokens of each sample of a split of sequences `positions` long, as int32
+    (every position when the split gives no lengths)."""
+    lengths = getattr(split, "lengths", None)
+    if lengths is None:
+        return np.full(len(split), positions, dtype=np.int32)
+    lengths = np.asarray(lengths)
+    if lengths.shape != (len(split),) or (len(lengths) and (lengths.min() < 1 or lengths.max() > positions)):
+        raise InputError(f"split {split.name!r}: lengths must be {len(split)} whole numbers in [1, {positions}]")
+    return lengths.astype(np.int32)
+
+
 def fingerprint(split: Split) -> dict:
-    """Identify a split's content and ordering: sample count, a hash of all labels, and a
-    hash of the inputs at evenly spaced indices (so reordering or swapping data shows)."""
+    """Identify a split's content and ordering: sample count, a hash of all labels (and of
+    sequence lengths), and a hash of the inputs at evenly spaced indices (so reordering or
+    swapping data shows)."""
     n = len(split)
     sample_index = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, FINGERPRINT_ROWS)).astype(np.int64))
     inputs = split.inputs(sample_index).to(torch.float32).contiguous().numpy() if n else np.zeros(0)
     labels = split.labels
+    lengths = getattr(split, "lengths", None)
     return {
         "num_samples": n,
         "labels_sha256": None if labels is None else sha256(np.ascontiguousarray(labels, dtype=np.int64)),
+        "lengths_sha256": None if lengths is None else sha256(np.ascontiguousarray(lengths, dtype=np.int64)),
         "inputs_sha256": sha256(inputs),
         "input_shape": list(inputs.shape[1:]),
     }

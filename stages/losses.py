@@ -1,6 +1,16 @@
-"""Distillation losses as plain functions on explicit tensors."""
+"""Distillation losses as plain functions on explicit tensors.
+
+Two kinds of soft labels reach the student (stages.cache): a dense row of teacher logits / T,
+and a top-k row (the K largest logits / T, their classes, and the log-sum-exp of the whole
+row). Both losses compare teacher and student over the same support: every class for a dense
+row; the K kept classes plus one tail bucket holding the rest of the mass for a top-k row.
+Normalising the teacher over its top-k but the student over the whole vocabulary is a known
+trap: the two would then disagree even for a student equal to its teacher.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +35,101 @@ def distillation_loss(
         loss = (1 - alpha) * CE(y, s) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
 
     student_logits: (B, C) raw student logits s.
-    teacher_logits_over_t: (B, C) teacher logits already divided by T (what a cache stores,
-        re-tempered with `retemper` when T differs from the cache's).
+    teacher_logits_over_t: (B, C) teacher logits already divided by T (what a dense cache
+        stores, re-tempered with `retemper` when T differs from the cache's).
     labels: (B,) int64 hard labels, or None when alpha == 1 (an unlabeled transfer set).
     The T^2 factor keeps the soft term's gradient scale independent of T. KL and CE are
     averaged over the batch. Returns the loss and its named parts for logging.
     """
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits_over_t.float(), dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
+    log_q_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return _with_hard_labels(student_logits, labels, _kl(log_p_teacher, log_q_student), alpha, temperature)
+
+
+def topk_distillation_loss(
+    student_logits: torch.Tensor,
+    topk_values: torch.Tensor,
+    topk_indices: torch.Tensor,
+    logsumexp: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    alpha: float,
+    temperature: float,
+    cache_temperature: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of `distillation_loss` with the KL taken over K + 1 outcomes: the K classes a
+    top-k cache kept, and one tail bucket for all the others.
+
+        KL(p_topk || q_topk),  p_topk = (p_1..p_K, 1 - sum p_k),  q_topk likewise from softmax(s / T)
+
+    student_logits: (B, C) raw student logits.
+    topk_values: (B, K) the K largest teacher logits / T_cache; topk_indices: (B, K) their classes.
+    logsumexp: (B,) log-sum-exp of the whole row of teacher logits / T_cache.
+    With K == C there is no tail and this equals the dense loss. A student equal to its teacher
+    has zero KL. At T == T_cache the teacher's K + 1 probabilities are exact; at another T
+    they come from `topk_teacher_log_probs` (exact kept ratios, estimated tail mass).
+    """
+    num_classes = student_logits.shape[-1]
+    log_p_teacher = topk_teacher_log_probs(topk_values, logsumexp, num_classes, cache_temperature / temperature)
+    log_q_student = topk_student_log_probs(student_logits.float() / temperature, topk_indices.long())
+    return _with_hard_labels(student_logits, labels, _kl(log_p_teacher, log_q_student), alpha, temperature)
+
+
+def topk_teacher_log_probs(values: torch.Tensor, logsumexp: torch.Tensor, num_classes: int, ratio: float) -> torch.Tensor:
+    """The teacher's log-probabilities over the K kept classes and the tail bucket (the last
+    entry; absent when K == C), at the temperature T' = T_cache / ratio.
+
+    values (..., K): kept logits / T_cache; logsumexp (...): of the whole row of logits / T_cache.
+    At ratio 1 everything is exact: p_k = exp(v_k - lse), tail = 1 - sum p_k.
+    At another T' the kept logits re-temper exactly (t_k / T' = ratio * v_k), so the ratios
+    between kept probabilities are exact; the tail's mass at T' depends on how the mass is
+    spread over the C - K classes the cache dropped, which it does not know. It is estimated
+    as if spread evenly. The true value lies between that estimate and the one with the tail's
+    mass packed into classes at the K-th kept value, since no dropped class exceeds it
+    (sharpening, T' < T_cache: the even spread is the lower bound; softening: the upper bound).
+    The estimate is exact for an evenly spread tail.
+    """
+    values, logsumexp = values.float(), logsumexp.float()
+    kept = values - logsumexp.unsqueeze(-1)
+    tail_count = num_classes - values.shape[-1]
+    if tail_count == 0:
+        return kept if ratio == 1.0 else F.log_softmax(ratio * values, dim=-1)
+    tail = _log1mexp(torch.logsumexp(kept, dim=-1)).unsqueeze(-1)
+    if ratio == 1.0:
+        return torch.cat([kept, tail], dim=-1)
+    # Log of the mean exp(v) over the tail classes, re-tempered as if every one held it.
+    mean_tail_logit = logsumexp.unsqueeze(-1) + tail - math.log(tail_count)
+    joint = torch.cat([ratio * values, math.log(tail_count) + ratio * mean_tail_logit], dim=-1)
+    return F.log_softmax(joint, dim=-1)
+
+
+def topk_student_log_probs(student_logits_over_t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The student's distribution softmax(s / T) collapsed onto the same K + 1 outcomes as the
+    teacher's: its log-probabilities of the kept classes, then of all other classes together
+    (absent when K == C). indices: (..., K) int64."""
+    log_q = F.log_softmax(student_logits_over_t, dim=-1)
+    kept = log_q.gather(-1, indices)
+    if indices.shape[-1] == log_q.shape[-1]:
+        return kept
+    tail = torch.logsumexp(log_q.scatter(-1, indices, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([kept, tail], dim=-1)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p || q) from log-probabilities; terms with p == 0 count zero."""
+    p = log_p.exp()
+    return (torch.special.xlogy(p, p) - p * log_q).sum(-1).mean()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012); x rounded above 0 gives -inf."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _with_hard_labels(
+    student_logits: torch.Tensor, labels: torch.Tensor | None, kl: torch.Tensor, alpha: float, temperature: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     soft = temperature**2 * kl
     if alpha >= 1.0:
         return alpha * soft, {"kd": soft.detach()}

@@ -50,20 +50,30 @@ def check_positive(option: str, value: float) -> None:
         raise InputError(f"--{option} must be a positive number, got {value}")
 
 
-def output_classes(model: torch.nn.Module, split: Split, device: torch.device, role: str) -> int:
-    """How many classes `model` (in eval mode) outputs for the split's first input."""
+def output_shape(model: torch.nn.Module, split: Split, device: torch.device, role: str) -> tuple[int, ...]:
+    """What `model` (in eval mode) outputs per sample for the split's first input: (classes,),
+    or (positions, classes) for a model of sequences that outputs logits per token."""
     model.eval()
     with torch.inference_mode():
         out = model(split.inputs(np.zeros(1, dtype=np.int64)).to(device))
-    if out.ndim != 2:
-        raise InputError(f"the {role} must return logits of shape (batch, classes), got {tuple(out.shape)}")
-    return int(out.shape[1])
+    if out.ndim not in (2, 3):
+        raise InputError(
+            f"the {role} must return logits of shape (batch, classes) or (batch, tokens, classes), got {tuple(out.shape)}"
+        )
+    return tuple(out.shape[1:])
 
 
-def check_labels_fit(split: Split, classes: int, role: str) -> None:
+def check_labels_fit(split: Split, shape: tuple[int, ...], role: str) -> None:
+    """The split's labels are one per sample, or one per token for a per-token model, and
+    each names one of the model's classes."""
     labels = split.labels
-    if labels is not None and len(labels) and int(labels.max()) >= classes:
-        raise InputError(f"the {role} outputs {classes} classes but the dataset has label {int(labels.max())}")
+    if labels is None:
+        return
+    if labels.shape[1:] != tuple(shape[:-1]):
+        per = "one label per sample" if len(shape) == 1 else f"{shape[0]} labels per sample (one per token)"
+        raise InputError(f"the {role} needs {per}, but the split's labels have shape {labels.shape}")
+    if len(labels) and int(labels.max()) >= shape[-1]:
+        raise InputError(f"the {role} outputs {shape[-1]} classes but the dataset has label {int(labels.max())}")
 
 
 @contextlib.contextmanager

@@ -10,8 +10,11 @@ From Python, with your own module and splits (see stages.data.Split):
 
 The teacher is never imported, built or loaded here: its knowledge arrives only through the
 cache, read in whole chunks in shuffled order on a background thread (stages.cache) and joined
-with the dataset's inputs by the stored index. Without a cache the same loop trains on hard
-labels only: the baseline, and how `pipeline train-teacher` trains a teacher.
+with the dataset's inputs by the stored index. A dense cache gives the Hinton loss over every
+class, a top-k cache the same loss over its K classes and a tail bucket (stages.losses). For a
+model of sequences with logits per token, every loss is averaged over the valid tokens: padding
+never counts. Without a cache the same loop trains on hard labels only: the baseline, and how
+`pipeline train-teacher` trains a teacher.
 
 The run folder holds config.json (resolved config), metrics.jsonl (one line per epoch),
 checkpoint.pt (model, optimizer, schedule and RNG states at the last checkpointed epoch, for
@@ -35,11 +38,11 @@ import torch.nn.functional as F
 
 from stages.augment import parse_augment
 from stages.cache import CacheReader, Rows, batch_bounds, prefetch
-from stages.data import Split, fingerprint, joined_with_inputs
+from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths
 from stages.errors import CacheMismatchError, InputError, PipelineError
-from stages.losses import distillation_loss, retemper
+from stages.losses import distillation_loss, retemper, topk_distillation_loss
 from stages.runtime import (
-    Progress, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_classes, resolve_device,
+    Progress, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_shape, resolve_device,
     seed_everything,
 )
 from stages.weights import count_parameters, save_weights
@@ -115,7 +118,8 @@ def run(
     `evaluation` after every epoch, and write the run folder.
 
     `soft_labels` stands in for the cache named by `config.cache`: any object with the
-    CacheReader's reading interface (attrs, temperature, num_classes, labelled, batches). The
+    CacheReader's reading interface (attrs, layout, temperature, num_classes, labelled,
+    soft_arrays, batches). The
     benchmark uses it to compare the cache with logits held in memory and with a teacher run
     online; rows it yields with "inputs" already attached are not joined again."""
     config.validate()
@@ -123,7 +127,7 @@ def run(
     device = resolve_device(config.device)
     cache = soft_labels if soft_labels is not None else (CacheReader(config.cache) if config.cache is not None else None)
     model = model.to(device)
-    labels = _check_inputs(config, model, train, evaluation, cache, device)
+    labels, lengths = _check_inputs(config, model, train, evaluation, cache, device)
     temperature = config.temperature or (cache.temperature if cache else None)
     run_config = _run_config(config, cache, temperature)
     if config.resume and (config.out / "summary.json").is_file():
@@ -154,10 +158,20 @@ def run(
             x = augment(x, generator)
         logits = model(x.to(device))
         y = torch.from_numpy(batch["labels"]).to(device) if "labels" in batch else None
+        soft = {name: torch.from_numpy(batch[name]).to(device) for name in (cache.soft_arrays if cache else ())}
+        if "lengths" in batch:  # per-token logits: only the valid tokens count, as rows
+            valid = torch.arange(logits.shape[1], device=device) < torch.from_numpy(batch["lengths"]).to(device).unsqueeze(1)
+            logits, y = logits[valid], None if y is None else y[valid]
+            soft = {name: values[valid] for name, values in soft.items()}
         if cache is None:
             hard = F.cross_entropy(logits, y)
             return hard, {"ce": hard.detach()}
-        teacher = retemper(torch.from_numpy(batch["logits"]).to(device), cache.temperature, temperature)
+        if cache.layout.kind == "topk":
+            return topk_distillation_loss(
+                logits, soft["topk_values"], soft["topk_indices"], soft["logsumexp"], y,
+                alpha=config.alpha, temperature=temperature, cache_temperature=cache.temperature,
+            )
+        teacher = retemper(soft["logits"], cache.temperature, temperature)
         return distillation_loss(logits, teacher, y, alpha=config.alpha, temperature=temperature)
 
     steps_per_epoch = len(batch_bounds(len(train), config.batch_size))  # the readers batch alike
@@ -169,7 +183,7 @@ def run(
             model.train()
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
             steps = 0
-            for batch in _epoch_batches(config, train, labels, cache, epoch):
+            for batch in _epoch_batches(config, train, labels, lengths, cache, epoch):
                 loss, parts = loss_step(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -218,45 +232,58 @@ def run(
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 512) -> dict:
-    """Accuracy, error count and mean NLL of `model` on a labelled split."""
+    """Accuracy, error count and mean NLL (nats) of `model` on a labelled split: per sample,
+    or per valid token for a model with logits per token (then also `num_tokens`)."""
     if split.labels is None:
         raise InputError(f"cannot evaluate on split {split.name!r}: it has no labels")
     model.eval()
-    correct, nll = 0, 0.0
+    correct, nll, count, lengths = 0, 0.0, 0, None
     for start in range(0, len(split), batch_size):
         index = np.arange(start, min(start + batch_size, len(split)), dtype=np.int64)
         logits = model(split.inputs(index).to(device)).float()
         y = torch.from_numpy(split.labels[index]).to(device)
-        correct += int((logits.argmax(1) == y).sum())
+        if logits.ndim == 3:
+            lengths = sequence_lengths(split, logits.shape[1]) if lengths is None else lengths
+            valid = torch.arange(logits.shape[1], device=device) < torch.from_numpy(lengths[index]).to(device).unsqueeze(1)
+            logits, y = logits[valid], y[valid]
+        correct += int((logits.argmax(-1) == y).sum())
         nll += float(F.cross_entropy(logits, y, reduction="sum"))
-    n = len(split)
-    return {"accuracy": correct / n, "errors": n - correct, "nll": nll / n, "num_samples": n}
+        count += len(y)
+    metrics = {"accuracy": correct / count, "errors": count - correct, "nll": nll / count, "num_samples": len(split)}
+    if lengths is not None:
+        metrics["num_tokens"] = count
+    return metrics
 
 
 def _check_inputs(
     config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, cache: CacheReader | None,
     device: torch.device,
-) -> np.ndarray | None:
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Everything that can be checked before the run folder is touched: a cache that belongs
-    to other data or has another class count, an evaluation split without fitting labels, an
-    augmentation that does not fit the inputs. Returns the labels to train on."""
+    to other data or has another class count or row shape, an evaluation split without fitting
+    labels, an augmentation that does not fit the inputs. Returns the labels to train on, and
+    the valid lengths of the sequences for a model with logits per token (else None)."""
     if config.out.exists() and not config.out.is_dir():
         raise InputError(f"--out {config.out} is a file; give a folder for the run")
-    classes = output_classes(model, train, device, "model")
+    shape = output_shape(model, train, device, "model")
+    lengths = sequence_lengths(train, shape[0]) if len(shape) == 2 else None
     if evaluation is not None:
         if evaluation.labels is None:
             raise InputError(f"cannot evaluate on split {evaluation.name!r}: it has no labels (pick another --eval-split)")
-        check_labels_fit(evaluation, classes, "model")
+        check_labels_fit(evaluation, shape, "model")
     augment = parse_augment(config.augment)
     if augment is not None:
         augment(train.inputs(np.zeros(1, dtype=np.int64)), torch.Generator().manual_seed(0))
     if cache is None:
         if train.labels is None:
             raise InputError(f"split {train.name!r} has no labels: training without a cache needs them")
-        check_labels_fit(train, classes, "model")
-        return train.labels
-    if classes != cache.num_classes:
-        raise CacheMismatchError(f"the student outputs {classes} classes but the cache has {cache.num_classes}")
+        check_labels_fit(train, shape, "model")
+        return train.labels, lengths
+    if shape[-1] != cache.num_classes:
+        raise CacheMismatchError(f"the student outputs {shape[-1]} classes but the cache has {cache.num_classes}")
+    cached = (*cache.layout.position_shape, cache.num_classes)
+    if shape != cached:
+        raise CacheMismatchError(f"the student outputs logits of shape {shape} per sample but the cache holds rows of {cached}")
     recorded = cache.attrs["dataset"]["fingerprint"]
     actual = fingerprint(train)
     differ = [k for k in recorded if recorded[k] != actual.get(k)]
@@ -268,21 +295,32 @@ def _check_inputs(
         )
     if config.alpha < 1.0 and not cache.labelled:
         raise InputError("the cache has no hard labels; use --alpha 1 (soft labels only)")
-    # The fingerprint just matched every label, so the split's labels are the cache's: taking
-    # them from memory spares the reader one array per chunk.
-    return train.labels
+    # The fingerprint just matched every label and length, so the split's are the cache's:
+    # taking them from memory spares the reader arrays per chunk.
+    return train.labels, lengths
 
 
-def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, cache: CacheReader | None, epoch: int) -> Iterator[Rows]:
-    """Batches of rows joined with their inputs and labels, prepared on a background thread."""
+def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, lengths: np.ndarray | None,
+                   cache: CacheReader | None, epoch: int) -> Iterator[Rows]:
+    """Batches of rows joined with their inputs, labels and sequence lengths, prepared on a
+    background thread."""
     if cache is not None:
         rows = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks,
-                             names=("index", "logits"))
+                             names=("index", *cache.soft_arrays))
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
         rows = ({"index": order[a:b]} for a, b in batch_bounds(len(order), config.batch_size))
     joined = joined_with_inputs(rows, train, config.workers)
-    return prefetch((r if labels is None or "labels" in r else {**r, "labels": labels[r["index"]]} for r in joined), depth=4)
+    return prefetch((_with_labels_and_lengths(r, labels, lengths) for r in joined), depth=4)
+
+
+def _with_labels_and_lengths(rows: Rows, labels: np.ndarray | None, lengths: np.ndarray | None) -> Rows:
+    extra = {}
+    if labels is not None and "labels" not in rows:
+        extra["labels"] = labels[rows["index"]]
+    if lengths is not None:
+        extra["lengths"] = lengths[rows["index"]]
+    return {**rows, **extra} if extra else rows
 
 
 def _open_run_dir(config: TrainConfig, run_config: dict) -> dict | None:

@@ -11,7 +11,7 @@ import zarr
 
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
-from stages.cache import FORMAT, SCHEMA_VERSION, CacheReader, CacheWriter, batch_bounds, default_chunk_rows
+from stages.cache import FORMAT, SCHEMA_VERSION, CacheReader, CacheWriter, Layout, batch_bounds, default_chunk_rows
 from stages.errors import CacheMismatchError, InputError
 from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE
 
@@ -68,10 +68,8 @@ def test_teacher_metrics_match_a_direct_computation(cache_path, teacher_weights)
 
 
 def _write(tmp_path, n=300, chunk_rows=32, classes=5, name="c.zarr"):
-    writer = CacheWriter.create(
-        tmp_path / name, num_samples=n, row_shape=(classes,), dtype="float32", chunk_rows=chunk_rows,
-        labelled=True, attrs={"temperature": 1.0, "num_classes": classes, "teachers": [], "dataset": {}},
-    )
+    layout = Layout(kind="dense", num_samples=n, num_classes=classes, chunk_rows=chunk_rows, dtype="float32")
+    writer = CacheWriter.create(tmp_path / name, layout, {"temperature": 1.0, "teachers": [], "dataset": {}})
     logits = np.random.default_rng(0).normal(size=(n, classes)).astype(np.float32)
     labels = np.arange(n) % classes
     return writer, logits, labels
@@ -185,10 +183,15 @@ def test_missing_and_foreign_paths_are_input_errors(tmp_path):
 
 
 def test_default_chunking_targets_about_two_megabytes():
-    assert default_chunk_rows(1000, "float16") == 1024
-    assert default_chunk_rows(8000, "float16") == 131
-    assert default_chunk_rows(32000, "float16") == 64  # floor: a chunk is never tiny in rows
-    assert default_chunk_rows(10, "float16") == 1024  # capped so small caches still shuffle by chunk
+    def rows(**layout):
+        return default_chunk_rows(Layout(num_samples=10, chunk_rows=1, **layout).row_bytes)
+
+    assert rows(kind="dense", num_classes=1000) == 1024
+    assert rows(kind="dense", num_classes=8000) == 131
+    assert rows(kind="dense", num_classes=32000) == 64  # floor: a chunk is never tiny in rows
+    assert rows(kind="dense", num_classes=10) == 1024  # capped so small caches still shuffle by chunk
+    # top-32 of 50k classes per token of 128: (32 x (2 + 2) + 4) bytes x 128 tokens a row
+    assert rows(kind="topk", num_classes=50_000, top_k=32, tokens=128) == 2 * 1024 * 1024 // (132 * 128)
 
 
 def test_zstd_codec_round_trips_and_is_recorded(tmp_path, teacher_weights, cache_path):
