@@ -27,6 +27,7 @@ from pipeline.config import build_config, field_default, merge_options
 from pipeline.jobs import run_caching, run_training, run_verify
 from stages import cache_teacher, train_student
 from stages.cache import CacheReader
+from stages.inspection import describe_cache
 from stages.errors import CacheDamagedError, InputError, PipelineError
 
 app = typer.Typer(
@@ -170,7 +171,9 @@ def cache_teacher_command(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = field_default(CT, "batch_size"),
     device: DeviceOption = field_default(CT, "device"),
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
-    chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk. (default: about 2 MB of logits per chunk)")] = None,
+    format: Annotated[str, typer.Option(help="dense (every class's logit) or topk (the --top-k largest per row or token, their classes and the row's log-sum-exp).")] = field_default(CT, "format"),
+    top_k: Annotated[int | None, typer.Option(help="Logits kept per row (or token) with --format topk.")] = None,
+    chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk. (default: about 2 MB of soft labels per chunk)")] = None,
     codec: Annotated[str, typer.Option(help="Compression of the logits: none (fastest to read) or zstd (about 10% smaller for float16).")] = field_default(CT, "codec"),
     amp: Annotated[str, typer.Option(help="Run the teacher under autocast: none, bf16 or fp16 (recorded in the cache).")] = field_default(CT, "amp"),
     num_classes: Annotated[int | None, typer.Option(help="Classes the teacher outputs; needed only for a split without labels.")] = None,
@@ -181,15 +184,19 @@ def cache_teacher_command(
 ) -> None:
     """Run a teacher once over a dataset split and store its temperature-softened logits.
 
-    If the process is killed, run the same command again: it computes only the missing chunks.
+    A teacher with logits per token (a language model) gets a token-level cache. If the process
+    is killed, run the same command again: it computes only the missing chunks.
 
-    Example:
+    Examples:
 
         pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --dataset mnist-5k --temperature 4
+
+        pipeline cache-teacher --teacher bytelm-teacher --teacher-weights data/teachers/bytelm-teacher-stdlib-bytes.safetensors --dataset stdlib-bytes --temperature 1 --format topk --top-k 32
     """
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")}, CT)
     if values["out"] is None and values["teacher"] and values["dataset"]:
-        name = f"{_slug(values['teacher'])}-{_slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}.zarr"
+        kept = f"-top{values['top_k']}" if values["format"] == "topk" else ""
+        name = f"{_slug(values['teacher'])}-{_slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}{kept}.zarr"
         values["out"] = DATA_ROOT / "caches" / name
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
     with _progress_bar("teacher pass (rows)") as progress:
@@ -319,6 +326,34 @@ def verify_command(
     if not report.ok:
         failed = ", ".join(c["check"] for c in report.checks if not c["ok"])
         raise CacheDamagedError(f"cache {cache} failed verification: {failed}")
+
+
+@app.command("inspect")
+@handle_errors
+def inspect_command(
+    cache: Annotated[Path, typer.Argument(help="The cache to describe.", show_default=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Describe a cache: what made it, its layout, bytes on disk per row (and per token), the
+    teacher's metrics and, for a top-k cache, how much probability the kept entries miss.
+
+    Example:
+
+        pipeline inspect data/caches/bytelm-teacher-stdlib-bytes-train-T1-top32.zarr
+    """
+    report = describe_cache(cache)
+    _emit(as_json, report, _key_value_table(f"cache {cache}", _flattened(report)))
+
+
+def _flattened(report: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested report entries as dotted keys, for a two-column table."""
+    rows: dict[str, Any] = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            rows.update(_flattened(value, f"{prefix}{key}."))
+        else:
+            rows[f"{prefix}{key}"] = value
+    return rows
 
 
 @app.command("bench")

@@ -6,6 +6,10 @@ A dataset spec is one of:
   digits                    scikit-learn's 1,797 8x8 digits, (1, 8, 8) in [0, 1], seeded 80/20 split
   synthetic[:k=v,...]       a seeded Gaussian-mixture classification set; keys n (train size, 4000),
                             test (1000), features (32), classes (10), seed (0)
+  stdlib-bytes[:k=v,...]    next-byte prediction on the Python standard library's own source files
+                            (real text on every Python install), as sequences of `seq` bytes with
+                            per-token targets and lengths; keys seq (128), train and test (bytes of
+                            text, 600000 and 60000)
   path/to/file.npz          x_train, x_test and optional y_train, y_test (no pickles)
   package.module:factory    or path/to/file.py:factory, called with a split name, returning a
                             map-style torch Dataset of (input, label) pairs or bare inputs
@@ -14,7 +18,9 @@ Splits are named `train` and `test`.
 
 from __future__ import annotations
 
+import sysconfig
 import zipfile
+import zlib
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.specs import is_factory_spec, load_factory
+from pipeline.specs import is_factory_spec, load_factory, whole_number_parameters
 from stages.data import Split, TensorSplit, TorchDatasetSplit
 from stages.errors import InputError
 
@@ -124,24 +130,67 @@ def _synthetic(n: int, test: int, features: int, classes: int, seed: int) -> dic
 
 
 def _synthetic_from_args(args: str) -> dict[str, Split]:
-    params = dict(SYNTHETIC_DEFAULTS)
-    for item in filter(None, args.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in params:
-            raise InputError(f"synthetic dataset: bad parameter {item!r}; keys: {', '.join(params)} (as in synthetic:n=2000,classes=5)")
-        try:
-            params[key] = int(value)
-        except ValueError:
-            raise InputError(f"synthetic dataset: {key} must be a whole number, got {value!r}") from None
+    params = whole_number_parameters("dataset", "synthetic", args, SYNTHETIC_DEFAULTS)
     if params["n"] < 1 or params["test"] < 0 or params["features"] < 1 or params["classes"] < 2:
         raise InputError(f"synthetic dataset: need n >= 1, test >= 0, features >= 1, classes >= 2; got {params}")
     return _synthetic(**params)
+
+
+STDLIB_DEFAULTS = {"seq": 128, "train": 600_000, "test": 60_000}
+# One source file in TEST_EVERY goes to the test split (by a hash of its name, so the split of a
+# file does not depend on which other files this Python version has).
+TEST_EVERY = 10
+
+
+def _stdlib_sources() -> list[Path]:
+    """The standard library's top-level .py files, in a fixed order (by a hash of the name)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"), key=lambda f: (zlib.crc32(f.name.encode()), f.name))
+    if not files:
+        raise InputError(f"stdlib-bytes: no Python source files in {root} (a stripped Python install?)")
+    return files
+
+
+@lru_cache(maxsize=None)
+def _stdlib_bytes(seq: int, train: int, test: int) -> dict[str, Split]:
+    """Sequences of `seq` bytes from each file, stepping `seq` bytes: inputs are bytes [i, i+seq),
+    targets [i+1, i+seq+1). A file's last sequence is shorter: zero-padded, its length kept.
+    Files fill each split in order until its byte budget is met (the last one is cut)."""
+    by_split: dict[str, list[bytes]] = {"train": [], "test": []}
+    budget = {"train": train, "test": test}
+    for path in _stdlib_sources():
+        split = "test" if zlib.crc32(path.name.encode()) % TEST_EVERY == 0 else "train"
+        used = sum(map(len, by_split[split]))
+        if used < budget[split]:
+            by_split[split].append(path.read_bytes()[: budget[split] - used])
+    return {split: _byte_sequences(split, texts, seq) for split, texts in by_split.items()}
+
+
+def _byte_sequences(name: str, texts: list[bytes], seq: int) -> Split:
+    windows = [text[start : start + seq + 1] for text in texts for start in range(0, len(text) - 1, seq)]
+    inputs = np.zeros((len(windows), seq), dtype=np.int64)
+    targets = np.zeros((len(windows), seq), dtype=np.int64)
+    lengths = np.zeros(len(windows), dtype=np.int64)
+    for row, window in enumerate(windows):
+        values = np.frombuffer(window, dtype=np.uint8)
+        inputs[row, : len(values) - 1] = values[:-1]
+        targets[row, : len(values) - 1] = values[1:]
+        lengths[row] = len(values) - 1
+    return TensorSplit(name, torch.from_numpy(inputs), targets, 256, lengths)
+
+
+def _stdlib_from_args(args: str) -> dict[str, Split]:
+    params = whole_number_parameters("dataset", "stdlib-bytes", args, STDLIB_DEFAULTS)
+    if params["seq"] < 1 or params["train"] < 2 or params["test"] < 0:
+        raise InputError(f"stdlib-bytes dataset: need seq >= 1, train >= 2, test >= 0; got {params}")
+    return _stdlib_bytes(**params)
 
 
 BUILTIN_DATASETS: dict[str, Callable[[str], dict[str, Split]]] = {
     "mnist-5k": lambda args: _mnist_5k(),
     "digits": lambda args: _digits(),
     "synthetic": _synthetic_from_args,
+    "stdlib-bytes": _stdlib_from_args,
 }
 
 

@@ -1,4 +1,5 @@
-"""Loading the user's own code named by a `module:factory` or `path/to/file.py:factory` spec.
+"""Reading specs: the whole-number parameters of a parametric built-in (`name:key=value,...`),
+and loading the user's own code named by a `module:factory` or `path/to/file.py:factory` spec.
 
 This is the one place where user code is imported, and only code the user named.
 """
@@ -13,6 +14,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stages.errors import InputError
+
+
+def whole_number_parameters(what: str, name: str, args: str, defaults: dict[str, int]) -> dict[str, int]:
+    """The `key=value,...` parameters of the built-in `name`, over its defaults; each value a
+    whole number. Range checks are the caller's."""
+    params = dict(defaults)
+    for item in filter(None, args.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in params:
+            example = ",".join(f"{k}={v}" for k, v in defaults.items())
+            raise InputError(f"{what} spec {name}:{args}: bad parameter {item!r}; parameters are {', '.join(params)}, as in {name}:{example}")
+        try:
+            params[key] = int(value)
+        except ValueError:
+            raise InputError(f"{what} spec {name}:{args}: {key} must be a whole number, got {value!r}") from None
+    return params
 
 
 def is_factory_spec(spec: str) -> bool:

@@ -475,12 +475,13 @@ def _has_type(value, kind) -> bool:
     return kind is bool if isinstance(value, bool) else isinstance(value, kind)
 
 
-def row_problem(rows: Rows, layout: Layout, dataset_size: int) -> str | None:
-    """What is wrong with rows read from a cache, or None: non-finite values (an unwritten
-    gap reads as NaN), or entries unwritten or out of range. Checks the arrays present."""
-    bad_floats = [name for name in FLOAT_ARRAYS if name in rows and not all_finite(rows[name])]
-    if bad_floats:
-        return f"non-finite {', '.join(bad_floats)}"
+def row_problem(rows: Rows, layout: Layout, dataset_size: int, first_row: int = 0) -> str | None:
+    """What is wrong with rows read from a cache (the first at `first_row`), or None: non-finite
+    values (an unwritten gap reads as NaN), or entries unwritten or out of range. Checks the
+    arrays present."""
+    for name in FLOAT_ARRAYS:
+        if name in rows and not all_finite(rows[name]):
+            return f"non-finite {name} in rows {(first_row + nonfinite_rows(rows[name])[:5]).tolist()}"
     if "index" in rows and (rows["index"].min() < 0 or rows["index"].max() >= dataset_size):
         return "index entries unwritten or outside the dataset"
     if "labels" in rows and (rows["labels"].min() < 0 or rows["labels"].max() >= layout.num_classes):
@@ -568,7 +569,7 @@ class CacheReader:
             rows = {name: array[start:stop] for name, array in self.arrays.items() if names is None or name in names}
         except Exception as exc:
             raise CacheDamagedError(f"{where} cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
-        problem = row_problem(rows, self.layout, self.dataset_size)
+        problem = row_problem(rows, self.layout, self.dataset_size, start)
         if problem:
             raise CacheDamagedError(f"{where} holds {problem}; run pipeline verify")
         return rows

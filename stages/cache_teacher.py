@@ -101,8 +101,6 @@ class CacheTeacherResult:
     chunks_total: int
 
 
-# Arrays every cache has once created; a cache missing one never finished being created.
-WRITTEN_ARRAYS = ("logits", "index", "chunk_done")
 # What must agree between an existing cache and this run for the run to resume it.
 RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "chunk_rows", "dtype", "codec", "temperature",
                "teacher_amp")
@@ -170,16 +168,17 @@ def _open_for_writing(config: CacheTeacherConfig, layout: Layout, provenance: di
     """A writer on a new cache, or on the existing one when it was made by this same teacher
     from this same data with this layout. Called with the writer lock held."""
     group = zarr.open_group(str(config.out), mode="r") if is_cache(config.out) else None
-    # A cache whose arrays were never all created (killed right after its attributes) holds
-    # no finished chunk: it is simply made again.
-    if group is not None and not config.overwrite and set(WRITTEN_ARRAYS) <= set(group.array_keys()):
+    if group is not None and not config.overwrite:
         differences = _differences(dict(group.attrs), {**layout.attributes(), **provenance})
         if differences:
             raise InputError(
                 f"{config.out} holds a different cache ({'; '.join(differences)}); "
                 "pass --overwrite to replace it, or choose another --out"
             )
-        return CacheWriter(config.out)
+        # This run's cache: resume it, unless its arrays were never all created (killed right
+        # after its attributes), when it holds no finished chunk and is simply made again.
+        if {*layout.arrays(), "chunk_done"} <= set(group.array_keys()):
+            return CacheWriter(config.out)
     remove_cache(config.out)
     return CacheWriter.create(config.out, layout, provenance)
 

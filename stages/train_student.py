@@ -106,6 +106,7 @@ class TrainResult:
     test_accuracy: float | None
     test_errors: int | None
     test_samples: int | None
+    test_tokens: int | None  # models with logits per token: errors and nll count valid tokens
     test_nll: float | None
     seconds: float
 
@@ -134,7 +135,9 @@ def run(
         _check_same_run(config.out, run_config)
         log.info("run %s already finished; nothing to resume", config.out)
         summary = json.loads((config.out / "summary.json").read_text())
-        return TrainResult(**{**summary, "run_dir": config.out, "weights": Path(summary["weights"])})
+        # A summary written before a field existed reads it as None.
+        fields = {name: summary.get(name) for name in TrainResult.__dataclass_fields__}
+        return TrainResult(**{**fields, "run_dir": config.out, "weights": Path(summary["weights"])})
     state = _open_run_dir(config, run_config)
 
     seed_everything(config.seed)
@@ -156,23 +159,7 @@ def run(
         x = batch["inputs"]
         if augment is not None:
             x = augment(x, generator)
-        logits = model(x.to(device))
-        y = torch.from_numpy(batch["labels"]).to(device) if "labels" in batch else None
-        soft = {name: torch.from_numpy(batch[name]).to(device) for name in (cache.soft_arrays if cache else ())}
-        if "lengths" in batch:  # per-token logits: only the valid tokens count, as rows
-            valid = torch.arange(logits.shape[1], device=device) < torch.from_numpy(batch["lengths"]).to(device).unsqueeze(1)
-            logits, y = logits[valid], None if y is None else y[valid]
-            soft = {name: values[valid] for name, values in soft.items()}
-        if cache is None:
-            hard = F.cross_entropy(logits, y)
-            return hard, {"ce": hard.detach()}
-        if cache.layout.kind == "topk":
-            return topk_distillation_loss(
-                logits, soft["topk_values"], soft["topk_indices"], soft["logsumexp"], y,
-                alpha=config.alpha, temperature=temperature, cache_temperature=cache.temperature,
-            )
-        teacher = retemper(soft["logits"], cache.temperature, temperature)
-        return distillation_loss(logits, teacher, y, alpha=config.alpha, temperature=temperature)
+        return batch_loss(model(x.to(device)), batch, cache, alpha=config.alpha, temperature=temperature)
 
     steps_per_epoch = len(batch_bounds(len(train), config.batch_size))  # the readers batch alike
     total_steps = steps_per_epoch * (config.epochs - first_epoch)
@@ -223,11 +210,38 @@ def run(
         test_accuracy=metrics.get("test_accuracy"),
         test_errors=metrics.get("test_errors"),
         test_samples=metrics.get("test_num_samples"),
+        test_tokens=metrics.get("test_num_tokens"),
         test_nll=metrics.get("test_nll"),
         seconds=time.perf_counter() - started,
     )
     _write_json(config.out / "summary.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()})
     return result
+
+
+def batch_loss(
+    logits: torch.Tensor, batch: Rows, cache: CacheReader | None, *, alpha: float, temperature: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of the student's `logits` on one batch of rows: cross-entropy with the hard
+    labels without a cache, else the distillation loss of the cache's kind. For logits per
+    token ((B, L, C), with the batch's "lengths"), only valid tokens are rows of the loss:
+    padding positions get no gradient."""
+    device = logits.device
+    y = torch.from_numpy(batch["labels"]).to(device) if "labels" in batch else None
+    soft = {name: torch.from_numpy(batch[name]).to(device) for name in (cache.soft_arrays if cache else ())}
+    if "lengths" in batch:
+        valid = torch.arange(logits.shape[1], device=device) < torch.from_numpy(batch["lengths"]).to(device).unsqueeze(1)
+        logits, y = logits[valid], None if y is None else y[valid]
+        soft = {name: values[valid] for name, values in soft.items()}
+    if cache is None:
+        hard = F.cross_entropy(logits, y)
+        return hard, {"ce": hard.detach()}
+    if cache.layout.kind == "topk":
+        return topk_distillation_loss(
+            logits, soft["topk_values"], soft["topk_indices"], soft["logsumexp"], y,
+            alpha=alpha, temperature=temperature, cache_temperature=cache.temperature,
+        )
+    teacher = retemper(soft["logits"], cache.temperature, temperature)
+    return distillation_loss(logits, teacher, y, alpha=alpha, temperature=temperature)
 
 
 @torch.inference_mode()

@@ -18,10 +18,14 @@ import numpy as np
 import torch
 import zarr
 
-from stages.cache import FORMAT, SCHEMA_VERSION, ChunkGrid, dataset_size, is_cache, malformed_attributes, nonfinite_rows
-from stages.data import Split, sha256
+from stages.cache import (
+    FLOAT_ARRAYS, FORMAT, KINDS, SCHEMA_VERSION, Layout, dataset_size, is_cache, malformed_attributes, row_problem,
+    stored_rows,
+)
+from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
 from stages.runtime import AMP_DTYPES, autocast
+
 
 @dataclass
 class Report:
@@ -55,68 +59,67 @@ def verify(path: Path, *, teacher: torch.nn.Module | None = None, split: Split |
     report = Report(str(path))
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
-    if not _check_metadata(report, group, attrs):
+    layout = _check_metadata(report, group, attrs)
+    if layout is None:
         return report
-    grid = ChunkGrid(attrs["num_samples"], attrs["chunk_rows"])
+    grid = layout.grid
     done = group["chunk_done"][:]
     missing = np.flatnonzero(done == 0)
     report.add("complete", attrs["complete"] and not len(missing),
                f"complete={attrs['complete']}, {len(missing)} of {grid.num_chunks} chunks unwritten")
-    _check_chunks(report, group, attrs, grid)
+    _check_chunks(report, group, attrs, layout)
     _check_index_and_labels(report, group, attrs)
     if teacher is not None and split is not None and samples > 0:
-        _check_against_teacher(report, group, attrs, teacher, split, samples, seed, device or torch.device("cpu"))
+        _check_against_teacher(report, group, attrs, layout, teacher, split, samples, seed, device or torch.device("cpu"))
     return report
 
 
-def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> bool:
+def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> Layout | None:
+    """The layout the attributes describe, once they and the arrays agree with it; else None."""
     wrong = malformed_attributes(attrs)
     if not report.add("metadata", not wrong, f"missing or mistyped: {', '.join(wrong)}" if wrong else "all attributes present"):
-        return False
-    if not report.add("schema", attrs["schema_version"] <= SCHEMA_VERSION and attrs["kind"] == "dense",
-                      f"schema {attrs['schema_version']} kind {attrs['kind']!r} (this tool reads {SCHEMA_VERSION}, dense)"):
-        return False
-    n, rows = attrs["num_samples"], attrs["chunk_rows"]
-    expected = {"logits": (n, *attrs["row_shape"]), "index": (n,), "chunk_done": (ChunkGrid(n, rows).num_chunks,)}
-    if "labels" in group:
-        expected["labels"] = (n,)
+        return None
+    if not report.add("schema", attrs["schema_version"] <= SCHEMA_VERSION and attrs["kind"] in KINDS,
+                      f"schema {attrs['schema_version']} kind {attrs['kind']!r} (this tool reads {SCHEMA_VERSION}: {', '.join(KINDS)})"):
+        return None
+    try:
+        layout = Layout.from_attributes(attrs, labelled="labels" in group)
+    except (InputError, TypeError, IndexError) as exc:
+        report.add("layout", False, f"inconsistent layout attributes ({exc})")
+        return None
+    n, rows = layout.num_samples, layout.chunk_rows
+    expected = {name: ((n, *shape), dtype) for name, (shape, dtype, _, _) in layout.arrays().items()}
+    expected["chunk_done"] = ((layout.grid.num_chunks,), "uint8")
     problems = [
         f"{name}: {'absent' if name not in group else f'shape {group[name].shape}'} (expected {shape})"
-        for name, shape in expected.items()
+        for name, (shape, _) in expected.items()
         if name not in group or group[name].shape != shape
     ]
-    problems += [
-        f"{name}: chunked {group[name].chunks[0]} rows (expected {rows})"
-        for name in ("logits", "index", "labels") if name in group and group[name].chunks[0] != rows
-    ]
-    if "logits" in group and str(group["logits"].dtype) != attrs["dtype"]:
-        problems.append(f"logits: dtype {group['logits'].dtype} (attributes say {attrs['dtype']})")
-    return report.add("arrays", not problems, "; ".join(problems) or "shapes, chunking and dtype as described")
+    present = [name for name in layout.arrays() if name in group]
+    problems += [f"{name}: chunked {group[name].chunks[0]} rows (expected {rows})" for name in present if group[name].chunks[0] != rows]
+    problems += [f"{name}: dtype {group[name].dtype} (expected {expected[name][1]})" for name in present
+                 if str(group[name].dtype) != expected[name][1]]
+    if not report.add("arrays", not problems, "; ".join(problems) or "shapes, chunking and dtypes as described"):
+        return None
+    return layout
 
 
-def _check_chunk(group: zarr.Group, grid: ChunkGrid, chunk: int, num_classes: int, dataset_size: int) -> str | None:
+def _check_chunk(group: zarr.Group, layout: Layout, chunk: int, dataset_size: int) -> str | None:
     """Why one chunk is bad, or None when it is readable and its values are sound."""
-    start, stop = grid.rows(chunk)
+    start, stop = layout.grid.rows(chunk)
     try:
-        rows = {name: group[name][start:stop] for name in ("logits", "index", "labels") if name in group}
+        rows = {name: group[name][start:stop] for name in layout.arrays()}
     except Exception as exc:
         return f"unreadable ({type(exc).__name__})"
-    bad = start + nonfinite_rows(rows["logits"])
-    if len(bad):
-        return f"non-finite logits in rows {bad[:5].tolist()}"
-    if rows["index"].min() < 0 or rows["index"].max() >= dataset_size:
-        return "index outside the dataset"
-    if "labels" in rows and (rows["labels"].min() < 0 or rows["labels"].max() >= num_classes):
-        return "label outside [0, num_classes)"
-    return None
+    return row_problem(rows, layout, dataset_size, start)
 
 
-def _check_chunks(report: Report, group: zarr.Group, attrs: dict, grid: ChunkGrid) -> None:
-    tasks = [dask.delayed(_check_chunk)(group, grid, c, attrs["num_classes"], dataset_size(attrs)) for c in range(grid.num_chunks)]
+def _check_chunks(report: Report, group: zarr.Group, attrs: dict, layout: Layout) -> None:
+    tasks = [dask.delayed(_check_chunk)(group, layout, c, dataset_size(attrs)) for c in range(layout.grid.num_chunks)]
     results = dask.compute(*tasks, scheduler="threads")
     bad = [f"chunk {c}: {why}" for c, why in enumerate(results) if why]
     report.add("chunks", not bad, "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-               if bad else f"{grid.num_chunks} chunks readable and finite")
+               if bad else f"{layout.grid.num_chunks} chunks readable, finite and in range")
 
 
 def _check_index_and_labels(report: Report, group: zarr.Group, attrs: dict) -> None:
@@ -138,7 +141,7 @@ def _check_index_and_labels(report: Report, group: zarr.Group, attrs: dict) -> N
     if labels is None:
         return
     # The fingerprint hashes labels in dataset order; the cache stores them in row order.
-    in_dataset_order = np.full(size, -1, dtype=np.int64)
+    in_dataset_order = np.full((size, *labels.shape[1:]), -1, dtype=np.int64)
     in_dataset_order[index] = labels
     matches = sha256(in_dataset_order) == attrs["dataset"].get("fingerprint", {}).get("labels_sha256")
     report.add("labels", matches, "match the dataset fingerprint" if matches else "differ from the dataset fingerprint")
@@ -153,23 +156,38 @@ def _read_whole(report: Report, group: zarr.Group, name: str) -> np.ndarray | No
         return None
 
 
-def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, teacher: torch.nn.Module, split: Split,
-                           samples: int, seed: int, device: torch.device) -> None:
-    n = attrs["num_samples"]
+def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layout: Layout, teacher: torch.nn.Module,
+                           split: Split, samples: int, seed: int, device: torch.device) -> None:
+    """Re-run the teacher on random rows, derive what the cache should hold for them exactly as
+    cache-teacher does, and compare every stored array."""
+    n = layout.num_samples
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))
-    stored = group["logits"].oindex[rows].astype(np.float32)  # each chunk involved is decoded once
+    stored = {name: group[name].oindex[rows] for name in layout.arrays() if name not in ("index", "labels", "lengths")}
     index = group["index"].oindex[rows]
+    lengths = None if layout.tokens is None else torch.from_numpy(sequence_lengths(split, layout.tokens)[index])
     teacher = teacher.to(device).eval()
     amp = attrs.get("teacher_amp", "none")
-    with torch.inference_mode(), autocast(amp, device):  # as the teacher ran when caching
-        fresh = (teacher(split.inputs(index).to(device)).float() / attrs["temperature"]).cpu().numpy()
-    diff = np.abs(fresh - stored)
-    report.max_abs_diff = float(diff.max())
+    with torch.inference_mode():
+        with autocast(amp, device):  # as the teacher ran when caching
+            logits = teacher(split.inputs(index).to(device))
+        fresh_logits = logits.float() / attrs["temperature"]
+        fresh = {name: values.cpu().numpy() for name, values in stored_rows(fresh_logits, layout, lengths).items()}
     # Storage rounds to the cache's dtype: allow that rounding (relative) plus a little for
     # kernels that differ between batch compositions or devices; under autocast, reduced
     # precision kernels round at their own (coarser) precision, in each layer.
-    eps = float(np.finfo(attrs["dtype"]).eps)
+    eps = float(np.finfo(layout.dtype).eps)
     if amp != "none":
         eps = max(eps, 4 * float(torch.finfo(AMP_DTYPES[amp]).eps))
-    ok = bool((diff <= 1e-3 + eps * np.abs(fresh)).all())
-    report.add("teacher", ok, f"{len(rows)} rows re-run, largest |difference| {report.max_abs_diff:.3g} (in logits/T)")
+    compared = {name: (fresh[name].astype(np.float32), stored[name].astype(np.float32)) for name in FLOAT_ARRAYS if name in stored}
+    if "topk_indices" in stored:
+        # Near-ties may order the top k differently: check that the stored classes have the
+        # stored values in the fresh row, rather than comparing class numbers.
+        rounded = fresh_logits.to(getattr(torch, layout.dtype)).float().cpu()
+        at_stored = rounded.gather(-1, torch.from_numpy(stored["topk_indices"].astype(np.int64))).numpy()
+        if lengths is not None:
+            at_stored[(np.arange(layout.tokens) >= lengths.numpy()[:, None])] = 0
+        compared["topk_indices"] = (at_stored, stored["topk_values"].astype(np.float32))
+    report.max_abs_diff = max(float(np.abs(a - b).max()) for a, b in compared.values())
+    bad = [name for name, (a, b) in compared.items() if not (np.abs(a - b) <= 1e-3 + eps * np.abs(a)).all()]
+    report.add("teacher", not bad, f"{len(rows)} rows re-run, largest |difference| {report.max_abs_diff:.3g} (in logits/T)"
+               + (f"; {', '.join(bad)} differ" if bad else ""))

@@ -144,5 +144,5 @@ def test_pickled_objects_in_weights_are_refused(tmp_path):
 def test_parameterised_mlp():
     model = resolve_model("mlp:width=32,depth=3", num_classes=5, input_shape=(7,))
     assert [m.out_features for m in model if isinstance(m, torch.nn.Linear)] == [32, 32, 32, 5]
-    with pytest.raises(InputError, match="width and depth"):
+    with pytest.raises(InputError, match="width must be a whole number"):
         resolve_model("mlp:width=wide", num_classes=5, input_shape=(7,))

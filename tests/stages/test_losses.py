@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.losses import distillation_loss, retemper
+from stages.losses import distillation_loss, retemper, topk_distillation_loss, topk_teacher_log_probs
 
 
 def reference_loss(s, t, y, alpha, T):
@@ -65,3 +65,112 @@ def test_gradient_flows_only_to_student():
     loss, _ = distillation_loss(s, t, torch.tensor([0, 1, 2, 0]), alpha=0.5, temperature=2.0)
     loss.backward()
     assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+# Top-k: the loss over the K kept classes plus a tail bucket.
+
+
+def _topk_cache_row(t: torch.Tensor, T: float, k: int):
+    """What a top-k cache stores for teacher logits t at temperature T (in float32)."""
+    values, indices = (t / T).topk(k, dim=-1)
+    return values, indices, torch.logsumexp(t / T, dim=-1)
+
+
+def reference_topk_loss(s, t, y, alpha, T, k):
+    """(1-a)*CE + a*T^2*KL over the K+1 outcomes (the teacher's top k, then the rest), from the
+    definition, one row at a time in float64."""
+    s, t = s.double().numpy(), t.double().numpy()
+    total = 0.0
+    for row in range(len(s)):
+        p = np.exp(t[row] / T) / np.exp(t[row] / T).sum()
+        q = np.exp(s[row] / T) / np.exp(s[row] / T).sum()
+        kept = np.argsort(-t[row])[:k]
+        rest = np.setdiff1d(np.arange(len(p)), kept)
+        p_k = np.append(p[kept], p[rest].sum())
+        q_k = np.append(q[kept], q[rest].sum())
+        kl = float((p_k * (np.log(p_k) - np.log(q_k))).sum())
+        ce = -(s[row][y[row]] - math.log(np.exp(s[row]).sum()))
+        total += (1 - alpha) * ce + alpha * T * T * kl
+    return total / len(s)
+
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_topk_loss_matches_definition(k, alpha):
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(12, 10, generator=g) * 3, torch.randn(12, 10, generator=g) * 3
+    y = torch.randint(0, 10, (12,), generator=g)
+    loss, _ = topk_distillation_loss(s, *_topk_cache_row(t, 2.0, k), y, alpha=alpha, temperature=2.0, cache_temperature=2.0)
+    assert float(loss) == pytest.approx(reference_topk_loss(s, t, y, alpha, 2.0, k), rel=1e-5)
+
+
+@pytest.mark.parametrize("T_new", [4.0, 1.0, 8.0])
+def test_topk_loss_with_k_equal_to_classes_is_the_dense_loss(T_new):
+    """Nothing dropped: at the cache's T and re-tempered, top-k and dense losses agree."""
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(16, 7, generator=g) * 3, torch.randn(16, 7, generator=g) * 5
+    y = torch.randint(0, 7, (16,), generator=g)
+    dense, _ = distillation_loss(s, retemper(t / 4.0, 4.0, T_new), y, alpha=0.6, temperature=T_new)
+    topk, _ = topk_distillation_loss(s, *_topk_cache_row(t, 4.0, 7), y, alpha=0.6, temperature=T_new, cache_temperature=4.0)
+    assert float(topk) == pytest.approx(float(dense), rel=1e-5)
+
+
+def test_student_equal_to_teacher_has_zero_topk_loss_on_the_same_support():
+    """The known trap: normalising the teacher over its top k but the student over all classes
+    leaves a loss even for a perfect student. Over the same K+1 support it is zero."""
+    t = torch.randn(8, 50) * 3
+    values, indices, lse = _topk_cache_row(t, 2.0, 5)
+    _, parts = topk_distillation_loss(t.clone(), values, indices, lse, None, alpha=1.0, temperature=2.0, cache_temperature=2.0)
+    assert float(parts["kd"]) == pytest.approx(0.0, abs=1e-5)
+    renormalised_teacher = torch.log_softmax(values, dim=-1)
+    student_over_all = torch.log_softmax(t / 2.0, dim=-1).gather(-1, indices)
+    trap = (renormalised_teacher.exp() * (renormalised_teacher - student_over_all)).sum(-1).mean()
+    assert float(trap) > 0.05
+
+
+def test_topk_retempering_keeps_kept_ratios_exact_and_bounds_the_tail():
+    """At T' != T the kept classes' relative probabilities are exact; the tail mass is an
+    estimate that lies, like the true tail mass, between the two documented bounds."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(64, 40, generator=g) * 4
+    T, k = 2.0, 6
+    values, indices, lse = _topk_cache_row(t, T, k)
+    for T_new in (1.0, 1.5, 3.0, 6.0):
+        ratio = T / T_new
+        estimated = topk_teacher_log_probs(values, lse, 40, ratio).double().exp()
+        true = torch.softmax(t.double() / T_new, dim=-1)
+        true_kept = true.gather(-1, indices)
+        torch.testing.assert_close(estimated[:, :k] / estimated[:, :k].sum(-1, keepdim=True),
+                                   true_kept / true_kept.sum(-1, keepdim=True))
+        # Bounds on the tail's sum of exp(ratio * v) over its C - K classes, given its sum of exp(v) (S) and
+        # that no tail value exceeds the K-th kept value v_K: even spread, and packed at v_K.
+        v = (t.double() / T).sort(-1, descending=True).values
+        S = v[:, k:].exp().sum(-1)
+        even = (40 - k) * (S / (40 - k)) ** ratio
+        packed = S * v[:, k - 1].exp() ** (ratio - 1)
+        low, high = torch.minimum(even, packed), torch.maximum(even, packed)
+        true_tail = (ratio * v[:, k:]).exp().sum(-1)
+        kept = (ratio * v[:, :k]).exp().sum(-1)
+        estimated_tail = estimated[:, k]
+        assert ((true_tail >= low * (1 - 1e-9)) & (true_tail <= high * (1 + 1e-9))).all()
+        assert ((estimated_tail >= low / (kept + low) - 1e-6) & (estimated_tail <= high / (kept + high) + 1e-6)).all()
+
+
+def test_topk_retempering_is_exact_for_an_evenly_spread_tail():
+    kept = torch.tensor([[5.0, 3.0, 2.5]])
+    t = torch.cat([kept, torch.full((1, 7), 0.5)], dim=-1)
+    values, indices, lse = _topk_cache_row(t, 2.0, 3)
+    true = torch.softmax(t / 0.7, dim=-1)
+    expected = torch.cat([true[:, :3], true[:, 3:].sum(-1, keepdim=True)], dim=-1)
+    torch.testing.assert_close(topk_teacher_log_probs(values, lse, 10, 2.0 / 0.7).exp(), expected)
+
+
+def test_topk_gradient_is_finite_when_the_teacher_tail_is_empty():
+    """float16 logits of a confident teacher can leave no tail mass at all: still finite."""
+    s = torch.randn(4, 6, requires_grad=True)
+    values = torch.tensor([[60.0, 0.0, -1.0]] * 4)  # the tail underflows to exactly 0
+    indices = torch.tensor([[0, 1, 2]] * 4)
+    lse = torch.logsumexp(torch.tensor([[60.0, 0.0, -1.0, -50.0, -50.0, -50.0]] * 4), dim=-1)
+    loss, _ = topk_distillation_loss(s, values, indices, lse, None, alpha=1.0, temperature=1.0, cache_temperature=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
