@@ -1,12 +1,17 @@
-"""`pipeline demo`: the whole pipeline on the embedded MNIST digits, end to end.
+"""`pipeline demo` and `pipeline demo-lm`: the whole pipeline end to end.
 
-Trains a CNN teacher on the 4,000 training digits, caches its logits at T=4 on that split,
-then for each seed trains the same MLP twice, from scratch and distilled from the cache, and
-reports test errors out of the 1,000 held-out digits with the seconds each stage took.
+`demo` trains a CNN teacher on the 4,000 embedded MNIST training digits, caches its logits at
+T=4 on that split, then for each seed trains the same MLP twice, from scratch and distilled
+from the cache, and reports test errors out of the 1,000 held-out digits with the seconds each
+stage took.
+
+`demo-lm` trains a byte-level transformer LM on the standard library's source, caches it per
+token densely and at top-k, and compares students by disk per token and bits per byte.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -14,6 +19,7 @@ from rich.table import Table
 
 from pipeline.jobs import run_caching, run_training
 from stages.cache_teacher import CacheTeacherConfig
+from stages.inspection import describe_cache
 from stages.train_student import TrainConfig
 
 DATASET = "mnist-5k"
@@ -82,4 +88,99 @@ def demo_table(report: dict) -> Table:
         table.add_row(s["name"], how, str(s["seed"]), str(s["test_errors"]), f"{s['seconds']:.1f}")
     for mode, errors in report["mean_test_errors"].items():
         table.add_row(STUDENT, f"{mode}: mean over seeds", "", f"{errors:.1f}", "", style="bold")
+    return table
+
+
+# The language-model demo: `pipeline demo-lm`.
+LM_DATASET = "stdlib-bytes"
+LM_TEACHER = "bytelm-teacher"
+LM_STUDENT = "bytelm-student"
+LM_TEMPERATURE = 1.0
+LM_ALPHA = 0.5
+LM_TEACHER_EPOCHS = 4
+LM_STUDENT_EPOCHS = 8
+LM_BATCH_SIZE = 32
+LM_TEACHER_LR = 2e-3
+LM_TOP_KS = (8, 32, 64)
+
+
+def run_lm_demo(out: Path, *, seeds: int = 2, device: str = "auto", teacher_weights: Path | None = None) -> dict:
+    """Distil a byte-level transformer LM over the standard library's source: a dense token-level
+    cache against top-k caches, and hard labels, by bytes per token on disk and the student's
+    bits per byte on held-out files. Replaces an earlier demo in `out`."""
+    if teacher_weights is None:
+        teacher_weights = out / "teacher.safetensors"
+        teacher = run_training(
+            TrainConfig(
+                model=LM_TEACHER, dataset=LM_DATASET, out=out / "teacher.run", weights_out=teacher_weights, alpha=0.0,
+                epochs=LM_TEACHER_EPOCHS, batch_size=LM_BATCH_SIZE, lr=LM_TEACHER_LR, augment="none", device=device,
+                overwrite=True,
+            )
+        )
+        teacher_report = {"test_bits_per_byte": _bits(teacher.test_nll), "num_parameters": teacher.num_parameters,
+                          "seconds": teacher.seconds}
+    else:
+        teacher_report = {"weights": str(teacher_weights)}
+    caches = {}
+    for top_k in (None, *LM_TOP_KS):
+        name = "dense" if top_k is None else f"top{top_k}"
+        result = run_caching(
+            CacheTeacherConfig(
+                teacher=LM_TEACHER, teacher_weights=teacher_weights, dataset=LM_DATASET, out=out / f"{name}.zarr",
+                temperature=LM_TEMPERATURE, format="dense" if top_k is None else "topk", top_k=top_k, device=device,
+                overwrite=True,
+            )
+        )
+        described = describe_cache(result.cache)
+        caches[name] = {"path": str(result.cache), "bytes_per_token": described["bytes_per_token"],
+                        "soft_label_bytes_per_token": described["soft_label_bytes_per_token"],
+                        "mean_tail_mass": described.get("tail_mass", {}).get("mean"), "seconds": result.seconds}
+    students = []
+    for seed in range(seeds):
+        for name in ("hard labels", *caches):
+            result = run_training(
+                TrainConfig(
+                    model=LM_STUDENT, dataset=LM_DATASET, out=out / f"student-{name.replace(' ', '-')}-s{seed}",
+                    cache=Path(caches[name]["path"]) if name in caches else None, alpha=LM_ALPHA,
+                    epochs=LM_STUDENT_EPOCHS, batch_size=LM_BATCH_SIZE, seed=seed, device=device, overwrite=True,
+                )
+            )
+            students.append({"trained_from": name, "seed": seed, "test_bits_per_byte": _bits(result.test_nll),
+                             "test_accuracy": result.test_accuracy, "seconds": result.seconds})
+    mean_bits = {name: statistics.mean(s["test_bits_per_byte"] for s in students if s["trained_from"] == name)
+                 for name in ("hard labels", *caches)}
+    dense = caches["dense"]
+    return {
+        "dataset": LM_DATASET,
+        "teacher": {"name": LM_TEACHER, **teacher_report},
+        "student": LM_STUDENT,
+        "temperature": LM_TEMPERATURE,
+        "alpha": LM_ALPHA,
+        "caches": caches,
+        "students": students,
+        "mean_test_bits_per_byte": mean_bits,
+        "top32_bytes_vs_dense": caches["top32"]["bytes_per_token"] / dense["bytes_per_token"],
+        "top32_bits_vs_dense": mean_bits["top32"] / mean_bits["dense"],
+    }
+
+
+def _bits(nll_nats: float) -> float:
+    """Bits per byte from a byte-level model's mean NLL in nats per token (one token is one byte)."""
+    return nll_nats / math.log(2)
+
+
+def lm_demo_table(report: dict) -> Table:
+    table = Table(title=f"pipeline demo-lm on {report['dataset']}: {report['student']} distilled from {report['teacher']['name']} "
+                        f"(T={report['temperature']:g}, alpha={report['alpha']})")
+    for column in ("student trained from", "bytes per token on disk", "vs dense", "mean tail mass", "test bits per byte (mean)"):
+        table.add_column(column, justify="left" if column == "student trained from" else "right")
+    dense = report["caches"]["dense"]["bytes_per_token"]
+    for name, bits in report["mean_test_bits_per_byte"].items():
+        cache = report["caches"].get(name)
+        tail = cache and cache["mean_tail_mass"]
+        table.add_row(name, f"{cache['bytes_per_token']:.1f}" if cache else "", f"{cache['bytes_per_token'] / dense:.3f}" if cache else "",
+                      f"{tail:.4f}" if tail is not None and cache else "", f"{bits:.4f}")
+    if "test_bits_per_byte" in report["teacher"]:
+        table.add_row(f"teacher ({report['teacher']['num_parameters']} parameters)", "", "", "",
+                      f"{report['teacher']['test_bits_per_byte']:.4f}", style="bold")
     return table

@@ -54,8 +54,16 @@ def output_shape(model: torch.nn.Module, split: Split, device: torch.device, rol
     """What `model` (in eval mode) outputs per sample for the split's first input: (classes,),
     or (positions, classes) for a model of sequences that outputs logits per token."""
     model.eval()
+    first = split.inputs(np.zeros(1, dtype=np.int64))
     with torch.inference_mode():
-        out = model(split.inputs(np.zeros(1, dtype=np.int64)).to(device))
+        try:
+            out = model(first.to(device))
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            # Almost always a model that does not fit the data (a shape, a dtype, a vocabulary).
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(
+                f"the {role} fails on the dataset's inputs ({tuple(first.shape[1:])} {str(first.dtype).removeprefix('torch.')}): {message}"
+            ) from exc
     if out.ndim not in (2, 3):
         raise InputError(
             f"the {role} must return logits of shape (batch, classes) or (batch, tokens, classes), got {tuple(out.shape)}"

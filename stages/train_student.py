@@ -281,6 +281,8 @@ def _check_inputs(
         raise InputError(f"--out {config.out} is a file; give a folder for the run")
     shape = output_shape(model, train, device, "model")
     lengths = sequence_lengths(train, shape[0]) if len(shape) == 2 else None
+    if cache is not None:
+        _check_cache_fits(config, cache, train, shape)
     if evaluation is not None:
         if evaluation.labels is None:
             raise InputError(f"cannot evaluate on split {evaluation.name!r}: it has no labels (pick another --eval-split)")
@@ -293,6 +295,15 @@ def _check_inputs(
             raise InputError(f"split {train.name!r} has no labels: training without a cache needs them")
         check_labels_fit(train, shape, "model")
         return train.labels, lengths
+    if config.alpha < 1.0 and not cache.labelled:
+        raise InputError("the cache has no hard labels; use --alpha 1 (soft labels only)")
+    # The fingerprint just matched every label and length, so the split's are the cache's:
+    # taking them from memory spares the reader arrays per chunk.
+    return train.labels, lengths
+
+
+def _check_cache_fits(config: TrainConfig, cache: CacheReader, train: Split, shape: tuple[int, ...]) -> None:
+    """The student's output fits the cache's rows, and the cache was made from this split."""
     if shape[-1] != cache.num_classes:
         raise CacheMismatchError(f"the student outputs {shape[-1]} classes but the cache has {cache.num_classes}")
     cached = (*cache.layout.position_shape, cache.num_classes)
@@ -307,11 +318,6 @@ def _check_inputs(
             f"(made from {cache.attrs['dataset']['spec']} split {cache.attrs['dataset']['split']!r}): "
             f"{', '.join(differ)} differ"
         )
-    if config.alpha < 1.0 and not cache.labelled:
-        raise InputError("the cache has no hard labels; use --alpha 1 (soft labels only)")
-    # The fingerprint just matched every label and length, so the split's are the cache's:
-    # taking them from memory spares the reader arrays per chunk.
-    return train.labels, lengths
 
 
 def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, lengths: np.ndarray | None,

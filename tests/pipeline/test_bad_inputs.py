@@ -33,6 +33,15 @@ def _copy(cache: Path, tmp_path: Path) -> Path:
     return target
 
 
+LM_DATA = "stdlib-bytes:seq=8,train=400,test=80"
+LM_TEACHER = "bytelm:dim=8,layers=1,heads=1"
+
+
+def _token_cache(tmp_path: Path) -> Path:
+    invoke_json("cache-teacher", "--teacher", LM_TEACHER, "--dataset", LM_DATA, "--out", tmp_path / "tok.zarr")
+    return tmp_path / "tok.zarr"
+
+
 def _run_folder(tmp_path: Path, cache: Path) -> Path:
     invoke_json("train-student", "--cache", cache, "--student", "mlp-64", "--epochs", "1", "--out", tmp_path / "run")
     return tmp_path / "run"
@@ -116,6 +125,20 @@ CASES = {
         or (["train-student", "--cache", t / "copy.zarr", "--student", "mlp-64"], 4, "malformed: schema_version"),
     "array metadata corrupted": lambda t, c, w: (_copy(c, t) / "logits" / "zarr.json").write_text("{not json")
         and (["train-student", "--cache", t / "copy.zarr", "--student", "mlp-64"], 4, "cannot be opened"),
+    "unknown cache format": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "f.zarr", "--format", "sparse"], 2, "--format must be one of dense, topk"),
+    "top-k without --format topk": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "f.zarr", "--top-k", "2"], 2, "--top-k K goes with --format topk"),
+    "--format topk without --top-k": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "f.zarr", "--format", "topk"], 2, "needs --top-k K"),
+    "top-k above the class count": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "f.zarr", "--format", "topk", "--top-k", "9"], 2, "between 1 and the number of classes (4)"),
+    "existing dense cache re-run as top-k": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--teacher-weights", w, "--dataset", DATASET, "--out", c, "--temperature", "3", "--chunk-rows", "64", "--format", "topk", "--top-k", "2"], 2, "kind: cache has dense, this run topk"),
+    "per-sample student on a token cache": lambda t, c, w: (["train-student", "--cache", _token_cache(t), "--student", _user_file(t, "pooled", """
+        from torch import nn
+        def build(num_classes):
+            return nn.Sequential(nn.Embedding(num_classes, 4), nn.Flatten(), nn.Linear(32, num_classes))
+    """), "--out", t / "r"], 3, "outputs logits of shape (256,) per sample but the cache holds rows of (8, 256)"),
+    "float inputs for a language model": lambda t, c, w: (["cache-teacher", "--teacher", "bytelm", "--dataset", DATASET, "--out", t / "f.zarr"], 2, "needs integer token ids"),
+    "model that does not fit the data": lambda t, c, w: (["train-student", "--student", "mlp-64", "--dataset", LM_DATA, "--out", t / "r"], 2, "the model fails on the dataset's inputs ((8,) int64)"),
+    "bad bytelm spec": lambda t, c, w: (["cache-teacher", "--teacher", "bytelm:dim=10,heads=3", "--dataset", LM_DATA, "--out", t / "f.zarr"], 2, "dim (10) must be a multiple of heads (3)"),
+    "bad stdlib-bytes spec": lambda t, c, w: (["cache-teacher", "--teacher", "bytelm", "--dataset", "stdlib-bytes:seq=0", "--out", t / "f.zarr"], 2, "need seq >= 1"),
     "cuda without a GPU": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--device", "cuda"], 2, "CUDA"),
 }
 

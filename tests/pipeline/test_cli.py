@@ -43,6 +43,28 @@ def test_end_to_end_on_tiny_data(tmp_path, monkeypatch):
     assert scratch["mode"] == "scratch"
 
 
+def test_language_model_end_to_end_with_a_topk_token_cache(tmp_path):
+    """The byte-level LM path as a user runs it: teacher, top-k token cache, inspect, verify, student."""
+    data, teacher_spec = "stdlib-bytes:seq=16,train=3000,test=600", "bytelm:dim=16,layers=1,heads=2"
+    teacher = invoke_json("train-teacher", "--model", teacher_spec, "--dataset", data, "--epochs", "1", "--batch-size", "32",
+                          "--out", tmp_path / "lm.safetensors")
+    assert teacher["test_tokens"] == sum(resolve_dataset(data).split("test").lengths)
+    cache = invoke_json("cache-teacher", "--teacher", teacher_spec, "--teacher-weights", teacher["weights"], "--dataset", data,
+                        "--temperature", "1", "--format", "topk", "--top-k", "8")
+    assert Path(cache["cache"]).name == "bytelm-dim-16-layers-1-heads-2-stdlib-bytes-seq-16-train-3000-test-600-train-T1-top8.zarr"
+    report = invoke_json("inspect", cache["cache"])
+    assert report["kind"] == "topk" and report["top_k"] == 8 and report["row_shape"] == [16, 8]
+    assert report["num_tokens"] == sum(resolve_dataset(data).split("train").lengths)
+    assert report["soft_label_bytes_per_token"] >= 8 * 3 + 4 and 0 < report["tail_mass"]["mean"] < 1
+    verified = invoke_json("verify", cache["cache"], "--teacher", teacher_spec, "--teacher-weights", teacher["weights"])
+    assert verified["ok"] and verified["max_abs_diff"] < 1e-2
+    student = invoke_json("train-student", "--cache", cache["cache"], "--student", "bytelm:dim=8,layers=1,heads=1",
+                          "--epochs", "3", "--batch-size", "16", "--out", tmp_path / "s")
+    assert student["mode"] == "distilled" and student["test_tokens"] == teacher["test_tokens"]
+    epochs = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[-1]["train_kd"] < epochs[0]["train_kd"] and epochs[-1]["test_nll"] < epochs[0]["test_nll"]
+
+
 def test_default_paths_go_under_the_data_root(tmp_path, teacher_weights):
     cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET)
     assert Path(cache["cache"]) == tmp_path / "data" / "caches" / "mlp-64-synthetic-n-600-test-200-features-8-classes-4-seed-3-train-T4.zarr"

@@ -112,10 +112,38 @@ def test_model_factory_from_a_module_gets_input_shape_when_it_asks(tmp_path, mon
         resolve_model("my_models:missing", num_classes=3, input_shape=(2, 5))
 
 
-@pytest.mark.parametrize("name", list(BUILTIN_MODELS))
-def test_builtin_models_output_logits(name):
+@pytest.mark.parametrize("name", [name for name in BUILTIN_MODELS if not name.startswith("bytelm")])
+def test_builtin_image_models_output_logits(name):
     model = resolve_model(name, num_classes=7, input_shape=(1, 28, 28))
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", ["bytelm-teacher", "bytelm-student", "bytelm:dim=24,layers=3,heads=3"])
+def test_builtin_language_models_predict_every_next_token(name):
+    model = resolve_model(name, num_classes=256, input_shape=(20,)).eval()
+    tokens = torch.randint(0, 256, (3, 20))
+    logits = model(tokens)
+    assert logits.shape == (3, 20, 256)
+    # Causal: changing a later token never changes an earlier position's prediction.
+    changed = tokens.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed)[:, :12], logits[:, :12].detach())
+        assert not torch.allclose(model(changed)[:, 12:], logits[:, 12:])
+
+
+def test_stdlib_bytes_is_next_byte_prediction_on_real_source():
+    split = resolve_dataset("stdlib-bytes:seq=32,train=5000,test=1000").split("train")
+    assert split.num_classes == 256 and split.x.dtype == torch.int64 and split.labels.shape == (len(split), 32)
+    text = b"".join(bytes(row[:n].tolist()) for row, n in zip(split.x, split.lengths))
+    assert b"def " in text and b"import " in text  # Python source
+    valid = np.arange(32)[None, :] < split.lengths[:, None]
+    # Targets are the inputs shifted by one byte; within a row that is exact.
+    np.testing.assert_array_equal(split.labels[:, :-1][valid[:, 1:]], split.x.numpy()[:, 1:][valid[:, 1:]])
+    assert 4990 <= split.lengths.sum() < 5000  # each file's text of n bytes gives n - 1 targets
+    assert (split.x.numpy()[~valid] == 0).all() and (split.labels[~valid] == 0).all()
+    test = resolve_dataset("stdlib-bytes:seq=32,train=5000,test=1000").split("test")
+    assert not set(map(bytes, test.x[:5].tolist())) & set(map(bytes, split.x.tolist()))  # other files
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
