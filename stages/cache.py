@@ -62,9 +62,9 @@ DTYPES = ("float16", "float32")
 # is a gap or damage, never data).
 SOFT_ARRAYS = {"dense": ("logits",), "topk": ("topk_values", "topk_indices", "logsumexp")}
 FLOAT_ARRAYS = ("logits", "topk_values", "logsumexp")
-# Codecs for the logits array. float16 logits hardly compress losslessly (zstd: ~1.1x), and
-# decoding costs the training loop CPU time, so "none" is the default; index and labels are
-# always zstd-compressed (they compress well and are small).
+# Codecs for the soft-label arrays. float16 logits hardly compress losslessly (zstd: ~1.1x),
+# and decoding costs the training loop CPU time, so "none" is the default; index, labels and
+# lengths are always zstd-compressed (they compress well and are small).
 CODECS = ("none", "zstd")
 ZSTD_LEVEL = 3
 # Default chunking: about 2 MB of logits per chunk (1024 rows x 1000 classes x float16), where
@@ -75,11 +75,6 @@ DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 MAX_CHUNK_ROWS = 1024
 
 Rows = dict[str, np.ndarray]
-
-
-def codec_attribute(codec: str) -> str:
-    """How the `codec` attribute names the logits' compression."""
-    return "none" if codec == "none" else f"zstd(level={ZSTD_LEVEL})"
 
 
 def default_chunk_rows(row_bytes: int) -> int:
@@ -256,7 +251,8 @@ class Layout:
         return {
             "kind": self.kind, "num_samples": self.num_samples, "num_classes": self.num_classes,
             "row_shape": list(self.row_shape), "row_axes": self.row_axes, "top_k": self.top_k,
-            "chunk_rows": self.chunk_rows, "dtype": self.dtype, "codec": codec_attribute(self.codec),
+            "chunk_rows": self.chunk_rows, "dtype": self.dtype,
+            "codec": "none" if self.codec == "none" else f"zstd(level={ZSTD_LEVEL})",
         }
 
     @classmethod
@@ -292,8 +288,8 @@ def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tens
         }
     if lengths is not None:
         padding = torch.arange(rounded.shape[1], device=rounded.device) >= lengths.to(rounded.device).unsqueeze(1)
-        for values in rows.values():
-            values[padding] = 0
+        for array in rows.values():
+            array[padding] = 0
     return rows
 
 
