@@ -196,7 +196,7 @@ class InMemorySoftLabels:
 
     def __init__(self, cache: CacheReader):
         self.attrs, self.temperature, self.num_classes, self.labelled = cache.attrs, cache.temperature, cache.num_classes, cache.labelled
-        self.layout, self.soft_arrays = cache.layout, cache.soft_arrays
+        self.layout, self.soft_arrays, self.check_split = cache.layout, cache.soft_arrays, cache.check_split
         self._rows = {name: array[:] for name, array in cache.arrays.items()}
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, names: tuple[str, ...] | None = None, **_) -> Iterator[Rows]:
@@ -212,7 +212,7 @@ class OnlineTeacher:
 
     def __init__(self, teacher: torch.nn.Module, split: Split, cache: CacheReader, device: torch.device):
         self.attrs, self.temperature, self.num_classes, self.labelled = cache.attrs, cache.temperature, cache.num_classes, True
-        self.layout, self.soft_arrays = cache.layout, cache.soft_arrays
+        self.layout, self.soft_arrays, self.check_split = cache.layout, cache.soft_arrays, cache.check_split
         self._teacher, self._split, self._device = teacher, split, device
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, **_) -> Iterator[Rows]:

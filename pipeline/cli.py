@@ -24,10 +24,11 @@ from rich.table import Table
 
 from pipeline import DATA_ROOT, __version__
 from pipeline.config import build_config, field_default, merge_options
-from pipeline.jobs import run_caching, run_training, run_verify
+from pipeline.jobs import run_caching, run_evaluate, run_training, run_verify
+from pipeline.specs import slug
 from stages import cache_teacher, train_student
 from stages.cache import CacheReader
-from stages.inspection import describe_cache
+from stages.inspection import describe_cache, plot_report
 from stages.errors import CacheDamagedError, InputError, PipelineError
 
 app = typer.Typer(
@@ -196,7 +197,7 @@ def cache_teacher_command(
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")}, CT)
     if values["out"] is None and values["teacher"] and values["dataset"]:
         kept = f"-top{values['top_k']}" if values["format"] == "topk" else ""
-        name = f"{_slug(values['teacher'])}-{_slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}{kept}.zarr"
+        name = f"{slug(values['teacher'])}-{slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}{kept}.zarr"
         values["out"] = DATA_ROOT / "caches" / name
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
     with _progress_bar("teacher pass (rows)") as progress:
@@ -247,7 +248,7 @@ def train_student_command(
     values["split"] = values["split"] or "train"
     if values["out"] is None and values["student"]:
         mode = "kd" if values["cache"] is not None else "scratch"
-        values["out"] = DATA_ROOT / "runs" / f"{_slug(values['student'])}-{mode}-s{values['seed']}"
+        values["out"] = DATA_ROOT / "runs" / f"{slug(values['student'])}-{mode}-s{values['seed']}"
     if values["student"] is None or values["dataset"] is None:
         raise InputError(f"missing option {'--student' if values['student'] is None else '--dataset (or --cache)'}")
     values["model"], values["model_weights"] = values.pop("student"), values.pop("student_weights")
@@ -278,7 +279,7 @@ def train_teacher_command(
 
         pipeline train-teacher --model cnn --dataset mnist-5k --epochs 15 --augment shift:2
     """
-    out = out or DATA_ROOT / "teachers" / f"{_slug(model)}-{_slug(dataset)}.safetensors"
+    out = out or DATA_ROOT / "teachers" / f"{slug(model)}-{slug(dataset)}.safetensors"
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; give the weights file to write")
     if out.exists() and not overwrite:
@@ -328,21 +329,121 @@ def verify_command(
         raise CacheDamagedError(f"cache {cache} failed verification: {failed}")
 
 
+@app.command("sweep")
+@handle_errors
+def sweep_command(
+    config: Annotated[Path, typer.Argument(help="TOML file describing the grid (see pipeline/sweep.py or the README).", show_default=False)],
+    jobs: Annotated[int, typer.Option(min=1, help="Runs at a time, each in its own process (1: one after another, in this process).")] = 1,
+    out: Annotated[Path | None, typer.Option(help="Folder for the runs and the leaderboard. (default: the file's `out`, else data/sweeps/CONFIG-NAME)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a grid of students from one cache and rank them on a leaderboard.
+
+    The grid: students x alphas x temperatures x seeds, plus each student on hard labels. Finished runs are reused and interrupted ones resume, so re-running the same command after a
+    kill does only what is left. Writes leaderboard.csv, leaderboard.json and leaderboard.png
+    (test accuracy against student size and against T) into the sweep folder.
+
+    Example:
+
+        pipeline sweep sweep.toml --jobs 2
+    """
+    from pipeline.sweep import read_sweep, run_sweep
+
+    runs = read_sweep(config, out, DATA_ROOT)
+    folder = runs[0].config.out.parent
+    board = run_sweep(runs, folder, jobs)
+    _emit(as_json, board, _leaderboard_table(board))
+    if board["failures"]:
+        first, why = sorted(board["failures"].items())[0]
+        raise PipelineError(f"{len(board['failures'])} of {board['runs_total']} runs failed; {first}: {why}")
+
+
+def _leaderboard_table(board: dict) -> Table:
+    table = Table(title=f"sweep {board['folder']}: {board['runs_total']} runs ({board['runs_reused']} reused), best first")
+    for column in ("student", "params", "labels", "alpha", "T", "seeds", "test acc", "min-max", "errors"):
+        table.add_column(column, justify="left" if column in ("student", "labels") else "right")
+    for g in board["groups"]:
+        table.add_row(
+            g["student"], str(g["num_parameters"]), "hard" if g["mode"] == "scratch" else "soft",
+            "" if g["alpha"] is None else f"{g['alpha']:g}", "" if g["temperature"] is None else f"{g['temperature']:g}",
+            str(g["seeds"]), f"{g['accuracy_mean']:.4f}", f"{g['accuracy_min']:.3f}-{g['accuracy_max']:.3f}", f"{g['errors_mean']:.1f}",
+        )
+    return table
+
+
+@app.command("combine")
+@handle_errors
+def combine_command(
+    caches: Annotated[list[Path], typer.Argument(help="Two or more dense caches of the same dataset split, in the same order, at the same T.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="The ensemble cache to write.", show_default=False)],
+    rule: Annotated[str, typer.Option(help="mean-probs (average the teachers' softened probabilities) or mean-logits (average their logits / T).")] = "mean-probs",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Combine several teachers' caches into one cache of their ensemble, for students to distil from.
+
+    Every teacher's provenance and the rule are recorded in the new cache. Caches of other
+    datasets, splits, row orders, temperatures or class counts are refused.
+
+    Example:
+
+        pipeline combine data/caches/cnn-s0.zarr data/caches/cnn-s1.zarr --out data/caches/cnn-ensemble.zarr
+    """
+    from stages.ensemble import CombineConfig, run
+
+    result = run(CombineConfig(caches=tuple(caches), out=out, rule=rule, overwrite=overwrite))
+    _emit(as_json, vars(result), _key_value_table("ensemble cache written", vars(result)))
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate_command(
+    model: Annotated[str, typer.Option(help="Model spec (a student or a teacher): a built-in name, package.module:factory or path/to/file.py:factory.", show_default=False)],
+    weights: Annotated[Path | None, typer.Option(help="Its weights (.safetensors or a state dict), e.g. RUN/model.safetensors.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset spec. (default: the cache's dataset)")] = None,
+    split: Annotated[str, typer.Option(help="Split to measure accuracy, NLL and speed on.")] = "test",
+    cache: Annotated[Path | None, typer.Option(help="Also report agreement with this cache's teacher top-1, on the cache's own split.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size for evaluation and for the latency measurement.")] = 256,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Measure a trained model: accuracy, NLL, agreement with a cached teacher, size and speed.
+
+    Latency is the median of 20 timed forward passes of one batch after 3 warm-up passes.
+
+    Example:
+
+        pipeline evaluate --model mlp-400 --weights data/runs/mlp-400-kd-s0/model.safetensors --dataset mnist-5k --cache data/caches/cnn-mnist-5k-train-T4.zarr
+    """
+    report = run_evaluate(model, weights, dataset=dataset, split=split, cache=cache, batch_size=batch_size, device=device)
+    _emit(as_json, report, _key_value_table(f"evaluate {model}", _flattened(report)))
+
+
 @app.command("inspect")
 @handle_errors
 def inspect_command(
     cache: Annotated[Path, typer.Argument(help="The cache to describe.", show_default=False)],
+    png: Annotated[Path | None, typer.Option(help="Where to write the plots (confidence and entropy histograms, reliability). (default: data/inspect/CACHE-NAME.png)")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Describe a cache: what made it, its layout, bytes on disk per row (and per token), the
-    teacher's metrics and, for a top-k cache, how much probability the kept entries miss.
+    """Describe a cache: provenance, layout, size, the teacher's quality and calibration.
+
+    Shows bytes on disk per row (and per token), the teacher's accuracy, NLL and calibration
+    error (ECE) at T=1 and at the cache's T, and for a top-k cache how much probability the kept
+    entries miss; writes histograms of the teacher's confidence and entropy and a reliability
+    diagram to a PNG.
 
     Example:
 
-        pipeline inspect data/caches/bytelm-teacher-stdlib-bytes-train-T1-top32.zarr
+        pipeline inspect data/caches/cnn-mnist-5k-train-T4.zarr
     """
     report = describe_cache(cache)
-    _emit(as_json, report, _key_value_table(f"cache {cache}", _flattened(report)))
+    if "histograms" in report:
+        report["png"] = png or DATA_ROOT / "inspect" / f"{cache.name.removesuffix('.zarr')}.png"
+        plot_report(report, report["png"])
+    brief = {k: v for k, v in report.items() if k not in ("histograms",)}
+    brief["calibration"] = {t: {k: v for k, v in entry.items() if k != "reliability"} for t, entry in report.get("calibration", {}).items()}
+    _emit(as_json, report, _key_value_table(f"cache {cache}", _flattened(brief)))
 
 
 def _flattened(report: dict, prefix: str = "") -> dict[str, Any]:
@@ -443,14 +544,6 @@ def demo_lm_command(
 
     report = run_lm_demo(out, seeds=seeds, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, lm_demo_table(report))
-
-
-def _slug(spec: str) -> str:
-    """A file-name-safe short name for a spec: a file's stem, or the spec with its parameters."""
-    target = spec.rpartition(":")[0] if ":" in spec else spec
-    if target.endswith(".py") or spec.endswith(".npz"):
-        spec = Path(target if target.endswith(".py") else spec).stem
-    return "".join(c if c.isalnum() or c in "._" else "-" for c in spec).strip("-")
 
 
 def _absolute_paths(values: dict, *spec_names: str) -> dict:

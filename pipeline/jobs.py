@@ -14,8 +14,10 @@ from stages import cache_teacher, train_student
 from stages.cache import CacheReader, is_cache, malformed_attributes
 from stages.data import input_shape
 from stages.errors import InputError
+from stages.evaluation import evaluate, speed, teacher_agreement
 from stages.runtime import Progress, resolve_device, seed_everything
 from stages.verify import Report, verify
+from stages.weights import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +62,41 @@ def run_verify(cache: Path, *, teacher: str | None, teacher_weights: Path | None
         split = resolve_dataset(spec).split(recorded.get("split", "train"))
         model = resolve_model(teacher, num_classes=attrs["num_classes"], input_shape=input_shape(split), weights=teacher_weights)
     return verify(cache, teacher=model, split=split, samples=samples, seed=seed, device=resolve_device(device))
+
+
+def run_evaluate(model_spec: str, weights: Path | None, *, dataset: str | None, split: str, cache: Path | None,
+                 batch_size: int, device: str) -> dict:
+    """A trained model (student or teacher) on a split: accuracy and NLL, agreement with the top-1
+    of the teacher cached in `cache` (on the cache's own split), parameters, weights file size,
+    and inference latency and throughput per batch."""
+    reader = CacheReader(cache) if cache else None
+    dataset = dataset or (reader.attrs["dataset"]["spec"] if reader else None)
+    if dataset is None:
+        raise InputError("missing option --dataset (or --cache)")
+    if weights is not None and not weights.is_file():
+        raise InputError(f"weights file not found: {weights}")
+    data = resolve_dataset(dataset)
+    evaluation = data.split(split)
+    num_classes = reader.num_classes if reader else evaluation.num_classes
+    if num_classes is None:
+        raise InputError(f"dataset {dataset} does not say how many classes it has")
+    torch_device = resolve_device(device)
+    model = resolve_model(model_spec, num_classes=num_classes, input_shape=input_shape(evaluation), weights=weights)
+    model = model.to(torch_device)
+    report = {
+        "model": model_spec,
+        "weights": None if weights is None else str(weights),
+        "dataset": dataset,
+        "split": split,
+        "num_parameters": count_parameters(model),
+        "weights_bytes": None if weights is None else weights.stat().st_size,
+        **evaluate(model, evaluation, torch_device, batch_size),
+    }
+    if reader is not None:
+        cached_split = data.split(reader.attrs["dataset"]["split"])
+        reader.check_split(cached_split, dataset)
+        report["teacher_agreement"] = teacher_agreement(model, reader, cached_split, torch_device)
+        report["agreement_split"] = cached_split.name
+    report["device"] = str(torch_device)
+    report["speed"] = speed(model, evaluation, torch_device, batch_size)
+    return report

@@ -32,6 +32,14 @@ def whole_number_parameters(what: str, name: str, args: str, defaults: dict[str,
     return params
 
 
+def slug(spec: str) -> str:
+    """A file-name-safe short name for a spec: a file's stem, or the spec with its parameters."""
+    target = spec.rpartition(":")[0] if ":" in spec else spec
+    if target.endswith(".py") or spec.endswith(".npz"):
+        spec = Path(target if target.endswith(".py") else spec).stem
+    return "".join(c if c.isalnum() or c in "._" else "-" for c in spec).strip("-")
+
+
 def is_factory_spec(spec: str) -> bool:
     target, sep, name = spec.rpartition(":")
     return bool(sep and target and name.isidentifier())

@@ -51,6 +51,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from stages import __version__
+from stages.data import Split, fingerprint
 from stages.errors import CacheDamagedError, CacheLockedError, CacheMismatchError, InputError, PipelineError
 
 FORMAT = "distill-cache"
@@ -428,6 +429,77 @@ class CacheWriter:
             raise error
 
 
+# What must agree between an existing cache and a new writer for it to resume it.
+RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "chunk_rows", "dtype", "codec", "temperature",
+               "teacher_amp")
+
+
+def open_writer(path: Path, layout: Layout, attrs: dict, *, overwrite: bool) -> CacheWriter:
+    """A writer on a new cache at `path`, or on the existing one when it was started with this
+    layout from the same teachers and data (it is then resumed: only its missing chunks are
+    left to write). A different cache there is refused unless `overwrite`. Call it with the
+    writer lock held."""
+    group = zarr.open_group(str(path), mode="r") if is_cache(path) else None
+    if group is not None and not overwrite:
+        differences = _differences(dict(group.attrs), {**layout.attributes(), **attrs})
+        if differences:
+            raise InputError(
+                f"{path} holds a different cache ({'; '.join(differences)}); "
+                "pass --overwrite to replace it, or choose another --out"
+            )
+        # The same cache: resume it, unless its arrays were never all created (killed right
+        # after its attributes), when it holds no finished chunk and is simply made again.
+        if {*layout.arrays(), "chunk_done"} <= set(group.array_keys()):
+            return CacheWriter(path)
+    remove_cache(path)
+    return CacheWriter.create(path, layout, attrs)
+
+
+def _differences(existing: dict, expected: dict) -> list[str]:
+    """Human-readable differences that forbid resuming the `existing` cache with this writer."""
+    found = [f"{k}: cache has {existing.get(k)}, this run {expected[k]}" for k in RESUME_KEYS if existing.get(k) != expected[k]]
+    if _teacher_identities(existing) != _teacher_identities(expected):
+        found.append("teacher: another model spec or other weights")
+    have, want = existing.get("dataset") or {}, expected["dataset"]
+    if have.get("split") != want["split"]:
+        found.append(f"split: cache has {have.get('split')!r}, this run {want['split']!r}")
+    if have.get("fingerprint") != want["fingerprint"] or have.get("index_sha256") != want["index_sha256"]:
+        found.append("dataset: other samples, labels or ordering")
+    return found
+
+
+def _teacher_identities(attrs: dict) -> list[tuple]:
+    return [(t.get("spec"), t.get("weights_sha256")) for t in attrs.get("teachers") or []]
+
+
+def teacher_metrics(group: zarr.Group, layout: Layout, temperature: float) -> dict | None:
+    """Top-1 accuracy and mean NLL at T=1 of the stored values against the stored labels, per
+    sample or per valid token. A top-k cache gives the accuracy only: its NLL at T=1 would need
+    the dropped logits."""
+    if "labels" not in group:
+        return None
+    correct, nll, count = 0, 0.0, 0
+    for chunk in range(layout.grid.num_chunks):
+        start, stop = layout.grid.rows(chunk)
+        labels = torch.from_numpy(group["labels"][start:stop])
+        valid = (torch.ones(labels.shape, dtype=torch.bool) if layout.tokens is None
+                 else torch.arange(layout.tokens) < torch.from_numpy(group["lengths"][start:stop]).unsqueeze(1))
+        labels = labels[valid]
+        if layout.kind == "dense":
+            logits = torch.from_numpy(group["logits"][start:stop]).float()[valid] * temperature
+            predicted = logits.argmax(-1)
+            nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        else:
+            predicted = torch.from_numpy(group["topk_indices"][start:stop]).long()[valid][:, 0]
+        correct += int((predicted == labels).sum())
+        count += len(labels)
+    metrics = {"accuracy": correct / count, "errors": count - correct,
+               "nll": nll / count if layout.kind == "dense" else None, "num_samples": layout.num_samples}
+    if layout.tokens is not None:
+        metrics["num_tokens"] = count
+    return metrics
+
+
 # Attributes every cache has, with their JSON types: a reader refuses a cache without them.
 REQUIRED_ATTRS = {
     "format": str, "schema_version": int, "kind": str, "temperature": (int, float), "num_classes": int,
@@ -554,13 +626,31 @@ class CacheReader:
     def dataset_size(self) -> int:
         return dataset_size(self.attrs)
 
+    def check_split(self, split: Split, dataset_spec: str) -> None:
+        """Refuse a split other than the one this cache was made from: its fingerprint (sample
+        count, labels, lengths, sampled inputs) must match, or rows would join the wrong data."""
+        recorded = self.attrs["dataset"]["fingerprint"]
+        actual = fingerprint(split)
+        differ = [k for k in recorded if recorded[k] != actual.get(k)]
+        if differ:
+            raise CacheMismatchError(
+                f"dataset {dataset_spec} split {split.name!r} does not match the cache "
+                f"(made from {self.attrs['dataset']['spec']} split {self.attrs['dataset']['split']!r}): "
+                f"{', '.join(differ)} differ"
+            )
+
     def read_chunks(self, first: int, last: int, names: tuple[str, ...] | None = None) -> Rows:
-        """All arrays' rows of chunks first..last (one read per array). Damage is reported as
-        such, never passed on as data: an undecodable chunk, non-finite values (a gap reads as
-        NaN), or an entry that is unwritten or out of range."""
+        """All arrays' rows of chunks first..last (one read per array), checked as `read_rows`."""
         start, _ = self.grid.rows(first)
         _, stop = self.grid.rows(last)
-        where = f"cache {self.path}: chunk{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''}"
+        where = f"chunk{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''}"
+        return self.read_rows(start, stop, names, where)
+
+    def read_rows(self, start: int, stop: int, names: tuple[str, ...] | None = None, where: str | None = None) -> Rows:
+        """Rows start..stop of the arrays in `names` (default: all). Damage is reported as such,
+        never passed on as data: an undecodable chunk, non-finite values (a gap reads as NaN),
+        or an entry that is unwritten or out of range."""
+        where = f"cache {self.path}: {where or f'rows {start}-{stop - 1}'}"
         try:
             rows = {name: array[start:stop] for name, array in self.arrays.items() if names is None or name in names}
         except Exception as exc:

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from stages.cache import (
     CODECS, DTYPES, FLOAT_ARRAYS, KINDS, CacheWriter, Layout, WriterLock, default_chunk_rows, disk_usage, is_cache,
-    nonfinite_rows, prefetch, remove_cache, stored_rows,
+    nonfinite_rows, open_writer, prefetch, stored_rows, teacher_metrics,
 )
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
@@ -101,11 +100,6 @@ class CacheTeacherResult:
     chunks_total: int
 
 
-# What must agree between an existing cache and this run for the run to resume it.
-RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "chunk_rows", "dtype", "codec", "temperature",
-               "teacher_amp")
-
-
 def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, progress: Progress | None = None) -> CacheTeacherResult:
     """Write the cache for `split` at `config.out`, or finish an incomplete one that this
     same teacher, data and layout started (only its missing chunks are computed)."""
@@ -131,7 +125,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     provenance = _provenance(config, teacher, split)
     with WriterLock(config.out):
-        writer = _open_for_writing(config, layout, provenance)
+        writer = open_writer(config.out, layout, provenance, overwrite=config.overwrite)
         try:
             missing = writer.missing_chunks()
             if missing and len(missing) < writer.grid.num_chunks:
@@ -145,7 +139,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         if writer.group.attrs["complete"]:  # finished by an earlier run: nothing was computed now
             metrics = writer.group.attrs["teacher_metrics"]
         else:
-            metrics = _teacher_metrics(writer, config.temperature)
+            metrics = teacher_metrics(writer.group, writer.layout, config.temperature)
             writer.mark_complete({"teacher_metrics": metrics})
     seconds = time.perf_counter() - started
     log.info("cache %s complete: %d rows x %d classes, %d chunks computed in %.1fs",
@@ -162,38 +156,6 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         chunks_computed=len(missing),
         chunks_total=writer.grid.num_chunks,
     )
-
-
-def _open_for_writing(config: CacheTeacherConfig, layout: Layout, provenance: dict) -> CacheWriter:
-    """A writer on a new cache, or on the existing one when it was made by this same teacher
-    from this same data with this layout. Called with the writer lock held."""
-    group = zarr.open_group(str(config.out), mode="r") if is_cache(config.out) else None
-    if group is not None and not config.overwrite:
-        differences = _differences(dict(group.attrs), {**layout.attributes(), **provenance})
-        if differences:
-            raise InputError(
-                f"{config.out} holds a different cache ({'; '.join(differences)}); "
-                "pass --overwrite to replace it, or choose another --out"
-            )
-        # This run's cache: resume it, unless its arrays were never all created (killed right
-        # after its attributes), when it holds no finished chunk and is simply made again.
-        if {*layout.arrays(), "chunk_done"} <= set(group.array_keys()):
-            return CacheWriter(config.out)
-    remove_cache(config.out)
-    return CacheWriter.create(config.out, layout, provenance)
-
-
-def _differences(existing: dict, expected: dict) -> list[str]:
-    """Human-readable differences that forbid resuming `existing` with this run."""
-    found = [f"{k}: cache has {existing.get(k)}, this run {expected[k]}" for k in RESUME_KEYS if existing.get(k) != expected[k]]
-    if _teacher_identities(existing) != _teacher_identities(expected):
-        found.append("teacher: another model spec or other weights")
-    have, want = existing.get("dataset") or {}, expected["dataset"]
-    if have.get("split") != want["split"]:
-        found.append(f"split: cache has {have.get('split')!r}, this run {want['split']!r}")
-    if have.get("fingerprint") != want["fingerprint"] or have.get("index_sha256") != want["index_sha256"]:
-        found.append("dataset: other samples, labels or ordering")
-    return found
 
 
 def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> dict:
@@ -219,10 +181,6 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
         "teacher_metrics": None,
         "config": config_dict(config),
     }
-
-
-def _teacher_identities(attrs: dict) -> list[tuple]:
-    return [(t.get("spec"), t.get("weights_sha256")) for t in attrs.get("teachers") or []]
 
 
 def _teacher_pass(
@@ -338,32 +296,3 @@ def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:
             j += 1
         yield chunks[i], chunks[j]
         i = j + 1
-
-
-def _teacher_metrics(writer: CacheWriter, temperature: float) -> dict | None:
-    """Top-1 accuracy and mean NLL at T=1 of the stored values against the stored labels, per
-    sample or per valid token. A top-k cache gives the accuracy only: its NLL at T=1 would need
-    the dropped logits."""
-    layout, group = writer.layout, writer.group
-    if "labels" not in group:
-        return None
-    correct, nll, count = 0, 0.0, 0
-    for chunk in range(writer.grid.num_chunks):
-        start, stop = writer.grid.rows(chunk)
-        labels = torch.from_numpy(group["labels"][start:stop])
-        valid = (torch.ones(labels.shape, dtype=torch.bool) if layout.tokens is None
-                 else torch.arange(layout.tokens) < torch.from_numpy(group["lengths"][start:stop]).unsqueeze(1))
-        labels = labels[valid]
-        if layout.kind == "dense":
-            logits = torch.from_numpy(group["logits"][start:stop]).float()[valid] * temperature
-            predicted = logits.argmax(-1)
-            nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        else:
-            predicted = torch.from_numpy(group["topk_indices"][start:stop]).long()[valid][:, 0]
-        correct += int((predicted == labels).sum())
-        count += len(labels)
-    metrics = {"accuracy": correct / count, "errors": count - correct,
-               "nll": nll / count if layout.kind == "dense" else None, "num_samples": layout.num_samples}
-    if layout.tokens is not None:
-        metrics["num_tokens"] = count
-    return metrics

@@ -1,10 +1,19 @@
 """Describe a cache before trusting it: what made it, how it is laid out, what it costs on disk,
-and for a top-k cache how much of the teacher's probability its kept entries miss.
+how calibrated and how confident its teacher is, and for a top-k cache how much of the
+teacher's probability its kept entries miss.
 
-    pipeline inspect data/caches/bytelm-teacher-stdlib-bytes-train-T1-top32.zarr
+    pipeline inspect data/caches/cnn-mnist-5k-train-T4.zarr --png data/inspect/cnn.png
 
 Statistics over the soft labels are dask reductions over the Zarr arrays (dask.array.from_zarr),
 computed chunk by chunk, so a cache larger than memory is described in bounded memory.
+
+Calibration compares the teacher's confidence (its largest probability) with whether its top
+class is the label: the expected calibration error (ECE) over CALIBRATION_BINS equal-width
+confidence bins, sum_b (n_b / n) |accuracy_b - confidence_b|. It is given at the cache's T
+and at T=1 (the teacher's own temperature), and needs labels. A dense cache gives both exactly;
+a top-k cache gives its largest probability exactly at its own T only (at another T the
+normaliser needs the dropped logits), and its entropy over the K kept classes plus the tail
+as one outcome, a lower bound of the full entropy.
 """
 
 from __future__ import annotations
@@ -16,6 +25,9 @@ import dask.array as da
 import numpy as np
 
 from stages.cache import SOFT_ARRAYS, CacheReader, disk_usage
+
+CALIBRATION_BINS = 15
+HISTOGRAM_BINS = 20
 
 
 def describe_cache(path: Path) -> dict:
@@ -56,7 +68,127 @@ def describe_cache(path: Path) -> dict:
     if layout.kind == "topk" and attrs["complete"]:
         report["tail_mass"] = _tail_mass(reader)
     report["teacher_metrics"] = attrs.get("teacher_metrics")
+    if attrs["complete"]:
+        report.update(_distribution_statistics(reader))
     return report
+
+
+def _distribution_statistics(reader: CacheReader) -> dict:
+    """Calibration (with labels) and histograms of confidence and entropy, as sums of per-chunk
+    partial counts: each chunk of the dask arrays is one task."""
+    layout = reader.layout
+    temperatures = [reader.temperature] + ([1.0] if layout.kind == "dense" and reader.temperature != 1.0 else [])
+    names = [*SOFT_ARRAYS[layout.kind], *(name for name in ("labels", "lengths") if name in reader.arrays)]
+    blocks = [da.from_zarr(reader.group[name]).to_delayed().reshape(-1) for name in names]
+    parts = [dask.delayed(_chunk_statistics)(dict(zip(names, chunk)), layout.kind, reader.temperature, temperatures,
+                                             layout.num_classes) for chunk in zip(*blocks)]
+    totals = dask.compute(*parts, scheduler="threads")
+    summed = {key: sum(part[key] for part in totals) for key in totals[0]}
+    out: dict = {"calibration": {}, "histograms": {}}
+    for t in temperatures:
+        key = f"T={t:g}"
+        count, confidence, correct = summed[f"count {key}"], summed[f"confidence {key}"], summed[f"correct {key}"]
+        n = count.sum()
+        entry = {"mean_confidence": float(confidence.sum() / n)}
+        if "labels" in names:
+            entry["accuracy"] = float(correct.sum() / n)
+            entry["ece"] = float(np.abs(correct - confidence).sum() / n)
+            if f"nll {t:g}" in summed:  # dense caches: the label's probability is known exactly
+                entry["nll"] = float(summed[f"nll {t:g}"][0] / n)
+            entry["reliability"] = {
+                "bin_edges": np.linspace(0, 1, CALIBRATION_BINS + 1).tolist(), "count": count.astype(int).tolist(),
+                "accuracy": np.divide(correct, count, out=np.full_like(correct, np.nan), where=count > 0).tolist(),
+                "confidence": np.divide(confidence, count, out=np.full_like(confidence, np.nan), where=count > 0).tolist(),
+            }
+        out["calibration"][key] = entry
+    cache_t = f"T={reader.temperature:g}"
+    out["histograms"] = {
+        "max_probability": {"temperature": reader.temperature, "bin_edges": np.linspace(0, 1, HISTOGRAM_BINS + 1).tolist(),
+                            "count": summed[f"max_probability {cache_t}"].astype(int).tolist()},
+        "entropy_nats": {"temperature": reader.temperature,
+                         "bin_edges": np.linspace(0, np.log(layout.num_classes), HISTOGRAM_BINS + 1).tolist(),
+                         "count": summed[f"entropy {cache_t}"].astype(int).tolist(),
+                         "of": "the full distribution" if layout.kind == "dense" else "the kept classes and the tail (a lower bound)"},
+    }
+    return out
+
+
+def _chunk_statistics(rows: dict[str, np.ndarray], kind: str, cache_temperature: float, temperatures: list[float],
+                      num_classes: int) -> dict[str, np.ndarray]:
+    """One chunk's partial sums: per confidence bin, the rows (or valid tokens) in it, their
+    confidence and how many are right, at each temperature; histograms of the largest
+    probability and the entropy at the cache's T."""
+    if kind == "dense":
+        stored = rows["logits"].astype(np.float64)
+        predicted = stored.argmax(-1)
+    else:
+        kept = np.exp(rows["topk_values"].astype(np.float64) - rows["logsumexp"][..., None])
+        tail = np.clip(1.0 - kept.sum(-1, keepdims=True), 0.0, 1.0)
+        predicted = rows["topk_indices"][..., 0].astype(np.int64)
+    valid = (np.ones(predicted.shape, dtype=bool) if "lengths" not in rows
+             else np.arange(predicted.shape[1])[None, :] < rows["lengths"][:, None])
+    right = (predicted == rows["labels"])[valid] if "labels" in rows else np.zeros(valid.sum())
+    sums: dict[str, np.ndarray] = {}
+    for t in temperatures:
+        if kind == "dense":
+            z = stored * (cache_temperature / t)
+            z -= z.max(-1, keepdims=True)
+            probs = np.exp(z)
+            probs /= probs.sum(-1, keepdims=True)
+        else:
+            probs = np.concatenate([kept, tail], axis=-1)
+        if kind == "dense" and "labels" in rows:
+            label_probs = np.take_along_axis(probs, rows["labels"][..., None], -1)[..., 0][valid]
+            sums[f"nll {t:g}"] = np.array([-np.log(np.maximum(label_probs, 1e-300)).sum()])
+        probs = probs[valid]
+        confidence = probs.max(-1)
+        bins = np.minimum((confidence * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+        key = f"T={t:g}"
+        sums[f"count {key}"] = np.bincount(bins, minlength=CALIBRATION_BINS).astype(np.float64)
+        sums[f"confidence {key}"] = np.bincount(bins, weights=confidence, minlength=CALIBRATION_BINS)
+        sums[f"correct {key}"] = np.bincount(bins, weights=right.astype(np.float64), minlength=CALIBRATION_BINS)
+        if t == cache_temperature:
+            entropy = -(probs * np.log(np.where(probs > 0, probs, 1.0))).sum(-1)
+            sums[f"max_probability {key}"] = np.histogram(confidence, bins=HISTOGRAM_BINS, range=(0, 1))[0].astype(np.float64)
+            sums[f"entropy {key}"] = np.histogram(entropy, bins=HISTOGRAM_BINS, range=(0, np.log(num_classes)))[0].astype(np.float64)
+    return sums
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """A PNG of the histograms of confidence and entropy at the cache's T and, with labels, the
+    reliability diagram (accuracy against confidence per bin) at each temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calibration = report.get("calibration", {})
+    reliable = {key: entry["reliability"] for key, entry in calibration.items() if "reliability" in entry}
+    panels = 2 + bool(reliable)
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
+    for ax, name, label in ((axes[0], "max_probability", "largest probability"), (axes[1], "entropy_nats", "entropy (nats)")):
+        histogram = report["histograms"][name]
+        edges = np.asarray(histogram["bin_edges"])
+        ax.bar(edges[:-1], histogram["count"], width=np.diff(edges), align="edge", edgecolor="white")
+        ax.set_xlabel(f"{label} at T={histogram['temperature']:g}")
+        ax.set_ylabel("rows" if "num_tokens" not in report else "tokens")
+    axes[0].set_title("teacher confidence")
+    axes[1].set_title("teacher entropy")
+    if reliable:
+        ax = axes[2]
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+        for key, diagram in reliable.items():
+            ax.plot(diagram["confidence"], diagram["accuracy"], marker="o",
+                    label=f"{key} (ECE {calibration[key]['ece']:.3f})")
+        ax.set_xlabel("confidence (mean per bin)")
+        ax.set_ylabel("accuracy")
+        ax.set_title("reliability")
+        ax.legend(fontsize=8)
+    figure.suptitle(f"{report['kind']} cache: {report['teachers']} on {report['dataset']}", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _tail_mass(reader: CacheReader) -> dict:

@@ -42,7 +42,12 @@ def seed_everything(seed: int) -> None:
 
 def config_dict(config) -> dict:
     """A config dataclass as plain JSON values (paths as strings), for run folders and caches."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()}
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
 def check_positive(option: str, value: float) -> None:

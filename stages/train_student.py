@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 from stages.augment import parse_augment
 from stages.cache import CacheReader, Rows, batch_bounds, prefetch
-from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths
+from stages.data import Split, joined_with_inputs, sequence_lengths
 from stages.errors import CacheMismatchError, InputError, PipelineError
+from stages.evaluation import evaluate
 from stages.losses import distillation_loss, retemper, topk_distillation_loss
 from stages.runtime import (
     Progress, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_shape, resolve_device,
@@ -120,7 +121,7 @@ def run(
 
     `soft_labels` stands in for the cache named by `config.cache`: any object with the
     CacheReader's reading interface (attrs, layout, temperature, num_classes, labelled,
-    soft_arrays, batches). The
+    soft_arrays, check_split, batches). The
     benchmark uses it to compare the cache with logits held in memory and with a teacher run
     online; rows it yields with "inputs" already attached are not joined again."""
     config.validate()
@@ -244,31 +245,6 @@ def batch_loss(
     return distillation_loss(logits, teacher, y, alpha=alpha, temperature=temperature)
 
 
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 512) -> dict:
-    """Accuracy, error count and mean NLL (nats) of `model` on a labelled split: per sample,
-    or per valid token for a model with logits per token (then also `num_tokens`)."""
-    if split.labels is None:
-        raise InputError(f"cannot evaluate on split {split.name!r}: it has no labels")
-    model.eval()
-    correct, nll, count, lengths = 0, 0.0, 0, None
-    for start in range(0, len(split), batch_size):
-        index = np.arange(start, min(start + batch_size, len(split)), dtype=np.int64)
-        logits = model(split.inputs(index).to(device)).float()
-        y = torch.from_numpy(split.labels[index]).to(device)
-        if logits.ndim == 3:
-            lengths = sequence_lengths(split, logits.shape[1]) if lengths is None else lengths
-            valid = torch.arange(logits.shape[1], device=device) < torch.from_numpy(lengths[index]).to(device).unsqueeze(1)
-            logits, y = logits[valid], y[valid]
-        correct += int((logits.argmax(-1) == y).sum())
-        nll += float(F.cross_entropy(logits, y, reduction="sum"))
-        count += len(y)
-    metrics = {"accuracy": correct / count, "errors": count - correct, "nll": nll / count, "num_samples": len(split)}
-    if lengths is not None:
-        metrics["num_tokens"] = count
-    return metrics
-
-
 def _check_inputs(
     config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, cache: CacheReader | None,
     device: torch.device,
@@ -309,15 +285,7 @@ def _check_cache_fits(config: TrainConfig, cache: CacheReader, train: Split, sha
     cached = (*cache.layout.position_shape, cache.num_classes)
     if shape != cached:
         raise CacheMismatchError(f"the student outputs logits of shape {shape} per sample but the cache holds rows of {cached}")
-    recorded = cache.attrs["dataset"]["fingerprint"]
-    actual = fingerprint(train)
-    differ = [k for k in recorded if recorded[k] != actual.get(k)]
-    if differ:
-        raise CacheMismatchError(
-            f"dataset {config.dataset} split {train.name!r} does not match the cache "
-            f"(made from {cache.attrs['dataset']['spec']} split {cache.attrs['dataset']['split']!r}): "
-            f"{', '.join(differ)} differ"
-        )
+    cache.check_split(train, config.dataset)
 
 
 def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, lengths: np.ndarray | None,

@@ -139,6 +139,17 @@ CASES = {
     "model that does not fit the data": lambda t, c, w: (["train-student", "--student", "mlp-64", "--dataset", LM_DATA, "--out", t / "r"], 2, "the model fails on the dataset's inputs ((8,) int64)"),
     "bad bytelm spec": lambda t, c, w: (["cache-teacher", "--teacher", "bytelm:dim=10,heads=3", "--dataset", LM_DATA, "--out", t / "f.zarr"], 2, "dim (10) must be a multiple of heads (3)"),
     "bad stdlib-bytes spec": lambda t, c, w: (["cache-teacher", "--teacher", "bytelm", "--dataset", "stdlib-bytes:seq=0", "--out", t / "f.zarr"], 2, "need seq >= 1"),
+    "sweep file with an unknown key": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nstudents = ["mlp-64"]\nseeds = [0]\nalpha = [0.5]\n') and None)
+        or (["sweep", t / "s.toml"], 2, "unknown key(s) alpha"),
+    "sweep that sets a grid option in [train]": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nstudents = ["mlp-64"]\nseeds = [0]\n[train]\nseed = 3\n') and None)
+        or (["sweep", t / "s.toml"], 2, "[train] cannot set seed"),
+    "sweep without students": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nseeds = [0]\n') and None)
+        or (["sweep", t / "s.toml"], 2, "students is required"),
+    "sweep with a seed of the wrong type": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nstudents = ["mlp-64"]\nseeds = ["0"]\n') and None)
+        or (["sweep", t / "s.toml"], 2, "seeds holds '0'"),
+    "combining caches of other data": lambda t, c, w: (invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", w, "--dataset", OTHER_DATA, "--out", t / "o.zarr", "--temperature", "3") and None)
+        or (["combine", c, t / "o.zarr", "--out", t / "e.zarr"], 3, "dataset differ"),
+    "evaluate with missing weights": lambda t, c, w: (["evaluate", "--model", "mlp-64", "--weights", t / "none.safetensors", "--cache", c], 2, "weights file not found"),
     "cuda without a GPU": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--device", "cuda"], 2, "CUDA"),
 }
 

@@ -1,0 +1,245 @@
+"""`pipeline sweep CONFIG.toml`: many student runs from one cache, and a leaderboard.
+
+A sweep is a grid over one cache: students x alphas x temperatures x seeds, plus (with
+`baseline = true`) each student on hard labels only, per seed. Every run is an ordinary
+train-student run folder under the sweep's folder, so anything that reads run folders reads a
+sweep. Runs already finished are reused, runs killed part-way resume from their checkpoint:
+re-running the same command after an interruption does only what is left.
+
+    cache = "data/caches/cnn-mnist-5k-train-T4.zarr"
+    students = ["mlp-64", "mlp-128", "mlp-400"]
+    alphas = [0.5, 0.9]
+    temperatures = [4.0]          # optional: default the cache's T
+    seeds = [0, 1]
+    baseline = true               # optional: default true
+    out = "data/sweeps/mnist"     # optional: default data/sweeps/CONFIG-NAME
+
+    [train]                       # optional: any other train-student option, for every run
+    epochs = 20
+
+The leaderboard (terminal table, leaderboard.csv, leaderboard.json, leaderboard.png) groups
+runs that differ only by seed: mean, spread and count of their test accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from pipeline.config import build_config
+from pipeline.jobs import run_training
+from pipeline.specs import slug
+from stages.cache import CacheReader
+from stages.errors import InputError, PipelineError
+from stages.train_student import TrainConfig
+
+log = logging.getLogger(__name__)
+
+GRID_KEYS = {"cache": str, "students": list, "alphas": list, "temperatures": list, "seeds": list, "baseline": bool,
+             "out": str, "train": dict}
+# Options of every run that the grid itself sets: not allowed in [train].
+SET_BY_GRID = {"model", "cache", "alpha", "temperature", "seed", "out", "resume", "overwrite", "weights_out", "model_weights"}
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str
+    student: str
+    mode: str  # "distilled" or "scratch"
+    alpha: float | None
+    temperature: float | None
+    seed: int
+    config: TrainConfig
+
+
+def read_sweep(path: Path, out: Path | None, data_root: Path) -> list[SweepRun]:
+    """The runs of the sweep described by the TOML file at `path`, every option checked."""
+    if not path.is_file():
+        raise InputError(f"sweep file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"sweep file {path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(raw) - set(GRID_KEYS))
+    if unknown:
+        raise InputError(f"sweep file {path}: unknown key(s) {', '.join(unknown)}; keys: {', '.join(GRID_KEYS)}")
+    for key, kind in GRID_KEYS.items():
+        if key in raw and not isinstance(raw[key], kind):
+            raise InputError(f"sweep file {path}: {key} must be a {kind.__name__}, got {raw[key]!r}")
+    for key in ("cache", "students", "seeds"):
+        if not raw.get(key):
+            raise InputError(f"sweep file {path}: {key} is required (and must not be empty)")
+    cache = Path(raw["cache"]).absolute()
+    reader = CacheReader(cache)
+    alphas = raw.get("alphas", [0.9])
+    temperatures = raw.get("temperatures", [reader.temperature])
+    seeds = raw["seeds"]
+    _check_items(path, "students", raw["students"], str)
+    _check_items(path, "alphas", alphas, (int, float))
+    _check_items(path, "temperatures", temperatures, (int, float))
+    _check_items(path, "seeds", seeds, int)
+    train = {key.replace("-", "_"): value for key, value in raw.get("train", {}).items()}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    wrong = sorted(set(train) - fields) + sorted(set(train) & SET_BY_GRID)
+    if wrong:
+        raise InputError(f"sweep file {path}: [train] cannot set {', '.join(wrong)} (the grid sets the student, cache, alpha, T, seed and folder)")
+    folder = out or (Path(raw["out"]).absolute() if "out" in raw else data_root / "sweeps" / path.stem)
+    dataset = {"dataset": reader.attrs["dataset"]["spec"], "split": reader.attrs["dataset"]["split"]}
+    runs = []
+    for student in raw["students"]:
+        for seed in seeds:
+            if raw.get("baseline", True):
+                name = f"{slug(student)}-scratch-s{seed}"
+                config = build_config(TrainConfig, {**dataset, **train, "model": student, "seed": seed, "out": folder / name,
+                                                    "resume": True})
+                runs.append(SweepRun(name, student, "scratch", None, None, seed, config))
+            for alpha in alphas:
+                for temperature in temperatures:
+                    name = f"{slug(student)}-a{alpha:g}-T{temperature:g}-s{seed}"
+                    config = build_config(TrainConfig, {
+                        **dataset, **train, "model": student, "cache": cache, "alpha": float(alpha),
+                        "temperature": float(temperature), "seed": seed, "out": folder / name, "resume": True,
+                    })
+                    runs.append(SweepRun(name, student, "distilled", float(alpha), float(temperature), seed, config))
+    for run in runs:
+        run.config.validate()
+    return runs
+
+
+def run_sweep(runs: list[SweepRun], folder: Path, jobs: int) -> dict:
+    """Run every run not yet finished (`jobs` at a time, each in its own process when jobs > 1),
+    then write and return the leaderboard. Runs that fail are reported, not retried."""
+    folder.mkdir(parents=True, exist_ok=True)
+    reused = [run.name for run in runs if (run.config.out / "summary.json").is_file()]
+    failures: dict[str, str] = {}
+    if jobs == 1:
+        for run in runs:
+            try:
+                run_training(run.config)
+            except PipelineError as exc:
+                failures[run.name] = str(exc)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                                 initializer=_limit_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(run_training, run.config): run for run in runs}
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except PipelineError as exc:
+                    failures[futures[future].name] = str(exc)
+                log.info("sweep: %d of %d runs done", sum(f.done() for f in futures), len(runs))
+    board = leaderboard(runs)
+    board.update({"folder": str(folder), "runs_total": len(runs), "runs_reused": len(reused), "failures": failures})
+    write_leaderboard(board, folder)
+    return board
+
+
+def leaderboard(runs: list[SweepRun]) -> dict:
+    """Each finished run's figures, and the groups of runs that differ only by seed, best first."""
+    rows = []
+    for run in runs:
+        summary_path = run.config.out / "summary.json"
+        if not summary_path.is_file():
+            continue
+        summary = json.loads(summary_path.read_text())
+        rows.append({
+            "run": run.name, "student": run.student, "mode": run.mode, "alpha": run.alpha, "temperature": run.temperature,
+            "seed": run.seed, "num_parameters": summary["num_parameters"], "test_accuracy": summary["test_accuracy"],
+            "test_errors": summary["test_errors"], "test_nll": summary["test_nll"], "seconds": summary["seconds"],
+        })
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["student"], row["mode"], row["alpha"], row["temperature"]), []).append(row)
+    table = []
+    for (student, mode, alpha, temperature), members in groups.items():
+        accuracies = [m["test_accuracy"] for m in members]
+        table.append({
+            "student": student, "mode": mode, "alpha": alpha, "temperature": temperature,
+            "num_parameters": members[0]["num_parameters"], "seeds": len(members),
+            "accuracy_mean": statistics.mean(accuracies),
+            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "accuracy_min": min(accuracies), "accuracy_max": max(accuracies),
+            "errors_mean": statistics.mean(m["test_errors"] for m in members),
+            "nll_mean": statistics.mean(m["test_nll"] for m in members),
+            "seconds_mean": statistics.mean(m["seconds"] for m in members),
+        })
+    table.sort(key=lambda g: -g["accuracy_mean"])
+    return {"groups": table, "runs": rows}
+
+
+def write_leaderboard(board: dict, folder: Path) -> None:
+    (folder / "leaderboard.json").write_text(json.dumps(board, indent=2) + "\n")
+    if board["groups"]:
+        with open(folder / "leaderboard.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(board["groups"][0]))
+            writer.writeheader()
+            writer.writerows(board["groups"])
+        plot_leaderboard(board["groups"], folder / "leaderboard.png")
+
+
+def plot_leaderboard(groups: list[dict], path: Path) -> None:
+    """Test accuracy against parameter count (log scale) and against T: one point per group,
+    error bars from the lowest to the highest seed."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_size, by_temperature) = plt.subplots(1, 2, figsize=(12, 5))
+    series: dict[str, list[dict]] = {}
+    for group in groups:
+        label = "hard labels" if group["mode"] == "scratch" else f"distilled, alpha={group['alpha']:g}, T={group['temperature']:g}"
+        series.setdefault(label, []).append(group)
+    for label, members in sorted(series.items()):
+        members = sorted(members, key=lambda g: g["num_parameters"])
+        _errorbar(by_size, [g["num_parameters"] for g in members], members, label)
+    by_size.set_xscale("log")
+    sizes = sorted({g["num_parameters"] for g in groups})
+    by_size.set_xticks(sizes, [f"{n / 1000:.3g}k" if n >= 1000 else str(n) for n in sizes])
+    by_size.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    by_size.set_xlabel("student parameters")
+    by_size.set_title("test accuracy by student size (mean; bars: lowest to highest seed)")
+    distilled = [g for g in groups if g["mode"] == "distilled"]
+    for key in sorted({(g["student"], g["alpha"]) for g in distilled}):
+        members = sorted((g for g in distilled if (g["student"], g["alpha"]) == key), key=lambda g: g["temperature"])
+        _errorbar(by_temperature, [g["temperature"] for g in members], members, f"{key[0]}, alpha={key[1]:g}")
+    by_temperature.set_xlabel("distillation temperature T")
+    by_temperature.set_title("distilled students: test accuracy by T")
+    for axes in (by_size, by_temperature):
+        axes.set_ylabel("test accuracy")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _errorbar(axes, xs: list[float], groups: list[dict], label: str) -> None:
+    means = [g["accuracy_mean"] for g in groups]
+    below = [g["accuracy_mean"] - g["accuracy_min"] for g in groups]
+    above = [g["accuracy_max"] - g["accuracy_mean"] for g in groups]
+    axes.errorbar(xs, means, yerr=[below, above], marker="o", capsize=3, label=label)
+
+
+def _limit_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _check_items(path: Path, key: str, values: list, kind) -> None:
+    bad = [v for v in values if not isinstance(v, kind) or isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v))]
+    if bad:
+        raise InputError(f"sweep file {path}: {key} holds {bad[0]!r}, of the wrong type")

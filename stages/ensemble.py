@@ -1,0 +1,148 @@
+"""Combine the caches of several teachers into one cache of their ensemble.
+
+    pipeline combine data/caches/cnn-s0.zarr data/caches/cnn-s1.zarr --out data/caches/cnn-ensemble.zarr
+
+The sources must be complete dense caches of the same dataset split, in the same row order,
+at the same temperature T, with the same classes and row shape: an ensemble of teachers that
+saw different samples is meaningless, so any difference is refused. Rules (`--rule`):
+
+    mean-probs   (default) the ensemble's distribution is the average of the teachers'
+                 softened distributions, p = mean_i softmax(t_i / T); the cache stores log p,
+                 whose softmax is p (a constant per row does not change a softmax).
+    mean-logits  the ensemble's logits / T are the average of the teachers' t_i / T (the
+                 renormalised geometric mean of their distributions).
+
+Re-tempering (train-student --temperature T') is exact for mean-logits, as for one teacher.
+For mean-probs it applies to log p as if it were one teacher's logits / T, which gives
+p^(T/T') renormalised: the same as the average of the teachers' distributions at T' only when
+T' = T. The written cache records every teacher's provenance, the rule and the sources, and is
+resumable like any cache (run the same command again after a kill).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.cache import CacheReader, WriterLock, disk_usage, open_writer, teacher_metrics
+from stages.errors import CacheMismatchError, InputError
+from stages.runtime import config_dict
+
+RULES = ("mean-probs", "mean-logits")
+
+
+@dataclass(frozen=True)
+class CombineConfig:
+    caches: tuple[Path, ...]
+    out: Path
+    rule: str = "mean-probs"
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if len(self.caches) < 2:
+            raise InputError(f"combining needs at least two caches, got {len(self.caches)}")
+        if self.rule not in RULES:
+            raise InputError(f"--rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if Path(self.out).resolve() in {Path(c).resolve() for c in self.caches}:
+            raise InputError(f"--out {self.out} is one of the caches being combined; choose another path")
+
+
+@dataclass(frozen=True)
+class CombineResult:
+    cache: Path
+    num_teachers: int
+    rule: str
+    num_samples: int
+    bytes_on_disk: int
+    teacher_accuracy: float | None
+    chunks_computed: int
+    seconds: float
+
+
+# Attributes that must be equal in every source cache (besides the dataset, checked apart).
+MUST_AGREE = ("kind", "temperature", "num_classes", "num_samples", "row_shape")
+
+
+def run(config: CombineConfig) -> CombineResult:
+    """Write the ensemble cache of `config.caches` at `config.out` (or finish one started)."""
+    config.validate()
+    started = time.perf_counter()
+    sources = [CacheReader(path) for path in config.caches]
+    _check_compatible(sources)
+    first = sources[0]
+    layout = first.layout  # every source's: the same dataset fingerprint means the same labels
+    attrs = {
+        "temperature": first.temperature,
+        "teacher_amp": _one_or_mixed([source.attrs.get("teacher_amp", "none") for source in sources]),
+        "teachers": [teacher for source in sources for teacher in source.attrs["teachers"]],
+        "combine": {
+            "rule": config.rule,
+            "sources": [{"path": str(source.path), "teachers": len(source.attrs["teachers"])} for source in sources],
+        },
+        "dataset": first.attrs["dataset"],
+        "teacher_metrics": None,
+        "config": config_dict(config),
+    }
+    with WriterLock(config.out):
+        writer = open_writer(config.out, layout, attrs, overwrite=config.overwrite)
+        missing = writer.missing_chunks()
+        try:
+            for chunk in missing:
+                start, stop = writer.grid.rows(chunk)
+                parts = [source.read_rows(start, stop) for source in sources]
+                if any(not np.array_equal(part["index"], parts[0]["index"]) for part in parts[1:]):
+                    raise CacheMismatchError(f"rows {start}-{stop - 1} hold other samples in one of the caches")
+                rows = {name: values for name, values in parts[0].items() if name in ("index", "labels")}
+                rows["logits"] = combine([part["logits"] for part in parts], config.rule).astype(layout.dtype)
+                writer.write_rows(start, rows)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if writer.group.attrs["complete"]:
+            metrics = writer.group.attrs["teacher_metrics"]
+        else:
+            metrics = teacher_metrics(writer.group, writer.layout, first.temperature)
+            writer.mark_complete({"teacher_metrics": metrics})
+    return CombineResult(
+        cache=config.out, num_teachers=len(attrs["teachers"]), rule=config.rule, num_samples=layout.num_samples,
+        bytes_on_disk=disk_usage(config.out), teacher_accuracy=metrics["accuracy"] if metrics else None,
+        chunks_computed=len(missing), seconds=time.perf_counter() - started,
+    )
+
+
+def combine(logits_over_t: list[np.ndarray], rule: str) -> np.ndarray:
+    """The ensemble's logits / T (as float32) from each teacher's, by `rule` (see the module)."""
+    stacked = torch.stack([torch.from_numpy(values).float() for values in logits_over_t])
+    if rule == "mean-logits":
+        return stacked.mean(0).numpy()
+    log_probs = torch.log_softmax(stacked, dim=-1)
+    return (torch.logsumexp(log_probs, dim=0) - np.log(len(logits_over_t))).numpy()
+
+
+def _check_compatible(sources: list[CacheReader]) -> None:
+    first = sources[0]
+    for source in sources:
+        if source.layout.kind != "dense":
+            raise CacheMismatchError(f"{source.path} is a {source.layout.kind} cache; only dense caches can be combined")
+        differ = [k for k in MUST_AGREE if source.attrs.get(k) != first.attrs.get(k)]
+        mine, theirs = source.attrs["dataset"], first.attrs["dataset"]
+        if mine.get("split") != theirs.get("split"):
+            differ.append(f"split ({mine.get('split')!r} vs {theirs.get('split')!r})")
+        if mine.get("fingerprint") != theirs.get("fingerprint"):
+            differ.append("dataset")
+        if mine.get("index_sha256") != theirs.get("index_sha256"):
+            differ.append("row order")
+        if differ:
+            raise CacheMismatchError(
+                f"cannot combine {source.path} with {first.path}: {', '.join(differ)} differ; "
+                "an ensemble cache needs caches of the same dataset split, in the same order, at the same T"
+            )
+
+
+def _one_or_mixed(values: list[str]) -> str:
+    return values[0] if len(set(values)) == 1 else "mixed"

@@ -1,0 +1,88 @@
+"""Measure a model on a split: quality, agreement with a cached teacher, size and speed.
+
+    pipeline evaluate --model mlp-400 --weights data/runs/mlp-400-kd-s0/model.safetensors \\
+        --dataset mnist-5k --split test --cache data/caches/cnn-mnist-5k-train-T4.zarr
+
+Quality is measured per sample, or per valid token for a model with logits per token.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.cache import CacheReader
+from stages.data import Split, sequence_lengths
+from stages.errors import InputError
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 512) -> dict:
+    """Accuracy, error count and mean NLL (nats) of `model` on a labelled split: per sample,
+    or per valid token for a model with logits per token (then also `num_tokens`)."""
+    if split.labels is None:
+        raise InputError(f"cannot evaluate on split {split.name!r}: it has no labels")
+    model.eval()
+    correct, nll, count, lengths = 0, 0.0, 0, None
+    for start in range(0, len(split), batch_size):
+        index = np.arange(start, min(start + batch_size, len(split)), dtype=np.int64)
+        logits = model(split.inputs(index).to(device)).float()
+        y = torch.from_numpy(split.labels[index]).to(device)
+        if logits.ndim == 3:
+            lengths = sequence_lengths(split, logits.shape[1]) if lengths is None else lengths
+            valid = torch.arange(logits.shape[1], device=device) < torch.from_numpy(lengths[index]).to(device).unsqueeze(1)
+            logits, y = logits[valid], y[valid]
+        correct += int((logits.argmax(-1) == y).sum())
+        nll += float(F.cross_entropy(logits, y, reduction="sum"))
+        count += len(y)
+    metrics = {"accuracy": correct / count, "errors": count - correct, "nll": nll / count, "num_samples": len(split)}
+    if lengths is not None:
+        metrics["num_tokens"] = count
+    return metrics
+
+
+@torch.inference_mode()
+def teacher_agreement(model: torch.nn.Module, cache: CacheReader, split: Split, device: torch.device) -> float:
+    """The fraction of the cache's rows (or valid tokens) on which the model's top-1 class is
+    the cached teacher's. `split` must be the cache's own split (callers check it)."""
+    model.eval()
+    agree, count = 0, 0
+    for chunk in range(cache.grid.num_chunks):
+        rows = cache.read_chunk(chunk)
+        teacher = rows["logits"].argmax(-1) if cache.layout.kind == "dense" else rows["topk_indices"][..., 0]
+        predicted = model(split.inputs(rows["index"]).to(device)).argmax(-1).cpu().numpy()
+        same = predicted == teacher
+        if "lengths" in rows:
+            same = same[np.arange(same.shape[1])[None, :] < rows["lengths"][:, None]]
+        agree += int(same.sum())
+        count += same.size
+    return agree / count
+
+
+@torch.inference_mode()
+def speed(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int, batches: int = 20,
+          warmup: int = 3) -> dict:
+    """Inference latency of one batch (median and spread over `batches` timed forwards, after
+    `warmup`) and the throughput it implies, on the split's first rows."""
+    model.eval()
+    inputs = split.inputs(np.arange(min(batch_size, len(split)), dtype=np.int64)).to(device)
+    seconds = []
+    for step in range(warmup + batches):
+        started = time.perf_counter()
+        model(inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            seconds.append(time.perf_counter() - started)
+    median = statistics.median(seconds)
+    return {
+        "batch_size": len(inputs),
+        "latency_ms_median": 1000 * median,
+        "latency_ms_min": 1000 * min(seconds),
+        "latency_ms_max": 1000 * max(seconds),
+        "samples_per_second": len(inputs) / median,
+    }
