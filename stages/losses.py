@@ -116,9 +116,12 @@ def topk_student_log_probs(student_logits_over_t: torch.Tensor, indices: torch.T
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p || q) from log-probabilities; terms with p == 0 count zero."""
-    p = log_p.exp()
-    return (torch.special.xlogy(p, p) - p * log_q).sum(-1).mean()
+    """Mean over rows of KL(p || q) from log-probabilities; terms with p == 0 count zero.
+
+    A log-probability of -inf (an empty tail bucket) is clamped to the lowest finite float, so
+    that its term is 0 * finite = 0 rather than 0 * inf = NaN; cheaper than xlogy, which
+    would take the log a second time."""
+    return (log_p.exp() * (log_p.clamp(min=torch.finfo(log_p.dtype).min) - log_q)).sum(-1).mean()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
