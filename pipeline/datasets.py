@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.specs import is_factory_spec, load_factory, whole_number_parameters
-from stages.data import Split, TensorSplit, TorchDatasetSplit
+from stages.data import Split, TensorSplit, TorchDatasetSplit, splitmix64
 from stages.errors import InputError
 
 SPLITS = ("train", "test")
@@ -99,19 +99,10 @@ class SyntheticSplit:
         return self._labels
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser, vectorised. Its uint64 arithmetic is meant to wrap around."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
 def _hashed_normals(seed: int, rows: np.ndarray, features: int) -> np.ndarray:
     """Standard normals (len(rows), features), a pure function of (seed, row, feature)."""
     counters = rows.astype(np.uint64)[:, None] * np.uint64(2 * features) + np.arange(2 * features, dtype=np.uint64)
-    bits = _splitmix64(counters ^ _splitmix64(np.uint64(seed)))
+    bits = splitmix64(counters ^ splitmix64(np.uint64(seed)))
     uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
     u1, u2 = uniform[:, :features], uniform[:, features:]
     return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)

@@ -10,6 +10,7 @@ import zarr
 
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
+from pipeline.specs import resolve_augment
 from stages import cache_teacher, train_student
 from stages.cache import CacheReader, is_cache, malformed_attributes
 from stages.data import input_shape
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def run_caching(cfg: cache_teacher.CacheTeacherConfig, progress: Progress | None = None) -> cache_teacher.CacheTeacherResult:
     cfg.validate()  # before loading anything: bad options fail fast
+    resolve_augment(cfg.augment)
     split = resolve_dataset(cfg.dataset).split(cfg.split)
     num_classes = cfg.num_classes or split.num_classes
     if num_classes is None:
@@ -31,11 +33,12 @@ def run_caching(cfg: cache_teacher.CacheTeacherConfig, progress: Progress | None
     if cfg.teacher_weights is None:
         log.warning("no --teacher-weights given: caching the teacher as its factory builds it")
     teacher = resolve_model(cfg.teacher, num_classes=num_classes, input_shape=input_shape(split), weights=cfg.teacher_weights)
-    return cache_teacher.run(cfg, teacher, split, progress)
+    return cache_teacher.run(cfg, teacher, split, progress, resolve_augment=resolve_augment)
 
 
 def run_training(cfg: train_student.TrainConfig, progress: Progress | None = None) -> train_student.TrainResult:
     cfg.validate()
+    resolve_augment(cfg.augment)
     data = resolve_dataset(cfg.dataset)
     train = data.split(cfg.split)
     evaluation = data.split(cfg.eval_split) if cfg.eval_split else None
@@ -45,13 +48,13 @@ def run_training(cfg: train_student.TrainConfig, progress: Progress | None = Non
         raise InputError(f"dataset {cfg.dataset} does not say how many classes it has")
     seed_everything(cfg.seed)  # the model's initial weights belong to the run's seed too
     model = resolve_model(cfg.model, num_classes=num_classes, input_shape=input_shape(train), weights=cfg.model_weights)
-    return train_student.run(cfg, model, train, evaluation, soft_labels=cache, progress=progress)
+    return train_student.run(cfg, model, train, evaluation, soft_labels=cache, progress=progress, resolve_augment=resolve_augment)
 
 
 def run_verify(cache: Path, *, teacher: str | None, teacher_weights: Path | None, dataset: str | None,
                samples: int, seed: int, device: str) -> Report:
     """Verify a cache; with a teacher spec, rebuild the teacher on the cache's split and compare."""
-    model = split = None
+    model = split = augment = None
     attrs = dict(zarr.open_group(str(cache), mode="r").attrs) if is_cache(cache) else {}
     # A teacher is rebuilt only for a cache whose metadata is sound; verify reports the rest.
     if teacher is not None and attrs and not malformed_attributes(attrs):
@@ -61,7 +64,8 @@ def run_verify(cache: Path, *, teacher: str | None, teacher_weights: Path | None
             raise InputError(f"{cache} records no dataset; pass --dataset")
         split = resolve_dataset(spec).split(recorded.get("split", "train"))
         model = resolve_model(teacher, num_classes=attrs["num_classes"], input_shape=input_shape(split), weights=teacher_weights)
-    return verify(cache, teacher=model, split=split, samples=samples, seed=seed, device=resolve_device(device))
+        augment = resolve_augment((attrs.get("augment") or {}).get("spec", "none"))
+    return verify(cache, teacher=model, split=split, samples=samples, seed=seed, device=resolve_device(device), augment=augment)
 
 
 def run_evaluate(model_spec: str, weights: Path | None, *, dataset: str | None, split: str, cache: Path | None,
@@ -95,7 +99,8 @@ def run_evaluate(model_spec: str, weights: Path | None, *, dataset: str | None, 
     if reader is not None:
         cached_split = data.split(reader.attrs["dataset"]["split"])
         reader.check_split(cached_split, dataset)
-        report["teacher_agreement"] = teacher_agreement(model, reader, cached_split, torch_device)
+        augment = resolve_augment((reader.attrs.get("augment") or {}).get("spec", "none"))
+        report["teacher_agreement"] = teacher_agreement(model, reader, cached_split, torch_device, augment)
         report["agreement_split"] = cached_split.name
     report["device"] = str(torch_device)
     report["speed"] = speed(model, evaluation, torch_device, batch_size)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from stages.augment import Augmentation, parse_augment
 from stages.errors import InputError
 
 
@@ -38,6 +39,26 @@ def slug(spec: str) -> str:
     if target.endswith(".py") or spec.endswith(".npz"):
         spec = Path(target if target.endswith(".py") else spec).stem
     return "".join(c if c.isalnum() or c in "._" else "-" for c in spec).strip("-")
+
+
+def resolve_augment(spec: str) -> Augmentation | None:
+    """The augmentation named by `spec`: built-ins (stages.augment), and parts naming the user's
+    own transform as `package.module:factory` or `path/to/file.py:factory`, joined by `+`. A
+    factory is called without arguments and returns `transform(sample, rng) -> sample`, which must
+    draw its randomness from `rng` only (so that a view replays exactly)."""
+    user = {}
+    for part in spec.split("+"):
+        if is_factory_spec(part):
+            try:
+                transform = load_factory(part, "augment")()
+            except InputError:
+                raise
+            except Exception as exc:
+                raise InputError(f"augment factory {part!r} failed: {type(exc).__name__}: {exc}") from exc
+            if not callable(transform):
+                raise InputError(f"augment factory {part!r} returned {type(transform).__name__}, not a callable transform")
+            user[part] = transform
+    return parse_augment(spec, user)
 
 
 def is_factory_spec(spec: str) -> bool:

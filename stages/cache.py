@@ -195,6 +195,7 @@ class Layout:
     codec: str = "none"  # of the soft-label arrays (see CODECS)
     top_k: int | None = None  # kind "topk": entries kept per row
     tokens: int | None = None  # token-level caches: positions per sample (L)
+    views: int | None = None  # view caches: augmented views per sample (V)
     labelled: bool = True
 
     def __post_init__(self):
@@ -206,6 +207,8 @@ class Layout:
             raise InputError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.kind == "topk" and not (self.top_k is not None and 1 <= self.top_k <= self.num_classes):
             raise InputError(f"--top-k must be between 1 and the number of classes ({self.num_classes}), got {self.top_k}")
+        if self.views is not None and self.tokens is not None:
+            raise InputError("augmented views of token sequences are not supported: a view cache needs per-sample outputs")
 
     @property
     def grid(self) -> ChunkGrid:
@@ -213,7 +216,12 @@ class Layout:
 
     @property
     def position_shape(self) -> tuple[int, ...]:
-        """The axes between the sample axis and the class (or rank) axis: (L,) or ()."""
+        """The axes between the sample axis and the class (or rank) axis: (V,), (L,) or ()."""
+        return (self.views,) if self.views is not None else (self.tokens,) if self.tokens is not None else ()
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """A sample's labels: one per token, else one (every view of a sample has its label)."""
         return () if self.tokens is None else (self.tokens,)
 
     @property
@@ -222,7 +230,8 @@ class Layout:
 
     @property
     def row_axes(self) -> list[str]:
-        return [*(["token"] if self.tokens is not None else []), "class" if self.kind == "dense" else "rank"]
+        position = ["view"] if self.views is not None else ["token"] if self.tokens is not None else []
+        return [*position, "class" if self.kind == "dense" else "rank"]
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, object, bool]]:
         """Per-row arrays: name -> (shape after the sample axis, dtype, fill value, compressed)."""
@@ -237,9 +246,11 @@ class Layout:
             }
         arrays["index"] = ((), "int64", -1, True)
         if self.labelled:
-            arrays["labels"] = (self.position_shape, "int64", -1, True)
+            arrays["labels"] = (self.label_shape, "int64", -1, True)
         if self.tokens is not None:
             arrays["lengths"] = ((), "int32", -1, True)
+        if self.views is not None:
+            arrays["view_seeds"] = ((self.views,), "uint64", 0, True)
         return arrays
 
     @property
@@ -251,7 +262,7 @@ class Layout:
     def attributes(self) -> dict:
         return {
             "kind": self.kind, "num_samples": self.num_samples, "num_classes": self.num_classes,
-            "row_shape": list(self.row_shape), "row_axes": self.row_axes, "top_k": self.top_k,
+            "row_shape": list(self.row_shape), "row_axes": self.row_axes, "top_k": self.top_k, "views": self.views,
             "chunk_rows": self.chunk_rows, "dtype": self.dtype,
             "codec": "none" if self.codec == "none" else f"zstd(level={ZSTD_LEVEL})",
         }
@@ -260,11 +271,13 @@ class Layout:
     def from_attributes(cls, attrs: dict, labelled: bool) -> Layout:
         """The layout a cache's attributes describe (schema 1 caches: dense, one row per sample)."""
         row_shape = attrs["row_shape"]
+        axes = attrs.get("row_axes") or ["class"]
         return cls(
             kind=attrs["kind"], num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
             chunk_rows=attrs["chunk_rows"], dtype=attrs["dtype"],
-            codec="none" if attrs.get("codec", "none") == "none" else "zstd",
-            top_k=attrs.get("top_k"), tokens=row_shape[0] if len(row_shape) == 2 else None, labelled=labelled,
+            codec="none" if attrs.get("codec", "none") == "none" else "zstd", top_k=attrs.get("top_k"),
+            tokens=row_shape[axes.index("token")] if "token" in axes else None,
+            views=row_shape[axes.index("view")] if "view" in axes else None, labelled=labelled,
         )
 
 
@@ -430,8 +443,8 @@ class CacheWriter:
 
 
 # What must agree between an existing cache and a new writer for it to resume it.
-RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "chunk_rows", "dtype", "codec", "temperature",
-               "teacher_amp")
+RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "views", "chunk_rows", "dtype", "codec",
+               "temperature", "teacher_amp", "augment")
 
 
 def open_writer(path: Path, layout: Layout, attrs: dict, *, overwrite: bool) -> CacheWriter:
@@ -457,7 +470,7 @@ def open_writer(path: Path, layout: Layout, attrs: dict, *, overwrite: bool) -> 
 
 def _differences(existing: dict, expected: dict) -> list[str]:
     """Human-readable differences that forbid resuming the `existing` cache with this writer."""
-    found = [f"{k}: cache has {existing.get(k)}, this run {expected[k]}" for k in RESUME_KEYS if existing.get(k) != expected[k]]
+    found = [f"{k}: cache has {existing.get(k)}, this run {expected.get(k)}" for k in RESUME_KEYS if existing.get(k) != expected.get(k)]
     if _teacher_identities(existing) != _teacher_identities(expected):
         found.append("teacher: another model spec or other weights")
     have, want = existing.get("dataset") or {}, expected["dataset"]
@@ -474,7 +487,7 @@ def _teacher_identities(attrs: dict) -> list[tuple]:
 
 def teacher_metrics(group: zarr.Group, layout: Layout, temperature: float) -> dict | None:
     """Top-1 accuracy and mean NLL at T=1 of the stored values against the stored labels, per
-    sample or per valid token. A top-k cache gives the accuracy only: its NLL at T=1 would need
+    sample, view or valid token. A top-k cache gives the accuracy only: its NLL at T=1 would need
     the dropped logits."""
     if "labels" not in group:
         return None
@@ -482,6 +495,8 @@ def teacher_metrics(group: zarr.Group, layout: Layout, temperature: float) -> di
     for chunk in range(layout.grid.num_chunks):
         start, stop = layout.grid.rows(chunk)
         labels = torch.from_numpy(group["labels"][start:stop])
+        if layout.views is not None:  # every view of a sample has the sample's label
+            labels = labels.unsqueeze(1).expand(-1, layout.views)
         valid = (torch.ones(labels.shape, dtype=torch.bool) if layout.tokens is None
                  else torch.arange(layout.tokens) < torch.from_numpy(group["lengths"][start:stop]).unsqueeze(1))
         labels = labels[valid]
@@ -497,6 +512,8 @@ def teacher_metrics(group: zarr.Group, layout: Layout, temperature: float) -> di
                "nll": nll / count if layout.kind == "dense" else None, "num_samples": layout.num_samples}
     if layout.tokens is not None:
         metrics["num_tokens"] = count
+    if layout.views is not None:
+        metrics["num_views"] = count
     return metrics
 
 

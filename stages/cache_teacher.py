@@ -3,6 +3,9 @@
     pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist.safetensors \\
         --dataset mnist-5k --split train --temperature 4 --out data/caches/mnist-cnn-T4.zarr
 
+    pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist.safetensors \\
+        --dataset mnist-5k --temperature 4 --views 8 --augment shift:2+rotate:10
+
     pipeline cache-teacher --teacher bytelm-teacher --teacher-weights data/teachers/bytelm.safetensors \\
         --dataset stdlib-bytes --temperature 1 --format topk --top-k 32 --out data/caches/lm-top32.zarr
 
@@ -11,7 +14,10 @@ From Python, with your own module and split (see stages.data.Split):
     result = run(CacheTeacherConfig(teacher="mine", dataset="mine", out=Path("c.zarr")), teacher, split)
 
 A cache holds every class's logit ("dense") or the K largest per row ("topk"), per sample or,
-for a teacher that outputs logits per token, per token (stages.cache.stored_rows).
+for a teacher that outputs logits per token, per token (stages.cache.stored_rows). With
+`--augment`, it holds the teacher's outputs for `--views` augmented views of every sample, each
+made from a seed that the cache records, so that student training can replay the exact input
+the teacher saw (stages.augment).
 The teacher runs in eval mode under inference_mode. Input batches are prepared on a
 background thread and finished chunks are written by another (stages.cache.CacheWriter), so
 the forward pass does not wait on storage. The cache layout is described in stages.cache.
@@ -22,13 +28,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from stages.augment import Augmentation, parse_augment, view_seeds
 from stages.cache import (
     CODECS, DTYPES, FLOAT_ARRAYS, KINDS, CacheWriter, Layout, WriterLock, default_chunk_rows, disk_usage, is_cache,
     nonfinite_rows, open_writer, prefetch, stored_rows, teacher_metrics,
@@ -57,6 +64,9 @@ class CacheTeacherConfig:
     dtype: str = "float16"
     format: str = "dense"  # dense: every class's logit; topk: the top_k largest, their classes and the row's log-sum-exp
     top_k: int | None = None
+    augment: str = "none"  # augmentation of the cached views (stages.augment); none: the inputs as they are
+    views: int = 1  # augmented views per sample, with augment
+    view_seed: int = 0  # base seed of the views' seeds
     chunk_rows: int | None = None  # None: about 2 MB of soft labels per chunk
     codec: str = "none"  # of the logits array: none or zstd (see stages.cache.CODECS)
     amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
@@ -78,6 +88,12 @@ class CacheTeacherConfig:
             raise InputError("--top-k K goes with --format topk, and --format topk needs --top-k K")
         if self.top_k is not None and self.top_k < 1:
             raise InputError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.views < 1:
+            raise InputError(f"--views must be at least 1, got {self.views}")
+        if self.views > 1 and self.augment == "none":
+            raise InputError(f"--views {self.views} needs --augment SPEC: without augmentation every view would be the same")
+        if self.view_seed < 0:
+            raise InputError(f"--view-seed must be 0 or more, got {self.view_seed}")
         if self.workers < 0:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
         if self.amp not in AMP_DTYPES and self.amp != "none":
@@ -100,9 +116,11 @@ class CacheTeacherResult:
     chunks_total: int
 
 
-def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, progress: Progress | None = None) -> CacheTeacherResult:
+def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, progress: Progress | None = None,
+        resolve_augment: Callable[[str], Augmentation | None] = parse_augment) -> CacheTeacherResult:
     """Write the cache for `split` at `config.out`, or finish an incomplete one that this
-    same teacher, data and layout started (only its missing chunks are computed)."""
+    same teacher, data and layout started (only its missing chunks are computed).
+    `resolve_augment` turns `config.augment` into an augmentation (default: built-ins only)."""
     config.validate()
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -115,10 +133,13 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     shape = output_shape(teacher, split, device, "teacher")
     check_labels_fit(split, shape, "teacher")
     num_classes = shape[-1]
+    augmentation = resolve_augment(config.augment)
+    if augmentation is not None:
+        augmentation(split.inputs(np.zeros(1, dtype=np.int64)), np.zeros(1, dtype=np.uint64))  # fits the inputs?
     layout = Layout(
         kind=config.format, num_samples=len(split), num_classes=num_classes, chunk_rows=config.chunk_rows or 1,
         dtype=config.dtype, codec=config.codec, top_k=config.top_k, tokens=shape[0] if len(shape) == 2 else None,
-        labelled=split.labels is not None,
+        views=config.views if augmentation is not None else None, labelled=split.labels is not None,
     )
     if config.chunk_rows is None:
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes))
@@ -131,7 +152,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
             if missing and len(missing) < writer.grid.num_chunks:
                 log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
             with one_blas_thread_beside_torch():
-                _teacher_pass(config, teacher, split, lengths, writer, device, missing, progress)
+                _teacher_pass(config, teacher, split, lengths, augmentation, writer, device, missing, progress)
             writer.close()
         except BaseException:
             writer.abort()
@@ -172,6 +193,7 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
             }
         ],
         "combine": None,
+        "augment": None if config.augment == "none" else {"spec": config.augment, "base_seed": config.view_seed},
         "dataset": {
             "spec": config.dataset,
             "split": config.split,
@@ -184,8 +206,8 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
 
 
 def _teacher_pass(
-    config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, lengths: np.ndarray | None, writer: CacheWriter,
-    device: torch.device, missing: list[int], progress: Progress | None,
+    config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, lengths: np.ndarray | None,
+    augmentation: Augmentation | None, writer: CacheWriter, device: torch.device, missing: list[int], progress: Progress | None,
 ) -> None:
     """Forward every row of the missing chunks and hand the stored values to the writer.
 
@@ -201,12 +223,18 @@ def _teacher_pass(
     rows_to_compute = sum(stop - start for start, stop in map(writer.grid.rows, missing))
     rows_done = 0
     last_report = time.perf_counter()
+    views = writer.layout.views
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.workers)
+    if augmentation is not None:
+        batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
     for start, inputs in prefetch(batches, depth=2):
+        count = len(inputs) // (views or 1)
         with torch.inference_mode():
             with autocast(config.amp, device):
                 logits = teacher(inputs.to(device, non_blocking=cuda))
-            batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + len(inputs)])
+            if views is not None:  # the views of a sample are adjacent: (B * V, ...) -> (B, V, ...)
+                logits = logits.reshape(count, views, *logits.shape[1:])
+            batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + count])
             stored = stored_rows(logits.float().div_(config.temperature), writer.layout, batch_lengths)
         if cuda:
             host = {}
@@ -224,7 +252,7 @@ def _teacher_pass(
                 progress(rows_done, rows_to_compute)
         if time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
-            log.info("teacher pass: rows up to %d of %d", start + len(inputs), len(split))
+            log.info("teacher pass: rows up to %d of %d", start + count, len(split))
     while in_flight:
         _store(writer, split, lengths, config, *in_flight.popleft())
 
@@ -270,6 +298,8 @@ def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config
         rows["labels"] = split.labels[start:stop]
     if lengths is not None:
         rows["lengths"] = lengths[start:stop]
+    if writer.layout.views is not None:
+        rows["view_seeds"] = view_seeds(config.view_seed, rows["index"], writer.layout.views)
     writer.write_rows(start, rows)
     return count
 
@@ -285,6 +315,16 @@ def _input_batches(
     )
     for batch in joined_with_inputs(rows, split, workers):
         yield int(batch["index"][0]), batch["inputs"].pin_memory() if pin else batch["inputs"]
+
+
+def _augmented_views(batches: Iterator[tuple[int, torch.Tensor]], augmentation: Augmentation, views: int, base_seed: int,
+                     pin: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each batch as its samples' augmented views, the views of one sample adjacent: (B * V, ...).
+    Sample i's view v is made from seed view_seeds(base_seed, i, V)[v], which the cache stores."""
+    for start, inputs in batches:
+        seeds = view_seeds(base_seed, np.arange(start, start + len(inputs)), views)
+        augmented = augmentation(inputs.repeat_interleave(views, dim=0), seeds.reshape(-1))
+        yield start, augmented.pin_memory() if pin else augmented
 
 
 def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:

@@ -64,7 +64,7 @@ class CombineResult:
 
 
 # Attributes that must be equal in every source cache (besides the dataset, checked apart).
-MUST_AGREE = ("kind", "temperature", "num_classes", "num_samples", "row_shape")
+MUST_AGREE = ("kind", "temperature", "num_classes", "num_samples", "row_shape", "row_axes", "augment")
 
 
 def run(config: CombineConfig) -> CombineResult:
@@ -83,6 +83,7 @@ def run(config: CombineConfig) -> CombineResult:
             "rule": config.rule,
             "sources": [{"path": str(source.path), "teachers": len(source.attrs["teachers"])} for source in sources],
         },
+        "augment": first.attrs.get("augment"),
         "dataset": first.attrs["dataset"],
         "teacher_metrics": None,
         "config": config_dict(config),
@@ -96,7 +97,7 @@ def run(config: CombineConfig) -> CombineResult:
                 parts = [source.read_rows(start, stop) for source in sources]
                 if any(not np.array_equal(part["index"], parts[0]["index"]) for part in parts[1:]):
                     raise CacheMismatchError(f"rows {start}-{stop - 1} hold other samples in one of the caches")
-                rows = {name: values for name, values in parts[0].items() if name in ("index", "labels")}
+                rows = {name: values for name, values in parts[0].items() if name in ("index", "labels", "lengths", "view_seeds")}
                 rows["logits"] = combine([part["logits"] for part in parts], config.rule).astype(layout.dtype)
                 writer.write_rows(start, rows)
             writer.close()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages.augment import Augmentation
 from stages.cache import CacheReader
 from stages.data import Split, sequence_lengths
 from stages.errors import InputError
@@ -46,15 +47,21 @@ def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_s
 
 
 @torch.inference_mode()
-def teacher_agreement(model: torch.nn.Module, cache: CacheReader, split: Split, device: torch.device) -> float:
-    """The fraction of the cache's rows (or valid tokens) on which the model's top-1 class is
-    the cached teacher's. `split` must be the cache's own split (callers check it)."""
+def teacher_agreement(model: torch.nn.Module, cache: CacheReader, split: Split, device: torch.device,
+                      augment: Augmentation | None = None) -> float:
+    """The fraction of the cache's rows (or valid tokens, or views: each replayed by `augment`
+    from its seed) on which the model's top-1 class is the cached teacher's. `split` must be the
+    cache's own split (callers check it)."""
     model.eval()
+    views = cache.layout.views
     agree, count = 0, 0
     for chunk in range(cache.grid.num_chunks):
         rows = cache.read_chunk(chunk)
         teacher = rows["logits"].argmax(-1) if cache.layout.kind == "dense" else rows["topk_indices"][..., 0]
-        predicted = model(split.inputs(rows["index"]).to(device)).argmax(-1).cpu().numpy()
+        inputs = split.inputs(rows["index"])
+        if views is not None:
+            inputs = augment(inputs.repeat_interleave(views, dim=0), rows["view_seeds"].reshape(-1))
+        predicted = model(inputs.to(device)).argmax(-1).cpu().numpy().reshape(teacher.shape)
         same = predicted == teacher
         if "lengths" in rows:
             same = same[np.arange(same.shape[1])[None, :] < rows["lengths"][:, None]]

@@ -44,6 +44,8 @@ def describe_cache(path: Path) -> dict:
         "temperature": reader.temperature,
         "num_classes": layout.num_classes,
         "top_k": layout.top_k,
+        "views": layout.views,
+        "augment": attrs.get("augment"),
         "row_shape": list(layout.row_shape),
         "row_axes": layout.row_axes,
         "dtype": layout.dtype,
@@ -127,7 +129,11 @@ def _chunk_statistics(rows: dict[str, np.ndarray], kind: str, cache_temperature:
         predicted = rows["topk_indices"][..., 0].astype(np.int64)
     valid = (np.ones(predicted.shape, dtype=bool) if "lengths" not in rows
              else np.arange(predicted.shape[1])[None, :] < rows["lengths"][:, None])
-    right = (predicted == rows["labels"])[valid] if "labels" in rows else np.zeros(valid.sum())
+    if "labels" in rows:  # every view of a sample has the sample's label
+        labels = rows["labels"][:, None] if predicted.ndim > rows["labels"].ndim and "lengths" not in rows else rows["labels"]
+        right = (predicted == labels)[valid]
+    else:
+        right = np.zeros(valid.sum())
     sums: dict[str, np.ndarray] = {}
     for t in temperatures:
         if kind == "dense":
@@ -138,7 +144,7 @@ def _chunk_statistics(rows: dict[str, np.ndarray], kind: str, cache_temperature:
         else:
             probs = np.concatenate([kept, tail], axis=-1)
         if kind == "dense" and "labels" in rows:
-            label_probs = np.take_along_axis(probs, rows["labels"][..., None], -1)[..., 0][valid]
+            label_probs = np.take_along_axis(probs, np.broadcast_to(labels, predicted.shape)[..., None], -1)[..., 0][valid]
             sums[f"nll {t:g}"] = np.array([-np.log(np.maximum(label_probs, 1e-300)).sum()])
         probs = probs[valid]
         confidence = probs.max(-1)

@@ -28,7 +28,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.augment import parse_augment
+from stages.augment import Augmentation, parse_augment
 from stages.cache import CacheReader, Rows, batch_bounds, prefetch
 from stages.data import Split, joined_with_inputs, sequence_lengths
 from stages.errors import CacheMismatchError, InputError, PipelineError
@@ -51,6 +51,7 @@ from stages.weights import count_parameters, save_weights
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+VIEW_POLICIES = ("random", "cycle")
 # Options that may change when a run is resumed: they do not change what it computes.
 RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "workers")
 
@@ -72,7 +73,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
-    augment: str = "none"
+    augment: str = "none"  # random augmentation of the inputs (stages.augment); a view cache replays its own instead
+    view_policy: str = "random"  # view caches: which view a drawn sample uses; random, or cycle (view = epoch mod V)
     buffer_chunks: int = 8
     workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
     weights_out: Path | None = None  # None: model.safetensors in the run folder
@@ -95,7 +97,8 @@ class TrainConfig:
         check_positive("lr", self.lr)
         if self.seed < 0:
             raise InputError(f"--seed must be 0 or more, got {self.seed}")
-        parse_augment(self.augment)
+        if self.view_policy not in VIEW_POLICIES:
+            raise InputError(f"--view-policy must be one of {', '.join(VIEW_POLICIES)}, got {self.view_policy!r}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class TrainResult:
 def run(
     config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None,
     soft_labels: CacheReader | None = None, progress: Progress | None = None,
+    resolve_augment: Callable[[str], Augmentation | None] = parse_augment,
 ) -> TrainResult:
     """Train `model` on `train` (distilled from `config.cache` when given), evaluating on
     `evaluation` after every epoch, and write the run folder.
@@ -123,13 +127,17 @@ def run(
     CacheReader's reading interface (attrs, layout, temperature, num_classes, labelled,
     soft_arrays, check_split, batches). The
     benchmark uses it to compare the cache with logits held in memory and with a teacher run
-    online; rows it yields with "inputs" already attached are not joined again."""
+    online; rows it yields with "inputs" already attached are not joined again.
+    `resolve_augment` turns augmentation specs (`config.augment`, a view cache's) into
+    augmentations (default: built-ins only)."""
     config.validate()
     started = time.perf_counter()
     device = resolve_device(config.device)
     cache = soft_labels if soft_labels is not None else (CacheReader(config.cache) if config.cache is not None else None)
     model = model.to(device)
-    labels, lengths = _check_inputs(config, model, train, evaluation, cache, device)
+    augment = resolve_augment(config.augment)
+    views = _view_replay(config, cache, resolve_augment)
+    labels, lengths = _check_inputs(config, model, train, evaluation, cache, device, augment or views)
     temperature = config.temperature or (cache.temperature if cache else None)
     run_config = _run_config(config, cache, temperature)
     if config.resume and (config.out / "summary.json").is_file():
@@ -144,7 +152,6 @@ def run(
     seed_everything(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    augment = parse_augment(config.augment)
     generator = torch.Generator().manual_seed(config.seed)
     first_epoch = 0
     if state is not None:
@@ -159,7 +166,7 @@ def run(
     def loss_step(batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["inputs"]
         if augment is not None:
-            x = augment(x, generator)
+            x = augment(x, torch.randint(0, 2**63 - 1, (len(x),), generator=generator).numpy().astype(np.uint64))
         return batch_loss(model(x.to(device)), batch, cache, alpha=config.alpha, temperature=temperature)
 
     steps_per_epoch = len(batch_bounds(len(train), config.batch_size))  # the readers batch alike
@@ -171,7 +178,7 @@ def run(
             model.train()
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
             steps = 0
-            for batch in _epoch_batches(config, train, labels, lengths, cache, epoch):
+            for batch in _epoch_batches(config, train, labels, lengths, cache, views, epoch):
                 loss, parts = loss_step(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -247,7 +254,7 @@ def batch_loss(
 
 def _check_inputs(
     config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, cache: CacheReader | None,
-    device: torch.device,
+    device: torch.device, augment: Augmentation | None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Everything that can be checked before the run folder is touched: a cache that belongs
     to other data or has another class count or row shape, an evaluation split without fitting
@@ -263,9 +270,8 @@ def _check_inputs(
         if evaluation.labels is None:
             raise InputError(f"cannot evaluate on split {evaluation.name!r}: it has no labels (pick another --eval-split)")
         check_labels_fit(evaluation, shape, "model")
-    augment = parse_augment(config.augment)
     if augment is not None:
-        augment(train.inputs(np.zeros(1, dtype=np.int64)), torch.Generator().manual_seed(0))
+        augment(train.inputs(np.zeros(1, dtype=np.int64)), np.zeros(1, dtype=np.uint64))
     if cache is None:
         if train.labels is None:
             raise InputError(f"split {train.name!r} has no labels: training without a cache needs them")
@@ -282,24 +288,50 @@ def _check_cache_fits(config: TrainConfig, cache: CacheReader, train: Split, sha
     """The student's output fits the cache's rows, and the cache was made from this split."""
     if shape[-1] != cache.num_classes:
         raise CacheMismatchError(f"the student outputs {shape[-1]} classes but the cache has {cache.num_classes}")
-    cached = (*cache.layout.position_shape, cache.num_classes)
+    cached = (*cache.layout.label_shape, cache.num_classes)  # one view at a time
     if shape != cached:
         raise CacheMismatchError(f"the student outputs logits of shape {shape} per sample but the cache holds rows of {cached}")
     cache.check_split(train, config.dataset)
 
 
+def _view_replay(config: TrainConfig, cache: CacheReader | None,
+                 resolve_augment: Callable[[str], Augmentation | None]) -> Augmentation | None:
+    """For a cache of augmented views, the augmentation that replays a view from its seed."""
+    if cache is None or cache.layout.views is None:
+        return None
+    if config.augment != "none":
+        raise InputError(
+            f"the cache holds views made with {cache.attrs['augment']['spec']!r} and replays them exactly; "
+            "drop --augment (it would show the student other inputs than the teacher saw)"
+        )
+    return resolve_augment(cache.attrs["augment"]["spec"])
+
+
 def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, lengths: np.ndarray | None,
-                   cache: CacheReader | None, epoch: int) -> Iterator[Rows]:
+                   cache: CacheReader | None, views: Augmentation | None, epoch: int) -> Iterator[Rows]:
     """Batches of rows joined with their inputs, labels and sequence lengths, prepared on a
-    background thread."""
+    background thread. From a view cache, each row is one of its sample's views (by
+    `config.view_policy`), and its input is regenerated from that view's seed."""
     if cache is not None:
-        rows = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks,
-                             names=("index", *cache.soft_arrays))
+        names = ("index", *cache.soft_arrays, *(("view_seeds",) if views is not None else ()))
+        rows = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks, names=names)
+        if views is not None:
+            rng = np.random.default_rng([config.seed, epoch, 2])
+            rows = (_one_view_each(r, cache.soft_arrays, config.view_policy, rng, epoch) for r in rows)
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
         rows = ({"index": order[a:b]} for a, b in batch_bounds(len(order), config.batch_size))
     joined = joined_with_inputs(rows, train, config.workers)
+    if views is not None:
+        joined = ({**r, "inputs": views(r["inputs"], r["view_seeds"])} for r in joined)
     return prefetch((_with_labels_and_lengths(r, labels, lengths) for r in joined), depth=4)
+
+
+def _one_view_each(rows: Rows, soft_arrays: tuple[str, ...], policy: str, rng: np.random.Generator, epoch: int) -> Rows:
+    """Rows of a view cache reduced to one view per sample: its soft labels and seed."""
+    count, views = rows["view_seeds"].shape
+    pick = rng.integers(0, views, size=count) if policy == "random" else np.full(count, epoch % views)
+    return {**rows, **{name: rows[name][np.arange(count), pick] for name in (*soft_arrays, "view_seeds")}, "view": pick}
 
 
 def _with_labels_and_lengths(rows: Rows, labels: np.ndarray | None, lengths: np.ndarray | None) -> Rows:
@@ -369,7 +401,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def _run_config(config: TrainConfig, cache: CacheReader | None, temperature: float) -> dict:
     resolved = {**config_dict(config), "temperature": temperature if cache is not None else None}
     if cache is not None:
-        resolved["cache_provenance"] = {k: cache.attrs[k] for k in ("teachers", "combine", "dataset", "temperature", "created_at")}
+        resolved["cache_provenance"] = {k: cache.attrs.get(k) for k in ("teachers", "combine", "dataset", "temperature", "augment", "created_at")}
     return resolved
 
 

@@ -22,6 +22,7 @@ from stages.cache import (
     FLOAT_ARRAYS, FORMAT, KINDS, SCHEMA_VERSION, Layout, dataset_size, is_cache, malformed_attributes, row_problem,
     stored_rows,
 )
+from stages.augment import Augmentation, view_seeds
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
 from stages.runtime import AMP_DTYPES, autocast
@@ -48,9 +49,10 @@ class Report:
 
 
 def verify(path: Path, *, teacher: torch.nn.Module | None = None, split: Split | None = None,
-           samples: int = 0, seed: int = 0, device: torch.device | None = None) -> Report:
+           samples: int = 0, seed: int = 0, device: torch.device | None = None, augment: Augmentation | None = None) -> Report:
     """Run every check on the cache at `path`. With `teacher` and `split` (the cached split),
-    also re-run the teacher on `samples` random rows and compare with the stored values."""
+    also re-run the teacher on `samples` random rows and compare with the stored values (on a
+    view cache, on each view replayed by `augment` from its stored seed)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"cache not found: {path}")
@@ -69,8 +71,10 @@ def verify(path: Path, *, teacher: torch.nn.Module | None = None, split: Split |
                f"complete={attrs['complete']}, {len(missing)} of {grid.num_chunks} chunks unwritten")
     _check_chunks(report, group, attrs, layout)
     _check_index_and_labels(report, group, attrs)
+    if layout.views is not None:
+        _check_view_seeds(report, group, attrs, layout)
     if teacher is not None and split is not None and samples > 0:
-        _check_against_teacher(report, group, attrs, layout, teacher, split, samples, seed, device or torch.device("cpu"))
+        _check_against_teacher(report, group, attrs, layout, teacher, split, samples, seed, device or torch.device("cpu"), augment)
     return report
 
 
@@ -147,6 +151,17 @@ def _check_index_and_labels(report: Report, group: zarr.Group, attrs: dict) -> N
     report.add("labels", matches, "match the dataset fingerprint" if matches else "differ from the dataset fingerprint")
 
 
+def _check_view_seeds(report: Report, group: zarr.Group, attrs: dict, layout: Layout) -> None:
+    """Every view's seed is the one its base seed, sample and view number give."""
+    index, seeds = _read_whole(report, group, "index"), _read_whole(report, group, "view_seeds")
+    if index is None or seeds is None:
+        return
+    base = (attrs.get("augment") or {}).get("base_seed")
+    same = isinstance(base, int) and np.array_equal(seeds, view_seeds(base, index, layout.views))
+    report.add("views", same, f"{layout.views} view seeds per row derived from base seed {base}" if same
+               else "view seeds differ from those the base seed gives")
+
+
 def _read_whole(report: Report, group: zarr.Group, name: str) -> np.ndarray | None:
     """A whole (small, per-row) array, or None after reporting it unreadable."""
     try:
@@ -157,19 +172,26 @@ def _read_whole(report: Report, group: zarr.Group, name: str) -> np.ndarray | No
 
 
 def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layout: Layout, teacher: torch.nn.Module,
-                           split: Split, samples: int, seed: int, device: torch.device) -> None:
+                           split: Split, samples: int, seed: int, device: torch.device, augment: Augmentation | None) -> None:
     """Re-run the teacher on random rows, derive what the cache should hold for them exactly as
     cache-teacher does, and compare every stored array."""
     n = layout.num_samples
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))
-    stored = {name: group[name].oindex[rows] for name in layout.arrays() if name not in ("index", "labels", "lengths")}
+    stored = {name: group[name].oindex[rows] for name in layout.arrays() if name not in ("index", "labels", "lengths", "view_seeds")}
     index = group["index"].oindex[rows]
+    inputs = split.inputs(index)
+    if layout.views is not None:  # every view, replayed from its stored seed; views of a sample adjacent
+        if augment is None:
+            raise InputError("verifying a view cache against its teacher needs the augmentation that made its views")
+        inputs = augment(inputs.repeat_interleave(layout.views, dim=0), group["view_seeds"].oindex[rows].reshape(-1))
     lengths = None if layout.tokens is None else torch.from_numpy(sequence_lengths(split, layout.tokens)[index])
     teacher = teacher.to(device).eval()
     amp = attrs.get("teacher_amp", "none")
     with torch.inference_mode():
         with autocast(amp, device):  # as the teacher ran when caching
-            logits = teacher(split.inputs(index).to(device))
+            logits = teacher(inputs.to(device))
+        if layout.views is not None:
+            logits = logits.reshape(len(rows), layout.views, *logits.shape[1:])
         fresh_logits = logits.float() / attrs["temperature"]
         fresh = {name: values.cpu().numpy() for name, values in stored_rows(fresh_logits, layout, lengths).items()}
     # Storage rounds to the cache's dtype: allow that rounding (relative) plus a little for

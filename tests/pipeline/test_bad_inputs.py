@@ -117,7 +117,7 @@ CASES = {
         or (["train-student", "--student", "mlp-64", "--dataset", t / "nolab.npz", "--out", t / "r"], 2, "has no labels (pick another --eval-split)"),
     "unlabeled split without --num-classes": lambda t, c, w: np.savez(t / "unl.npz", x_train=np.ones((20, 3)))
         or (["cache-teacher", "--teacher", "mlp-64", "--dataset", t / "unl.npz", "--out", t / "u.zarr"], 2, "pass --num-classes"),
-    "augmentation that does not fit, with --overwrite": lambda t, c, w: (_run_folder(t, c) and None) or (["train-student", "--cache", c, "--student", "mlp-64", "--out", t / "run", "--overwrite", "--augment", "shift:1"], 2, "needs image inputs"),
+    "augmentation that does not fit, with --overwrite": lambda t, c, w: (_run_folder(t, c) and None) or (["train-student", "--cache", c, "--student", "mlp-64", "--out", t / "run", "--overwrite", "--augment", "shift:1"], 2, "need float images"),
     "run folder that is a file": lambda t, c, w: ((t / "runfile").write_text("x") and None) or (["train-student", "--cache", c, "--student", "mlp-64", "--out", t / "runfile"], 2, "is a file"),
     "weights folder as train-teacher output": lambda t, c, w: (["train-teacher", "--model", "mlp-64", "--dataset", DATASET, "--out", t], 2, "is a folder"),
     "loss that diverges": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--lr", "1e30", "--epochs", "2", "--out", t / "r"], 1, "lower --lr"),
@@ -150,6 +150,10 @@ CASES = {
     "combining caches of other data": lambda t, c, w: (invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", w, "--dataset", OTHER_DATA, "--out", t / "o.zarr", "--temperature", "3") and None)
         or (["combine", c, t / "o.zarr", "--out", t / "e.zarr"], 3, "dataset differ"),
     "evaluate with missing weights": lambda t, c, w: (["evaluate", "--model", "mlp-64", "--weights", t / "none.safetensors", "--cache", c], 2, "weights file not found"),
+    "views without an augmentation": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "v.zarr", "--views", "4"], 2, "--views 4 needs --augment SPEC"),
+    "unknown view augmentation": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "v.zarr", "--augment", "blur:2"], 2, "unknown augment spec 'blur:2'"),
+    "views of token sequences": lambda t, c, w: (["cache-teacher", "--teacher", LM_TEACHER, "--dataset", LM_DATA, "--out", t / "v.zarr", "--augment", "flip"], 2, "need float images"),
+    "unknown view policy": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--view-policy", "best"], 2, "--view-policy must be one of random, cycle"),
     "cuda without a GPU": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--device", "cuda"], 2, "CUDA"),
 }
 
