@@ -138,6 +138,8 @@ def _strict_json(value):
 
 def _key_value_table(title: str, values: dict[str, Any]) -> Table:
     table = Table(title=title, show_header=False)
+    table.add_column(overflow="fold")  # fold, not cut: paths must stay whole to be copied
+    table.add_column(overflow="fold")
     for key, value in values.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     return table
@@ -320,6 +322,8 @@ def verify_command(
 
         pipeline verify data/caches/cnn-mnist-5k-train-T4.zarr --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors
     """
+    if teacher_weights is not None and teacher is None:
+        raise InputError("--teacher-weights needs --teacher SPEC (the model the weights are for)")
     report = run_verify(cache, teacher=teacher, teacher_weights=teacher_weights, dataset=dataset,
                         samples=samples, seed=seed, device=device)
     table = Table(title=f"verify {cache}")
@@ -339,6 +343,7 @@ def sweep_command(
     config: Annotated[Path, typer.Argument(help="TOML file describing the grid (see pipeline/sweep.py or the README).", show_default=False)],
     jobs: Annotated[int, typer.Option(min=1, help="Runs at a time, each in its own process (1: one after another, in this process).")] = 1,
     out: Annotated[Path | None, typer.Option(help="Folder for the runs and the leaderboard. (default: the file's `out`, else data/sweeps/CONFIG-NAME)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start every run over (after changing the sweep's options); without it finished runs are reused and interrupted ones resume.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Train a grid of students from one cache and rank them on a leaderboard.
@@ -353,19 +358,21 @@ def sweep_command(
     """
     from pipeline.sweep import read_sweep, run_sweep
 
-    runs = read_sweep(config, out, DATA_ROOT)
+    runs = read_sweep(config, out, DATA_ROOT, overwrite)
     folder = runs[0].config.out.parent
     board = run_sweep(runs, folder, jobs)
+    code = board.pop("exit_code")
     _emit(as_json, board, _leaderboard_table(board))
     if board["failures"]:
         first, why = sorted(board["failures"].items())[0]
-        raise PipelineError(f"{len(board['failures'])} of {board['runs_total']} runs failed; {first}: {why}")
+        hint = " (to start every run over with the new options: pipeline sweep --overwrite)" if "other options" in why else ""
+        _fail(f"{len(board['failures'])} of {board['runs_total']} runs failed; {first}: {why}{hint}", code)
 
 
 def _leaderboard_table(board: dict) -> Table:
     table = Table(title=f"sweep {board['folder']}: {board['runs_total']} runs ({board['runs_reused']} reused), best first")
     for column in ("student", "params", "labels", "alpha", "T", "seeds", "test acc", "min-max", "errors"):
-        table.add_column(column, justify="left" if column in ("student", "labels") else "right")
+        table.add_column(column, justify="left" if column in ("student", "labels") else "right", overflow="fold")
     for g in board["groups"]:
         table.add_row(
             g["student"], str(g["num_parameters"]), "hard" if g["mode"] == "scratch" else "soft",
@@ -441,6 +448,8 @@ def inspect_command(
 
         pipeline inspect data/caches/cnn-mnist-5k-train-T4.zarr
     """
+    if png is not None and png.suffix.lower() != ".png":
+        raise InputError(f"--png must name a .png file, got {png}")
     report = describe_cache(cache)
     if "histograms" in report:
         report["png"] = png or DATA_ROOT / "inspect" / f"{cache.name.removesuffix('.zarr')}.png"

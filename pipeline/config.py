@@ -56,12 +56,12 @@ def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str
         source = ctx.get_parameter_source(name)
         # Compared by name: typer ships its own copy of click, so the enum class is not click's.
         if source is None or source.name == "DEFAULT":
-            _check_type(config_file, name, value, types.get((renamed or {}).get(name, name), "str"))
+            check_type(config_file, name, value, types.get((renamed or {}).get(name, name), "str"))
             merged[name] = value
     return merged
 
 
-def _check_type(config_file: Path, name: str, value: Any, annotation: str) -> None:
+def check_type(config_file: Path, name: str, value: Any, annotation: str) -> None:
     """TOML values must have the option's type: a string where a number belongs would only
     fail much later, inside the stage."""
     if "bool" in annotation:

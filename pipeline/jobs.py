@@ -58,6 +58,10 @@ def run_verify(cache: Path, *, teacher: str | None, teacher_weights: Path | None
     attrs = dict(zarr.open_group(str(cache), mode="r").attrs) if is_cache(cache) else {}
     # A teacher is rebuilt only for a cache whose metadata is sound; verify reports the rest.
     if teacher is not None and attrs and not malformed_attributes(attrs):
+        if len(attrs["teachers"]) > 1:
+            raise InputError(f"{cache} holds an ensemble of {len(attrs['teachers'])} teachers; one teacher's outputs cannot match it")
+        if samples == 0:
+            raise InputError("--teacher with --samples 0 re-runs nothing; give --samples N")
         recorded = attrs.get("dataset") or {}
         spec = dataset or recorded.get("spec")
         if spec is None:
@@ -85,6 +89,8 @@ def run_evaluate(model_spec: str, weights: Path | None, *, dataset: str | None, 
     if num_classes is None:
         raise InputError(f"dataset {dataset} does not say how many classes it has")
     torch_device = resolve_device(device)
+    if weights is None:
+        log.warning("no --weights given: evaluating %s as its factory builds it (untrained unless the factory loads weights)", model_spec)
     model = resolve_model(model_spec, num_classes=num_classes, input_shape=input_shape(evaluation), weights=weights)
     model = model.to(torch_device)
     report = {

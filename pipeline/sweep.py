@@ -36,19 +36,24 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from pipeline.config import build_config
+from pipeline.config import build_config, check_type
+from pipeline.datasets import resolve_dataset
 from pipeline.jobs import run_training
+from pipeline.models import resolve_model
 from pipeline.specs import slug
 from stages.cache import CacheReader
+from stages.data import input_shape
 from stages.errors import InputError, PipelineError
+from stages.runtime import resolve_device
 from stages.train_student import TrainConfig
 
 log = logging.getLogger(__name__)
 
 GRID_KEYS = {"cache": str, "students": list, "alphas": list, "temperatures": list, "seeds": list, "baseline": bool,
              "out": str, "train": dict}
-# Options of every run that the grid itself sets: not allowed in [train].
-SET_BY_GRID = {"model", "cache", "alpha", "temperature", "seed", "out", "resume", "overwrite", "weights_out", "model_weights"}
+# Options of every run that the grid (or its cache) sets: not allowed in [train].
+SET_BY_GRID = {"model", "cache", "alpha", "temperature", "seed", "out", "resume", "overwrite", "weights_out", "model_weights",
+               "dataset", "split"}
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,12 @@ class SweepRun:
     config: TrainConfig
 
 
-def read_sweep(path: Path, out: Path | None, data_root: Path) -> list[SweepRun]:
-    """The runs of the sweep described by the TOML file at `path`, every option checked."""
+def read_sweep(path: Path, out: Path | None, data_root: Path, overwrite: bool = False) -> list[SweepRun]:
+    """The runs of the sweep described by the TOML file at `path`, every option checked and every
+    student built once, so that a mistake fails at once rather than in each run. With
+    `overwrite`, every run starts over; otherwise finished runs are reused and others resumed."""
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give the sweep's TOML file")
     if not path.is_file():
         raise InputError(f"sweep file not found: {path}")
     try:
@@ -81,34 +90,28 @@ def read_sweep(path: Path, out: Path | None, data_root: Path) -> list[SweepRun]:
             raise InputError(f"sweep file {path}: {key} is required (and must not be empty)")
     cache = Path(raw["cache"]).absolute()
     reader = CacheReader(cache)
-    alphas = raw.get("alphas", [0.9])
-    temperatures = raw.get("temperatures", [reader.temperature])
-    seeds = raw["seeds"]
-    _check_items(path, "students", raw["students"], str)
-    _check_items(path, "alphas", alphas, (int, float))
-    _check_items(path, "temperatures", temperatures, (int, float))
-    _check_items(path, "seeds", seeds, int)
-    train = {key.replace("-", "_"): value for key, value in raw.get("train", {}).items()}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    wrong = sorted(set(train) - fields) + sorted(set(train) & SET_BY_GRID)
-    if wrong:
-        raise InputError(f"sweep file {path}: [train] cannot set {', '.join(wrong)} (the grid sets the student, cache, alpha, T, seed and folder)")
+    grid = {"students": raw["students"], "alphas": raw.get("alphas", [0.9]),
+            "temperatures": raw.get("temperatures", [reader.temperature]), "seeds": raw["seeds"]}
+    for key, kind in (("students", str), ("alphas", (int, float)), ("temperatures", (int, float)), ("seeds", int)):
+        _check_items(path, key, grid[key], kind)
+    train = _train_options(path, raw.get("train", {}))
     folder = out or (Path(raw["out"]).absolute() if "out" in raw else data_root / "sweeps" / path.stem)
     dataset = {"dataset": reader.attrs["dataset"]["spec"], "split": reader.attrs["dataset"]["split"]}
+    _check_students(grid["students"], reader, dataset, train)
+    common = {**dataset, **train, "resume": not overwrite, "overwrite": overwrite}
     runs = []
-    for student in raw["students"]:
-        for seed in seeds:
+    for student in grid["students"]:
+        for seed in grid["seeds"]:
             if raw.get("baseline", True):
                 name = f"{slug(student)}-scratch-s{seed}"
-                config = build_config(TrainConfig, {**dataset, **train, "model": student, "seed": seed, "out": folder / name,
-                                                    "resume": True})
+                config = build_config(TrainConfig, {**common, "model": student, "seed": seed, "out": folder / name})
                 runs.append(SweepRun(name, student, "scratch", None, None, seed, config))
-            for alpha in alphas:
-                for temperature in temperatures:
+            for alpha in grid["alphas"]:
+                for temperature in grid["temperatures"]:
                     name = f"{slug(student)}-a{alpha:g}-T{temperature:g}-s{seed}"
                     config = build_config(TrainConfig, {
-                        **dataset, **train, "model": student, "cache": cache, "alpha": float(alpha),
-                        "temperature": float(temperature), "seed": seed, "out": folder / name, "resume": True,
+                        **common, "model": student, "cache": cache, "alpha": float(alpha), "temperature": float(temperature),
+                        "seed": seed, "out": folder / name,
                     })
                     runs.append(SweepRun(name, student, "distilled", float(alpha), float(temperature), seed, config))
     for run in runs:
@@ -116,32 +119,66 @@ def read_sweep(path: Path, out: Path | None, data_root: Path) -> list[SweepRun]:
     return runs
 
 
+def _train_options(path: Path, options: dict) -> dict:
+    """The [train] table: train-student options (type-checked) that the grid does not set."""
+    train = {key.replace("-", "_"): value for key, value in options.items()}
+    fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(train) - set(fields))
+    if unknown:
+        raise InputError(f"sweep file {path}: [train] has unknown option(s) {', '.join(unknown)}")
+    grid_set = sorted(set(train) & SET_BY_GRID)
+    if grid_set:
+        raise InputError(f"sweep file {path}: [train] cannot set {', '.join(grid_set)} (the grid and its cache set the student, "
+                         "cache, dataset, split, alpha, T, seed and folder)")
+    for name, value in train.items():
+        check_type(path, name, value, fields[name])
+    return train
+
+
+def _check_students(students: list[str], reader: CacheReader, dataset: dict, train: dict) -> None:
+    """Build every student once on the cache's data and check the device, before any run."""
+    resolve_device(train.get("device", "auto"))
+    split = resolve_dataset(dataset["dataset"]).split(dataset["split"])
+    for student in students:
+        resolve_model(student, num_classes=reader.num_classes, input_shape=input_shape(split))
+
+
 def run_sweep(runs: list[SweepRun], folder: Path, jobs: int) -> dict:
     """Run every run not yet finished (`jobs` at a time, each in its own process when jobs > 1),
-    then write and return the leaderboard. Runs that fail are reported, not retried."""
+    then write and return the leaderboard of the runs that finished. Runs that fail are
+    reported, not retried, and left out of the leaderboard."""
     folder.mkdir(parents=True, exist_ok=True)
-    reused = [run.name for run in runs if (run.config.out / "summary.json").is_file()]
-    failures: dict[str, str] = {}
+    finished_before = {run.name for run in runs if (run.config.out / "summary.json").is_file() and not run.config.overwrite}
+    failures: dict[str, PipelineError] = {}
     if jobs == 1:
         for run in runs:
             try:
                 run_training(run.config)
             except PipelineError as exc:
-                failures[run.name] = str(exc)
+                failures[run.name] = exc
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
                                  initializer=_limit_threads, initargs=(threads,)) as pool:
             futures = {pool.submit(run_training, run.config): run for run in runs}
-            for future in as_completed(futures):
-                try:
-                    future.result()
-                except PipelineError as exc:
-                    failures[futures[future].name] = str(exc)
-                log.info("sweep: %d of %d runs done", sum(f.done() for f in futures), len(runs))
-    board = leaderboard(runs)
-    board.update({"folder": str(folder), "runs_total": len(runs), "runs_reused": len(reused), "failures": failures})
+            try:
+                for done, future in enumerate(as_completed(futures), start=1):
+                    try:
+                        future.result()
+                    except PipelineError as exc:
+                        failures[futures[future].name] = exc
+                    log.info("sweep: %d of %d runs done", done, len(runs))
+            except BaseException:  # an interrupt: start no queued run
+                for future in futures:
+                    future.cancel()
+                raise
+    board = leaderboard([run for run in runs if run.name not in failures])
+    board.update({
+        "folder": str(folder), "runs_total": len(runs), "runs_reused": len(finished_before - set(failures)),
+        "failures": {name: str(exc) for name, exc in failures.items()},
+    })
     write_leaderboard(board, folder)
+    board["exit_code"] = max((exc.exit_code for exc in failures.values()), default=0)
     return board
 
 
@@ -220,7 +257,8 @@ def plot_leaderboard(groups: list[dict], path: Path) -> None:
     for axes in (by_size, by_temperature):
         axes.set_ylabel("test accuracy")
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -240,6 +278,10 @@ def _limit_threads(threads: int) -> None:
 
 
 def _check_items(path: Path, key: str, values: list, kind) -> None:
+    if not values:
+        raise InputError(f"sweep file {path}: {key} must not be empty")
     bad = [v for v in values if not isinstance(v, kind) or isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v))]
     if bad:
         raise InputError(f"sweep file {path}: {key} holds {bad[0]!r}, of the wrong type")
+    if len(set(values)) < len(values):
+        raise InputError(f"sweep file {path}: {key} lists a value twice")

@@ -142,7 +142,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         views=config.views if augmentation is not None else None, labelled=split.labels is not None,
     )
     if config.chunk_rows is None:
-        layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes))
+        layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     provenance = _provenance(config, teacher, split)
     with WriterLock(config.out):

@@ -143,6 +143,10 @@ def _check_compatible(sources: list[CacheReader]) -> None:
                 f"cannot combine {source.path} with {first.path}: {', '.join(differ)} differ; "
                 "an ensemble cache needs caches of the same dataset split, in the same order, at the same T"
             )
+    teachers = [tuple((t.get("spec"), t.get("weights_sha256")) for t in source.attrs["teachers"]) for source in sources]
+    repeated = next((source for i, source in enumerate(sources) if teachers[i] in teachers[:i]), None)
+    if repeated is not None:
+        raise InputError(f"{repeated.path} holds the same teacher as another cache being combined; an ensemble needs different teachers")
 
 
 def _one_or_mixed(values: list[str]) -> str:

@@ -12,8 +12,8 @@ class is the label: the expected calibration error (ECE) over CALIBRATION_BINS e
 confidence bins, sum_b (n_b / n) |accuracy_b - confidence_b|. It is given at the cache's T
 and at T=1 (the teacher's own temperature), and needs labels. A dense cache gives both exactly;
 a top-k cache gives its largest probability exactly at its own T only (at another T the
-normaliser needs the dropped logits), and its entropy over the K kept classes plus the tail
-as one outcome, a lower bound of the full entropy.
+normaliser needs the dropped logits), so its calibration is given at the cache's T alone, and its
+entropy over the K kept classes plus the tail as one outcome, a lower bound of the full entropy.
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def _chunk_statistics(rows: dict[str, np.ndarray], kind: str, cache_temperature:
             label_probs = np.take_along_axis(probs, np.broadcast_to(labels, predicted.shape)[..., None], -1)[..., 0][valid]
             sums[f"nll {t:g}"] = np.array([-np.log(np.maximum(label_probs, 1e-300)).sum()])
         probs = probs[valid]
-        confidence = probs.max(-1)
+        # The tail bucket is many classes, not one: a top-k row's confidence is its first kept class.
+        confidence = probs.max(-1) if kind == "dense" else probs[..., 0]
         bins = np.minimum((confidence * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
         key = f"T={t:g}"
         sums[f"count {key}"] = np.bincount(bins, minlength=CALIBRATION_BINS).astype(np.float64)

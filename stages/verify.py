@@ -26,6 +26,7 @@ from stages.augment import Augmentation, view_seeds
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
 from stages.runtime import AMP_DTYPES, autocast
+from stages.weights import weights_fingerprint
 
 
 @dataclass
@@ -211,5 +212,8 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
         compared["topk_indices"] = (at_stored, stored["topk_values"].astype(np.float32))
     report.max_abs_diff = max(float(np.abs(a - b).max()) for a, b in compared.values())
     bad = [name for name, (a, b) in compared.items() if not (np.abs(a - b) <= 1e-3 + eps * np.abs(a)).all()]
+    recorded = (attrs.get("teachers") or [{}])[0].get("weights_sha256")
+    other_weights = recorded is not None and weights_fingerprint(teacher) != recorded
     report.add("teacher", not bad, f"{len(rows)} rows re-run, largest |difference| {report.max_abs_diff:.3g} (in logits/T)"
-               + (f"; {', '.join(bad)} differ" if bad else ""))
+               + (f"; {', '.join(bad)} differ" if bad else "")
+               + ("; these are not the weights the cache records (sha256 differs)" if other_weights else ""))

@@ -145,6 +145,19 @@ CASES = {
         or (["sweep", t / "s.toml"], 2, "[train] cannot set seed"),
     "sweep without students": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nseeds = [0]\n') and None)
         or (["sweep", t / "s.toml"], 2, "students is required"),
+    "sweep with a [train] value of the wrong type": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nstudents = ["mlp-64"]\nseeds = [0]\n[train]\nepochs = "five"\n') and None)
+        or (["sweep", t / "s.toml"], 2, "epochs must be a whole number, got 'five'"),
+    "sweep with an unknown [train] option": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nstudents = ["mlp-64"]\nseeds = [0]\n[train]\nepoch = 1\n') and None)
+        or (["sweep", t / "s.toml"], 2, "[train] has unknown option(s) epoch"),
+    "sweep with an unknown student": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nstudents = ["resnet-9000"]\nseeds = [0]\n') and None)
+        or (["sweep", t / "s.toml"], 2, "unknown model spec 'resnet-9000'"),
+    "sweep with a seed twice": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nstudents = ["mlp-64"]\nseeds = [0, 0]\n') and None)
+        or (["sweep", t / "s.toml"], 2, "seeds lists a value twice"),
+    "sweep with no temperatures": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nstudents = ["mlp-64"]\nseeds = [0]\ntemperatures = []\n') and None)
+        or (["sweep", t / "s.toml"], 2, "temperatures must not be empty"),
+    "combining a cache with itself": lambda t, c, w: (["combine", c, c, "--out", t / "e.zarr"], 2, "holds the same teacher as another cache"),
+    "inspect plot that is not a PNG": lambda t, c, w: (["inspect", c, "--png", t / "plot.txt"], 2, "--png must name a .png file"),
+    "verify with weights but no teacher": lambda t, c, w: (["verify", c, "--teacher-weights", w], 2, "--teacher-weights needs --teacher"),
     "sweep with a seed of the wrong type": lambda t, c, w: ((t / "s.toml").write_text(f'cache = "{c}"\nstudents = ["mlp-64"]\nseeds = ["0"]\n') and None)
         or (["sweep", t / "s.toml"], 2, "seeds holds '0'"),
     "combining caches of other data": lambda t, c, w: (invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", w, "--dataset", OTHER_DATA, "--out", t / "o.zarr", "--temperature", "3") and None)

@@ -73,8 +73,14 @@ def test_a_changed_sweep_does_not_silently_reuse_other_runs(tmp_path, cache_path
     invoke_json("sweep", _sweep_file(tmp_path, cache_path))
     sweep = _sweep_file(tmp_path, cache_path)
     sweep.write_text(sweep.read_text().replace("epochs = 2", "epochs = 3"))
-    code, out, err = invoke("sweep", sweep)
-    assert code == 1 and "12 of 12 runs failed" in err and "epochs differ" in err and len(err.strip().splitlines()) == 1
+    code, out, err = invoke("sweep", sweep, "--json")
+    assert code == 2 and "12 of 12 runs failed" in err and "epochs differ" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    board = json.loads(out)
+    assert board["runs_reused"] == 0 and board["runs"] == [] and len(board["failures"]) == 12
+    board = invoke_json("sweep", sweep, "--overwrite")
+    assert board["failures"] == {} and len(board["runs"]) == 12
+    assert json.loads((tmp_path / "sweep" / "mlp-64-scratch-s0" / "config.json").read_text())["epochs"] == 3
 
 
 def test_concurrent_students_on_one_cache_match_sequential_ones(tmp_path, cache_path):

@@ -182,16 +182,22 @@ def test_missing_and_foreign_paths_are_input_errors(tmp_path):
         CacheReader(tmp_path / "other.zarr")
 
 
-def test_default_chunking_targets_about_two_megabytes():
-    def rows(**layout):
-        return default_chunk_rows(Layout(num_samples=10, chunk_rows=1, **layout).row_bytes)
+def test_default_chunking_targets_about_two_megabytes_in_even_chunks():
+    def rows(num_samples=100_000, **layout):
+        return default_chunk_rows(Layout(num_samples=10, chunk_rows=1, **layout).row_bytes, num_samples)
 
-    assert rows(kind="dense", num_classes=1000) == 1024
-    assert rows(kind="dense", num_classes=8000) == 131
-    assert rows(kind="dense", num_classes=32000) == 64  # floor: a chunk is never tiny in rows
-    assert rows(kind="dense", num_classes=10) == 1024  # capped so small caches still shuffle by chunk
+    assert rows(kind="dense", num_classes=1000) == 1021  # 98 chunks of at most 1024 rows, evened out
+    assert rows(num_samples=1024 * 50, kind="dense", num_classes=1000) == 1024
+    assert rows(num_samples=131 * 40, kind="dense", num_classes=8000) == 131
+    assert rows(num_samples=6400, kind="dense", num_classes=32000) == 64  # floor: a chunk is never tiny in rows
+    assert rows(num_samples=600, kind="dense", num_classes=10) == 600  # one chunk: no padding to 1024 rows
     # top-32 of 50k classes per token of 128: (32 x (2 + 2) + 4) bytes x 128 tokens a row
-    assert rows(kind="topk", num_classes=50_000, top_k=32, tokens=128) == 2 * 1024 * 1024 // (132 * 128)
+    per_chunk = 2 * 1024 * 1024 // (132 * 128)
+    assert rows(num_samples=per_chunk * 10, kind="topk", num_classes=50_000, top_k=32, tokens=128) == per_chunk
+    for n in (1, 63, 4697, 100_001):  # chunks are even: the last one is never mostly padding
+        size = rows(num_samples=n, kind="topk", num_classes=256, top_k=8, tokens=128)
+        chunks = -(-n // size)
+        assert chunks * size - n < chunks
 
 
 def test_zstd_codec_round_trips_and_is_recorded(tmp_path, teacher_weights, cache_path):
