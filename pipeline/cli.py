@@ -161,6 +161,8 @@ def root(
     """
 
 
+# A command's docstring is its --help text, which keeps line breaks as written: so each of its
+# paragraphs is one line, and the terminal wraps it.
 @app.command("cache-teacher")
 @handle_errors
 def cache_teacher_command(
@@ -190,8 +192,7 @@ def cache_teacher_command(
 ) -> None:
     """Run a teacher once over a dataset split and store its temperature-softened logits.
 
-    A teacher with logits per token (a language model) gets a token-level cache. If the process
-    is killed, run the same command again: it computes only the missing chunks.
+    A teacher with logits per token (a language model) gets a token-level cache. If the process is killed, run the same command again: it computes only the missing chunks.
 
     Examples:
 
@@ -315,8 +316,7 @@ def verify_command(
 ) -> None:
     """Check a cache: metadata, completeness, every chunk readable and finite, index and labels.
 
-    With --teacher, re-run the teacher on --samples random rows and report the largest
-    difference from the stored logits/T. Exits 0 only when every check passes, 4 otherwise.
+    With --teacher, re-run the teacher on --samples random rows and report the largest difference from the stored logits/T. Exits 0 only when every check passes, 4 otherwise.
 
     Example:
 
@@ -348,9 +348,7 @@ def sweep_command(
 ) -> None:
     """Train a grid of students from one cache and rank them on a leaderboard.
 
-    The grid: students x alphas x temperatures x seeds, plus each student on hard labels. Finished runs are reused and interrupted ones resume, so re-running the same command after a
-    kill does only what is left. Writes leaderboard.csv, leaderboard.json and leaderboard.png
-    (test accuracy against student size and against T) into the sweep folder.
+    The grid: students x alphas x temperatures x seeds, plus each student on hard labels. Finished runs are reused and interrupted ones resume, so re-running the same command after a kill does only what is left. Writes leaderboard.csv, leaderboard.json and leaderboard.png (test accuracy against student size and against T) into the sweep folder.
 
     Example:
 
@@ -393,8 +391,7 @@ def combine_command(
 ) -> None:
     """Combine several teachers' caches into one cache of their ensemble, for students to distil from.
 
-    Every teacher's provenance and the rule are recorded in the new cache. Caches of other
-    datasets, splits, row orders, temperatures or class counts are refused.
+    Every teacher's provenance and the rule are recorded in the new cache. Caches of other datasets, splits, row orders, temperatures or class counts are refused.
 
     Example:
 
@@ -439,10 +436,7 @@ def inspect_command(
 ) -> None:
     """Describe a cache: provenance, layout, size, the teacher's quality and calibration.
 
-    Shows bytes on disk per row (and per token), the teacher's accuracy, NLL and calibration
-    error (ECE) at T=1 and at the cache's T, and for a top-k cache how much probability the kept
-    entries miss; writes histograms of the teacher's confidence and entropy and a reliability
-    diagram to a PNG.
+    Shows bytes on disk per row (and per token), the teacher's accuracy, NLL and calibration error (ECE) at T=1 and at the cache's T, and for a top-k cache how much probability the kept entries miss; writes histograms of the teacher's confidence and entropy and a reliability diagram to a PNG.
 
     Example:
 
@@ -487,9 +481,7 @@ def bench_command(
 ) -> None:
     """Measure what the cache costs and buys on this machine, as ratios from one run.
 
-    cache-teacher vs the bare teacher forward; train-student from the cache vs logits in memory,
-    vs hard labels and vs online KD; peak memory with a 10x larger cache; shuffled vs sequential
-    reads. Prints a table (or --json) with each ratio's target.
+    cache-teacher vs the bare teacher forward; train-student from the cache vs logits in memory, vs hard labels and vs online KD; peak memory with a 10x larger cache; shuffled vs sequential reads. Prints a table (or --json) with each ratio's target.
 
     Example:
 
@@ -529,9 +521,7 @@ def demo_command(
 ) -> None:
     """The whole pipeline on the embedded MNIST digits: teacher, cache, scratch vs distilled student.
 
-    Trains a CNN teacher, caches its logits at T=4 on the train split, trains the same MLP from
-    scratch and from the cache for each seed, and prints test errors (out of 1,000) and seconds.
-    """
+    Trains a CNN teacher, caches its logits at T=4 on the train split, trains the same MLP from scratch and from the cache for each seed, and prints test errors (out of 1,000) and seconds."""
     from pipeline.demo import run_demo, demo_table
 
     report = run_demo(out, seeds=seeds, device=device)
@@ -549,10 +539,7 @@ def demo_lm_command(
 ) -> None:
     """Distil a byte-level transformer language model through dense and top-k token caches.
 
-    Trains bytelm-teacher on the standard library's source (stdlib-bytes), caches it per token
-    at T=1 densely and with the top 8, 32 and 64 bytes, trains bytelm-student from each cache and
-    from hard labels, and prints bytes per token on disk and held-out bits per byte.
-    """
+    Trains bytelm-teacher on the standard library's source (stdlib-bytes), caches it per token at T=1 densely and with the top 8, 32 and 64 bytes, trains bytelm-student from each cache and from hard labels, and prints bytes per token on disk and held-out bits per byte."""
     from pipeline.demo import lm_demo_table, run_lm_demo
 
     report = run_lm_demo(out, seeds=seeds, device=device, teacher_weights=teacher_weights)

@@ -152,22 +152,17 @@ def run(
     seed_everything(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    generator = torch.Generator().manual_seed(config.seed)
     first_epoch = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
-        generator.set_state(state["augment_rng"])
         first_epoch = state["epoch"]
         log.info("resuming %s after epoch %d", config.out, first_epoch)
 
     def loss_step(batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = batch["inputs"]
-        if augment is not None:
-            x = augment(x, torch.randint(0, 2**63 - 1, (len(x),), generator=generator).numpy().astype(np.uint64))
-        return batch_loss(model(x.to(device)), batch, cache, alpha=config.alpha, temperature=temperature)
+        return batch_loss(model(batch["inputs"].to(device)), batch, cache, alpha=config.alpha, temperature=temperature)
 
     steps_per_epoch = len(batch_bounds(len(train), config.batch_size))  # the readers batch alike
     total_steps = steps_per_epoch * (config.epochs - first_epoch)
@@ -178,7 +173,7 @@ def run(
             model.train()
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
             steps = 0
-            for batch in _epoch_batches(config, train, labels, lengths, cache, views, epoch):
+            for batch in _epoch_batches(config, train, labels, lengths, cache, augment or views, epoch):
                 loss, parts = loss_step(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -205,7 +200,6 @@ def run(
                 _save_checkpoint(config.out / CHECKPOINT, {
                     "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "augment_rng": generator.get_state(),
                 })
 
     weights = config.weights_out or config.out / "model.safetensors"
@@ -308,23 +302,34 @@ def _view_replay(config: TrainConfig, cache: CacheReader | None,
 
 
 def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, lengths: np.ndarray | None,
-                   cache: CacheReader | None, views: Augmentation | None, epoch: int) -> Iterator[Rows]:
+                   cache: CacheReader | None, augment: Augmentation | None, epoch: int) -> Iterator[Rows]:
     """Batches of rows joined with their inputs, labels and sequence lengths, prepared on a
     background thread. From a view cache, each row is one of its sample's views (by
-    `config.view_policy`), and its input is regenerated from that view's seed."""
+    `config.view_policy`), and its input is regenerated from that view's seed; otherwise, with
+    `--augment`, each input is augmented with a seed drawn from (seed, epoch), so a resumed run
+    draws the same ones."""
+    views = cache is not None and cache.layout.views is not None
     if cache is not None:
-        names = ("index", *cache.soft_arrays, *(("view_seeds",) if views is not None else ()))
+        names = ("index", *cache.soft_arrays, *(("view_seeds",) if views else ()))
         rows = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks, names=names)
-        if views is not None:
+        if views:
             rng = np.random.default_rng([config.seed, epoch, 2])
             rows = (_one_view_each(r, cache.soft_arrays, config.view_policy, rng, epoch) for r in rows)
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
         rows = ({"index": order[a:b]} for a, b in batch_bounds(len(order), config.batch_size))
     joined = joined_with_inputs(rows, train, config.workers)
-    if views is not None:
-        joined = ({**r, "inputs": views(r["inputs"], r["view_seeds"])} for r in joined)
+    if augment is not None:
+        joined = _augmented(joined, augment, views, np.random.default_rng([config.seed, epoch, 3]))
     return prefetch((_with_labels_and_lengths(r, labels, lengths) for r in joined), depth=4)
+
+
+def _augmented(batches: Iterator[Rows], augment: Augmentation, replay: bool, rng: np.random.Generator) -> Iterator[Rows]:
+    """Each batch with its inputs augmented: replayed from its views' stored seeds, or with
+    fresh seeds drawn from `rng`."""
+    for rows in batches:
+        seeds = rows["view_seeds"] if replay else rng.integers(0, 2**63, size=len(rows["index"]), dtype=np.uint64)
+        yield {**rows, "inputs": augment(rows["inputs"], seeds)}
 
 
 def _one_view_each(rows: Rows, soft_arrays: tuple[str, ...], policy: str, rng: np.random.Generator, epoch: int) -> Rows:
