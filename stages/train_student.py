@@ -125,9 +125,9 @@ def run(
 
     `soft_labels` stands in for the cache named by `config.cache`: any object with the
     CacheReader's reading interface (attrs, layout, temperature, num_classes, labelled,
-    soft_arrays, check_split, batches). The
-    benchmark uses it to compare the cache with logits held in memory and with a teacher run
-    online; rows it yields with "inputs" already attached are not joined again.
+    soft_arrays, check_split, batches). The benchmark uses it to compare the cache with logits
+    held in memory and with a teacher run online; rows it yields with "inputs" already attached
+    are not joined again.
     `resolve_augment` turns augmentation specs (`config.augment`, a view cache's) into
     augmentations (default: built-ins only)."""
     config.validate()
