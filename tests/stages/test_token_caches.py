@@ -4,6 +4,7 @@ read, and that padding never counts."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -196,3 +197,19 @@ def test_inspect_reports_bytes_per_token_and_the_tail_mass(lm):
     dense = describe_cache(lm["dense"])
     assert "tail_mass" not in dense
     assert dense["soft_label_bytes_per_token"] > 5 * report["soft_label_bytes_per_token"]
+
+
+def test_a_killed_topk_token_cache_resumes_to_the_same_cache(lm, tmp_path):
+    copy = tmp_path / "top8.zarr"
+    shutil.copytree(lm["top8"], copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    group["chunk_done"][1] = 0  # as if killed before chunk 1 was written
+    group["topk_values"][32:64] = np.nan
+    group["logsumexp"][32:64] = np.nan
+    group.attrs["complete"] = False
+    config = cache_teacher.CacheTeacherConfig(teacher=TEACHER, dataset=LM_DATA, out=copy, temperature=T, format="topk",
+                                              top_k=8, chunk_rows=32, batch_size=50, device="cpu")
+    assert cache_teacher.run(config, lm["teacher"], lm["train"]).chunks_computed == 1
+    reference = zarr.open_group(str(lm["top8"]), mode="r")
+    for name in ("topk_values", "topk_indices", "logsumexp", "lengths", "labels", "index"):
+        np.testing.assert_array_equal(zarr.open_group(str(copy), mode="r")[name][:], reference[name][:])
