@@ -39,10 +39,11 @@ import torch
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
 from stages import cache_teacher, train_student
-from stages.cache import CacheReader, Rows, batch_bounds, disk_usage
+from stages.cache import CacheReader, Rows, batch_bounds
 from stages.data import Split, input_shape
 from stages.errors import PipelineError
 from stages.runtime import one_blas_thread_beside_torch, resolve_device, seed_everything
+from stages.storage import disk_usage
 from stages.weights import count_parameters, save_weights
 
 ROUNDS = 4

@@ -17,7 +17,7 @@ Layout (schema version 2; the README documents every field):
       labels/            (N, [L]) int64          hard labels (only when the split has labels)
       lengths/           (N,)   int32            valid tokens of each sequence (token-level caches)
       chunk_done/        (num_chunks,) uint8     1 once every array's rows of that chunk are written
-    CACHE.zarr.lock      beside the group, held (flock) by the one process writing it
+    CACHE.zarr.lock      beside the group, held by the one process writing it (stages.storage)
 
 The optional L axis makes a token-level cache, for models that output logits per token (a
 language model): `row_axes` names the axes after the sample axis ("token", then "class" for
@@ -34,25 +34,22 @@ ensembles. Schema 1 caches (dense, one row per sample, before `row_axes`) read a
 
 from __future__ import annotations
 
-import fcntl
 import math
-import os
 import queue
-import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
-from stages import __version__
+from stages import __version__, storage
 from stages.data import Split, fingerprint
-from stages.errors import CacheDamagedError, CacheLockedError, CacheMismatchError, InputError, PipelineError
+from stages.errors import CacheDamagedError, CacheMismatchError, InputError, PipelineError
+from stages.storage import CacheLocation
 
 FORMAT = "distill-cache"
 SCHEMA_VERSION = 2
@@ -96,76 +93,18 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def disk_usage(path: Path) -> int:
-    """Bytes on disk of every file under `path`."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def is_cache(path: Path) -> bool:
+def is_cache(path: CacheLocation) -> bool:
     try:
         return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
     except (FileNotFoundError, ValueError, OSError, zarr.errors.NodeTypeValidationError):
         return False
 
 
-def remove_cache(path: Path) -> None:
+def remove_cache(path: CacheLocation) -> None:
     """Delete an existing cache for --overwrite; refuse to delete anything that is not one."""
-    path = Path(path)
-    if path.is_dir() and any(path.iterdir()) and not is_cache(path):
+    if not storage.is_empty(path) and not is_cache(path):
         raise InputError(f"{path} exists and is not a cache; refusing to delete it")
-    if path.is_dir():
-        shutil.rmtree(path)
-
-
-class WriterLock:
-    """An exclusive lock on a cache for the one process allowed to write it.
-
-    An flock on the file CACHE.zarr.lock beside the cache (inside it, plain zarr would warn about a
-    foreign entry). The kernel drops an flock when its holder exits, however it exits (even
-    SIGKILL), so a crashed writer leaves at most a harmless unlocked file, never a stale lock.
-    Readers take no lock: they only read complete caches, which writers no longer change.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self._fd: int | None = None
-
-    def __enter__(self) -> WriterLock:
-        while True:
-            try:
-                self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise PipelineError(f"cannot lock cache {self.path} for writing: {exc.strerror}") from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise CacheLockedError(
-                    f"cache {self.path} is being written by another process (pid {holder}); wait for it to finish"
-                ) from None
-            # The previous holder unlinks the file as it lets go: if it did so between our
-            # open and our flock, we locked an orphan and must try again on the new file.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._fd is not None:
-            self.lock_path.unlink(missing_ok=True)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+    storage.remove(path)
 
 
 @dataclass(frozen=True)
@@ -320,8 +259,9 @@ class CacheWriter:
     record is set only after all of its arrays are written.
     """
 
-    def __init__(self, path: Path, *, max_pending_chunks: int = 4):
-        self.path = Path(path)
+    def __init__(self, path: CacheLocation, *, max_pending_chunks: int = 4, lock=None):
+        self.path = path
+        self._lock = lock  # a stages.storage lock: checked before each chunk, a lost lease stops the writes
         self.group = zarr.open_group(str(self.path), mode="r+")
         self.layout = Layout.from_attributes(dict(self.group.attrs), labelled="labels" in self.group)
         self.grid = self.layout.grid
@@ -338,11 +278,10 @@ class CacheWriter:
         self._thread.start()
 
     @classmethod
-    def create(cls, path: Path, layout: Layout, attrs: dict) -> CacheWriter:
+    def create(cls, path: CacheLocation, layout: Layout, attrs: dict, lock=None) -> CacheWriter:
         """Create the group, the arrays of `layout` and the attributes (marked incomplete), and
         open a writer."""
-        path = Path(path)
-        if path.exists() and any(path.iterdir()):
+        if not storage.is_empty(path):
             raise InputError(f"{path} exists and is not empty; refusing to create a cache there")
         # The attributes go into the group's own zarr.json from the start, so that a crash at
         # any later point leaves something recognisable as an incomplete cache.
@@ -366,7 +305,7 @@ class CacheWriter:
             group.create_array(name, shape=(n, *shape), chunks=(rows, *shape), dtype=dtype, fill_value=fill,
                                compressors=zstd if compressed else None)
         group.create_array("chunk_done", shape=(layout.grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
-        return cls(path)
+        return cls(path, lock=lock)
 
     def missing_chunks(self) -> list[int]:
         return [int(c) for c in np.flatnonzero(self._done[:] == 0)]
@@ -429,6 +368,8 @@ class CacheWriter:
                 continue
             chunk, rows = item
             try:
+                if self._lock is not None:
+                    self._lock.check_held()
                 start, stop = self.grid.rows(chunk)
                 for name, values in rows.items():
                     self._arrays[name][start:stop] = values
@@ -451,7 +392,7 @@ RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "view
                "temperature", "teacher_amp", "augment", "combine")
 
 
-def open_writer(path: Path, layout: Layout, attrs: dict, *, overwrite: bool) -> CacheWriter:
+def open_writer(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: bool, lock=None) -> CacheWriter:
     """A writer on a new cache at `path`, or on the existing one when it was started with this
     layout from the same teachers and data (it is then resumed: only its missing chunks are
     left to write). A different cache there is refused unless `overwrite`. Call it with the
@@ -467,9 +408,9 @@ def open_writer(path: Path, layout: Layout, attrs: dict, *, overwrite: bool) -> 
         # The same cache: resume it, unless its arrays were never all created (killed right
         # after its attributes), when it holds no finished chunk and is simply made again.
         if {*layout.arrays(), "chunk_done"} <= set(group.array_keys()):
-            return CacheWriter(path)
+            return CacheWriter(path, lock=lock)
     remove_cache(path)
-    return CacheWriter.create(path, layout, attrs)
+    return CacheWriter.create(path, layout, attrs, lock=lock)
 
 
 def _differences(existing: dict, expected: dict) -> list[str]:
@@ -586,9 +527,9 @@ class CacheReader:
     """Opens a cache for reading, checks that it is a complete cache this tool understands,
     and streams it in whole chunks."""
 
-    def __init__(self, path: Path, *, require_complete: bool = True):
-        self.path = Path(path)
-        if not self.path.exists():
+    def __init__(self, path: CacheLocation, *, require_complete: bool = True):
+        self.path = path
+        if not storage.exists(self.path):
             raise InputError(f"cache not found: {self.path}")
         if not is_cache(self.path):
             raise InputError(f"{self.path} is not a cache written by this tool (no '{FORMAT}' format attribute)")

@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages import storage
 from stages.augment import Augmentation, parse_augment, view_seeds
 from stages.cache import (
-    CODECS, DTYPES, FLOAT_ARRAYS, KINDS, CacheWriter, Layout, WriterLock, default_chunk_rows, disk_usage, is_cache,
-    nonfinite_rows, open_writer, prefetch, stored_rows, teacher_metrics,
+    CODECS, DTYPES, FLOAT_ARRAYS, KINDS, CacheWriter, Layout, default_chunk_rows, is_cache, nonfinite_rows, open_writer,
+    prefetch, stored_rows, teacher_metrics,
 )
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
@@ -126,7 +127,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     device = resolve_device(config.device)
     if len(split) == 0:
         raise InputError(f"split {config.split!r} of {config.dataset} is empty")
-    if config.out.exists() and not (config.out.is_dir() and (is_cache(config.out) or not any(config.out.iterdir()))):
+    if not storage.is_empty(config.out) and not is_cache(config.out):
         raise InputError(f"{config.out} exists and is not a cache; choose another --out")
     teacher = teacher.to(device).eval()
 
@@ -145,8 +146,8 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     provenance = _provenance(config, teacher, split)
-    with WriterLock(config.out):
-        writer = open_writer(config.out, layout, provenance, overwrite=config.overwrite)
+    with storage.writer_lock(config.out) as lock:
+        writer = open_writer(config.out, layout, provenance, overwrite=config.overwrite, lock=lock)
         try:
             missing = writer.missing_chunks()
             if missing and len(missing) < writer.grid.num_chunks:
@@ -170,7 +171,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         num_samples=len(split),
         num_classes=num_classes,
         temperature=config.temperature,
-        bytes_on_disk=disk_usage(config.out),
+        bytes_on_disk=storage.disk_usage(config.out),
         seconds=seconds,
         teacher_accuracy=metrics["accuracy"] if metrics else None,
         teacher_nll=metrics["nll"] if metrics else None,

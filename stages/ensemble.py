@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.cache import CacheReader, WriterLock, disk_usage, open_writer, teacher_metrics
+from stages.cache import CacheReader, open_writer, teacher_metrics
+from stages.storage import disk_usage, writer_lock
 from stages.errors import CacheMismatchError, InputError
 from stages.runtime import config_dict
 
@@ -88,8 +89,8 @@ def run(config: CombineConfig) -> CombineResult:
         "teacher_metrics": None,
         "config": config_dict(config),
     }
-    with WriterLock(config.out):
-        writer = open_writer(config.out, layout, attrs, overwrite=config.overwrite)
+    with writer_lock(config.out) as lock:
+        writer = open_writer(config.out, layout, attrs, overwrite=config.overwrite, lock=lock)
         missing = writer.missing_chunks()
         try:
             for chunk in missing:

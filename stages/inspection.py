@@ -24,7 +24,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from stages.cache import SOFT_ARRAYS, CacheReader, disk_usage
+from stages.cache import SOFT_ARRAYS, CacheReader
+from stages.storage import child, disk_usage
 
 CALIBRATION_BINS = 15
 HISTOGRAM_BINS = 20
@@ -34,7 +35,7 @@ def describe_cache(path: Path) -> dict:
     """The figures `pipeline inspect` prints, as one JSON-ready dict."""
     reader = CacheReader(path, require_complete=False)
     attrs, layout = reader.attrs, reader.layout
-    per_array = {name: disk_usage(reader.path / name) for name in reader.group.array_keys()}
+    per_array = {name: disk_usage(child(reader.path, name)) for name in reader.group.array_keys()}
     total = disk_usage(reader.path)
     soft = sum(per_array[name] for name in SOFT_ARRAYS[layout.kind] if name in per_array)
     report = {

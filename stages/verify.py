@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import zarr
 
+from stages import storage
+from stages.augment import Augmentation, view_seeds
 from stages.cache import (
     FLOAT_ARRAYS, FORMAT, KINDS, SCHEMA_VERSION, Layout, dataset_size, is_cache, malformed_attributes, row_problem,
     stored_rows,
 )
-from stages.augment import Augmentation, view_seeds
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
 from stages.runtime import AMP_DTYPES, autocast
@@ -54,8 +55,7 @@ def verify(path: Path, *, teacher: torch.nn.Module | None = None, split: Split |
     """Run every check on the cache at `path`. With `teacher` and `split` (the cached split),
     also re-run the teacher on `samples` random rows and compare with the stored values (on a
     view cache, on each view replayed by `augment` from its stored seed)."""
-    path = Path(path)
-    if not path.exists():
+    if not storage.exists(path):
         raise InputError(f"cache not found: {path}")
     if not is_cache(path):
         raise InputError(f"{path} is not a cache written by this tool (no '{FORMAT}' format attribute)")

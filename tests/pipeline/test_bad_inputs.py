@@ -15,7 +15,7 @@ import pytest
 import torch
 import zarr
 
-from stages.cache import WriterLock
+from stages.storage import FileLock
 from tests.conftest import DATASET, invoke, invoke_json
 
 OTHER_DATA = "synthetic:n=600,test=200,features=8,classes=4,seed=9"
@@ -186,7 +186,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(case, tmp_path, cache_path
         pytest.skip("this machine has a GPU")
     args, code, words = CASES[case](tmp_path, cache_path, teacher_weights)
     before = {**_tree(tmp_path), **_tree(teacher_weights.parent)}
-    holding = WriterLock(tmp_path / "locked.zarr") if case == "locked cache" else contextlib.nullcontext()
+    holding = FileLock(tmp_path / "locked.zarr") if case == "locked cache" else contextlib.nullcontext()
     with holding:
         exit_code, out, err = invoke(*args)
     assert exit_code == code, err

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
-from stages.cache import WriterLock
+from stages.storage import FileLock
 from tests.conftest import invoke, invoke_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,7 +143,7 @@ def test_non_finite_teacher_outputs_stop_the_pass_and_keep_written_chunks(tmp_pa
 
 def test_a_locked_cache_refuses_a_second_writer(tmp_path, teacher_weights):
     out = tmp_path / "c.zarr"
-    with WriterLock(out):
+    with FileLock(out):
         code, _, err = invoke("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights,
                               "--dataset", "synthetic:n=600,test=200,features=8,classes=4,seed=3", "--out", out)
     assert code == 5 and "being written by another process" in err and f"pid {os.getpid()}" in err

@@ -1,0 +1,255 @@
+"""Where caches live: a local folder, or any fsspec URL (s3://bucket/path.zarr, gs://..., memory://...).
+
+A cache location is a `Path` for a local folder and a `str` only for a URL (`cache_location`
+decides), because `Path` would fold the `//` of a URL. Every operation on a whole location
+(exists, empty, remove, bytes on disk) goes through fsspec, so local folders and object stores
+take the same code; zarr opens both itself (a URL becomes a zarr FsspecStore).
+
+Storage options (endpoint, credentials, region) never enter a cache or a run folder: they come
+from fsspec's own configuration, which reads environment variables such as
+FSSPEC_S3_ENDPOINT_URL (and s3fs/botocore read AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), or
+from `set_storage_options` (the CLI's --storage-option KEY=VALUE).
+
+The writer lock keeps its guarantee on both (`writer_lock`):
+- local: an flock on CACHE.zarr.lock, which the kernel drops however its holder dies;
+- object store: a lease object CACHE.zarr.lock created with a conditional PUT (If-None-Match: *,
+  so of two writers racing for it exactly one creates it) and rewritten every
+  LEASE_REFRESH_SECONDS while held. A lease not rewritten for LEASE_STALE_SECONDS belongs to a
+  dead writer and is taken over; a holder that finds its lease taken over stops writing at its
+  next refresh. Chunks are written whole and are deterministic, so even two writers that
+  overlapped for a moment wrote the same bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import fsspec.config
+
+from stages.errors import CacheLockedError, InputError, PipelineError
+
+CacheLocation = Path | str  # str only for a URL
+
+LEASE_REFRESH_SECONDS = 20.0
+LEASE_STALE_SECONDS = 90.0
+
+
+def is_url(location: CacheLocation) -> bool:
+    return isinstance(location, str) and "://" in location
+
+
+def cache_location(value: str | Path) -> CacheLocation:
+    """A URL stays a string (without a trailing slash); anything else is a local path."""
+    text = str(value)
+    if "://" in text:
+        if text.startswith("file://"):
+            return Path(text[len("file://"):])
+        return text.rstrip("/")
+    return Path(value)
+
+
+def protocol(location: CacheLocation) -> str:
+    return location.split("://", 1)[0] if is_url(location) else "file"
+
+
+def filesystem(location: CacheLocation) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of `location` and the location's path within it. A protocol whose
+    package is not installed (s3fs for s3://) is a one-line input error."""
+    try:
+        return fsspec.core.url_to_fs(str(location))
+    except ImportError as exc:
+        raise InputError(f"{location}: {exc}".splitlines()[0]) from exc
+    except ValueError as exc:  # an unknown protocol
+        raise InputError(f"{location}: {exc}") from exc
+
+
+def set_storage_options(options: dict[str, object], location: CacheLocation) -> None:
+    """Options for every filesystem of `location`'s protocol made from now on in this process
+    (fsspec's configuration, which also reads FSSPEC_<PROTOCOL>_<OPTION> environment variables)."""
+    fsspec.config.conf.setdefault(protocol(location), {}).update(options)
+
+
+def storage_options(location: CacheLocation) -> dict[str, object]:
+    """This process's options for `location`'s protocol, to hand to another process (a dask worker)."""
+    return dict(fsspec.config.conf.get(protocol(location), {}))
+
+
+def exists(location: CacheLocation) -> bool:
+    fs, path = filesystem(location)
+    return fs.exists(path)
+
+
+def is_folder(location: CacheLocation) -> bool:
+    """A local folder, or a prefix with objects under it (object stores have no empty folders)."""
+    fs, path = filesystem(location)
+    return fs.isdir(path)
+
+
+def is_empty(location: CacheLocation) -> bool:
+    fs, path = filesystem(location)
+    return not fs.exists(path) or (fs.isdir(path) and not fs.ls(path, detail=False))
+
+
+def remove(location: CacheLocation) -> None:
+    fs, path = filesystem(location)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def disk_usage(location: CacheLocation) -> int:
+    """Bytes stored under `location` (every file or object)."""
+    fs, path = filesystem(location)
+    return int(fs.du(path, total=True)) if fs.exists(path) else 0
+
+
+def child(location: CacheLocation, name: str) -> CacheLocation:
+    return f"{location}/{name}" if is_url(location) else Path(location) / name
+
+
+def lock_location(location: CacheLocation) -> CacheLocation:
+    """Beside the cache, not inside it: plain zarr would warn about a foreign entry."""
+    return f"{location}.lock" if is_url(location) else Path(location).with_name(Path(location).name + ".lock")
+
+
+def writer_lock(location: CacheLocation) -> FileLock | LeaseLock:
+    """The exclusive lock of the one process allowed to write the cache at `location`."""
+    return LeaseLock(location) if is_url(location) else FileLock(location)
+
+
+class FileLock:
+    """An flock on the file CACHE.zarr.lock beside a local cache. The kernel drops an flock when
+    its holder exits, however it exits (even SIGKILL), so a crashed writer leaves at most a
+    harmless unlocked file, never a stale lock. Readers take no lock: they only read complete
+    caches, which writers no longer change."""
+
+    def __init__(self, location: CacheLocation):
+        self.location = location
+        self.lock_path = Path(lock_location(location))
+        self._fd: int | None = None
+
+    def __enter__(self) -> FileLock:
+        while True:
+            try:
+                self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise PipelineError(f"cannot lock cache {self.location} for writing: {exc.strerror}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CacheLockedError(
+                    f"cache {self.location} is being written by another process (pid {holder}); wait for it to finish"
+                ) from None
+            # The previous holder unlinks the file as it lets go: if it did so between our
+            # open and our flock, we locked an orphan and must try again on the new file.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def check_held(self) -> None:
+        """An flock cannot be lost while its holder lives."""
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            self.lock_path.unlink(missing_ok=True)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class LeaseLock:
+    """A lease object CACHE.zarr.lock beside a cache on an object store (see the module
+    docstring): created only if absent, refreshed by a daemon thread, taken over once stale."""
+
+    def __init__(self, location: CacheLocation, *, refresh_seconds: float = LEASE_REFRESH_SECONDS,
+                 stale_seconds: float = LEASE_STALE_SECONDS):
+        self.location = location
+        self.fs, self.path = filesystem(lock_location(location))
+        self.refresh_seconds = refresh_seconds
+        self.stale_seconds = stale_seconds
+        self.token = uuid.uuid4().hex
+        self.holder = f"{socket.gethostname()} pid {os.getpid()}"
+        self._stop = threading.Event()
+        self._lost: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def _lease(self) -> bytes:
+        return json.dumps({"token": self.token, "holder": self.holder, "renewed_at": time.time()}).encode()
+
+    def _read(self) -> dict | None:
+        try:
+            lease = json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # torn or foreign content: judged by its age alone
+            lease = {}
+        if not isinstance(lease, dict) or not isinstance(lease.get("renewed_at"), (int, float)):
+            lease = {"holder": "unknown", "renewed_at": self.fs.modified(self.path).timestamp()}
+        return lease
+
+    def __enter__(self) -> LeaseLock:
+        for _ in range(3):
+            try:
+                self.fs.pipe_file(self.path, self._lease(), mode="create")
+                break
+            except FileExistsError:
+                lease = self._read()
+                if lease is None:
+                    continue  # released between our create and our read
+                age = time.time() - lease["renewed_at"]
+                if age < self.stale_seconds:
+                    raise CacheLockedError(
+                        f"cache {self.location} is being written by another process ({lease.get('holder', 'unknown')}, "
+                        f"lease renewed {age:.0f}s ago); wait for it to finish"
+                    ) from None
+                self.fs.rm_file(self.path)  # a dead writer's lease: take it over
+        else:
+            raise CacheLockedError(f"cache {self.location}: could not take its lease; try again")
+        self._thread = threading.Thread(target=self._renew, name="cache-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.refresh_seconds):
+            try:
+                lease = self._read()
+                if lease is None or lease.get("token") != self.token:
+                    self._lost = "taken over by another writer"
+                    return
+                self.fs.pipe_file(self.path, self._lease())
+            except OSError:
+                continue  # retried next period: a lease outlives several missed renewals
+
+    def check_held(self) -> None:
+        """Raise if the lease was lost: this process must stop writing the cache."""
+        if self._lost is not None:
+            raise CacheLockedError(f"cache {self.location}: lost its writer lease ({self._lost}); stopped writing")
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            lease = self._read()
+            if lease is not None and lease.get("token") == self.token:
+                self.fs.rm_file(self.path)
+        except OSError:
+            pass  # left to go stale: the next writer takes it over
