@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import dask
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -26,10 +27,11 @@ from pipeline import DATA_ROOT, __version__
 from pipeline.config import build_config, field_default, merge_options
 from pipeline.jobs import run_caching, run_evaluate, run_training, run_verify
 from pipeline.specs import slug
-from stages import cache_teacher, train_student
+from stages import cache_teacher, storage, train_student
 from stages.cache import CacheReader
 from stages.inspection import describe_cache, plot_report
 from stages.errors import CacheDamagedError, InputError, PipelineError
+from stages.storage import cache_location
 
 app = typer.Typer(
     name="pipeline",
@@ -43,6 +45,8 @@ TS = train_student.TrainConfig
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="TOML file of options; command-line options override it.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
+StorageOption = Annotated[list[str] | None, typer.Option(
+    help="KEY=VALUE for the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 (repeatable; FSSPEC_S3_* and AWS_* environment variables work too). Never recorded.")]
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 
 
@@ -103,6 +107,9 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    # dask.distributed logs every cluster start and stop at INFO: only its warnings matter here.
+    # It sets its loggers' levels from dask's config when first imported, so say it there.
+    dask.config.set({"logging.distributed": "warning"})
 
 
 def _emit(as_json: bool, payload: dict, table: Table) -> None:
@@ -171,7 +178,7 @@ def cache_teacher_command(
     teacher_weights: Annotated[Path | None, typer.Option(help="Teacher weights: .safetensors or a PyTorch state dict (loaded with weights_only).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset spec: mnist-5k, digits, synthetic[:k=v,..], a .npz file, or module:factory.")] = None,
     split: Annotated[str, typer.Option(help="Split to cache.")] = field_default(CT, "split"),
-    out: Annotated[Path | None, typer.Option(help="Cache to write (a .zarr folder). (default: data/caches/TEACHER-DATASET-SPLIT-T.zarr)")] = None,
+    out: Annotated[str | None, typer.Option(help="Cache to write: a .zarr folder, or an fsspec URL such as s3://bucket/path.zarr. (default: data/caches/TEACHER-DATASET-SPLIT-T.zarr)")] = None,
     temperature: Annotated[float, typer.Option(help="Temperature T: the cache stores teacher logits / T.")] = field_default(CT, "temperature"),
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = field_default(CT, "batch_size"),
     device: DeviceOption = field_default(CT, "device"),
@@ -185,7 +192,10 @@ def cache_teacher_command(
     codec: Annotated[str, typer.Option(help="Compression of the logits: none (fastest to read) or zstd (about 10% smaller for float16).")] = field_default(CT, "codec"),
     amp: Annotated[str, typer.Option(help="Run the teacher under autocast: none, bf16 or fp16 (recorded in the cache).")] = field_default(CT, "amp"),
     num_classes: Annotated[int | None, typer.Option(help="Classes the teacher outputs; needed only for a split without labels.")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")] = field_default(CT, "workers"),
+    loader_workers: Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")] = field_default(CT, "loader_workers"),
+    workers: Annotated[int, typer.Option(help="Compute the chunks on a local dask cluster of N worker processes (0: in this process).")] = field_default(CT, "workers"),
+    scheduler: Annotated[str | None, typer.Option(help="Compute the chunks on the workers of this running dask scheduler, e.g. tcp://10.0.0.5:8786.")] = None,
+    storage_option: StorageOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out. Without it, re-running the same command resumes an interrupted cache.")] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
@@ -206,6 +216,7 @@ def cache_teacher_command(
         name = f"{slug(values['teacher'])}-{slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}{kept}.zarr"
         values["out"] = DATA_ROOT / "caches" / name
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
+    set_storage_options(storage_option, cfg.out)
     with _progress_bar("teacher pass (rows)") as progress:
         result = run_caching(cfg, progress)
     _emit(as_json, vars(result), _key_value_table("cache written", vars(result)))
@@ -215,7 +226,7 @@ def cache_teacher_command(
 @handle_errors
 def train_student_command(
     ctx: typer.Context,
-    cache: Annotated[Path | None, typer.Option(help="Cache written by cache-teacher. Without it the student trains on hard labels only (the baseline).")] = None,
+    cache: Annotated[str | None, typer.Option(help="Cache written by cache-teacher: a folder or an fsspec URL (s3://...). Without it the student trains on hard labels only (the baseline).")] = None,
     student: Annotated[str | None, typer.Option(help="Student model spec: a built-in name, package.module:factory or path/to/file.py:factory.")] = None,
     student_weights: Annotated[Path | None, typer.Option(help="Initial student weights (.safetensors or a state dict).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset spec. (default: the cache's dataset)")] = None,
@@ -232,9 +243,10 @@ def train_student_command(
     augment: Annotated[str, typer.Option(help="Random input augmentation: none, shift:N, rotate:D, flip, A+B, or module:factory (not with a view cache, which replays its own).")] = field_default(TS, "augment"),
     view_policy: Annotated[str, typer.Option(help="From a view cache: random (a random view each time a sample is drawn) or cycle (view = epoch mod V).")] = field_default(TS, "view_policy"),
     buffer_chunks: Annotated[int, typer.Option(help="Cache chunks buffered and shuffled together.")] = field_default(TS, "buffer_chunks"),
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")] = field_default(TS, "workers"),
+    loader_workers: Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")] = field_default(TS, "loader_workers"),
     device: DeviceOption = field_default(TS, "device"),
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and after the last); 0: never.")] = field_default(TS, "checkpoint_every"),
+    storage_option: StorageOption = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint (same options required); a finished run is left as it is.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --out.")] = False,
     config: ConfigOption = None,
@@ -249,7 +261,9 @@ def train_student_command(
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")},
                            TS, renamed={"student": "model", "student_weights": "model_weights"})
     if values["cache"] is not None:
-        provenance = CacheReader(Path(values["cache"])).attrs["dataset"]
+        values["cache"] = cache_location(values["cache"])
+        set_storage_options(storage_option, values["cache"])
+        provenance = CacheReader(values["cache"]).attrs["dataset"]
         values["dataset"] = values["dataset"] or provenance["spec"]
         values["split"] = values["split"] or provenance["split"]
     values["split"] = values["split"] or "train"
@@ -544,6 +558,22 @@ def demo_lm_command(
 
     report = run_lm_demo(out, seeds=seeds, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, lm_demo_table(report))
+
+
+def set_storage_options(options: list[str] | None, location) -> None:
+    """--storage-option KEY=VALUE pairs for the filesystem of `location`. A VALUE that reads as
+    JSON (true, 3, {"region_name": "x"}) is taken as that; anything else is a string."""
+    parsed = {}
+    for option in options or []:
+        key, sep, text = option.partition("=")
+        if not sep or not key:
+            raise InputError(f"--storage-option takes KEY=VALUE, got {option!r}")
+        try:
+            parsed[key] = json.loads(text)
+        except ValueError:
+            parsed[key] = text
+    if parsed:
+        storage.set_storage_options(parsed, location)
 
 
 def _absolute_paths(values: dict, *spec_names: str) -> dict:

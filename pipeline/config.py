@@ -19,6 +19,7 @@ from typing import Any
 import typer
 
 from stages.errors import InputError
+from stages.storage import cache_location
 
 
 def field_default(config_class, name: str) -> Any:
@@ -86,7 +87,9 @@ def build_config(config_class, values: dict[str, Any], required: tuple[str, ...]
         if f.name not in values:
             continue
         value = values[f.name]
-        if value is not None and "Path" in str(f.type) and not isinstance(value, Path):
+        if value is not None and "CacheLocation" in str(f.type):
+            value = cache_location(value)
+        elif value is not None and "Path" in str(f.type) and not isinstance(value, Path):
             value = Path(value)
         kwargs[f.name] = value
     return config_class(**kwargs)

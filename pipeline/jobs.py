@@ -3,9 +3,11 @@ the CLI commands, the demo and later orchestration share."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
+import torch
 import zarr
 
 from pipeline.datasets import resolve_dataset
@@ -13,7 +15,7 @@ from pipeline.models import resolve_model
 from pipeline.specs import resolve_augment
 from stages import cache_teacher, train_student
 from stages.cache import CacheReader, is_cache, malformed_attributes
-from stages.data import input_shape
+from stages.data import Split, input_shape
 from stages.errors import InputError
 from stages.evaluation import evaluate, speed, teacher_agreement
 from stages.runtime import Progress, resolve_device, seed_everything
@@ -26,14 +28,21 @@ log = logging.getLogger(__name__)
 def run_caching(cfg: cache_teacher.CacheTeacherConfig, progress: Progress | None = None) -> cache_teacher.CacheTeacherResult:
     cfg.validate()  # before loading anything: bad options fail fast
     resolve_augment(cfg.augment)
+    if cfg.teacher_weights is None:
+        log.warning("no --teacher-weights given: caching the teacher as its factory builds it")
+    teacher, split = load_teacher_and_split(cfg)
+    return cache_teacher.run(cfg, teacher, split, progress, resolve_augment=resolve_augment,
+                             load_on_worker=functools.partial(load_teacher_and_split, cfg))
+
+
+def load_teacher_and_split(cfg: cache_teacher.CacheTeacherConfig) -> tuple[torch.nn.Module, Split]:
+    """The teacher and the split to cache, built from their specs: here, and on each dask
+    worker (which needs the same packages and files)."""
     split = resolve_dataset(cfg.dataset).split(cfg.split)
     num_classes = cfg.num_classes or split.num_classes
     if num_classes is None:
         raise InputError(f"split {cfg.split!r} of {cfg.dataset} has no labels to count classes by; pass --num-classes")
-    if cfg.teacher_weights is None:
-        log.warning("no --teacher-weights given: caching the teacher as its factory builds it")
-    teacher = resolve_model(cfg.teacher, num_classes=num_classes, input_shape=input_shape(split), weights=cfg.teacher_weights)
-    return cache_teacher.run(cfg, teacher, split, progress, resolve_augment=resolve_augment)
+    return resolve_model(cfg.teacher, num_classes=num_classes, input_shape=input_shape(split), weights=cfg.teacher_weights), split
 
 
 def run_training(cfg: train_student.TrainConfig, progress: Progress | None = None) -> train_student.TrainResult:

@@ -25,7 +25,11 @@ the forward pass does not wait on storage. The cache layout is described in stag
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -34,19 +38,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
 from stages import storage
 from stages.augment import Augmentation, parse_augment, view_seeds
 from stages.cache import (
-    CODECS, DTYPES, FLOAT_ARRAYS, KINDS, CacheWriter, Layout, default_chunk_rows, is_cache, nonfinite_rows, open_writer,
+    CODECS, DTYPES, FLOAT_ARRAYS, KINDS, CacheWriter, ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, open_writer,
     prefetch, stored_rows, teacher_metrics,
 )
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
     AMP_DTYPES, Progress, autocast, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_shape,
-    resolve_device,
+    require, resolve_device,
 )
+from stages.storage import CacheLocation
 from stages.weights import count_parameters, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -56,7 +62,7 @@ log = logging.getLogger(__name__)
 class CacheTeacherConfig:
     teacher: str
     dataset: str
-    out: Path
+    out: CacheLocation
     teacher_weights: Path | None = None
     split: str = "train"
     temperature: float = 4.0
@@ -71,7 +77,9 @@ class CacheTeacherConfig:
     chunk_rows: int | None = None  # None: about 2 MB of soft labels per chunk
     codec: str = "none"  # of the logits array: none or zstd (see stages.cache.CODECS)
     amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
-    workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
+    loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
+    workers: int = 0  # >0: compute the chunks on a local dask cluster of this many worker processes
+    scheduler: str | None = None  # address of a running dask.distributed scheduler whose workers compute the chunks
     num_classes: int | None = None  # for building the teacher when the split has no labels to count classes by
     overwrite: bool = False
 
@@ -95,8 +103,12 @@ class CacheTeacherConfig:
             raise InputError(f"--views {self.views} needs --augment SPEC: without augmentation every view would be the same")
         if self.view_seed < 0:
             raise InputError(f"--view-seed must be 0 or more, got {self.view_seed}")
+        if self.loader_workers < 0:
+            raise InputError(f"--loader-workers must be 0 or more, got {self.loader_workers}")
         if self.workers < 0:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
+        if self.workers and self.scheduler:
+            raise InputError("--workers starts a local dask cluster and --scheduler names a running one: give one of them")
         if self.amp not in AMP_DTYPES and self.amp != "none":
             raise InputError(f"--amp must be none, {' or '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
@@ -105,7 +117,7 @@ class CacheTeacherConfig:
 
 @dataclass(frozen=True)
 class CacheTeacherResult:
-    cache: Path
+    cache: CacheLocation
     num_samples: int
     num_classes: int
     temperature: float
@@ -118,10 +130,16 @@ class CacheTeacherResult:
 
 
 def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, progress: Progress | None = None,
-        resolve_augment: Callable[[str], Augmentation | None] = parse_augment) -> CacheTeacherResult:
+        resolve_augment: Callable[[str], Augmentation | None] = parse_augment,
+        load_on_worker: Callable[[], tuple[torch.nn.Module, Split]] | None = None) -> CacheTeacherResult:
     """Write the cache for `split` at `config.out`, or finish an incomplete one that this
     same teacher, data and layout started (only its missing chunks are computed).
-    `resolve_augment` turns `config.augment` into an augmentation (default: built-ins only)."""
+    `resolve_augment` turns `config.augment` into an augmentation (default: built-ins only).
+
+    With `config.workers` or `config.scheduler`, dask workers compute the chunks: this process
+    creates the cache, holds its lock and hands out chunk ranges, and each worker builds the
+    teacher and split once with `load_on_worker` (a picklable function, the same on every
+    machine) and writes the chunks it computes (see _distributed_pass)."""
     config.validate()
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -152,9 +170,15 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
             missing = writer.missing_chunks()
             if missing and len(missing) < writer.grid.num_chunks:
                 log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
-            with one_blas_thread_beside_torch():
-                _teacher_pass(config, teacher, split, lengths, augmentation, writer, device, missing, progress)
-            writer.close()
+            if config.workers or config.scheduler:
+                writer.close()  # the workers write; this process only hands out chunks
+                _distributed_pass(config, writer.grid, missing, load_on_worker, resolve_augment, progress, lock)
+                if writer.missing_chunks():
+                    raise PipelineError(f"internal: the workers left chunks {writer.missing_chunks()[:10]} unwritten")
+            else:
+                with one_blas_thread_beside_torch():
+                    _teacher_pass(config, teacher, split, lengths, augmentation, writer, device, missing, progress)
+                writer.close()
         except BaseException:
             writer.abort()
             raise
@@ -225,7 +249,7 @@ def _teacher_pass(
     rows_done = 0
     last_report = time.perf_counter()
     views = writer.layout.views
-    batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.workers)
+    batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.loader_workers)
     if augmentation is not None:
         batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
     for start, inputs in prefetch(batches, depth=2):
@@ -256,6 +280,117 @@ def _teacher_pass(
             log.info("teacher pass: rows up to %d of %d", start + count, len(split))
     while in_flight:
         _store(writer, split, lengths, config, *in_flight.popleft())
+
+
+def _distributed_pass(
+    config: CacheTeacherConfig, grid: ChunkGrid, missing: list[int], load_on_worker: Callable[[], tuple[torch.nn.Module, Split]] | None,
+    resolve_augment: Callable[[str], Augmentation | None], progress: Progress | None, lock,
+) -> None:
+    """Compute the missing chunks on dask workers, in tasks of whole, adjacent chunks.
+
+    A worker owns the chunks of the task it runs, so no two writers share a chunk. When a worker
+    dies, the scheduler gives its unfinished tasks to others (up to distributed's
+    allowed-failures), and a retried task skips the chunks its first attempt finished
+    (chunk_done). Chunk values do not depend on which worker or batch computed them, so the
+    cache equals a single-process one."""
+    distributed = require("distributed", "scale", "--workers / --scheduler")
+    if load_on_worker is None:
+        raise InputError("caching on dask workers needs load_on_worker: a picklable function returning (teacher, split)")
+    if not missing:
+        return
+    with _dask_client(distributed, config) as client:
+        workers = max(1, len(client.scheduler_info()["workers"]))
+        per_task = min(TASK_CHUNKS_MAX, max(1, -(-len(missing) // (TASKS_PER_WORKER * workers))))
+        tasks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
+        log.info("teacher pass over %d chunks in %d tasks on %d dask workers", len(missing), len(tasks), workers)
+        options = storage.storage_options(config.out)
+        futures = [client.submit(_worker_chunks, config, chunks, load_on_worker, resolve_augment, options, pure=False)
+                   for chunks in tasks]
+        rows_total = sum(stop - start for start, stop in map(grid.rows, missing))
+        rows_done = 0
+        try:
+            for future in distributed.as_completed(futures):
+                rows_done += future.result()
+                lock.check_held()
+                if progress is not None:
+                    progress(rows_done, rows_total)
+        except distributed.scheduler.KilledWorker as exc:
+            raise PipelineError(
+                f"dask workers kept dying on one task ({exc}); the chunks finished so far are kept: re-run to resume"
+            ) from exc
+        finally:
+            client.cancel(futures)
+
+
+# Tasks per worker (at least): enough to balance uneven workers, and a dead worker loses little.
+TASKS_PER_WORKER = 4
+TASK_CHUNKS_MAX = 16
+
+
+@contextlib.contextmanager
+def _dask_client(distributed, config: CacheTeacherConfig):
+    """A client of the scheduler at `config.scheduler`, or of a local cluster of
+    `config.workers` processes (one thread each: a worker owns a device) started for this pass."""
+    if config.scheduler:
+        try:
+            client = distributed.Client(config.scheduler, timeout=SCHEDULER_TIMEOUT_SECONDS)
+        except (OSError, TimeoutError) as exc:
+            raise PipelineError(f"cannot reach the dask scheduler at {config.scheduler}: {exc}") from exc
+        with client:
+            yield client
+        return
+    with distributed.LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+SCHEDULER_TIMEOUT_SECONDS = 30
+
+# On a dask worker process: the teacher, split, augmentation, device and lengths of the cache it
+# is working on, built once by the first task and reused by the later ones.
+_WORKER_STATE: dict[str, tuple] = {}
+_WORKER_STATE_LOCK = threading.Lock()
+
+
+def _worker_chunks(config: CacheTeacherConfig, chunks: list[int], load_on_worker: Callable[[], tuple[torch.nn.Module, Split]],
+                   resolve_augment: Callable[[str], Augmentation | None], options: dict) -> int:
+    """A dask task: compute and write `chunks` of the cache (those not already done) and
+    return the rows written."""
+    if options:
+        storage.set_storage_options(options, config.out)
+    key = json.dumps(config_dict(config), sort_keys=True)
+    with _WORKER_STATE_LOCK:
+        if key not in _WORKER_STATE:
+            _WORKER_STATE.clear()  # one cache at a time: let the previous teacher go
+            teacher, split = load_on_worker()
+            _check_same_teacher(teacher, config.out)
+            device = resolve_device(config.device)
+            _WORKER_STATE[key] = (teacher.to(device).eval(), split, resolve_augment(config.augment), device, {})
+        teacher, split, augmentation, device, lengths_by_tokens = _WORKER_STATE[key]
+    writer = CacheWriter(config.out)
+    tokens = writer.layout.tokens
+    if tokens is not None and tokens not in lengths_by_tokens:
+        lengths_by_tokens[tokens] = sequence_lengths(split, tokens)
+    try:
+        todo = sorted(set(chunks) & set(writer.missing_chunks()))
+        with one_blas_thread_beside_torch():
+            _teacher_pass(config, teacher, split, lengths_by_tokens.get(tokens), augmentation, writer, device, todo, None)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return sum(stop - start for start, stop in map(writer.grid.rows, todo))
+
+
+def _check_same_teacher(teacher: torch.nn.Module, location: CacheLocation) -> None:
+    """A worker's teacher must be the one the cache records: a factory that initialises at
+    random, without weights, would build another teacher on every worker."""
+    recorded = zarr.open_group(str(location), mode="r").attrs["teachers"][0]["weights_sha256"]
+    if weights_fingerprint(teacher) != recorded:
+        raise InputError(
+            f"the teacher built on dask worker {socket.gethostname()} has other weights than the one recorded in the cache; "
+            "give --teacher-weights (a factory without weights initialises at random on each worker)"
+        )
 
 
 # Batches a CUDA teacher may run ahead of the host copies it has queued.

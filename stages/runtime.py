@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -114,3 +115,14 @@ def autocast(amp: str, device: torch.device):
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or fail with one line naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise InputError(
+            f"{purpose} needs the optional package {module!r} ({exc.name or module} is not installed): "
+            f"pip install 'kd-pipeline[{extra}]'"
+        ) from exc

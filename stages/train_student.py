@@ -46,6 +46,7 @@ from stages.runtime import (
     Progress, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_shape, resolve_device,
     seed_everything,
 )
+from stages.storage import CacheLocation
 from stages.weights import count_parameters, save_weights
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 VIEW_POLICIES = ("random", "cycle")
 # Options that may change when a run is resumed: they do not change what it computes.
-RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "workers")
+RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "loader_workers")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class TrainConfig:
     model: str
     dataset: str
     out: Path
-    cache: Path | None = None
+    cache: CacheLocation | None = None
     model_weights: Path | None = None
     split: str = "train"
     eval_split: str | None = "test"
@@ -76,7 +77,7 @@ class TrainConfig:
     augment: str = "none"  # random augmentation of the inputs (stages.augment); a view cache replays its own instead
     view_policy: str = "random"  # view caches: which view a drawn sample uses; random, or cycle (view = epoch mod V)
     buffer_chunks: int = 8
-    workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
+    loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
     weights_out: Path | None = None  # None: model.safetensors in the run folder
     checkpoint_every: int = 1  # epochs between checkpoints; 0: none
     resume: bool = False
@@ -90,8 +91,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "buffer_chunks"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise InputError(f"--workers must be 0 or more, got {self.workers}")
+        if self.loader_workers < 0:
+            raise InputError(f"--loader-workers must be 0 or more, got {self.loader_workers}")
         if self.checkpoint_every < 0:
             raise InputError(f"--checkpoint-every must be 0 (never) or more, got {self.checkpoint_every}")
         check_positive("lr", self.lr)
@@ -318,7 +319,7 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
         rows = ({"index": order[a:b]} for a, b in batch_bounds(len(order), config.batch_size))
-    joined = joined_with_inputs(rows, train, config.workers)
+    joined = joined_with_inputs(rows, train, config.loader_workers)
     if augment is not None:
         joined = _augmented(joined, augment, views, np.random.default_rng([config.seed, epoch, 3]))
     return prefetch((_with_labels_and_lengths(r, labels, lengths) for r in joined), depth=4)

@@ -41,12 +41,12 @@ def test_workers_give_the_same_cache_and_the_same_training(tmp_path):
     common = ["--teacher", "mlp-64", "--teacher-weights", tmp_path / "t.safetensors", "--dataset", dataset,
               "--chunk-rows", "64", "--batch-size", "50"]
     plain = invoke_json("cache-teacher", *common, "--out", tmp_path / "plain.zarr")
-    loaded = invoke_json("cache-teacher", *common, "--out", tmp_path / "workers.zarr", "--workers", "2")
+    loaded = invoke_json("cache-teacher", *common, "--out", tmp_path / "workers.zarr", "--loader-workers", "2")
     np.testing.assert_array_equal(zarr.open_group(plain["cache"], mode="r")["logits"][:],
                                   zarr.open_group(loaded["cache"], mode="r")["logits"][:])
 
     runs = [invoke_json("train-student", "--cache", plain["cache"], "--student", "mlp-64", "--epochs", "2",
-                        "--batch-size", "32", "--out", tmp_path / f"run{w}", "--workers", str(w)) for w in (0, 2)]
+                        "--batch-size", "32", "--out", tmp_path / f"run{w}", "--loader-workers", str(w)) for w in (0, 2)]
     metrics = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
                 for line in (tmp_path / f"run{w}" / "metrics.jsonl").read_text().splitlines()] for w in (0, 2)]
     assert metrics[0] == metrics[1] and runs[0]["test_errors"] == runs[1]["test_errors"]
