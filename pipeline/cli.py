@@ -71,6 +71,8 @@ def handle_errors(command):
         except OSError as exc:
             _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
         except Exception as exc:  # a bug: still one line, with a pointer to the traceback
+            if type(exc).__module__.startswith(("botocore", "aiobotocore")):  # credentials, endpoint: the user's to fix
+                _fail(f"object storage: {exc}", 1)
             _fail(f"internal error: {type(exc).__name__}: {exc} (set PIPELINE_DEBUG=1 for the traceback)", 1)
 
     return wrapper
@@ -110,6 +112,8 @@ def _setup_logging() -> None:
     # dask.distributed logs every cluster start and stop at INFO: only its warnings matter here.
     # It sets its loggers' levels from dask's config when first imported, so say it there.
     dask.config.set({"logging.distributed": "warning"})
+    for chatty in ("botocore", "aiobotocore"):  # "Found credentials in environment variables", on every start
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _emit(as_json: bool, payload: dict, table: Table) -> None:
@@ -319,13 +323,14 @@ def train_teacher_command(
 @app.command("verify")
 @handle_errors
 def verify_command(
-    cache: Annotated[Path, typer.Argument(help="The cache to check.", show_default=False)],
+    cache: Annotated[str, typer.Argument(help="The cache to check: a folder or an fsspec URL.", show_default=False)],
     teacher: Annotated[str | None, typer.Option(help="Also re-run this teacher spec on --samples random rows and compare.")] = None,
     teacher_weights: Annotated[Path | None, typer.Option(help="Weights for --teacher.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset spec for the re-run. (default: the cache's dataset)")] = None,
     samples: Annotated[int, typer.Option(min=0, help="Rows to re-run the teacher on.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed choosing the rows.")] = 0,
     device: DeviceOption = "auto",
+    storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Check a cache: metadata, completeness, every chunk readable and finite, index and labels.
@@ -338,6 +343,8 @@ def verify_command(
     """
     if teacher_weights is not None and teacher is None:
         raise InputError("--teacher-weights needs --teacher SPEC (the model the weights are for)")
+    cache = cache_location(cache)
+    set_storage_options(storage_option, cache)
     report = run_verify(cache, teacher=teacher, teacher_weights=teacher_weights, dataset=dataset,
                         samples=samples, seed=seed, device=device)
     table = Table(title=f"verify {cache}")
@@ -444,8 +451,9 @@ def evaluate_command(
 @app.command("inspect")
 @handle_errors
 def inspect_command(
-    cache: Annotated[Path, typer.Argument(help="The cache to describe.", show_default=False)],
+    cache: Annotated[str, typer.Argument(help="The cache to describe: a folder or an fsspec URL.", show_default=False)],
     png: Annotated[Path | None, typer.Option(help="Where to write the plots (confidence and entropy histograms, reliability). (default: data/inspect/CACHE-NAME.png)")] = None,
+    storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Describe a cache: provenance, layout, size, the teacher's quality and calibration.
@@ -458,9 +466,11 @@ def inspect_command(
     """
     if png is not None and png.suffix.lower() != ".png":
         raise InputError(f"--png must name a .png file, got {png}")
+    cache = cache_location(cache)
+    set_storage_options(storage_option, cache)
     report = describe_cache(cache)
     if "histograms" in report:
-        report["png"] = png or DATA_ROOT / "inspect" / f"{cache.name.removesuffix('.zarr')}.png"
+        report["png"] = png or DATA_ROOT / "inspect" / f"{storage.name(cache).removesuffix('.zarr')}.png"
         plot_report(report, report["png"])
     brief = {k: v for k, v in report.items() if k not in ("histograms",)}
     brief["calibration"] = {t: {k: v for k, v in entry.items() if k != "reliability"} for t, entry in report.get("calibration", {}).items()}

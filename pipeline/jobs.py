@@ -19,6 +19,7 @@ from stages.data import Split, input_shape
 from stages.errors import InputError
 from stages.evaluation import evaluate, speed, teacher_agreement
 from stages.runtime import Progress, resolve_device, seed_everything
+from stages.storage import CacheLocation
 from stages.verify import Report, verify
 from stages.weights import count_parameters
 
@@ -60,7 +61,7 @@ def run_training(cfg: train_student.TrainConfig, progress: Progress | None = Non
     return train_student.run(cfg, model, train, evaluation, soft_labels=cache, progress=progress, resolve_augment=resolve_augment)
 
 
-def run_verify(cache: Path, *, teacher: str | None, teacher_weights: Path | None, dataset: str | None,
+def run_verify(cache: CacheLocation, *, teacher: str | None, teacher_weights: Path | None, dataset: str | None,
                samples: int, seed: int, device: str) -> Report:
     """Verify a cache; with a teacher spec, rebuild the teacher on the cache's split and compare."""
     model = split = augment = None

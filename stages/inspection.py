@@ -25,13 +25,13 @@ import dask.array as da
 import numpy as np
 
 from stages.cache import SOFT_ARRAYS, CacheReader
-from stages.storage import child, disk_usage
+from stages.storage import CacheLocation, child, disk_usage
 
 CALIBRATION_BINS = 15
 HISTOGRAM_BINS = 20
 
 
-def describe_cache(path: Path) -> dict:
+def describe_cache(path: CacheLocation) -> dict:
     """The figures `pipeline inspect` prints, as one JSON-ready dict."""
     reader = CacheReader(path, require_complete=False)
     attrs, layout = reader.attrs, reader.layout

@@ -110,6 +110,11 @@ def disk_usage(location: CacheLocation) -> int:
     return int(fs.du(path, total=True)) if fs.exists(path) else 0
 
 
+def name(location: CacheLocation) -> str:
+    """The last part of the location: CACHE.zarr."""
+    return location.rsplit("/", 1)[-1] if is_url(location) else Path(location).name
+
+
 def child(location: CacheLocation, name: str) -> CacheLocation:
     return f"{location}/{name}" if is_url(location) else Path(location) / name
 

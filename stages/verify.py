@@ -11,7 +11,6 @@ and in parallel, and every damaged chunk is named rather than the first one only
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import dask
 import numpy as np
@@ -27,6 +26,7 @@ from stages.cache import (
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
 from stages.runtime import AMP_DTYPES, autocast
+from stages.storage import CacheLocation
 from stages.weights import weights_fingerprint
 
 
@@ -50,7 +50,7 @@ class Report:
         return {"cache": self.cache, "ok": self.ok, "checks": self.checks, "max_abs_diff": self.max_abs_diff}
 
 
-def verify(path: Path, *, teacher: torch.nn.Module | None = None, split: Split | None = None,
+def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split: Split | None = None,
            samples: int = 0, seed: int = 0, device: torch.device | None = None, augment: Augmentation | None = None) -> Report:
     """Run every check on the cache at `path`. With `teacher` and `split` (the cached split),
     also re-run the teacher on `samples` random rows and compare with the stored values (on a

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -65,3 +67,56 @@ def invoke_json(*args: str) -> dict:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def assert_same_cache(a, b, storage_options: dict | None = None) -> None:
+    """Two caches hold the same arrays and the same results; their teachers have the same weights
+    (whether a spec named a built-in or a factory building it). `storage_options` for URLs."""
+    first, second = (zarr.open_group(str(c), mode="r", storage_options=storage_options if "://" in str(c) else None)
+                     for c in (a, b))
+    assert sorted(first.array_keys()) == sorted(second.array_keys())
+    for name in first.array_keys():
+        assert np.array_equal(first[name][:], second[name][:], equal_nan=True), name
+    for key in ("complete", "num_samples", "dataset", "teacher_metrics"):
+        assert first.attrs[key] == second.attrs[key], key
+    assert [t["weights_sha256"] for t in first.attrs["teachers"]] == [t["weights_sha256"] for t in second.attrs["teachers"]]
+
+
+def dying_teacher(folder: Path, *, on_dask_worker: bool, after_forwards: int = 3) -> tuple[str, Path, Path]:
+    """A factory spec building the mlp-64 teacher with a hook that SIGKILLs its process on its
+    `after_forwards`-th forward pass, once: in a dask worker process, or (on_dask_worker=False)
+    in the process caching. Returns (spec, the file that marks the kill, a file listing the pid
+    of every process that built the teacher)."""
+    marker, loads = folder / "killed-once", folder / "loads.txt"
+    factory = folder / "dying_teacher.py"
+    factory.write_text(textwrap.dedent(f"""
+        import os, signal, time
+        from pipeline.models import resolve_model
+
+        def on_dask_worker():
+            try:
+                from distributed import get_worker
+                get_worker()
+                return True
+            except (ImportError, ValueError):
+                return False
+
+        def build(num_classes):
+            with open({str(loads)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            model = resolve_model("mlp-64", num_classes=num_classes, input_shape=(8,))
+            calls = []
+
+            def maybe_die(module, inputs):
+                if on_dask_worker() != {on_dask_worker!r}:
+                    return
+                calls.append(1)
+                if len(calls) == {after_forwards} and not os.path.exists({str(marker)!r}):
+                    open({str(marker)!r}, "w").close()
+                    time.sleep(1)  # lets the background writer store the chunks finished so far
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            model.register_forward_pre_hook(maybe_die)
+            return model
+    """))
+    return f"{factory}:build", marker, loads

@@ -3,13 +3,11 @@ single-process run of the same teacher over the same data."""
 
 from __future__ import annotations
 
-import textwrap
-
 import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, invoke, invoke_json
+from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, assert_same_cache, dying_teacher, invoke, invoke_json
 
 distributed = pytest.importorskip("distributed")
 
@@ -20,62 +18,26 @@ def _cache(tmp_path, teacher_weights, name: str, *extra: str, teacher: str = "ml
                        "--out", tmp_path / name, *extra)
 
 
-def _assert_same_cache(a, b) -> None:
-    first, second = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    assert sorted(first.array_keys()) == sorted(second.array_keys())
-    for name in first.array_keys():
-        assert np.array_equal(first[name][:], second[name][:], equal_nan=True), name
-    for key in ("complete", "num_samples", "dataset", "teacher_metrics"):
-        assert first.attrs[key] == second.attrs[key], key
-    # The same weights, whether the spec named a built-in or a factory building it.
-    assert [t["weights_sha256"] for t in first.attrs["teachers"]] == [t["weights_sha256"] for t in second.attrs["teachers"]]
-
-
 @pytest.mark.parametrize("layout", [(), ("--format", "topk", "--top-k", "2")], ids=["dense", "topk"])
 def test_a_local_cluster_of_two_workers_writes_the_single_process_cache(tmp_path, teacher_weights, layout):
     single = _cache(tmp_path, teacher_weights, "single.zarr", *layout)
     spread = _cache(tmp_path, teacher_weights, "spread.zarr", *layout, "--workers", "2")
     assert spread["chunks_computed"] == single["chunks_computed"] == 10
-    _assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
+    assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
 
 
 def test_a_killed_worker_has_its_chunks_recomputed_and_each_worker_loads_the_teacher_once(tmp_path, teacher_weights):
     """The teacher's factory SIGKILLs the first dask worker process on its third forward pass:
     partway through a task, after one of its chunks is written. The nanny starts a new worker,
     the scheduler reruns the task, and the cache still equals the single-process one."""
-    marker, loads = tmp_path / "killed-once", tmp_path / "loads.txt"
-    factory = tmp_path / "dying_teacher.py"
-    factory.write_text(textwrap.dedent(f"""
-        import os, signal
-        from pipeline.models import resolve_model
-
-        def build(num_classes):
-            with open({str(loads)!r}, "a") as f:
-                f.write(f"{{os.getpid()}}\\n")
-            model = resolve_model("mlp-64", num_classes=num_classes, input_shape=(8,))
-            calls = []
-
-            def maybe_die(module, inputs):
-                try:
-                    from distributed import get_worker
-                    get_worker()
-                except (ImportError, ValueError):
-                    return  # not on a dask worker: the coordinator only builds the teacher
-                calls.append(1)
-                if len(calls) == 3 and not os.path.exists({str(marker)!r}):
-                    open({str(marker)!r}, "w").close()
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            model.register_forward_pre_hook(maybe_die)
-            return model
-    """))
+    teacher, marker, loads = dying_teacher(tmp_path, on_dask_worker=True)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         spread = _cache(tmp_path, teacher_weights, "spread.zarr", "--scheduler", cluster.scheduler_address,
-                        teacher=f"{factory}:build")
+                        teacher=teacher)
     assert marker.exists(), "no worker was killed: the test did not test anything"
     assert spread["chunks_computed"] == 10
     _cache(tmp_path, teacher_weights, "single.zarr")
-    _assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
+    assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
     pids = loads.read_text().split()
     # This process, the two workers, and the one started in place of the killed one if it got a
     # task: each built the teacher once, though the workers ran 5 tasks between them.
@@ -92,7 +54,7 @@ def test_resuming_on_workers_computes_only_the_missing_chunks(tmp_path, teacher_
     group.attrs.update({"complete": False, "teacher_metrics": None})
     resumed = _cache(tmp_path, teacher_weights, "spread.zarr", "--workers", "2")
     assert resumed["chunks_computed"] == 3
-    _assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
+    assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
 
 
 def test_a_worker_that_builds_another_teacher_is_refused(tmp_path):
