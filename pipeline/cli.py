@@ -280,7 +280,8 @@ def train_student_command(
     cfg = build_config(TS, _absolute_paths(values, "model", "dataset"))
     with _progress_bar("training (steps)") as progress:
         result = run_training(cfg, progress)
-    _emit(as_json, vars(result), _key_value_table(f"student run {result.mode}", vars(result)))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports (and evaluated)
+        _emit(as_json, vars(result), _key_value_table(f"student run {result.mode}", vars(result)))
 
 
 @app.command("train-teacher")

@@ -634,17 +634,19 @@ class CacheReader:
 
     def batches(
         self, batch_size: int, *, seed: int, epoch: int, buffer_chunks: int = 8, run_chunks: int = 1,
-        prefetch_runs: int = 2, shuffle: bool = True, names: tuple[str, ...] | None = None,
+        prefetch_runs: int = 2, shuffle: bool = True, names: tuple[str, ...] | None = None, rank: int = 0, world: int = 1,
     ) -> Iterator[Rows]:
         """Every row once per epoch, in batches. Runs of `run_chunks` adjacent chunks are read
         whole, in shuffled order, on a background thread at most `prefetch_runs` runs ahead;
         rows are shuffled inside a buffer of at least `buffer_chunks` chunks, so memory is
         bounded by the buffer, not by the cache. The order depends only on (seed, epoch).
         With shuffle=False, rows come in file order (for measuring read speed). `names` limits
-        the arrays read (default: all; "index" is always read)."""
+        the arrays read (default: all; "index" is always read). With `world` > 1, only the
+        runs of process `rank` (every world-th of the epoch's shuffled runs): the processes
+        of one epoch read disjoint chunks, and each epoch deals them out anew."""
         names = None if names is None else tuple({"index", *names})
-        rng = np.random.default_rng([seed, epoch, 1])
-        runs = self.runs(seed, epoch, run_chunks, shuffle)
+        rng = np.random.default_rng([seed, epoch, 1] if world == 1 else [seed, epoch, 1, rank])
+        runs = self.runs(seed, epoch, run_chunks, shuffle)[rank::world]
         buffer: list[Rows] = []
         chunks_buffered = 0
         for (first, last), rows in zip(runs, prefetch((self.read_chunks(f, l, names) for f, l in runs), depth=prefetch_runs)):

@@ -6,18 +6,22 @@ import contextlib
 import dataclasses
 import importlib
 import math
+import os
 import random
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from threadpoolctl import ThreadpoolController
 
 from stages.data import Split
-from stages.errors import InputError
+from stages.errors import InputError, PipelineError
 
 DEVICES = ("auto", "cpu", "cuda")
+T = TypeVar("T")
 
 # progress(done, total): called as a stage advances (rows for cache-teacher, optimizer steps for
 # train-student), so that a front end can draw a progress bar.
@@ -126,3 +130,72 @@ def require(module: str, extra: str, purpose: str):
             f"{purpose} needs the optional package {module!r} ({exc.name or module} is not installed): "
             f"pip install 'kd-pipeline[{extra}]'"
         ) from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes training one model together (torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone evaluates and writes the run folder."""
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def process_group(device_name: str) -> Iterator[tuple[Ranks, torch.device]]:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL with one GPU per process (cuda:LOCAL_RANK), or
+    gloo on CPUs. Without torchrun (WORLD_SIZE unset or 1): a group of one, and no group made."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world == 1:
+        yield Ranks(), device
+        return
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    joined = not dist.is_initialized()
+    if joined:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size()), device
+        dist.barrier()  # no process leaves (and tears the group down) while another still works
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def main_only(ranks: Ranks, action: Callable[[], T]) -> T | None:
+    """Run `action` on rank 0 alone; the others wait for it and fail with it if it fails (else
+    they would wait forever at the next collective call)."""
+    error, result = None, None
+    if ranks.main:
+        try:
+            result = action()
+        except PipelineError as exc:
+            error = exc
+    if ranks.world > 1:
+        ok = torch.tensor([0 if error else 1])
+        dist.broadcast(ok, src=0)
+        if not ok.item() and not ranks.main:
+            raise PipelineError("rank 0 stopped with an error (see its message)")
+    if error is not None:
+        raise error
+    return result
+
+
+def average_over_ranks(ranks: Ranks, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each value's mean over the processes (every process passes the same names)."""
+    if ranks.world == 1:
+        return values
+    averaged = {}
+    for name in values:
+        total = values[name].detach().clone()
+        dist.all_reduce(total)
+        averaged[name] = total / ranks.world
+    return averaged

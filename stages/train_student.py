@@ -16,6 +16,11 @@ model of sequences with logits per token, every loss is averaged over the valid 
 never counts. Without a cache the same loop trains on hard labels only: the baseline, and how
 `pipeline train-teacher` trains a teacher.
 
+Under torchrun (`torchrun --nproc-per-node N -m pipeline train-student ...`), the N processes
+train one model with DistributedDataParallel: --batch-size stays the global batch, each
+process reads a disjoint share of each epoch's shuffled chunks, and rank 0 alone evaluates and
+writes the run folder (stages.runtime.process_group).
+
 The run folder holds config.json (resolved config), metrics.jsonl (one line per epoch),
 checkpoint.pt (model, optimizer, schedule and RNG states at the last checkpointed epoch, for
 --resume), model.safetensors (final weights) and summary.json.
@@ -23,6 +28,8 @@ checkpoint.pt (model, optimizer, schedule and RNG states at the last checkpointe
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -43,8 +50,8 @@ from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.evaluation import evaluate
 from stages.losses import distillation_loss, retemper, topk_distillation_loss
 from stages.runtime import (
-    Progress, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_shape, resolve_device,
-    seed_everything,
+    Progress, Ranks, average_over_ranks, check_labels_fit, check_positive, config_dict, main_only, one_blas_thread_beside_torch,
+    output_shape, process_group, seed_everything,
 )
 from stages.storage import CacheLocation
 from stages.weights import count_parameters, save_weights
@@ -133,7 +140,17 @@ def run(
     augmentations (default: built-ins only)."""
     config.validate()
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    with process_group(config.device) as (ranks, device):
+        return _train(config, model, train, evaluation, soft_labels, progress, resolve_augment, ranks, device, started)
+
+
+def _train(
+    config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, soft_labels: CacheReader | None,
+    progress: Progress | None, resolve_augment: Callable[[str], Augmentation | None], ranks: Ranks, device: torch.device,
+    started: float,
+) -> TrainResult:
+    if config.batch_size % ranks.world:
+        raise InputError(f"--batch-size {config.batch_size} (the global batch) does not divide among {ranks.world} processes")
     cache = soft_labels if soft_labels is not None else (CacheReader(config.cache) if config.cache is not None else None)
     model = model.to(device)
     augment = resolve_augment(config.augment)
@@ -148,7 +165,8 @@ def run(
         # A summary written before a field existed reads it as None.
         fields = {name: summary.get(name) for name in TrainResult.__dataclass_fields__}
         return TrainResult(**{**fields, "run_dir": config.out, "weights": Path(summary["weights"])})
-    state = _open_run_dir(config, run_config)
+    main_only(ranks, lambda: _open_run_dir(config, run_config))
+    state = _read_checkpoint(config.out / CHECKPOINT) if config.resume and (config.out / CHECKPOINT).is_file() else None
 
     seed_everything(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -160,21 +178,28 @@ def run(
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
         first_epoch = state["epoch"]
-        log.info("resuming %s after epoch %d", config.out, first_epoch)
+        if ranks.main:
+            log.info("resuming %s after epoch %d", config.out, first_epoch)
+    # Each process computes its own batch's gradients; DDP averages them over the processes
+    # during backward, so every step is one step on the global batch.
+    trained = model if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
 
     def loss_step(batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return batch_loss(model(batch["inputs"].to(device)), batch, cache, alpha=config.alpha, temperature=temperature)
+        return batch_loss(trained(batch["inputs"].to(device)), batch, cache, alpha=config.alpha, temperature=temperature)
 
-    steps_per_epoch = len(batch_bounds(len(train), config.batch_size))  # the readers batch alike
-    total_steps = steps_per_epoch * (config.epochs - first_epoch)
-    metrics = _kept_metrics(config.out / "metrics.jsonl", first_epoch)
-    with open(config.out / "metrics.jsonl", "a") as metrics_file, one_blas_thread_beside_torch():
+    total_steps = sum(_epoch_steps(config, train, cache, epoch, ranks) for epoch in range(first_epoch, config.epochs))
+    steps_before = 0
+    metrics = main_only(ranks, lambda: _kept_metrics(config.out / "metrics.jsonl", first_epoch)) or {}
+    with (open(config.out / "metrics.jsonl", "a") if ranks.main else contextlib.nullcontext()) as metrics_file, \
+            one_blas_thread_beside_torch():
         for epoch in range(first_epoch, config.epochs):
             epoch_started = time.perf_counter()
             model.train()
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
             steps = 0
-            for batch in _epoch_batches(config, train, labels, lengths, cache, augment or views, epoch):
+            epoch_steps = _epoch_steps(config, train, cache, epoch, ranks)
+            batches = _epoch_batches(config, train, labels, lengths, cache, augment or views, epoch, ranks)
+            for batch in itertools.islice(batches, epoch_steps):
                 loss, parts = loss_step(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -182,14 +207,18 @@ def run(
                 for name, value in {"loss": loss.detach(), **parts}.items():
                     sums[name] = sums[name] + value if name in sums else value.clone()
                 steps += 1
-                if progress is not None:
-                    progress((epoch - first_epoch) * steps_per_epoch + steps, total_steps)
+                if progress is not None and ranks.main:
+                    progress(steps_before + steps, total_steps)
+            batches.close()  # stops its prefetching thread, which may hold batches past epoch_steps
+            steps_before += steps
             schedule.step()
-            means = {k: float(v) / max(steps, 1) for k, v in sums.items()}
+            means = {k: float(v) / max(steps, 1) for k, v in average_over_ranks(ranks, sums).items()}
             if not all(math.isfinite(v) for v in means.values()):
                 raise PipelineError(
                     f"the loss became {means['loss']} in epoch {epoch + 1}; lower --lr (the last checkpoint is kept)"
                 )
+            if not ranks.main:  # the other processes only train: they wait for it at the next all-reduce
+                continue
             metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()}}
             if evaluation is not None:
                 metrics.update({f"test_{k}": v for k, v in evaluate(model, evaluation, device).items()})
@@ -204,7 +233,8 @@ def run(
                 })
 
     weights = config.weights_out or config.out / "model.safetensors"
-    save_weights(model, weights)
+    if ranks.main:
+        save_weights(model, weights)
     result = TrainResult(
         run_dir=config.out,
         weights=weights,
@@ -217,7 +247,8 @@ def run(
         test_nll=metrics.get("test_nll"),
         seconds=time.perf_counter() - started,
     )
-    _write_json(config.out / "summary.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()})
+    if ranks.main:
+        _write_json(config.out / "summary.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()})
     return result
 
 
@@ -302,26 +333,47 @@ def _view_replay(config: TrainConfig, cache: CacheReader | None,
     return resolve_augment(cache.attrs["augment"]["spec"])
 
 
+def _epoch_steps(config: TrainConfig, train: Split, cache: CacheReader | None, epoch: int, ranks: Ranks) -> int:
+    """Optimizer steps in `epoch`: with several processes, as many as the process with the
+    fewest rows makes (DDP needs every process in every step), so the others leave out their
+    last batch or so of rows that epoch; which rows those are changes from epoch to epoch."""
+    local_batch = config.batch_size // ranks.world
+    if ranks.world == 1:
+        shares = [len(train)]
+    elif cache is None:
+        shares = [len(range(rank, len(train), ranks.world)) for rank in range(ranks.world)]
+    else:
+        runs = cache.runs(config.seed, epoch)
+        rows = [cache.grid.rows(last)[1] - cache.grid.rows(first)[0] for first, last in runs]
+        shares = [sum(rows[rank :: ranks.world]) for rank in range(ranks.world)]
+    return min(len(batch_bounds(share, local_batch)) for share in shares)
+
+
 def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, lengths: np.ndarray | None,
-                   cache: CacheReader | None, augment: Augmentation | None, epoch: int) -> Iterator[Rows]:
+                   cache: CacheReader | None, augment: Augmentation | None, epoch: int, ranks: Ranks) -> Iterator[Rows]:
     """Batches of rows joined with their inputs, labels and sequence lengths, prepared on a
     background thread. From a view cache, each row is one of its sample's views (by
     `config.view_policy`), and its input is regenerated from that view's seed; otherwise, with
     `--augment`, each input is augmented with a seed drawn from (seed, epoch), so a resumed run
-    draws the same ones."""
+    draws the same ones. With several processes, this process's share of the epoch (see
+    CacheReader.batches), in batches of its share of the global batch."""
     views = cache is not None and cache.layout.views is not None
+    local_batch = config.batch_size // ranks.world
+    # Random streams of their own per process, except alone, where they stay what they were.
+    stream = [] if ranks.world == 1 else [ranks.rank]
     if cache is not None:
         names = ("index", *cache.soft_arrays, *(("view_seeds",) if views else ()))
-        rows = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks, names=names)
+        rows = cache.batches(local_batch, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks, names=names,
+                             rank=ranks.rank, world=ranks.world)
         if views:
-            rng = np.random.default_rng([config.seed, epoch, 2])
+            rng = np.random.default_rng([config.seed, epoch, 2, *stream])
             rows = (_one_view_each(r, cache.soft_arrays, config.view_policy, rng, epoch) for r in rows)
     else:
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-        rows = ({"index": order[a:b]} for a, b in batch_bounds(len(order), config.batch_size))
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))[ranks.rank :: ranks.world]
+        rows = ({"index": order[a:b]} for a, b in batch_bounds(len(order), local_batch))
     joined = joined_with_inputs(rows, train, config.loader_workers)
     if augment is not None:
-        joined = _augmented(joined, augment, views, np.random.default_rng([config.seed, epoch, 3]))
+        joined = _augmented(joined, augment, views, np.random.default_rng([config.seed, epoch, 3, *stream]))
     return prefetch((_with_labels_and_lengths(r, labels, lengths) for r in joined), depth=4)
 
 
@@ -349,18 +401,14 @@ def _with_labels_and_lengths(rows: Rows, labels: np.ndarray | None, lengths: np.
     return {**rows, **extra} if extra else rows
 
 
-def _open_run_dir(config: TrainConfig, run_config: dict) -> dict | None:
-    """Make the run folder ready; when resuming a run that has a checkpoint, return its state."""
+def _open_run_dir(config: TrainConfig, run_config: dict) -> None:
+    """Make the run folder ready: new, or the same run's to resume."""
     out = config.out
     if config.resume and (out / "config.json").is_file():
         _check_same_run(out, run_config)
-        if (out / CHECKPOINT).is_file():
-            try:
-                return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise PipelineError(f"checkpoint {out / CHECKPOINT} cannot be read ({exc}); start over with --overwrite") from exc
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # killed before its first checkpoint
-        return None
+        if not (out / CHECKPOINT).is_file():
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # killed before its first checkpoint
+        return
     if out.exists() and any(out.iterdir()):
         if config.resume and not config.overwrite:
             raise InputError(f"{out} is not a run folder (no config.json): nothing to resume")
@@ -374,7 +422,13 @@ def _open_run_dir(config: TrainConfig, run_config: dict) -> dict | None:
         _write_json(out / "config.json", run_config)
     except OSError as exc:
         raise PipelineError(f"cannot write run folder {out}: {exc.strerror}") from exc
-    return None
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PipelineError(f"checkpoint {path} cannot be read ({exc}); start over with --overwrite") from exc
 
 
 def _check_same_run(out: Path, run_config: dict) -> None:

@@ -82,13 +82,15 @@ def assert_same_cache(a, b, storage_options: dict | None = None) -> None:
     assert [t["weights_sha256"] for t in first.attrs["teachers"]] == [t["weights_sha256"] for t in second.attrs["teachers"]]
 
 
-def dying_teacher(folder: Path, *, on_dask_worker: bool, after_forwards: int = 3) -> tuple[str, Path, Path]:
-    """A factory spec building the mlp-64 teacher with a hook that SIGKILLs its process on its
-    `after_forwards`-th forward pass, once: in a dask worker process, or (on_dask_worker=False)
-    in the process caching. Returns (spec, the file that marks the kill, a file listing the pid
-    of every process that built the teacher)."""
+def dying_model(folder: Path, *, where: str, after_forwards: int = 3, spec: str = "mlp-64",
+                input_shape: tuple[int, ...] = (8,)) -> tuple[str, Path, Path]:
+    """A factory spec building model `spec` with a hook that SIGKILLs its process on its
+    `after_forwards`-th forward pass, once. `where` says which process counts its forwards:
+    "dask worker" (a dask worker process), "process" (any other) or "rank 1" (the torchrun
+    process of RANK 1, counting training forwards only). Returns (spec, the file that marks
+    the kill, a file listing the pid of every process that built the model)."""
     marker, loads = folder / "killed-once", folder / "loads.txt"
-    factory = folder / "dying_teacher.py"
+    factory = folder / "dying_model.py"
     factory.write_text(textwrap.dedent(f"""
         import os, signal, time
         from pipeline.models import resolve_model
@@ -101,19 +103,24 @@ def dying_teacher(folder: Path, *, on_dask_worker: bool, after_forwards: int = 3
             except (ImportError, ValueError):
                 return False
 
+        def counts(module):
+            if {where!r} == "rank 1":
+                return os.environ.get("RANK") == "1" and module.training
+            return on_dask_worker() == ({where!r} == "dask worker")
+
         def build(num_classes):
             with open({str(loads)!r}, "a") as f:
                 f.write(f"{{os.getpid()}}\\n")
-            model = resolve_model("mlp-64", num_classes=num_classes, input_shape=(8,))
+            model = resolve_model({spec!r}, num_classes=num_classes, input_shape={tuple(input_shape)!r})
             calls = []
 
             def maybe_die(module, inputs):
-                if on_dask_worker() != {on_dask_worker!r}:
+                if not counts(module):
                     return
                 calls.append(1)
                 if len(calls) == {after_forwards} and not os.path.exists({str(marker)!r}):
                     open({str(marker)!r}, "w").close()
-                    time.sleep(1)  # lets the background writer store the chunks finished so far
+                    time.sleep(1)  # lets a background writer store what is finished so far
                     os.kill(os.getpid(), signal.SIGKILL)
 
             model.register_forward_pre_hook(maybe_die)

@@ -20,7 +20,7 @@ import zarr
 
 from stages.errors import CacheLockedError
 from stages.storage import LeaseLock, lock_location
-from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, assert_same_cache, dying_teacher, invoke, invoke_json
+from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, assert_same_cache, dying_model, invoke, invoke_json
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -105,7 +105,7 @@ def test_a_killed_writer_on_s3_leaves_a_lease_that_blocks_until_stale_then_resum
     """A real process, configured by the environment alone, is SIGKILLed partway through: its
     lease object stays behind (no kernel drops it, as with an flock), so a second writer is
     refused while the lease looks alive, and takes it over once it is stale."""
-    teacher, marker, _ = dying_teacher(tmp_path, on_dask_worker=False, after_forwards=9)
+    teacher, marker, _ = dying_model(tmp_path, where="process", after_forwards=9)
     env = {**os.environ, **CREDENTIALS, "FSSPEC_S3_ENDPOINT_URL": s3_endpoint}
     url = f"{bucket}/killed.zarr"
     command = [sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", teacher, "--teacher-weights", str(teacher_weights),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, assert_same_cache, dying_teacher, invoke, invoke_json
+from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, assert_same_cache, dying_model, invoke, invoke_json
 
 distributed = pytest.importorskip("distributed")
 
@@ -30,7 +30,7 @@ def test_a_killed_worker_has_its_chunks_recomputed_and_each_worker_loads_the_tea
     """The teacher's factory SIGKILLs the first dask worker process on its third forward pass:
     partway through a task, after one of its chunks is written. The nanny starts a new worker,
     the scheduler reruns the task, and the cache still equals the single-process one."""
-    teacher, marker, loads = dying_teacher(tmp_path, on_dask_worker=True)
+    teacher, marker, loads = dying_model(tmp_path, where="dask worker")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         spread = _cache(tmp_path, teacher_weights, "spread.zarr", "--scheduler", cluster.scheduler_address,
                         teacher=teacher)
