@@ -191,6 +191,7 @@ def cache_teacher_command(
     top_k: Annotated[int | None, typer.Option(help="Logits kept per row (or token) with --format topk.")] = None,
     augment: Annotated[str, typer.Option(help="Cache the teacher on augmented views: none, shift:N, rotate:D, flip, A+B, or module:factory; students replay each view exactly.")] = field_default(CT, "augment"),
     views: Annotated[int, typer.Option(help="Augmented views per sample (with --augment).")] = field_default(CT, "views"),
+    features: Annotated[bool, typer.Option(help="Also cache the teacher's features (hf: models: mean-pooled last hidden state), for train-student --feature-loss.")] = False,
     view_seed: Annotated[int, typer.Option(help="Base seed of the views' seeds (recorded in the cache).")] = field_default(CT, "view_seed"),
     chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk. (default: about 2 MB of soft labels per chunk)")] = None,
     codec: Annotated[str, typer.Option(help="Compression of the logits: none (fastest to read) or zstd (about 10% smaller for float16).")] = field_default(CT, "codec"),
@@ -246,6 +247,8 @@ def train_student_command(
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
     augment: Annotated[str, typer.Option(help="Random input augmentation: none, shift:N, rotate:D, flip, A+B, or module:factory (not with a view cache, which replays its own).")] = field_default(TS, "augment"),
     view_policy: Annotated[str, typer.Option(help="From a view cache: random (a random view each time a sample is drawn) or cycle (view = epoch mod V).")] = field_default(TS, "view_policy"),
+    feature_loss: Annotated[str, typer.Option(help="With a cache of features (cache-teacher --features): none, mse or cosine between the student's projected features and the teacher's.")] = field_default(TS, "feature_loss"),
+    feature_weight: Annotated[float, typer.Option(help="Weight of the feature loss, added to the distillation loss.")] = field_default(TS, "feature_weight"),
     buffer_chunks: Annotated[int, typer.Option(help="Cache chunks buffered and shuffled together.")] = field_default(TS, "buffer_chunks"),
     loader_workers: Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")] = field_default(TS, "loader_workers"),
     device: DeviceOption = field_default(TS, "device"),
@@ -571,6 +574,24 @@ def demo_lm_command(
     _emit(as_json, report, lm_demo_table(report))
 
 
+@app.command("demo-text")
+@handle_errors
+def demo_text_command(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's corpus, teacher, cache and runs.")] = DATA_ROOT / "demo-text",
+    seeds: Annotated[int, typer.Option(min=1, help="Student seeds to average over.")] = 2,
+    teacher_weights: Annotated[Path | None, typer.Option(help="Reuse these fine-tuned MiniLM weights instead of fine-tuning (about 5 minutes on 2 CPU cores).")] = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Distil a real pretrained transformer (MiniLM-L6, offline) into a small BiLSTM through the cache.
+
+    Builds a text classification set from the standard library's docstrings (labelled by package), fine-tunes MiniLM-L6 on it with train-teacher, caches its logits and features, and trains a BiLSTM from scratch, from the soft labels, and from the soft labels and features; prints accuracy, parameters and speed. Needs: pip install -e ".[text-demo]"."""
+    from pipeline.demo import run_text_demo, text_demo_table
+
+    report = run_text_demo(out, seeds=seeds, device=device, teacher_weights=teacher_weights)
+    _emit(as_json, report, text_demo_table(report))
+
+
 def set_storage_options(options: list[str] | None, location) -> None:
     """--storage-option KEY=VALUE pairs for the filesystem of `location`. A VALUE that reads as
     JSON (true, 3, {"region_name": "x"}) is taken as that; anything else is a string."""
@@ -587,17 +608,32 @@ def set_storage_options(options: list[str] | None, location) -> None:
         storage.set_storage_options(parsed, location)
 
 
-def _absolute_paths(values: dict, *spec_names: str) -> dict:
+def _absolute_paths(values: dict, model: str, dataset: str) -> dict:
     """Specs that name files are recorded with absolute paths, so that a cache or a run can be
-    used from any working directory."""
+    used from any working directory. A text dataset without a tokenizer takes the one of an
+    hf: model (the teacher's, for cache-teacher and train-teacher), and records it."""
     resolved = dict(values)
-    for name in spec_names:
+    for name in (model, dataset):
         spec = values.get(name)
-        if spec is None:
-            continue
-        target, sep, factory = spec.rpartition(":")
-        if spec.endswith(".npz"):
-            resolved[name] = str(Path(spec).absolute())
-        elif sep and target.endswith(".py"):
-            resolved[name] = f"{Path(target).absolute()}:{factory}"
+        if spec is not None:
+            resolved[name] = _absolute_spec(spec)
+    model_spec, data_spec = resolved.get(model), resolved.get(dataset)
+    if data_spec and data_spec.startswith("text:") and "tokenizer=" not in data_spec and model_spec and model_spec.startswith("hf:"):
+        resolved[dataset] = f"{data_spec},tokenizer={model_spec}"
     return resolved
+
+
+def _absolute_spec(spec: str) -> str:
+    kind, _, rest = spec.partition(":")
+    target, sep, factory = spec.rpartition(":")
+    if spec.endswith(".npz"):
+        return str(Path(spec).absolute())
+    if kind in ("hf", "torchscript", "export"):
+        return f"{kind}:{Path(rest).absolute()}"
+    if kind == "text":
+        path, *options = rest.split(",")
+        options = [f"tokenizer={_absolute_spec(o.partition('=')[2])}" if o.startswith("tokenizer=") else o for o in options]
+        return ",".join([f"text:{Path(path).absolute()}", *options])
+    if sep and target.endswith(".py"):
+        return f"{Path(target).absolute()}:{factory}"
+    return spec

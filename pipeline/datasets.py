@@ -11,6 +11,8 @@ A dataset spec is one of:
                             per-token targets and lengths; keys seq (128), train and test (bytes of
                             text, 600000 and 60000)
   path/to/file.npz          x_train, x_test and optional y_train, y_test (no pickles)
+  text:PATH,tokenizer=hf:FOLDER[,max_length=N,...]
+                            a .jsonl or .csv text classification set, tokenized (pipeline.text)
   package.module:factory    or path/to/file.py:factory, called with a split name, returning a
                             map-style torch Dataset of (input, label) pairs or bare inputs
 Splits are named `train` and `test`.
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.specs import is_factory_spec, load_factory, whole_number_parameters
+from pipeline.text import text_splits
 from stages.data import Split, TensorSplit, TorchDatasetSplit, splitmix64
 from stages.errors import InputError
 
@@ -182,6 +185,7 @@ BUILTIN_DATASETS: dict[str, Callable[[str], dict[str, Split]]] = {
     "digits": lambda args: _digits(),
     "synthetic": _synthetic_from_args,
     "stdlib-bytes": _stdlib_from_args,
+    "text": text_splits,
 }
 
 

@@ -1,17 +1,25 @@
 """Built-in architectures and resolving a model spec into an `nn.Module`.
 
-A model spec is a built-in name (see BUILTIN_MODELS), `mlp:width=W,depth=D`,
-`bytelm:dim=D,layers=N,heads=H`, `package.module:factory` or `path/to/file.py:factory`. A
-factory is called with `num_classes` (and `input_shape`, the shape of one input without the
-batch axis, when its signature accepts it) and returns an `nn.Module` whose output is
-(batch, num_classes) logits, or (batch, tokens, num_classes) for a model of sequences that
-predicts every token (a language model).
+A model spec is one of:
+  a built-in name            see BUILTIN_MODELS
+  mlp:width=W,depth=D        and bytelm:dim=D,layers=N,heads=H, lstm:vocab=V,dim=D,hidden=H,...
+  hf:path/to/folder          a local Hugging Face transformers checkpoint, as a sequence classifier
+                             over token ids (pipeline.hf; needs the `hf` extra)
+  torchscript:path/model.pt  a TorchScript file (torch.jit.save)
+  export:path/model.pt2      a torch.export program file (torch.export.save)
+  package.module:factory     or path/to/file.py:factory, called with `num_classes` (and
+                             `input_shape`, the shape of one input without the batch axis, when
+                             its signature accepts it), returning an `nn.Module`
+Every model outputs (batch, num_classes) logits, or (batch, tokens, num_classes) for a model of
+sequences that predicts every token (a language model). A model that can also give features
+for feature targets has `logits_and_features(inputs) -> (logits, features (batch, F))`.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -98,6 +106,39 @@ class ByteTransformer(nn.Module):
         return self.head(self.norm(x))
 
 
+class LSTMClassifier(nn.Module):
+    """A small text classifier: token embeddings, a bidirectional LSTM, and mean- and max-pooling
+    over the tokens that are not padding, then a linear head: (B, L) token ids -> (B, C).
+
+    The student of the classic BERT -> BiLSTM distillation (Tang et al. 2019). Its features,
+    for feature targets, are the pooled vector (B, 4 * hidden)."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], vocab: int, dim: int, hidden: int, layers: int,
+                 pad: int):
+        super().__init__()
+        if len(input_shape) != 1:
+            raise InputError(f"an lstm model needs token sequences (length,), got input shape {tuple(input_shape)}")
+        self.pad = pad
+        self.embedding = nn.Embedding(vocab, dim, padding_idx=pad)
+        self.lstm = nn.LSTM(dim, hidden, num_layers=layers, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(4 * hidden, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_features(tokens)[0]
+
+    def logits_and_features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens.is_floating_point():
+            raise InputError("an lstm model needs integer token ids as inputs")
+        if int(tokens.max()) >= self.embedding.num_embeddings:
+            raise InputError(f"token id {int(tokens.max())} is outside the lstm's vocabulary of {self.embedding.num_embeddings}")
+        states, _ = self.lstm(self.embedding(tokens))
+        valid = (tokens != self.pad).unsqueeze(-1)
+        mean = (states * valid).sum(1) / valid.sum(1).clamp(min=1)
+        peak = states.masked_fill(~valid, float("-inf")).amax(1).nan_to_num(neginf=0.0)  # an all-padding row pools to 0
+        features = torch.cat([mean, peak], dim=-1)
+        return self.head(features), features
+
+
 BUILTIN_MODELS = {
     "cnn": build_cnn,
     "mlp-64": partial(build_mlp, width=64),
@@ -114,6 +155,8 @@ BUILTIN_MODELS = {
 PARAMETRIC_MODELS = {
     "mlp": (build_mlp, {"width": 256, "depth": 2}),
     "bytelm": (ByteTransformer, {"dim": 128, "layers": 2, "heads": 4}),
+    # vocab: the tokenizer's vocabulary size (30522 for BERT's); pad: its padding id
+    "lstm": (LSTMClassifier, {"vocab": 30522, "dim": 64, "hidden": 64, "layers": 1, "pad": 0}),
 }
 
 
@@ -121,15 +164,22 @@ def _parametric(name: str, args: str, num_classes: int, input_shape: tuple[int, 
     """`mlp:width=W,depth=D` or `bytelm:dim=D,layers=N,heads=H`: any size (for sweeps and benchmarks)."""
     build, defaults = PARAMETRIC_MODELS[name]
     params = whole_number_parameters("model", name, args, defaults)
-    if min(params.values()) < 1:
-        raise InputError(f"model spec {name}:{args}: {', '.join(defaults)} must be at least 1")
+    if min(v for k, v in params.items() if k != "pad") < 1 or params.get("pad", 0) < 0:
+        raise InputError(f"model spec {name}:{args}: {', '.join(k for k in defaults if k != 'pad')} must be at least 1")
     return build(num_classes, input_shape, **params)
 
 
 def resolve_model(spec: str, *, num_classes: int, input_shape: tuple[int, ...], weights: Path | None = None) -> nn.Module:
     """Build the model named by `spec` for `num_classes` classes, loading `weights` if given."""
+    kind, _, target = spec.partition(":")
     if spec in BUILTIN_MODELS:
         model = BUILTIN_MODELS[spec](num_classes, tuple(input_shape))
+    elif kind == "hf":
+        from pipeline.hf import build_classifier
+
+        model = build_classifier(target, num_classes)
+    elif kind in SAVED_PROGRAMS:
+        model = _saved_program(kind, Path(target))
     elif spec.partition(":")[0] in PARAMETRIC_MODELS:
         name, _, args = spec.partition(":")
         model = _parametric(name, args, num_classes, tuple(input_shape))
@@ -147,12 +197,46 @@ def resolve_model(spec: str, *, num_classes: int, input_shape: tuple[int, ...], 
     else:
         raise InputError(
             f"unknown model spec {spec!r}; use a built-in ({', '.join(BUILTIN_MODELS)}, mlp:width=W,depth=D, "
-            "bytelm:dim=D,layers=N,heads=H), "
-            "package.module:factory or path/to/file.py:factory"
+            "bytelm:dim=D,layers=N,heads=H, lstm:vocab=V,dim=D,hidden=H,layers=N,pad=P), hf:FOLDER, "
+            "torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory"
         )
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def _saved_program(kind: str, path: Path) -> nn.Module:
+    """A TorchScript or torch.export file: code and weights saved by another program (not
+    unpickled; both formats hold a graph and tensors)."""
+    if not path.is_file():
+        raise InputError(f"{kind} model file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # torch deprecates TorchScript in favour of torch.export; loading one still works.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            loaded = torch.jit.load(str(path), map_location="cpu") if kind == "torchscript" else torch.export.load(str(path))
+    except Exception as exc:
+        raise InputError(f"cannot load {kind} model {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return loaded if kind == "torchscript" else ExportedProgramModel(loaded.module())
+
+
+class ExportedProgramModel(nn.Module):
+    """A torch.export program as a module. Its graph was fixed at export (dropout and batch norm
+    act as they did then), and its module refuses train()/eval(): here they only set the flag."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.program(inputs)
+
+    def train(self, mode: bool = True) -> ExportedProgramModel:
+        self.training = mode
+        return self
+
+
+SAVED_PROGRAMS = ("torchscript", "export")
 
 
 def _parameters(factory) -> set[str]:

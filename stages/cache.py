@@ -4,7 +4,7 @@ Layout (schema version 2; the README documents every field):
 
     CACHE.zarr/
       zarr.json          group attributes: format, schema_version, kind, stored_values, temperature,
-                         num_classes, num_samples, row_shape, row_axes, top_k, chunk_rows, dtype,
+                         num_classes, num_samples, row_shape, row_axes, top_k, views, features, chunk_rows, dtype,
                          codec, teacher_amp, teachers, combine, dataset, complete, created_at,
                          completed_at, tool, teacher_metrics, config
       kind "dense":
@@ -16,6 +16,7 @@ Layout (schema version 2; the README documents every field):
       index/             (N,)   int64            dataset index of every row; unwritten = -1
       labels/            (N, [L]) int64          hard labels (only when the split has labels)
       lengths/           (N,)   int32            valid tokens of each sequence (token-level caches)
+      features/          (N, [V,] F) float16|32  the teacher's features (feature targets; optional)
       chunk_done/        (num_chunks,) uint8     1 once every array's rows of that chunk are written
     CACHE.zarr.lock      beside the group, held by the one process writing it (stages.storage)
 
@@ -59,7 +60,7 @@ DTYPES = ("float16", "float32")
 # The arrays holding each kind's soft labels, and those of them that hold floats (a NaN in one
 # is a gap or damage, never data).
 SOFT_ARRAYS = {"dense": ("logits",), "topk": ("topk_values", "topk_indices", "logsumexp")}
-FLOAT_ARRAYS = ("logits", "topk_values", "logsumexp")
+FLOAT_ARRAYS = ("logits", "topk_values", "logsumexp", "features")
 # Codecs for the soft-label arrays. float16 logits hardly compress losslessly (zstd: ~1.1x),
 # and decoding costs the training loop CPU time, so "none" is the default; index, labels and
 # lengths are always zstd-compressed (they compress well and are small).
@@ -140,6 +141,7 @@ class Layout:
     tokens: int | None = None  # token-level caches: positions per sample (L)
     views: int | None = None  # view caches: augmented views per sample (V)
     labelled: bool = True
+    features: int | None = None  # feature targets: the teacher's feature vector per sample (or view) has F values
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -152,6 +154,8 @@ class Layout:
             raise InputError(f"--top-k must be between 1 and the number of classes ({self.num_classes}), got {self.top_k}")
         if self.views is not None and self.tokens is not None:
             raise InputError("augmented views of token sequences are not supported: a view cache needs per-sample outputs")
+        if self.features is not None and self.tokens is not None:
+            raise InputError("feature targets are per sample: a teacher with logits per token cannot have them cached")
 
     @property
     def grid(self) -> ChunkGrid:
@@ -194,6 +198,8 @@ class Layout:
             arrays["lengths"] = ((), "int32", -1, True)
         if self.views is not None:
             arrays["view_seeds"] = ((self.views,), "uint64", 0, True)
+        if self.features is not None:
+            arrays["features"] = ((*self.position_shape, self.features), self.dtype, float("nan"), soft)
         return arrays
 
     @property
@@ -206,7 +212,7 @@ class Layout:
         return {
             "kind": self.kind, "num_samples": self.num_samples, "num_classes": self.num_classes,
             "row_shape": list(self.row_shape), "row_axes": self.row_axes, "top_k": self.top_k, "views": self.views,
-            "chunk_rows": self.chunk_rows, "dtype": self.dtype,
+            "features": self.features, "chunk_rows": self.chunk_rows, "dtype": self.dtype,
             "codec": "none" if self.codec == "none" else f"zstd(level={ZSTD_LEVEL})",
         }
 
@@ -221,12 +227,15 @@ class Layout:
             codec="none" if attrs.get("codec", "none") == "none" else "zstd", top_k=attrs.get("top_k"),
             tokens=row_shape[axes.index("token")] if "token" in axes else None,
             views=row_shape[axes.index("view")] if "view" in axes else None, labelled=labelled,
+            features=attrs.get("features"),
         )
 
 
-def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The soft-label arrays a cache of `layout` stores for a batch of teacher logits / T
-    ((B, C), or (B, L, C) for a token-level cache), computed on the logits' device.
+    ((B, C), or (B, L, C) for a token-level cache), computed on the logits' device, and the
+    teacher's `features` (B, F) as they are (not divided by T), for a layout with features.
 
     Values are rounded to the cache dtype first, and a top-k row's log-sum-exp is taken over the
     whole rounded row: so exp(value - logsumexp) is exactly the probability a dense cache of the
@@ -247,6 +256,8 @@ def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tens
         padding = torch.arange(rounded.shape[1], device=rounded.device) >= lengths.to(rounded.device).unsqueeze(1)
         for array in rows.values():
             array[padding] = 0
+    if layout.features is not None:
+        rows["features"] = features.to(rounded.dtype)
     return rows
 
 
@@ -388,7 +399,7 @@ class CacheWriter:
 
 
 # What must agree between an existing cache and a new writer for it to resume it.
-RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "views", "chunk_rows", "dtype", "codec",
+RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "views", "features", "chunk_rows", "dtype", "codec",
                "temperature", "teacher_amp", "augment", "combine")
 
 

@@ -74,6 +74,7 @@ class CacheTeacherConfig:
     augment: str = "none"  # augmentation of the cached views (stages.augment); none: the inputs as they are
     views: int = 1  # augmented views per sample, with augment
     view_seed: int = 0  # base seed of the views' seeds
+    features: bool = False  # also cache the teacher's features (its logits_and_features), for feature targets
     chunk_rows: int | None = None  # None: about 2 MB of soft labels per chunk
     codec: str = "none"  # of the logits array: none or zstd (see stages.cache.CODECS)
     amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
@@ -152,13 +153,14 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     shape = output_shape(teacher, split, device, "teacher")
     check_labels_fit(split, shape, "teacher")
     num_classes = shape[-1]
+    features = _feature_size(teacher, split, device) if config.features else None
     augmentation = resolve_augment(config.augment)
     if augmentation is not None:
         augmentation(split.inputs(np.zeros(1, dtype=np.int64)), np.zeros(1, dtype=np.uint64))  # fits the inputs?
     layout = Layout(
         kind=config.format, num_samples=len(split), num_classes=num_classes, chunk_rows=config.chunk_rows or 1,
         dtype=config.dtype, codec=config.codec, top_k=config.top_k, tokens=shape[0] if len(shape) == 2 else None,
-        views=config.views if augmentation is not None else None, labelled=split.labels is not None,
+        views=config.views if augmentation is not None else None, labelled=split.labels is not None, features=features,
     )
     if config.chunk_rows is None:
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
@@ -202,6 +204,20 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         chunks_computed=len(missing),
         chunks_total=writer.grid.num_chunks,
     )
+
+
+def _feature_size(teacher: torch.nn.Module, split: Split, device: torch.device) -> int:
+    """F, the size of the teacher's feature vector for one sample."""
+    if not callable(getattr(teacher, "logits_and_features", None)):
+        raise InputError(
+            "--features: the teacher has no features to cache (it needs a logits_and_features method, "
+            "as hf: and lstm models have)"
+        )
+    with torch.inference_mode():
+        _, features = teacher.logits_and_features(split.inputs(np.zeros(1, dtype=np.int64)).to(device))
+    if features.ndim != 2:
+        raise InputError(f"--features: the teacher's features must be (batch, F), got shape {tuple(features.shape)}")
+    return int(features.shape[1])
 
 
 def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> dict:
@@ -249,6 +265,7 @@ def _teacher_pass(
     rows_done = 0
     last_report = time.perf_counter()
     views = writer.layout.views
+    with_features = writer.layout.features is not None
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.loader_workers)
     if augmentation is not None:
         batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
@@ -256,11 +273,14 @@ def _teacher_pass(
         count = len(inputs) // (views or 1)
         with torch.inference_mode():
             with autocast(config.amp, device):
-                logits = teacher(inputs.to(device, non_blocking=cuda))
+                x = inputs.to(device, non_blocking=cuda)
+                logits, features = teacher.logits_and_features(x) if with_features else (teacher(x), None)
             if views is not None:  # the views of a sample are adjacent: (B * V, ...) -> (B, V, ...)
                 logits = logits.reshape(count, views, *logits.shape[1:])
+                features = None if features is None else features.reshape(count, views, -1)
             batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + count])
-            stored = stored_rows(logits.float().div_(config.temperature), writer.layout, batch_lengths)
+            stored = stored_rows(logits.float().div_(config.temperature), writer.layout, batch_lengths,
+                                 None if features is None else features.float())
         if cuda:
             host = {}
             for name, values in stored.items():

@@ -54,6 +54,7 @@ class TensorSplit:
     y: np.ndarray | None
     num_classes: int | None
     lengths: np.ndarray | None = None  # sequences: valid tokens per sample
+    class_names: tuple[str, ...] | None = None  # what each class number stands for, where known
 
     def __len__(self) -> int:
         return len(self.x)

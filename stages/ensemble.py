@@ -22,7 +22,7 @@ resumable like any cache (run the same command again after a kill).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +75,9 @@ def run(config: CombineConfig) -> CombineResult:
     sources = [CacheReader(path) for path in config.caches]
     _check_compatible(sources)
     first = sources[0]
-    layout = first.layout  # every source's: the same dataset fingerprint means the same labels
+    # Every source's: the same dataset fingerprint means the same labels. Feature targets are
+    # one teacher's own and are not combined.
+    layout = replace(first.layout, features=None)
     attrs = {
         "temperature": first.temperature,
         "teacher_amp": _one_or_mixed([source.attrs.get("teacher_amp", "none") for source in sources]),

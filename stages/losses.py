@@ -141,3 +141,16 @@ def _with_hard_labels(
     hard = F.cross_entropy(student_logits.float(), labels)
     loss = (1.0 - alpha) * hard + alpha * soft
     return loss, {"ce": hard.detach(), "kd": soft.detach()}
+
+
+FEATURE_LOSSES = ("mse", "cosine")
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """The distance between the student's features (after its projection to the teacher's size)
+    and the teacher's, both (B, F): "mse", the mean squared difference per element (FitNets,
+    Romero et al. 2015), or "cosine", the mean of 1 - cosine similarity per sample (as in
+    DistilBERT's cosine embedding loss, Sanh et al. 2019)."""
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()

@@ -48,7 +48,7 @@ from stages.cache import CacheReader, Rows, batch_bounds, prefetch
 from stages.data import Split, joined_with_inputs, sequence_lengths
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.evaluation import evaluate
-from stages.losses import distillation_loss, retemper, topk_distillation_loss
+from stages.losses import FEATURE_LOSSES, distillation_loss, feature_loss, retemper, topk_distillation_loss
 from stages.runtime import (
     Progress, Ranks, average_over_ranks, check_labels_fit, check_positive, config_dict, main_only, one_blas_thread_beside_torch,
     output_shape, process_group, seed_everything,
@@ -83,6 +83,8 @@ class TrainConfig:
     device: str = "auto"
     augment: str = "none"  # random augmentation of the inputs (stages.augment); a view cache replays its own instead
     view_policy: str = "random"  # view caches: which view a drawn sample uses; random, or cycle (view = epoch mod V)
+    feature_loss: str = "none"  # with a cache of features: mse or cosine between the projected student's and the teacher's
+    feature_weight: float = 1.0  # the feature loss's weight, added to the distillation loss
     buffer_chunks: int = 8
     loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
     weights_out: Path | None = None  # None: model.safetensors in the run folder
@@ -107,6 +109,10 @@ class TrainConfig:
             raise InputError(f"--seed must be 0 or more, got {self.seed}")
         if self.view_policy not in VIEW_POLICIES:
             raise InputError(f"--view-policy must be one of {', '.join(VIEW_POLICIES)}, got {self.view_policy!r}")
+        if self.feature_loss not in ("none", *FEATURE_LOSSES):
+            raise InputError(f"--feature-loss must be none, {' or '.join(FEATURE_LOSSES)}, got {self.feature_loss!r}")
+        if not (self.feature_weight >= 0 and math.isfinite(self.feature_weight)):
+            raise InputError(f"--feature-weight must be 0 or more, got {self.feature_weight}")
 
 
 @dataclass(frozen=True)
@@ -165,15 +171,16 @@ def _train(
         # A summary written before a field existed reads it as None.
         fields = {name: summary.get(name) for name in TrainResult.__dataclass_fields__}
         return TrainResult(**{**fields, "run_dir": config.out, "weights": Path(summary["weights"])})
+    seed_everything(config.seed)
+    student = _with_feature_projection(config, model, train, cache, device)
     main_only(ranks, lambda: _open_run_dir(config, run_config))
     state = _read_checkpoint(config.out / CHECKPOINT) if config.resume and (config.out / CHECKPOINT).is_file() else None
 
-    seed_everything(config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     first_epoch = 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
@@ -182,10 +189,13 @@ def _train(
             log.info("resuming %s after epoch %d", config.out, first_epoch)
     # Each process computes its own batch's gradients; DDP averages them over the processes
     # during backward, so every step is one step on the global batch.
-    trained = model if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
+    trained = student if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(student)
 
     def loss_step(batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return batch_loss(trained(batch["inputs"].to(device)), batch, cache, alpha=config.alpha, temperature=temperature)
+        outputs = trained(batch["inputs"].to(device))
+        logits, features = outputs if isinstance(student, StudentWithProjection) else (outputs, None)
+        return batch_loss(logits, batch, cache, alpha=config.alpha, temperature=temperature, student_features=features,
+                          feature_kind=config.feature_loss, feature_weight=config.feature_weight)
 
     total_steps = sum(_epoch_steps(config, train, cache, epoch, ranks) for epoch in range(first_epoch, config.epochs))
     steps_before = 0
@@ -228,7 +238,7 @@ def _train(
             log.info("epoch %d/%d %s", epoch + 1, config.epochs, _brief(metrics))
             if config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
                 _save_checkpoint(config.out / CHECKPOINT, {
-                    "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
                 })
 
@@ -254,11 +264,19 @@ def _train(
 
 def batch_loss(
     logits: torch.Tensor, batch: Rows, cache: CacheReader | None, *, alpha: float, temperature: float | None,
+    student_features: torch.Tensor | None = None, feature_kind: str = "mse", feature_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of the student's `logits` on one batch of rows: cross-entropy with the hard
     labels without a cache, else the distillation loss of the cache's kind. For logits per
     token ((B, L, C), with the batch's "lengths"), only valid tokens are rows of the loss:
-    padding positions get no gradient."""
+    padding positions get no gradient. With `student_features` (projected to the teacher's
+    size), `feature_weight` times the `feature_kind` loss (stages.losses.feature_loss) against
+    the batch's cached "features" is added (part "feature")."""
+    if student_features is not None:
+        loss, parts = batch_loss(logits, batch, cache, alpha=alpha, temperature=temperature)
+        teacher_features = torch.from_numpy(batch["features"]).to(logits.device).float()
+        matched = feature_loss(student_features, teacher_features, feature_kind)
+        return loss + feature_weight * matched, {**parts, "feature": matched.detach()}
     device = logits.device
     y = torch.from_numpy(batch["labels"]).to(device) if "labels" in batch else None
     soft = {name: torch.from_numpy(batch[name]).to(device) for name in (cache.soft_arrays if cache else ())}
@@ -276,6 +294,36 @@ def batch_loss(
         )
     teacher = retemper(soft["logits"], cache.temperature, temperature)
     return distillation_loss(logits, teacher, y, alpha=alpha, temperature=temperature)
+
+
+class StudentWithProjection(torch.nn.Module):
+    """The student, and a linear map of its features to the teacher's feature size (FitNets'
+    regressor; the identity when the sizes agree), trained together: forward gives (logits,
+    projected features). The projection serves training only: the run's weights are the
+    student's own."""
+
+    def __init__(self, model: torch.nn.Module, student_size: int, teacher_size: int):
+        super().__init__()
+        self.model = model
+        self.projection = torch.nn.Identity() if student_size == teacher_size else torch.nn.Linear(student_size, teacher_size)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = self.model.logits_and_features(inputs)
+        return logits, self.projection(features)
+
+
+def _with_feature_projection(config: TrainConfig, model: torch.nn.Module, train: Split, cache: CacheReader | None,
+                             device: torch.device) -> torch.nn.Module:
+    """What the optimizer trains: the model, or with --feature-loss, the model and its projection."""
+    if config.feature_loss == "none":
+        return model
+    if cache is None or cache.layout.features is None:
+        raise InputError("--feature-loss needs a cache with the teacher's features (cache-teacher --features)")
+    if not callable(getattr(model, "logits_and_features", None)):
+        raise InputError("--feature-loss: the student has no features (it needs a logits_and_features method, as lstm and hf: models have)")
+    with torch.no_grad():
+        _, features = model.logits_and_features(train.inputs(np.zeros(1, dtype=np.int64)).to(device))
+    return StudentWithProjection(model, int(features.shape[-1]), cache.layout.features).to(device)
 
 
 def _check_inputs(
@@ -362,12 +410,13 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
     # Random streams of their own per process, except alone, where they stay what they were.
     stream = [] if ranks.world == 1 else [ranks.rank]
     if cache is not None:
-        names = ("index", *cache.soft_arrays, *(("view_seeds",) if views else ()))
+        features = ("features",) if config.feature_loss != "none" else ()
+        names = ("index", *cache.soft_arrays, *features, *(("view_seeds",) if views else ()))
         rows = cache.batches(local_batch, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks, names=names,
                              rank=ranks.rank, world=ranks.world)
         if views:
             rng = np.random.default_rng([config.seed, epoch, 2, *stream])
-            rows = (_one_view_each(r, cache.soft_arrays, config.view_policy, rng, epoch) for r in rows)
+            rows = (_one_view_each(r, (*cache.soft_arrays, *features), config.view_policy, rng, epoch) for r in rows)
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))[ranks.rank :: ranks.world]
         rows = ({"index": order[a:b]} for a, b in batch_bounds(len(order), local_batch))
@@ -386,7 +435,7 @@ def _augmented(batches: Iterator[Rows], augment: Augmentation, replay: bool, rng
 
 
 def _one_view_each(rows: Rows, soft_arrays: tuple[str, ...], policy: str, rng: np.random.Generator, epoch: int) -> Rows:
-    """Rows of a view cache reduced to one view per sample: its soft labels and seed."""
+    """Rows of a view cache reduced to one view per sample: its soft labels (and features) and seed."""
     count, views = rows["view_seeds"].shape
     pick = rng.integers(0, views, size=count) if policy == "random" else np.full(count, epoch % views)
     return {**rows, **{name: rows[name][np.arange(count), pick] for name in (*soft_arrays, "view_seeds")}, "view": pick}

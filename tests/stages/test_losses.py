@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.losses import distillation_loss, retemper, topk_distillation_loss, topk_teacher_log_probs
+from stages.losses import distillation_loss, feature_loss, retemper, topk_distillation_loss, topk_teacher_log_probs
 
 
 def reference_loss(s, t, y, alpha, T):
@@ -174,3 +174,13 @@ def test_topk_gradient_is_finite_when_the_teacher_tail_is_empty():
     loss, _ = topk_distillation_loss(s, values, indices, lse, None, alpha=1.0, temperature=1.0, cache_temperature=1.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_feature_losses_against_their_definitions():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    mse = sum(float((student[i, j] - teacher[i, j]) ** 2) for i in range(6) for j in range(5)) / 30
+    cosine = sum(1 - float(student[i] @ teacher[i]) / float(student[i].norm() * teacher[i].norm()) for i in range(6)) / 6
+    assert float(feature_loss(student, teacher, "mse")) == pytest.approx(mse, rel=1e-5)
+    assert float(feature_loss(student, teacher, "cosine")) == pytest.approx(cosine, rel=1e-5)
+    assert float(feature_loss(teacher * 3, teacher, "cosine")) == pytest.approx(0.0, abs=1e-6)  # scale-free
