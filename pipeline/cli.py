@@ -26,7 +26,7 @@ from rich.table import Table
 from pipeline import DATA_ROOT, __version__
 from pipeline.config import build_config, field_default, merge_options
 from pipeline.jobs import run_caching, run_evaluate, run_training, run_verify
-from pipeline.specs import slug
+from pipeline.specs import PATH_SPECS, slug
 from stages import cache_teacher, storage, train_student
 from stages.cache import CacheReader
 from stages.inspection import describe_cache, plot_report
@@ -628,12 +628,12 @@ def _absolute_spec(spec: str) -> str:
     target, sep, factory = spec.rpartition(":")
     if spec.endswith(".npz"):
         return str(Path(spec).absolute())
-    if kind in ("hf", "torchscript", "export"):
-        return f"{kind}:{Path(rest).absolute()}"
     if kind == "text":
         path, *options = rest.split(",")
         options = [f"tokenizer={_absolute_spec(o.partition('=')[2])}" if o.startswith("tokenizer=") else o for o in options]
         return ",".join([f"text:{Path(path).absolute()}", *options])
+    if kind in PATH_SPECS:  # a model file or folder
+        return f"{kind}:{Path(rest).absolute()}"
     if sep and target.endswith(".py"):
         return f"{Path(target).absolute()}:{factory}"
     return spec

@@ -33,10 +33,17 @@ def whole_number_parameters(what: str, name: str, args: str, defaults: dict[str,
     return params
 
 
+# Specs that name a file or folder after their kind: their slug is that file's or folder's name.
+PATH_SPECS = ("hf", "torchscript", "export", "text")
+
+
 def slug(spec: str) -> str:
     """A file-name-safe short name for a spec: a file's stem, or the spec with its parameters."""
+    kind, _, rest = spec.partition(":")
     target = spec.rpartition(":")[0] if ":" in spec else spec
-    if target.endswith(".py") or spec.endswith(".npz"):
+    if kind in PATH_SPECS:
+        spec = f"{kind}-{Path(rest.split(',')[0]).stem}"
+    elif target.endswith(".py") or spec.endswith(".npz"):
         spec = Path(target if target.endswith(".py") else spec).stem
     return "".join(c if c.isalnum() or c in "._" else "-" for c in spec).strip("-")
 

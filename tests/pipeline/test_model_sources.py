@@ -15,6 +15,7 @@ import zarr
 
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
+from pipeline.specs import slug
 from tests.conftest import invoke, invoke_json
 
 transformers = pytest.importorskip("transformers")
@@ -205,3 +206,10 @@ def test_bad_text_datasets_are_one_line_errors(tmp_path, bert_folder):
     for spec, words in cases:
         code, _, err = invoke("train-student", "--student", "mlp-64", "--dataset", spec, "--out", tmp_path / "r")
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (spec, err)
+
+
+def test_default_output_names_come_from_the_named_files():
+    assert slug("hf:/models/minilm") == "hf-minilm"
+    assert slug("torchscript:/models/teacher.pt") == "torchscript-teacher"
+    assert slug("export:/models/teacher.pt2") == "export-teacher"
+    assert slug("text:/data/docs.jsonl,tokenizer=hf:/models/minilm,max_length=64") == "text-docs"
