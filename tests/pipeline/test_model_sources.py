@@ -168,6 +168,10 @@ def test_an_hf_teacher_on_text_distils_into_an_lstm_with_feature_targets(tmp_pat
         assert parts[-1] < parts[0], parts
         # the run's weights are the student's alone: the projection served training only
         resolve_model(student, num_classes=2, input_shape=(10,), weights=tmp_path / loss / "model.safetensors")
+    # A transformers folder can be the student too (here the teacher's own folder, as a starting point).
+    run = invoke_json("train-student", "--cache", tmp_path / "c.zarr", "--student", f"hf:{folder}", "--epochs", 1,
+                      "--batch-size", 8, "--device", "cpu", "--out", tmp_path / "hf-student")
+    assert run["mode"] == "distilled" and run["num_parameters"] == sum(p.numel() for p in teacher.parameters())
 
 
 def test_feature_targets_need_a_model_with_features_and_a_cache_with_them(tmp_path, cache_path, teacher_weights):
