@@ -214,6 +214,8 @@ def cache_teacher_command(
         pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --dataset mnist-5k --temperature 4
 
         pipeline cache-teacher --teacher bytelm-teacher --teacher-weights data/teachers/bytelm-teacher-stdlib-bytes.safetensors --dataset stdlib-bytes --temperature 1 --format topk --top-k 32
+
+        pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --dataset mnist-5k --workers 4 --out s3://my-bucket/caches/cnn-T4.zarr
     """
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")}, CT)
     if values["out"] is None and values["teacher"] and values["dataset"]:
@@ -264,6 +266,10 @@ def train_student_command(
     Example:
 
         pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400 --alpha 0.9 --epochs 20
+
+    With torchrun, the processes train one model with DDP (--batch-size is the global batch):
+
+        torchrun --standalone --nproc-per-node 2 -m pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400
     """
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")},
                            TS, renamed={"student": "model", "student_weights": "model_weights"})
