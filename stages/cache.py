@@ -231,6 +231,13 @@ class Layout:
         )
 
 
+def teacher_outputs(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits for a batch, and its features (B, F) when `layout` caches them."""
+    if layout.features is None:
+        return teacher(inputs), None
+    return teacher.logits_and_features(inputs)
+
+
 def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tensor | None = None,
                 features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The soft-label arrays a cache of `layout` stores for a batch of teacher logits / T
@@ -257,6 +264,8 @@ def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tens
         for array in rows.values():
             array[padding] = 0
     if layout.features is not None:
+        if features is None:
+            raise PipelineError("internal: a layout with features, but no features given")
         rows["features"] = features.to(rounded.dtype)
     return rows
 
@@ -650,7 +659,8 @@ class CacheReader:
         """Every row once per epoch, in batches. Runs of `run_chunks` adjacent chunks are read
         whole, in shuffled order, on a background thread at most `prefetch_runs` runs ahead;
         rows are shuffled inside a buffer of at least `buffer_chunks` chunks, so memory is
-        bounded by the buffer, not by the cache. The order depends only on (seed, epoch).
+        bounded by the buffer, not by the cache. The order depends only on (seed, epoch, and
+        with several processes, rank).
         With shuffle=False, rows come in file order (for measuring read speed). `names` limits
         the arrays read (default: all; "index" is always read). With `world` > 1, only the
         runs of process `rank` (every world-th of the epoch's shuffled runs): the processes

@@ -44,7 +44,7 @@ from stages import storage
 from stages.augment import Augmentation, parse_augment, view_seeds
 from stages.cache import (
     CODECS, DTYPES, FLOAT_ARRAYS, KINDS, CacheWriter, ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, open_writer,
-    prefetch, stored_rows, teacher_metrics,
+    prefetch, stored_rows, teacher_metrics, teacher_outputs,
 )
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
@@ -265,7 +265,6 @@ def _teacher_pass(
     rows_done = 0
     last_report = time.perf_counter()
     views = writer.layout.views
-    with_features = writer.layout.features is not None
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.loader_workers)
     if augmentation is not None:
         batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
@@ -273,8 +272,7 @@ def _teacher_pass(
         count = len(inputs) // (views or 1)
         with torch.inference_mode():
             with autocast(config.amp, device):
-                x = inputs.to(device, non_blocking=cuda)
-                logits, features = teacher.logits_and_features(x) if with_features else (teacher(x), None)
+                logits, features = teacher_outputs(teacher, inputs.to(device, non_blocking=cuda), writer.layout)
             if views is not None:  # the views of a sample are adjacent: (B * V, ...) -> (B, V, ...)
                 logits = logits.reshape(count, views, *logits.shape[1:])
                 features = None if features is None else features.reshape(count, views, -1)

@@ -177,16 +177,31 @@ def main_only(ranks: Ranks, action: Callable[[], T]) -> T | None:
     if ranks.main:
         try:
             result = action()
-        except PipelineError as exc:
+        except BaseException as exc:  # any failure: the others must hear of it before it propagates
             error = exc
     if ranks.world > 1:
-        ok = torch.tensor([0 if error else 1])
+        ok = torch.tensor([0 if error else 1], device=_collective_device())
         dist.broadcast(ok, src=0)
         if not ok.item() and not ranks.main:
             raise PipelineError("rank 0 stopped with an error (see its message)")
     if error is not None:
         raise error
     return result
+
+
+def agree(ranks: Ranks, value: int, what: str) -> None:
+    """Raise on every process unless all of them hold the same `value`."""
+    if ranks.world == 1:
+        return
+    low_high = torch.tensor([value, -value], device=_collective_device())
+    dist.all_reduce(low_high, op=dist.ReduceOp.MIN)
+    if int(low_high[0]) != -int(low_high[1]):
+        raise PipelineError(f"the processes disagree on {what} (from {int(low_high[0])} to {-int(low_high[1])})")
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective call must live: NCCL carries only CUDA tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def average_over_ranks(ranks: Ranks, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.evaluation import evaluate
 from stages.losses import FEATURE_LOSSES, distillation_loss, feature_loss, retemper, topk_distillation_loss
 from stages.runtime import (
-    Progress, Ranks, average_over_ranks, check_labels_fit, check_positive, config_dict, main_only, one_blas_thread_beside_torch,
+    Progress, Ranks, agree, average_over_ranks, check_labels_fit, check_positive, config_dict, main_only, one_blas_thread_beside_torch,
     output_shape, process_group, seed_everything,
 )
 from stages.storage import CacheLocation
@@ -171,6 +171,13 @@ def _train(
         # A summary written before a field existed reads it as None.
         fields = {name: summary.get(name) for name in TrainResult.__dataclass_fields__}
         return TrainResult(**{**fields, "run_dir": config.out, "weights": Path(summary["weights"])})
+    if ranks.world > 1 and cache is not None and cache.grid.num_chunks < ranks.world:
+        raise InputError(
+            f"the cache has {cache.grid.num_chunks} chunks for {ranks.world} processes, which read whole chunks: "
+            "cache it again with a smaller --chunk-rows (many chunks per process)"
+        )
+    if _epoch_steps(config, train, cache, 0, ranks) == 0:
+        raise InputError(f"split {train.name!r} has too few rows for one batch of {config.batch_size // ranks.world} per process")
     seed_everything(config.seed)
     student = _with_feature_projection(config, model, train, cache, device)
     main_only(ranks, lambda: _open_run_dir(config, run_config))
@@ -187,6 +194,8 @@ def _train(
         first_epoch = state["epoch"]
         if ranks.main:
             log.info("resuming %s after epoch %d", config.out, first_epoch)
+    # Each process reads the checkpoint itself: one that sees another (or none) would hang the rest.
+    agree(ranks, first_epoch, "the epoch to resume after (is the run folder on a file system they all see?)")
     # Each process computes its own batch's gradients; DDP averages them over the processes
     # during backward, so every step is one step on the global batch.
     trained = student if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(student)
@@ -227,24 +236,27 @@ def _train(
                 raise PipelineError(
                     f"the loss became {means['loss']} in epoch {epoch + 1}; lower --lr (the last checkpoint is kept)"
                 )
-            if not ranks.main:  # the other processes only train: they wait for it at the next all-reduce
-                continue
-            metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()}}
-            if evaluation is not None:
-                metrics.update({f"test_{k}": v for k, v in evaluate(model, evaluation, device).items()})
-            metrics["seconds"] = time.perf_counter() - epoch_started
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            log.info("epoch %d/%d %s", epoch + 1, config.epochs, _brief(metrics))
-            if config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
-                _save_checkpoint(config.out / CHECKPOINT, {
-                    "epoch": epoch + 1, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-                })
+
+            def end_of_epoch(epoch: int = epoch, means: dict = means, epoch_started: float = epoch_started) -> dict:
+                """Rank 0's part: evaluate, log, checkpoint (a failure here stops every process)."""
+                epoch_metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()}}
+                if evaluation is not None:
+                    epoch_metrics.update({f"test_{k}": v for k, v in evaluate(model, evaluation, device).items()})
+                epoch_metrics["seconds"] = time.perf_counter() - epoch_started
+                metrics_file.write(json.dumps(epoch_metrics) + "\n")
+                metrics_file.flush()
+                log.info("epoch %d/%d %s", epoch + 1, config.epochs, _brief(epoch_metrics))
+                if config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
+                    _save_checkpoint(config.out / CHECKPOINT, {
+                        "epoch": epoch + 1, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+                    })
+                return epoch_metrics
+
+            metrics = main_only(ranks, end_of_epoch) or metrics
 
     weights = config.weights_out or config.out / "model.safetensors"
-    if ranks.main:
-        save_weights(model, weights)
+    main_only(ranks, lambda: save_weights(model, weights))
     result = TrainResult(
         run_dir=config.out,
         weights=weights,
@@ -383,8 +395,9 @@ def _view_replay(config: TrainConfig, cache: CacheReader | None,
 
 def _epoch_steps(config: TrainConfig, train: Split, cache: CacheReader | None, epoch: int, ranks: Ranks) -> int:
     """Optimizer steps in `epoch`: with several processes, as many as the process with the
-    fewest rows makes (DDP needs every process in every step), so the others leave out their
-    last batch or so of rows that epoch; which rows those are changes from epoch to epoch."""
+    fewest rows makes (DDP needs every process in every step). Processes read whole chunks, so
+    the others leave out up to about a chunk of rows each that epoch; which rows those are
+    changes from epoch to epoch. Many chunks per process keep that share small."""
     local_batch = config.batch_size // ranks.world
     if ranks.world == 1:
         shares = [len(train)]

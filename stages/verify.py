@@ -21,7 +21,7 @@ from stages import storage
 from stages.augment import Augmentation, view_seeds
 from stages.cache import (
     FLOAT_ARRAYS, FORMAT, KINDS, SCHEMA_VERSION, Layout, dataset_size, is_cache, malformed_attributes, row_problem,
-    stored_rows,
+    stored_rows, teacher_outputs,
 )
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
@@ -190,11 +190,13 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
     amp = attrs.get("teacher_amp", "none")
     with torch.inference_mode():
         with autocast(amp, device):  # as the teacher ran when caching
-            logits = teacher(inputs.to(device))
+            logits, features = teacher_outputs(teacher, inputs.to(device), layout)
         if layout.views is not None:
             logits = logits.reshape(len(rows), layout.views, *logits.shape[1:])
+            features = None if features is None else features.reshape(len(rows), layout.views, -1)
         fresh_logits = logits.float() / attrs["temperature"]
-        fresh = {name: values.cpu().numpy() for name, values in stored_rows(fresh_logits, layout, lengths).items()}
+        fresh_rows = stored_rows(fresh_logits, layout, lengths, None if features is None else features.float())
+        fresh = {name: values.cpu().numpy() for name, values in fresh_rows.items()}
     # Storage rounds to the cache's dtype: allow that rounding (relative) plus a little for
     # kernels that differ between batch compositions or devices; under autocast, reduced
     # precision kernels round at their own (coarser) precision, in each layer.

@@ -159,6 +159,8 @@ def test_an_hf_teacher_on_text_distils_into_an_lstm_with_feature_targets(tmp_pat
     assert np.allclose(group["features"][:], features.numpy(), atol=1e-2)  # float16
     assert np.allclose(group["logits"][:], (logits / 2).numpy(), atol=1e-2)
     assert cache["chunks_computed"] == 1
+    checked = invoke_json("verify", tmp_path / "c.zarr", "--teacher", f"hf:{folder}", "--samples", 8, "--device", "cpu")
+    assert checked["ok"] and checked["max_abs_diff"] < 1e-2  # the features re-derived as well as the logits
 
     student = f"lstm:vocab={len(WORDS) + 5},dim=8,hidden=8"
     for loss in ("mse", "cosine"):
