@@ -14,16 +14,21 @@ The writer lock keeps its guarantee on both (`writer_lock`):
 - local: an flock on CACHE.zarr.lock, which the kernel drops however its holder dies;
 - object store: a lease object CACHE.zarr.lock created with a conditional PUT (If-None-Match: *,
   so of two writers racing for it exactly one creates it) and rewritten every
-  LEASE_REFRESH_SECONDS while held. A lease not rewritten for LEASE_STALE_SECONDS belongs to a
-  dead writer and is taken over; a holder that finds its lease taken over stops writing at its
-  next refresh. Chunks are written whole and are deterministic, so even two writers that
-  overlapped for a moment wrote the same bytes.
+  LEASE_REFRESH_SECONDS while held. A lease not rewritten for LEASE_STALE_SECONDS (by the
+  clock of the machine reading it: clocks must agree to well within that) belongs to a dead
+  writer and is taken over. The holder stops writing when it finds its lease taken over, or
+  when it could not renew it for nearly LEASE_STALE_SECONDS (before anyone may judge it
+  stale). Two processes taking over one stale lease at the same moment could each remove the
+  other's new lease; each re-reads it after TAKEOVER_SETTLE_SECONDS, and the one that finds
+  another token backs off. Conditional creation is atomic only where the store honours it
+  (CONDITIONAL_CREATE_PROTOCOLS); elsewhere a warning says so.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import threading
@@ -36,10 +41,16 @@ import fsspec.config
 
 from stages.errors import CacheLockedError, InputError, PipelineError
 
+log = logging.getLogger(__name__)
+
 CacheLocation = Path | str  # str only for a URL
 
 LEASE_REFRESH_SECONDS = 20.0
 LEASE_STALE_SECONDS = 90.0
+TAKEOVER_SETTLE_SECONDS = 2.0
+# Stores whose fsspec filesystem creates an object only if absent, atomically (If-None-Match: *
+# through s3fs: AWS S3, and S3-compatible stores that honour it, such as MinIO and moto).
+CONDITIONAL_CREATE_PROTOCOLS = ("s3", "s3a")
 
 
 def is_url(location: CacheLocation) -> bool:
@@ -85,12 +96,6 @@ def storage_options(location: CacheLocation) -> dict[str, object]:
 def exists(location: CacheLocation) -> bool:
     fs, path = filesystem(location)
     return fs.exists(path)
-
-
-def is_folder(location: CacheLocation) -> bool:
-    """A local folder, or a prefix with objects under it (object stores have no empty folders)."""
-    fs, path = filesystem(location)
-    return fs.isdir(path)
 
 
 def is_empty(location: CacheLocation) -> bool:
@@ -194,7 +199,11 @@ class LeaseLock:
         self.holder = f"{socket.gethostname()} pid {os.getpid()}"
         self._stop = threading.Event()
         self._lost: str | None = None
+        self._renewed = time.monotonic()
         self._thread: threading.Thread | None = None
+        if protocol(location) not in CONDITIONAL_CREATE_PROTOCOLS:
+            log.warning("%s: this store's conditional create is not known to be atomic: two writers starting "
+                        "at the same moment might both take the lease", location)
 
     def _lease(self) -> bytes:
         return json.dumps({"token": self.token, "holder": self.holder, "renewed_at": time.time()}).encode()
@@ -211,6 +220,7 @@ class LeaseLock:
         return lease
 
     def __enter__(self) -> LeaseLock:
+        took_over = False
         for _ in range(3):
             try:
                 self.fs.pipe_file(self.path, self._lease(), mode="create")
@@ -225,9 +235,19 @@ class LeaseLock:
                         f"cache {self.location} is being written by another process ({lease.get('holder', 'unknown')}, "
                         f"lease renewed {age:.0f}s ago); wait for it to finish"
                     ) from None
-                self.fs.rm_file(self.path)  # a dead writer's lease: take it over
+                if self._read() == lease:  # still the dead writer's (not just taken over by another): remove it
+                    self.fs.rm_file(self.path)
+                    took_over = True
         else:
             raise CacheLockedError(f"cache {self.location}: could not take its lease; try again")
+        if took_over:
+            # Two processes that judged one stale lease at the same moment could each remove
+            # the other's new one; whoever finds another token after a pause backs off.
+            time.sleep(TAKEOVER_SETTLE_SECONDS)
+            lease = self._read()
+            if lease is None or lease.get("token") != self.token:
+                raise CacheLockedError(f"cache {self.location}: another writer took over its stale lease at the same moment")
+        self._renewed = time.monotonic()
         self._thread = threading.Thread(target=self._renew, name="cache-lease", daemon=True)
         self._thread.start()
         return self
@@ -240,13 +260,18 @@ class LeaseLock:
                     self._lost = "taken over by another writer"
                     return
                 self.fs.pipe_file(self.path, self._lease())
-            except OSError:
-                continue  # retried next period: a lease outlives several missed renewals
+                self._renewed = time.monotonic()
+            except Exception:  # noqa: BLE001 - any store error: retried next period; check_held watches the age
+                continue
 
     def check_held(self) -> None:
-        """Raise if the lease was lost: this process must stop writing the cache."""
+        """Raise if the lease was lost, or could not be renewed for so long that another writer
+        may judge it stale: this process must stop writing the cache."""
         if self._lost is not None:
             raise CacheLockedError(f"cache {self.location}: lost its writer lease ({self._lost}); stopped writing")
+        unrenewed = time.monotonic() - self._renewed
+        if unrenewed > self.stale_seconds - self.refresh_seconds:
+            raise CacheLockedError(f"cache {self.location}: could not renew its writer lease for {unrenewed:.0f}s; stopped writing")
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
