@@ -178,9 +178,9 @@ def root(
 @handle_errors
 def cache_teacher_command(
     ctx: typer.Context,
-    teacher: Annotated[str | None, typer.Option(help="Teacher model spec: a built-in name, package.module:factory or path/to/file.py:factory.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher model spec: a built-in name, hf:FOLDER, torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory.")] = None,
     teacher_weights: Annotated[Path | None, typer.Option(help="Teacher weights: .safetensors or a PyTorch state dict (loaded with weights_only).")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset spec: mnist-5k, digits, synthetic[:k=v,..], a .npz file, or module:factory.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset spec: mnist-5k, digits, synthetic[:k=v,..], stdlib-bytes, text:FILE,tokenizer=hf:FOLDER, a .npz file, or module:factory.")] = None,
     split: Annotated[str, typer.Option(help="Split to cache.")] = field_default(CT, "split"),
     out: Annotated[str | None, typer.Option(help="Cache to write: a .zarr folder, or an fsspec URL such as s3://bucket/path.zarr. (default: data/caches/TEACHER-DATASET-SPLIT-T.zarr)")] = None,
     temperature: Annotated[float, typer.Option(help="Temperature T: the cache stores teacher logits / T.")] = field_default(CT, "temperature"),
@@ -223,7 +223,7 @@ def cache_teacher_command(
         name = f"{slug(values['teacher'])}-{slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}{kept}.zarr"
         values["out"] = DATA_ROOT / "caches" / name
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
-    set_storage_options(storage_option, cfg.out)
+    _apply_storage_options(storage_option, cfg.out)
     with _progress_bar("teacher pass (rows)") as progress:
         result = run_caching(cfg, progress)
     _emit(as_json, vars(result), _key_value_table("cache written", vars(result)))
@@ -234,7 +234,7 @@ def cache_teacher_command(
 def train_student_command(
     ctx: typer.Context,
     cache: Annotated[str | None, typer.Option(help="Cache written by cache-teacher: a folder or an fsspec URL (s3://...). Without it the student trains on hard labels only (the baseline).")] = None,
-    student: Annotated[str | None, typer.Option(help="Student model spec: a built-in name, package.module:factory or path/to/file.py:factory.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model spec: a built-in name, hf:FOLDER, torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory.")] = None,
     student_weights: Annotated[Path | None, typer.Option(help="Initial student weights (.safetensors or a state dict).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset spec. (default: the cache's dataset)")] = None,
     split: Annotated[str | None, typer.Option(help="Training split. (default: the cache's split, else train)")] = None,
@@ -275,7 +275,7 @@ def train_student_command(
                            TS, renamed={"student": "model", "student_weights": "model_weights"})
     if values["cache"] is not None:
         values["cache"] = cache_location(values["cache"])
-        set_storage_options(storage_option, values["cache"])
+        _apply_storage_options(storage_option, values["cache"])
         provenance = CacheReader(values["cache"]).attrs["dataset"]
         values["dataset"] = values["dataset"] or provenance["spec"]
         values["split"] = values["split"] or provenance["split"]
@@ -296,7 +296,7 @@ def train_student_command(
 @app.command("train-teacher")
 @handle_errors
 def train_teacher_command(
-    model: Annotated[str, typer.Option(help="Teacher model spec: a built-in name, package.module:factory or path/to/file.py:factory.")] = "cnn",
+    model: Annotated[str, typer.Option(help="Teacher model spec: a built-in name, hf:FOLDER, torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory.")] = "cnn",
     dataset: Annotated[str, typer.Option(help="Dataset spec to train on (its train split).")] = "mnist-5k",
     out: Annotated[Path | None, typer.Option(help="Weights file to write (.safetensors); the run folder goes beside it. (default: data/teachers/MODEL-DATASET.safetensors)")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
@@ -354,7 +354,7 @@ def verify_command(
     if teacher_weights is not None and teacher is None:
         raise InputError("--teacher-weights needs --teacher SPEC (the model the weights are for)")
     cache = cache_location(cache)
-    set_storage_options(storage_option, cache)
+    _apply_storage_options(storage_option, cache)
     report = run_verify(cache, teacher=teacher, teacher_weights=teacher_weights, dataset=dataset,
                         samples=samples, seed=seed, device=device)
     table = Table(title=f"verify {cache}")
@@ -414,10 +414,11 @@ def _leaderboard_table(board: dict) -> Table:
 @app.command("combine")
 @handle_errors
 def combine_command(
-    caches: Annotated[list[Path], typer.Argument(help="Two or more dense caches of the same dataset split, in the same order, at the same T.", show_default=False)],
-    out: Annotated[Path, typer.Option(help="The ensemble cache to write.", show_default=False)],
+    caches: Annotated[list[str], typer.Argument(help="Two or more dense caches of the same dataset split, in the same order, at the same T (folders or fsspec URLs).", show_default=False)],
+    out: Annotated[str, typer.Option(help="The ensemble cache to write: a folder or an fsspec URL.", show_default=False)],
     rule: Annotated[str, typer.Option(help="mean-probs (average the teachers' softened probabilities) or mean-logits (average their logits / T).")] = "mean-probs",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out.")] = False,
+    storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Combine several teachers' caches into one cache of their ensemble, for students to distil from.
@@ -430,20 +431,23 @@ def combine_command(
     """
     from stages.ensemble import CombineConfig, run
 
-    result = run(CombineConfig(caches=tuple(caches), out=out, rule=rule, overwrite=overwrite))
+    for location in (*caches, out):
+        _apply_storage_options(storage_option, cache_location(location))
+    result = run(CombineConfig(caches=tuple(map(cache_location, caches)), out=cache_location(out), rule=rule, overwrite=overwrite))
     _emit(as_json, vars(result), _key_value_table("ensemble cache written", vars(result)))
 
 
 @app.command("evaluate")
 @handle_errors
 def evaluate_command(
-    model: Annotated[str, typer.Option(help="Model spec (a student or a teacher): a built-in name, package.module:factory or path/to/file.py:factory.", show_default=False)],
+    model: Annotated[str, typer.Option(help="Model spec (a student or a teacher): a built-in name, hf:FOLDER, torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory.", show_default=False)],
     weights: Annotated[Path | None, typer.Option(help="Its weights (.safetensors or a state dict), e.g. RUN/model.safetensors.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset spec. (default: the cache's dataset)")] = None,
     split: Annotated[str, typer.Option(help="Split to measure accuracy, NLL and speed on.")] = "test",
-    cache: Annotated[Path | None, typer.Option(help="Also report agreement with this cache's teacher top-1, on the cache's own split.")] = None,
+    cache: Annotated[str | None, typer.Option(help="Also report agreement with this cache's teacher top-1, on the cache's own split (a folder or an fsspec URL).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for evaluation and for the latency measurement.")] = 256,
     device: DeviceOption = "auto",
+    storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure a trained model: accuracy, NLL, agreement with a cached teacher, size and speed.
@@ -454,6 +458,9 @@ def evaluate_command(
 
         pipeline evaluate --model mlp-400 --weights data/runs/mlp-400-kd-s0/model.safetensors --dataset mnist-5k --cache data/caches/cnn-mnist-5k-train-T4.zarr
     """
+    cache = None if cache is None else cache_location(cache)
+    if cache is not None:
+        _apply_storage_options(storage_option, cache)
     report = run_evaluate(model, weights, dataset=dataset, split=split, cache=cache, batch_size=batch_size, device=device)
     _emit(as_json, report, _key_value_table(f"evaluate {model}", _flattened(report)))
 
@@ -477,7 +484,7 @@ def inspect_command(
     if png is not None and png.suffix.lower() != ".png":
         raise InputError(f"--png must name a .png file, got {png}")
     cache = cache_location(cache)
-    set_storage_options(storage_option, cache)
+    _apply_storage_options(storage_option, cache)
     report = describe_cache(cache)
     if "histograms" in report:
         report["png"] = png or DATA_ROOT / "inspect" / f"{storage.name(cache).removesuffix('.zarr')}.png"
@@ -598,7 +605,7 @@ def demo_text_command(
     _emit(as_json, report, text_demo_table(report))
 
 
-def set_storage_options(options: list[str] | None, location) -> None:
+def _apply_storage_options(options: list[str] | None, location) -> None:
     """--storage-option KEY=VALUE pairs for the filesystem of `location`. A VALUE that reads as
     JSON (true, 3, {"region_name": "x"}) is taken as that; anything else is a string."""
     parsed = {}

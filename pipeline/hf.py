@@ -45,7 +45,7 @@ def load_tokenizer(spec_path: str):
     library = transformers(f"the tokenizer hf:{spec_path}")
     try:
         tokenizer = library.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read
         raise InputError(f"hf:{spec_path}: cannot load its tokenizer: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token_id is None:
         raise InputError(f"hf:{spec_path}: its tokenizer has no padding token, which padded batches need")
@@ -88,8 +88,8 @@ def build_classifier(spec_path: str, num_classes: int) -> HFClassifier:
             folder, num_labels=num_classes, local_files_only=True, output_loading_info=True,
             ignore_mismatched_sizes=True,  # a classifier for another class count gets a new head
         )
-    except (OSError, ValueError) as exc:
-        raise InputError(f"hf:{spec_path}: cannot load the model: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # noqa: BLE001 - an unknown model type, damaged weights, a wrong config...
+        raise InputError(f"hf:{spec_path}: cannot load the model: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if info.get("missing_keys") or info.get("mismatched_keys"):
         log.info("hf:%s: classifier head for %d classes newly initialised; fine-tune it (train-teacher)", spec_path, num_classes)
     pad = model.config.pad_token_id

@@ -82,7 +82,7 @@ def run_verify(cache: CacheLocation, *, teacher: str | None, teacher_weights: Pa
     return verify(cache, teacher=model, split=split, samples=samples, seed=seed, device=resolve_device(device), augment=augment)
 
 
-def run_evaluate(model_spec: str, weights: Path | None, *, dataset: str | None, split: str, cache: Path | None,
+def run_evaluate(model_spec: str, weights: Path | None, *, dataset: str | None, split: str, cache: CacheLocation | None,
                  batch_size: int, device: str) -> dict:
     """A trained model (student or teacher) on a split: accuracy and NLL, agreement with the top-1
     of the teacher cached in `cache` (on the cache's own split), parameters, weights file size,

@@ -129,7 +129,9 @@ class LSTMClassifier(nn.Module):
     def logits_and_features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.is_floating_point():
             raise InputError("an lstm model needs integer token ids as inputs")
-        if int(tokens.max()) >= self.embedding.num_embeddings:
+        # Checked on the CPU only: on a GPU it would cost a device sync every step (and an
+        # out-of-range id fails there as a device-side assert).
+        if tokens.device.type == "cpu" and int(tokens.max()) >= self.embedding.num_embeddings:
             raise InputError(f"token id {int(tokens.max())} is outside the lstm's vocabulary of {self.embedding.num_embeddings}")
         states, _ = self.lstm(self.embedding(tokens))
         valid = (tokens != self.pad).unsqueeze(-1)
@@ -206,8 +208,9 @@ def resolve_model(spec: str, *, num_classes: int, input_shape: tuple[int, ...], 
 
 
 def _saved_program(kind: str, path: Path) -> nn.Module:
-    """A TorchScript or torch.export file: code and weights saved by another program (not
-    unpickled; both formats hold a graph and tensors)."""
+    """A TorchScript or torch.export file: a program saved by another team. Like a factory
+    file, it is code the user names: its graph runs when the model is called, and torch may
+    unpickle parts of an export archive. Load only files you trust."""
     if not path.is_file():
         raise InputError(f"{kind} model file not found: {path}")
     try:

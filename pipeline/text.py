@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
+import io
 import json
 import sysconfig
 from functools import cache
@@ -109,7 +110,8 @@ def _read_file(path: Path) -> list[dict]:
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read dataset file {path}: {exc}") from exc
     if path.suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        # Empty cells are missing values; newline="" keeps line breaks inside quoted fields.
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(io.StringIO(text, newline=""))]
     if path.suffix != ".jsonl":
         raise InputError(f"{path}: a text dataset is a .jsonl or .csv file")
     rows = []
@@ -132,6 +134,9 @@ def _classes(labels: list, path: Path) -> tuple[dict, list[str]]:
     present = {label for label in labels if label is not None}
     if not present:
         return {}, []
+    if any(isinstance(label, int) and label < 0 or isinstance(label, str) and label.lstrip("-").isdigit() and int(label) < 0
+           for label in present):
+        raise InputError(f"{path}: labels must not be negative numbers")
     if all(isinstance(label, int) and not isinstance(label, bool) or isinstance(label, str) and label.isdigit()
            for label in present):
         return {label: int(label) for label in present}, [str(n) for n in range(max(map(int, present)) + 1)]

@@ -110,6 +110,8 @@ class CacheTeacherConfig:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
         if self.workers and self.scheduler:
             raise InputError("--workers starts a local dask cluster and --scheduler names a running one: give one of them")
+        if (self.workers or self.scheduler) and self.loader_workers:
+            raise InputError("--loader-workers cannot go with dask workers (their processes cannot start DataLoader workers)")
         if self.amp not in AMP_DTYPES and self.amp != "none":
             raise InputError(f"--amp must be none, {' or '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
@@ -176,7 +178,10 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
                 writer.close()  # the workers write; this process only hands out chunks
                 _distributed_pass(config, writer.grid, missing, load_on_worker, resolve_augment, progress, lock)
                 if writer.missing_chunks():
-                    raise PipelineError(f"internal: the workers left chunks {writer.missing_chunks()[:10]} unwritten")
+                    raise PipelineError(
+                        f"the workers finished but chunks {writer.missing_chunks()[:10]} are not in {config.out}: do the "
+                        "workers see that location? Put the cache on a file system they share, or on an object store"
+                    )
             else:
                 with one_blas_thread_beside_torch():
                     _teacher_pass(config, teacher, split, lengths, augmentation, writer, device, missing, progress)
@@ -348,7 +353,7 @@ TASK_CHUNKS_MAX = 16
 @contextlib.contextmanager
 def _dask_client(distributed, config: CacheTeacherConfig):
     """A client of the scheduler at `config.scheduler`, or of a local cluster of
-    `config.workers` processes (one thread each: a worker owns a device) started for this pass."""
+    `config.workers` processes (one thread each: a worker runs one teacher) started for this pass."""
     if config.scheduler:
         try:
             client = distributed.Client(config.scheduler, timeout=SCHEDULER_TIMEOUT_SECONDS)
@@ -382,7 +387,7 @@ def _worker_chunks(config: CacheTeacherConfig, chunks: list[int], load_on_worker
             _WORKER_STATE.clear()  # one cache at a time: let the previous teacher go
             teacher, split = load_on_worker()
             _check_same_teacher(teacher, config.out)
-            device = resolve_device(config.device)
+            device = _worker_device(config.device)
             _WORKER_STATE[key] = (teacher.to(device).eval(), split, resolve_augment(config.augment), device, {})
         teacher, split, augmentation, device, lengths_by_tokens = _WORKER_STATE[key]
     writer = CacheWriter(config.out)
@@ -398,6 +403,20 @@ def _worker_chunks(config: CacheTeacherConfig, chunks: list[int], load_on_worker
         writer.abort()
         raise
     return sum(stop - start for start, stop in map(writer.grid.rows, todo))
+
+
+def _worker_device(name: str) -> torch.device:
+    """`--device auto` or `cuda` on a machine with several GPUs: a local cluster's worker N takes
+    GPU N (mod their count), so its workers spread over the GPUs. Workers started by hand choose
+    theirs with CUDA_VISIBLE_DEVICES and see one."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        from distributed import get_worker
+
+        worker = get_worker().name
+        if isinstance(worker, int):
+            device = torch.device("cuda", worker % torch.cuda.device_count())
+    return device
 
 
 def _check_same_teacher(teacher: torch.nn.Module, location: CacheLocation) -> None:
@@ -439,11 +458,14 @@ def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config
     # A pinned buffer is reused for a later batch: copy out of it.
     rows = {name: values.numpy().copy() if done is not None else values.numpy() for name, values in stored.items()}
     count = len(next(iter(rows.values())))
-    bad = sorted({int(r) for name in FLOAT_ARRAYS if name in rows for r in start + nonfinite_rows(rows[name])})
+    bad_by_array = {name: start + nonfinite_rows(rows[name]) for name in FLOAT_ARRAYS if name in rows}
+    bad = sorted({int(r) for found in bad_by_array.values() for r in found})
     if bad:
-        hint = " (or logits / T beyond float16's range: try --dtype float32)" if config.dtype == "float16" else ""
+        what = "features" if all(len(found) == 0 for name, found in bad_by_array.items() if name != "features") else "logits"
+        hint = f" (or {what}{' / T' if what == 'logits' else ''} beyond float16's range: try --dtype float32)" \
+            if config.dtype == "float16" else ""
         raise PipelineError(
-            f"teacher produced NaN or infinite logits{hint} for samples {bad[:10]}"
+            f"teacher produced NaN or infinite {what}{hint} for samples {bad[:10]}"
             f"{' and more' if len(bad) > 10 else ''}; chunks already written are kept"
         )
     stop = start + count

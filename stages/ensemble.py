@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from stages.cache import CacheReader, open_writer, teacher_metrics
-from stages.storage import disk_usage, writer_lock
+from stages.storage import CacheLocation, cache_location, disk_usage, writer_lock
 from stages.errors import CacheMismatchError, InputError
 from stages.runtime import config_dict
 
@@ -38,8 +37,8 @@ RULES = ("mean-probs", "mean-logits")
 
 @dataclass(frozen=True)
 class CombineConfig:
-    caches: tuple[Path, ...]
-    out: Path
+    caches: tuple[CacheLocation, ...]
+    out: CacheLocation
     rule: str = "mean-probs"
     overwrite: bool = False
 
@@ -48,13 +47,13 @@ class CombineConfig:
             raise InputError(f"combining needs at least two caches, got {len(self.caches)}")
         if self.rule not in RULES:
             raise InputError(f"--rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        if Path(self.out).resolve() in {Path(c).resolve() for c in self.caches}:
+        if cache_location(self.out) in {cache_location(c) for c in self.caches}:
             raise InputError(f"--out {self.out} is one of the caches being combined; choose another path")
 
 
 @dataclass(frozen=True)
 class CombineResult:
-    cache: Path
+    cache: CacheLocation
     num_teachers: int
     rule: str
     num_samples: int

@@ -62,9 +62,9 @@ def cache_location(value: str | Path) -> CacheLocation:
     text = str(value)
     if "://" in text:
         if text.startswith("file://"):
-            return Path(text[len("file://"):])
+            return Path(text[len("file://"):]).absolute()
         return text.rstrip("/")
-    return Path(value)
+    return Path(value).absolute()  # the same folder from any working directory (a dask worker's too)
 
 
 def protocol(location: CacheLocation) -> str:

@@ -203,11 +203,14 @@ def test_bad_text_datasets_are_one_line_errors(tmp_path, bert_folder):
     folder, _, _ = bert_folder
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "a", "split": "train"}\nnot json\n')
+    negative = tmp_path / "negative.csv"
+    negative.write_text("text,label,split\nfine,1,train\nodd,-1,train\n")
     cases = [
         (f"text:{bad},tokenizer=hf:{folder}", "line 2 is not JSON"),
         (f"text:{tmp_path / 'missing.jsonl'},tokenizer=hf:{folder}", "dataset file not found"),
         (f"text:{bad}", "name its tokenizer"),
         (f"text:{bad},tokenizer=hf:{folder},colour=blue", "bad option 'colour=blue'"),
+        (f"text:{negative},tokenizer=hf:{folder}", "labels must not be negative"),
     ]
     for spec, words in cases:
         code, _, err = invoke("train-student", "--student", "mlp-64", "--dataset", spec, "--out", tmp_path / "r")

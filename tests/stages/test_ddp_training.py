@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from tests.conftest import dying_model, invoke_json
+from tests.conftest import DATASET, dying_model, invoke_json
 
 REPO = Path(__file__).resolve().parents[2]
 OPTIONS = ("--epochs", "6", "--batch-size", "64", "--lr", "0.01", "--seed", "3", "--device", "cpu")
@@ -81,3 +81,12 @@ def test_when_rank_0_refuses_the_run_folder_every_process_stops(tmp_path, cache_
     assert proc.returncode != 0
     assert "already exists; pass --resume" in proc.stderr and "rank 0 stopped with an error" in proc.stderr
     assert (tmp_path / "r" / "precious.txt").read_text() == "keep me"
+
+
+def test_a_cache_with_fewer_chunks_than_processes_is_refused(tmp_path, teacher_weights):
+    one_chunk = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET,
+                            "--chunk-rows", 600, "--device", "cpu", "--out", tmp_path / "one-chunk.zarr")
+    proc = _torchrun("--cache", one_chunk["cache"], "--student", "mlp:width=32", "--out", tmp_path / "r", check=False)
+    assert proc.returncode != 0
+    assert "the cache has 1 chunks for 2 processes" in proc.stderr and "smaller --chunk-rows" in proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -89,6 +89,9 @@ def test_both_stages_on_s3_give_what_they_give_on_a_local_folder(tmp_path, teach
             for name, cache, extra in (("from-local", tmp_path / "local.zarr", ()), ("from-s3", remote["cache"], endpoint))]
     assert runs[0]["test_accuracy"] == runs[1]["test_accuracy"]
     assert (tmp_path / "from-local/model.safetensors").read_bytes() == (tmp_path / "from-s3/model.safetensors").read_bytes()
+    measured = invoke_json("evaluate", "--model", "mlp:width=16", "--weights", tmp_path / "from-s3/model.safetensors",
+                           "--cache", remote["cache"], *endpoint)
+    assert measured["accuracy"] == runs[1]["test_accuracy"] and 0 < measured["teacher_agreement"] <= 1
     described = invoke_json("inspect", remote["cache"], *endpoint, "--png", tmp_path / "s3.png")
     assert described["complete"] and described["bytes_per_row"] > 0
     assert invoke_json("verify", remote["cache"], *endpoint)["ok"]

@@ -64,8 +64,12 @@ def test_a_worker_that_builds_another_teacher_is_refused(tmp_path):
     assert err.strip().splitlines()[-1].startswith("error: the teacher built on dask worker")
 
 
-def test_workers_and_scheduler_together_are_refused(tmp_path, teacher_weights):
+@pytest.mark.parametrize("options, words", [
+    (("--workers", "2", "--scheduler", "tcp://127.0.0.1:1"), "give one of them"),
+    (("--workers", "2", "--loader-workers", "2"), "--loader-workers cannot go with dask workers"),
+])
+def test_conflicting_scale_out_options_are_refused(tmp_path, teacher_weights, options, words):
     code, _, err = invoke("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET,
-                          "--out", tmp_path / "c.zarr", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1")
-    assert code == 2 and "give one of them" in err
+                          "--out", tmp_path / "c.zarr", *options)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c.zarr").exists()
