@@ -46,7 +46,7 @@ TS = train_student.TrainConfig
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="TOML file of options; command-line options override it.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
 StorageOption = Annotated[list[str] | None, typer.Option(
-    help="KEY=VALUE for the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 (repeatable; FSSPEC_S3_* and AWS_* environment variables work too). Never recorded.")]
+    help="KEY=VALUE for the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 (repeatable; FSSPEC_S3_* and AWS_* environment variables work too). Never written into a cache or run folder; dask workers receive them with their tasks.")]
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 
 

@@ -302,7 +302,9 @@ def _teacher_pass(
             last_report = time.perf_counter()
             log.info("teacher pass: rows up to %d of %d", start + count, len(split))
     while in_flight:
-        _store(writer, split, lengths, config, *in_flight.popleft())
+        rows_done += _store(writer, split, lengths, config, *in_flight.popleft())
+        if progress is not None:
+            progress(rows_done, rows_to_compute)
 
 
 def _distributed_pass(

@@ -149,13 +149,16 @@ class Ranks:
 def process_group(device_name: str) -> Iterator[tuple[Ranks, torch.device]]:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL with one GPU per process (cuda:LOCAL_RANK), or
-    gloo on CPUs. Without torchrun (WORLD_SIZE unset or 1): a group of one, and no group made."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gloo on CPUs. A group the caller made already is used as it is. Without torchrun (WORLD_SIZE
+    unset or 1) and without a group: a group of one, and no group made."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world == 1:
         yield Ranks(), device
         return
-    if device.type == "cuda" and device.index is None:
+    if device.type == "cuda" and device.index is not None:
+        raise InputError(f"--device {device_name} would put every process on one GPU: give cuda or auto (process N takes cuda:LOCAL_RANK)")
+    if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
