@@ -52,6 +52,14 @@ def cache_path(tmp_path, teacher_weights) -> Path:
     return cache_teacher.run(config, teacher, split).cache
 
 
+def cache_with_cli(out, teacher_weights, *extra, teacher: str = "mlp-64") -> dict:
+    """`pipeline cache-teacher` of the tiny dataset at `out` (a folder or a URL), as the scale-out
+    and storage tests run it: chunks of CHUNK_ROWS, batches of 32, on the CPU."""
+    return invoke_json("cache-teacher", "--teacher", teacher, "--teacher-weights", teacher_weights, "--dataset", DATASET,
+                       "--temperature", TEMPERATURE, "--chunk-rows", CHUNK_ROWS, "--batch-size", 32, "--device", "cpu",
+                       "--out", out, *extra)
+
+
 def invoke(*args: str) -> tuple[int, str, str]:
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
     result = CliRunner().invoke(app, [str(a) for a in args])

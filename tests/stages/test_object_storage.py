@@ -20,7 +20,7 @@ import zarr
 
 from stages.errors import CacheLockedError
 from stages.storage import LeaseLock, lock_location
-from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, assert_same_cache, dying_model, invoke, invoke_json
+from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, assert_same_cache, cache_with_cli, dying_model, invoke, invoke_json
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -67,16 +67,10 @@ def bucket(s3_endpoint, monkeypatch) -> str:
     fsspec.config.conf.update(saved)
 
 
-def _cache(out, teacher_weights, *extra, teacher: str = "mlp-64") -> dict:
-    return invoke_json("cache-teacher", "--teacher", teacher, "--teacher-weights", teacher_weights, "--dataset", DATASET,
-                       "--temperature", TEMPERATURE, "--chunk-rows", CHUNK_ROWS, "--batch-size", 32, "--device", "cpu",
-                       "--out", out, *extra)
-
-
 def test_both_stages_on_s3_give_what_they_give_on_a_local_folder(tmp_path, teacher_weights, bucket, s3_endpoint):
     endpoint = ("--storage-option", f"endpoint_url={s3_endpoint}")
-    local = _cache(tmp_path / "local.zarr", teacher_weights)
-    remote = _cache(f"{bucket}/caches/remote.zarr", teacher_weights, *endpoint)
+    local = cache_with_cli(tmp_path / "local.zarr", teacher_weights)
+    remote = cache_with_cli(f"{bucket}/caches/remote.zarr", teacher_weights, *endpoint)
     assert remote["cache"] == f"{bucket}/caches/remote.zarr" and remote["chunks_computed"] == 10
     assert remote["bytes_on_disk"] > 0.9 * local["bytes_on_disk"]
     options = {"endpoint_url": s3_endpoint}
@@ -99,8 +93,8 @@ def test_both_stages_on_s3_give_what_they_give_on_a_local_folder(tmp_path, teach
 
 def test_dask_workers_write_an_s3_cache_with_the_options_given_to_the_coordinator(tmp_path, teacher_weights, bucket, s3_endpoint):
     pytest.importorskip("distributed")
-    _cache(tmp_path / "local.zarr", teacher_weights)
-    remote = _cache(f"{bucket}/spread.zarr", teacher_weights, "--workers", "2", "--storage-option", f"endpoint_url={s3_endpoint}")
+    cache_with_cli(tmp_path / "local.zarr", teacher_weights)
+    remote = cache_with_cli(f"{bucket}/spread.zarr", teacher_weights, "--workers", "2", "--storage-option", f"endpoint_url={s3_endpoint}")
     assert_same_cache(tmp_path / "local.zarr", remote["cache"], {"endpoint_url": s3_endpoint})
 
 
@@ -130,7 +124,7 @@ def test_a_killed_writer_on_s3_leaves_a_lease_that_blocks_until_stale_then_resum
     resumed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["chunks_computed"] == int((done == 0).sum())
-    _cache(tmp_path / "local.zarr", teacher_weights)
+    cache_with_cli(tmp_path / "local.zarr", teacher_weights)
     assert_same_cache(tmp_path / "local.zarr", url, options)
     assert not fs.exists(lease)
 

@@ -7,21 +7,15 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, assert_same_cache, dying_model, invoke, invoke_json
+from tests.conftest import CHUNK_ROWS, DATASET, assert_same_cache, cache_with_cli, dying_model, invoke
 
 distributed = pytest.importorskip("distributed")
 
 
-def _cache(tmp_path, teacher_weights, name: str, *extra: str, teacher: str = "mlp-64") -> dict:
-    return invoke_json("cache-teacher", "--teacher", teacher, "--teacher-weights", teacher_weights, "--dataset", DATASET,
-                       "--temperature", TEMPERATURE, "--chunk-rows", CHUNK_ROWS, "--batch-size", 32, "--device", "cpu",
-                       "--out", tmp_path / name, *extra)
-
-
 @pytest.mark.parametrize("layout", [(), ("--format", "topk", "--top-k", "2")], ids=["dense", "topk"])
 def test_a_local_cluster_of_two_workers_writes_the_single_process_cache(tmp_path, teacher_weights, layout):
-    single = _cache(tmp_path, teacher_weights, "single.zarr", *layout)
-    spread = _cache(tmp_path, teacher_weights, "spread.zarr", *layout, "--workers", "2")
+    single = cache_with_cli(tmp_path / "single.zarr", teacher_weights, *layout)
+    spread = cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *layout, "--workers", "2")
     assert spread["chunks_computed"] == single["chunks_computed"] == 10
     assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
 
@@ -32,11 +26,11 @@ def test_a_killed_worker_has_its_chunks_recomputed_and_each_worker_loads_the_tea
     the scheduler reruns the task, and the cache still equals the single-process one."""
     teacher, marker, loads = dying_model(tmp_path, where="dask worker")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        spread = _cache(tmp_path, teacher_weights, "spread.zarr", "--scheduler", cluster.scheduler_address,
+        spread = cache_with_cli(tmp_path / "spread.zarr", teacher_weights, "--scheduler", cluster.scheduler_address,
                         teacher=teacher)
     assert marker.exists(), "no worker was killed: the test did not test anything"
     assert spread["chunks_computed"] == 10
-    _cache(tmp_path, teacher_weights, "single.zarr")
+    cache_with_cli(tmp_path / "single.zarr", teacher_weights)
     assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
     pids = loads.read_text().split()
     # This process, the two workers, and the one started in place of the killed one if it got a
@@ -45,14 +39,14 @@ def test_a_killed_worker_has_its_chunks_recomputed_and_each_worker_loads_the_tea
 
 
 def test_resuming_on_workers_computes_only_the_missing_chunks(tmp_path, teacher_weights):
-    _cache(tmp_path, teacher_weights, "single.zarr")
-    _cache(tmp_path, teacher_weights, "spread.zarr", "--workers", "2")
+    cache_with_cli(tmp_path / "single.zarr", teacher_weights)
+    cache_with_cli(tmp_path / "spread.zarr", teacher_weights, "--workers", "2")
     group = zarr.open_group(str(tmp_path / "spread.zarr"), mode="r+")
     for chunk in (2, 3, 7):  # as a pass killed before these chunks were written leaves them
         group["chunk_done"][chunk] = 0
         group["logits"][chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS] = np.nan
     group.attrs.update({"complete": False, "teacher_metrics": None})
-    resumed = _cache(tmp_path, teacher_weights, "spread.zarr", "--workers", "2")
+    resumed = cache_with_cli(tmp_path / "spread.zarr", teacher_weights, "--workers", "2")
     assert resumed["chunks_computed"] == 3
     assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
 
