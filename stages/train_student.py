@@ -203,8 +203,12 @@ def _train(
     def loss_step(batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = trained(batch["inputs"].to(device))
         logits, features = outputs if isinstance(student, StudentWithProjection) else (outputs, None)
-        return batch_loss(logits, batch, cache, alpha=config.alpha, temperature=temperature, student_features=features,
-                          feature_kind=config.feature_loss, feature_weight=config.feature_weight)
+        loss, parts = batch_loss(logits, batch, cache, alpha=config.alpha, temperature=temperature)
+        if features is None:
+            return loss, parts
+        # Feature targets: the projected student features against the cached teacher ones.
+        matched = feature_loss(features, torch.from_numpy(batch["features"]).to(device).float(), config.feature_loss)
+        return loss + config.feature_weight * matched, {**parts, "feature": matched.detach()}
 
     total_steps = sum(_epoch_steps(config, train, cache, epoch, ranks) for epoch in range(first_epoch, config.epochs))
     steps_before = 0
@@ -276,19 +280,11 @@ def _train(
 
 def batch_loss(
     logits: torch.Tensor, batch: Rows, cache: CacheReader | None, *, alpha: float, temperature: float | None,
-    student_features: torch.Tensor | None = None, feature_kind: str = "mse", feature_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of the student's `logits` on one batch of rows: cross-entropy with the hard
     labels without a cache, else the distillation loss of the cache's kind. For logits per
     token ((B, L, C), with the batch's "lengths"), only valid tokens are rows of the loss:
-    padding positions get no gradient. With `student_features` (projected to the teacher's
-    size), `feature_weight` times the `feature_kind` loss (stages.losses.feature_loss) against
-    the batch's cached "features" is added (part "feature")."""
-    if student_features is not None:
-        loss, parts = batch_loss(logits, batch, cache, alpha=alpha, temperature=temperature)
-        teacher_features = torch.from_numpy(batch["features"]).to(logits.device).float()
-        matched = feature_loss(student_features, teacher_features, feature_kind)
-        return loss + feature_weight * matched, {**parts, "feature": matched.detach()}
+    padding positions get no gradient."""
     device = logits.device
     y = torch.from_numpy(batch["labels"]).to(device) if "labels" in batch else None
     soft = {name: torch.from_numpy(batch[name]).to(device) for name in (cache.soft_arrays if cache else ())}
