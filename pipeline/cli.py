@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import dask
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -25,13 +24,14 @@ from rich.table import Table
 
 from pipeline import DATA_ROOT, __version__
 from pipeline.config import build_config, field_default, merge_options
-from pipeline.jobs import run_caching, run_evaluate, run_training, run_verify
 from pipeline.specs import PATH_SPECS, slug
-from stages import cache_teacher, storage, train_student
-from stages.cache import CacheReader
-from stages.inspection import describe_cache, plot_report
+from stages import storage
+from stages.config import CacheTeacherConfig as CT, TrainConfig as TS
 from stages.errors import CacheDamagedError, InputError, PipelineError
 from stages.storage import cache_location
+
+# Modules that load torch, zarr, dask or matplotlib are imported inside the commands that use
+# them: `pipeline --help` and `--version` took 3 s when they were imported here.
 
 app = typer.Typer(
     name="pipeline",
@@ -40,9 +40,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-CT = cache_teacher.CacheTeacherConfig
-TS = train_student.TrainConfig
-
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="TOML file of options; command-line options override it.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
 StorageOption = Annotated[list[str] | None, typer.Option(
@@ -109,6 +106,8 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    import dask
+
     # dask.distributed logs every cluster start and stop at INFO: only its warnings matter here.
     # It sets its loggers' levels from dask's config when first imported, so say it there.
     dask.config.set({"logging.distributed": "warning"})
@@ -217,6 +216,8 @@ def cache_teacher_command(
 
         pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --dataset mnist-5k --workers 4 --out s3://my-bucket/caches/cnn-T4.zarr
     """
+    from pipeline.jobs import run_caching
+
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")}, CT)
     if values["out"] is None and values["teacher"] and values["dataset"]:
         kept = f"-top{values['top_k']}" if values["format"] == "topk" else ""
@@ -271,6 +272,9 @@ def train_student_command(
 
         torchrun --standalone --nproc-per-node 2 -m pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400
     """
+    from pipeline.jobs import run_training
+    from stages.cache import CacheReader
+
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")},
                            TS, renamed={"student": "model", "student_weights": "model_weights"})
     if values["cache"] is not None:
@@ -314,6 +318,8 @@ def train_teacher_command(
 
         pipeline train-teacher --model cnn --dataset mnist-5k --epochs 15 --augment shift:2
     """
+    from pipeline.jobs import run_training
+
     out = out or DATA_ROOT / "teachers" / f"{slug(model)}-{slug(dataset)}.safetensors"
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; give the weights file to write")
@@ -351,6 +357,8 @@ def verify_command(
 
         pipeline verify data/caches/cnn-mnist-5k-train-T4.zarr --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors
     """
+    from pipeline.jobs import run_verify
+
     if teacher_weights is not None and teacher is None:
         raise InputError("--teacher-weights needs --teacher SPEC (the model the weights are for)")
     cache = cache_location(cache)
@@ -458,6 +466,8 @@ def evaluate_command(
 
         pipeline evaluate --model mlp-400 --weights data/runs/mlp-400-kd-s0/model.safetensors --dataset mnist-5k --cache data/caches/cnn-mnist-5k-train-T4.zarr
     """
+    from pipeline.jobs import run_evaluate
+
     cache = None if cache is None else cache_location(cache)
     if cache is not None:
         _apply_storage_options(storage_option, cache)
@@ -481,6 +491,8 @@ def inspect_command(
 
         pipeline inspect data/caches/cnn-mnist-5k-train-T4.zarr
     """
+    from stages.inspection import describe_cache, plot_report
+
     if png is not None and png.suffix.lower() != ".png":
         raise InputError(f"--png must name a .png file, got {png}")
     cache = cache_location(cache)

@@ -12,9 +12,12 @@ import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from stages.augment import Augmentation, parse_augment
 from stages.errors import InputError
+
+if TYPE_CHECKING:  # stages.augment loads torch, which the CLI must not pay for at start-up (pipeline.cli)
+    from stages.augment import Augmentation
 
 
 def whole_number_parameters(what: str, name: str, args: str, defaults: dict[str, int]) -> dict[str, int]:
@@ -53,6 +56,8 @@ def resolve_augment(spec: str) -> Augmentation | None:
     own transform as `package.module:factory` or `path/to/file.py:factory`, joined by `+`. A
     factory is called without arguments and returns `transform(sample, rng) -> sample`, which must
     draw its randomness from `rng` only (so that a view replays exactly)."""
+    from stages.augment import parse_augment
+
     user = {}
     for part in spec.split("+"):
         if is_factory_spec(part):

@@ -48,6 +48,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from stages import __version__, storage
+from stages.config import CODECS, DTYPES, KINDS
 from stages.data import Split, fingerprint
 from stages.errors import CacheDamagedError, CacheMismatchError, InputError, PipelineError
 from stages.storage import CacheLocation
@@ -55,16 +56,13 @@ from stages.storage import CacheLocation
 FORMAT = "distill-cache"
 SCHEMA_VERSION = 2
 STORED_VALUES = "teacher_logits / temperature"
-KINDS = ("dense", "topk")
-DTYPES = ("float16", "float32")
 # The arrays holding each kind's soft labels, and those of them that hold floats (a NaN in one
 # is a gap or damage, never data).
 SOFT_ARRAYS = {"dense": ("logits",), "topk": ("topk_values", "topk_indices", "logsumexp")}
 FLOAT_ARRAYS = ("logits", "topk_values", "logsumexp", "features")
-# Codecs for the soft-label arrays. float16 logits hardly compress losslessly (zstd: ~1.1x),
+# The soft-label arrays' codecs (stages.config.CODECS). float16 logits hardly compress losslessly (zstd: ~1.1x),
 # and decoding costs the training loop CPU time, so "none" is the default; index, labels and
 # lengths are always zstd-compressed (they compress well and are small).
-CODECS = ("none", "zstd")
 ZSTD_LEVEL = 3
 # Default chunking: about 2 MB of logits per chunk (1024 rows x 1000 classes x float16), where
 # whole-chunk reads are fast, but no more than 1024 rows, so that even a cache of few classes

@@ -43,79 +43,20 @@ import zarr
 from stages import storage
 from stages.augment import Augmentation, parse_augment, view_seeds
 from stages.cache import (
-    CODECS, DTYPES, FLOAT_ARRAYS, KINDS, CacheWriter, ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, open_writer,
+    FLOAT_ARRAYS, CacheWriter, ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, open_writer,
     prefetch, stored_rows, teacher_metrics, teacher_outputs,
 )
+from stages.config import CacheTeacherConfig  # defined there, torch-free, for the CLI; re-exported here
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
-    AMP_DTYPES, Progress, autocast, check_labels_fit, check_positive, config_dict, one_blas_thread_beside_torch, output_shape,
+    Progress, autocast, check_labels_fit, config_dict, one_blas_thread_beside_torch, output_shape,
     require, resolve_device,
 )
 from stages.storage import CacheLocation
 from stages.weights import count_parameters, weights_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CacheTeacherConfig:
-    teacher: str
-    dataset: str
-    out: CacheLocation
-    teacher_weights: Path | None = None
-    split: str = "train"
-    temperature: float = 4.0
-    batch_size: int = 256
-    device: str = "auto"
-    dtype: str = "float16"
-    format: str = "dense"  # dense: every class's logit; topk: the top_k largest, their classes and the row's log-sum-exp
-    top_k: int | None = None
-    augment: str = "none"  # augmentation of the cached views (stages.augment); none: the inputs as they are
-    views: int = 1  # augmented views per sample, with augment
-    view_seed: int = 0  # base seed of the views' seeds
-    features: bool = False  # also cache the teacher's features (its logits_and_features), for feature targets
-    chunk_rows: int | None = None  # None: about 2 MB of soft labels per chunk
-    codec: str = "none"  # of the logits array: none or zstd (see stages.cache.CODECS)
-    amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
-    loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
-    workers: int = 0  # >0: compute the chunks on a local dask cluster of this many worker processes
-    scheduler: str | None = None  # address of a running dask.distributed scheduler whose workers compute the chunks
-    num_classes: int | None = None  # for building the teacher when the split has no labels to count classes by
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        check_positive("temperature", self.temperature)
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.dtype not in DTYPES:
-            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.codec not in CODECS:
-            raise InputError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
-        if self.format not in KINDS:
-            raise InputError(f"--format must be one of {', '.join(KINDS)}, got {self.format!r}")
-        if (self.format == "topk") != (self.top_k is not None):
-            raise InputError("--top-k K goes with --format topk, and --format topk needs --top-k K")
-        if self.top_k is not None and self.top_k < 1:
-            raise InputError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.views < 1:
-            raise InputError(f"--views must be at least 1, got {self.views}")
-        if self.views > 1 and self.augment == "none":
-            raise InputError(f"--views {self.views} needs --augment SPEC: without augmentation every view would be the same")
-        if self.view_seed < 0:
-            raise InputError(f"--view-seed must be 0 or more, got {self.view_seed}")
-        if self.loader_workers < 0:
-            raise InputError(f"--loader-workers must be 0 or more, got {self.loader_workers}")
-        if self.workers < 0:
-            raise InputError(f"--workers must be 0 or more, got {self.workers}")
-        if self.workers and self.scheduler:
-            raise InputError("--workers starts a local dask cluster and --scheduler names a running one: give one of them")
-        if (self.workers or self.scheduler) and self.loader_workers:
-            raise InputError("--loader-workers cannot go with dask workers (their processes cannot start DataLoader workers)")
-        if self.amp not in AMP_DTYPES and self.amp != "none":
-            raise InputError(f"--amp must be none, {' or '.join(AMP_DTYPES)}, got {self.amp!r}")
-        if self.chunk_rows is not None and self.chunk_rows < 1:
-            raise InputError(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
 
 
 @dataclass(frozen=True)

@@ -143,9 +143,6 @@ def _with_hard_labels(
     return loss, {"ce": hard.detach(), "kd": soft.detach()}
 
 
-FEATURE_LOSSES = ("mse", "cosine")
-
-
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
     """The distance between the student's features (after its projection to the teacher's size)
     and the teacher's, both (B, F): "mse", the mean squared difference per element (FitNets,

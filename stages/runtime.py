@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import math
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 from threadpoolctl import ThreadpoolController
 
+from stages.config import AMP_MODES
 from stages.data import Split
 from stages.errors import InputError, PipelineError
 
@@ -53,11 +53,6 @@ def config_dict(config) -> dict:
         return str(value) if isinstance(value, Path) else value
 
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
-
-
-def check_positive(option: str, value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise InputError(f"--{option} must be a positive number, got {value}")
 
 
 def output_shape(model: torch.nn.Module, split: Split, device: torch.device, role: str) -> tuple[int, ...]:
@@ -111,7 +106,7 @@ def one_blas_thread_beside_torch() -> Iterator[None]:
         yield
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {name: getattr(torch, dtype) for name, dtype in AMP_MODES.items()}
 
 
 def autocast(amp: str, device: torch.device):

@@ -45,12 +45,13 @@ import torch.nn.functional as F
 
 from stages.augment import Augmentation, parse_augment
 from stages.cache import CacheReader, Rows, batch_bounds, prefetch
+from stages.config import TrainConfig  # defined there, torch-free, for the CLI; re-exported here
 from stages.data import Split, joined_with_inputs, sequence_lengths
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.evaluation import evaluate
-from stages.losses import FEATURE_LOSSES, distillation_loss, feature_loss, retemper, topk_distillation_loss
+from stages.losses import distillation_loss, feature_loss, retemper, topk_distillation_loss
 from stages.runtime import (
-    Progress, Ranks, agree, average_over_ranks, check_labels_fit, check_positive, config_dict, main_only, one_blas_thread_beside_torch,
+    Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
     output_shape, process_group, seed_everything,
 )
 from stages.storage import CacheLocation
@@ -59,60 +60,8 @@ from stages.weights import count_parameters, save_weights
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-VIEW_POLICIES = ("random", "cycle")
 # Options that may change when a run is resumed: they do not change what it computes.
 RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "loader_workers")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str
-    dataset: str
-    out: Path
-    cache: CacheLocation | None = None
-    model_weights: Path | None = None
-    split: str = "train"
-    eval_split: str | None = "test"
-    alpha: float = 0.9
-    temperature: float | None = None  # None: the cache's own T
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    augment: str = "none"  # random augmentation of the inputs (stages.augment); a view cache replays its own instead
-    view_policy: str = "random"  # view caches: which view a drawn sample uses; random, or cycle (view = epoch mod V)
-    feature_loss: str = "none"  # with a cache of features: mse or cosine between the projected student's and the teacher's
-    feature_weight: float = 1.0  # the feature loss's weight, added to the distillation loss
-    buffer_chunks: int = 8
-    loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
-    weights_out: Path | None = None  # None: model.safetensors in the run folder
-    checkpoint_every: int = 1  # epochs between checkpoints; 0: none
-    resume: bool = False
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise InputError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature is not None:
-            check_positive("temperature", self.temperature)
-        for name in ("epochs", "batch_size", "buffer_chunks"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.loader_workers < 0:
-            raise InputError(f"--loader-workers must be 0 or more, got {self.loader_workers}")
-        if self.checkpoint_every < 0:
-            raise InputError(f"--checkpoint-every must be 0 (never) or more, got {self.checkpoint_every}")
-        check_positive("lr", self.lr)
-        if self.seed < 0:
-            raise InputError(f"--seed must be 0 or more, got {self.seed}")
-        if self.view_policy not in VIEW_POLICIES:
-            raise InputError(f"--view-policy must be one of {', '.join(VIEW_POLICIES)}, got {self.view_policy!r}")
-        if self.feature_loss not in ("none", *FEATURE_LOSSES):
-            raise InputError(f"--feature-loss must be none, {' or '.join(FEATURE_LOSSES)}, got {self.feature_loss!r}")
-        if not (self.feature_weight >= 0 and math.isfinite(self.feature_weight)):
-            raise InputError(f"--feature-weight must be 0 or more, got {self.feature_weight}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,156 @@
+"""The two stages' configs, typed and frozen, with the checks that run before any work starts,
+and the names those checks accept (cache kinds, dtypes, codecs, autocast modes, feature losses,
+view policies), defined here once for the stages and the CLI.
+
+This module imports neither torch nor numpy nor zarr: the CLI takes its option defaults from
+these classes when it starts, and `pipeline --help` must not pay for loading torch. The stage
+modules re-export their config (`stages.cache_teacher.CacheTeacherConfig`,
+`stages.train_student.TrainConfig`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.errors import InputError
+from stages.storage import CacheLocation
+
+KINDS = ("dense", "topk")
+DTYPES = ("float16", "float32")
+# Codecs for the soft-label arrays (see stages.cache).
+CODECS = ("none", "zstd")
+# Teacher autocast modes besides "none", with the torch dtype each runs in (by name: no torch here).
+AMP_MODES = {"bf16": "bfloat16", "fp16": "float16"}
+FEATURE_LOSSES = ("mse", "cosine")
+VIEW_POLICIES = ("random", "cycle")
+
+# Counts (rows per batch or chunk, epochs, views, workers, ...) end up as C ints in torch, zarr
+# and the OS: a larger value is a typo, and it failed deep inside with an internal error (an
+# --batch-size of 2**70 did) instead of here.
+MAX_COUNT = 2**31 - 1
+# Distillation temperatures in use are 1-20 (Hinton et al. use up to 20). Far beyond, teacher
+# logits within +-100 soften to within 20% of uniform, float16 keeps little of logits/T, and
+# the loss's T**2 factor (1e6 at T = 1000) swamps the hard-label term; 1e200 overflows T**2.
+MAX_TEMPERATURE = 1000.0
+# np.random.seed (seeded with the run's seed) takes seeds below 2**32; view seeds are uint64.
+MAX_SEED = 2**32 - 1
+MAX_VIEW_SEED = 2**64 - 1
+# Top-k caches store class numbers as uint8, uint16 or uint32 (stages.cache).
+MAX_CLASSES = 2**32
+
+
+def check_positive(option: str, value: float, high: float = math.inf) -> None:
+    """`value` is a finite number above 0 (and at most `high`), else an InputError naming `--option`."""
+    if not (0 < value <= high and math.isfinite(value)):
+        bound = "" if high == math.inf else f" up to {high:g}"
+        raise InputError(f"--{option} must be a positive number{bound}, got {value}")
+
+
+def check_range(option: str, value: float, low: float, high: float = MAX_COUNT) -> None:
+    """`value` is a finite number in [low, high], else an InputError naming `--option`."""
+    if not (low <= value <= high and math.isfinite(value)):
+        bounds = f"{low} or more" if high == math.inf else f"between {low} and {high}"
+        raise InputError(f"--{option} must be {bounds}, got {value}")
+
+
+def _check_counts(config, bounds: dict[str, int]) -> None:
+    """Each named whole-number field (skipping None) at least its bound and at most MAX_COUNT."""
+    for name, low in bounds.items():
+        value = getattr(config, name)
+        if value is not None:
+            check_range(name.replace("_", "-"), value, low)
+
+
+@dataclass(frozen=True)
+class CacheTeacherConfig:
+    teacher: str
+    dataset: str
+    out: CacheLocation
+    teacher_weights: Path | None = None
+    split: str = "train"
+    temperature: float = 4.0
+    batch_size: int = 256
+    device: str = "auto"
+    dtype: str = "float16"
+    format: str = "dense"  # dense: every class's logit; topk: the top_k largest, their classes and the row's log-sum-exp
+    top_k: int | None = None
+    augment: str = "none"  # augmentation of the cached views (stages.augment); none: the inputs as they are
+    views: int = 1  # augmented views per sample, with augment
+    view_seed: int = 0  # base seed of the views' seeds
+    features: bool = False  # also cache the teacher's features (its logits_and_features), for feature targets
+    chunk_rows: int | None = None  # None: about 2 MB of soft labels per chunk
+    codec: str = "none"  # of the logits array: none or zstd (see CODECS)
+    amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
+    loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
+    workers: int = 0  # >0: compute the chunks on a local dask cluster of this many worker processes
+    scheduler: str | None = None  # address of a running dask.distributed scheduler whose workers compute the chunks
+    num_classes: int | None = None  # for building the teacher when the split has no labels to count classes by
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        check_positive("temperature", self.temperature, MAX_TEMPERATURE)
+        _check_counts(self, {"batch_size": 1, "top_k": 1, "views": 1, "chunk_rows": 1, "loader_workers": 0, "workers": 0})
+        if self.num_classes is not None:  # one class has nothing to distil: its softmax is 1
+            check_range("num-classes", self.num_classes, 2, MAX_CLASSES)
+        check_range("view-seed", self.view_seed, 0, MAX_VIEW_SEED)
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.codec not in CODECS:
+            raise InputError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.format not in KINDS:
+            raise InputError(f"--format must be one of {', '.join(KINDS)}, got {self.format!r}")
+        if (self.format == "topk") != (self.top_k is not None):
+            raise InputError("--top-k K goes with --format topk, and --format topk needs --top-k K")
+        if self.views > 1 and self.augment == "none":
+            raise InputError(f"--views {self.views} needs --augment SPEC: without augmentation every view would be the same")
+        if self.workers and self.scheduler:
+            raise InputError("--workers starts a local dask cluster and --scheduler names a running one: give one of them")
+        if (self.workers or self.scheduler) and self.loader_workers:
+            raise InputError("--loader-workers cannot go with dask workers (their processes cannot start DataLoader workers)")
+        if self.amp not in AMP_MODES and self.amp != "none":
+            raise InputError(f"--amp must be none, {' or '.join(AMP_MODES)}, got {self.amp!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    dataset: str
+    out: Path
+    cache: CacheLocation | None = None
+    model_weights: Path | None = None
+    split: str = "train"
+    eval_split: str | None = "test"
+    alpha: float = 0.9
+    temperature: float | None = None  # None: the cache's own T
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    augment: str = "none"  # random augmentation of the inputs (stages.augment); a view cache replays its own instead
+    view_policy: str = "random"  # view caches: which view a drawn sample uses; random, or cycle (view = epoch mod V)
+    feature_loss: str = "none"  # with a cache of features: mse or cosine between the projected student's and the teacher's
+    feature_weight: float = 1.0  # the feature loss's weight, added to the distillation loss
+    buffer_chunks: int = 8
+    loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
+    weights_out: Path | None = None  # None: model.safetensors in the run folder
+    checkpoint_every: int = 1  # epochs between checkpoints; 0: none
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        check_range("alpha", self.alpha, 0.0, 1.0)
+        if self.temperature is not None:
+            check_positive("temperature", self.temperature, MAX_TEMPERATURE)
+        _check_counts(self, {"epochs": 1, "batch_size": 1, "buffer_chunks": 1, "loader_workers": 0, "checkpoint_every": 0})
+        check_positive("lr", self.lr)
+        check_range("weight-decay", self.weight_decay, 0.0, math.inf)
+        check_range("feature-weight", self.feature_weight, 0.0, math.inf)
+        check_range("seed", self.seed, 0, MAX_SEED)
+        if self.view_policy not in VIEW_POLICIES:
+            raise InputError(f"--view-policy must be one of {', '.join(VIEW_POLICIES)}, got {self.view_policy!r}")
+        if self.feature_loss not in ("none", *FEATURE_LOSSES):
+            raise InputError(f"--feature-loss must be none, {' or '.join(FEATURE_LOSSES)}, got {self.feature_loss!r}")
