@@ -224,7 +224,7 @@ def cache_teacher_command(
         name = f"{slug(values['teacher'])}-{slug(values['dataset'])}-{values['split']}-T{values['temperature']:g}{kept}.zarr"
         values["out"] = DATA_ROOT / "caches" / name
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
-    _apply_storage_options(storage_option, cfg.out)
+    _apply_storage_options(values["storage_option"], cfg.out)
     with _progress_bar("teacher pass (rows)") as progress:
         result = run_caching(cfg, progress)
     _emit(as_json, vars(result), _key_value_table("cache written", vars(result)))
@@ -272,17 +272,17 @@ def train_student_command(
 
         torchrun --standalone --nproc-per-node 2 -m pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400
     """
-    from pipeline.jobs import run_training
+    from pipeline.jobs import run_training, spec_from_cache
     from stages.cache import CacheReader
 
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")},
                            TS, renamed={"student": "model", "student_weights": "model_weights"})
     if values["cache"] is not None:
         values["cache"] = cache_location(values["cache"])
-        _apply_storage_options(storage_option, values["cache"])
-        provenance = CacheReader(values["cache"]).attrs["dataset"]
-        values["dataset"] = values["dataset"] or provenance["spec"]
-        values["split"] = values["split"] or provenance["split"]
+        _apply_storage_options(values["storage_option"], values["cache"])
+        attrs = CacheReader(values["cache"]).attrs
+        values["dataset"] = values["dataset"] or spec_from_cache(values["cache"], attrs, "dataset")
+        values["split"] = values["split"] or attrs["dataset"]["split"]
     values["split"] = values["split"] or "train"
     if values["out"] is None and values["student"]:
         mode = "kd" if values["cache"] is not None else "scratch"
@@ -343,6 +343,7 @@ def verify_command(
     teacher: Annotated[str | None, typer.Option(help="Also re-run this teacher spec on --samples random rows and compare.")] = None,
     teacher_weights: Annotated[Path | None, typer.Option(help="Weights for --teacher.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset spec for the re-run. (default: the cache's dataset)")] = None,
+    augment: Annotated[str | None, typer.Option(help="The view cache's augmentation, when it is module:factory code: a cache never runs code the user did not name.")] = None,
     samples: Annotated[int, typer.Option(min=0, help="Rows to re-run the teacher on.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed choosing the rows.")] = 0,
     device: DeviceOption = "auto",
@@ -364,7 +365,7 @@ def verify_command(
     cache = cache_location(cache)
     _apply_storage_options(storage_option, cache)
     report = run_verify(cache, teacher=teacher, teacher_weights=teacher_weights, dataset=dataset,
-                        samples=samples, seed=seed, device=device)
+                        samples=samples, seed=seed, device=device, augment=augment)
     table = Table(title=f"verify {cache}")
     for column in ("check", "result", "detail"):
         table.add_column(column)
@@ -453,6 +454,7 @@ def evaluate_command(
     dataset: Annotated[str | None, typer.Option(help="Dataset spec. (default: the cache's dataset)")] = None,
     split: Annotated[str, typer.Option(help="Split to measure accuracy, NLL and speed on.")] = "test",
     cache: Annotated[str | None, typer.Option(help="Also report agreement with this cache's teacher top-1, on the cache's own split (a folder or an fsspec URL).")] = None,
+    augment: Annotated[str | None, typer.Option(help="The view cache's augmentation, when it is module:factory code: a cache never runs code the user did not name.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for evaluation and for the latency measurement.")] = 256,
     device: DeviceOption = "auto",
     storage_option: StorageOption = None,
@@ -471,7 +473,8 @@ def evaluate_command(
     cache = None if cache is None else cache_location(cache)
     if cache is not None:
         _apply_storage_options(storage_option, cache)
-    report = run_evaluate(model, weights, dataset=dataset, split=split, cache=cache, batch_size=batch_size, device=device)
+    report = run_evaluate(model, weights, dataset=dataset, split=split, cache=cache, batch_size=batch_size, device=device,
+                          augment=augment)
     _emit(as_json, report, _key_value_table(f"evaluate {model}", _flattened(report)))
 
 

@@ -260,3 +260,9 @@ def _from_factory(spec: str, factory: Callable, split: str) -> Split | None:
 
 def resolve_dataset(spec: str) -> ResolvedDataset:
     return ResolvedDataset(spec)
+
+
+def runs_user_code(spec: str) -> bool:
+    """Whether resolving the dataset `spec` imports and calls the user's code (a factory spec),
+    rather than reading a built-in set or a data file."""
+    return not spec.endswith(".npz") and spec.partition(":")[0] not in BUILTIN_DATASETS and is_factory_spec(spec)

@@ -3,6 +3,7 @@ the CLI commands, the demo and later orchestration share."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -10,9 +11,9 @@ from pathlib import Path
 import torch
 import zarr
 
-from pipeline.datasets import resolve_dataset
+from pipeline.datasets import resolve_dataset, runs_user_code
 from pipeline.models import resolve_model
-from pipeline.specs import resolve_augment
+from pipeline.specs import is_factory_spec, resolve_augment
 from stages import cache_teacher, train_student
 from stages.cache import CacheReader, is_cache, malformed_attributes
 from stages.data import Split, input_shape
@@ -24,6 +25,29 @@ from stages.verify import Report, verify
 from stages.weights import count_parameters
 
 log = logging.getLogger(__name__)
+
+# The specs a cache records that can name the user's code, with how a user names one instead.
+CODE_SPECS = {
+    "dataset": (runs_user_code, '--dataset {spec} (in a sweep file: dataset = "{spec}")'),
+    "augment": (lambda spec: any(map(is_factory_spec, spec.split("+"))),
+                '--augment {spec} (in a sweep file: augment = "{spec}" under [train])'),
+}
+
+
+def spec_from_cache(cache: CacheLocation, attrs: dict, what: str, named: str | None = None) -> str | None:
+    """The `what` spec ("dataset" or "augment") that `cache` records in `attrs`, for a command
+    that reads the cache to use ("none" for a cache without augmentation; None without a dataset).
+
+    A cache never runs code: caches are handed around (a shared disk, a bucket), and a recorded
+    `module:factory` or `file.py:factory` spec would import and call whatever its author chose.
+    So a spec that runs code is used only when the user named that same spec (`named`: from the
+    command line or a sweep file); built-ins and data files are taken from the cache as they are."""
+    spec = (attrs.get(what) or {}).get("spec", "none" if what == "augment" else None)
+    runs_code, how = CODE_SPECS[what]
+    if spec is not None and spec != named and runs_code(spec):
+        raise InputError(f"cache {cache} records the {what} {spec!r}, which is code, and a cache never runs code; "
+                         f"if you trust it, name it yourself: {how.format(spec=spec)}")
+    return spec
 
 
 def run_caching(cfg: cache_teacher.CacheTeacherConfig, progress: Progress | None = None) -> cache_teacher.CacheTeacherResult:
@@ -53,6 +77,9 @@ def run_training(cfg: train_student.TrainConfig, progress: Progress | None = Non
     train = data.split(cfg.split)
     evaluation = data.split(cfg.eval_split) if cfg.eval_split else None
     cache = CacheReader(cfg.cache) if cfg.cache else None
+    replayed = spec_from_cache(cfg.cache, cache.attrs, "augment", named=cfg.augment) if cache else "none"
+    if replayed != "none" and cfg.augment == replayed:  # naming a view cache's augmentation replays it, adds none
+        cfg = dataclasses.replace(cfg, augment="none")
     num_classes = cache.num_classes if cache else train.num_classes
     if num_classes is None:
         raise InputError(f"dataset {cfg.dataset} does not say how many classes it has")
@@ -62,9 +89,10 @@ def run_training(cfg: train_student.TrainConfig, progress: Progress | None = Non
 
 
 def run_verify(cache: CacheLocation, *, teacher: str | None, teacher_weights: Path | None, dataset: str | None,
-               samples: int, seed: int, device: str) -> Report:
-    """Verify a cache; with a teacher spec, rebuild the teacher on the cache's split and compare."""
-    model = split = augment = None
+               samples: int, seed: int, device: str, augment: str | None = None) -> Report:
+    """Verify a cache; with a teacher spec, rebuild the teacher on the cache's split and compare.
+    `dataset` and `augment` are the specs the user named (default: the cache's, unless code)."""
+    model = split = replay = None
     attrs = dict(zarr.open_group(str(cache), mode="r").attrs) if is_cache(cache) else {}
     # A teacher is rebuilt only for a cache whose metadata is sound; verify reports the rest.
     if teacher is not None and attrs and not malformed_attributes(attrs):
@@ -72,23 +100,24 @@ def run_verify(cache: CacheLocation, *, teacher: str | None, teacher_weights: Pa
             raise InputError(f"{cache} holds an ensemble of {len(attrs['teachers'])} teachers; one teacher's outputs cannot match it")
         if samples == 0:
             raise InputError("--teacher with --samples 0 re-runs nothing; give --samples N")
-        recorded = attrs.get("dataset") or {}
-        spec = dataset or recorded.get("spec")
+        spec = dataset or spec_from_cache(cache, attrs, "dataset")
         if spec is None:
             raise InputError(f"{cache} records no dataset; pass --dataset")
-        split = resolve_dataset(spec).split(recorded.get("split", "train"))
+        replay = resolve_augment(spec_from_cache(cache, attrs, "augment", named=augment))
+        split = resolve_dataset(spec).split((attrs.get("dataset") or {}).get("split", "train"))
         model = resolve_model(teacher, num_classes=attrs["num_classes"], input_shape=input_shape(split), weights=teacher_weights)
-        augment = resolve_augment((attrs.get("augment") or {}).get("spec", "none"))
-    return verify(cache, teacher=model, split=split, samples=samples, seed=seed, device=resolve_device(device), augment=augment)
+    return verify(cache, teacher=model, split=split, samples=samples, seed=seed, device=resolve_device(device), augment=replay)
 
 
 def run_evaluate(model_spec: str, weights: Path | None, *, dataset: str | None, split: str, cache: CacheLocation | None,
-                 batch_size: int, device: str) -> dict:
+                 batch_size: int, device: str, augment: str | None = None) -> dict:
     """A trained model (student or teacher) on a split: accuracy and NLL, agreement with the top-1
     of the teacher cached in `cache` (on the cache's own split), parameters, weights file size,
-    and inference latency and throughput per batch."""
+    and inference latency and throughput per batch. `dataset` and `augment` are the specs the user
+    named (default: the cache's, unless code)."""
     reader = CacheReader(cache) if cache else None
-    dataset = dataset or (reader.attrs["dataset"]["spec"] if reader else None)
+    dataset = dataset or (spec_from_cache(cache, reader.attrs, "dataset") if reader else None)
+    replay = resolve_augment(spec_from_cache(cache, reader.attrs, "augment", named=augment)) if reader else None
     if dataset is None:
         raise InputError("missing option --dataset (or --cache)")
     if weights is not None and not weights.is_file():
@@ -115,8 +144,7 @@ def run_evaluate(model_spec: str, weights: Path | None, *, dataset: str | None, 
     if reader is not None:
         cached_split = data.split(reader.attrs["dataset"]["split"])
         reader.check_split(cached_split, dataset)
-        augment = resolve_augment((reader.attrs.get("augment") or {}).get("spec", "none"))
-        report["teacher_agreement"] = teacher_agreement(model, reader, cached_split, torch_device, augment)
+        report["teacher_agreement"] = teacher_agreement(model, reader, cached_split, torch_device, replay)
         report["agreement_split"] = cached_split.name
     report["device"] = str(torch_device)
     report["speed"] = speed(model, evaluation, torch_device, batch_size)

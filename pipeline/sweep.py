@@ -13,6 +13,7 @@ re-running the same command after an interruption does only what is left.
     seeds = [0, 1]
     baseline = true               # optional: default true
     out = "data/sweeps/mnist"     # optional: default data/sweeps/CONFIG-NAME
+    dataset = "my_data.py:build"  # optional: default the cache's (a cache's code spec must be named here)
 
     [train]                       # optional: any other train-student option, for every run
     epochs = 20
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from pipeline.config import build_config, check_type
 from pipeline.datasets import resolve_dataset
-from pipeline.jobs import run_training
+from pipeline.jobs import run_training, spec_from_cache
 from pipeline.models import resolve_model
 from pipeline.specs import slug
 from stages.cache import CacheReader
@@ -50,7 +51,7 @@ from stages.train_student import TrainConfig
 log = logging.getLogger(__name__)
 
 GRID_KEYS = {"cache": str, "students": list, "alphas": list, "temperatures": list, "seeds": list, "baseline": bool,
-             "out": str, "train": dict}
+             "out": str, "dataset": str, "train": dict}
 # Options of every run that the grid (or its cache) sets: not allowed in [train].
 SET_BY_GRID = {"model", "cache", "alpha", "temperature", "seed", "out", "resume", "overwrite", "weights_out", "model_weights",
                "dataset", "split"}
@@ -96,7 +97,8 @@ def read_sweep(path: Path, out: Path | None, data_root: Path, overwrite: bool = 
         _check_items(path, key, grid[key], kind)
     train = _train_options(path, raw.get("train", {}))
     folder = out or (Path(raw["out"]).absolute() if "out" in raw else data_root / "sweeps" / path.stem)
-    dataset = {"dataset": reader.attrs["dataset"]["spec"], "split": reader.attrs["dataset"]["split"]}
+    dataset = {"dataset": raw.get("dataset") or spec_from_cache(cache, reader.attrs, "dataset"), "split": reader.attrs["dataset"]["split"]}
+    spec_from_cache(cache, reader.attrs, "augment", named=train.get("augment"))  # refused here, not in every run
     _check_students(grid["students"], reader, dataset, train)
     common = {**dataset, **train, "resume": not overwrite, "overwrite": overwrite}
     runs = []

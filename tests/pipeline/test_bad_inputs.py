@@ -214,3 +214,80 @@ def test_usage_errors_from_the_console_entry_point_are_one_line(args, words):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
+
+
+@pytest.fixture
+def caches_naming_code(tmp_path, teacher_weights):
+    """A cache whose dataset is a factory file, and a view cache whose augmentation is one, made
+    as their author would (naming the code); then the code's marker file is removed and its
+    modules forgotten, so that any later import or call of it shows."""
+    marker = tmp_path / "code-ran"
+    touch = f"open({str(marker)!r}, 'a').close()"
+    data = _user_file(tmp_path, "their_data", f"""
+        import numpy as np, torch
+        from pipeline.datasets import resolve_dataset
+        {touch}
+        def build(split):
+            {touch}
+            part = resolve_dataset({DATASET!r}).split(split)
+            return torch.utils.data.TensorDataset(part.inputs(np.arange(len(part))), torch.from_numpy(part.labels))
+    """)
+    augment = _user_file(tmp_path, "their_augment", f"""
+        {touch}
+        def build():
+            {touch}
+            return lambda x, rng: x + float(rng.normal()) * 0.01
+    """)
+    common = ["--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--chunk-rows", "64"]
+    invoke_json("cache-teacher", *common, "--dataset", data, "--out", tmp_path / "data.zarr")
+    invoke_json("cache-teacher", *common, "--dataset", DATASET, "--augment", augment, "--views", "2", "--out", tmp_path / "views.zarr")
+    marker.unlink()
+    for name in [m for m in sys.modules if m.startswith(("_user_their_data", "_user_their_augment"))]:
+        del sys.modules[name]
+    return {"data": data, "augment": augment, "marker": marker, "teacher_weights": teacher_weights}
+
+
+def _sweep_file(path: Path, cache: Path, grid: str = "", train: str = "") -> Path:
+    path.write_text(f'cache = "{cache}"\nstudents = ["mlp-64"]\nseeds = [0]\nbaseline = false\n{grid}\n[train]\nepochs = 1\n{train}\n')
+    return path
+
+
+def test_a_cache_never_runs_code_the_user_did_not_name(tmp_path, caches_naming_code):
+    """Every command that reads a cache refuses a code spec recorded in it (one line saying how to
+    name it) without importing or calling it; naming that spec runs it."""
+    t, c = tmp_path, caches_naming_code
+    data, views, weights = t / "data.zarr", t / "views.zarr", c["teacher_weights"]
+    verify_teacher = ["--teacher", "mlp-64", "--teacher-weights", weights]
+    refused = [
+        (["train-student", "--cache", data, "--student", "mlp-64", "--out", t / "r"], f"--dataset {c['data']}"),
+        (["train-student", "--cache", views, "--student", "mlp-64", "--out", t / "r"], f"--augment {c['augment']}"),
+        (["evaluate", "--model", "mlp-64", "--cache", data], f"--dataset {c['data']}"),
+        (["evaluate", "--model", "mlp-64", "--cache", views, "--dataset", DATASET], f"--augment {c['augment']}"),
+        (["verify", data, *verify_teacher], f"--dataset {c['data']}"),
+        (["verify", views, *verify_teacher], f"--augment {c['augment']}"),
+        (["sweep", _sweep_file(t / "data.toml", data), "--out", t / "s"], f'dataset = "{c["data"]}"'),
+        (["sweep", _sweep_file(t / "views.toml", views), "--out", t / "s"], f'augment = "{c["augment"]}" under [train]'),
+    ]
+    for args, how in refused:
+        code, out, err = invoke(*args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "which is code" in lines[0] and how in lines[0], (args, err)
+        assert not c["marker"].exists(), args
+    for args in (["verify", data], ["verify", views], ["inspect", data, "--png", t / "d.png"]):  # they need no dataset
+        assert invoke(*args)[0] == 0, args
+    assert not c["marker"].exists()
+
+    named = [
+        ["train-student", "--cache", data, "--student", "mlp-64", "--epochs", "1", "--out", t / "r1", "--dataset", c["data"]],
+        ["train-student", "--cache", views, "--student", "mlp-64", "--epochs", "1", "--out", t / "r2", "--augment", c["augment"]],
+        ["evaluate", "--model", "mlp-64", "--cache", data, "--dataset", c["data"]],
+        ["evaluate", "--model", "mlp-64", "--cache", views, "--dataset", DATASET, "--augment", c["augment"]],
+        ["verify", data, *verify_teacher, "--dataset", c["data"]],
+        ["verify", views, *verify_teacher, "--augment", c["augment"]],
+        ["sweep", _sweep_file(t / "d.toml", data, f'dataset = "{c["data"]}"'), "--out", t / "s1"],
+        ["sweep", _sweep_file(t / "v.toml", views, train=f'augment = "{c["augment"]}"'), "--out", t / "s2"],
+    ]
+    for args in named:
+        code, out, err = invoke(*args, "--json")
+        assert code == 0, (args, err)
+    assert c["marker"].exists()  # the named code did run
