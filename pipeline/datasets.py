@@ -32,7 +32,7 @@ import torch
 
 from pipeline.specs import is_factory_spec, load_factory, whole_number_parameters
 from pipeline.text import text_splits
-from stages.data import Split, TensorSplit, TorchDatasetSplit, splitmix64
+from stages.data import Split, TensorSplit, TorchDatasetSplit, classes_in, splitmix64
 from stages.errors import InputError
 
 SPLITS = ("train", "test")
@@ -197,9 +197,7 @@ def _npz(path: Path) -> dict[str, Split]:
             arrays = {k: data[k] for k in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(f"cannot read dataset file {path}: {exc}") from exc
-    labels = [arrays[f"y_{s}"] for s in SPLITS if f"y_{s}" in arrays]
-    num_classes = int(max(int(y.max()) for y in labels if len(y))) + 1 if any(len(y) for y in labels) else None
-    splits = {}
+    checked = {}
     for split in SPLITS:
         if f"x_{split}" not in arrays:
             continue
@@ -209,13 +207,18 @@ def _npz(path: Path) -> dict[str, Split]:
             raise InputError(f"{path}: x_{split} must be numeric, got {x.dtype}")
         if y is not None and (y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0)):
             raise InputError(f"{path}: y_{split} must be {len(x)} non-negative integer labels, got {y.dtype} {y.shape}")
-        splits[split] = TensorSplit(
-            split, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-            None if y is None else y.astype(np.int64), num_classes,
-        )
-    if not splits:
+        checked[split] = x, y
+    if not checked:
         raise InputError(f"{path} has no x_train or x_test array")
-    return splits
+    shapes = {split: x.shape[1:] for split, (x, _) in checked.items()}
+    if len(set(shapes.values())) > 1:  # else training would fail only when it first evaluates
+        raise InputError(f"{path}: x_train and x_test must have one input shape, got {shapes['train']} and {shapes['test']}")
+    counts = [classes_in(y, f"{path}: y_{split}") for split, (_, y) in checked.items() if y is not None]
+    num_classes = max(filter(None, counts), default=None)
+    return {
+        split: TensorSplit(split, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), None if y is None else y.astype(np.int64), num_classes)
+        for split, (x, y) in checked.items()
+    }
 
 
 class ResolvedDataset:

@@ -21,6 +21,9 @@ from stages.errors import InputError
 # Rows hashed for the inputs' fingerprint: enough to tell datasets and orderings apart,
 # few enough that fingerprinting a huge split costs nothing.
 FINGERPRINT_ROWS = 64
+# The most classes labels may imply (past any vocabulary in use): a larger label is a mistake (an
+# id, a hash), and a model and cache sized by it would try to allocate terabytes.
+MAX_CLASSES = 2**20
 
 
 class Split(Protocol):
@@ -82,8 +85,8 @@ class TorchDatasetSplit:
         self._labels = _read_labels(dataset)
         if num_classes is None:
             num_classes = getattr(dataset, "num_classes", None)
-        if num_classes is None and self._labels is not None and len(self._labels):
-            num_classes = int(self._labels.max()) + 1
+        if num_classes is None and self._labels is not None:
+            num_classes = classes_in(self._labels, f"split {name!r}")
         self.num_classes = num_classes
         lengths = getattr(dataset, "lengths", None)
         self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
@@ -112,6 +115,17 @@ def _read_labels(dataset) -> np.ndarray | None:
     if len(dataset) == 0 or not isinstance(dataset[0], (tuple, list)):
         return None
     return np.asarray([np.asarray(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def classes_in(labels: np.ndarray, where: str) -> int | None:
+    """The number of classes that labels numbered from 0 imply (None for no labels), checked
+    before anything is sized by it: labels are whole numbers in [0, MAX_CLASSES)."""
+    if len(labels) == 0:
+        return None
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= MAX_CLASSES:
+        raise InputError(f"{where}: labels must be class numbers from 0 to {MAX_CLASSES - 1:,}, got {low if low < 0 else high:,}")
+    return high + 1
 
 
 def joined_with_inputs(rows: Iterable[dict], split: Split, workers: int = 0) -> Iterator[dict]:

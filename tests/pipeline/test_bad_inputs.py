@@ -167,6 +167,12 @@ CASES = {
     "unknown view augmentation": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "v.zarr", "--augment", "blur:2"], 2, "unknown augment spec 'blur:2'"),
     "views of token sequences": lambda t, c, w: (["cache-teacher", "--teacher", LM_TEACHER, "--dataset", LM_DATA, "--out", t / "v.zarr", "--augment", "flip"], 2, "need float images"),
     "unknown view policy": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--view-policy", "best"], 2, "--view-policy must be one of random, cycle"),
+    "label of a billion in an .npz": lambda t, c, w: np.savez(t / "big.npz", x_train=np.ones((20, 3)), y_train=np.array([0] * 19 + [10**9]))
+        or (["cache-teacher", "--teacher", "mlp-64", "--dataset", t / "big.npz", "--out", t / "b.zarr"], 2, "labels must be class numbers from 0 to 1,048,575, got 1,000,000,000"),
+    "label of 2**40 in an .npz's test split": lambda t, c, w: np.savez(t / "big.npz", x_train=np.ones((20, 3)), y_train=np.arange(20) % 2, x_test=np.ones((5, 3)), y_test=np.array([0, 1, 0, 1, 2**40]))
+        or (["train-student", "--student", "mlp-64", "--dataset", t / "big.npz", "--out", t / "r"], 2, "y_test: labels must be class numbers"),
+    "x_train and x_test of other feature counts": lambda t, c, w: np.savez(t / "odd.npz", x_train=np.ones((20, 3)), y_train=np.arange(20) % 2, x_test=np.ones((5, 4)), y_test=np.arange(5) % 2)
+        or (["train-student", "--student", "mlp-64", "--dataset", t / "odd.npz", "--out", t / "r"], 2, "x_train and x_test must have one input shape, got (3,) and (4,)"),
     "cuda without a GPU": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--device", "cuda"], 2, "CUDA"),
 }
 
