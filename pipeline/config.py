@@ -12,6 +12,7 @@ Precedence: an option given on the command line > the file > the option's defaul
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,12 @@ def read_toml(path: Path, allowed: set[str]) -> dict[str, Any]:
         raise InputError(f"cannot read config file {path}: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"config file {path} is not valid TOML: {exc}") from exc
-    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    values, spelled = {}, {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name in values:  # batch-size and batch_size: which one wins would be an accident of the file's order
+            raise InputError(f"config file {path}: {spelled[name]} and {key} are the same option; give it once")
+        values[name], spelled[name] = value, key
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise InputError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
@@ -47,19 +53,35 @@ def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str
                   renamed: dict[str, str] | None = None) -> dict[str, Any]:
     """Command-line values, with those left at their defaults taken from `config_file`. File
     values are type-checked against `config_class`'s fields (`renamed` maps option names to
-    field names where they differ)."""
+    field names where they differ). An option that the command line takes several times
+    (--storage-option) is a list of strings in the file, or a table of KEY = VALUE."""
     if config_file is None:
         return values
     from_file = read_toml(config_file, set(values))
     types = {f.name: str(f.type) for f in dataclasses.fields(config_class)}
+    repeatable = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
     merged = dict(values)
     for name, value in from_file.items():
         source = ctx.get_parameter_source(name)
         # Compared by name: typer ships its own copy of click, so the enum class is not click's.
         if source is None or source.name == "DEFAULT":
-            check_type(config_file, name, value, types.get((renamed or {}).get(name, name), "str"))
+            if name in repeatable:
+                value = _key_value_list(config_file, name, value)
+            else:
+                check_type(config_file, name, value, types.get((renamed or {}).get(name, name), "str"))
             merged[name] = value
     return merged
+
+
+def _key_value_list(config_file: Path, name: str, value: Any) -> list[str]:
+    """A repeatable KEY=VALUE option from the file: a list of "KEY=VALUE" strings, or a table whose
+    values (JSON-encoded, as the command line's VALUE is read) keep their TOML types."""
+    if isinstance(value, dict):
+        return [f"{key}={json.dumps(item)}" for key, item in value.items()]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise InputError(f'config file {config_file}: {name.replace("_", "-")} must be a list of "KEY=VALUE" strings '
+                     f"or a table of KEY = VALUE, got {value!r}")
 
 
 def check_type(config_file: Path, name: str, value: Any, annotation: str) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 import pipeline.jobs
@@ -144,3 +145,40 @@ def test_file_specs_are_recorded_with_absolute_paths(tmp_path, monkeypatch, teac
                         "--dataset", "rel.npz", "--out", "c.zarr")
     assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r").attrs["dataset"]["spec"] == str(tmp_path / "rel.npz")
     assert cache["num_samples"] == 50
+
+
+BAD_NUMBERS = [
+    ("train-student", "--weight-decay", "-1"), ("train-student", "--weight-decay", "nan"), ("train-student", "--temperature", "1e200"),
+    ("train-student", "--batch-size", str(2**70)), ("train-student", "--seed", str(2**32)), ("train-student", "--lr", "inf"),
+    ("train-student", "--feature-weight", "nan"), ("cache-teacher", "--num-classes", "-4"), ("cache-teacher", "--num-classes", "0"),
+    ("cache-teacher", "--temperature", "1e200"), ("cache-teacher", "--batch-size", str(2**70)), ("cache-teacher", "--view-seed", "-1"),
+    ("cache-teacher", "--chunk-rows", str(2**40)),
+]
+
+
+@pytest.mark.parametrize("command, option, value", BAD_NUMBERS)
+def test_out_of_range_numbers_are_refused_before_any_work(tmp_path, command, option, value):
+    model = ("--student", "mlp-64") if command == "train-student" else ("--teacher", "mlp-64")
+    code, _, err = invoke(command, *model, "--dataset", DATASET, "--out", tmp_path / "out", option, value)
+    assert code == 2 and err.startswith(f"error: {option} must be") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the data root
+
+
+def test_a_sweep_refuses_a_bad_number_in_its_train_table(tmp_path, cache_path):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f'cache = "{cache_path}"\nstudents = ["mlp-64"]\nseeds = [0]\n[train]\nweight-decay = nan\n')
+    code, _, err = invoke("sweep", sweep)
+    assert code == 2 and err == "error: --weight-decay must be 0.0 or more, got nan\n"
+    assert not (tmp_path / "data" / "sweeps").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('batch-size = 64\nbatch_size = 32\n', "batch-size and batch_size are the same option; give it once"),
+    ('storage-option = "endpoint_url=http://localhost:9000"\n', 'storage-option must be a list of "KEY=VALUE" strings or a table'),
+])
+def test_ambiguous_or_mistyped_config_file_entries_are_one_line_errors(tmp_path, text, message):
+    config = tmp_path / "student.toml"
+    config.write_text(f'student = "mlp-64"\ndataset = "{DATASET}"\n{text}')
+    code, _, err = invoke("train-student", "--config", config, "--out", tmp_path / "r")
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()

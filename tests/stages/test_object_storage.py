@@ -156,3 +156,19 @@ def test_an_unknown_protocol_and_a_bad_storage_option_are_one_line_errors(tmp_pa
                           "--out", tmp_path / "c.zarr", "--storage-option", "no-equals-sign")
     assert code == 2 and "KEY=VALUE" in err
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_storage_options_from_a_config_file_as_a_table_or_a_list(tmp_path, teacher_weights, bucket, s3_endpoint):
+    saved = copy.deepcopy(fsspec.config.conf)  # --storage-option sets this process's fsspec configuration
+    config = tmp_path / "cache.toml"
+    config.write_text(f'teacher = "mlp-64"\nteacher-weights = "{teacher_weights}"\ndataset = "{DATASET}"\n'
+                      f'out = "{bucket}/c.zarr"\nchunk-rows = {CHUNK_ROWS}\ndevice = "cpu"\n'
+                      f'[storage-option]\nendpoint_url = "{s3_endpoint}"\n')
+    cache = invoke_json("cache-teacher", "--config", config)
+    assert cache["chunks_computed"] == 10
+    fsspec.config.conf.clear()
+    fsspec.config.conf.update(saved)
+    config = tmp_path / "student.toml"
+    config.write_text(f'student = "mlp-64"\ncache = "{bucket}/c.zarr"\nepochs = 1\nstorage-option = ["endpoint_url={s3_endpoint}"]\n')
+    run = invoke_json("train-student", "--config", config, "--out", tmp_path / "run")
+    assert run["mode"] == "distilled"
