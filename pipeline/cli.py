@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +28,7 @@ from pipeline.config import build_config, field_default, merge_options
 from pipeline.specs import PATH_SPECS, slug
 from stages import storage
 from stages.config import CacheTeacherConfig as CT, TrainConfig as TS
-from stages.errors import CacheDamagedError, InputError, PipelineError
+from stages.errors import CacheDamagedError, InputError, PipelineError, Terminated
 from stages.storage import cache_location
 
 # Modules that load torch, zarr, dask or matplotlib are imported inside the commands that use
@@ -61,6 +62,8 @@ def handle_errors(command):
             raise
         except PipelineError as exc:
             _fail(str(exc), exc.exit_code)
+        except Terminated:
+            _fail("terminated", Terminated.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except MemoryError:
@@ -77,7 +80,8 @@ def handle_errors(command):
 
 def main() -> None:
     """The console entry point: the app, with click's usage errors (bad option values, unknown
-    options) also reduced to one line on stderr and exit code 2."""
+    options) also reduced to one line on stderr and exit code 2. SIGTERM is an interrupt, as Ctrl-C is."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(prog_name="pipeline", standalone_mode=False)
     except typer.Abort:
@@ -88,6 +92,12 @@ def main() -> None:
             print(f"error: {message}".splitlines()[0], file=sys.stderr)
         code = getattr(exc, "exit_code", 2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _terminate(signum, frame) -> None:
+    # Raised in the main thread, wherever it is, as Ctrl-C's KeyboardInterrupt is: the same
+    # cleanup runs, and handle_errors reports it.
+    raise Terminated()
 
 
 def _fail(message: str, code: int) -> None:

@@ -36,3 +36,12 @@ class CacheLockedError(PipelineError):
     """Another process holds the cache's writer lock (exit code 5): retry when it is done."""
 
     exit_code = 5
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the CLI's signal handler. A KeyboardInterrupt, so that
+    whatever cleans up after Ctrl-C (a cache writer's abort, the lock's release) runs after
+    SIGTERM too, and the work resumes the same way; the CLI exits 143 (128 + 15, as the shell
+    reports a death by SIGTERM)."""
+
+    exit_code = 143

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pipeline.jobs
 from pipeline.cli import _strict_json
 from pipeline.datasets import resolve_dataset
 from tests.conftest import DATASET, invoke, invoke_json
+from tests.stages.test_crash_safety import CHUNK, ROWS, _cache_args, _pipeline, _wait_for, slow_teacher  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -182,3 +184,21 @@ def test_ambiguous_or_mistyped_config_file_entries_are_one_line_errors(tmp_path,
     code, _, err = invoke("train-student", "--config", config, "--out", tmp_path / "r")
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_sigterm_is_an_interrupt_one_line_exit_143_and_the_same_command_resumes(slow_teacher):
+    spec, _, tmp = slow_teacher
+    args = _cache_args(spec, tmp / "c.zarr")
+    proc = _pipeline(*args)
+    try:
+        _wait_for(lambda: any((tmp / "c.zarr").glob("chunk_done/c/*")), proc)  # a chunk is written
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.splitlines()[-1] == "error: terminated" and "Traceback" not in err, err
+    done = int(zarr.open_group(str(tmp / "c.zarr"), mode="r")["chunk_done"][:].sum())
+    assert 1 <= done < ROWS // CHUNK
+    rerun = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["chunks_computed"] == ROWS // CHUNK - done
