@@ -139,7 +139,7 @@ def joined_with_inputs(rows: Iterable[dict], split: Split, workers: int = 0) -> 
         yield from _loaded_by_workers(rows, split, workers)
         return
     for batch in rows:
-        yield batch if "inputs" in batch else {**batch, "inputs": split.inputs(batch["index"])}
+        yield batch if "inputs" in batch else {**batch, "inputs": inputs_at(split, batch["index"])}
 
 
 def _loaded_by_workers(rows: Iterable[dict], split: TorchDatasetSplit, workers: int) -> Iterator[dict]:
@@ -163,9 +163,19 @@ def _stacked_inputs(items: list) -> torch.Tensor:
     return torch.stack([_input_of(item) for item in items])
 
 
+def inputs_at(split: Split, index: np.ndarray) -> torch.Tensor:
+    """`split.inputs(index)`, checked: a user's own split may hand back another array type, which
+    would otherwise fail far from its cause."""
+    inputs = split.inputs(index)
+    if not isinstance(inputs, torch.Tensor):
+        kind = type(inputs)
+        raise InputError(f"Split.inputs must return a torch.Tensor, got {kind.__module__}.{kind.__qualname__} (wrap it in torch.from_numpy)")
+    return inputs
+
+
 def input_shape(split: Split) -> tuple[int, ...]:
     """The shape of one input, without the batch axis."""
-    return tuple(split.inputs(np.zeros(1, dtype=np.int64)).shape[1:])
+    return tuple(inputs_at(split, np.zeros(1, dtype=np.int64)).shape[1:])
 
 
 def sequence_lengths(split: Split, positions: int) -> np.ndarray:
@@ -186,7 +196,7 @@ def fingerprint(split: Split) -> dict:
     swapping data shows)."""
     n = len(split)
     sample_index = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, FINGERPRINT_ROWS)).astype(np.int64))
-    inputs = split.inputs(sample_index).to(torch.float32).contiguous().numpy() if n else np.zeros(0)
+    inputs = inputs_at(split, sample_index).to(torch.float32).contiguous().numpy() if n else np.zeros(0)
     labels = split.labels
     lengths = getattr(split, "lengths", None)
     return {

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from stages.augment import Augmentation
 from stages.cache import CacheReader
-from stages.data import Split, sequence_lengths
+from stages.data import Split, inputs_at, sequence_lengths
 from stages.errors import InputError
 
 
@@ -31,7 +31,7 @@ def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_s
     correct, nll, count, lengths = 0, 0.0, 0, None
     for start in range(0, len(split), batch_size):
         index = np.arange(start, min(start + batch_size, len(split)), dtype=np.int64)
-        logits = model(split.inputs(index).to(device)).float()
+        logits = model(inputs_at(split, index).to(device)).float()
         y = torch.from_numpy(split.labels[index]).to(device)
         if logits.ndim == 3:
             lengths = sequence_lengths(split, logits.shape[1]) if lengths is None else lengths

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from threadpoolctl import ThreadpoolController
 
 from stages.config import AMP_MODES
-from stages.data import Split
+from stages.data import Split, inputs_at
 from stages.errors import InputError, PipelineError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,7 +59,7 @@ def output_shape(model: torch.nn.Module, split: Split, device: torch.device, rol
     """What `model` (in eval mode) outputs per sample for the split's first input: (classes,),
     or (positions, classes) for a model of sequences that outputs logits per token."""
     model.eval()
-    first = split.inputs(np.zeros(1, dtype=np.int64))
+    first = inputs_at(split, np.zeros(1, dtype=np.int64))
     with torch.inference_mode():
         try:
             out = model(first.to(device))

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,43 @@ def test_progress_is_reported_up_to_the_total(tmp_path, cache_path):
     train_student.run(config, resolve_model("mlp-64", num_classes=4, input_shape=(8,)), data.split("train"), None,
                       progress=lambda done, total: calls.append((done, total)))
     assert [done for done, _ in calls] == list(range(1, 19)) and {total for _, total in calls} == {18}  # 600 rows / 64
+
+
+class _NumpySplit:
+    """A user's own split whose inputs() returns numpy rather than a tensor."""
+
+    name, num_classes = "train", 4
+
+    def __init__(self, split):
+        self._split = split
+
+    def __len__(self):
+        return len(self._split)
+
+    def inputs(self, index):
+        return self._split.inputs(index).numpy()
+
+    @property
+    def labels(self):
+        return self._split.labels
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_split_whose_inputs_are_numpy_is_named_as_such(tmp_path, cache_path, cached):
+    data = resolve_dataset(DATASET)
+    config = train_student.TrainConfig(model="mlp-64", dataset=DATASET, out=tmp_path / "r", cache=cache_path if cached else None,
+                                       epochs=1, device="cpu")
+    model = resolve_model("mlp-64", num_classes=4, input_shape=(8,))
+    with pytest.raises(InputError, match=r"^Split.inputs must return a torch.Tensor, got numpy.ndarray"):
+        train_student.run(config, model, _NumpySplit(data.split("train")), None)
+    with pytest.raises(InputError, match=r"^Split.inputs must return a torch.Tensor, got numpy.ndarray"):
+        train_student.run(replace(config, overwrite=True), model, data.split("train"), _NumpySplit(data.split("test")))
+
+
+def test_caching_a_split_whose_inputs_are_numpy_is_refused(tmp_path):
+    from stages import cache_teacher
+
+    config = CacheTeacherConfig(teacher="mlp-64", dataset=DATASET, out=tmp_path / "c.zarr", device="cpu")
+    teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,))
+    with pytest.raises(InputError, match=r"^Split.inputs must return a torch.Tensor, got numpy.ndarray"):
+        cache_teacher.run(config, teacher, _NumpySplit(resolve_dataset(DATASET).split("train")))
