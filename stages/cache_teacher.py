@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import platform
 import socket
 import threading
 import time
@@ -51,7 +52,7 @@ from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
     Progress, autocast, check_labels_fit, config_dict, one_blas_thread_beside_torch, output_shape,
-    require, resolve_device,
+    require, resolve_device, torch_threads,
 )
 from stages.storage import CacheLocation
 from stages.weights import count_parameters, weights_fingerprint
@@ -108,13 +109,14 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     if config.chunk_rows is None:
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
-    provenance = _provenance(config, teacher, split)
+    provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}
     with storage.writer_lock(config.out) as lock:
         writer = open_writer(config.out, layout, provenance, overwrite=config.overwrite, lock=lock)
         try:
             missing = writer.missing_chunks()
             if missing and len(missing) < writer.grid.num_chunks:
                 log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
+                _check_resume_determinism(config, writer.group.attrs.get("determinism"), provenance["determinism"])
             if config.workers or config.scheduler:
                 writer.close()  # the workers write; this process only hands out chunks
                 _distributed_pass(config, writer.grid, missing, load_on_worker, resolve_augment, progress, lock)
@@ -124,7 +126,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
                         "workers see that location? Put the cache on a file system they share, or on an object store"
                     )
             else:
-                with one_blas_thread_beside_torch():
+                with one_blas_thread_beside_torch(), torch_threads(_recorded_threads(writer)):
                     _teacher_pass(config, teacher, split, lengths, augmentation, writer, device, missing, progress)
                 writer.close()
         except BaseException:
@@ -164,6 +166,45 @@ def _feature_size(teacher: torch.nn.Module, split: Split, device: torch.device) 
     if features.ndim != 2:
         raise InputError(f"--features: the teacher's features must be (batch, F), got shape {tuple(features.shape)}")
     return int(features.shape[1])
+
+
+def _determinism(config: CacheTeacherConfig, device: torch.device) -> dict:
+    """What a row's stored bytes depend on besides the teacher and the data, recorded so that
+    every run that writes chunks of this cache (a resume, a dask worker) computes them alike:
+    the batches (chunk_batches of batch_size), torch's CPU thread count (CPU kernels may split a
+    reduction by threads), the device and the library versions, and autocast."""
+    return {
+        "batch_size": config.batch_size,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "torch": torch.__version__,
+        "amp": config.amp,
+    }
+
+
+def _check_resume_determinism(config: CacheTeacherConfig, recorded: dict | None, current: dict) -> None:
+    """Refuse a resume whose batches would differ from the cache's chunks already written; warn
+    when only the machine or library versions differ (the rows are still the teacher's, but
+    their last bits may not equal an uninterrupted run's). Threads follow the record
+    (_recorded_threads), so they never differ."""
+    if recorded is None:
+        log.warning("%s was started before caches recorded their batching: resumed rows may differ from an "
+                    "uninterrupted run's in the last bit", config.out)
+        return
+    if recorded["batch_size"] != current["batch_size"]:
+        raise InputError(
+            f"{config.out} was started with batch size {recorded['batch_size']}: resume it with the same batch size, so "
+            "that its rows meet the teacher in the same batches (or start over with overwrite)"
+        )
+    changed = [f"{k} {recorded.get(k)} -> {current[k]}" for k in ("device", "torch") if recorded.get(k) != current[k]]
+    if changed:
+        log.warning("resuming %s on another setup (%s): the rows computed now may differ from an uninterrupted run's "
+                    "in the last bit", config.out, "; ".join(changed))
+
+
+def _recorded_threads(writer: CacheWriter) -> int | None:
+    """The CPU thread count the cache's determinism record asks for (None: leave torch's as it is)."""
+    return (writer.group.attrs.get("determinism") or {}).get("threads")
 
 
 def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split) -> dict:
@@ -339,7 +380,7 @@ def _worker_chunks(config: CacheTeacherConfig, chunks: list[int], load_on_worker
         lengths_by_tokens[tokens] = sequence_lengths(split, tokens)
     try:
         todo = sorted(set(chunks) & set(writer.missing_chunks()))
-        with one_blas_thread_beside_torch():
+        with one_blas_thread_beside_torch(), torch_threads(_recorded_threads(writer)):
             _teacher_pass(config, teacher, split, lengths_by_tokens.get(tokens), augmentation, writer, device, todo, None)
         writer.close()
     except BaseException:
@@ -423,14 +464,26 @@ def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config
     return count
 
 
+def chunk_batches(grid: ChunkGrid, chunk: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) rows of the teacher batches of `chunk`: the chunk tiled from its first row
+    in batches of `batch_size` (the last one shorter), never crossing into another chunk.
+
+    This is what makes a resumed or distributed pass equal to a whole one, byte for byte: CPU
+    kernels may round differently for another batch size or company (an outside trial saw the
+    same rows give other float16 values in a batch of 256 than of 32), so a row must meet the teacher
+    in the same batch whichever chunks a run computes. A batch that crossed a chunk boundary
+    would depend on whether the neighbouring chunk is computed in the same run."""
+    start, stop = grid.rows(chunk)
+    return [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+
+
 def _input_batches(
     split: Split, writer: CacheWriter, chunks: list[int], batch_size: int, pin: bool, workers: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, inputs) for batches covering exactly the given chunks, in row order."""
+    """(first row, inputs) for the batches of the given chunks (chunk_batches), in row order."""
     rows = (
-        {"index": np.arange(b, min(b + batch_size, stop), dtype=np.int64)}
-        for start, stop in ((writer.grid.rows(first)[0], writer.grid.rows(last)[1]) for first, last in _runs(chunks))
-        for b in range(start, stop, batch_size)
+        {"index": np.arange(start, stop, dtype=np.int64)}
+        for chunk in chunks for start, stop in chunk_batches(writer.grid, chunk, batch_size)
     )
     for batch in joined_with_inputs(rows, split, workers):
         yield int(batch["index"][0]), batch["inputs"].pin_memory() if pin else batch["inputs"]
@@ -444,14 +497,3 @@ def _augmented_views(batches: Iterator[tuple[int, torch.Tensor]], augmentation: 
         seeds = view_seeds(base_seed, np.arange(start, start + len(inputs)), views)
         augmented = augmentation(inputs.repeat_interleave(views, dim=0), seeds.reshape(-1))
         yield start, augmented.pin_memory() if pin else augmented
-
-
-def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:
-    """Contiguous runs (first, last) of sorted chunk numbers."""
-    i = 0
-    while i < len(chunks):
-        j = i
-        while j + 1 < len(chunks) and chunks[j + 1] == chunks[j] + 1:
-            j += 1
-        yield chunks[i], chunks[j]
-        i = j + 1

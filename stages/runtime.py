@@ -212,3 +212,15 @@ def average_over_ranks(ranks: Ranks, values: dict[str, torch.Tensor]) -> dict[st
         dist.all_reduce(total)
         averaged[name] = total / ranks.world
     return averaged
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run with torch's intra-op thread count set to `count` (None: as it is), restored after."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
