@@ -1,5 +1,6 @@
 """Reading specs: the whole-number parameters of a parametric built-in (`name:key=value,...`),
-and loading the user's own code named by a `module:factory` or `path/to/file.py:factory` spec.
+loading the user's own code named by a `module:factory` or `path/to/file.py:factory` spec, and
+the default names of what the commands write (teachers, caches, runs, plots), made from specs.
 
 This is the one place where user code is imported, and only code the user named.
 """
@@ -14,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stages import storage
 from stages.errors import InputError
+from stages.storage import CacheLocation
 
 if TYPE_CHECKING:  # stages.augment loads torch, which the CLI must not pay for at start-up (pipeline.cli)
     from stages.augment import Augmentation
@@ -49,6 +52,32 @@ def slug(spec: str) -> str:
     elif target.endswith(".py") or spec.endswith(".npz"):
         spec = Path(target if target.endswith(".py") else spec).stem
     return "".join(c if c.isalnum() or c in "._" else "-" for c in spec).strip("-")
+
+
+# Default output names: everything a command writes when no path is given is named here, from
+# what makes it differ, so that two different outputs never share a name.
+def teacher_file_name(model: str, dataset: str) -> str:
+    return f"{slug(model)}-{slug(dataset)}.safetensors"
+
+
+def cache_file_name(teacher: str, dataset: str, split: str, temperature: float, top_k: int | None) -> str:
+    kept = f"-top{top_k}" if top_k is not None else ""
+    return f"{slug(teacher)}-{slug(dataset)}-{split}-T{temperature:g}{kept}.zarr"
+
+
+def cache_stem(cache: CacheLocation) -> str:
+    """A cache's name without .zarr, for what is named after it (runs, plots)."""
+    return storage.name(cache).removesuffix(".zarr")
+
+
+def run_folder_name(student: str, seed: int, *, cache: CacheLocation | None = None, alpha: float | None = None,
+                    temperature: float | None = None, dataset: str | None = None) -> str:
+    """STUDENT-kd-CACHE-aALPHA-TT-sSEED for a run distilled from `cache` (at `temperature`, the
+    cache's own T unless another was asked for), STUDENT-scratch-DATASET-sSEED for one on hard
+    labels: runs from other caches, alphas, temperatures or datasets never collide."""
+    if cache is None:
+        return f"{slug(student)}-scratch-{slug(dataset)}-s{seed}"
+    return f"{slug(student)}-kd-{slug(cache_stem(cache))}-a{alpha:g}-T{temperature:g}-s{seed}"
 
 
 def resolve_augment(spec: str) -> Augmentation | None:

@@ -8,11 +8,11 @@ from pipeline import bench
 from tests.conftest import invoke
 
 TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2)
+TINY_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 
 
-def test_bench_reports_every_ratio(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "QUICK", bench.BenchConfig(**TINY))
-    code, out, err = invoke("bench", "--quick", "--json", "--keep", tmp_path / "bench")
+def test_bench_reports_every_ratio(tmp_path):
+    code, out, err = invoke("bench", *TINY_OPTIONS, "--json", "--keep", tmp_path / "bench")
     assert code == 0, err
     report = json.loads(out)
     assert set(report["ratios"]) == {
@@ -27,7 +27,12 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
     assert (tmp_path / "bench" / "cache.zarr" / "zarr.json").is_file()
 
 
-def test_bench_prints_a_table(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "QUICK", bench.BenchConfig(**TINY))
+def test_bench_quick_prints_ratios_without_verdicts(tmp_path, monkeypatch):
+    """--quick sizes are too small to judge by: no ok column in the table, null verdicts in JSON."""
+    monkeypatch.setattr(bench, "QUICK", bench.BenchConfig(**TINY, quick=True))
     code, out, _ = invoke("bench", "--quick", "--epochs", "1")
-    assert code == 0 and "cache_vs_forward" in out and "break-even" in out
+    assert code == 0 and "cache_vs_forward" in out and "break-even" in out and "too small to judge" in out
+    header = next(line for line in out.splitlines() if "measured" in line)
+    assert "ok" not in header and not {"yes", "NO"} & set(out.replace("│", " ").split())
+    code, out, _ = invoke("bench", "--quick", "--epochs", "1", "--json")
+    assert code == 0 and json.loads(out)["meets_targets"] is None

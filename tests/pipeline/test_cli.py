@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import zarr
 import pipeline.jobs
 from pipeline.cli import _strict_json
 from pipeline.datasets import resolve_dataset
+from pipeline.specs import slug
 from tests.conftest import DATASET, invoke, invoke_json
 from tests.stages.test_crash_safety import CHUNK, ROWS, _cache_args, _pipeline, _wait_for, slow_teacher  # noqa: F401 (a fixture)
 
@@ -72,7 +74,20 @@ def test_default_paths_go_under_the_data_root(tmp_path, teacher_weights):
     cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET)
     assert Path(cache["cache"]) == tmp_path / "data" / "caches" / "mlp-64-synthetic-n-600-test-200-features-8-classes-4-seed-3-train-T4.zarr"
     run = invoke_json("train-student", "--cache", cache["cache"], "--student", "mlp-64", "--epochs", "1")
-    assert Path(run["run_dir"]) == tmp_path / "data" / "runs" / "mlp-64-kd-s0"
+    stem = "mlp-64-synthetic-n-600-test-200-features-8-classes-4-seed-3-train-T4"
+    assert Path(run["run_dir"]) == tmp_path / "data" / "runs" / f"mlp-64-kd-{stem}-a0.9-T4-s0"
+
+
+def test_default_run_folders_of_other_caches_options_or_datasets_never_collide(tmp_path, cache_path):
+    """The README's sequence: a student from one cache, then the same student from a view cache
+    (it used to land in the first run's folder and fail)."""
+    views = tmp_path / "cnn-v8.zarr"
+    shutil.copytree(cache_path, views)
+    runs = [invoke_json("train-student", "--cache", cache, "--student", "mlp-64", "--epochs", "1", *options)["run_dir"]
+            for cache, options in ((cache_path, ()), (views, ()), (views, ("--alpha", "0.5")), (views, ("--temperature", "2")))]
+    runs.append(invoke_json("train-student", "--dataset", DATASET, "--student", "mlp-64", "--epochs", "1")["run_dir"])
+    assert [Path(r).name for r in runs] == ["mlp-64-kd-cache-a0.9-T3-s0", "mlp-64-kd-cnn-v8-a0.9-T3-s0", "mlp-64-kd-cnn-v8-a0.5-T3-s0",
+                                            "mlp-64-kd-cnn-v8-a0.9-T2-s0", f"mlp-64-scratch-{slug(DATASET)}-s0"]
 
 
 def test_human_output_is_a_table(tmp_path, cache_path):
