@@ -36,3 +36,26 @@ def test_bench_quick_prints_ratios_without_verdicts(tmp_path, monkeypatch):
     assert "ok" not in header and not {"yes", "NO"} & set(out.replace("│", " ").split())
     code, out, _ = invoke("bench", "--quick", "--epochs", "1", "--json")
     assert code == 0 and json.loads(out)["meets_targets"] is None
+
+
+def test_bench_table_rows_are_sane(tmp_path):
+    """Every ratio is a row with a positive measured value, a target or "(info)", and a verdict
+    that follows from the two; the break-even count is a whole number."""
+    code, out, err = invoke("bench", *TINY_OPTIONS, "--epochs", "1")
+    assert code == 0, err
+    rows = {cells[0]: cells[1:] for line in out.splitlines() if line.startswith("│")
+            for cells in [[c.strip() for c in line.strip("│").split("│")]]}
+    assert {"cache_vs_forward", "student_cache_vs_memory", "student_cache_vs_hard_labels", "student_cache_vs_online_kd",
+            "memory_10x_vs_1x", "shuffled_vs_sequential_reads"} <= set(rows)
+    breaks_even = rows.pop("break-even student runs")[0]
+    assert breaks_even == "None" or int(breaks_even) >= 1, breaks_even
+    for name, (measured, target, ok) in rows.items():
+        value = float(measured)
+        assert math.isfinite(value) and value > 0, (name, measured)
+        if target == "(info)":
+            assert ok == "", name
+            continue
+        sense, bound = target.split()
+        assert sense in ("<=", ">=") and float(bound) > 0, (name, target)
+        assert ok == ("yes" if (value <= float(bound)) == (sense == "<=") else "NO"), (name, measured, target, ok)
+    assert float(rows["memory_10x_vs_1x"][0]) < 3  # peak memory does not follow the cache's size

@@ -234,3 +234,19 @@ def test_teacher_pass_reports_rows_done(tmp_path, teacher_weights):
                                               chunk_rows=CHUNK_ROWS, batch_size=100, device="cpu")
     cache_teacher.run(config, teacher, split, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(done, 600) for done in range(100, 700, 100)]
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_the_codec_is_the_arrays_own_not_only_an_attribute(tmp_path, teacher_weights, codec):
+    """What --codec names is what zarr writes the soft labels with: their array metadata, read by
+    plain zarr, lists the compressor (the attribute alone would not show it)."""
+    from zarr.codecs import ZstdCodec
+
+    from tests.conftest import invoke_json
+
+    out = tmp_path / f"{codec}.zarr"
+    invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET,
+                "--chunk-rows", CHUNK_ROWS, "--codec", codec, "--out", out)
+    logits = zarr.open_group(str(out), mode="r")["logits"]
+    zstd = [c for c in logits.compressors if isinstance(c, ZstdCodec)]
+    assert [c.level for c in zstd] == ([3] if codec == "zstd" else [])

@@ -184,3 +184,31 @@ def test_feature_losses_against_their_definitions():
     assert float(feature_loss(student, teacher, "mse")) == pytest.approx(mse, rel=1e-5)
     assert float(feature_loss(student, teacher, "cosine")) == pytest.approx(cosine, rel=1e-5)
     assert float(feature_loss(teacher * 3, teacher, "cosine")) == pytest.approx(0.0, abs=1e-6)  # scale-free
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+def test_training_loss_retempers_the_cached_teacher(tmp_path, teacher_weights, kind):
+    """The loss train-student takes on rows of a real cache made at T=3, trained at T'=1.5, is
+    the definition's with softmax(t / T') for the teacher's own logits t (a top-k cache keeping
+    every class, so that nothing is estimated)."""
+    from pipeline.datasets import resolve_dataset
+    from pipeline.models import resolve_model
+    from stages import cache_teacher
+    from stages.cache import CacheReader
+    from stages.train_student import batch_loss
+    from tests.conftest import DATASET
+
+    split = resolve_dataset(DATASET).split("train")
+    teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights).eval()
+    kept = {"format": "topk", "top_k": 4} if kind == "topk" else {}
+    config = cache_teacher.CacheTeacherConfig(teacher="mlp-64", dataset=DATASET, out=tmp_path / "c.zarr", temperature=3.0,
+                                              dtype="float32", chunk_rows=64, device="cpu", **kept)
+    reader = CacheReader(cache_teacher.run(config, teacher, split).cache)
+    batch = next(reader.batches(32, seed=0, epoch=0))
+    with torch.no_grad():
+        t = teacher(split.inputs(batch["index"]))
+    s = torch.randn(len(t), 4, generator=torch.Generator().manual_seed(5)) * 3
+    y = torch.from_numpy(batch["labels"])
+    for T in (3.0, 1.5, 6.0):
+        loss, _ = batch_loss(s, batch, reader, alpha=0.7, temperature=T)
+        assert float(loss) == pytest.approx(reference_loss(s, t, y, 0.7, T), rel=1e-5), T

@@ -111,10 +111,17 @@ def test_existing_run_folder_needs_overwrite(tmp_path, cache_path):
     _train(tmp_path, cache_path, epochs=1, overwrite=True)
 
 
-@pytest.mark.parametrize("bad", [{"alpha": 1.5}, {"temperature": 0.0}, {"temperature": -2.0}, {"epochs": 0}, {"lr": 0.0}, {"augment": "warp"}])
-def test_invalid_options_are_input_errors(tmp_path, cache_path, bad):
-    with pytest.raises(InputError):
+@pytest.mark.parametrize(("bad", "words"), [
+    ({"alpha": 1.5}, ("--alpha", "got 1.5")), ({"temperature": 0.0}, ("--temperature", "got 0.0")),
+    ({"temperature": -2.0}, ("--temperature", "got -2.0")), ({"epochs": 0}, ("--epochs", "got 0")), ({"lr": 0.0}, ("--lr", "got 0.0")),
+    ({"augment": "warp"}, ("augment spec 'warp'",)),
+])
+def test_invalid_options_are_input_errors(tmp_path, cache_path, bad, words):
+    """Each bad value is exit code 2, with a message naming the option and the value."""
+    with pytest.raises(InputError) as error:
         _train(tmp_path, cache_path, **bad)
+    assert error.value.exit_code == 2 and all(w in str(error.value) for w in words), str(error.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_teacher_is_never_imported_or_loaded(tmp_path):
@@ -212,3 +219,37 @@ def test_caching_a_split_whose_inputs_are_numpy_is_refused(tmp_path):
     teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,))
     with pytest.raises(InputError, match=r"^Split.inputs must return a torch.Tensor, got numpy.ndarray"):
         cache_teacher.run(config, teacher, _NumpySplit(resolve_dataset(DATASET).split("train")))
+
+
+class _PidRecordingItems(torch.utils.data.Dataset):
+    """Items of a real split that note, in a folder, the process that loaded each one."""
+
+    def __init__(self, split, folder: Path):
+        self.split, self.folder = split, folder
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        (self.folder / str(os.getpid())).touch()
+        return self.split.inputs(np.array([i]))[0], int(self.split.labels[i])
+
+
+@pytest.mark.parametrize("stage", ["cache-teacher", "train-student"])
+def test_loader_workers_load_the_items_in_worker_processes(tmp_path, cache_path, stage):
+    from stages import cache_teacher
+    from stages.data import TorchDatasetSplit
+
+    loaded_by = tmp_path / "pids"
+    loaded_by.mkdir()
+    split = TorchDatasetSplit("train", _PidRecordingItems(resolve_dataset(DATASET).split("train"), loaded_by))
+    model = resolve_model("mlp-64", num_classes=4, input_shape=(8,))
+    if stage == "cache-teacher":
+        config = CacheTeacherConfig(teacher="mlp-64", dataset=DATASET, out=tmp_path / "c.zarr", chunk_rows=64, device="cpu", loader_workers=2)
+        cache_teacher.run(config, model, split)
+    else:
+        config = train_student.TrainConfig(model="mlp-64", dataset=DATASET, out=tmp_path / "r", cache=cache_path, epochs=1,
+                                           device="cpu", loader_workers=2)
+        train_student.run(config, model, split, None)
+    workers = {int(p.name) for p in loaded_by.iterdir()} - {os.getpid()}
+    assert len(workers) == 2  # the DataLoader's two worker processes loaded items (the main one checks a few)
