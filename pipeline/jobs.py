@@ -50,8 +50,15 @@ def spec_from_cache(cache: CacheLocation, attrs: dict, what: str, named: str | N
     return spec
 
 
+def _with_absolute_files(cfg, *fields: str):
+    """`cfg` with the files its `fields` name made absolute: what a cache or a run folder records
+    of them must point at the same files from any folder, for anyone checking them."""
+    return dataclasses.replace(cfg, **{f: getattr(cfg, f).absolute() for f in fields if isinstance(getattr(cfg, f), Path)})
+
+
 def run_caching(cfg: cache_teacher.CacheTeacherConfig, progress: Progress | None = None) -> cache_teacher.CacheTeacherResult:
     cfg.validate()  # before loading anything: bad options fail fast
+    cfg = _with_absolute_files(cfg, "teacher_weights")
     resolve_augment(cfg.augment)
     if cfg.teacher_weights is None:
         log.warning("no --teacher-weights given: caching the teacher as its factory builds it")
@@ -72,6 +79,7 @@ def load_teacher_and_split(cfg: cache_teacher.CacheTeacherConfig) -> tuple[torch
 
 def run_training(cfg: train_student.TrainConfig, progress: Progress | None = None) -> train_student.TrainResult:
     cfg.validate()
+    cfg = _with_absolute_files(cfg, "model_weights", "weights_out")
     resolve_augment(cfg.augment)
     data = resolve_dataset(cfg.dataset)
     train = data.split(cfg.split)

@@ -215,7 +215,7 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
         "teachers": [
             {
                 "spec": config.teacher,
-                "weights": None if config.teacher_weights is None else str(config.teacher_weights),
+                "weights": None if config.teacher_weights is None else str(Path(config.teacher_weights).absolute()),
                 "weights_sha256": weights_fingerprint(teacher),
                 "num_parameters": count_parameters(teacher),
             }

@@ -222,3 +222,27 @@ def test_default_output_names_come_from_the_named_files():
     assert slug("torchscript:/models/teacher.pt") == "torchscript-teacher"
     assert slug("export:/models/teacher.pt2") == "export-teacher"
     assert slug("text:/data/docs.jsonl,tokenizer=hf:/models/minilm,max_length=64") == "text-docs"
+
+
+def test_teacher_provenance_can_be_checked_by_a_third_party(tmp_path, monkeypatch, teacher_weights):
+    """A cache made with a relative --teacher-weights records the file's absolute path, and the
+    README's recipe recomputes the recorded weights_sha256 from that file with no project code."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(teacher_weights, tmp_path / "teacher.safetensors")
+    from tests.conftest import DATASET
+    invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", "teacher.safetensors", "--dataset", DATASET, "--out", "c.zarr")
+    recorded = zarr.open_group(str(tmp_path / "c.zarr"), mode="r").attrs["teachers"][0]
+    assert recorded["weights"] == str(tmp_path / "teacher.safetensors")
+    assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r").attrs["config"]["teacher_weights"] == recorded["weights"]
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    recipe = re.search(r"Anyone can recompute it.*?```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "recipe.py").write_text(recipe)
+    proc = subprocess.run([sys.executable, "recipe.py", recorded["weights"]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == recorded["weights_sha256"]
