@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import Progress, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from pipeline import DATA_ROOT, __version__
@@ -33,6 +33,14 @@ from stages.storage import cache_location
 
 # Modules that load torch, zarr, dask or matplotlib are imported inside the commands that use
 # them: `pipeline --help` and `--version` took 3 s when they were imported here.
+
+# One console for the log lines and the progress bar on a terminal: rich then prints each log
+# line above the bar and redraws the bar below it. With a console each, log lines landed on the
+# bar's line and a stale bar stayed above every one.
+STDERR = Console(stderr=True)
+# Piped or redirected output is read by programs as much as by people: tables at their natural
+# width, never folded mid-value (rich assumes 80 columns where there is no terminal).
+UNBOUNDED_WIDTH = 10_000
 
 app = typer.Typer(
     name="pipeline",
@@ -110,7 +118,7 @@ def _setup_logging() -> None:
     if root.handlers:
         return
     if sys.stderr.isatty():
-        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler: logging.Handler = RichHandler(console=STDERR, show_path=False)
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -129,18 +137,38 @@ def _emit(as_json: bool, payload: dict, table: Table) -> None:
     if as_json:
         print(json.dumps(_strict_json(payload), allow_nan=False))
     else:
+        _print_table(table)
+
+
+def _print_table(table: Table) -> None:
+    if sys.stdout.isatty():
         Console().print(table)
+        return
+    if table.title:  # rich wraps a title to its table's width
+        table.min_width = len(str(table.title)) + 4
+    Console(width=UNBOUNDED_WIDTH).print(table)
 
 
 @contextlib.contextmanager
 def _progress_bar(description: str):
-    """A rich progress bar on stderr when it is a terminal (else None: log lines only)."""
+    """A rich progress bar on stderr when it is a terminal (else None: log lines only). The
+    stage's first report may count work done before this process (a resumed run): the bar starts
+    there, and its time left is estimated from this process's pace only."""
     if not sys.stderr.isatty():
         yield None
         return
-    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), TaskProgressColumn(), MofNCompleteColumn(),
+               TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn())
+    with Progress(*columns, console=STDERR, transient=True) as bar:
         task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+        def report(done: int, total: int) -> None:
+            if bar.tasks[0].total is None:  # the first report: reset, so a resumed start is no burst of speed
+                bar.reset(task, total=total, completed=done)
+            else:
+                bar.update(task, completed=done, total=total)
+
+        yield report
 
 
 def _strict_json(value):
@@ -237,6 +265,17 @@ def cache_teacher_command(
     with _progress_bar("teacher pass (rows)") as progress:
         result = run_caching(cfg, progress)
     _emit(as_json, vars(result), _key_value_table("cache written", vars(result)))
+    _warn_if_near_chance(result.teacher_accuracy, result.num_classes, cfg.teacher_weights)
+
+
+def _warn_if_near_chance(accuracy: float | None, num_classes: int, weights: Path | None) -> None:
+    """A teacher at chance (most often an untrained one: no --teacher-weights) makes a cache of
+    noise, which the user should see in the command's output, not only in a log line."""
+    chance = 1 / num_classes
+    # near chance: under twice chance, or, with few classes, under halfway from chance to perfect
+    if accuracy is not None and accuracy < min(2 * chance, (1 + chance) / 2):
+        why = ": no --teacher-weights were given, so the teacher is untrained (as its factory builds it)" if weights is None else ""
+        print(f"warning: the teacher's accuracy on the cached split is {accuracy:.3f}, near chance ({chance:.3f}){why}", file=sys.stderr)
 
 
 @app.command("train-student")
