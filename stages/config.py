@@ -50,9 +50,15 @@ def check_positive(option: str, value: float, high: float = math.inf) -> None:
 
 def check_range(option: str, value: float, low: float, high: float = MAX_COUNT) -> None:
     """`value` is a finite number in [low, high], else an InputError naming `--option`."""
-    if not (low <= value <= high and math.isfinite(value)):
-        bounds = f"{low} or more" if high == math.inf else f"between {low} and {high}"
-        raise InputError(f"--{option} must be {bounds}, got {value}")
+    if low <= value <= high and math.isfinite(value):
+        return
+    if value > high:
+        bound = f"at most {high}"
+    elif high >= MAX_COUNT:  # no upper bound a user would aim at
+        bound = f"{low} or more"
+    else:
+        bound = f"between {low} and {high}"
+    raise InputError(f"--{option} must be {'a finite number, ' if not math.isfinite(value) else ''}{bound}, got {value}")
 
 
 def _check_counts(config, bounds: dict[str, int]) -> None:

@@ -193,7 +193,7 @@ def test_a_sweep_refuses_a_bad_number_in_its_train_table(tmp_path, cache_path):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(f'cache = "{cache_path}"\nstudents = ["mlp-64"]\nseeds = [0]\n[train]\nweight-decay = nan\n')
     code, _, err = invoke("sweep", sweep)
-    assert code == 2 and err == "error: --weight-decay must be 0.0 or more, got nan\n"
+    assert code == 2 and err == "error: --weight-decay must be a finite number, 0.0 or more, got nan\n"
     assert not (tmp_path / "data" / "sweeps").exists()
 
 
@@ -329,3 +329,13 @@ def test_a_resumed_run_s_bar_starts_at_the_steps_already_done(tmp_path):
     assert code == 0, "\n".join(screen)
     first = next(bar for bar in bars if "%" in bar)
     assert int(first.split("%")[0].split()[-1]) >= 50, bars
+
+
+def test_the_cli_starts_without_loading_heavy_modules():
+    """`pipeline --help` and `--version` took 3 s when the CLI imported torch and friends at start."""
+    heavy = ("torch", "numpy", "zarr", "dask", "distributed", "matplotlib", "transformers", "s3fs")
+    code = f"import sys, pipeline.cli; print(sorted(set({heavy!r}) & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    version = subprocess.run([sys.executable, "-m", "pipeline", "--version"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("pipeline ")
