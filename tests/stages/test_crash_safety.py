@@ -3,6 +3,7 @@ non-finite teacher outputs stop the pass without losing written chunks, and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,21 @@ REPO = Path(__file__).resolve().parents[2]
 ROWS, CHUNK = 1500, 50  # 30 chunks
 
 
-def _pipeline(*args, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+@contextlib.contextmanager
+def _pipeline(*args) -> Iterator[subprocess.Popen]:
+    """`python -m pipeline ARGS` in a child process, killed on the way out whatever happens."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 1800.0) -> None:
+    """Poll `condition` until it holds, failing at once if the process ends first. The bound is
+    only against a hang: a loaded machine may take many times longer than a quiet one."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"process ended early: {proc.communicate()}"
@@ -88,17 +99,17 @@ def test_killed_cache_teacher_resumes_only_missing_chunks(slow_teacher):
     log.unlink()
 
     cache = tmp / "killed.zarr"
-    proc = _pipeline(*_cache_args(spec, cache))
-    _wait_for(lambda: len(list(cache.glob("chunk_done/c/*"))) >= 8, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with _pipeline(*_cache_args(spec, cache)) as proc:
+        _wait_for(lambda: len(list(cache.glob("chunk_done/c/*"))) >= 8, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     finished_before = int(zarr.open_group(str(cache), mode="r")["chunk_done"][:].sum())
     assert 8 <= finished_before < ROWS // CHUNK
     assert not zarr.open_group(str(cache), mode="r").attrs["complete"]
     log.unlink()
 
-    proc = _pipeline(*_cache_args(spec, cache))  # the same command again
-    out, err = proc.communicate(timeout=300)
+    with _pipeline(*_cache_args(spec, cache)) as proc:  # the same command again
+        out, err = proc.communicate()
     assert proc.returncode == 0, err
     result = json.loads(out)
     missing = ROWS // CHUNK - finished_before
@@ -169,22 +180,22 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_killed_train_student_resumes_to_the_same_result(tmp_path):
     reference = tmp_path / "reference"
-    proc = _pipeline(*_train_args(reference))
-    _, err = proc.communicate(timeout=600)
+    with _pipeline(*_train_args(reference)) as proc:
+        _, err = proc.communicate()
     assert proc.returncode == 0, err
 
     run = tmp_path / "killed"
-    proc = _pipeline(*_train_args(run))
     metrics = run / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with _pipeline(*_train_args(run)) as proc:
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert not (run / "summary.json").exists()
 
     code, _, err = invoke(*_train_args(run)[:-1])  # without --resume: refused, nothing touched
     assert code == 2 and "--resume" in err
-    proc = _pipeline(*_train_args(run), "--resume")
-    out, err = proc.communicate(timeout=600)
+    with _pipeline(*_train_args(run), "--resume") as proc:
+        out, err = proc.communicate()
     assert proc.returncode == 0, err
     assert "resuming" in err
     assert _metrics(run) == _metrics(reference)
