@@ -140,8 +140,9 @@ class FileLock:
     harmless unlocked file, never a stale lock. Readers take no lock: they only read complete
     caches, which writers no longer change."""
 
-    def __init__(self, location: CacheLocation):
+    def __init__(self, location: CacheLocation, what: str = "cache"):
         self.location = location
+        self.what = what  # what is locked, for messages: "cache", "run folder"
         self.lock_path = Path(lock_location(location))
         self._fd: int | None = None
 
@@ -151,14 +152,14 @@ class FileLock:
                 self.lock_path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise PipelineError(f"cannot lock cache {self.location} for writing: {exc.strerror}") from exc
+                raise PipelineError(f"cannot lock {self.what} {self.location} for writing: {exc.strerror}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise CacheLockedError(
-                    f"cache {self.location} is being written by another process (pid {holder}); wait for it to finish"
+                    f"{self.what} {self.location} is being written by another process (pid {holder}); wait for it to finish"
                 ) from None
             # The previous holder unlinks the file as it lets go: if it did so between our
             # open and our flock, we locked an orphan and must try again on the new file.

@@ -54,7 +54,7 @@ from stages.runtime import (
     Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
     output_shape, process_group, seed_everything,
 )
-from stages.storage import CacheLocation
+from stages.storage import CacheLocation, FileLock
 from stages.weights import count_parameters, save_weights
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,11 @@ def run(
     augmentations (default: built-ins only)."""
     config.validate()
     started = time.perf_counter()
-    with process_group(config.device) as (ranks, device):
+    with process_group(config.device) as (ranks, device), contextlib.ExitStack() as held:
+        # One process at a time in a run folder: a second one (a re-run beside a live run, an
+        # orphan of a killed sweep) would interleave checkpoints and metrics. The kernel drops the
+        # lock when its holder dies, however it dies, so a killed run resumes without ado.
+        main_only(ranks, lambda: held.enter_context(FileLock(config.out.resolve(), "run folder")))
         return _train(config, model, train, evaluation, soft_labels, progress, resolve_augment, ranks, device, started)
 
 
