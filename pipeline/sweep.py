@@ -30,11 +30,14 @@ import json
 import logging
 import math
 import os
+import signal
 import statistics
+import threading
 import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from pipeline.config import build_config, check_type
@@ -159,21 +162,7 @@ def run_sweep(runs: list[SweepRun], folder: Path, jobs: int) -> dict:
             except PipelineError as exc:
                 failures[run.name] = exc
     else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
-                                 initializer=_limit_threads, initargs=(threads,)) as pool:
-            futures = {pool.submit(run_training, run.config): run for run in runs}
-            try:
-                for done, future in enumerate(as_completed(futures), start=1):
-                    try:
-                        future.result()
-                    except PipelineError as exc:
-                        failures[futures[future].name] = exc
-                    log.info("sweep: %d of %d runs done", done, len(runs))
-            except BaseException:  # an interrupt: start no queued run
-                for future in futures:
-                    future.cancel()
-                raise
+        failures = _run_in_workers(runs, jobs)
     board = leaderboard([run for run in runs if run.name not in failures])
     board.update({
         "folder": str(folder), "runs_total": len(runs), "runs_reused": len(finished_before - set(failures)),
@@ -182,6 +171,37 @@ def run_sweep(runs: list[SweepRun], folder: Path, jobs: int) -> dict:
     write_leaderboard(board, folder)
     board["exit_code"] = max((exc.exit_code for exc in failures.values()), default=0)
     return board
+
+
+def _run_in_workers(runs: list[SweepRun], jobs: int) -> dict[str, PipelineError]:
+    """Run `runs` in `jobs` worker processes; return the failures by run name. No worker outlives
+    this process: an interrupt (SIGINT, or the CLI's SIGTERM) kills them before it propagates, so
+    no queued run starts, and the runs they were in resume from their checkpoints next time."""
+    failures = {}
+    context = get_context("spawn")
+    # Every worker watches the read end; it turns readable (EOF) when this process closes the
+    # write end or dies, even by SIGKILL, for the kernel closes a dead process's files. Only this
+    # process holds the write end: the fds of a pipe are not inherited by spawned processes.
+    stop_watch, stop = context.Pipe(duplex=False)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(threads, stop_watch))
+    try:
+        futures = {pool.submit(run_training, run.config): run for run in runs}
+        for done, future in enumerate(as_completed(futures), start=1):
+            try:
+                future.result()
+            except PipelineError as exc:
+                failures[futures[future].name] = exc
+            log.info("sweep: %d of %d runs done", done, len(runs))
+    except BaseException:
+        # The pool has handed queued runs to the workers ahead of time, where cancelling cannot
+        # reach them: only stopping the workers themselves starts none of them.
+        stop.close()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        stop.close()
+    return failures
 
 
 def leaderboard(runs: list[SweepRun]) -> dict:
@@ -273,10 +293,20 @@ def _errorbar(axes, xs: list[float], groups: list[dict], label: str) -> None:
     axes.errorbar(xs, means, yerr=[below, above], marker="o", capsize=3, label=label)
 
 
-def _limit_threads(threads: int) -> None:
+def _start_worker(threads: int, stop_watch: Connection) -> None:
+    """A sweep worker: its share of the CPU threads, and a life tied to the sweep's. It leads
+    its own process group, so that it and every child it starts (DataLoader workers) die as one
+    when the sweep stops or dies; a terminal's Ctrl-C then reaches the sweep alone, which stops them."""
     import torch
 
     torch.set_num_threads(threads)
+    os.setpgid(0, 0)
+    threading.Thread(target=_die_with_sweep, args=(stop_watch,), name="sweep-watch", daemon=True).start()
+
+
+def _die_with_sweep(stop_watch: Connection) -> None:
+    wait([stop_watch])
+    os.killpg(0, signal.SIGKILL)
 
 
 def _check_items(path: Path, key: str, values: list, kind) -> None:

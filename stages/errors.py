@@ -33,7 +33,8 @@ class CacheDamagedError(PipelineError):
 
 
 class CacheLockedError(PipelineError):
-    """Another process holds the cache's writer lock (exit code 5): retry when it is done."""
+    """Another process holds the writer lock of the cache, or of the run folder (exit code 5):
+    retry when it is done."""
 
     exit_code = 5
 

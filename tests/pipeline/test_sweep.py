@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +24,10 @@ from tests.conftest import DATASET, invoke, invoke_json
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _sweep_file(tmp_path: Path, cache: Path, **extra) -> Path:
-    lines = [f'cache = "{cache}"', 'students = ["mlp-64", "mlp:width=16,depth=1"]', "alphas = [0.5, 0.9]", "seeds = [0, 1]",
-             f'out = "{tmp_path / "sweep"}"', *(f"{k} = {json.dumps(v)}" for k, v in extra.items()), "[train]", "epochs = 2"]
+def _sweep_file(tmp_path: Path, cache: Path, epochs: int = 2, **extra) -> Path:
+    keys = {"cache": str(cache), "students": ["mlp-64", "mlp:width=16,depth=1"], "alphas": [0.5, 0.9], "seeds": [0, 1],
+            "out": str(tmp_path / "sweep"), **extra}
+    lines = [*(f"{k} = {json.dumps(v)}" for k, v in keys.items()), "[train]", f"epochs = {epochs}"]
     path = tmp_path / "sweep.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -81,6 +86,174 @@ def test_a_changed_sweep_does_not_silently_reuse_other_runs(tmp_path, cache_path
     board = invoke_json("sweep", sweep, "--overwrite")
     assert board["failures"] == {} and len(board["runs"]) == 12
     assert json.loads((tmp_path / "sweep" / "mlp-64-scratch-s0" / "config.json").read_text())["epochs"] == 3
+
+
+def _start_sweep_with_grandchildren(tmp_path: Path, cache: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """`pipeline sweep --jobs 2`, in the background, of 6 runs of a student whose factory, in a
+    sweep worker, starts a long-lived child process of its own, as a DataLoader worker is one:
+    the worker's whole tree must go with the sweep. Returns the sweep's process, its file, and
+    the file listing those children's pids."""
+    children = tmp_path / "children.txt"
+    factory = tmp_path / "student_with_child.py"
+    factory.write_text(textwrap.dedent(f"""
+        import multiprocessing, subprocess
+        from pipeline.models import resolve_model
+
+        def build(num_classes):
+            if multiprocessing.parent_process() is not None:  # a sweep worker, not the sweep checking its students
+                child = subprocess.Popen(["sleep", "600"])
+                with open({str(children)!r}, "a") as f:
+                    f.write(f"{{child.pid}}\\n")
+            return resolve_model("mlp-64", num_classes=num_classes, input_shape=(8,))
+    """))
+    sweep = _sweep_file(tmp_path, cache, epochs=6, students=[f"{factory}:build"])
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", str(sweep), "--jobs", "2"], cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    return process, sweep, children
+
+
+def _started_runs(folder: Path) -> set[str]:
+    return {path.parent.name for path in folder.glob("*/config.json")}
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` now, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """The processes of `pids` still running (a zombie has stopped: only its exit status is left)."""
+    running = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.add(pid)
+        except (OSError, IndexError):
+            continue
+    return running
+
+
+def _wait_for(condition, what: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.05)
+
+
+def _kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pids_in(path: Path) -> set[int]:
+    return {int(line) for line in path.read_text().split()} if path.is_file() else set()
+
+
+def test_a_killed_sweep_takes_every_process_it_started_with_it(tmp_path, cache_path):
+    """SIGKILL of `sweep --jobs 2` once both workers are in a run: its workers and their own
+    children die with it, and none of its queued runs starts afterwards."""
+    process, _, children = _start_sweep_with_grandchildren(tmp_path, cache_path)
+    folder, tree = tmp_path / "sweep", set()
+    try:
+        _wait_for(lambda: len(_started_runs(folder)) == 2 or process.poll() is not None, "both workers to start a run")
+        tree = _descendants(process.pid)
+        assert process.poll() is None and len(_pids_in(children)) == 2 and _pids_in(children) <= tree
+        process.kill()
+        started = _started_runs(folder)
+        process.wait(timeout=60)
+        _wait_for(lambda: not _alive(tree), "the processes of the killed sweep to end", seconds=60)
+        assert _started_runs(folder) == started
+    finally:
+        process.kill()
+        _kill_all(tree | _pids_in(children))
+
+
+@pytest.mark.parametrize("signum, code, message", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_an_interrupted_sweep_stops_its_runs_and_starts_no_queued_one(tmp_path, cache_path, signum, code, message):
+    """SIGINT or SIGTERM to the sweep's process alone (not its process group): it stops its
+    workers and their children, starts no queued run, exits 130 or 143 with one line; the same
+    command then does what is left, resuming the stopped runs from their checkpoints."""
+    process, sweep, children = _start_sweep_with_grandchildren(tmp_path, cache_path)
+    folder, tree = tmp_path / "sweep", set()
+    try:
+        _wait_for(lambda: (len(_started_runs(folder)) == 2 and any(folder.glob("*/checkpoint.pt"))) or process.poll() is not None,
+                  "both workers to be in a run, one past a checkpoint")
+        tree = _descendants(process.pid)
+        assert process.poll() is None and _pids_in(children) <= tree
+        os.kill(process.pid, signum)
+        started = _started_runs(folder)
+        assert process.wait(timeout=120) == code
+        assert _started_runs(folder) == started
+        _wait_for(lambda: not _alive(tree), "the processes of the interrupted sweep to end", seconds=60)
+    finally:
+        process.kill()
+        _kill_all(tree | _pids_in(children))
+    errors = [line for line in (tmp_path / "stderr.txt").read_text().splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {message}"]
+    stopped = {path.parent.name for path in folder.glob("*/checkpoint.pt")}
+    assert stopped and not any(folder.glob("*/summary.json"))
+    # One process does the rest (no worker, so the student's factory starts no child).
+    again = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep), "--json"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    board = json.loads(again.stdout)
+    assert board["failures"] == {} and len(board["runs"]) == 6
+    for name in stopped:
+        assert f"resuming {folder / name} after epoch" in again.stderr
+
+
+def test_a_run_folder_has_one_writer_at_a_time(tmp_path, cache_path):
+    """A second train-student in the folder of a live run stops at once (exit 5, naming the
+    holder); once the first is killed, the same command resumes the run."""
+    out, factory = tmp_path / "run", tmp_path / "stalling_student.py"
+    # In the first run (STALL set) the student stalls at its first training step until killed:
+    # that run is surely live while the second one starts.
+    factory.write_text(textwrap.dedent(f"""
+        import os, time
+        from pipeline.models import resolve_model
+
+        def build(num_classes):
+            model = resolve_model("mlp-64", num_classes=num_classes, input_shape=(8,))
+
+            def stall(module, inputs):
+                while module.training and os.environ.get("STALL"):
+                    time.sleep(0.05)
+
+            model.register_forward_pre_hook(stall)
+            return model
+    """))
+
+    def command(*extra):
+        return [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache_path), "--student", f"{factory}:build",
+                "--epochs", "2", "--out", str(out), "--device", "cpu", *extra]
+
+    first = subprocess.Popen(command(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "STALL": "1"})
+    try:
+        _wait_for(lambda: (out / "config.json").is_file() or first.poll() is not None, "the first run to start")
+        second = subprocess.run(command("--resume"), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None
+        assert second.returncode == 5
+        assert second.stderr.strip().splitlines()[-1] == \
+            f"error: run folder {out.resolve()} is being written by another process (pid {first.pid}); wait for it to finish"
+    finally:
+        first.kill()
+        first.wait()
+    resumed = subprocess.run(command("--resume", "--json"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_concurrent_students_on_one_cache_match_sequential_ones(tmp_path, cache_path):
