@@ -26,6 +26,7 @@ The writer lock keeps its guarantee on both (`writer_lock`):
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -35,6 +36,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import IO
 
 import fsspec
 import fsspec.config
@@ -110,9 +112,47 @@ def remove(location: CacheLocation) -> None:
 
 
 def disk_usage(location: CacheLocation) -> int:
-    """Bytes stored under `location` (every file or object)."""
+    """Bytes stored under `location` (every file or object but a killed write's leftovers)."""
     fs, path = filesystem(location)
-    return int(fs.du(path, total=True)) if fs.exists(path) else 0
+    if not fs.exists(path):
+        return 0
+    if not fs.isdir(path):
+        return int(fs.size(path))
+    return sum(int(info["size"]) for name, info in fs.find(path, detail=True).items() if not is_partial(name))
+
+
+# zarr's local store writes a file as NAME.<uuid>.partial, then renames it to NAME: a kill in
+# between leaves the .partial file, which is no part of the cache.
+PARTIAL_SUFFIX = ".partial"
+
+
+def is_partial(name: str) -> bool:
+    return name.endswith(PARTIAL_SUFFIX)
+
+
+def remove_partial_files(location: CacheLocation) -> None:
+    """Remove the leftovers of writes killed half way under `location` (see PARTIAL_SUFFIX)."""
+    fs, path = filesystem(location)
+    for name in fs.find(path):
+        if is_partial(name):
+            fs.rm_file(name)
+
+
+def open_no_follow(path: Path, mode: str = "w") -> IO:
+    """`open(path, mode)` for writing ("w", "wb", "a"), refusing a symbolic link at `path`:
+    whoever planted one would have this tool write (or truncate) the file it points to."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
+    return os.fdopen(no_follow_fd(path, flags), mode)
+
+
+def no_follow_fd(path: Path, flags: int) -> int:
+    """os.open(path, flags) without following a symbolic link at `path` (refused, one line)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"refusing to write {path}: it is a symbolic link (remove it; this tool never writes through one)") from None
+        raise
 
 
 def name(location: CacheLocation) -> str:
@@ -136,9 +176,10 @@ def writer_lock(location: CacheLocation) -> FileLock | LeaseLock:
 
 class FileLock:
     """An flock on the file CACHE.zarr.lock beside a local cache. The kernel drops an flock when
-    its holder exits, however it exits (even SIGKILL), so a crashed writer leaves at most a
-    harmless unlocked file, never a stale lock. Readers take no lock: they only read complete
-    caches, which writers no longer change."""
+    its holder exits, however it exits (even SIGKILL), so a crashed writer leaves at most an
+    unlocked file, never a stale lock. Deleting the file of a live writer would let a second
+    writer in: the holder checks before each chunk that the file is still its own, and stops if
+    not. Readers take no lock: they only read complete caches, which writers no longer change."""
 
     def __init__(self, location: CacheLocation, what: str = "cache"):
         self.location = location
@@ -150,7 +191,7 @@ class FileLock:
         while True:
             try:
                 self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = no_follow_fd(self.lock_path, os.O_RDWR | os.O_CREAT)
             except OSError as exc:
                 raise PipelineError(f"cannot lock {self.what} {self.location} for writing: {exc.strerror}") from exc
             try:
@@ -163,11 +204,7 @@ class FileLock:
                 ) from None
             # The previous holder unlinks the file as it lets go: if it did so between our
             # open and our flock, we locked an orphan and must try again on the new file.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if _same_file(fd, self.lock_path):
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
@@ -176,14 +213,31 @@ class FileLock:
         return self
 
     def check_held(self) -> None:
-        """An flock cannot be lost while its holder lives."""
+        """Raise if the lock file was deleted or replaced while held: the flock is then on an
+        orphan, and a second writer may already hold the file now at that path. This process
+        must stop writing the cache."""
+        if self._fd is not None and not _same_file(self._fd, self.lock_path):
+            raise CacheLockedError(
+                f"cache {self.location}: its lock file {self.lock_path} was deleted or replaced while this process "
+                "was writing; stopped writing (another writer may have started: never delete the lock of a live writer)"
+            )
 
     def __exit__(self, *exc_info) -> None:
         if self._fd is not None:
-            self.lock_path.unlink(missing_ok=True)
+            if _same_file(self._fd, self.lock_path):  # never another writer's lock, if ours was replaced
+                self.lock_path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the file open as `fd` is the one at `path` now (not deleted, not replaced)."""
+    try:
+        found, held = os.lstat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
 
 
 class LeaseLock:

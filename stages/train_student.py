@@ -54,7 +54,7 @@ from stages.runtime import (
     Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
     output_shape, process_group, seed_everything,
 )
-from stages.storage import CacheLocation, FileLock
+from stages.storage import CacheLocation, FileLock, open_no_follow
 from stages.weights import count_parameters, save_weights
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def _train(
     total_steps = sum(_epoch_steps(config, train, cache, epoch, ranks) for epoch in range(first_epoch, config.epochs))
     steps_before = 0
     metrics = main_only(ranks, lambda: _kept_metrics(config.out / "metrics.jsonl", first_epoch)) or {}
-    with (open(config.out / "metrics.jsonl", "a") if ranks.main else contextlib.nullcontext()) as metrics_file, \
+    with (open_no_follow(config.out / "metrics.jsonl", "a") if ranks.main else contextlib.nullcontext()) as metrics_file, \
             one_blas_thread_beside_torch():
         for epoch in range(first_epoch, config.epochs):
             epoch_started = time.perf_counter()
@@ -458,14 +458,16 @@ def _kept_metrics(path: Path, epochs: int) -> dict:
     if not path.is_file():
         return {}
     lines = path.read_text().splitlines()[:epochs]
-    path.write_text("".join(line + "\n" for line in lines))
+    with open_no_follow(path) as file:
+        file.write("".join(line + "\n" for line in lines))
     return json.loads(lines[-1]) if lines else {}
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
     """Atomically: a kill while saving leaves the previous checkpoint intact."""
     partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
+    with open_no_follow(partial, "wb") as file:
+        torch.save(state, file)
     partial.replace(path)
 
 
@@ -477,7 +479,8 @@ def _run_config(config: TrainConfig, cache: CacheReader | None, temperature: flo
 
 
 def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    with open_no_follow(path) as file:
+        file.write(json.dumps(value, indent=2) + "\n")
 
 
 def _brief(metrics: dict) -> str:

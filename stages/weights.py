@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from stages.errors import InputError, PipelineError
+from stages.storage import open_no_follow
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -24,10 +25,11 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".safetensors":
-            save_file(state, str(partial))
-        else:
-            torch.save(state, partial)
+        with open_no_follow(partial, "wb") as file:
+            if path.suffix == ".safetensors":
+                file.write(save(state))
+            else:
+                torch.save(state, file)
         partial.replace(path)
     except (OSError, SafetensorError, RuntimeError) as exc:
         partial.unlink(missing_ok=True)
