@@ -15,6 +15,8 @@ same machine, one right after the other:
 4. train-student's peak resident memory with a 10x larger cache / with the base cache
    (separate processes; both caches written by a cheap teacher, since only size matters)
 5. cache rows per second read in shuffled-chunk order / in file order
+6. cache rows per second read with every chunk's crc32c checksum verified / from a copy of the
+   same cache without checksums (as schema 2 wrote it), in file order, the fastest of READ_TURNS turns each
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
+from zarr.codecs import Crc32cCodec
 
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
@@ -48,6 +52,7 @@ from stages.weights import count_parameters, save_weights
 
 ROUNDS = 4
 TEACHER_PASSES = 2
+READ_TURNS = 3
 TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5}
 
 
@@ -130,6 +135,17 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
     _read_all(big, shuffle=False)
     rows_per_second = {order: big.num_samples / _read_all(big, shuffle=order == "shuffled") for order in ("shuffled", "sequential")}
 
+    # 6. what the checksums cost the reader: the same cache with and without them, taken in turn
+    without_checksums(big.path, scratch / "memory-10x-no-crc32c.zarr")
+    plain = CacheReader(scratch / "memory-10x-no-crc32c.zarr")
+    _read_all(plain, shuffle=False)
+    checked_seconds, plain_seconds = [], []
+    for _ in range(READ_TURNS):
+        checked_seconds.append(_read_all(big, shuffle=False))
+        plain_seconds.append(_read_all(plain, shuffle=False))
+    rows_per_second["sequential_checksummed"] = big.num_samples / min(checked_seconds)
+    rows_per_second["sequential_without_checksums"] = big.num_samples / min(plain_seconds)
+
     s = epoch_seconds
     # A run costs its epochs; fixed start-up costs (imports, first allocations) are left out
     # because they are the same whichever way the soft labels arrive.
@@ -141,6 +157,7 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         "student_cache_vs_online_kd": s["cache"] / s["online"],
         "memory_10x_vs_1x": memory[10]["peak_rss_mb"] / memory[1]["peak_rss_mb"],
         "shuffled_vs_sequential_reads": rows_per_second["shuffled"] / rows_per_second["sequential"],
+        "checksummed_vs_plain_reads": rows_per_second["sequential_checksummed"] / rows_per_second["sequential_without_checksums"],
     }
     return {
         "machine": _machine(device),
@@ -150,7 +167,7 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
                     **{f"student_epoch_{k}": v for k, v in s.items()}},
         "student_epochs_measured": {k: [round(x, 4) for x in v] for k, v in epochs.items()},
         "cache": {"bytes_on_disk": caching.bytes_on_disk, "bytes_per_row": caching.bytes_on_disk / config.samples,
-                  "rows_per_second_shuffled": rows_per_second["shuffled"], "rows_per_second_sequential": rows_per_second["sequential"]},
+                  **{f"rows_per_second_{order}": value for order, value in rows_per_second.items()}},
         "memory": {f"{scale}x": m for scale, m in memory.items()},
         "parameters": {"teacher": count_parameters(teacher),
                        "student": count_parameters(resolve_model(student_spec, num_classes=config.classes, input_shape=input_shape(train)))},
@@ -257,6 +274,20 @@ def _peak_rss_of_student(config: BenchConfig, scratch: Path, scale: int) -> dict
     # ru_maxrss is in kilobytes on Linux
     return {"cache_rows": samples, "cache_bytes": disk_usage(cache),
             "peak_rss_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - started}
+
+
+def without_checksums(source: Path, target: Path) -> None:
+    """Copy the cache at `source` to `target` with the same arrays, chunks and other codecs but
+    no crc32c checksums: a cache as schema 2 stored it."""
+    original = zarr.open_group(str(source), mode="r")
+    copy = zarr.open_group(str(target), mode="w", attributes=dict(original.attrs))
+    for name in original.array_keys():
+        array = original[name]
+        copied = copy.create_array(name, shape=array.shape, chunks=array.chunks, dtype=array.dtype, fill_value=array.fill_value,
+                                   compressors=[c for c in array.compressors if not isinstance(c, Crc32cCodec)] or None,
+                                   dimension_names=array.metadata.dimension_names)
+        for start in range(0, array.shape[0], array.chunks[0]):  # a chunk at a time: the cache may not fit in memory
+            copied[start:start + array.chunks[0]] = array[start:start + array.chunks[0]]
 
 
 def _read_all(cache: CacheReader, shuffle: bool) -> float:

@@ -6,4 +6,4 @@ Usable from Python without the CLI:
     cache_teacher.run(cache_teacher.CacheTeacherConfig(...), teacher=my_module, split=my_split)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,6 +1,6 @@
 """The cache contract: a versioned, self-describing Zarr v3 group of softened teacher outputs.
 
-Layout (schema version 2; the README documents every field):
+Layout (schema version 3; the README documents every field):
 
     CACHE.zarr/
       zarr.json          group attributes: format, schema_version, kind, stored_values, temperature,
@@ -20,6 +20,10 @@ Layout (schema version 2; the README documents every field):
       chunk_done/        (num_chunks,) uint8     1 once every array's rows of that chunk are written
     CACHE.zarr.lock      beside the group, held by the one process writing it (stages.storage)
 
+Every array has dimension names (sample, token, view, class, rank, feature; chunk for
+chunk_done), so xarray joins them, and every chunk of every array ends in a crc32c checksum
+(schema 3), so damage fails to decode instead of reading as other values.
+
 The optional L axis makes a token-level cache, for models that output logits per token (a
 language model): `row_axes` names the axes after the sample axis ("token", then "class" for
 dense or "rank" for top-k), and positions at or past a sequence's length hold zeros and never
@@ -30,31 +34,36 @@ has one storage chunk per element, so marking one chunk complete never rewrites 
 
 Room for later kinds without breaking readers of these: a reader dispatches on `kind`, rows
 may carry further named axes (views), and `teachers` is a list with a `combine` rule for
-ensembles. Schema 1 caches (dense, one row per sample, before `row_axes`) read as schema 2.
+ensembles. Schema 1 caches (dense, one row per sample, before `row_axes`) read as schema 2, and
+schema 2 caches (no checksums, no dimension names) as schema 3.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from stages import __version__, storage
 from stages.config import CODECS, DTYPES, KINDS
-from stages.data import Split, fingerprint
+from stages.data import Split, fingerprint, sha256
 from stages.errors import CacheDamagedError, CacheMismatchError, InputError, PipelineError
 from stages.storage import CacheLocation
 
+log = logging.getLogger(__name__)
+
 FORMAT = "distill-cache"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STORED_VALUES = "teacher_logits / temperature"
 # The arrays holding each kind's soft labels, and those of them that hold floats (a NaN in one
 # is a gap or damage, never data).
@@ -122,6 +131,17 @@ class ChunkGrid:
         return start, min(start + self.chunk_rows, self.num_samples)
 
 
+class ArraySpec(NamedTuple):
+    """One array of a cache: its shape after the sample axis, dtype, fill value, whether it is
+    compressed, and its dimension names (the sample axis first)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    fill: object
+    compressed: bool
+    dimensions: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class Layout:
     """What a cache holds and how it is laid out: its kind, shapes, dtypes and chunking.
@@ -174,36 +194,43 @@ class Layout:
         return (*self.position_shape, self.num_classes if self.kind == "dense" else self.top_k)
 
     @property
-    def row_axes(self) -> list[str]:
-        position = ["view"] if self.views is not None else ["token"] if self.tokens is not None else []
-        return [*position, "class" if self.kind == "dense" else "rank"]
+    def position_axes(self) -> list[str]:
+        """The names of `position_shape`'s axes."""
+        return ["view"] if self.views is not None else ["token"] if self.tokens is not None else []
 
-    def arrays(self) -> dict[str, tuple[tuple[int, ...], str, object, bool]]:
-        """Per-row arrays: name -> (shape after the sample axis, dtype, fill value, compressed)."""
+    @property
+    def row_axes(self) -> list[str]:
+        return [*self.position_axes, "class" if self.kind == "dense" else "rank"]
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        """Per-row arrays, by name; their dimension names let xarray and other clients join them."""
         soft = self.codec != "none"
+        position = self.position_axes
         if self.kind == "dense":
-            arrays = {"logits": (self.row_shape, self.dtype, float("nan"), soft)}
+            arrays = {"logits": ArraySpec(self.row_shape, self.dtype, float("nan"), soft, ("sample", *self.row_axes))}
         else:
+            ranked = ("sample", *self.row_axes)
             arrays = {
-                "topk_values": (self.row_shape, self.dtype, float("nan"), soft),
-                "topk_indices": (self.row_shape, index_dtype(self.num_classes), 0, soft),
-                "logsumexp": (self.position_shape, "float32", float("nan"), soft),
+                "topk_values": ArraySpec(self.row_shape, self.dtype, float("nan"), soft, ranked),
+                "topk_indices": ArraySpec(self.row_shape, index_dtype(self.num_classes), 0, soft, ranked),
+                "logsumexp": ArraySpec(self.position_shape, "float32", float("nan"), soft, ("sample", *position)),
             }
-        arrays["index"] = ((), "int64", -1, True)
+        arrays["index"] = ArraySpec((), "int64", -1, True, ("sample",))
         if self.labelled:
-            arrays["labels"] = (self.label_shape, "int64", -1, True)
+            arrays["labels"] = ArraySpec(self.label_shape, "int64", -1, True, ("sample", *(["token"] if self.tokens is not None else [])))
         if self.tokens is not None:
-            arrays["lengths"] = ((), "int32", -1, True)
+            arrays["lengths"] = ArraySpec((), "int32", -1, True, ("sample",))
         if self.views is not None:
-            arrays["view_seeds"] = ((self.views,), "uint64", 0, True)
+            arrays["view_seeds"] = ArraySpec((self.views,), "uint64", 0, True, ("sample", "view"))
         if self.features is not None:
-            arrays["features"] = ((*self.position_shape, self.features), self.dtype, float("nan"), soft)
+            arrays["features"] = ArraySpec((*self.position_shape, self.features), self.dtype, float("nan"), soft,
+                                           ("sample", *position, "feature"))
         return arrays
 
     @property
     def row_bytes(self) -> int:
         """Bytes of soft labels per sample, uncompressed."""
-        return sum(np.dtype(dtype).itemsize * math.prod(shape) for name, (shape, dtype, _, _) in self.arrays().items()
+        return sum(np.dtype(spec.dtype).itemsize * math.prod(spec.shape) for name, spec in self.arrays().items()
                    if name in SOFT_ARRAYS[self.kind])
 
     def attributes(self) -> dict:
@@ -317,16 +344,38 @@ class CacheWriter:
                 **attrs,
             },
         )
-        zstd = ZstdCodec(level=ZSTD_LEVEL)
+        # Every chunk ends in a crc32c checksum (a bytes-to-bytes codec, so after zstd): a flipped
+        # bit, or a torn or truncated chunk, fails to decode instead of reading as other values.
+        zstd, crc = ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()
         n, rows = layout.num_samples, layout.chunk_rows
-        for name, (shape, dtype, fill, compressed) in layout.arrays().items():
-            group.create_array(name, shape=(n, *shape), chunks=(rows, *shape), dtype=dtype, fill_value=fill,
-                               compressors=zstd if compressed else None)
-        group.create_array("chunk_done", shape=(layout.grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
+        for name, spec in layout.arrays().items():
+            group.create_array(name, shape=(n, *spec.shape), chunks=(rows, *spec.shape), dtype=spec.dtype, fill_value=spec.fill,
+                               compressors=[zstd, crc] if spec.compressed else [crc], dimension_names=spec.dimensions)
+        group.create_array("chunk_done", shape=(layout.grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                           compressors=[crc], dimension_names=("chunk",))
         return cls(path, lock=lock)
 
     def missing_chunks(self) -> list[int]:
         return [int(c) for c in np.flatnonzero(self._done[:] == 0)]
+
+    def forget_damaged_chunks(self) -> None:
+        """Before resuming: remove the temporary files a killed zarr write leaves (`*.partial`),
+        and unmark the chunks whose `chunk_done` record cannot be read (a 0-byte file) or whose
+        rows were never written (`index` holds -1, or cannot be read) although marked done, so
+        that they are computed again. Such damage comes from outside this tool (a writer marks a
+        chunk only after writing all of it); recomputing costs one chunk, refusing would cost
+        the whole pass."""
+        storage.remove_partial_files(self.path)
+        done, unreadable = _read_tolerant(self._done, ChunkGrid(self.grid.num_chunks, 1), 0)
+        index, _ = _read_tolerant(self._arrays["index"], self.grid, -1)
+        unwritten = [c for c in map(int, np.flatnonzero(done)) if (index[slice(*self.grid.rows(c))] < 0).any()]
+        damaged = sorted({*unreadable, *unwritten})
+        if damaged:
+            log.warning("%s: chunks %s were marked done but their record is damaged or their rows were never written; "
+                        "computing them again", self.path, damaged[:10])
+            for chunk in damaged:
+                self._done[chunk] = 0
+            self.group.attrs["complete"] = False
 
     def write_rows(self, start: int, rows: Rows) -> None:
         """Buffer rows [start, start + len) of every array; full chunks go to the writer thread.
@@ -369,6 +418,8 @@ class CacheWriter:
     def mark_complete(self, extra_attrs: dict) -> None:
         if self.missing_chunks():
             raise PipelineError("internal: marking a cache complete with chunks missing")
+        if self._lock is not None:  # a writer that lost its lock must not declare another's cache finished
+            self._lock.check_held()
         self.group.attrs.update({**extra_attrs, "complete": True, "completed_at": now_iso()})
 
     def _put(self, item) -> None:
@@ -405,6 +456,30 @@ class CacheWriter:
             raise error
 
 
+def unreadable_chunks(array: zarr.Array, grid: ChunkGrid, chunks: range) -> list[int]:
+    """Those of `chunks` of `array` (chunked as `grid`) that cannot be decoded."""
+    bad = []
+    for chunk in chunks:
+        try:
+            array[slice(*grid.rows(chunk))]
+        except Exception:  # noqa: BLE001 - a checksum mismatch, a torn or truncated chunk: any decoding failure
+            bad.append(chunk)
+    return bad
+
+
+def _read_tolerant(array: zarr.Array, grid: ChunkGrid, unreadable) -> tuple[np.ndarray, list[int]]:
+    """The whole of `array` (chunked as `grid`), with the rows of chunks that cannot be decoded
+    set to `unreadable`, and those chunks."""
+    try:
+        return array[:], []
+    except Exception:  # noqa: BLE001 - located chunk by chunk below
+        bad = unreadable_chunks(array, grid, range(grid.num_chunks))
+        values = np.full(array.shape, unreadable, array.dtype)
+        for chunk in sorted(set(range(grid.num_chunks)) - set(bad)):
+            values[slice(*grid.rows(chunk))] = array[slice(*grid.rows(chunk))]
+        return values, bad
+
+
 # What must agree between an existing cache and a new writer for it to resume it.
 RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "views", "features", "chunk_rows", "dtype", "codec",
                "temperature", "teacher_amp", "augment", "combine")
@@ -426,7 +501,9 @@ def open_writer(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: 
         # The same cache: resume it, unless its arrays were never all created (killed right
         # after its attributes), when it holds no finished chunk and is simply made again.
         if {*layout.arrays(), "chunk_done"} <= set(group.array_keys()):
-            return CacheWriter(path, lock=lock)
+            writer = CacheWriter(path, lock=lock)
+            writer.forget_damaged_chunks()
+            return writer
     remove_cache(path)
     return CacheWriter.create(path, layout, attrs, lock=lock)
 
@@ -455,20 +532,30 @@ def teacher_metrics(group: zarr.Group, layout: Layout, temperature: float) -> di
     if "labels" not in group:
         return None
     correct, nll, count = 0, 0.0, 0
+    names = ("labels", *(("lengths",) if layout.tokens is not None else ()), "logits" if layout.kind == "dense" else "topk_indices")
+    size = dataset_size(dict(group.attrs))
     for chunk in range(layout.grid.num_chunks):
         start, stop = layout.grid.rows(chunk)
-        labels = torch.from_numpy(group["labels"][start:stop])
+        # Every chunk is marked done here, yet may be damaged from outside: say so, never crash on it.
+        try:
+            rows = {name: group[name][start:stop] for name in names}
+        except Exception as exc:
+            raise CacheDamagedError(f"chunk {chunk} of the cache cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
+        problem = row_problem(rows, layout, size, start)
+        if problem:
+            raise CacheDamagedError(f"chunk {chunk} of the cache holds {problem}; run pipeline verify")
+        labels = torch.from_numpy(rows["labels"])
         if layout.views is not None:  # every view of a sample has the sample's label
             labels = labels.unsqueeze(1).expand(-1, layout.views)
         valid = (torch.ones(labels.shape, dtype=torch.bool) if layout.tokens is None
-                 else torch.arange(layout.tokens) < torch.from_numpy(group["lengths"][start:stop]).unsqueeze(1))
+                 else torch.arange(layout.tokens) < torch.from_numpy(rows["lengths"]).unsqueeze(1))
         labels = labels[valid]
         if layout.kind == "dense":
-            logits = torch.from_numpy(group["logits"][start:stop]).float()[valid] * temperature
+            logits = torch.from_numpy(rows["logits"]).float()[valid] * temperature
             predicted = logits.argmax(-1)
             nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         else:
-            predicted = torch.from_numpy(group["topk_indices"][start:stop]).long()[valid][:, 0]
+            predicted = torch.from_numpy(rows["topk_indices"]).long()[valid][:, 0]
         correct += int((predicted == labels).sum())
         count += len(labels)
     metrics = {"accuracy": correct / count, "errors": count - correct,
@@ -513,9 +600,39 @@ def nonfinite_rows(values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
 
 
+# Values a required attribute may take, beyond its type: a temperature of 0 would divide by zero,
+# a negative one turn every distribution upside down.
+ATTR_RANGES = {
+    "temperature": lambda t: math.isfinite(t) and t > 0, "num_classes": lambda c: c >= 1, "num_samples": lambda n: n >= 1,
+    "chunk_rows": lambda r: r >= 1,
+}
+
+
 def malformed_attributes(attrs: dict) -> list[str]:
-    """Names of required attributes that are missing or of the wrong type."""
-    return [name for name, kind in REQUIRED_ATTRS.items() if not _has_type(attrs.get(name), kind)]
+    """Names of required attributes that are missing, of the wrong type, or out of range."""
+    return [name for name, kind in REQUIRED_ATTRS.items()
+            if not _has_type(attrs.get(name), kind) or not ATTR_RANGES.get(name, lambda _: True)(attrs[name])]
+
+
+def array_problems(group: zarr.Group, attrs: dict, layout: Layout) -> list[str]:
+    """How the arrays of `group` disagree with the `layout` its attributes describe (absent, or
+    of another shape, chunking or dtype), and the attributes with themselves (a `row_shape`
+    that num_classes, top_k, views and tokens do not give): tampering or damage either way."""
+    n, rows = layout.num_samples, layout.chunk_rows
+    expected = {name: ((n, *spec.shape), spec.dtype) for name, spec in layout.arrays().items()}
+    expected["chunk_done"] = ((layout.grid.num_chunks,), "uint8")
+    problems = [] if attrs["row_shape"] == list(layout.row_shape) else [
+        f"row_shape {attrs['row_shape']} disagrees with num_classes and top_k ({list(layout.row_shape)})"]
+    problems += [
+        f"{name}: {'absent' if name not in group else f'shape {group[name].shape}'} (expected {shape})"
+        for name, (shape, _) in expected.items()
+        if name not in group or group[name].shape != shape
+    ]
+    present = [name for name in layout.arrays() if name in group]
+    problems += [f"{name}: chunked {group[name].chunks[0]} rows (expected {rows})" for name in present if group[name].chunks[0] != rows]
+    problems += [f"{name}: dtype {group[name].dtype} (expected {expected[name][1]})" for name in present
+                 if str(group[name].dtype) != expected[name][1]]
+    return problems
 
 
 def _has_type(value, kind) -> bool:
@@ -561,7 +678,8 @@ class CacheReader:
             )
         malformed = malformed_attributes(self.attrs)
         if malformed:
-            raise CacheDamagedError(f"cache {self.path}: attributes missing or malformed: {', '.join(malformed)}; run pipeline verify")
+            raise CacheDamagedError(f"cache {self.path}: attributes missing or malformed: "
+                                    f"{', '.join(f'{name}={self.attrs.get(name)!r}' for name in malformed)}; run pipeline verify")
         if self.attrs["kind"] not in KINDS:
             raise CacheMismatchError(f"cache kind {self.attrs['kind']!r} is not supported by this tool version")
         if require_complete and not self.attrs["complete"]:
@@ -574,12 +692,22 @@ class CacheReader:
             raise CacheDamagedError(f"cache {self.path}: its layout attributes are inconsistent ({exc}); run pipeline verify") from exc
         self.grid = self.layout.grid
         try:
+            problems = array_problems(self.group, self.attrs, self.layout)
             self.arrays = {name: self.group[name] for name in self.layout.arrays() if name in self.group}
         except Exception as exc:
             raise CacheDamagedError(f"cache {self.path}: an array cannot be opened ({type(exc).__name__}); run pipeline verify") from exc
-        missing = [name for name in self.layout.arrays() if name not in self.arrays]
-        if missing:
-            raise CacheDamagedError(f"cache {self.path}: array {', '.join(missing)} missing; run pipeline verify")
+        if problems:
+            raise CacheDamagedError(f"cache {self.path}: its attributes and arrays disagree: {'; '.join(problems)}; run pipeline verify")
+        if require_complete:
+            self._check_index()
+
+    def _check_index(self) -> None:
+        """Rows are joined to their inputs by `index`: a permuted or duplicated one would pair soft
+        labels with other samples, so it must hash as recorded (N int64s: cheap)."""
+        index = self.read_rows(0, self.num_samples, ("index",), "index")["index"]
+        if sha256(index) != self.attrs["dataset"].get("index_sha256"):
+            raise CacheDamagedError(f"cache {self.path}: its index array differs from the recorded dataset.index_sha256 "
+                                    "(rows reordered, repeated or replaced); run pipeline verify")
 
     @property
     def num_samples(self) -> int:
@@ -631,10 +759,16 @@ class CacheReader:
         never passed on as data: an undecodable chunk, non-finite values (a gap reads as NaN),
         or an entry that is unwritten or out of range."""
         where = f"cache {self.path}: {where or f'rows {start}-{stop - 1}'}"
-        try:
-            rows = {name: array[start:stop] for name, array in self.arrays.items() if names is None or name in names}
-        except Exception as exc:
-            raise CacheDamagedError(f"{where} cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
+        rows = {}
+        for name, array in self.arrays.items():
+            if names is None or name in names:
+                try:
+                    rows[name] = array[start:stop]
+                except Exception as exc:
+                    chunks = range(start // self.grid.chunk_rows, (stop - 1) // self.grid.chunk_rows + 1)
+                    chunk = (unreadable_chunks(array, self.grid, chunks) or [chunks[-1]])[0]
+                    raise CacheDamagedError(f"cache {self.path}: array {name}: chunk {chunk} "
+                                            f"cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
         problem = row_problem(rows, self.layout, self.dataset_size, start)
         if problem:
             raise CacheDamagedError(f"{where} holds {problem}; run pipeline verify")

@@ -4,8 +4,9 @@ teacher's probability its kept entries miss.
 
     pipeline inspect data/caches/cnn-mnist-5k-train-T4.zarr --png data/inspect/cnn.png
 
-Statistics over the soft labels are dask reductions over the Zarr arrays (dask.array.from_zarr),
-computed chunk by chunk, so a cache larger than memory is described in bounded memory.
+Statistics over the soft labels are sums of per-chunk dask tasks, each reading its chunk through
+the reader's checks (a damaged chunk is named, exit 4), so a cache larger than memory is described
+in bounded memory.
 
 Calibration compares the teacher's confidence (its largest probability) with whether its top
 class is the label: the expected calibration error (ECE) over CALIBRATION_BINS equal-width
@@ -21,11 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 
 from stages.cache import SOFT_ARRAYS, CacheReader
-from stages.storage import CacheLocation, child, disk_usage
+from stages.storage import CacheLocation, child, disk_usage, open_no_follow
 
 CALIBRATION_BINS = 15
 HISTOGRAM_BINS = 20
@@ -81,10 +81,9 @@ def _distribution_statistics(reader: CacheReader) -> dict:
     partial counts: each chunk of the dask arrays is one task."""
     layout = reader.layout
     temperatures = [reader.temperature] + ([1.0] if layout.kind == "dense" and reader.temperature != 1.0 else [])
-    names = [*SOFT_ARRAYS[layout.kind], *(name for name in ("labels", "lengths") if name in reader.arrays)]
-    blocks = [da.from_zarr(reader.group[name]).to_delayed().reshape(-1) for name in names]
-    parts = [dask.delayed(_chunk_statistics)(dict(zip(names, chunk)), layout.kind, reader.temperature, temperatures,
-                                             layout.num_classes) for chunk in zip(*blocks)]
+    names = (*SOFT_ARRAYS[layout.kind], *(name for name in ("labels", "lengths") if name in reader.arrays))
+    parts = [dask.delayed(_chunk_statistics)(chunk, layout.kind, reader.temperature, temperatures, layout.num_classes)
+             for chunk in _chunks(reader, names)]
     totals = dask.compute(*parts, scheduler="threads")
     summed = {key: sum(part[key] for part in totals) for key in totals[0]}
     out: dict = {"calibration": {}, "histograms": {}}
@@ -195,22 +194,28 @@ def plot_report(report: dict, path: Path) -> None:
     figure.suptitle(f"{report['kind']} cache: {report['teachers']} on {report['dataset']}", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    with open_no_follow(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=110)
     plt.close(figure)
+
+
+def _chunks(reader: CacheReader, names: tuple[str, ...]) -> list:
+    """Each chunk's rows of the arrays `names`, as dask tasks reading through the reader's checks."""
+    return [dask.delayed(reader.read_chunks)(chunk, chunk, names) for chunk in range(reader.grid.num_chunks)]
 
 
 def _tail_mass(reader: CacheReader) -> dict:
     """The probability at the cache's T that the kept entries miss, 1 - sum(exp(v - lse)),
     over every row (or valid token): mean and largest."""
-    group = reader.group
-    values = da.from_zarr(group["topk_values"]).astype(np.float32)
-    logsumexp = da.from_zarr(group["logsumexp"])
-    tail = da.clip(1.0 - da.exp(values - logsumexp[..., None]).sum(axis=-1), 0.0, 1.0)
-    if reader.layout.tokens is not None:
-        valid = da.arange(reader.layout.tokens)[None, :] < da.from_zarr(group["lengths"])[:, None]
-        tail = da.where(valid, tail, 0.0)
-        count = valid.sum()
-    else:
-        count = tail.size
-    mean, largest, count = dask.compute(tail.sum() / count, tail.max(), count, scheduler="threads")
-    return {"mean": float(mean), "max": float(largest), "entries": int(count)}
+    names = ("topk_values", "logsumexp", *(("lengths",) if reader.layout.tokens is not None else ()))
+    parts = dask.compute(*(dask.delayed(_chunk_tail)(chunk) for chunk in _chunks(reader, names)), scheduler="threads")
+    total, count = sum(p[0] for p in parts), sum(p[2] for p in parts)
+    return {"mean": total / count, "max": max(p[1] for p in parts), "entries": count}
+
+
+def _chunk_tail(rows: dict[str, np.ndarray]) -> tuple[float, float, int]:
+    """One chunk's sum and largest tail mass, over its rows (or valid tokens), and their count."""
+    tail = np.clip(1.0 - np.exp(rows["topk_values"].astype(np.float32) - rows["logsumexp"][..., None]).sum(-1), 0.0, 1.0)
+    if "lengths" in rows:
+        tail = tail[np.arange(tail.shape[1])[None, :] < rows["lengths"][:, None]]
+    return float(tail.sum()), float(tail.max(initial=0.0)), int(tail.size)

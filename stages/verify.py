@@ -20,8 +20,8 @@ import zarr
 from stages import storage
 from stages.augment import Augmentation, view_seeds
 from stages.cache import (
-    FLOAT_ARRAYS, FORMAT, KINDS, SCHEMA_VERSION, Layout, dataset_size, is_cache, malformed_attributes, row_problem,
-    stored_rows, teacher_outputs,
+    FLOAT_ARRAYS, FORMAT, KINDS, SCHEMA_VERSION, Layout, array_problems, dataset_size, is_cache, malformed_attributes,
+    row_problem, stored_rows, teacher_outputs,
 )
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
@@ -66,10 +66,11 @@ def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split
     if layout is None:
         return report
     grid = layout.grid
-    done = group["chunk_done"][:]
-    missing = np.flatnonzero(done == 0)
-    report.add("complete", attrs["complete"] and not len(missing),
-               f"complete={attrs['complete']}, {len(missing)} of {grid.num_chunks} chunks unwritten")
+    done = _read_whole(report, group, "chunk_done")
+    if done is not None:
+        missing = np.flatnonzero(done == 0)
+        report.add("complete", attrs["complete"] and not len(missing),
+                   f"complete={attrs['complete']}, {len(missing)} of {grid.num_chunks} chunks unwritten")
     _check_chunks(report, group, attrs, layout)
     _check_index_and_labels(report, group, attrs)
     if layout.views is not None:
@@ -82,7 +83,7 @@ def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split
 def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> Layout | None:
     """The layout the attributes describe, once they and the arrays agree with it; else None."""
     wrong = malformed_attributes(attrs)
-    if not report.add("metadata", not wrong, f"missing or mistyped: {', '.join(wrong)}" if wrong else "all attributes present"):
+    if not report.add("metadata", not wrong, f"missing, mistyped or out of range: {', '.join(f'{name}={attrs.get(name)!r}' for name in wrong)}" if wrong else "all attributes present"):
         return None
     if not report.add("schema", attrs["schema_version"] <= SCHEMA_VERSION and attrs["kind"] in KINDS,
                       f"schema {attrs['schema_version']} kind {attrs['kind']!r} (this tool reads {SCHEMA_VERSION}: {', '.join(KINDS)})"):
@@ -92,18 +93,7 @@ def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> Layout | 
     except (InputError, TypeError, IndexError) as exc:
         report.add("layout", False, f"inconsistent layout attributes ({exc})")
         return None
-    n, rows = layout.num_samples, layout.chunk_rows
-    expected = {name: ((n, *shape), dtype) for name, (shape, dtype, _, _) in layout.arrays().items()}
-    expected["chunk_done"] = ((layout.grid.num_chunks,), "uint8")
-    problems = [
-        f"{name}: {'absent' if name not in group else f'shape {group[name].shape}'} (expected {shape})"
-        for name, (shape, _) in expected.items()
-        if name not in group or group[name].shape != shape
-    ]
-    present = [name for name in layout.arrays() if name in group]
-    problems += [f"{name}: chunked {group[name].chunks[0]} rows (expected {rows})" for name in present if group[name].chunks[0] != rows]
-    problems += [f"{name}: dtype {group[name].dtype} (expected {expected[name][1]})" for name in present
-                 if str(group[name].dtype) != expected[name][1]]
+    problems = array_problems(group, attrs, layout)
     if not report.add("arrays", not problems, "; ".join(problems) or "shapes, chunking and dtypes as described"):
         return None
     return layout
@@ -112,10 +102,12 @@ def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> Layout | 
 def _check_chunk(group: zarr.Group, layout: Layout, chunk: int, dataset_size: int) -> str | None:
     """Why one chunk is bad, or None when it is readable and its values are sound."""
     start, stop = layout.grid.rows(chunk)
-    try:
-        rows = {name: group[name][start:stop] for name in layout.arrays()}
-    except Exception as exc:
-        return f"unreadable ({type(exc).__name__})"
+    rows = {}
+    for name in layout.arrays():
+        try:
+            rows[name] = group[name][start:stop]
+        except Exception as exc:  # noqa: BLE001 - a checksum mismatch, a torn or truncated chunk
+            return f"unreadable {name} ({type(exc).__name__}: {exc})"
     return row_problem(rows, layout, dataset_size, start)
 
 

@@ -17,7 +17,7 @@ def test_bench_reports_every_ratio(tmp_path):
     report = json.loads(out)
     assert set(report["ratios"]) == {
         "cache_vs_forward", "student_cache_vs_memory", "student_cache_vs_hard_labels", "student_cache_vs_online_kd",
-        "memory_10x_vs_1x", "shuffled_vs_sequential_reads",
+        "memory_10x_vs_1x", "shuffled_vs_sequential_reads", "checksummed_vs_plain_reads",
     }
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in report["ratios"].values())
     assert set(report["meets_targets"]) == set(report["targets"]) and all(isinstance(v, bool) for v in report["meets_targets"].values())

@@ -12,6 +12,7 @@ import zarr
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
 from stages.cache import FORMAT, SCHEMA_VERSION, CacheReader, CacheWriter, Layout, batch_bounds, default_chunk_rows
+from stages.data import sha256
 from stages.errors import CacheMismatchError, InputError
 from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE
 
@@ -69,7 +70,9 @@ def test_teacher_metrics_match_a_direct_computation(cache_path, teacher_weights)
 
 def _write(tmp_path, n=300, chunk_rows=32, classes=5, name="c.zarr"):
     layout = Layout(kind="dense", num_samples=n, num_classes=classes, chunk_rows=chunk_rows, dtype="float32")
-    writer = CacheWriter.create(tmp_path / name, layout, {"temperature": 1.0, "teachers": [], "dataset": {}})
+    # rows in order: the recorded index hash is that of 0..n-1
+    writer = CacheWriter.create(tmp_path / name, layout, {"temperature": 1.0, "teachers": [],
+                                                          "dataset": {"index_sha256": sha256(np.arange(n))}})
     logits = np.random.default_rng(0).normal(size=(n, classes)).astype(np.float32)
     labels = np.arange(n) % classes
     return writer, logits, labels
@@ -234,6 +237,81 @@ def test_teacher_pass_reports_rows_done(tmp_path, teacher_weights):
                                               chunk_rows=CHUNK_ROWS, batch_size=100, device="cpu")
     cache_teacher.run(config, teacher, split, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(done, 600) for done in range(100, 700, 100)]
+
+
+def _teacher_cache(tmp_path, kind: str):
+    """A small cache of `kind` (dense, topk, tokens, views) with its teacher, the teacher's inputs
+    for every stored row (views replayed from their seeds), and T."""
+    from stages import cache_teacher
+    from stages.augment import parse_augment
+
+    if kind == "tokens":
+        dataset, spec, shape, classes = "stdlib-bytes:seq=8,train=200,test=20", "bytelm:dim=16,layers=1,heads=2", (8,), 256
+    elif kind == "views":
+        dataset, spec, shape, classes = "digits", "cnn", (1, 8, 8), 10
+    else:
+        dataset, spec, shape, classes = DATASET, "mlp-64", (8,), 4
+    split = resolve_dataset(dataset).split("train")
+    torch.manual_seed(0)
+    teacher = resolve_model(spec, num_classes=classes, input_shape=shape).eval()
+    extra = {"format": "topk", "top_k": 3} if kind == "topk" else {"augment": "shift:1", "views": 3} if kind == "views" else {}
+    config = cache_teacher.CacheTeacherConfig(teacher=spec, dataset=dataset, out=tmp_path / f"{kind}.zarr", temperature=2.0,
+                                              chunk_rows=128, batch_size=64, device="cpu", **extra)
+    path = cache_teacher.run(config, teacher, split).cache
+    group = zarr.open_group(str(path), mode="r")
+    inputs = split.inputs(group["index"][:])
+    if kind == "views":
+        inputs = parse_augment("shift:1")(inputs.repeat_interleave(3, dim=0), group["view_seeds"][:].reshape(-1))
+    with torch.no_grad():
+        probs = torch.softmax(teacher(inputs).double() / 2.0, dim=-1).numpy()
+    return path, probs.reshape(*group["index"].shape, *probs.shape[1:]) if kind != "views" else probs.reshape(-1, 3, classes)
+
+
+@pytest.mark.parametrize(("kind", "dims"), [
+    ("dense", {"logits": ("sample", "class")}),
+    ("topk", {"topk_values": ("sample", "rank"), "topk_indices": ("sample", "rank"), "logsumexp": ("sample",)}),
+    ("tokens", {"logits": ("sample", "token", "class"), "labels": ("sample", "token"), "lengths": ("sample",)}),
+    ("views", {"logits": ("sample", "view", "class"), "view_seeds": ("sample", "view"), "labels": ("sample",)}),
+])
+def test_xarray_reads_every_kind_with_named_dimensions(tmp_path, kind, dims):
+    """xarray (a client this project did not write) opens each kind of cache and its softmax is
+    the teacher's at T."""
+    xr = pytest.importorskip("xarray")
+    path, expected = _teacher_cache(tmp_path, kind)
+    ds = xr.open_zarr(str(path), zarr_format=3, consolidated=False)
+    for name, names in {**dims, "index": ("sample",), "chunk_done": ("chunk",)}.items():
+        assert ds[name].dims == names, name
+    if kind == "topk":
+        kept = np.exp(ds["topk_values"].astype("float64") - ds["logsumexp"]).values
+        np.testing.assert_allclose(kept, np.take_along_axis(expected, ds["topk_indices"].values.astype(np.int64), -1), atol=2e-3)
+        return
+    logits = ds["logits"].astype("float64")
+    probs = (np.exp(logits - logits.max("class")) / np.exp(logits - logits.max("class")).sum("class")).values
+    if kind == "tokens":  # padding positions hold zeros, not the teacher's outputs
+        valid = np.arange(8)[None, :] < ds["lengths"].values[:, None]
+        probs, expected = probs[valid], expected[valid]
+    np.testing.assert_allclose(probs, expected, atol=2e-3)
+
+
+def test_every_chunk_of_every_array_carries_a_crc32c_checksum(cache_path):
+    group = zarr.open_group(str(cache_path), mode="r")
+    for name in group.array_keys():
+        assert type(group[name].metadata.codecs[-1]).__name__ == "Crc32cCodec", name  # last: after zstd where there is one
+
+
+def test_a_schema_2_cache_without_checksums_still_reads_and_trains(cache_path, tmp_path):
+    from pipeline.bench import without_checksums
+    from tests.conftest import invoke_json
+
+    old = tmp_path / "schema2.zarr"
+    without_checksums(cache_path, old)
+    zarr.open_group(str(old), mode="r+").attrs.update({"schema_version": 2, "tool": {"name": "pipeline", "version": "0.1.0"}})
+    assert not any(type(c).__name__ == "Crc32cCodec" for c in zarr.open_group(str(old), mode="r")["logits"].metadata.codecs)
+    reader = CacheReader(old)
+    np.testing.assert_array_equal(reader.read_chunk(3)["logits"], CacheReader(cache_path).read_chunk(3)["logits"])
+    run = invoke_json("train-student", "--cache", old, "--student", "mlp-64", "--epochs", "1", "--out", tmp_path / "run")
+    assert run["test_samples"] == 200
+    assert invoke_json("verify", old)["ok"]
 
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])
