@@ -87,3 +87,23 @@ def test_inspect_never_writes_its_png_through_a_symlink(cache_path, tmp_path):
     code, _, err = invoke("inspect", cache_path, "--png", tmp_path / "plot.png")
     assert code == 2 and "refusing to write" in err and "symbolic link" in err
     assert victim.read_text() == "precious"
+
+
+def test_a_writer_whose_lock_was_replaced_does_not_mark_the_cache_complete(tmp_path):
+    """The last chunk written, then the lock file replaced: the cache stays incomplete."""
+    import numpy as np
+    import zarr
+
+    from stages.cache import CacheWriter, Layout
+
+    out = tmp_path / "c.zarr"
+    with FileLock(out) as lock:
+        writer = CacheWriter.create(out, Layout(kind="dense", num_samples=64, num_classes=3, chunk_rows=32),
+                                    {"temperature": 1.0, "teachers": [], "dataset": {}}, lock=lock)
+        writer.write_rows(0, {"logits": np.zeros((64, 3), np.float16), "index": np.arange(64), "labels": np.arange(64) % 3})
+        writer.close()
+        (tmp_path / "c.zarr.lock").unlink()
+        (tmp_path / "c.zarr.lock").write_text("another writer's")
+        with pytest.raises(CacheLockedError, match="deleted or replaced"):
+            writer.mark_complete({})
+    assert zarr.open_group(str(out), mode="r").attrs["complete"] is False
