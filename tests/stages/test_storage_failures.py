@@ -69,5 +69,5 @@ def test_read_only_file_system(small_disk, teacher):
     code, _, err = invoke(*_cache_args(teacher, mount / "c.zarr"), "--overwrite")
     assert code == 1 and err.strip().splitlines() == [f"error: cannot lock cache {mount / 'c.zarr'} for writing: Read-only file system"]
     code, _, err = invoke("train-student", "--cache", cache, "--student", "mlp-64", "--out", mount / "run")
-    assert code == 1 and err.strip().splitlines() == [f"error: cannot write run folder {mount / 'run'}: Read-only file system"]
+    assert code == 1 and err.strip().splitlines() == [f"error: cannot lock run folder {mount / 'run'} for writing: Read-only file system"]
     assert zarr.open_group(cache, mode="r").attrs["complete"]
