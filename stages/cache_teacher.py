@@ -245,11 +245,16 @@ def _teacher_pass(
     MAX_IN_FLIGHT newer batches are queued behind it."""
     if missing:
         log.info("teacher pass over %d chunks of %d rows on %s", len(missing), writer.grid.chunk_rows, device)
+    if config.batch_size > writer.grid.chunk_rows:
+        log.warning("teacher batches stop at chunk boundaries (so that a resume equals a whole pass): batches of %d rows, "
+                    "not %d; make chunks at least a batch (chunk_rows) for full batches", writer.grid.chunk_rows,
+                    config.batch_size)
     cuda = device.type == "cuda"
     in_flight: deque[tuple[int, dict[str, torch.Tensor], torch.cuda.Event | None]] = deque()
     rings: dict[str, _PinnedRing] = {}
-    rows_to_compute = sum(stop - start for start, stop in map(writer.grid.rows, missing))
-    rows_done = 0
+    # Progress counts every row of the cache, so a resumed pass reports from where it stopped.
+    rows_total = writer.grid.num_samples
+    rows_done = rows_total - sum(stop - start for start, stop in map(writer.grid.rows, missing))
     last_report = time.perf_counter()
     views = writer.layout.views
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.loader_workers)
@@ -279,14 +284,14 @@ def _teacher_pass(
         while in_flight and (len(in_flight) > MAX_IN_FLIGHT or in_flight[0][2] is None or in_flight[0][2].query()):
             rows_done += _store(writer, split, lengths, config, *in_flight.popleft())
             if progress is not None:
-                progress(rows_done, rows_to_compute)
+                progress(rows_done, rows_total)
         if time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
             log.info("teacher pass: rows up to %d of %d", start + count, len(split))
     while in_flight:
         rows_done += _store(writer, split, lengths, config, *in_flight.popleft())
         if progress is not None:
-            progress(rows_done, rows_to_compute)
+            progress(rows_done, rows_total)
 
 
 def _distributed_pass(
@@ -313,8 +318,8 @@ def _distributed_pass(
         options = storage.storage_options(config.out)
         futures = [client.submit(_worker_chunks, config, chunks, load_on_worker, resolve_augment, options, pure=False)
                    for chunks in tasks]
-        rows_total = sum(stop - start for start, stop in map(grid.rows, missing))
-        rows_done = 0
+        rows_total = grid.num_samples
+        rows_done = rows_total - sum(stop - start for start, stop in map(grid.rows, missing))
         try:
             for future in distributed.as_completed(futures):
                 rows_done += future.result()

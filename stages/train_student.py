@@ -163,8 +163,9 @@ def _train(
         matched = feature_loss(features, torch.from_numpy(batch["features"]).to(device).float(), config.feature_loss)
         return loss + config.feature_weight * matched, {**parts, "feature": matched.detach()}
 
-    total_steps = sum(_epoch_steps(config, train, cache, epoch, ranks) for epoch in range(first_epoch, config.epochs))
-    steps_before = 0
+    # Progress counts every epoch's steps, so a resumed run reports from where it stopped.
+    steps = [_epoch_steps(config, train, cache, epoch, ranks) for epoch in range(config.epochs)]
+    total_steps, steps_before = sum(steps), sum(steps[:first_epoch])
     metrics = main_only(ranks, lambda: _kept_metrics(config.out / "metrics.jsonl", first_epoch)) or {}
     with (open_no_follow(config.out / "metrics.jsonl", "a") if ranks.main else contextlib.nullcontext()) as metrics_file, \
             one_blas_thread_beside_torch():

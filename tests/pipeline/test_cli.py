@@ -315,7 +315,6 @@ def test_on_a_terminal_log_lines_and_the_progress_bar_share_the_screen_cleanly(t
     assert any("test_errors" in line for line in screen)  # the table
 
 
-@pytest.mark.xfail(strict=True, reason="train_student reports progress over the remaining epochs only (lead: count all epochs)")
 def test_a_resumed_run_s_bar_starts_at_the_steps_already_done(tmp_path):
     (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW_STUDENT))
     args = ["train-student", "--student", f"{tmp_path / 'slow.py'}:build", "--dataset", DATASET, "--epochs", "4",
