@@ -145,6 +145,21 @@ def open_no_follow(path: Path, mode: str = "w") -> IO:
     return os.fdopen(no_follow_fd(path, flags), mode)
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace the file at `path` with `data` so that a kill or a full disk leaves the previous
+    file (or none), never half of one: written to PATH.partial (never through a symbolic link),
+    then renamed over PATH. Callers serialise to bytes first, so that a write error arrives as
+    the OSError it is (torch.save into a full disk reports only "unexpected pos")."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open_no_follow(partial, "wb") as file:
+            file.write(data)
+        partial.replace(path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise PipelineError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 def no_follow_fd(path: Path, flags: int) -> int:
     """os.open(path, flags) without following a symbolic link at `path` (refused, one line)."""
     try:

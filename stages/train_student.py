@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -54,8 +55,8 @@ from stages.runtime import (
     Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
     output_shape, process_group, seed_everything,
 )
-from stages.storage import CacheLocation, FileLock, open_no_follow
-from stages.weights import count_parameters, save_weights
+from stages.storage import CacheLocation, FileLock, no_follow_fd, open_no_follow, write_atomically
+from stages.weights import count_parameters, save_weights, serialised
 
 log = logging.getLogger(__name__)
 
@@ -458,18 +459,19 @@ def _kept_metrics(path: Path, epochs: int) -> dict:
     """Keep the metrics lines of the epochs a resumed run keeps; return the last one."""
     if not path.is_file():
         return {}
-    lines = path.read_text().splitlines()[:epochs]
-    with open_no_follow(path) as file:
-        file.write("".join(line + "\n" for line in lines))
-    return json.loads(lines[-1]) if lines else {}
+    with os.fdopen(no_follow_fd(path, os.O_RDONLY)) as file:  # a planted link would show us another file
+        lines = file.read().splitlines()[:epochs]
+    try:
+        last = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        raise PipelineError(f"{path} is damaged (its lines are not JSON); start over with --overwrite") from None
+    write_atomically(path, "".join(line + "\n" for line in lines).encode())
+    return last
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    """Atomically: a kill while saving leaves the previous checkpoint intact."""
-    partial = path.with_name(path.name + ".partial")
-    with open_no_follow(partial, "wb") as file:
-        torch.save(state, file)
-    partial.replace(path)
+    """Atomically: a kill or a full disk while saving leaves the previous checkpoint intact."""
+    write_atomically(path, serialised(state))
 
 
 def _run_config(config: TrainConfig, cache: CacheReader | None, temperature: float) -> dict:
@@ -480,8 +482,7 @@ def _run_config(config: TrainConfig, cache: CacheReader | None, temperature: flo
 
 
 def _write_json(path: Path, value: dict) -> None:
-    with open_no_follow(path) as file:
-        file.write(json.dumps(value, indent=2) + "\n")
+    write_atomically(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
 def _brief(metrics: dict) -> str:

@@ -7,6 +7,7 @@ state dict loaded with `weights_only=True`: nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle  # only for its exception type: nothing here unpickles
 from pathlib import Path
 
@@ -15,25 +16,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from stages.errors import InputError, PipelineError
-from stages.storage import open_no_follow
+from stages.storage import write_atomically
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Write the model's state dict, atomically (a crash leaves no half file): safetensors for a
     .safetensors path, otherwise a plain PyTorch state dict (readable with weights_only=True)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    partial = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open_no_follow(partial, "wb") as file:
-            if path.suffix == ".safetensors":
-                file.write(save(state))
-            else:
-                torch.save(state, file)
-        partial.replace(path)
+        write_atomically(path, save(state) if path.suffix == ".safetensors" else serialised(state))
     except (OSError, SafetensorError, RuntimeError) as exc:
-        partial.unlink(missing_ok=True)
         raise PipelineError(f"cannot write weights {path}: {_first_line(exc)}") from exc
+
+
+def serialised(state: dict) -> bytes:
+    """`torch.save` of `state` (tensors and plain values only, so weights_only=True reads it back), as bytes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

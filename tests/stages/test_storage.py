@@ -3,6 +3,8 @@ no file is ever written through a symbolic link someone planted."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from stages.errors import CacheLockedError
@@ -57,7 +59,6 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_kept(tmp_path, teacher_
 
 
 @pytest.mark.parametrize(("planted", "checkpoint", "target_exists"), [
-    ("summary.json", True, False),  # an existing summary would mean a finished run: a dangling link instead
     ("metrics.jsonl", True, True), ("model.safetensors.partial", True, True), ("checkpoint.pt.partial", False, True),
 ])
 def test_run_folder_files_are_never_written_through_a_symlink(tmp_path, planted, checkpoint, target_exists):
@@ -78,6 +79,21 @@ def test_run_folder_files_are_never_written_through_a_symlink(tmp_path, planted,
     assert code == 2 and err.strip().splitlines() == [
         f"error: refusing to write {run / planted}: it is a symbolic link (remove it; this tool never writes through one)"], err
     assert victim.read_text() == "precious" if target_exists else not victim.exists()
+
+
+def test_a_file_written_whole_replaces_a_planted_symlink_and_leaves_its_target(tmp_path):
+    """summary.json (like config.json, checkpoint.pt and the weights) is written to a .partial file
+    and renamed over its name: a symlink planted there is replaced, its target neither changed nor
+    created. (An existing summary would mean a finished run: the link dangles instead.)"""
+    run = tmp_path / "run"
+    args = ["train-student", "--dataset", DATASET, "--student", "mlp-64", "--alpha", "0", "--epochs", "1", "--out", run]
+    invoke_json(*args)
+    (run / "summary.json").unlink()
+    victim = tmp_path / "victim.txt"
+    (run / "summary.json").symlink_to(victim)
+    invoke_json(*args, "--resume")
+    assert not (run / "summary.json").is_symlink() and json.loads((run / "summary.json").read_text())["test_errors"] >= 0
+    assert not victim.exists()
 
 
 def test_inspect_never_writes_its_png_through_a_symlink(cache_path, tmp_path):
