@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import socket
 import threading
@@ -246,7 +247,7 @@ def _teacher_pass(
     if missing:
         log.info("teacher pass over %d chunks of %d rows on %s", len(missing), writer.grid.chunk_rows, device)
     if config.batch_size > writer.grid.chunk_rows:
-        log.warning("teacher batches stop at chunk boundaries (so that a resume equals a whole pass): batches of %d rows, "
+        log.info("teacher batches stop at chunk boundaries (so that a resume equals a whole pass): batches of %d rows, "
                     "not %d; make chunks at least a batch (chunk_rows) for full batches", writer.grid.chunk_rows,
                     config.batch_size)
     cuda = device.type == "cuda"
@@ -351,9 +352,16 @@ def _dask_client(distributed, config: CacheTeacherConfig):
         with client:
             yield client
         return
-    with distributed.LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        yield client
+    # A nanny sets OMP_NUM_THREADS=1 (and more) in os.environ before it spawns a worker, and leaves
+    # them there: this process, and every process it starts later, would inherit them.
+    environment = dict(os.environ)
+    try:
+        with distributed.LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
+                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 SCHEDULER_TIMEOUT_SECONDS = 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,16 @@ def data_root(tmp_path, monkeypatch):
     """Keep every default output of the CLI inside the test's own folder."""
     monkeypatch.setattr("pipeline.cli.DATA_ROOT", tmp_path / "data")
     monkeypatch.delenv("PIPELINE_DEBUG", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def environment():
+    """Each test leaves the environment as it found it: a dask nanny started in this process sets
+    OMP_NUM_THREADS=1 there, and every later subprocess would run torch on one thread."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

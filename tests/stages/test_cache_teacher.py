@@ -9,6 +9,7 @@ uninterrupted pass never ran."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,7 @@ def test_a_cnn_cache_on_two_dask_workers_equals_the_single_process_cache(tmp_pat
     processes (whose environment asks for one thread): the same batches at the same thread count,
     and every array equal bit for bit."""
     pytest.importorskip("distributed")
+    omp_before = os.environ.get("OMP_NUM_THREADS")
     weights = tmp_path / "cnn.safetensors"
     torch.manual_seed(0)
     save_weights(resolve_model("cnn", num_classes=10, input_shape=(1, 28, 28)), weights)
@@ -180,3 +182,6 @@ def test_a_cnn_cache_on_two_dask_workers_equals_the_single_process_cache(tmp_pat
         runs[name] = (folder / "c.zarr", _batches(log))
     assert runs["spread"][1] == runs["single"][1]
     assert_same_cache(runs["single"][0], runs["spread"][0])
+    # The local cluster's nannies set OMP_NUM_THREADS=1 here to start their workers; left set, it
+    # would run every process this one starts later on one thread.
+    assert os.environ.get("OMP_NUM_THREADS") == omp_before
