@@ -4,6 +4,26 @@ Usable from Python without the CLI:
 
     from stages import cache_teacher, train_student
     cache_teacher.run(cache_teacher.CacheTeacherConfig(...), teacher=my_module, split=my_split)
+
+The stages log their progress (chunks, epochs, metrics) at INFO on the `stages` logger. Until the
+application configures logging itself, those lines go to stderr, so a script shows progress by
+default; once the root logger has a handler, records go there alone.
 """
 
+import logging
+
 __version__ = "0.2.0"
+
+
+class _UntilConfigured(logging.StreamHandler):
+    """stderr, only while the application has configured no logging of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+_progress = _UntilConfigured()
+_progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+logging.getLogger(__name__).addHandler(_progress)
+logging.getLogger(__name__).setLevel(logging.INFO)
