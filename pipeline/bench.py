@@ -17,10 +17,14 @@ same machine, one right after the other:
 5. cache rows per second read in shuffled-chunk order / in file order
 6. cache rows per second read with every chunk's crc32c checksum verified / from a copy of the
    same cache without checksums (as schema 2 wrote it), in file order, the fastest of READ_TURNS turns each
+7. a train-student epoch from the cache beside two CPU-burning processes with the tool's CPU thread
+   choice / with one thread, and with a thread on every core (torch's default) / one thread; on the
+   machine as it is, the tool's choice / a thread on every core
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,14 +50,17 @@ from stages import cache_teacher, train_student
 from stages.cache import CacheReader, Rows, batch_bounds
 from stages.data import Split, input_shape
 from stages.errors import PipelineError
-from stages.runtime import one_blas_thread_beside_torch, resolve_device, seed_everything
+from stages.runtime import one_blas_thread_beside_torch, resolve_device, seed_everything, torch_threads, training_threads
 from stages.storage import disk_usage
 from stages.weights import count_parameters, save_weights
 
 ROUNDS = 4
 TEACHER_PASSES = 2
 READ_TURNS = 3
-TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5}
+THREAD_TURNS = 2
+# "never several times slower than one thread": under load, the thread choice within 1.5x of one thread
+TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5,
+           "loaded_threads_chosen_vs_one": 1.5}
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,9 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
     rows_per_second["sequential_checksummed"] = big.num_samples / min(checked_seconds)
     rows_per_second["sequential_without_checksums"] = big.num_samples / min(plain_seconds)
 
+    # 7. train-student's thread choice against one thread and every core, quiet and under load
+    threads = _thread_choices(config, dataset, train, student_spec, cache, scratch)
+
     s = epoch_seconds
     # A run costs its epochs; fixed start-up costs (imports, first allocations) are left out
     # because they are the same whichever way the soft labels arrive.
@@ -158,13 +168,17 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         "memory_10x_vs_1x": memory[10]["peak_rss_mb"] / memory[1]["peak_rss_mb"],
         "shuffled_vs_sequential_reads": rows_per_second["shuffled"] / rows_per_second["sequential"],
         "checksummed_vs_plain_reads": rows_per_second["sequential_checksummed"] / rows_per_second["sequential_without_checksums"],
+        "loaded_threads_chosen_vs_one": threads["loaded_chosen"] / threads["loaded_one_thread"],
+        "loaded_threads_every_core_vs_one": threads["loaded_every_core"] / threads["loaded_one_thread"],
+        "quiet_threads_chosen_vs_every_core": threads["quiet_chosen"] / threads["quiet_every_core"],
     }
     return {
         "machine": _machine(device),
         "config": asdict(config),
         "seconds": {"bare_teacher_forward": bare_seconds, "cache_teacher": stage_seconds,
                     "cache_overhead_per_row_us": 1e6 * (cache_seconds - bare) / config.samples,
-                    **{f"student_epoch_{k}": v for k, v in s.items()}},
+                    **{f"student_epoch_{k}": v for k, v in s.items()},
+                    **{f"student_epoch_threads_{k}": v for k, v in threads.items()}},
         "student_epochs_measured": {k: [round(x, 4) for x in v] for k, v in epochs.items()},
         "cache": {"bytes_on_disk": caching.bytes_on_disk, "bytes_per_row": caching.bytes_on_disk / config.samples,
                   **{f"rows_per_second_{order}": value for order, value in rows_per_second.items()}},
@@ -258,12 +272,17 @@ def _peak_rss_of_student(config: BenchConfig, scratch: Path, scale: int) -> dict
                                          temperature=config.temperature, batch_size=1024, device=config.device),
         cheap, train,
     ).cache
+    run = _student_process(config, cache, scratch / f"memory-run-{scale}x", epochs=1)
+    return {"cache_rows": samples, "cache_bytes": disk_usage(cache), "peak_rss_mb": run["peak_rss_mb"], "seconds": run["seconds"]}
+
+
+def _student_process(config: BenchConfig, cache: Path, out: Path, epochs: int) -> dict:
+    """train-student from `cache` in a fresh process: its peak resident memory and its seconds."""
     command = [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache), "--student",
-               f"mlp:width={config.student_width},depth=2", "--epochs", "1", "--batch-size", str(config.batch_size),
-               "--out", str(scratch / f"memory-run-{scale}x"), "--device", config.device, "--checkpoint-every", "0",
-               "--overwrite", "--json"]
+               f"mlp:width={config.student_width},depth=2", "--epochs", str(epochs), "--batch-size", str(config.batch_size),
+               "--out", str(out), "--device", config.device, "--checkpoint-every", "0", "--overwrite", "--json"]
     started = time.perf_counter()
-    log_path = scratch / f"memory-run-{scale}x.log"
+    log_path = out.with_name(out.name + ".log")
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # wait4, not wait: it returns the child's rusage
@@ -272,8 +291,47 @@ def _peak_rss_of_student(config: BenchConfig, scratch: Path, scale: int) -> dict
         last = log_path.read_text().strip().splitlines()[-1:]
         raise PipelineError(f"the benchmark's student process failed: {last}")
     # ru_maxrss is in kilobytes on Linux
-    return {"cache_rows": samples, "cache_bytes": disk_usage(cache),
-            "peak_rss_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - started}
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - started}
+
+
+def _thread_choices(config: BenchConfig, dataset: str, train: Split, student_spec: str, cache: CacheReader,
+                    scratch: Path) -> dict[str, float]:
+    """Median train-student epoch seconds from the cache at several torch CPU thread counts: the
+    tool's own choice (stages.runtime.training_threads), one thread, and a thread on every core
+    (what torch takes by default), on the machine as it is and beside two CPU-burning processes;
+    taken in turn, THREAD_TURNS times (once with --quick)."""
+    cores = len(os.sched_getaffinity(0))
+    counts = {"chosen": training_threads(torch.device("cpu")) or torch.get_num_threads(), "one_thread": 1, "every_core": cores}
+    seconds: dict[str, list[float]] = {}
+    for load in ("quiet", "loaded"):
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 if load == "loaded" else 0)]
+        try:
+            for _ in range(1 if config.quick else THREAD_TURNS):
+                for name, count in counts.items():
+                    with _user_threads(count):
+                        seconds.setdefault(f"{load}_{name}", []).extend(
+                            _student_epochs(config, dataset, train, student_spec, cache, scratch / f"threads-{load}-{name}"))
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+@contextlib.contextmanager
+def _user_threads(count: int) -> Iterator[None]:
+    """Train with `count` torch threads, as a user who sets OMP_NUM_THREADS would (the training
+    loop then leaves torch's thread count as it finds it)."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    try:
+        with torch_threads(count):
+            yield
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def without_checksums(source: Path, target: Path) -> None:

@@ -214,6 +214,20 @@ def average_over_ranks(ranks: Ranks, values: dict[str, torch.Tensor]) -> dict[st
     return averaged
 
 
+def training_threads(device: torch.device) -> int | None:
+    """torch's CPU thread count for a training loop: every core this process may use but one,
+    which the batch-preparing thread needs, and no more than torch was given (a sweep worker's
+    share); None: leave it, on a GPU or where OMP_NUM_THREADS says.
+
+    An OpenMP team spread over every core waits at each operation for its slowest thread; beside
+    the prefetch thread, or on a machine other processes load, some thread is always descheduled,
+    and small operations (a student's) then ran several times slower than on one thread
+    (`pipeline bench` measures both, under load)."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1))
+
+
 @contextlib.contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
     """Run with torch's intra-op thread count set to `count` (None: as it is), restored after."""

@@ -53,7 +53,7 @@ from stages.evaluation import evaluate
 from stages.losses import distillation_loss, feature_loss, retemper, topk_distillation_loss
 from stages.runtime import (
     Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
-    output_shape, process_group, seed_everything,
+    output_shape, process_group, seed_everything, torch_threads, training_threads,
 )
 from stages.storage import CacheLocation, FileLock, no_follow_fd, open_no_follow, write_atomically
 from stages.weights import count_parameters, save_weights, serialised
@@ -169,7 +169,7 @@ def _train(
     total_steps, steps_before = sum(steps), sum(steps[:first_epoch])
     metrics = main_only(ranks, lambda: _kept_metrics(config.out / "metrics.jsonl", first_epoch)) or {}
     with (open_no_follow(config.out / "metrics.jsonl", "a") if ranks.main else contextlib.nullcontext()) as metrics_file, \
-            one_blas_thread_beside_torch():
+            one_blas_thread_beside_torch(), torch_threads(training_threads(device)):
         for epoch in range(first_epoch, config.epochs):
             epoch_started = time.perf_counter()
             model.train()

@@ -11,13 +11,15 @@ TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_widt
 TINY_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 
 
-def test_bench_reports_every_ratio(tmp_path):
+def test_bench_reports_every_ratio(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "THREAD_TURNS", 1)
     code, out, err = invoke("bench", *TINY_OPTIONS, "--json", "--keep", tmp_path / "bench")
     assert code == 0, err
     report = json.loads(out)
     assert set(report["ratios"]) == {
         "cache_vs_forward", "student_cache_vs_memory", "student_cache_vs_hard_labels", "student_cache_vs_online_kd",
-        "memory_10x_vs_1x", "shuffled_vs_sequential_reads", "checksummed_vs_plain_reads",
+        "memory_10x_vs_1x", "shuffled_vs_sequential_reads", "checksummed_vs_plain_reads", "loaded_threads_chosen_vs_one",
+        "loaded_threads_every_core_vs_one", "quiet_threads_chosen_vs_every_core",
     }
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in report["ratios"].values())
     assert set(report["meets_targets"]) == set(report["targets"]) and all(isinstance(v, bool) for v in report["meets_targets"].values())
@@ -38,9 +40,10 @@ def test_bench_quick_prints_ratios_without_verdicts(tmp_path, monkeypatch):
     assert code == 0 and json.loads(out)["meets_targets"] is None
 
 
-def test_bench_table_rows_are_sane(tmp_path):
+def test_bench_table_rows_are_sane(tmp_path, monkeypatch):
     """Every ratio is a row with a positive measured value, a target or "(info)", and a verdict
     that follows from the two; the break-even count is a whole number."""
+    monkeypatch.setattr(bench, "THREAD_TURNS", 1)
     code, out, err = invoke("bench", *TINY_OPTIONS, "--epochs", "1")
     assert code == 0, err
     rows = {cells[0]: cells[1:] for line in out.splitlines() if line.startswith("│")
