@@ -45,7 +45,8 @@ def test_workers_give_the_same_cache_and_the_same_training(tmp_path):
     np.testing.assert_array_equal(zarr.open_group(plain["cache"], mode="r")["logits"][:],
                                   zarr.open_group(loaded["cache"], mode="r")["logits"][:])
 
-    runs = [invoke_json("train-student", "--cache", plain["cache"], "--student", "mlp-64", "--epochs", "2",
+    # The dataset is the user's code: named here, since a cache never runs the code it records.
+    runs = [invoke_json("train-student", "--cache", plain["cache"], "--dataset", dataset, "--student", "mlp-64", "--epochs", "2",
                         "--batch-size", "32", "--out", tmp_path / f"run{w}", "--loader-workers", str(w)) for w in (0, 2)]
     metrics = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
                 for line in (tmp_path / f"run{w}" / "metrics.jsonl").read_text().splitlines()] for w in (0, 2)]
