@@ -7,6 +7,7 @@ PIPELINE_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -24,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 
 from pipeline import DATA_ROOT, __version__
-from pipeline.config import build_config, field_default, merge_options
-from pipeline.specs import PATH_SPECS, cache_file_name, cache_stem, run_folder_name, teacher_file_name
+from pipeline.config import build_config, field_default, field_of_option, in_flags, merge_options
+from pipeline.specs import DATASET_HELP, MODEL_HELP, FileSpec, cache_file_name, cache_stem, parse_spec, run_folder_name, teacher_file_name
 from stages import storage
 from stages.config import CacheTeacherConfig as CT, TrainConfig as TS
 from stages.errors import CacheDamagedError, InputError, PipelineError, Terminated
@@ -54,36 +55,49 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 StorageOption = Annotated[list[str] | None, typer.Option(
     help="KEY=VALUE for the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 (repeatable; FSSPEC_S3_* and AWS_* environment variables work too). Never written into a cache or run folder; dask workers receive them with their tasks.")]
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+# Options that several commands share, each with its help once (the `hf` CLI's pattern). A
+# model option keeps its command's name (--teacher, --student, --model): typer takes it from the parameter.
+ModelOption = Annotated[str | None, typer.Option(help=MODEL_HELP)]
+DatasetOption = Annotated[str | None, typer.Option(help=DATASET_HELP)]
+CachedDatasetOption = Annotated[str | None, typer.Option(help=f"{DATASET_HELP} (default: the cache's dataset)")]
+ReplayAugmentOption = Annotated[str | None, typer.Option(
+    help="The view cache's augmentation, when it is module:factory code: a cache never runs code the user did not name.")]
+LoaderWorkersOption = Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")]
 
 
-def handle_errors(command):
-    """Turn known failures into one line on stderr and an exit code, never a traceback."""
+def command(name: str):
+    """Register a command under `name`, with known failures turned into one line on stderr and an
+    exit code, never a traceback. The library's messages name config fields; the user sees the
+    command's flags (pipeline.config.in_flags)."""
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        _setup_logging()
-        if os.environ.get("PIPELINE_DEBUG"):
-            return command(*args, **kwargs)
-        try:
-            return command(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except PipelineError as exc:
-            _fail(str(exc), exc.exit_code)
-        except Terminated:
-            _fail("terminated", Terminated.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except MemoryError:
-            _fail("out of memory", 1)
-        except OSError as exc:
-            _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
-        except Exception as exc:  # a bug: still one line, with a pointer to the traceback
-            if type(exc).__module__.startswith(("botocore", "aiobotocore")):  # credentials, endpoint: the user's to fix
-                _fail(f"object storage: {exc}", 1)
-            _fail(f"internal error: {type(exc).__name__}: {exc} (set PIPELINE_DEBUG=1 for the traceback)", 1)
+    def register(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            _setup_logging()
+            if os.environ.get("PIPELINE_DEBUG"):
+                return function(*args, **kwargs)
+            try:
+                return function(*args, **kwargs)
+            except typer.Exit:
+                raise
+            except PipelineError as exc:
+                _fail(in_flags(str(exc), name), exc.exit_code)
+            except Terminated:
+                _fail("terminated", Terminated.exit_code)
+            except KeyboardInterrupt:
+                _fail("interrupted", 130)
+            except MemoryError:
+                _fail("out of memory", 1)
+            except OSError as exc:
+                _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+            except Exception as exc:  # a bug: still one line, with a pointer to the traceback
+                if type(exc).__module__.startswith(("botocore", "aiobotocore")):  # credentials, endpoint: the user's to fix
+                    _fail(f"object storage: {exc}", 1)
+                _fail(f"internal error: {type(exc).__name__}: {exc} (set PIPELINE_DEBUG=1 for the traceback)", 1)
 
-    return wrapper
+        return app.command(name)(wrapper)
+
+    return register
 
 
 def main() -> None:
@@ -104,7 +118,7 @@ def main() -> None:
 
 def _terminate(signum, frame) -> None:
     # Raised in the main thread, wherever it is, as Ctrl-C's KeyboardInterrupt is: the same
-    # cleanup runs, and handle_errors reports it.
+    # cleanup runs, and the command's wrapper (command) reports it.
     raise Terminated()
 
 
@@ -211,13 +225,12 @@ def root(
 
 # A command's docstring is its --help text, which keeps line breaks as written: so each of its
 # paragraphs is one line, and the terminal wraps it.
-@app.command("cache-teacher")
-@handle_errors
+@command("cache-teacher")
 def cache_teacher_command(
     ctx: typer.Context,
-    teacher: Annotated[str | None, typer.Option(help="Teacher model spec: a built-in name, hf:FOLDER, torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory.")] = None,
+    teacher: ModelOption = None,
     teacher_weights: Annotated[Path | None, typer.Option(help="Teacher weights: .safetensors or a PyTorch state dict (loaded with weights_only).")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset spec: mnist-5k, digits, synthetic[:k=v,..], stdlib-bytes, text:FILE,tokenizer=hf:FOLDER, a .npz file, or module:factory.")] = None,
+    dataset: DatasetOption = None,
     split: Annotated[str, typer.Option(help="Split to cache.")] = field_default(CT, "split"),
     out: Annotated[str | None, typer.Option(help="Cache to write: a .zarr folder, or an fsspec URL such as s3://bucket/path.zarr. (default: data/caches/TEACHER-DATASET-SPLIT-T.zarr)")] = None,
     temperature: Annotated[float, typer.Option(help="Temperature T: the cache stores teacher logits / T.")] = field_default(CT, "temperature"),
@@ -234,7 +247,7 @@ def cache_teacher_command(
     codec: Annotated[str, typer.Option(help="Compression of the logits: none (fastest to read) or zstd (about 10% smaller for float16).")] = field_default(CT, "codec"),
     amp: Annotated[str, typer.Option(help="Run the teacher under autocast: none, bf16 or fp16 (recorded in the cache).")] = field_default(CT, "amp"),
     num_classes: Annotated[int | None, typer.Option(help="Classes the teacher outputs; needed only for a split without labels.")] = None,
-    loader_workers: Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")] = field_default(CT, "loader_workers"),
+    loader_workers: LoaderWorkersOption = field_default(CT, "loader_workers"),
     workers: Annotated[int, typer.Option(help="Compute the chunks on a local dask cluster of N worker processes (0: in this process).")] = field_default(CT, "workers"),
     scheduler: Annotated[str | None, typer.Option(help="Compute the chunks on the workers of this running dask scheduler, e.g. tcp://10.0.0.5:8786.")] = None,
     storage_option: StorageOption = None,
@@ -278,14 +291,13 @@ def _warn_if_near_chance(accuracy: float | None, num_classes: int, weights: Path
         print(f"warning: the teacher's accuracy on the cached split is {accuracy:.3f}, near chance ({chance:.3f}){why}", file=sys.stderr)
 
 
-@app.command("train-student")
-@handle_errors
+@command("train-student")
 def train_student_command(
     ctx: typer.Context,
     cache: Annotated[str | None, typer.Option(help="Cache written by cache-teacher: a folder or an fsspec URL (s3://...). Without it the student trains on hard labels only (the baseline).")] = None,
-    student: Annotated[str | None, typer.Option(help="Student model spec: a built-in name, hf:FOLDER, torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory.")] = None,
+    student: ModelOption = None,
     student_weights: Annotated[Path | None, typer.Option(help="Initial student weights (.safetensors or a state dict).")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset spec. (default: the cache's dataset)")] = None,
+    dataset: CachedDatasetOption = None,
     split: Annotated[str | None, typer.Option(help="Training split. (default: the cache's split, else train)")] = None,
     eval_split: Annotated[str, typer.Option(help="Held-out split evaluated after every epoch.")] = field_default(TS, "eval_split"),
     out: Annotated[Path | None, typer.Option(help="Run folder to write. (default: data/runs/STUDENT-kd-CACHE-aALPHA-TT-sSEED, or from hard labels data/runs/STUDENT-scratch-DATASET-sSEED)")] = None,
@@ -301,7 +313,7 @@ def train_student_command(
     feature_loss: Annotated[str, typer.Option(help="With a cache of features (cache-teacher --features): none, mse or cosine between the student's projected features and the teacher's.")] = field_default(TS, "feature_loss"),
     feature_weight: Annotated[float, typer.Option(help="Weight of the feature loss, added to the distillation loss.")] = field_default(TS, "feature_weight"),
     buffer_chunks: Annotated[int, typer.Option(help="Cache chunks buffered and shuffled together.")] = field_default(TS, "buffer_chunks"),
-    loader_workers: Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")] = field_default(TS, "loader_workers"),
+    loader_workers: LoaderWorkersOption = field_default(TS, "loader_workers"),
     device: DeviceOption = field_default(TS, "device"),
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and after the last); 0: never.")] = field_default(TS, "checkpoint_every"),
     storage_option: StorageOption = None,
@@ -323,8 +335,7 @@ def train_student_command(
     from pipeline.jobs import run_training, spec_from_cache
     from stages.cache import CacheReader
 
-    values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")},
-                           TS, renamed={"student": "model", "student_weights": "model_weights"})
+    values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")}, TS)
     attrs = {}
     if values["cache"] is not None:
         values["cache"] = cache_location(values["cache"])
@@ -339,7 +350,7 @@ def train_student_command(
         values["out"] = DATA_ROOT / "runs" / run_folder_name(
             values["student"], values["seed"], cache=values["cache"], alpha=values["alpha"],
             temperature=values["temperature"] or attrs.get("temperature"), dataset=values["dataset"])
-    values["model"], values["model_weights"] = values.pop("student"), values.pop("student_weights")
+    values.update({field: values.pop(option) for option, field in field_of_option("train-student").items()})
     cfg = build_config(TS, _absolute_paths(values, "model", "dataset"))
     with _progress_bar("training (steps)") as progress:
         result = run_training(cfg, progress)
@@ -347,11 +358,10 @@ def train_student_command(
         _emit(as_json, vars(result), _key_value_table(f"student run {result.mode}", vars(result)))
 
 
-@app.command("train-teacher")
-@handle_errors
+@command("train-teacher")
 def train_teacher_command(
-    model: Annotated[str, typer.Option(help="Teacher model spec: a built-in name, hf:FOLDER, torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory.")] = "cnn",
-    dataset: Annotated[str, typer.Option(help="Dataset spec to train on (its train split).")] = "mnist-5k",
+    model: ModelOption = "cnn",
+    dataset: DatasetOption = "mnist-5k",
     out: Annotated[Path | None, typer.Option(help="Weights file to write (.safetensors); the run folder goes beside it. (default: data/teachers/MODEL-DATASET.safetensors)")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
@@ -386,14 +396,13 @@ def train_teacher_command(
     _emit(as_json, vars(result), _key_value_table("teacher trained", vars(result)))
 
 
-@app.command("verify")
-@handle_errors
+@command("verify")
 def verify_command(
     cache: Annotated[str, typer.Argument(help="The cache to check: a folder or an fsspec URL.", show_default=False)],
-    teacher: Annotated[str | None, typer.Option(help="Also re-run this teacher spec on --samples random rows and compare.")] = None,
+    teacher: ModelOption = None,
     teacher_weights: Annotated[Path | None, typer.Option(help="Weights for --teacher.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset spec for the re-run. (default: the cache's dataset)")] = None,
-    augment: Annotated[str | None, typer.Option(help="The view cache's augmentation, when it is module:factory code: a cache never runs code the user did not name.")] = None,
+    dataset: CachedDatasetOption = None,
+    augment: ReplayAugmentOption = None,
     samples: Annotated[int, typer.Option(min=0, help="Rows to re-run the teacher on.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed choosing the rows.")] = 0,
     device: DeviceOption = "auto",
@@ -427,8 +436,7 @@ def verify_command(
         raise CacheDamagedError(f"cache {cache} failed verification: {failed}")
 
 
-@app.command("sweep")
-@handle_errors
+@command("sweep")
 def sweep_command(
     config: Annotated[Path, typer.Argument(help="TOML file describing the grid (see pipeline/sweep.py or the README).", show_default=False)],
     jobs: Annotated[int, typer.Option(min=1, help="Runs at a time, each in its own process (1: one after another, in this process).")] = 1,
@@ -470,8 +478,7 @@ def _leaderboard_table(board: dict) -> Table:
     return table
 
 
-@app.command("combine")
-@handle_errors
+@command("combine")
 def combine_command(
     caches: Annotated[list[str], typer.Argument(help="Two or more dense caches of the same dataset split, in the same order, at the same T (folders or fsspec URLs).", show_default=False)],
     out: Annotated[str, typer.Option(help="The ensemble cache to write: a folder or an fsspec URL.", show_default=False)],
@@ -496,15 +503,14 @@ def combine_command(
     _emit(as_json, vars(result), _key_value_table("ensemble cache written", vars(result)))
 
 
-@app.command("evaluate")
-@handle_errors
+@command("evaluate")
 def evaluate_command(
-    model: Annotated[str, typer.Option(help="Model spec (a student or a teacher): a built-in name, hf:FOLDER, torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory.", show_default=False)],
+    model: ModelOption,
     weights: Annotated[Path | None, typer.Option(help="Its weights (.safetensors or a state dict), e.g. RUN/model.safetensors.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset spec. (default: the cache's dataset)")] = None,
+    dataset: CachedDatasetOption = None,
     split: Annotated[str, typer.Option(help="Split to measure accuracy, NLL and speed on.")] = "test",
     cache: Annotated[str | None, typer.Option(help="Also report agreement with this cache's teacher top-1, on the cache's own split (a folder or an fsspec URL).")] = None,
-    augment: Annotated[str | None, typer.Option(help="The view cache's augmentation, when it is module:factory code: a cache never runs code the user did not name.")] = None,
+    augment: ReplayAugmentOption = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for evaluation and for the latency measurement.")] = 256,
     device: DeviceOption = "auto",
     storage_option: StorageOption = None,
@@ -528,8 +534,7 @@ def evaluate_command(
     _emit(as_json, report, _key_value_table(f"evaluate {model}", _flattened(report)))
 
 
-@app.command("inspect")
-@handle_errors
+@command("inspect")
 def inspect_command(
     cache: Annotated[str, typer.Argument(help="The cache to describe: a folder or an fsspec URL.", show_default=False)],
     png: Annotated[Path | None, typer.Option(help="Where to write the plots (confidence and entropy histograms, reliability). (default: data/inspect/CACHE-NAME.png)")] = None,
@@ -570,8 +575,7 @@ def _flattened(report: dict, prefix: str = "") -> dict[str, Any]:
     return rows
 
 
-@app.command("bench")
-@handle_errors
+@command("bench")
 def bench_command(
     quick: Annotated[bool, typer.Option(help="Small sizes: about half a minute on 2 CPU cores (checks that it runs).")] = False,
     samples: Annotated[int | None, typer.Option(min=256, help="Training rows. (default: 20000; quick 4000)")] = None,
@@ -622,8 +626,7 @@ def _bench_table(report: dict) -> Table:
     return table
 
 
-@app.command("demo")
-@handle_errors
+@command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's teacher, cache and runs.")] = DATA_ROOT / "demo",
     seeds: Annotated[int, typer.Option(min=1, help="Student seeds to average over.")] = 3,
@@ -639,8 +642,7 @@ def demo_command(
     _emit(as_json, report, demo_table(report))
 
 
-@app.command("demo-lm")
-@handle_errors
+@command("demo-lm")
 def demo_lm_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's teacher, caches and runs.")] = DATA_ROOT / "demo-lm",
     seeds: Annotated[int, typer.Option(min=1, help="Student seeds to average over.")] = 2,
@@ -657,8 +659,7 @@ def demo_lm_command(
     _emit(as_json, report, lm_demo_table(report))
 
 
-@app.command("demo-text")
-@handle_errors
+@command("demo-text")
 def demo_text_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's corpus, teacher, cache and runs.")] = DATA_ROOT / "demo-text",
     seeds: Annotated[int, typer.Option(min=1, help="Student seeds to average over.")] = 2,
@@ -695,28 +696,9 @@ def _absolute_paths(values: dict, model: str, dataset: str) -> dict:
     """Specs that name files are recorded with absolute paths, so that a cache or a run can be
     used from any working directory. A text dataset without a tokenizer takes the one of an
     hf: model (the teacher's, for cache-teacher and train-teacher), and records it."""
-    resolved = dict(values)
-    for name in (model, dataset):
-        spec = values.get(name)
-        if spec is not None:
-            resolved[name] = _absolute_spec(spec)
-    model_spec, data_spec = resolved.get(model), resolved.get(dataset)
-    if data_spec and data_spec.startswith("text:") and "tokenizer=" not in data_spec and model_spec and model_spec.startswith("hf:"):
-        resolved[dataset] = f"{data_spec},tokenizer={model_spec}"
-    return resolved
-
-
-def _absolute_spec(spec: str) -> str:
-    kind, _, rest = spec.partition(":")
-    target, sep, factory = spec.rpartition(":")
-    if spec.endswith(".npz"):
-        return str(Path(spec).absolute())
-    if kind == "text":
-        path, *options = rest.split(",")
-        options = [f"tokenizer={_absolute_spec(o.partition('=')[2])}" if o.startswith("tokenizer=") else o for o in options]
-        return ",".join([f"text:{Path(path).absolute()}", *options])
-    if kind in PATH_SPECS:  # a model file or folder
-        return f"{kind}:{Path(rest).absolute()}"
-    if sep and target.endswith(".py"):
-        return f"{Path(target).absolute()}:{factory}"
-    return spec
+    specs = {name: parse_spec(values[name]).absolute() for name in (model, dataset) if values.get(name) is not None}
+    data, net = specs.get(dataset), specs.get(model)
+    if isinstance(data, FileSpec) and data.kind == "text" and data.option("tokenizer") is None \
+            and isinstance(net, FileSpec) and net.kind == "hf":
+        specs[dataset] = dataclasses.replace(data, options=(*data.options, f"tokenizer={net}"))
+    return {**values, **{name: str(spec) for name, spec in specs.items()}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,23 @@ import typer
 
 from stages.errors import InputError
 from stages.storage import cache_location
+
+
+# The one table between a command's options and its config's fields, where they differ: each
+# other option is its field with dashes (--top-k sets `top_k`).
+FIELD_OF_OPTION = {"train-student": {"student": "model", "student_weights": "model_weights"}}
+
+
+def field_of_option(command: str) -> dict[str, str]:
+    """The options of `command` whose config field has another name: option -> field."""
+    return FIELD_OF_OPTION.get(command, {})
+
+
+def in_flags(message: str, command: str) -> str:
+    """A library message with the config fields it names in backticks (`top_k`, stages.config)
+    as `command`'s flags (--top-k): the library speaks of fields, the user typed flags."""
+    option = {field: name for name, field in field_of_option(command).items()}
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: "--" + option.get(m[1], m[1]).replace("_", "-"), message)
 
 
 def field_default(config_class, name: str) -> Any:
@@ -49,11 +67,10 @@ def read_toml(path: Path, allowed: set[str]) -> dict[str, Any]:
     return values
 
 
-def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str, Any], config_class,
-                  renamed: dict[str, str] | None = None) -> dict[str, Any]:
+def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str, Any], config_class) -> dict[str, Any]:
     """Command-line values, with those left at their defaults taken from `config_file`. File
-    values are type-checked against `config_class`'s fields (`renamed` maps option names to
-    field names where they differ). An option that the command line takes several times
+    values are type-checked against `config_class`'s fields (FIELD_OF_OPTION names the field of
+    an option where they differ). An option that the command line takes several times
     (--storage-option) is a list of strings in the file, or a table of KEY = VALUE."""
     if config_file is None:
         return values
@@ -68,7 +85,7 @@ def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str
             if name in repeatable:
                 value = _key_value_list(config_file, name, value)
             else:
-                check_type(config_file, name, value, types.get((renamed or {}).get(name, name), "str"))
+                check_type(config_file, name, value, types.get(field_of_option(ctx.info_name).get(name, name), "str"))
             merged[name] = value
     return merged
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.specs import is_factory_spec, load_factory, whole_number_parameters
+from pipeline.specs import DATASET_FORMS, BuiltinSpec, either, FactorySpec, FileSpec, load_factory, parse_spec, runs_user_code, whole_number_parameters
 from pipeline.text import text_splits
 from stages.data import Split, TensorSplit, TorchDatasetSplit, classes_in, splitmix64
 from stages.errors import InputError
@@ -226,19 +226,18 @@ class ResolvedDataset:
 
     def __init__(self, spec: str):
         self.spec = spec
-        name, _, args = spec.partition(":")
-        if spec.endswith(".npz"):
-            self._load = lambda split: _npz(Path(spec)).get(split)
-        elif name in BUILTIN_DATASETS:
-            self._load = lambda split: BUILTIN_DATASETS[name](args).get(split)
-        elif is_factory_spec(spec):
-            factory = load_factory(spec, "dataset")
+        parsed = parse_spec(spec, BUILTIN_DATASETS)
+        if isinstance(parsed, FileSpec) and parsed.kind == "npz":
+            self._load = lambda split: _npz(Path(parsed.path)).get(split)
+        elif isinstance(parsed, FileSpec) and parsed.kind == "text":
+            self._load = lambda split: text_splits(",".join((parsed.path, *parsed.options))).get(split)
+        elif isinstance(parsed, BuiltinSpec) and parsed.name in BUILTIN_DATASETS:
+            self._load = lambda split: BUILTIN_DATASETS[parsed.name](parsed.args or "").get(split)
+        elif isinstance(parsed, FactorySpec):
+            factory = load_factory(parsed, "dataset")
             self._load = lambda split: _from_factory(spec, factory, split)
         else:
-            raise InputError(
-                f"unknown dataset spec {spec!r}; use a built-in ({', '.join(BUILTIN_DATASETS)}), "
-                "a .npz file, package.module:factory or path/to/file.py:factory"
-            )
+            raise InputError(f"unknown dataset spec {spec!r}; use a built-in ({', '.join(BUILTIN_DATASETS)}), {either(DATASET_FORMS)}")
 
     def split(self, name: str) -> Split:
         split = self._load(name)
@@ -265,7 +264,7 @@ def resolve_dataset(spec: str) -> ResolvedDataset:
     return ResolvedDataset(spec)
 
 
-def runs_user_code(spec: str) -> bool:
+def dataset_runs_user_code(spec: str) -> bool:
     """Whether resolving the dataset `spec` imports and calls the user's code (a factory spec),
     rather than reading a built-in set or a data file."""
-    return not spec.endswith(".npz") and spec.partition(":")[0] not in BUILTIN_DATASETS and is_factory_spec(spec)
+    return runs_user_code(spec, BUILTIN_DATASETS)

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 import zarr
 
-from pipeline.datasets import resolve_dataset, runs_user_code
+from pipeline.datasets import dataset_runs_user_code, resolve_dataset
 from pipeline.models import resolve_model
-from pipeline.specs import is_factory_spec, resolve_augment
+from pipeline.specs import resolve_augment, runs_user_code
 from stages import cache_teacher, train_student
 from stages.cache import CacheReader, is_cache, malformed_attributes
 from stages.data import Split, input_shape
@@ -28,9 +28,8 @@ log = logging.getLogger(__name__)
 
 # The specs a cache records that can name the user's code, with how a user names one instead.
 CODE_SPECS = {
-    "dataset": (runs_user_code, '--dataset {spec} (in a sweep file: dataset = "{spec}")'),
-    "augment": (lambda spec: any(map(is_factory_spec, spec.split("+"))),
-                '--augment {spec} (in a sweep file: augment = "{spec}" under [train])'),
+    "dataset": (dataset_runs_user_code, '--dataset {spec} (in a sweep file: dataset = "{spec}")'),
+    "augment": (runs_user_code, '--augment {spec} (in a sweep file: augment = "{spec}" under [train])'),
 }
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.specs import is_factory_spec, load_factory, whole_number_parameters
+from pipeline.specs import MODEL_FORMS, BuiltinSpec, either, FactorySpec, FileSpec, load_factory, parse_spec, whole_number_parameters
 from stages.errors import InputError
 from stages.weights import load_weights
 
@@ -173,20 +173,19 @@ def _parametric(name: str, args: str, num_classes: int, input_shape: tuple[int, 
 
 def resolve_model(spec: str, *, num_classes: int, input_shape: tuple[int, ...], weights: Path | None = None) -> nn.Module:
     """Build the model named by `spec` for `num_classes` classes, loading `weights` if given."""
-    kind, _, target = spec.partition(":")
+    parsed = parse_spec(spec, PARAMETRIC_MODELS)
     if spec in BUILTIN_MODELS:
         model = BUILTIN_MODELS[spec](num_classes, tuple(input_shape))
-    elif kind == "hf":
+    elif isinstance(parsed, FileSpec) and parsed.kind == "hf":
         from pipeline.hf import build_classifier
 
-        model = build_classifier(target, num_classes)
-    elif kind in SAVED_PROGRAMS:
-        model = _saved_program(kind, Path(target))
-    elif spec.partition(":")[0] in PARAMETRIC_MODELS:
-        name, _, args = spec.partition(":")
-        model = _parametric(name, args, num_classes, tuple(input_shape))
-    elif is_factory_spec(spec):
-        factory = load_factory(spec, "model")
+        model = build_classifier(parsed.path, num_classes)
+    elif isinstance(parsed, FileSpec) and parsed.kind in SAVED_PROGRAMS:
+        model = _saved_program(parsed.kind, Path(parsed.path))
+    elif isinstance(parsed, BuiltinSpec) and parsed.name in PARAMETRIC_MODELS:
+        model = _parametric(parsed.name, parsed.args or "", num_classes, tuple(input_shape))
+    elif isinstance(parsed, FactorySpec):
+        factory = load_factory(parsed, "model")
         kwargs = {"num_classes": num_classes}
         if "input_shape" in _parameters(factory):
             kwargs["input_shape"] = tuple(input_shape)
@@ -197,11 +196,9 @@ def resolve_model(spec: str, *, num_classes: int, input_shape: tuple[int, ...], 
         if not isinstance(model, nn.Module):
             raise InputError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     else:
-        raise InputError(
-            f"unknown model spec {spec!r}; use a built-in ({', '.join(BUILTIN_MODELS)}, mlp:width=W,depth=D, "
-            "bytelm:dim=D,layers=N,heads=H, lstm:vocab=V,dim=D,hidden=H,layers=N,pad=P), hf:FOLDER, "
-            "torchscript:FILE, export:FILE, package.module:factory or path/to/file.py:factory"
-        )
+        parametric = (f"{name}:{','.join(f'{k}={k[0].upper()}' for k in defaults)}" for name, (_, defaults) in PARAMETRIC_MODELS.items())
+        raise InputError(f"unknown model spec {spec!r}; use a built-in ({', '.join((*BUILTIN_MODELS, *parametric))}), "
+                         f"{either(MODEL_FORMS)}")
     if weights is not None:
         load_weights(model, weights)
     return model

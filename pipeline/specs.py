@@ -1,8 +1,11 @@
-"""Reading specs: the whole-number parameters of a parametric built-in (`name:key=value,...`),
-loading the user's own code named by a `module:factory` or `path/to/file.py:factory` spec, and
-the default names of what the commands write (teachers, caches, runs, plots), made from specs.
+"""One grammar for model and dataset specs: a spec string becomes a typed spec (`parse_spec`),
+which knows its files (`absolute`), its short name (`slug`) and whether it names the user's
+code. Also the whole-number parameters of a parametric built-in (`name:key=value,...`), loading
+the user's own code named by a `module:factory` or `path/to/file.py:factory` spec, and the
+default names of what the commands write (teachers, caches, runs, plots), made from specs.
 
-This is the one place where user code is imported, and only code the user named.
+This is the one place where user code is imported, and only code the user named. It imports
+no torch: the CLI parses specs and builds its help from here when it starts.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import hashlib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,19 +43,127 @@ def whole_number_parameters(what: str, name: str, args: str, defaults: dict[str,
     return params
 
 
-# Specs that name a file or folder after their kind: their slug is that file's or folder's name.
-PATH_SPECS = ("hf", "torchscript", "export", "text")
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """A built-in by name (`cnn`, `mnist-5k`), with `key=value,...` parameters after a colon for
+    a parametric one (`mlp:width=64`, `synthetic:n=100`); `args` is None without a colon."""
+
+    name: str
+    args: str | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.args is None else f"{self.name}:{self.args}"
+
+    def absolute(self) -> BuiltinSpec:
+        return self
+
+    def slug(self) -> str:
+        return _safe(str(self))
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A file or folder: `hf:FOLDER`, `torchscript:FILE`, `export:FILE`, `text:PATH,key=value,...`
+    (a kind, then the path), or a data file named by its suffix (`path/to/file.npz`, kind npz)."""
+
+    kind: str
+    path: str
+    options: tuple[str, ...] = ()  # text's key=value options
+
+    def __str__(self) -> str:
+        if self.kind in FILE_SUFFIXES.values():
+            return self.path
+        return f"{self.kind}:{','.join((self.path, *self.options))}"
+
+    def absolute(self) -> FileSpec:
+        options = tuple(f"tokenizer={parse_spec(o.partition('=')[2]).absolute()}" if o.startswith("tokenizer=") else o
+                        for o in self.options)
+        return FileSpec(self.kind, str(Path(self.path).absolute()), options)
+
+    def slug(self) -> str:
+        stem = Path(self.path).stem
+        return _safe(stem if self.kind in FILE_SUFFIXES.values() else f"{self.kind}-{stem}")
+
+    def option(self, key: str) -> str | None:
+        return next((o.partition("=")[2] for o in self.options if o.partition("=")[0] == key), None)
+
+
+@dataclass(frozen=True)
+class FactorySpec:
+    """The user's code: `package.module:factory` or `path/to/file.py:factory`."""
+
+    target: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.target}:{self.name}"
+
+    @property
+    def is_file(self) -> bool:
+        return self.target.endswith(".py")
+
+    def absolute(self) -> FactorySpec:
+        return FactorySpec(str(Path(self.target).absolute()), self.name) if self.is_file else self
+
+    def slug(self) -> str:
+        return _safe(Path(self.target).stem if self.is_file else str(self))
+
+
+Spec = BuiltinSpec | FileSpec | FactorySpec
+# Specs that name a file or folder after their kind (FileSpec); `text` alone has options after it.
+PATH_KINDS = ("hf", "torchscript", "export", "text")
+# Data files named by their suffix alone, and the kind each is.
+FILE_SUFFIXES = {".npz": "npz"}
+# Each form, as help text and errors name it.
+MODEL_FORMS = ("hf:FOLDER", "torchscript:FILE", "export:FILE", "package.module:factory", "path/to/file.py:factory")
+DATASET_FORMS = ("a .npz file", "package.module:factory", "path/to/file.py:factory")
+# The built-in datasets as the CLI's help shows them: the registry (pipeline.datasets) loads
+# torch, which the CLI must not pay for at start-up; a test holds the two the same.
+DATASET_BUILTINS_HELP = ("mnist-5k", "digits", "synthetic[:k=v,..]", "stdlib-bytes[:k=v,..]", "text:PATH,tokenizer=hf:FOLDER")
+
+
+def either(forms: Collection[str]) -> str:
+    """`a, b or c`, for help and errors."""
+    *first, last = forms
+    return f"{', '.join(first)} or {last}" if first else last
+
+
+MODEL_HELP = f"Model spec: a built-in name, {either(MODEL_FORMS)}."
+DATASET_HELP = f"Dataset spec: {either((*DATASET_BUILTINS_HELP, *DATASET_FORMS))}."
+
+
+def parse_spec(spec: str, parametric: Collection[str] = ()) -> Spec:
+    """The typed form of a model or dataset spec string. `parametric` names the built-ins that
+    take `key=value` parameters, for a `name:...` that would otherwise read as `module:factory`.
+    Whether a built-in name exists is the resolver's to say (pipeline.models, pipeline.datasets)."""
+    kind, colon, rest = spec.partition(":")
+    if kind in PATH_KINDS and colon:
+        path, *options = rest.split(",") if kind == "text" else (rest,)
+        return FileSpec(kind, path, tuple(options))
+    suffix = next((s for s in FILE_SUFFIXES if spec.endswith(s)), None)
+    if suffix is not None:
+        return FileSpec(FILE_SUFFIXES[suffix], spec)
+    if not colon:
+        return BuiltinSpec(spec)
+    target, _, name = spec.rpartition(":")
+    if kind not in parametric and target and name.isidentifier():
+        return FactorySpec(target, name)
+    return BuiltinSpec(kind, rest)
+
+
+def runs_user_code(spec: str, parametric: Collection[str] = ()) -> bool:
+    """Whether a spec imports and calls the user's code (a factory), rather than building a
+    built-in or reading a file; an augmentation spec does when one of its `+` parts does."""
+    return any(isinstance(parse_spec(part, parametric), FactorySpec) for part in spec.split("+"))
 
 
 def slug(spec: str) -> str:
     """A file-name-safe short name for a spec: a file's stem, or the spec with its parameters."""
-    kind, _, rest = spec.partition(":")
-    target = spec.rpartition(":")[0] if ":" in spec else spec
-    if kind in PATH_SPECS:
-        spec = f"{kind}-{Path(rest.split(',')[0]).stem}"
-    elif target.endswith(".py") or spec.endswith(".npz"):
-        spec = Path(target if target.endswith(".py") else spec).stem
-    return "".join(c if c.isalnum() or c in "._" else "-" for c in spec).strip("-")
+    return parse_spec(spec).slug()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._" else "-" for c in name).strip("-")
 
 
 # Default output names: everything a command writes when no path is given is named here, from
@@ -80,6 +192,14 @@ def run_folder_name(student: str, seed: int, *, cache: CacheLocation | None = No
     return f"{slug(student)}-kd-{slug(cache_stem(cache))}-a{alpha:g}-T{temperature:g}-s{seed}"
 
 
+def sweep_run_name(student: str, seed: int, alpha: float | None = None, temperature: float | None = None) -> str:
+    """A run's folder inside its sweep's, which names the cache and dataset: STUDENT-aALPHA-TT-sSEED,
+    or STUDENT-scratch-sSEED on hard labels (alpha None)."""
+    if alpha is None:
+        return f"{slug(student)}-scratch-s{seed}"
+    return f"{slug(student)}-a{alpha:g}-T{temperature:g}-s{seed}"
+
+
 def resolve_augment(spec: str) -> Augmentation | None:
     """The augmentation named by `spec`: built-ins (stages.augment), and parts naming the user's
     own transform as `package.module:factory` or `path/to/file.py:factory`, joined by `+`. A
@@ -89,9 +209,9 @@ def resolve_augment(spec: str) -> Augmentation | None:
 
     user = {}
     for part in spec.split("+"):
-        if is_factory_spec(part):
+        if isinstance(factory := parse_spec(part), FactorySpec):
             try:
-                transform = load_factory(part, "augment")()
+                transform = load_factory(factory, "augment")()
             except InputError:
                 raise
             except Exception as exc:
@@ -102,15 +222,10 @@ def resolve_augment(spec: str) -> Augmentation | None:
     return parse_augment(spec, user)
 
 
-def is_factory_spec(spec: str) -> bool:
-    target, sep, name = spec.rpartition(":")
-    return bool(sep and target and name.isidentifier())
-
-
-def load_factory(spec: str, what: str) -> Callable:
+def load_factory(spec: FactorySpec, what: str) -> Callable:
     """The callable named by `package.module:factory` or `path/to/file.py:factory`."""
-    target, _, name = spec.rpartition(":")
-    if target.endswith(".py"):
+    target, name = spec.target, spec.name
+    if spec.is_file:
         module = _import_file(Path(target), what)
     else:
         try:

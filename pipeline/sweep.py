@@ -40,11 +40,11 @@ from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from pipeline.config import build_config, check_type
+from pipeline.config import build_config, check_type, in_flags
 from pipeline.datasets import resolve_dataset
 from pipeline.jobs import run_training, spec_from_cache
 from pipeline.models import resolve_model
-from pipeline.specs import slug
+from pipeline.specs import sweep_run_name
 from stages.cache import CacheReader
 from stages.data import input_shape
 from stages.errors import InputError, PipelineError
@@ -108,12 +108,12 @@ def read_sweep(path: Path, out: Path | None, data_root: Path, overwrite: bool = 
     for student in grid["students"]:
         for seed in grid["seeds"]:
             if raw.get("baseline", True):
-                name = f"{slug(student)}-scratch-s{seed}"
+                name = sweep_run_name(student, seed)
                 config = build_config(TrainConfig, {**common, "model": student, "seed": seed, "out": folder / name})
                 runs.append(SweepRun(name, student, "scratch", None, None, seed, config))
             for alpha in grid["alphas"]:
                 for temperature in grid["temperatures"]:
-                    name = f"{slug(student)}-a{alpha:g}-T{temperature:g}-s{seed}"
+                    name = sweep_run_name(student, seed, alpha, temperature)
                     config = build_config(TrainConfig, {
                         **common, "model": student, "cache": cache, "alpha": float(alpha), "temperature": float(temperature),
                         "seed": seed, "out": folder / name,
@@ -166,7 +166,8 @@ def run_sweep(runs: list[SweepRun], folder: Path, jobs: int) -> dict:
     board = leaderboard([run for run in runs if run.name not in failures])
     board.update({
         "folder": str(folder), "runs_total": len(runs), "runs_reused": len(finished_before - set(failures)),
-        "failures": {name: str(exc) for name, exc in failures.items()},
+        # A sweep's runs are train-student's: the user sees its flags, as from that command.
+        "failures": {name: in_flags(str(exc), "train-student") for name, exc in failures.items()},
     })
     write_leaderboard(board, folder)
     board["exit_code"] = max((exc.exit_code for exc in failures.values()), default=0)

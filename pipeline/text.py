@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.specs import FileSpec, parse_spec
 from stages.data import TensorSplit
 from stages.errors import InputError
 
@@ -78,12 +79,12 @@ def text_splits(args: str) -> dict[str, TensorSplit]:
 
 
 def _tokenizer(spec: str):
-    kind, _, target = spec.partition(":")
-    if kind != "hf" or not target:
+    parsed = parse_spec(spec)
+    if not (isinstance(parsed, FileSpec) and parsed.kind == "hf" and parsed.path):
         raise InputError(f"tokenizer {spec!r}: give a Hugging Face tokenizer folder as hf:FOLDER")
     from pipeline.hf import load_tokenizer
 
-    return load_tokenizer(target)
+    return load_tokenizer(parsed.path)
 
 
 def _read_rows(path: Path, split_field: str) -> dict[str, list[dict]]:

@@ -14,7 +14,7 @@ the application, which imports only code the user named): the factory returns a 
 An augmentation is applied as `augment(x, seeds)`: sample i is transformed with parameters drawn
 from `np.random.default_rng(seeds[i])` only, so the same seed always gives the same pixels, bit
 for bit. That is what lets a cache of augmented views replay, in student training, exactly the
-input the teacher saw (stages.cache_teacher, `--views`).
+input the teacher saw (stages.cache_teacher, `views`).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ FEATURE_LOSSES = ("mse", "cosine")
 VIEW_POLICIES = ("random", "cycle")
 
 # Counts (rows per batch or chunk, epochs, views, workers, ...) end up as C ints in torch, zarr
-# and the OS: a larger value is a typo, and it failed deep inside with an internal error (an
-# --batch-size of 2**70 did) instead of here.
+# and the OS: a larger value is a typo, and it failed deep inside with an internal error (a
+# `batch_size` of 2**70 did) instead of here.
 MAX_COUNT = 2**31 - 1
 # Distillation temperatures in use are 1-20 (Hinton et al. use up to 20). Far beyond, teacher
 # logits within +-100 soften to within 20% of uniform, float16 keeps little of logits/T, and
@@ -41,15 +41,17 @@ MAX_VIEW_SEED = 2**64 - 1
 MAX_CLASSES = 2**32
 
 
-def check_positive(option: str, value: float, high: float = math.inf) -> None:
-    """`value` is a finite number above 0 (and at most `high`), else an InputError naming `--option`."""
+# Messages name config fields in backticks, "`top_k` must be ...": the library speaks its own
+# language, and the CLI turns each field into its flag when it prints the message (pipeline.config).
+def check_positive(field: str, value: float, high: float = math.inf) -> None:
+    """`value` is a finite number above 0 (and at most `high`), else an InputError naming `field`."""
     if not (0 < value <= high and math.isfinite(value)):
         bound = "" if high == math.inf else f" up to {high:g}"
-        raise InputError(f"--{option} must be a positive number{bound}, got {value}")
+        raise InputError(f"`{field}` must be a positive number{bound}, got {value}")
 
 
-def check_range(option: str, value: float, low: float, high: float = MAX_COUNT) -> None:
-    """`value` is a finite number in [low, high], else an InputError naming `--option`."""
+def check_range(field: str, value: float, low: float, high: float = MAX_COUNT) -> None:
+    """`value` is a finite number in [low, high], else an InputError naming `field`."""
     if low <= value <= high and math.isfinite(value):
         return
     if value > high:
@@ -58,7 +60,7 @@ def check_range(option: str, value: float, low: float, high: float = MAX_COUNT) 
         bound = f"{low} or more"
     else:
         bound = f"between {low} and {high}"
-    raise InputError(f"--{option} must be {'a finite number, ' if not math.isfinite(value) else ''}{bound}, got {value}")
+    raise InputError(f"`{field}` must be {'a finite number, ' if not math.isfinite(value) else ''}{bound}, got {value}")
 
 
 def _check_counts(config, bounds: dict[str, int]) -> None:
@@ -66,7 +68,7 @@ def _check_counts(config, bounds: dict[str, int]) -> None:
     for name, low in bounds.items():
         value = getattr(config, name)
         if value is not None:
-            check_range(name.replace("_", "-"), value, low)
+            check_range(name, value, low)
 
 
 @dataclass(frozen=True)
@@ -99,24 +101,24 @@ class CacheTeacherConfig:
         check_positive("temperature", self.temperature, MAX_TEMPERATURE)
         _check_counts(self, {"batch_size": 1, "top_k": 1, "views": 1, "chunk_rows": 1, "loader_workers": 0, "workers": 0})
         if self.num_classes is not None:  # one class has nothing to distil: its softmax is 1
-            check_range("num-classes", self.num_classes, 2, MAX_CLASSES)
-        check_range("view-seed", self.view_seed, 0, MAX_VIEW_SEED)
+            check_range("num_classes", self.num_classes, 2, MAX_CLASSES)
+        check_range("view_seed", self.view_seed, 0, MAX_VIEW_SEED)
         if self.dtype not in DTYPES:
-            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise InputError(f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.codec not in CODECS:
-            raise InputError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+            raise InputError(f"`codec` must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.format not in KINDS:
-            raise InputError(f"--format must be one of {', '.join(KINDS)}, got {self.format!r}")
+            raise InputError(f"`format` must be one of {', '.join(KINDS)}, got {self.format!r}")
         if (self.format == "topk") != (self.top_k is not None):
-            raise InputError("--top-k K goes with --format topk, and --format topk needs --top-k K")
+            raise InputError("`top_k` K goes with `format` topk, and `format` topk needs `top_k` K")
         if self.views > 1 and self.augment == "none":
-            raise InputError(f"--views {self.views} needs --augment SPEC: without augmentation every view would be the same")
+            raise InputError(f"`views` {self.views} needs `augment` SPEC: without augmentation every view would be the same")
         if self.workers and self.scheduler:
-            raise InputError("--workers starts a local dask cluster and --scheduler names a running one: give one of them")
+            raise InputError("`workers` starts a local dask cluster and `scheduler` names a running one: give one of them")
         if (self.workers or self.scheduler) and self.loader_workers:
-            raise InputError("--loader-workers cannot go with dask workers (their processes cannot start DataLoader workers)")
+            raise InputError("`loader_workers` cannot go with dask workers (their processes cannot start DataLoader workers)")
         if self.amp not in AMP_MODES and self.amp != "none":
-            raise InputError(f"--amp must be none, {' or '.join(AMP_MODES)}, got {self.amp!r}")
+            raise InputError(f"`amp` must be none, {' or '.join(AMP_MODES)}, got {self.amp!r}")
 
 
 @dataclass(frozen=True)
@@ -153,10 +155,10 @@ class TrainConfig:
             check_positive("temperature", self.temperature, MAX_TEMPERATURE)
         _check_counts(self, {"epochs": 1, "batch_size": 1, "buffer_chunks": 1, "loader_workers": 0, "checkpoint_every": 0})
         check_positive("lr", self.lr)
-        check_range("weight-decay", self.weight_decay, 0.0, math.inf)
-        check_range("feature-weight", self.feature_weight, 0.0, math.inf)
+        check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        check_range("feature_weight", self.feature_weight, 0.0, math.inf)
         check_range("seed", self.seed, 0, MAX_SEED)
         if self.view_policy not in VIEW_POLICIES:
-            raise InputError(f"--view-policy must be one of {', '.join(VIEW_POLICIES)}, got {self.view_policy!r}")
+            raise InputError(f"`view_policy` must be one of {', '.join(VIEW_POLICIES)}, got {self.view_policy!r}")
         if self.feature_loss not in ("none", *FEATURE_LOSSES):
-            raise InputError(f"--feature-loss must be none, {' or '.join(FEATURE_LOSSES)}, got {self.feature_loss!r}")
+            raise InputError(f"`feature_loss` must be none, {' or '.join(FEATURE_LOSSES)}, got {self.feature_loss!r}")

@@ -13,7 +13,7 @@ class PipelineError(Exception):
 
 class InputError(PipelineError):
     """Bad input: an unknown spec, a missing or malformed file, an invalid option value,
-    an existing output without --overwrite (exit code 2, like a usage error)."""
+    an existing output without `overwrite` (exit code 2, like a usage error)."""
 
     exit_code = 2
 

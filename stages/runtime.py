@@ -152,7 +152,7 @@ def process_group(device_name: str) -> Iterator[tuple[Ranks, torch.device]]:
         yield Ranks(), device
         return
     if device.type == "cuda" and device.index is not None:
-        raise InputError(f"--device {device_name} would put every process on one GPU: give cuda or auto (process N takes cuda:LOCAL_RANK)")
+        raise InputError(f"`device` {device_name} would put every process on one GPU: give cuda or auto (process N takes cuda:LOCAL_RANK)")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":

@@ -17,13 +17,13 @@ never counts. Without a cache the same loop trains on hard labels only: the base
 `pipeline train-teacher` trains a teacher.
 
 Under torchrun (`torchrun --nproc-per-node N -m pipeline train-student ...`), the N processes
-train one model with DistributedDataParallel: --batch-size stays the global batch, each
+train one model with DistributedDataParallel: `batch_size` stays the global batch, each
 process reads a disjoint share of each epoch's shuffled chunks, and rank 0 alone evaluates and
 writes the run folder (stages.runtime.process_group).
 
 The run folder holds config.json (resolved config), metrics.jsonl (one line per epoch),
 checkpoint.pt (model, optimizer, schedule and RNG states at the last checkpointed epoch, for
---resume), model.safetensors (final weights) and summary.json.
+`resume`), model.safetensors (final weights) and summary.json.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _train(
     started: float,
 ) -> TrainResult:
     if config.batch_size % ranks.world:
-        raise InputError(f"--batch-size {config.batch_size} (the global batch) does not divide among {ranks.world} processes")
+        raise InputError(f"`batch_size` {config.batch_size} (the global batch) does not divide among {ranks.world} processes")
     cache = soft_labels if soft_labels is not None else (CacheReader(config.cache) if config.cache is not None else None)
     model = model.to(device)
     augment = resolve_augment(config.augment)
@@ -128,7 +128,7 @@ def _train(
     if ranks.world > 1 and cache is not None and cache.grid.num_chunks < ranks.world:
         raise InputError(
             f"the cache has {cache.grid.num_chunks} chunks for {ranks.world} processes, which read whole chunks: "
-            "cache it again with a smaller --chunk-rows (many chunks per process)"
+            "cache it again with a smaller `chunk_rows` (many chunks per process)"
         )
     if _epoch_steps(config, train, cache, 0, ranks) == 0:
         raise InputError(f"split {train.name!r} has too few rows for one batch of {config.batch_size // ranks.world} per process")
@@ -193,7 +193,7 @@ def _train(
             means = {k: float(v) / max(steps, 1) for k, v in average_over_ranks(ranks, sums).items()}
             if not all(math.isfinite(v) for v in means.values()):
                 raise PipelineError(
-                    f"the loss became {means['loss']} in epoch {epoch + 1}; lower --lr (the last checkpoint is kept)"
+                    f"the loss became {means['loss']} in epoch {epoch + 1}; lower `lr` (the last checkpoint is kept)"
                 )
 
             def end_of_epoch(epoch: int = epoch, means: dict = means, epoch_started: float = epoch_started) -> dict:
@@ -277,13 +277,13 @@ class StudentWithProjection(torch.nn.Module):
 
 def _with_feature_projection(config: TrainConfig, model: torch.nn.Module, train: Split, cache: CacheReader | None,
                              device: torch.device) -> torch.nn.Module:
-    """What the optimizer trains: the model, or with --feature-loss, the model and its projection."""
+    """What the optimizer trains: the model, or with a `feature_loss`, the model and its projection."""
     if config.feature_loss == "none":
         return model
     if cache is None or cache.layout.features is None:
-        raise InputError("--feature-loss needs a cache with the teacher's features (cache-teacher --features)")
+        raise InputError("`feature_loss` needs a cache with the teacher's features (cached with `features`)")
     if not callable(getattr(model, "logits_and_features", None)):
-        raise InputError("--feature-loss: the student has no features (it needs a logits_and_features method, as lstm and hf: models have)")
+        raise InputError("`feature_loss`: the student has no features (it needs a logits_and_features method, as lstm and hf: models have)")
     with torch.no_grad():
         _, features = model.logits_and_features(train.inputs(np.zeros(1, dtype=np.int64)).to(device))
     return StudentWithProjection(model, int(features.shape[-1]), cache.layout.features).to(device)
@@ -298,14 +298,14 @@ def _check_inputs(
     labels, an augmentation that does not fit the inputs. Returns the labels to train on, and
     the valid lengths of the sequences for a model with logits per token (else None)."""
     if config.out.exists() and not config.out.is_dir():
-        raise InputError(f"--out {config.out} is a file; give a folder for the run")
+        raise InputError(f"`out` {config.out} is a file; give a folder for the run")
     shape = output_shape(model, train, device, "model")
     lengths = sequence_lengths(train, shape[0]) if len(shape) == 2 else None
     if cache is not None:
         _check_cache_fits(config, cache, train, shape)
     if evaluation is not None:
         if evaluation.labels is None:
-            raise InputError(f"cannot evaluate on split {evaluation.name!r}: it has no labels (pick another --eval-split)")
+            raise InputError(f"cannot evaluate on split {evaluation.name!r}: it has no labels (pick another `eval_split`)")
         check_labels_fit(evaluation, shape, "model")
     if augment is not None:
         augment(train.inputs(np.zeros(1, dtype=np.int64)), np.zeros(1, dtype=np.uint64))
@@ -315,7 +315,7 @@ def _check_inputs(
         check_labels_fit(train, shape, "model")
         return train.labels, lengths
     if config.alpha < 1.0 and not cache.labelled:
-        raise InputError("the cache has no hard labels; use --alpha 1 (soft labels only)")
+        raise InputError("the cache has no hard labels; use `alpha` 1 (soft labels only)")
     # The fingerprint just matched every label and length, so the split's are the cache's:
     # taking them from memory spares the reader arrays per chunk.
     return train.labels, lengths
@@ -339,7 +339,7 @@ def _view_replay(config: TrainConfig, cache: CacheReader | None,
     if config.augment != "none":
         raise InputError(
             f"the cache holds views made with {cache.attrs['augment']['spec']!r} and replays them exactly; "
-            "drop --augment (it would show the student other inputs than the teacher saw)"
+            "drop `augment` (it would show the student other inputs than the teacher saw)"
         )
     return resolve_augment(cache.attrs["augment"]["spec"])
 
@@ -366,7 +366,7 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
     """Batches of rows joined with their inputs, labels and sequence lengths, prepared on a
     background thread. From a view cache, each row is one of its sample's views (by
     `config.view_policy`), and its input is regenerated from that view's seed; otherwise, with
-    `--augment`, each input is augmented with a seed drawn from (seed, epoch), so a resumed run
+    `augment`, each input is augmented with a seed drawn from (seed, epoch), so a resumed run
     draws the same ones. With several processes, this process's share of the epoch (see
     CacheReader.batches), in batches of its share of the global batch."""
     views = cache is not None and cache.layout.views is not None
@@ -426,7 +426,7 @@ def _open_run_dir(config: TrainConfig, run_config: dict) -> None:
         if config.resume and not config.overwrite:
             raise InputError(f"{out} is not a run folder (no config.json): nothing to resume")
         if not config.overwrite:
-            raise InputError(f"run folder {out} already exists; pass --resume to continue it or --overwrite to replace it")
+            raise InputError(f"run folder {out} already exists; pass `resume` to continue it or `overwrite` to replace it")
         if not (out / "config.json").is_file():
             raise InputError(f"{out} exists and is not a run folder; refusing to delete it")
         shutil.rmtree(out)
@@ -441,7 +441,7 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise PipelineError(f"checkpoint {path} cannot be read ({exc}); start over with --overwrite") from exc
+        raise PipelineError(f"checkpoint {path} cannot be read ({exc}); start over with `overwrite`") from exc
 
 
 def _check_same_run(out: Path, run_config: dict) -> None:
@@ -451,7 +451,7 @@ def _check_same_run(out: Path, run_config: dict) -> None:
     if differ:
         raise InputError(
             f"cannot resume {out}: it was started with other options ({', '.join(differ)} differ); "
-            "use the same options, or --overwrite to start over"
+            "use the same options, or `overwrite` to start over"
         )
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import resolve_dataset
+from pipeline.datasets import BUILTIN_DATASETS, dataset_runs_user_code, resolve_dataset
 from pipeline.models import BUILTIN_MODELS, resolve_model
+from pipeline.specs import DATASET_BUILTINS_HELP, BuiltinSpec, FactorySpec, FileSpec, parse_spec, runs_user_code
 from stages.data import fingerprint
 from stages.errors import InputError
 from stages.weights import load_weights, save_weights
@@ -174,3 +175,35 @@ def test_parameterised_mlp():
     assert [m.out_features for m in model if isinstance(m, torch.nn.Linear)] == [32, 32, 32, 5]
     with pytest.raises(InputError, match="width must be a whole number"):
         resolve_model("mlp:width=wide", num_classes=5, input_shape=(7,))
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("cnn", BuiltinSpec("cnn")),
+    ("mlp:width=32,depth=3", BuiltinSpec("mlp", "width=32,depth=3")),
+    ("hf:models/minilm", FileSpec("hf", "models/minilm")),
+    ("torchscript:t.pt", FileSpec("torchscript", "t.pt")),
+    ("text:docs.jsonl,tokenizer=hf:tok,max_length=64", FileSpec("text", "docs.jsonl", ("tokenizer=hf:tok", "max_length=64"))),
+    ("data/set.npz", FileSpec("npz", "data/set.npz")),
+    ("pkg.models:build", FactorySpec("pkg.models", "build")),
+    ("mine/models.py:build", FactorySpec("mine/models.py", "build")),
+])
+def test_one_grammar_reads_every_form_and_writes_it_back(spec, parsed):
+    assert parse_spec(spec) == parsed and str(parsed) == spec
+
+
+def test_a_parametric_builtin_is_never_read_as_user_code():
+    assert parse_spec("synthetic:seed", BUILTIN_DATASETS) == BuiltinSpec("synthetic", "seed")
+    assert not dataset_runs_user_code("synthetic:seed") and dataset_runs_user_code("pkg.data:build")
+    assert runs_user_code("shift:2+pkg.aug:build") and not runs_user_code("shift:2+flip")
+
+
+def test_relative_files_become_absolute_and_nothing_else_changes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert str(parse_spec("text:d.jsonl,tokenizer=hf:tok").absolute()) == f"text:{tmp_path / 'd.jsonl'},tokenizer=hf:{tmp_path / 'tok'}"
+    assert str(parse_spec("mine.py:build").absolute()) == f"{tmp_path / 'mine.py'}:build"
+    for spec in ("mlp:width=3", "pkg.models:build", "digits"):
+        assert str(parse_spec(spec).absolute()) == spec
+
+
+def test_help_names_every_builtin_dataset():
+    assert [name.partition("[")[0].partition(":")[0] for name in DATASET_BUILTINS_HELP] == list(BUILTIN_DATASETS)

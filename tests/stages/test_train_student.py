@@ -105,7 +105,7 @@ def test_cache_of_another_split_is_refused(tmp_path, cache_path):
 def test_existing_run_folder_needs_overwrite(tmp_path, cache_path):
     _train(tmp_path, cache_path, epochs=1)
     before = (tmp_path / "run" / "summary.json").read_bytes()
-    with pytest.raises(InputError, match="--overwrite"):
+    with pytest.raises(InputError, match="`overwrite`"):
         _train(tmp_path, cache_path, epochs=1)
     assert (tmp_path / "run" / "summary.json").read_bytes() == before
     _train(tmp_path, cache_path, epochs=1, overwrite=True)

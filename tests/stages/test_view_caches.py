@@ -140,11 +140,11 @@ def test_a_topk_view_cache_trains_a_student(digits, tmp_path):
 
 
 def test_views_need_an_augmentation_and_students_do_not_add_their_own(views_cache, digits, tmp_path):
-    with pytest.raises(InputError, match="needs --augment"):
+    with pytest.raises(InputError, match="needs `augment`"):
         cache_teacher.CacheTeacherConfig(teacher="cnn", dataset=DATA, out=tmp_path / "x.zarr", views=2).validate()
     student = resolve_model("mlp-64", num_classes=10, input_shape=(1, 8, 8))
     config = train_student.TrainConfig(model="mlp-64", dataset=DATA, out=tmp_path / "r", cache=views_cache["path"],
                                        augment="shift:1", device="cpu")
-    with pytest.raises(InputError, match="replays them exactly; drop --augment"):
+    with pytest.raises(InputError, match="replays them exactly; drop `augment`"):
         train_student.run(config, student, *digits)
     assert not (tmp_path / "r").exists()
