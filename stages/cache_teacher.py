@@ -13,14 +13,15 @@ From Python, with your own module and split (see stages.data.Split):
 
     result = run(CacheTeacherConfig(teacher="mine", dataset="mine", out=Path("c.zarr")), teacher, split)
 
-A cache holds every class's logit ("dense") or the K largest per row ("topk"), per sample or,
-for a teacher that outputs logits per token, per token (stages.cache.stored_rows). With
-`--augment`, it holds the teacher's outputs for `--views` augmented views of every sample, each
+A cache holds its kind's soft labels (stages.kinds: every class's logit, or the K largest per
+row, ...), per sample or, for a teacher that outputs logits per token, per token
+(stages.cache.format.stored_rows). With `augment`, it holds the teacher's outputs for `views`
+augmented views of every sample, each
 made from a seed that the cache records, so that student training can replay the exact input
 the teacher saw (stages.augment).
 The teacher runs in eval mode under inference_mode. Input batches are prepared on a
-background thread and finished chunks are written by another (stages.cache.CacheWriter), so
-the forward pass does not wait on storage. The cache layout is described in stages.cache.
+background thread and finished chunks are written by another (stages.cache.writer), so
+the forward pass does not wait on storage. The cache layout is described in stages.cache.format.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ import zarr
 
 from stages import storage
 from stages.augment import Augmentation, parse_augment, view_seeds
-from stages.cache import (
-    FLOAT_ARRAYS, CacheWriter, ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, open_writer,
-    prefetch, stored_rows, teacher_metrics, teacher_outputs,
+from stages.cache.format import (
+    ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, stored_rows, teacher_outputs,
 )
+from stages.cache.reader import prefetch
+from stages.cache.writer import CacheWriter, writing
 from stages.config import CacheTeacherConfig  # defined there, torch-free, for the CLI; re-exported here
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
@@ -92,7 +94,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     if len(split) == 0:
         raise InputError(f"split {config.split!r} of {config.dataset} is empty")
     if not storage.is_empty(config.out) and not is_cache(config.out):
-        raise InputError(f"{config.out} exists and is not a cache; choose another --out")
+        raise InputError(f"{config.out} exists and is not a cache; choose another `out`")
     teacher = teacher.to(device).eval()
 
     shape = output_shape(teacher, split, device, "teacher")
@@ -111,33 +113,23 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}
-    with storage.writer_lock(config.out) as lock:
-        writer = open_writer(config.out, layout, provenance, overwrite=config.overwrite, lock=lock)
-        try:
-            missing = writer.missing_chunks()
-            if missing and len(missing) < writer.grid.num_chunks:
-                log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
-                _check_resume_determinism(config, writer.group.attrs.get("determinism"), provenance["determinism"])
-            if config.workers or config.scheduler:
-                writer.close()  # the workers write; this process only hands out chunks
-                _distributed_pass(config, writer.grid, missing, load_on_worker, resolve_augment, progress, lock)
-                if writer.missing_chunks():
-                    raise PipelineError(
-                        f"the workers finished but chunks {writer.missing_chunks()[:10]} are not in {config.out}: do the "
-                        "workers see that location? Put the cache on a file system they share, or on an object store"
-                    )
-            else:
-                with one_blas_thread_beside_torch(), torch_threads(_recorded_threads(writer)):
-                    _teacher_pass(config, teacher, split, lengths, augmentation, writer, device, missing, progress)
-                writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        if writer.group.attrs["complete"]:  # finished by an earlier run: nothing was computed now
-            metrics = writer.group.attrs["teacher_metrics"]
+    with writing(config.out, layout, provenance, overwrite=config.overwrite) as writer:
+        missing = writer.missing_chunks()
+        if missing and len(missing) < writer.grid.num_chunks:
+            log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
+            _check_resume_determinism(config, writer.group.attrs.get("determinism"), provenance["determinism"])
+        if config.workers or config.scheduler:
+            writer.close()  # the workers write; this process only hands out chunks
+            _distributed_pass(config, writer.grid, missing, load_on_worker, resolve_augment, progress, writer.lock)
+            if writer.missing_chunks():
+                raise PipelineError(
+                    f"the workers finished but chunks {writer.missing_chunks()[:10]} are not in {config.out}: do the "
+                    "workers see that location? Put the cache on a file system they share, or on an object store"
+                )
         else:
-            metrics = teacher_metrics(writer.group, writer.layout, config.temperature)
-            writer.mark_complete({"teacher_metrics": metrics})
+            with one_blas_thread_beside_torch(), torch_threads(_recorded_threads(writer)):
+                _teacher_pass(config, teacher, split, lengths, augmentation, writer, device, missing, progress)
+    metrics = writer.group.attrs["teacher_metrics"]
     seconds = time.perf_counter() - started
     log.info("cache %s complete: %d rows x %d classes, %d chunks computed in %.1fs",
              config.out, len(split), num_classes, len(missing), seconds)
@@ -159,13 +151,13 @@ def _feature_size(teacher: torch.nn.Module, split: Split, device: torch.device) 
     """F, the size of the teacher's feature vector for one sample."""
     if not callable(getattr(teacher, "logits_and_features", None)):
         raise InputError(
-            "--features: the teacher has no features to cache (it needs a logits_and_features method, "
+            "`features`: the teacher has no features to cache (it needs a logits_and_features method, "
             "as hf: and lstm models have)"
         )
     with torch.inference_mode():
         _, features = teacher.logits_and_features(split.inputs(np.zeros(1, dtype=np.int64)).to(device))
     if features.ndim != 2:
-        raise InputError(f"--features: the teacher's features must be (batch, F), got shape {tuple(features.shape)}")
+        raise InputError(f"`features`: the teacher's features must be (batch, F), got shape {tuple(features.shape)}")
     return int(features.shape[1])
 
 
@@ -306,7 +298,7 @@ def _distributed_pass(
     allowed-failures), and a retried task skips the chunks its first attempt finished
     (chunk_done). Chunk values do not depend on which worker or batch computed them, so the
     cache equals a single-process one."""
-    distributed = require("distributed", "scale", "--workers / --scheduler")
+    distributed = require("distributed", "scale", "`workers` / `scheduler`")
     if load_on_worker is None:
         raise InputError("caching on dask workers needs load_on_worker: a picklable function returning (teacher, split)")
     if not missing:
@@ -387,23 +379,18 @@ def _worker_chunks(config: CacheTeacherConfig, chunks: list[int], load_on_worker
             device = _worker_device(config.device)
             _WORKER_STATE[key] = (teacher.to(device).eval(), split, resolve_augment(config.augment), device, {})
         teacher, split, augmentation, device, lengths_by_tokens = _WORKER_STATE[key]
-    writer = CacheWriter(config.out)
-    tokens = writer.layout.tokens
-    if tokens is not None and tokens not in lengths_by_tokens:
-        lengths_by_tokens[tokens] = sequence_lengths(split, tokens)
-    try:
+    with CacheWriter(config.out) as writer:  # the coordinating process holds the lock and marks the cache complete
+        tokens = writer.layout.tokens
+        if tokens is not None and tokens not in lengths_by_tokens:
+            lengths_by_tokens[tokens] = sequence_lengths(split, tokens)
         todo = sorted(set(chunks) & set(writer.missing_chunks()))
         with one_blas_thread_beside_torch(), torch_threads(_recorded_threads(writer)):
             _teacher_pass(config, teacher, split, lengths_by_tokens.get(tokens), augmentation, writer, device, todo, None)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
     return sum(stop - start for start, stop in map(writer.grid.rows, todo))
 
 
 def _worker_device(name: str) -> torch.device:
-    """`--device auto` or `cuda` on a machine with several GPUs: a local cluster's worker N takes
+    """`device` auto or cuda on a machine with several GPUs: a local cluster's worker N takes
     GPU N (mod their count), so its workers spread over the GPUs. Workers started by hand choose
     theirs with CUDA_VISIBLE_DEVICES and see one."""
     device = resolve_device(name)
@@ -423,7 +410,7 @@ def _check_same_teacher(teacher: torch.nn.Module, location: CacheLocation) -> No
     if weights_fingerprint(teacher) != recorded:
         raise InputError(
             f"the teacher built on dask worker {socket.gethostname()} has other weights than the one recorded in the cache; "
-            "give --teacher-weights (a factory without weights initialises at random on each worker)"
+            "give `teacher_weights` (a factory without weights initialises at random on each worker)"
         )
 
 
@@ -455,11 +442,11 @@ def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config
     # A pinned buffer is reused for a later batch: copy out of it.
     rows = {name: values.numpy().copy() if done is not None else values.numpy() for name, values in stored.items()}
     count = len(next(iter(rows.values())))
-    bad_by_array = {name: start + nonfinite_rows(rows[name]) for name in FLOAT_ARRAYS if name in rows}
+    bad_by_array = {name: start + nonfinite_rows(rows[name]) for name in writer.layout.float_arrays if name in rows}
     bad = sorted({int(r) for found in bad_by_array.values() for r in found})
     if bad:
         what = "features" if all(len(found) == 0 for name, found in bad_by_array.items() if name != "features") else "logits"
-        hint = f" (or {what}{' / T' if what == 'logits' else ''} beyond float16's range: try --dtype float32)" \
+        hint = f" (or {what}{' / T' if what == 'logits' else ''} beyond float16's range: try `dtype` float32)" \
             if config.dtype == "float16" else ""
         raise PipelineError(
             f"teacher produced NaN or infinite {what}{hint} for samples {bad[:10]}"

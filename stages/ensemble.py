@@ -2,9 +2,10 @@
 
     pipeline combine data/caches/cnn-s0.zarr data/caches/cnn-s1.zarr --out data/caches/cnn-ensemble.zarr
 
-The sources must be complete dense caches of the same dataset split, in the same row order,
+The sources must be complete caches of a kind that combines (stages.kinds), of the same dataset split, in the same row order,
 at the same temperature T, with the same classes and row shape: an ensemble of teachers that
-saw different samples is meaningless, so any difference is refused. Rules (`--rule`):
+saw different samples is meaningless, so any difference is refused. Rules (`rule`), as a dense
+cache applies them (stages.kinds.Dense.combine):
 
     mean-probs   (default) the ensemble's distribution is the average of the teachers'
                  softened distributions, p = mean_i softmax(t_i / T); the cache stores log p,
@@ -12,7 +13,7 @@ saw different samples is meaningless, so any difference is refused. Rules (`--ru
     mean-logits  the ensemble's logits / T are the average of the teachers' t_i / T (the
                  renormalised geometric mean of their distributions).
 
-Re-tempering (train-student --temperature T') is exact for mean-logits, as for one teacher.
+Re-tempering (training at another temperature T') is exact for mean-logits, as for one teacher.
 For mean-probs it applies to log p as if it were one teacher's logits / T, which gives
 p^(T/T') renormalised: the same as the average of the teachers' distributions at T' only when
 T' = T. The written cache records every teacher's provenance, the rule and the sources, and is
@@ -25,11 +26,12 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
-from stages.cache import CacheReader, open_writer, teacher_metrics
-from stages.storage import CacheLocation, cache_location, disk_usage, writer_lock
+from stages.cache.reader import CacheReader
+from stages.cache.writer import writing
+from stages.storage import CacheLocation, cache_location, disk_usage
 from stages.errors import CacheMismatchError, InputError
+from stages.kinds import KINDS
 from stages.runtime import config_dict
 
 RULES = ("mean-probs", "mean-logits")
@@ -46,9 +48,9 @@ class CombineConfig:
         if len(self.caches) < 2:
             raise InputError(f"combining needs at least two caches, got {len(self.caches)}")
         if self.rule not in RULES:
-            raise InputError(f"--rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+            raise InputError(f"`rule` must be one of {', '.join(RULES)}, got {self.rule!r}")
         if cache_location(self.out) in {cache_location(c) for c in self.caches}:
-            raise InputError(f"--out {self.out} is one of the caches being combined; choose another path")
+            raise InputError(f"`out` {self.out} is one of the caches being combined; choose another path")
 
 
 @dataclass(frozen=True)
@@ -90,27 +92,16 @@ def run(config: CombineConfig) -> CombineResult:
         "teacher_metrics": None,
         "config": config_dict(config),
     }
-    with writer_lock(config.out) as lock:
-        writer = open_writer(config.out, layout, attrs, overwrite=config.overwrite, lock=lock)
+    with writing(config.out, layout, attrs, overwrite=config.overwrite) as writer:
         missing = writer.missing_chunks()
-        try:
-            for chunk in missing:
-                start, stop = writer.grid.rows(chunk)
-                parts = [source.read_rows(start, stop) for source in sources]
-                if any(not np.array_equal(part["index"], parts[0]["index"]) for part in parts[1:]):
-                    raise CacheMismatchError(f"rows {start}-{stop - 1} hold other samples in one of the caches")
-                rows = {name: values for name, values in parts[0].items() if name in ("index", "labels", "lengths", "view_seeds")}
-                rows["logits"] = combine([part["logits"] for part in parts], config.rule).astype(layout.dtype)
-                writer.write_rows(start, rows)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        if writer.group.attrs["complete"]:
-            metrics = writer.group.attrs["teacher_metrics"]
-        else:
-            metrics = teacher_metrics(writer.group, writer.layout, first.temperature)
-            writer.mark_complete({"teacher_metrics": metrics})
+        for chunk in missing:
+            start, stop = writer.grid.rows(chunk)
+            parts = [source.read_rows(start, stop) for source in sources]
+            if any(not np.array_equal(part["index"], parts[0]["index"]) for part in parts[1:]):
+                raise CacheMismatchError(f"rows {start}-{stop - 1} hold other samples in one of the caches")
+            rows = {name: values for name, values in parts[0].items() if name in ("index", "labels", "lengths", "view_seeds")}
+            writer.write_rows(start, {**rows, **layout.soft_kind.combine(parts, config.rule, layout)})
+    metrics = writer.group.attrs["teacher_metrics"]
     return CombineResult(
         cache=config.out, num_teachers=len(attrs["teachers"]), rule=config.rule, num_samples=layout.num_samples,
         bytes_on_disk=disk_usage(config.out), teacher_accuracy=metrics["accuracy"] if metrics else None,
@@ -118,20 +109,12 @@ def run(config: CombineConfig) -> CombineResult:
     )
 
 
-def combine(logits_over_t: list[np.ndarray], rule: str) -> np.ndarray:
-    """The ensemble's logits / T (as float32) from each teacher's, by `rule` (see the module)."""
-    stacked = torch.stack([torch.from_numpy(values).float() for values in logits_over_t])
-    if rule == "mean-logits":
-        return stacked.mean(0).numpy()
-    log_probs = torch.log_softmax(stacked, dim=-1)
-    return (torch.logsumexp(log_probs, dim=0) - np.log(len(logits_over_t))).numpy()
-
-
 def _check_compatible(sources: list[CacheReader]) -> None:
     first = sources[0]
     for source in sources:
-        if source.layout.kind != "dense":
-            raise CacheMismatchError(f"{source.path} is a {source.layout.kind} cache; only dense caches can be combined")
+        if not source.layout.soft_kind.can_combine:
+            combinable = ", ".join(name for name, kind in KINDS.items() if kind.can_combine)
+            raise CacheMismatchError(f"{source.path} is a {source.layout.kind} cache; only {combinable} caches can be combined")
         differ = [k for k in MUST_AGREE if source.attrs.get(k) != first.attrs.get(k)]
         mine, theirs = source.attrs["dataset"], first.attrs["dataset"]
         if mine.get("split") != theirs.get("split"):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.augment import Augmentation
-from stages.cache import CacheReader
+from stages.cache.reader import CacheReader
 from stages.data import Split, inputs_at, sequence_lengths
 from stages.errors import InputError
 
@@ -57,7 +57,7 @@ def teacher_agreement(model: torch.nn.Module, cache: CacheReader, split: Split, 
     agree, count = 0, 0
     for chunk in range(cache.grid.num_chunks):
         rows = cache.read_chunk(chunk)
-        teacher = rows["logits"].argmax(-1) if cache.layout.kind == "dense" else rows["topk_indices"][..., 0]
+        teacher = cache.layout.soft_kind.top1(rows)
         inputs = split.inputs(rows["index"])
         if views is not None:
             inputs = augment(inputs.repeat_interleave(views, dim=0), rows["view_seeds"].reshape(-1))

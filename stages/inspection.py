@@ -24,7 +24,7 @@ from pathlib import Path
 import dask
 import numpy as np
 
-from stages.cache import SOFT_ARRAYS, CacheReader
+from stages.cache.reader import CacheReader
 from stages.storage import CacheLocation, child, disk_usage, open_no_follow
 
 CALIBRATION_BINS = 15
@@ -37,7 +37,8 @@ def describe_cache(path: CacheLocation) -> dict:
     attrs, layout = reader.attrs, reader.layout
     per_array = {name: disk_usage(child(reader.path, name)) for name in reader.group.array_keys()}
     total = disk_usage(reader.path)
-    soft = sum(per_array[name] for name in SOFT_ARRAYS[layout.kind] if name in per_array)
+    kind = layout.soft_kind
+    soft = sum(per_array[name] for name in kind.soft_arrays if name in per_array)
     report = {
         "kind": layout.kind,
         "schema_version": attrs["schema_version"],
@@ -68,8 +69,8 @@ def describe_cache(path: CacheLocation) -> dict:
         report["bytes_per_token"] = total / max(tokens, 1)
         report["soft_label_bytes_per_token"] = soft / max(tokens, 1)
     report["bytes_per_array"] = per_array
-    if layout.kind == "topk" and attrs["complete"]:
-        report["tail_mass"] = _tail_mass(reader)
+    if kind.statistics_arrays and attrs["complete"]:
+        report.update(_kind_statistics(reader))
     report["teacher_metrics"] = attrs.get("teacher_metrics")
     if attrs["complete"]:
         report.update(_distribution_statistics(reader))
@@ -80,9 +81,11 @@ def _distribution_statistics(reader: CacheReader) -> dict:
     """Calibration (with labels) and histograms of confidence and entropy, as sums of per-chunk
     partial counts: each chunk of the dask arrays is one task."""
     layout = reader.layout
-    temperatures = [reader.temperature] + ([1.0] if layout.kind == "dense" and reader.temperature != 1.0 else [])
-    names = (*SOFT_ARRAYS[layout.kind], *(name for name in ("labels", "lengths") if name in reader.arrays))
-    parts = [dask.delayed(_chunk_statistics)(chunk, layout.kind, reader.temperature, temperatures, layout.num_classes)
+    kind = layout.soft_kind
+    # At T=1 too, where the kind's probabilities re-temper exactly (at another T, a top-k cache's tail is an estimate).
+    temperatures = [reader.temperature] + ([1.0] if kind.exact_at_any_temperature and reader.temperature != 1.0 else [])
+    names = (*kind.soft_arrays, *(name for name in ("labels", "lengths") if name in reader.arrays))
+    parts = [dask.delayed(_chunk_statistics)(chunk, layout, reader.temperature, temperatures)
              for chunk in _chunks(reader, names)]
     totals = dask.compute(*parts, scheduler="threads")
     summed = {key: sum(part[key] for part in totals) for key in totals[0]}
@@ -95,7 +98,7 @@ def _distribution_statistics(reader: CacheReader) -> dict:
         if "labels" in names:
             entry["accuracy"] = float(correct.sum() / n)
             entry["ece"] = float(np.abs(correct - confidence).sum() / n)
-            if f"nll {t:g}" in summed:  # dense caches: the label's probability is known exactly
+            if f"nll {t:g}" in summed:  # where the kind knows the label's probability exactly
                 entry["nll"] = float(summed[f"nll {t:g}"][0] / n)
             entry["reliability"] = {
                 "bin_edges": np.linspace(0, 1, CALIBRATION_BINS + 1).tolist(), "count": count.astype(int).tolist(),
@@ -110,23 +113,18 @@ def _distribution_statistics(reader: CacheReader) -> dict:
         "entropy_nats": {"temperature": reader.temperature,
                          "bin_edges": np.linspace(0, np.log(layout.num_classes), HISTOGRAM_BINS + 1).tolist(),
                          "count": summed[f"entropy {cache_t}"].astype(int).tolist(),
-                         "of": "the full distribution" if layout.kind == "dense" else "the kept classes and the tail (a lower bound)"},
+                         "of": kind.entropy_of},
     }
     return out
 
 
-def _chunk_statistics(rows: dict[str, np.ndarray], kind: str, cache_temperature: float, temperatures: list[float],
-                      num_classes: int) -> dict[str, np.ndarray]:
+def _chunk_statistics(rows: dict[str, np.ndarray], layout, cache_temperature: float,
+                      temperatures: list[float]) -> dict[str, np.ndarray]:
     """One chunk's partial sums: per confidence bin, the rows (or valid tokens) in it, their
     confidence and how many are right, at each temperature; histograms of the largest
     probability and the entropy at the cache's T."""
-    if kind == "dense":
-        stored = rows["logits"].astype(np.float64)
-        predicted = stored.argmax(-1)
-    else:
-        kept = np.exp(rows["topk_values"].astype(np.float64) - rows["logsumexp"][..., None])
-        tail = np.clip(1.0 - kept.sum(-1, keepdims=True), 0.0, 1.0)
-        predicted = rows["topk_indices"][..., 0].astype(np.int64)
+    kind, num_classes = layout.soft_kind, layout.num_classes
+    predicted = kind.top1(rows)
     valid = (np.ones(predicted.shape, dtype=bool) if "lengths" not in rows
              else np.arange(predicted.shape[1])[None, :] < rows["lengths"][:, None])
     if "labels" in rows:  # every view of a sample has the sample's label
@@ -136,19 +134,12 @@ def _chunk_statistics(rows: dict[str, np.ndarray], kind: str, cache_temperature:
         right = np.zeros(valid.sum())
     sums: dict[str, np.ndarray] = {}
     for t in temperatures:
-        if kind == "dense":
-            z = stored * (cache_temperature / t)
-            z -= z.max(-1, keepdims=True)
-            probs = np.exp(z)
-            probs /= probs.sum(-1, keepdims=True)
-        else:
-            probs = np.concatenate([kept, tail], axis=-1)
-        if kind == "dense" and "labels" in rows:
-            label_probs = np.take_along_axis(probs, np.broadcast_to(labels, predicted.shape)[..., None], -1)[..., 0][valid]
-            sums[f"nll {t:g}"] = np.array([-np.log(np.maximum(label_probs, 1e-300)).sum()])
+        probs = kind.probabilities(rows, num_classes, cache_temperature / t)
+        label_probs = None if "labels" not in rows else kind.label_probabilities(probs, np.broadcast_to(labels, predicted.shape))
+        if label_probs is not None:  # where the kind knows the label's probability exactly
+            sums[f"nll {t:g}"] = np.array([-np.log(np.maximum(label_probs[valid], 1e-300)).sum()])
         probs = probs[valid]
-        # The tail bucket is many classes, not one: a top-k row's confidence is its first kept class.
-        confidence = probs.max(-1) if kind == "dense" else probs[..., 0]
+        confidence = kind.confidence(probs)
         bins = np.minimum((confidence * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
         key = f"T={t:g}"
         sums[f"count {key}"] = np.bincount(bins, minlength=CALIBRATION_BINS).astype(np.float64)
@@ -204,18 +195,9 @@ def _chunks(reader: CacheReader, names: tuple[str, ...]) -> list:
     return [dask.delayed(reader.read_chunks)(chunk, chunk, names) for chunk in range(reader.grid.num_chunks)]
 
 
-def _tail_mass(reader: CacheReader) -> dict:
-    """The probability at the cache's T that the kept entries miss, 1 - sum(exp(v - lse)),
-    over every row (or valid token): mean and largest."""
-    names = ("topk_values", "logsumexp", *(("lengths",) if reader.layout.tokens is not None else ()))
-    parts = dask.compute(*(dask.delayed(_chunk_tail)(chunk) for chunk in _chunks(reader, names)), scheduler="threads")
-    total, count = sum(p[0] for p in parts), sum(p[2] for p in parts)
-    return {"mean": total / count, "max": max(p[1] for p in parts), "entries": count}
-
-
-def _chunk_tail(rows: dict[str, np.ndarray]) -> tuple[float, float, int]:
-    """One chunk's sum and largest tail mass, over its rows (or valid tokens), and their count."""
-    tail = np.clip(1.0 - np.exp(rows["topk_values"].astype(np.float32) - rows["logsumexp"][..., None]).sum(-1), 0.0, 1.0)
-    if "lengths" in rows:
-        tail = tail[np.arange(tail.shape[1])[None, :] < rows["lengths"][:, None]]
-    return float(tail.sum()), float(tail.max(initial=0.0)), int(tail.size)
+def _kind_statistics(reader: CacheReader) -> dict:
+    """The kind's own figures (a top-k cache's tail mass), summed over per-chunk dask tasks."""
+    kind = reader.layout.soft_kind
+    names = (*kind.statistics_arrays, *(("lengths",) if reader.layout.tokens is not None else ()))
+    parts = dask.compute(*(dask.delayed(kind.chunk_statistics)(chunk) for chunk in _chunks(reader, names)), scheduler="threads")
+    return kind.summarise(list(parts))

@@ -50,7 +50,7 @@ from stages.config import TrainConfig  # defined there, torch-free, for the CLI;
 from stages.data import Split, joined_with_inputs, sequence_lengths
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.evaluation import evaluate
-from stages.losses import distillation_loss, feature_loss, retemper, topk_distillation_loss
+from stages.losses import feature_loss
 from stages.runtime import (
     Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
     output_shape, process_group, seed_everything, torch_threads, training_threads,
@@ -250,13 +250,7 @@ def batch_loss(
     if cache is None:
         hard = F.cross_entropy(logits, y)
         return hard, {"ce": hard.detach()}
-    if cache.layout.kind == "topk":
-        return topk_distillation_loss(
-            logits, soft["topk_values"], soft["topk_indices"], soft["logsumexp"], y,
-            alpha=alpha, temperature=temperature, cache_temperature=cache.temperature,
-        )
-    teacher = retemper(soft["logits"], cache.temperature, temperature)
-    return distillation_loss(logits, teacher, y, alpha=alpha, temperature=temperature)
+    return cache.layout.soft_kind.loss(logits, soft, y, alpha=alpha, temperature=temperature, cache_temperature=cache.temperature)
 
 
 class StudentWithProjection(torch.nn.Module):

@@ -19,12 +19,13 @@ import zarr
 
 from stages import storage
 from stages.augment import Augmentation, view_seeds
-from stages.cache import (
-    FLOAT_ARRAYS, FORMAT, KINDS, SCHEMA_VERSION, Layout, array_problems, dataset_size, is_cache, malformed_attributes,
-    row_problem, stored_rows, teacher_outputs,
+from stages.cache.format import (
+    FORMAT, SCHEMA_VERSION, Layout, array_problems, dataset_size, is_cache, malformed_attributes, row_problem, stored_rows,
+    teacher_outputs,
 )
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
+from stages.kinds import KINDS
 from stages.runtime import AMP_DTYPES, autocast
 from stages.storage import CacheLocation
 from stages.weights import weights_fingerprint
@@ -195,15 +196,10 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
     eps = float(np.finfo(layout.dtype).eps)
     if amp != "none":
         eps = max(eps, 4 * float(torch.finfo(AMP_DTYPES[amp]).eps))
-    compared = {name: (fresh[name].astype(np.float32), stored[name].astype(np.float32)) for name in FLOAT_ARRAYS if name in stored}
-    if "topk_indices" in stored:
-        # Near-ties may order the top k differently: check that the stored classes have the
-        # stored values in the fresh row, rather than comparing class numbers.
-        rounded = fresh_logits.to(getattr(torch, layout.dtype)).float().cpu()
-        at_stored = rounded.gather(-1, torch.from_numpy(stored["topk_indices"].astype(np.int64))).numpy()
-        if lengths is not None:
-            at_stored[(np.arange(layout.tokens) >= lengths.numpy()[:, None])] = 0
-        compared["topk_indices"] = (at_stored, stored["topk_values"].astype(np.float32))
+    compared = {name: (fresh[name].astype(np.float32), stored[name].astype(np.float32)) for name in layout.float_arrays
+                if name in stored}
+    padding = None if lengths is None else np.arange(layout.tokens) >= lengths.numpy()[:, None]
+    compared.update(layout.soft_kind.verify_pairs(stored, fresh_logits.to(getattr(torch, layout.dtype)), padding))
     report.max_abs_diff = max(float(np.abs(a - b).max()) for a, b in compared.values())
     bad = [name for name, (a, b) in compared.items() if not (np.abs(a - b) <= 1e-3 + eps * np.abs(a)).all()]
     recorded = (attrs.get("teachers") or [{}])[0].get("weights_sha256")

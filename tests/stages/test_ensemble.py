@@ -90,7 +90,7 @@ def test_caches_that_do_not_belong_together_are_refused(tmp_path, teacher_weight
 def test_combine_options_are_checked(tmp_path, cache_path):
     with pytest.raises(InputError, match="at least two"):
         run(CombineConfig(caches=(cache_path,), out=tmp_path / "e.zarr"))
-    with pytest.raises(InputError, match="--rule"):
+    with pytest.raises(InputError, match="`rule`"):
         run(CombineConfig(caches=(cache_path, cache_path), out=tmp_path / "e.zarr", rule="vote"))
     with pytest.raises(InputError, match="one of the caches"):
         run(CombineConfig(caches=(cache_path, cache_path), out=cache_path))

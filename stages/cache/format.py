@@ -1,0 +1,355 @@
+"""The cache contract: a versioned, self-describing Zarr v3 group of softened teacher outputs.
+
+Layout (schema version 3; the README documents every field):
+
+    CACHE.zarr/
+      zarr.json          group attributes: format, schema_version, kind, stored_values, temperature,
+                         num_classes, num_samples, row_shape, row_axes, top_k, views, features, chunk_rows, dtype,
+                         codec, teacher_amp, teachers, combine, dataset, complete, created_at,
+                         completed_at, tool, teacher_metrics, config
+      kind "dense":
+        logits/          (N, [L,] C) float16|float32   teacher logits / T; unwritten rows read as NaN
+      kind "topk":
+        topk_values/     (N, [L,] K) float16|float32   the K largest logits / T of each row, descending
+        topk_indices/    (N, [L,] K) uint8|16|32       their classes (the smallest type holding C - 1)
+        logsumexp/       (N, [L]) float32              log-sum-exp of the whole row of stored logits / T
+      index/             (N,)   int64            dataset index of every row; unwritten = -1
+      labels/            (N, [L]) int64          hard labels (only when the split has labels)
+      lengths/           (N,)   int32            valid tokens of each sequence (token-level caches)
+      features/          (N, [V,] F) float16|32  the teacher's features (feature targets; optional)
+      chunk_done/        (num_chunks,) uint8     1 once every array's rows of that chunk are written
+    CACHE.zarr.lock      beside the group, held by the one process writing it (stages.storage)
+
+Every array has dimension names (sample, token, view, class, rank, feature; chunk for
+chunk_done), so xarray joins them, and every chunk of every array ends in a crc32c checksum
+(schema 3), so damage fails to decode instead of reading as other values.
+
+The optional L axis makes a token-level cache, for models that output logits per token (a
+language model): `row_axes` names the axes after the sample axis ("token", then "class" for
+dense or "rank" for top-k), and positions at or past a sequence's length hold zeros and never
+count. Every per-row array is chunked along the sample axis only, with the same
+`chunk_rows`, so a chunk of rows is a unit of work: a writer owns whole chunks (a
+partial-chunk write would read-modify-write it), a reader decodes whole chunks. `chunk_done`
+has one storage chunk per element, so marking one chunk complete never rewrites another's.
+
+Room for later kinds without breaking readers of these: `kind` names a class of stages.kinds, rows
+may carry further named axes (views), and `teachers` is a list with a `combine` rule for
+ensembles. Schema 1 caches (dense, one row per sample, before `row_axes`) read as schema 2, and
+schema 2 caches (no checksums, no dimension names) as schema 3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import zarr
+
+from stages.config import CODECS, DTYPES
+from stages.errors import InputError, PipelineError
+from stages.kinds import KINDS, ArraySpec, Kind, Rows
+from stages.storage import CacheLocation
+
+FORMAT = "distill-cache"
+SCHEMA_VERSION = 3
+STORED_VALUES = "teacher_logits / temperature"
+# The soft-label arrays' codecs (stages.config.CODECS). float16 logits hardly compress losslessly (zstd: ~1.1x),
+# and decoding costs the training loop CPU time, so "none" is the default; index, labels and
+# lengths are always zstd-compressed (they compress well and are small).
+ZSTD_LEVEL = 3
+# Default chunking: about 2 MB of logits per chunk (1024 rows x 1000 classes x float16), where
+# whole-chunk reads are fast, but no more than 1024 rows, so that even a cache of few classes
+# has enough chunks to shuffle between, and no fewer than 64 (a chunk of very wide rows is
+# then larger than 2 MB rather than a sliver of rows).
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+MAX_CHUNK_ROWS = 1024
+
+
+def default_chunk_rows(row_bytes: int, num_samples: int) -> int:
+    """Rows per chunk: about DEFAULT_CHUNK_BYTES of soft labels, at most MAX_CHUNK_ROWS rows,
+    then evened out over the samples: zarr stores a short last chunk at full size, so 4,697 rows
+    in chunks of 585 would store 5,265; in 9 chunks of 522 they store 4,698."""
+    target = int(max(64, min(MAX_CHUNK_ROWS, DEFAULT_CHUNK_BYTES // max(row_bytes, 1))))
+    chunks = -(-num_samples // target)
+    return -(-num_samples // chunks)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_cache(path: CacheLocation) -> bool:
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+    except (FileNotFoundError, ValueError, OSError, zarr.errors.NodeTypeValidationError):
+        return False
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """The split of N rows into chunks of `chunk_rows` rows (the last one may be short)."""
+
+    num_samples: int
+    chunk_rows: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.chunk_rows)
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.num_samples)
+
+
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a cache holds and how it is laid out: its kind, shapes, dtypes and chunking.
+
+    Writers create the arrays from it, readers rebuild it from the attributes, and a resumed
+    write must find the same layout. Its kind's arrays are the kind's own (`soft_kind`)."""
+
+    kind: str  # a name in stages.kinds.KINDS
+    num_samples: int
+    num_classes: int
+    chunk_rows: int
+    dtype: str = "float16"
+    codec: str = "none"  # of the soft-label arrays (see CODECS)
+    top_k: int | None = None  # top-k caches: entries kept per row
+    tokens: int | None = None  # token-level caches: positions per sample (L)
+    views: int | None = None  # view caches: augmented views per sample (V)
+    labelled: bool = True
+    features: int | None = None  # feature targets: the teacher's feature vector per sample (or view) has F values
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InputError(f"`format` must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.codec not in CODECS:
+            raise InputError(f"`codec` must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        self.soft_kind.check(self)
+        if self.views is not None and self.tokens is not None:
+            raise InputError("augmented views of token sequences are not supported: a view cache needs per-sample outputs")
+        if self.features is not None and self.tokens is not None:
+            raise InputError("feature targets are per sample: a teacher with logits per token cannot have them cached")
+
+    @property
+    def soft_kind(self) -> Kind:
+        """The kind of soft labels the cache stores, which owns their arrays, encoding and reading."""
+        return KINDS[self.kind]
+
+    @property
+    def grid(self) -> ChunkGrid:
+        return ChunkGrid(self.num_samples, self.chunk_rows)
+
+    @property
+    def position_shape(self) -> tuple[int, ...]:
+        """The axes between the sample axis and the class (or rank) axis: (V,), (L,) or ()."""
+        return (self.views,) if self.views is not None else (self.tokens,) if self.tokens is not None else ()
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """A sample's labels: one per token, else one (every view of a sample has its label)."""
+        return () if self.tokens is None else (self.tokens,)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return (*self.position_shape, self.soft_kind.width(self))
+
+    @property
+    def position_axes(self) -> list[str]:
+        """The names of `position_shape`'s axes."""
+        return ["view"] if self.views is not None else ["token"] if self.tokens is not None else []
+
+    @property
+    def row_axes(self) -> list[str]:
+        return [*self.position_axes, self.soft_kind.last_axis]
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        """Per-row arrays, by name; their dimension names let xarray and other clients join them."""
+        soft = self.codec != "none"
+        position = self.position_axes
+        arrays = self.soft_kind.arrays(self)
+        arrays["index"] = ArraySpec((), "int64", -1, True, ("sample",))
+        if self.labelled:
+            arrays["labels"] = ArraySpec(self.label_shape, "int64", -1, True, ("sample", *(["token"] if self.tokens is not None else [])))
+        if self.tokens is not None:
+            arrays["lengths"] = ArraySpec((), "int32", -1, True, ("sample",))
+        if self.views is not None:
+            arrays["view_seeds"] = ArraySpec((self.views,), "uint64", 0, True, ("sample", "view"))
+        if self.features is not None:
+            arrays["features"] = ArraySpec((*self.position_shape, self.features), self.dtype, float("nan"), soft,
+                                           ("sample", *position, "feature"))
+        return arrays
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of soft labels per sample, uncompressed."""
+        return sum(np.dtype(spec.dtype).itemsize * math.prod(spec.shape) for spec in self.soft_kind.arrays(self).values())
+
+    @property
+    def float_arrays(self) -> tuple[str, ...]:
+        """The arrays holding floats: a NaN in one is a gap or damage, never data."""
+        return tuple(name for name, spec in self.arrays().items() if np.issubdtype(spec.dtype, np.floating))
+
+    def attributes(self) -> dict:
+        return {
+            "kind": self.kind, "num_samples": self.num_samples, "num_classes": self.num_classes,
+            "row_shape": list(self.row_shape), "row_axes": self.row_axes, "top_k": self.top_k, "views": self.views,
+            "features": self.features, "chunk_rows": self.chunk_rows, "dtype": self.dtype,
+            "codec": "none" if self.codec == "none" else f"zstd(level={ZSTD_LEVEL})",
+        }
+
+    @classmethod
+    def from_attributes(cls, attrs: dict, labelled: bool) -> Layout:
+        """The layout a cache's attributes describe (schema 1 caches: dense, one row per sample)."""
+        row_shape = attrs["row_shape"]
+        axes = attrs.get("row_axes") or ["class"]
+        return cls(
+            kind=attrs["kind"], num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
+            chunk_rows=attrs["chunk_rows"], dtype=attrs["dtype"],
+            codec="none" if attrs.get("codec", "none") == "none" else "zstd", top_k=attrs.get("top_k"),
+            tokens=row_shape[axes.index("token")] if "token" in axes else None,
+            views=row_shape[axes.index("view")] if "view" in axes else None, labelled=labelled,
+            features=attrs.get("features"),
+        )
+
+
+def teacher_outputs(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits for a batch, and its features (B, F) when `layout` caches them."""
+    if layout.features is None:
+        return teacher(inputs), None
+    return teacher.logits_and_features(inputs)
+
+
+def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The soft-label arrays a cache of `layout` stores for a batch of teacher logits / T
+    ((B, C), or (B, L, C) for a token-level cache), computed on the logits' device, and the
+    teacher's `features` (B, F) as they are (not divided by T), for a layout with features.
+
+    Values are rounded to the cache dtype first, and a top-k row's log-sum-exp is taken over the
+    whole rounded row: so exp(value - logsumexp) is exactly the probability a dense cache of the
+    same teacher gives that class, and a top-k cache with K = C is the dense one, sorted. On
+    a token-level cache, positions at or past a sequence's length are zeroed: what a teacher
+    says about padding is not part of the cache (and would differ between teachers' masks)."""
+    rounded = logits_over_t.to(getattr(torch, layout.dtype))
+    padding = None if lengths is None else (
+        torch.arange(rounded.shape[1], device=rounded.device) >= lengths.to(rounded.device).unsqueeze(1))
+    rows = layout.soft_kind.encode(rounded, layout, padding)
+    if layout.features is not None:
+        if features is None:
+            raise PipelineError("internal: a layout with features, but no features given")
+        rows["features"] = features.to(rounded.dtype)
+    return rows
+
+
+def unreadable_chunks(array: zarr.Array, grid: ChunkGrid, chunks: range) -> list[int]:
+    """Those of `chunks` of `array` (chunked as `grid`) that cannot be decoded."""
+    bad = []
+    for chunk in chunks:
+        try:
+            array[slice(*grid.rows(chunk))]
+        except Exception:  # noqa: BLE001 - a checksum mismatch, a torn or truncated chunk: any decoding failure
+            bad.append(chunk)
+    return bad
+
+
+
+# Attributes every cache has, with their JSON types: a reader refuses a cache without them.
+REQUIRED_ATTRS = {
+    "format": str, "schema_version": int, "kind": str, "temperature": (int, float), "num_classes": int,
+    "num_samples": int, "row_shape": list, "chunk_rows": int, "dtype": str, "teachers": list,
+    "dataset": dict, "complete": bool,
+}
+
+
+# Exponent bits of IEEE floats: all ones means infinity or NaN.
+_EXPONENT_MASKS = {np.dtype("float16"): (np.uint16, 0x7C00), np.dtype("float32"): (np.uint32, 0x7F800000)}
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite; for float16/32, by the exponent bits (4x faster than
+    np.isfinite on float16, which matters on every chunk a student reads)."""
+    if values.dtype not in _EXPONENT_MASKS:
+        return bool(np.isfinite(values).all())
+    bits, mask = _EXPONENT_MASKS[values.dtype]
+    return not ((values.view(bits) & bits(mask)) == mask).any()
+
+
+def dataset_size(attrs: dict) -> int:
+    """Samples in the split a cache was made from: its `index` entries point into it."""
+    return int(attrs["dataset"].get("fingerprint", {}).get("num_samples", attrs["num_samples"]))
+
+
+def nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """Positions of the rows (first axis) holding a NaN or an infinity."""
+    if all_finite(values):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+
+
+# Values a required attribute may take, beyond its type: a temperature of 0 would divide by zero,
+# a negative one turn every distribution upside down.
+ATTR_RANGES = {
+    "temperature": lambda t: math.isfinite(t) and t > 0, "num_classes": lambda c: c >= 1, "num_samples": lambda n: n >= 1,
+    "chunk_rows": lambda r: r >= 1,
+}
+
+
+def malformed_attributes(attrs: dict) -> list[str]:
+    """Names of required attributes that are missing, of the wrong type, or out of range."""
+    return [name for name, kind in REQUIRED_ATTRS.items()
+            if not _has_type(attrs.get(name), kind) or not ATTR_RANGES.get(name, lambda _: True)(attrs[name])]
+
+
+def array_problems(group: zarr.Group, attrs: dict, layout: Layout) -> list[str]:
+    """How the arrays of `group` disagree with the `layout` its attributes describe (absent, or
+    of another shape, chunking or dtype), and the attributes with themselves (a `row_shape`
+    that num_classes, top_k, views and tokens do not give): tampering or damage either way."""
+    n, rows = layout.num_samples, layout.chunk_rows
+    expected = {name: ((n, *spec.shape), spec.dtype) for name, spec in layout.arrays().items()}
+    expected["chunk_done"] = ((layout.grid.num_chunks,), "uint8")
+    problems = [] if attrs["row_shape"] == list(layout.row_shape) else [
+        f"row_shape {attrs['row_shape']} disagrees with num_classes and top_k ({list(layout.row_shape)})"]
+    problems += [
+        f"{name}: {'absent' if name not in group else f'shape {group[name].shape}'} (expected {shape})"
+        for name, (shape, _) in expected.items()
+        if name not in group or group[name].shape != shape
+    ]
+    present = [name for name in layout.arrays() if name in group]
+    problems += [f"{name}: chunked {group[name].chunks[0]} rows (expected {rows})" for name in present if group[name].chunks[0] != rows]
+    problems += [f"{name}: dtype {group[name].dtype} (expected {expected[name][1]})" for name in present
+                 if str(group[name].dtype) != expected[name][1]]
+    return problems
+
+
+def _has_type(value, kind) -> bool:
+    # JSON booleans load as Python bools, which are ints too: never let one pass for a number.
+    return kind is bool if isinstance(value, bool) else isinstance(value, kind)
+
+
+def row_problem(rows: Rows, layout: Layout, dataset_size: int, first_row: int = 0) -> str | None:
+    """What is wrong with rows read from a cache (the first at `first_row`), or None: non-finite
+    values (an unwritten gap reads as NaN), or entries unwritten or out of range. Checks the
+    arrays present."""
+    for name in layout.float_arrays:
+        if name in rows and not all_finite(rows[name]):
+            return f"non-finite {name} in rows {(first_row + nonfinite_rows(rows[name])[:5]).tolist()}"
+    if "index" in rows and (rows["index"].min() < 0 or rows["index"].max() >= dataset_size):
+        return "index entries unwritten or outside the dataset"
+    if "labels" in rows and (rows["labels"].min() < 0 or rows["labels"].max() >= layout.num_classes):
+        return "label entries unwritten or outside [0, num_classes)"
+    problem = layout.soft_kind.row_problem(rows, layout.num_classes)
+    if problem:
+        return problem
+    if "lengths" in rows and (rows["lengths"].min() < 1 or rows["lengths"].max() > layout.tokens):
+        return f"sequence lengths unwritten or outside [1, {layout.tokens}]"
+    return None
+
+

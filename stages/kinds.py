@@ -1,0 +1,281 @@
+"""Cache kinds: what a cache stores per row of soft labels, and everything that depends on it.
+
+A kind is one class here and one line in `KINDS`. It owns its arrays (names, shapes, dtypes,
+fill values, dimension names), how the teacher's logits / T become stored rows (padding and
+index types included), how stored rows become the teacher's probabilities, its top-1 class, its
+training loss (the plain functions of stages.losses), its re-tempering, its checks for `verify`,
+its statistics for `inspect` and how `combine` merges caches of it. The format, the writer, the
+reader and the stages ask the kind and never branch on which one it is.
+
+    dense  every class's logit / T: exact at any temperature
+    topk   the K largest logits / T, their classes and the whole row's log-sum-exp: exact
+           probabilities of the kept classes and the tail's total mass at the cache's T
+
+A kind object holds no state: the shape parameters (classes, K, positions, dtype) come from the
+cache's `Layout` (stages.cache.format), which every method takes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.errors import InputError
+from stages.losses import distillation_loss, retemper, topk_distillation_loss, topk_teacher_log_probs
+
+if TYPE_CHECKING:
+    from stages.cache.format import Layout
+
+Rows = dict[str, np.ndarray]
+Loss = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+class ArraySpec(NamedTuple):
+    """One array of a cache: its shape after the sample axis, dtype, fill value, whether it is
+    compressed, and its dimension names (the sample axis first)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    fill: object
+    compressed: bool
+    dimensions: tuple[str, ...]
+
+
+def index_dtype(num_classes: int) -> str:
+    """The smallest unsigned integer type that holds every class number 0..C-1."""
+    return next(t for t in ("uint8", "uint16", "uint32") if num_classes - 1 <= np.iinfo(t).max)
+
+
+def _zero_padding(values: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """`values` ((B, L, ...), any dtype torch computes in) with the positions where `padding`
+    ((B, L) bool) is set zeroed."""
+    if padding is None:
+        return values
+    return values.masked_fill(padding.reshape(*padding.shape, *(1,) * (values.ndim - padding.ndim)), 0)
+
+
+class Kind:
+    """The interface every kind implements (see the module docstring)."""
+
+    name: str
+    soft_arrays: tuple[str, ...]  # the arrays holding its soft labels
+    last_axis: str  # the dimension name of a row's last axis
+    exact_at_any_temperature: bool  # whether its probabilities re-temper exactly
+    entropy_of: str  # what its entropy statistic is taken over
+    can_combine: bool
+
+    def width(self, layout: Layout) -> int:
+        """The length of a row's last axis."""
+        raise NotImplementedError
+
+    def check(self, layout: Layout) -> None:
+        """Raise an InputError for a layout this kind cannot store."""
+
+    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
+        """Its soft-label arrays, by name."""
+        raise NotImplementedError
+
+    def encode(self, rounded: torch.Tensor, layout: Layout, padding: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The stored rows for a batch of teacher logits / T already rounded to the cache dtype,
+        with zeros at the token positions where `padding` is set."""
+        raise NotImplementedError
+
+    def probabilities(self, rows: Rows, num_classes: int, ratio: float) -> np.ndarray:
+        """The teacher's probabilities at T' = T_cache / ratio over the kind's support (float64),
+        from stored rows: every class, or the kept classes and the tail."""
+        raise NotImplementedError
+
+    def support(self, rows: Rows) -> np.ndarray | None:
+        """The classes of `probabilities`' entries (..., K), or None for every class in order."""
+        return None
+
+    def confidence(self, probabilities: np.ndarray) -> np.ndarray:
+        """The teacher's largest probability of a class, from `probabilities`."""
+        return probabilities.max(-1)
+
+    def label_probabilities(self, probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """The probability of each label, when the kind knows it exactly (else None)."""
+        return None
+
+    def top1(self, rows: Rows) -> np.ndarray:
+        """The teacher's most probable class of every stored row (..., without the last axis)."""
+        raise NotImplementedError
+
+    def label_nll(self, soft: dict[str, torch.Tensor], labels: torch.Tensor, temperature: float) -> float | None:
+        """The summed NLL of `labels` under the teacher at T=1 (soft: (M, ...) rows), when the kind can tell."""
+        return None
+
+    def loss(self, student_logits: torch.Tensor, soft: dict[str, torch.Tensor], labels: torch.Tensor | None, *,
+             alpha: float, temperature: float, cache_temperature: float) -> Loss:
+        """The distillation loss of (M, C) student logits on (M, ...) rows of soft labels at
+        temperature T (re-tempered from the cache's), mixed with the hard labels by alpha."""
+        raise NotImplementedError
+
+    def row_problem(self, rows: Rows, num_classes: int) -> str | None:
+        """What is wrong with its stored values beyond non-finite floats, or None."""
+        return None
+
+    def verify_pairs(self, stored: Rows, fresh_rounded: torch.Tensor, padding: np.ndarray | None) -> dict[str, tuple]:
+        """Pairs (fresh, stored) to compare besides its float arrays, from the teacher's fresh
+        logits / T rounded to the cache dtype: what may legitimately differ in order is compared by value."""
+        return {}
+
+    # Its own figures for `inspect`: per chunk of `statistics_arrays` (out of core, as dask
+    # tasks), then summed over the chunks of a complete cache.
+    statistics_arrays: tuple[str, ...] = ()
+
+    def chunk_statistics(self, rows: Rows) -> tuple:
+        raise NotImplementedError
+
+    def summarise(self, parts: list[tuple]) -> dict:
+        raise NotImplementedError
+
+    def combine(self, parts: list[Rows], rule: str, layout: Layout) -> Rows:
+        """The soft-label arrays of the ensemble of caches' rows `parts`, by `rule` (kinds that can_combine)."""
+        raise NotImplementedError
+
+
+class Dense(Kind):
+    """Every class's logit / T (float16 or float32; unwritten rows read as NaN)."""
+
+    name = "dense"
+    soft_arrays = ("logits",)
+    last_axis = "class"
+    exact_at_any_temperature = True
+    entropy_of = "the full distribution"
+    can_combine = True
+
+    def width(self, layout):
+        return layout.num_classes
+
+    def arrays(self, layout):
+        return {"logits": ArraySpec(layout.row_shape, layout.dtype, float("nan"), layout.codec != "none",
+                                    ("sample", *layout.row_axes))}
+
+    def encode(self, rounded, layout, padding):
+        return {"logits": _zero_padding(rounded, padding)}
+
+    def probabilities(self, rows, num_classes, ratio):
+        z = rows["logits"].astype(np.float64) * ratio
+        z -= z.max(-1, keepdims=True)
+        probs = np.exp(z)
+        return probs / probs.sum(-1, keepdims=True)
+
+    def label_probabilities(self, probabilities, labels):
+        return np.take_along_axis(probabilities, labels[..., None], -1)[..., 0]
+
+    def top1(self, rows):
+        return rows["logits"].argmax(-1)
+
+    def label_nll(self, soft, labels, temperature):
+        logits = soft["logits"].float() * temperature
+        return float(F.cross_entropy(logits, labels, reduction="sum"))
+
+    def loss(self, student_logits, soft, labels, *, alpha, temperature, cache_temperature):
+        teacher = retemper(soft["logits"], cache_temperature, temperature)
+        return distillation_loss(student_logits, teacher, labels, alpha=alpha, temperature=temperature)
+
+    def combine(self, parts, rule, layout):
+        """mean-probs: log of the mean of the teachers' softmax(t_i / T) (its softmax is that
+        mean); mean-logits: the mean of their t_i / T (stages.ensemble)."""
+        stacked = torch.stack([torch.from_numpy(part["logits"]).float() for part in parts])
+        if rule == "mean-logits":
+            combined = stacked.mean(0)
+        else:
+            combined = torch.logsumexp(torch.log_softmax(stacked, dim=-1), dim=0) - np.log(len(parts))
+        return {"logits": combined.numpy().astype(layout.dtype)}
+
+
+class TopK(Kind):
+    """The K largest logits / T of each row in descending order, their classes (the smallest
+    unsigned type holding C - 1) and the log-sum-exp of the whole row (float32)."""
+
+    name = "topk"
+    soft_arrays = ("topk_values", "topk_indices", "logsumexp")
+    last_axis = "rank"
+    # At another T the kept classes' ratios re-temper exactly, the tail's mass only as an estimate.
+    exact_at_any_temperature = False
+    entropy_of = "the kept classes and the tail (a lower bound)"
+    can_combine = False
+    statistics_arrays = ("topk_values", "logsumexp")
+
+    def width(self, layout):
+        return layout.top_k
+
+    def check(self, layout):
+        if not (layout.top_k is not None and 1 <= layout.top_k <= layout.num_classes):
+            raise InputError(f"`top_k` must be between 1 and the number of classes ({layout.num_classes}), got {layout.top_k}")
+
+    def arrays(self, layout):
+        soft, ranked = layout.codec != "none", ("sample", *layout.row_axes)
+        return {
+            "topk_values": ArraySpec(layout.row_shape, layout.dtype, float("nan"), soft, ranked),
+            "topk_indices": ArraySpec(layout.row_shape, index_dtype(layout.num_classes), 0, soft, ranked),
+            "logsumexp": ArraySpec(layout.position_shape, "float32", float("nan"), soft, ("sample", *layout.position_axes)),
+        }
+
+    def encode(self, rounded, layout, padding):
+        # Padding is zeroed while the classes are int64: torch has no masked_fill for uint16/32.
+        values, indices = rounded.float().topk(layout.top_k, dim=-1)
+        return {
+            "topk_values": _zero_padding(values.to(rounded.dtype), padding),
+            "topk_indices": _zero_padding(indices, padding).to(getattr(torch, index_dtype(layout.num_classes))),
+            "logsumexp": _zero_padding(torch.logsumexp(rounded.float(), dim=-1), padding),
+        }
+
+    def probabilities(self, rows, num_classes, ratio):
+        if ratio == 1.0:  # exact
+            kept = np.exp(rows["topk_values"].astype(np.float64) - rows["logsumexp"][..., None])
+            return np.concatenate([kept, np.clip(1.0 - kept.sum(-1, keepdims=True), 0.0, 1.0)], axis=-1)
+        # The tail's mass at another T is an estimate (stages.losses.topk_teacher_log_probs).
+        values, lse = torch.from_numpy(rows["topk_values"]), torch.from_numpy(rows["logsumexp"])
+        probs = topk_teacher_log_probs(values, lse, num_classes, ratio).double().exp().numpy()
+        return probs if probs.shape[-1] > values.shape[-1] else np.concatenate([probs, np.zeros((*probs.shape[:-1], 1))], -1)
+
+    def support(self, rows):
+        return rows["topk_indices"].astype(np.int64)
+
+    def confidence(self, probabilities):
+        # The tail bucket is many classes, not one: a top-k row's confidence is its first kept class.
+        return probabilities[..., 0]
+
+    def top1(self, rows):
+        return rows["topk_indices"][..., 0].astype(np.int64)
+
+    def loss(self, student_logits, soft, labels, *, alpha, temperature, cache_temperature):
+        return topk_distillation_loss(
+            student_logits, soft["topk_values"], soft["topk_indices"], soft["logsumexp"], labels,
+            alpha=alpha, temperature=temperature, cache_temperature=cache_temperature,
+        )
+
+    def row_problem(self, rows, num_classes):
+        if "topk_indices" in rows and rows["topk_indices"].max() >= num_classes:
+            return "top-k class indices outside [0, num_classes)"
+        return None
+
+    def verify_pairs(self, stored, fresh_rounded, padding):
+        # Near-ties may order the top k differently: check that the stored classes have the
+        # stored values in the fresh row, rather than comparing class numbers.
+        at_stored = fresh_rounded.float().cpu().gather(-1, torch.from_numpy(stored["topk_indices"].astype(np.int64))).numpy()
+        if padding is not None:
+            at_stored[padding] = 0
+        return {"topk_indices": (at_stored, stored["topk_values"].astype(np.float32))}
+
+    def chunk_statistics(self, rows):
+        """One chunk's sum and largest tail mass, 1 - sum(exp(v - lse)) at the cache's T, over its
+        rows (or valid tokens), and their count."""
+        tail = np.clip(1.0 - np.exp(rows["topk_values"].astype(np.float32) - rows["logsumexp"][..., None]).sum(-1), 0.0, 1.0)
+        if "lengths" in rows:
+            tail = tail[np.arange(tail.shape[1])[None, :] < rows["lengths"][:, None]]
+        return float(tail.sum()), float(tail.max(initial=0.0)), int(tail.size)
+
+    def summarise(self, parts):
+        total, count = sum(p[0] for p in parts), sum(p[2] for p in parts)
+        return {"tail_mass": {"mean": total / count, "max": max(p[1] for p in parts), "entries": count}}
+
+
+# The kinds this tool writes and reads, by the name caches record in their `kind` attribute.
+KINDS: dict[str, Kind] = {"dense": Dense(), "topk": TopK()}
