@@ -79,7 +79,7 @@ def load_teacher_and_split(cfg: cache_teacher.CacheTeacherConfig) -> tuple[torch
 def run_training(cfg: train_student.TrainConfig, progress: Progress | None = None) -> train_student.TrainResult:
     cfg.validate()
     cfg = _with_absolute_files(cfg, "model_weights", "weights_out")
-    resolve_augment(cfg.augment)
+    augment = resolve_augment(cfg.augment)
     data = resolve_dataset(cfg.dataset)
     train = data.split(cfg.split)
     evaluation = data.split(cfg.eval_split) if cfg.eval_split else None
@@ -87,12 +87,14 @@ def run_training(cfg: train_student.TrainConfig, progress: Progress | None = Non
     replayed = spec_from_cache(cfg.cache, cache.attrs, "augment", named=cfg.augment) if cache else "none"
     if replayed != "none" and cfg.augment == replayed:  # naming a view cache's augmentation replays it, adds none
         cfg = dataclasses.replace(cfg, augment="none")
+    if replayed != "none" and cfg.augment == "none":
+        augment = resolve_augment(replayed)
     num_classes = cache.num_classes if cache else train.num_classes
     if num_classes is None:
         raise InputError(f"dataset {cfg.dataset} does not say how many classes it has")
     seed_everything(cfg.seed)  # the model's initial weights belong to the run's seed too
     model = resolve_model(cfg.model, num_classes=num_classes, input_shape=input_shape(train), weights=cfg.model_weights)
-    return train_student.run(cfg, model, train, evaluation, soft_labels=cache, progress=progress, resolve_augment=resolve_augment)
+    return train_student.run(cfg, model, train, evaluation, soft_labels=cache, progress=progress, augment=augment)
 
 
 def run_verify(cache: CacheLocation, *, teacher: str | None, teacher_weights: Path | None, dataset: str | None,

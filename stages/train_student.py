@@ -36,16 +36,17 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from stages.augment import Augmentation, parse_augment
-from stages.cache import CacheReader, Rows, batch_bounds, prefetch
+from stages.cache import CacheReader, ChunkGrid, Layout, Rows, batch_bounds, prefetch
 from stages.config import TrainConfig  # defined there, torch-free, for the CLI; re-exported here
 from stages.data import Split, joined_with_inputs, sequence_lengths
 from stages.errors import CacheMismatchError, InputError, PipelineError
@@ -55,7 +56,7 @@ from stages.runtime import (
     Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
     output_shape, process_group, seed_everything, torch_threads, training_threads,
 )
-from stages.storage import CacheLocation, FileLock, no_follow_fd, open_no_follow, write_atomically
+from stages.storage import FileLock, no_follow_fd, open_no_follow, write_atomically
 from stages.weights import count_parameters, save_weights, serialised
 
 log = logging.getLogger(__name__)
@@ -79,141 +80,95 @@ class TrainResult:
     seconds: float
 
 
+class SoftLabels(Protocol):
+    """What train-student reads soft labels from: a cache opened with stages.cache.CacheReader,
+    or any source with the same reading interface (the benchmark's logits held in memory and
+    teacher run online). Batches it yields with "inputs" already attached are not joined again;
+    `grid` and `runs` serve several processes only (which read whole chunks)."""
+
+    attrs: dict
+    layout: Layout
+    temperature: float
+    num_classes: int
+    labelled: bool
+    soft_arrays: tuple[str, ...]
+    grid: ChunkGrid
+
+    def check_split(self, split: Split, dataset_spec: str) -> None: ...
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, buffer_chunks: int, names: tuple[str, ...],
+                rank: int, world: int) -> Iterator[Rows]: ...
+
+    def runs(self, seed: int, epoch: int) -> list[tuple[int, int]]: ...
+
+
 def run(
     config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None,
-    soft_labels: CacheReader | None = None, progress: Progress | None = None,
-    resolve_augment: Callable[[str], Augmentation | None] = parse_augment,
+    soft_labels: SoftLabels | None = None, progress: Progress | None = None, *, augment: Augmentation | None = None,
 ) -> TrainResult:
     """Train `model` on `train` (distilled from `config.cache` when given), evaluating on
     `evaluation` after every epoch, and write the run folder.
 
-    `soft_labels` stands in for the cache named by `config.cache`: any object with the
-    CacheReader's reading interface (attrs, layout, temperature, num_classes, labelled,
-    soft_arrays, check_split, batches). The benchmark uses it to compare the cache with logits
-    held in memory and with a teacher run online; rows it yields with "inputs" already attached
-    are not joined again.
-    `resolve_augment` turns augmentation specs (`config.augment`, a view cache's) into
-    augmentations (default: built-ins only)."""
+    `soft_labels` is the cache named by `config.cache`, opened (default: opened here), or another
+    SoftLabels source. `augment` is the augmentation of the inputs: `config.augment`'s, or for a
+    cache of views the one that replays them (its `augment` spec), resolved by the caller, who
+    knows which code may run (pipeline.jobs); without it, built-in augmentations are resolved
+    here (stages.augment). The specs stay in `config` as provenance."""
     config.validate()
     started = time.perf_counter()
+    cache = soft_labels if soft_labels is not None else (CacheReader(config.cache) if config.cache is not None else None)
+    spec = _augment_spec(config, cache)
+    if augment is None:
+        augment = parse_augment(spec)
+    elif augment.spec != spec:  # the spec is what the run folder records of it
+        raise InputError(f"the augmentation given is {augment.spec!r} but the run's is {spec!r}")
     with process_group(config.device) as (ranks, device), contextlib.ExitStack() as held:
         # One process at a time in a run folder: a second one (a re-run beside a live run, an
         # orphan of a killed sweep) would interleave checkpoints and metrics. The kernel drops the
         # lock when its holder dies, however it dies, so a killed run resumes without ado.
         main_only(ranks, lambda: held.enter_context(FileLock(config.out.resolve(), "run folder")))
-        return _train(config, model, train, evaluation, soft_labels, progress, resolve_augment, ranks, device, started)
+        return _train(config, model, train, evaluation, cache, augment, progress, ranks, device, started)
+
+
+@dataclass
+class Training:
+    """What the epochs of a run share, made by _prepare."""
+
+    config: TrainConfig
+    model: torch.nn.Module  # whose weights the run writes
+    student: torch.nn.Module  # what the optimizer trains: the model, with its feature projection for feature targets
+    trained: torch.nn.Module  # the student, in DDP with several processes
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    train: Split
+    evaluation: Split | None
+    cache: SoftLabels | None
+    labels: np.ndarray | None
+    lengths: np.ndarray | None
+    augment: Augmentation | None
+    temperature: float | None
+    ranks: Ranks
+    device: torch.device
+    first_epoch: int
+    epoch_steps: list[int]  # of every epoch, so that progress counts the whole run (a resumed one from where it stopped)
+    steps_done: int
 
 
 def _train(
-    config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, soft_labels: CacheReader | None,
-    progress: Progress | None, resolve_augment: Callable[[str], Augmentation | None], ranks: Ranks, device: torch.device,
-    started: float,
+    config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, cache: SoftLabels | None,
+    augment: Augmentation | None, progress: Progress | None, ranks: Ranks, device: torch.device, started: float,
 ) -> TrainResult:
-    if config.batch_size % ranks.world:
-        raise InputError(f"`batch_size` {config.batch_size} (the global batch) does not divide among {ranks.world} processes")
-    cache = soft_labels if soft_labels is not None else (CacheReader(config.cache) if config.cache is not None else None)
-    model = model.to(device)
-    augment = resolve_augment(config.augment)
-    views = _view_replay(config, cache, resolve_augment)
-    labels, lengths = _check_inputs(config, model, train, evaluation, cache, device, augment or views)
-    temperature = config.temperature or (cache.temperature if cache else None)
-    run_config = _run_config(config, cache, temperature)
-    if config.resume and (config.out / "summary.json").is_file():
-        _check_same_run(config.out, run_config)
-        log.info("run %s already finished; nothing to resume", config.out)
-        summary = json.loads((config.out / "summary.json").read_text())
-        # A summary written before a field existed reads it as None.
-        fields = {name: summary.get(name) for name in TrainResult.__dataclass_fields__}
-        return TrainResult(**{**fields, "run_dir": config.out, "weights": Path(summary["weights"])})
-    if ranks.world > 1 and cache is not None and cache.grid.num_chunks < ranks.world:
-        raise InputError(
-            f"the cache has {cache.grid.num_chunks} chunks for {ranks.world} processes, which read whole chunks: "
-            "cache it again with a smaller `chunk_rows` (many chunks per process)"
-        )
-    if _epoch_steps(config, train, cache, 0, ranks) == 0:
-        raise InputError(f"split {train.name!r} has too few rows for one batch of {config.batch_size // ranks.world} per process")
-    seed_everything(config.seed)
-    student = _with_feature_projection(config, model, train, cache, device)
-    main_only(ranks, lambda: _open_run_dir(config, run_config))
-    state = _read_checkpoint(config.out / CHECKPOINT) if config.resume and (config.out / CHECKPOINT).is_file() else None
-
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    first_epoch = 0
-    if state is not None:
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        first_epoch = state["epoch"]
-        if ranks.main:
-            log.info("resuming %s after epoch %d", config.out, first_epoch)
-    # Each process reads the checkpoint itself: one that sees another (or none) would hang the rest.
-    agree(ranks, first_epoch, "the epoch to resume after (is the run folder on a file system they all see?)")
-    # Each process computes its own batch's gradients; DDP averages them over the processes
-    # during backward, so every step is one step on the global batch.
-    trained = student if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(student)
-
-    def loss_step(batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        outputs = trained(batch["inputs"].to(device))
-        logits, features = outputs if isinstance(student, StudentWithProjection) else (outputs, None)
-        loss, parts = batch_loss(logits, batch, cache, alpha=config.alpha, temperature=temperature)
-        if features is None:
-            return loss, parts
-        # Feature targets: the projected student features against the cached teacher ones.
-        matched = feature_loss(features, torch.from_numpy(batch["features"]).to(device).float(), config.feature_loss)
-        return loss + config.feature_weight * matched, {**parts, "feature": matched.detach()}
-
-    # Progress counts every epoch's steps, so a resumed run reports from where it stopped.
-    steps = [_epoch_steps(config, train, cache, epoch, ranks) for epoch in range(config.epochs)]
-    total_steps, steps_before = sum(steps), sum(steps[:first_epoch])
-    metrics = main_only(ranks, lambda: _kept_metrics(config.out / "metrics.jsonl", first_epoch)) or {}
+    training = _prepare(config, model, train, evaluation, cache, augment, ranks, device)
+    if isinstance(training, TrainResult):  # resuming a finished run: nothing to do
+        return training
+    metrics = main_only(ranks, lambda: _kept_metrics(config.out / "metrics.jsonl", training.first_epoch)) or {}
     with (open_no_follow(config.out / "metrics.jsonl", "a") if ranks.main else contextlib.nullcontext()) as metrics_file, \
             one_blas_thread_beside_torch(), torch_threads(training_threads(device)):
-        for epoch in range(first_epoch, config.epochs):
+        for epoch in range(training.first_epoch, config.epochs):
             epoch_started = time.perf_counter()
-            model.train()
-            sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
-            steps = 0
-            epoch_steps = _epoch_steps(config, train, cache, epoch, ranks)
-            batches = _epoch_batches(config, train, labels, lengths, cache, augment or views, epoch, ranks)
-            for batch in itertools.islice(batches, epoch_steps):
-                loss, parts = loss_step(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for name, value in {"loss": loss.detach(), **parts}.items():
-                    sums[name] = sums[name] + value if name in sums else value.clone()
-                steps += 1
-                if progress is not None and ranks.main:
-                    progress(steps_before + steps, total_steps)
-            batches.close()  # stops its prefetching thread, which may hold batches past epoch_steps
-            steps_before += steps
-            schedule.step()
-            means = {k: float(v) / max(steps, 1) for k, v in average_over_ranks(ranks, sums).items()}
-            if not all(math.isfinite(v) for v in means.values()):
-                raise PipelineError(
-                    f"the loss became {means['loss']} in epoch {epoch + 1}; lower `lr` (the last checkpoint is kept)"
-                )
-
-            def end_of_epoch(epoch: int = epoch, means: dict = means, epoch_started: float = epoch_started) -> dict:
-                """Rank 0's part: evaluate, log, checkpoint (a failure here stops every process)."""
-                epoch_metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()}}
-                if evaluation is not None:
-                    epoch_metrics.update({f"test_{k}": v for k, v in evaluate(model, evaluation, device).items()})
-                epoch_metrics["seconds"] = time.perf_counter() - epoch_started
-                metrics_file.write(json.dumps(epoch_metrics) + "\n")
-                metrics_file.flush()
-                log.info("epoch %d/%d %s", epoch + 1, config.epochs, _brief(epoch_metrics))
-                if config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
-                    _save_checkpoint(config.out / CHECKPOINT, {
-                        "epoch": epoch + 1, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-                    })
-                return epoch_metrics
-
-            metrics = main_only(ranks, end_of_epoch) or metrics
-
+            means = _train_epoch(training, epoch, progress)
+            # Rank 0 evaluates, logs and checkpoints; a failure there stops every process.
+            metrics = main_only(ranks, lambda: _end_of_epoch(training, epoch, means, epoch_started, metrics_file)) or metrics
     weights = config.weights_out or config.out / "model.safetensors"
     main_only(ranks, lambda: save_weights(model, weights))
     result = TrainResult(
@@ -231,6 +186,115 @@ def _train(
     if ranks.main:
         _write_json(config.out / "summary.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()})
     return result
+
+
+def _prepare(
+    config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, cache: SoftLabels | None,
+    augment: Augmentation | None, ranks: Ranks, device: torch.device,
+) -> Training | TrainResult:
+    """Check everything that can be checked before the run folder is touched, then make the
+    folder ready and the optimizer, restored from the last checkpoint when resuming. A finished
+    run that is resumed gives its result instead."""
+    if config.batch_size % ranks.world:
+        raise InputError(f"`batch_size` {config.batch_size} (the global batch) does not divide among {ranks.world} processes")
+    model = model.to(device)
+    labels, lengths = _check_inputs(config, model, train, evaluation, cache, device, augment)
+    temperature = config.temperature or (cache.temperature if cache else None)
+    run_config = _run_config(config, cache, temperature)
+    if config.resume and (config.out / "summary.json").is_file():
+        _check_same_run(config.out, run_config)
+        log.info("run %s already finished; nothing to resume", config.out)
+        summary = json.loads((config.out / "summary.json").read_text())
+        # A summary written before a field existed reads it as None.
+        fields = {name: summary.get(name) for name in TrainResult.__dataclass_fields__}
+        return TrainResult(**{**fields, "run_dir": config.out, "weights": Path(summary["weights"])})
+    if ranks.world > 1 and cache is not None and cache.grid.num_chunks < ranks.world:
+        raise InputError(
+            f"the cache has {cache.grid.num_chunks} chunks for {ranks.world} processes, which read whole chunks: "
+            "cache it again with a smaller `chunk_rows` (many chunks per process)"
+        )
+    epoch_steps = [_epoch_steps(config, train, cache, epoch, ranks) for epoch in range(config.epochs)]
+    if epoch_steps[0] == 0:
+        raise InputError(f"split {train.name!r} has too few rows for one batch of {config.batch_size // ranks.world} per process")
+    seed_everything(config.seed)
+    student = _with_feature_projection(config, model, train, cache, device)
+    main_only(ranks, lambda: _open_run_dir(config, run_config))
+    state = _read_checkpoint(config.out / CHECKPOINT) if config.resume and (config.out / CHECKPOINT).is_file() else None
+    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    first_epoch = 0
+    if state is not None:
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        first_epoch = state["epoch"]
+        if ranks.main:
+            log.info("resuming %s after epoch %d", config.out, first_epoch)
+    # Each process reads the checkpoint itself: one that sees another (or none) would hang the rest.
+    agree(ranks, first_epoch, "the epoch to resume after (is the run folder on a file system they all see?)")
+    # Each process computes its own batch's gradients; DDP averages them over the processes
+    # during backward, so every step is one step on the global batch.
+    trained = student if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(student)
+    return Training(config, model, student, trained, optimizer, schedule, train, evaluation, cache, labels, lengths, augment,
+                    temperature, ranks, device, first_epoch, epoch_steps, sum(epoch_steps[:first_epoch]))
+
+
+def _train_epoch(training: Training, epoch: int, progress: Progress | None) -> dict[str, float]:
+    """One epoch's optimizer steps; returns the means of the loss and its parts over every process."""
+    t = training
+    t.model.train()
+    sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
+    steps = 0
+    batches = _epoch_batches(t.config, t.train, t.labels, t.lengths, t.cache, t.augment, epoch, t.ranks)
+    for batch in itertools.islice(batches, t.epoch_steps[epoch]):
+        loss, parts = loss_step(t, batch)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        for name, value in {"loss": loss.detach(), **parts}.items():
+            sums[name] = sums[name] + value if name in sums else value.clone()
+        steps += 1
+        if progress is not None and t.ranks.main:
+            progress(t.steps_done + steps, sum(t.epoch_steps))
+    batches.close()  # stops its prefetching thread, which may hold batches past the epoch's steps
+    t.steps_done += steps
+    t.schedule.step()
+    means = {k: float(v) / max(steps, 1) for k, v in average_over_ranks(t.ranks, sums).items()}
+    if not all(math.isfinite(v) for v in means.values()):
+        raise PipelineError(f"the loss became {means['loss']} in epoch {epoch + 1}; lower `lr` (the last checkpoint is kept)")
+    return means
+
+
+def loss_step(training: Training, batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one batch and its named parts, for logging."""
+    outputs = training.trained(batch["inputs"].to(training.device))
+    logits, features = outputs if isinstance(training.student, StudentWithProjection) else (outputs, None)
+    config = training.config
+    loss, parts = batch_loss(logits, batch, training.cache, alpha=config.alpha, temperature=training.temperature)
+    if features is None:
+        return loss, parts
+    # Feature targets: the projected student features against the cached teacher ones.
+    matched = feature_loss(features, torch.from_numpy(batch["features"]).to(training.device).float(), config.feature_loss)
+    return loss + config.feature_weight * matched, {**parts, "feature": matched.detach()}
+
+
+def _end_of_epoch(training: Training, epoch: int, means: dict[str, float], epoch_started: float, metrics_file) -> dict:
+    """Rank 0's part of an epoch's end: evaluate, log, checkpoint; returns the epoch's metrics."""
+    config = training.config
+    epoch_metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()}}
+    if training.evaluation is not None:
+        epoch_metrics.update({f"test_{k}": v for k, v in evaluate(training.model, training.evaluation, training.device).items()})
+    epoch_metrics["seconds"] = time.perf_counter() - epoch_started
+    metrics_file.write(json.dumps(epoch_metrics) + "\n")
+    metrics_file.flush()
+    log.info("epoch %d/%d %s", epoch + 1, config.epochs, _brief(epoch_metrics))
+    if config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
+        _save_checkpoint(config.out / CHECKPOINT, {
+            "epoch": epoch + 1, "model": training.student.state_dict(), "optimizer": training.optimizer.state_dict(),
+            "schedule": training.schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+        })
+    return epoch_metrics
 
 
 def batch_loss(
@@ -269,7 +333,7 @@ class StudentWithProjection(torch.nn.Module):
         return logits, self.projection(features)
 
 
-def _with_feature_projection(config: TrainConfig, model: torch.nn.Module, train: Split, cache: CacheReader | None,
+def _with_feature_projection(config: TrainConfig, model: torch.nn.Module, train: Split, cache: SoftLabels | None,
                              device: torch.device) -> torch.nn.Module:
     """What the optimizer trains: the model, or with a `feature_loss`, the model and its projection."""
     if config.feature_loss == "none":
@@ -284,7 +348,7 @@ def _with_feature_projection(config: TrainConfig, model: torch.nn.Module, train:
 
 
 def _check_inputs(
-    config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, cache: CacheReader | None,
+    config: TrainConfig, model: torch.nn.Module, train: Split, evaluation: Split | None, cache: SoftLabels | None,
     device: torch.device, augment: Augmentation | None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Everything that can be checked before the run folder is touched: a cache that belongs
@@ -315,7 +379,7 @@ def _check_inputs(
     return train.labels, lengths
 
 
-def _check_cache_fits(config: TrainConfig, cache: CacheReader, train: Split, shape: tuple[int, ...]) -> None:
+def _check_cache_fits(config: TrainConfig, cache: SoftLabels, train: Split, shape: tuple[int, ...]) -> None:
     """The student's output fits the cache's rows, and the cache was made from this split."""
     if shape[-1] != cache.num_classes:
         raise CacheMismatchError(f"the student outputs {shape[-1]} classes but the cache has {cache.num_classes}")
@@ -325,20 +389,20 @@ def _check_cache_fits(config: TrainConfig, cache: CacheReader, train: Split, sha
     cache.check_split(train, config.dataset)
 
 
-def _view_replay(config: TrainConfig, cache: CacheReader | None,
-                 resolve_augment: Callable[[str], Augmentation | None]) -> Augmentation | None:
-    """For a cache of augmented views, the augmentation that replays a view from its seed."""
+def _augment_spec(config: TrainConfig, cache: SoftLabels | None) -> str:
+    """The augmentation of the inputs: for a cache of augmented views, the one that replays a view
+    from its seed (and no other), else `config.augment`."""
     if cache is None or cache.layout.views is None:
-        return None
+        return config.augment
     if config.augment != "none":
         raise InputError(
             f"the cache holds views made with {cache.attrs['augment']['spec']!r} and replays them exactly; "
             "drop `augment` (it would show the student other inputs than the teacher saw)"
         )
-    return resolve_augment(cache.attrs["augment"]["spec"])
+    return cache.attrs["augment"]["spec"]
 
 
-def _epoch_steps(config: TrainConfig, train: Split, cache: CacheReader | None, epoch: int, ranks: Ranks) -> int:
+def _epoch_steps(config: TrainConfig, train: Split, cache: SoftLabels | None, epoch: int, ranks: Ranks) -> int:
     """Optimizer steps in `epoch`: with several processes, as many as the process with the
     fewest rows makes (DDP needs every process in every step). Processes read whole chunks, so
     the others leave out up to about a chunk of rows each that epoch; which rows those are
@@ -356,7 +420,7 @@ def _epoch_steps(config: TrainConfig, train: Split, cache: CacheReader | None, e
 
 
 def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None, lengths: np.ndarray | None,
-                   cache: CacheReader | None, augment: Augmentation | None, epoch: int, ranks: Ranks) -> Iterator[Rows]:
+                   cache: SoftLabels | None, augment: Augmentation | None, epoch: int, ranks: Ranks) -> Iterator[Rows]:
     """Batches of rows joined with their inputs, labels and sequence lengths, prepared on a
     background thread. From a view cache, each row is one of its sample's views (by
     `config.view_policy`), and its input is regenerated from that view's seed; otherwise, with
@@ -468,7 +532,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     write_atomically(path, serialised(state))
 
 
-def _run_config(config: TrainConfig, cache: CacheReader | None, temperature: float) -> dict:
+def _run_config(config: TrainConfig, cache: SoftLabels | None, temperature: float) -> dict:
     resolved = {**config_dict(config), "temperature": temperature if cache is not None else None}
     if cache is not None:
         resolved["cache_provenance"] = {k: cache.attrs.get(k) for k in ("teachers", "combine", "dataset", "temperature", "augment", "created_at")}

@@ -112,8 +112,8 @@ def test_existing_run_folder_needs_overwrite(tmp_path, cache_path):
 
 
 @pytest.mark.parametrize(("bad", "words"), [
-    ({"alpha": 1.5}, ("--alpha", "got 1.5")), ({"temperature": 0.0}, ("--temperature", "got 0.0")),
-    ({"temperature": -2.0}, ("--temperature", "got -2.0")), ({"epochs": 0}, ("--epochs", "got 0")), ({"lr": 0.0}, ("--lr", "got 0.0")),
+    ({"alpha": 1.5}, ("`alpha`", "got 1.5")), ({"temperature": 0.0}, ("`temperature`", "got 0.0")),
+    ({"temperature": -2.0}, ("`temperature`", "got -2.0")), ({"epochs": 0}, ("`epochs`", "got 0")), ({"lr": 0.0}, ("`lr`", "got 0.0")),
     ({"augment": "warp"}, ("augment spec 'warp'",)),
 ])
 def test_invalid_options_are_input_errors(tmp_path, cache_path, bad, words):
