@@ -1,28 +1,9 @@
 """The cache contract: a versioned, self-describing Zarr v3 group of softened teacher outputs.
 
-Layout (schema version 3; the README documents every field):
-
-    CACHE.zarr/
-      zarr.json          group attributes: format, schema_version, kind, stored_values, temperature,
-                         num_classes, num_samples, row_shape, row_axes, top_k, views, features, chunk_rows, dtype,
-                         codec, teacher_amp, teachers, combine, dataset, complete, created_at,
-                         completed_at, tool, teacher_metrics, config
-      kind "dense":
-        logits/          (N, [L,] C) float16|float32   teacher logits / T; unwritten rows read as NaN
-      kind "topk":
-        topk_values/     (N, [L,] K) float16|float32   the K largest logits / T of each row, descending
-        topk_indices/    (N, [L,] K) uint8|16|32       their classes (the smallest type holding C - 1)
-        logsumexp/       (N, [L]) float32              log-sum-exp of the whole row of stored logits / T
-      index/             (N,)   int64            dataset index of every row; unwritten = -1
-      labels/            (N, [L]) int64          hard labels (only when the split has labels)
-      lengths/           (N,)   int32            valid tokens of each sequence (token-level caches)
-      features/          (N, [V,] F) float16|32  the teacher's features (feature targets; optional)
-      chunk_done/        (num_chunks,) uint8     1 once every array's rows of that chunk are written
-    CACHE.zarr.lock      beside the group, held by the one process writing it (stages.storage)
-
-Every array has dimension names (sample, token, view, class, rank, feature; chunk for
-chunk_done), so xarray joins them, and every chunk of every array ends in a crc32c checksum
-(schema 3), so damage fails to decode instead of reading as other values.
+The README's "The cache format" section is the one description of the format: every array (its
+shape, dimension names, dtype and fill), every attribute, the checksums and the schema history.
+The arrays of each kind are declared by its class in stages.kinds; this module lays them out and
+checks a cache's attributes against them. What the format is built around:
 
 The optional L axis makes a token-level cache, for models that output logits per token (a
 language model): `row_axes` names the axes after the sample axis ("token", then "class" for
