@@ -150,7 +150,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     file (or none), never half of one: written to PATH.partial (never through a symbolic link),
     then renamed over PATH. Callers serialise to bytes first, so that a write error arrives as
     the OSError it is (torch.save into a full disk reports only "unexpected pos")."""
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
         with open_no_follow(partial, "wb") as file:
             file.write(data)
