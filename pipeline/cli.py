@@ -60,6 +60,11 @@ DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when available), cpu
 ModelOption = Annotated[str | None, typer.Option(help=MODEL_HELP)]
 DatasetOption = Annotated[str | None, typer.Option(help=DATASET_HELP)]
 CachedDatasetOption = Annotated[str | None, typer.Option(help=f"{DATASET_HELP} (default: the cache's dataset)")]
+AUGMENT_SPECS = "none, shift:N, rotate:D, flip, A+B, or package.module:factory / file.py:factory"
+TrainAugmentOption = Annotated[str, typer.Option(
+    help=f"Random input augmentation of each batch: {AUGMENT_SPECS} (a view cache replays its own instead).")]
+ViewsAugmentOption = Annotated[str, typer.Option(
+    help=f"Cache the teacher on augmented views: {AUGMENT_SPECS}; students replay each view exactly.")]
 ReplayAugmentOption = Annotated[str | None, typer.Option(
     help="The view cache's augmentation, when it is module:factory code: a cache never runs code the user did not name.")]
 LoaderWorkersOption = Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")]
@@ -239,7 +244,7 @@ def cache_teacher_command(
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
     format: Annotated[str, typer.Option(help="dense (every class's logit) or topk (the --top-k largest per row or token, their classes and the row's log-sum-exp).")] = field_default(CT, "format"),
     top_k: Annotated[int | None, typer.Option(help="Logits kept per row (or token) with --format topk.")] = None,
-    augment: Annotated[str, typer.Option(help="Cache the teacher on augmented views: none, shift:N, rotate:D, flip, A+B, or module:factory; students replay each view exactly.")] = field_default(CT, "augment"),
+    augment: ViewsAugmentOption = field_default(CT, "augment"),
     views: Annotated[int, typer.Option(help="Augmented views per sample (with --augment).")] = field_default(CT, "views"),
     features: Annotated[bool, typer.Option(help="Also cache the teacher's features (hf: models: mean-pooled last hidden state), for train-student --feature-loss.")] = False,
     view_seed: Annotated[int, typer.Option(help="Base seed of the views' seeds (recorded in the cache).")] = field_default(CT, "view_seed"),
@@ -308,7 +313,7 @@ def train_student_command(
     lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0 over the epochs).")] = field_default(TS, "lr"),
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = field_default(TS, "weight_decay"),
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
-    augment: Annotated[str, typer.Option(help="Random input augmentation: none, shift:N, rotate:D, flip, A+B, or module:factory (not with a view cache, which replays its own).")] = field_default(TS, "augment"),
+    augment: TrainAugmentOption = field_default(TS, "augment"),
     view_policy: Annotated[str, typer.Option(help="From a view cache: random (a random view each time a sample is drawn) or cycle (view = epoch mod V).")] = field_default(TS, "view_policy"),
     feature_loss: Annotated[str, typer.Option(help="With a cache of features (cache-teacher --features): none, mse or cosine between the student's projected features and the teacher's.")] = field_default(TS, "feature_loss"),
     feature_weight: Annotated[float, typer.Option(help="Weight of the feature loss, added to the distillation loss.")] = field_default(TS, "feature_weight"),
@@ -367,7 +372,7 @@ def train_teacher_command(
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
     lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0).")] = field_default(TS, "lr"),
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
-    augment: Annotated[str, typer.Option(help="Input augmentation: none, shift:N, rotate:D, flip, A+B, or module:factory (the demo uses shift:2).")] = field_default(TS, "augment"),
+    augment: TrainAugmentOption = field_default(TS, "augment"),
     device: DeviceOption = field_default(TS, "device"),
     overwrite: Annotated[bool, typer.Option(help="Replace existing weights at --out.")] = False,
     as_json: JsonOption = False,

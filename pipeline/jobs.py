@@ -15,6 +15,7 @@ from pipeline.datasets import dataset_runs_user_code, resolve_dataset
 from pipeline.models import resolve_model
 from pipeline.specs import resolve_augment, runs_user_code
 from stages import cache_teacher, train_student
+from stages.augment import Augmentation
 from stages.cache import CacheReader, is_cache, malformed_attributes
 from stages.data import Split, input_shape
 from stages.errors import InputError
@@ -58,22 +59,27 @@ def _with_absolute_files(cfg, *fields: str):
 def run_caching(cfg: cache_teacher.CacheTeacherConfig, progress: Progress | None = None) -> cache_teacher.CacheTeacherResult:
     cfg.validate()  # before loading anything: bad options fail fast
     cfg = _with_absolute_files(cfg, "teacher_weights")
-    resolve_augment(cfg.augment)
+    augment = resolve_augment(cfg.augment)  # first: a bad spec fails before the teacher loads
     if cfg.teacher_weights is None:
         log.warning("no --teacher-weights given: caching the teacher as its factory builds it")
     teacher, split = load_teacher_and_split(cfg)
-    return cache_teacher.run(cfg, teacher, split, progress, resolve_augment=resolve_augment,
-                             load_on_worker=functools.partial(load_teacher_and_split, cfg))
+    return cache_teacher.run(cfg, teacher, split, progress, augment=augment,
+                             load_on_worker=functools.partial(load_on_worker, cfg))
 
 
 def load_teacher_and_split(cfg: cache_teacher.CacheTeacherConfig) -> tuple[torch.nn.Module, Split]:
-    """The teacher and the split to cache, built from their specs: here, and on each dask
-    worker (which needs the same packages and files)."""
+    """The teacher and the split to cache, built from their specs."""
     split = resolve_dataset(cfg.dataset).split(cfg.split)
     num_classes = cfg.num_classes or split.num_classes
     if num_classes is None:
         raise InputError(f"split {cfg.split!r} of {cfg.dataset} has no labels to count classes by; pass --num-classes")
     return resolve_model(cfg.teacher, num_classes=num_classes, input_shape=input_shape(split), weights=cfg.teacher_weights), split
+
+
+def load_on_worker(cfg: cache_teacher.CacheTeacherConfig) -> tuple[torch.nn.Module, Split, Augmentation | None]:
+    """What a dask worker caches with, built there from the specs the user named (the worker
+    needs the same packages and files): the teacher, the split and the augmentation."""
+    return *load_teacher_and_split(cfg), resolve_augment(cfg.augment)
 
 
 def run_training(cfg: train_student.TrainConfig, progress: Progress | None = None) -> train_student.TrainResult:

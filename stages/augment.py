@@ -59,6 +59,17 @@ def parse_augment(spec: str, user_transforms: dict[str, Transform] | None = None
     return Augmentation(spec, [_step(part, spec, user_transforms or {}) for part in spec.split("+")])
 
 
+def resolved(spec: str, given: Augmentation | None) -> Augmentation | None:
+    """The augmentation `spec` names: `given` when a caller resolved it (user code is resolved
+    where the user named it, pipeline.jobs), which must be that spec's, since the spec is what a
+    cache or run folder records of it; else the built-in one."""
+    if given is None:
+        return parse_augment(spec)
+    if given.spec != spec:
+        raise InputError(f"the augmentation given is {given.spec!r} but the spec recorded is {spec!r}")
+    return given
+
+
 def _step(part: str, spec: str, user_transforms: dict[str, Transform]) -> Transform:
     if part in user_transforms:
         return user_transforms[part]

@@ -44,7 +44,7 @@ import torch
 import zarr
 
 from stages import storage
-from stages.augment import Augmentation, parse_augment, view_seeds
+from stages.augment import Augmentation, resolved, view_seeds
 from stages.cache.format import (
     ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, stored_rows, teacher_outputs,
 )
@@ -62,6 +62,10 @@ from stages.weights import count_parameters, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
+# Builds (teacher, split, augmentation) on a dask worker: workers are other processes, often
+# other machines, and user code (a teacher factory, a transform) is loaded there by its spec.
+WorkerLoader = Callable[[], tuple[torch.nn.Module, Split, Augmentation | None]]
+
 
 @dataclass(frozen=True)
 class CacheTeacherResult:
@@ -77,18 +81,20 @@ class CacheTeacherResult:
     chunks_total: int
 
 
-def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, progress: Progress | None = None,
-        resolve_augment: Callable[[str], Augmentation | None] = parse_augment,
-        load_on_worker: Callable[[], tuple[torch.nn.Module, Split]] | None = None) -> CacheTeacherResult:
+def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, progress: Progress | None = None, *,
+        augment: Augmentation | None = None, load_on_worker: WorkerLoader | None = None) -> CacheTeacherResult:
     """Write the cache for `split` at `config.out`, or finish an incomplete one that this
     same teacher, data and layout started (only its missing chunks are computed).
-    `resolve_augment` turns `config.augment` into an augmentation (default: built-ins only).
+    `augment` is `config.augment` resolved by the caller, who knows which code may run
+    (pipeline.jobs); without it, built-in augmentations are resolved here (stages.augment). The
+    spec stays in `config` as provenance.
 
     With `config.workers` or `config.scheduler`, dask workers compute the chunks: this process
     creates the cache, holds its lock and hands out chunk ranges, and each worker builds the
-    teacher and split once with `load_on_worker` (a picklable function, the same on every
-    machine) and writes the chunks it computes (see _distributed_pass)."""
+    teacher, split and augmentation once with `load_on_worker` (a picklable function, the same
+    on every machine) and writes the chunks it computes (see _distributed_pass)."""
     config.validate()
+    augmentation = resolved(config.augment, augment)
     started = time.perf_counter()
     device = resolve_device(config.device)
     if len(split) == 0:
@@ -101,7 +107,6 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     check_labels_fit(split, shape, "teacher")
     num_classes = shape[-1]
     features = _feature_size(teacher, split, device) if config.features else None
-    augmentation = resolve_augment(config.augment)
     if augmentation is not None:
         augmentation(split.inputs(np.zeros(1, dtype=np.int64)), np.zeros(1, dtype=np.uint64))  # fits the inputs?
     layout = Layout(
@@ -120,7 +125,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
             _check_resume_determinism(config, writer.group.attrs.get("determinism"), provenance["determinism"])
         if config.workers or config.scheduler:
             writer.close()  # the workers write; this process only hands out chunks
-            _distributed_pass(config, writer.grid, missing, load_on_worker, resolve_augment, progress, writer.lock)
+            _distributed_pass(config, writer.grid, missing, load_on_worker, progress, writer.lock)
             if writer.missing_chunks():
                 raise PipelineError(
                     f"the workers finished but chunks {writer.missing_chunks()[:10]} are not in {config.out}: do the "
@@ -288,8 +293,8 @@ def _teacher_pass(
 
 
 def _distributed_pass(
-    config: CacheTeacherConfig, grid: ChunkGrid, missing: list[int], load_on_worker: Callable[[], tuple[torch.nn.Module, Split]] | None,
-    resolve_augment: Callable[[str], Augmentation | None], progress: Progress | None, lock,
+    config: CacheTeacherConfig, grid: ChunkGrid, missing: list[int], load_on_worker: WorkerLoader | None,
+    progress: Progress | None, lock,
 ) -> None:
     """Compute the missing chunks on dask workers, in tasks of whole, adjacent chunks.
 
@@ -300,7 +305,7 @@ def _distributed_pass(
     cache equals a single-process one."""
     distributed = require("distributed", "scale", "`workers` / `scheduler`")
     if load_on_worker is None:
-        raise InputError("caching on dask workers needs load_on_worker: a picklable function returning (teacher, split)")
+        raise InputError("caching on dask workers needs load_on_worker: a picklable function returning (teacher, split, augmentation)")
     if not missing:
         return
     with _dask_client(distributed, config) as client:
@@ -309,7 +314,7 @@ def _distributed_pass(
         tasks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
         log.info("teacher pass over %d chunks in %d tasks on %d dask workers", len(missing), len(tasks), workers)
         options = storage.storage_options(config.out)
-        futures = [client.submit(_worker_chunks, config, chunks, load_on_worker, resolve_augment, options, pure=False)
+        futures = [client.submit(_worker_chunks, config, chunks, load_on_worker, options, pure=False)
                    for chunks in tasks]
         rows_total = grid.num_samples
         rows_done = rows_total - sum(stop - start for start, stop in map(grid.rows, missing))
@@ -364,8 +369,7 @@ _WORKER_STATE: dict[str, tuple] = {}
 _WORKER_STATE_LOCK = threading.Lock()
 
 
-def _worker_chunks(config: CacheTeacherConfig, chunks: list[int], load_on_worker: Callable[[], tuple[torch.nn.Module, Split]],
-                   resolve_augment: Callable[[str], Augmentation | None], options: dict) -> int:
+def _worker_chunks(config: CacheTeacherConfig, chunks: list[int], load_on_worker: WorkerLoader, options: dict) -> int:
     """A dask task: compute and write `chunks` of the cache (those not already done) and
     return the rows written."""
     if options:
@@ -374,10 +378,10 @@ def _worker_chunks(config: CacheTeacherConfig, chunks: list[int], load_on_worker
     with _WORKER_STATE_LOCK:
         if key not in _WORKER_STATE:
             _WORKER_STATE.clear()  # one cache at a time: let the previous teacher go
-            teacher, split = load_on_worker()
+            teacher, split, augmentation = load_on_worker()
             _check_same_teacher(teacher, config.out)
             device = _worker_device(config.device)
-            _WORKER_STATE[key] = (teacher.to(device).eval(), split, resolve_augment(config.augment), device, {})
+            _WORKER_STATE[key] = (teacher.to(device).eval(), split, resolved(config.augment, augmentation), device, {})
         teacher, split, augmentation, device, lengths_by_tokens = _WORKER_STATE[key]
     with CacheWriter(config.out) as writer:  # the coordinating process holds the lock and marks the cache complete
         tokens = writer.layout.tokens

@@ -109,6 +109,8 @@ class CacheTeacherConfig:
             raise InputError(f"`codec` must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.format not in KINDS:
             raise InputError(f"`format` must be one of {', '.join(KINDS)}, got {self.format!r}")
+        # The one place outside stages/kinds.py that names a kind: the config is torch-free (the CLI
+        # validates it before loading torch), and the kind classes are not.
         if (self.format == "topk") != (self.top_k is not None):
             raise InputError("`top_k` K goes with `format` topk, and `format` topk needs `top_k` K")
         if self.views > 1 and self.augment == "none":

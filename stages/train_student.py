@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.augment import Augmentation, parse_augment
+from stages.augment import Augmentation, resolved
 from stages.cache import CacheReader, ChunkGrid, Layout, Rows, batch_bounds, prefetch
 from stages.config import TrainConfig  # defined there, torch-free, for the CLI; re-exported here
 from stages.data import Split, joined_with_inputs, sequence_lengths
@@ -117,11 +117,7 @@ def run(
     config.validate()
     started = time.perf_counter()
     cache = soft_labels if soft_labels is not None else (CacheReader(config.cache) if config.cache is not None else None)
-    spec = _augment_spec(config, cache)
-    if augment is None:
-        augment = parse_augment(spec)
-    elif augment.spec != spec:  # the spec is what the run folder records of it
-        raise InputError(f"the augmentation given is {augment.spec!r} but the run's is {spec!r}")
+    augment = resolved(_augment_spec(config, cache), augment)
     with process_group(config.device) as (ranks, device), contextlib.ExitStack() as held:
         # One process at a time in a run folder: a second one (a re-run beside a live run, an
         # orphan of a killed sweep) would interleave checkpoints and metrics. The kernel drops the

@@ -3,6 +3,8 @@ single-process run of the same teacher over the same data."""
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pytest
 import zarr
@@ -18,6 +20,23 @@ def test_a_local_cluster_of_two_workers_writes_the_single_process_cache(tmp_path
     spread = cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *layout, "--workers", "2")
     assert spread["chunks_computed"] == single["chunks_computed"] == 10
     assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
+
+
+def test_workers_cache_views_of_the_users_own_transform_as_one_process_does(tmp_path, teacher_weights):
+    """Each worker loads the transform from the file the user named, as it builds the teacher:
+    the cache of views equals the single-process one."""
+    (tmp_path / "jitter.py").write_text(textwrap.dedent("""
+        import torch
+
+        def factory():
+            return lambda x, rng: x + torch.as_tensor(rng.normal(0.0, 0.5, size=x.shape), dtype=x.dtype)
+    """))
+    views = ("--augment", f"{tmp_path / 'jitter.py'}:factory", "--views", "3")
+    cache_with_cli(tmp_path / "single.zarr", teacher_weights, *views)
+    cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *views, "--workers", "2")
+    assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
+    logits = zarr.open_group(str(tmp_path / "spread.zarr"), mode="r")["logits"][:]
+    assert not np.array_equal(logits[:, 0], logits[:, 1])  # the views differ: the transform ran on the workers
 
 
 def test_a_killed_worker_has_its_chunks_recomputed_and_each_worker_loads_the_teacher_once(tmp_path, teacher_weights):
