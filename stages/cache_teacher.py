@@ -46,7 +46,7 @@ import zarr
 from stages import storage
 from stages.augment import Augmentation, resolved, view_seeds
 from stages.cache.format import (
-    ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, stored_rows, teacher_outputs,
+    ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, teacher_rows,
 )
 from stages.cache.reader import prefetch
 from stages.cache.writer import CacheWriter, writing
@@ -54,7 +54,7 @@ from stages.config import CacheTeacherConfig  # defined there, torch-free, for t
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
-    Progress, autocast, check_labels_fit, config_dict, one_blas_thread_beside_torch, output_shape,
+    Progress, check_labels_fit, config_dict, one_blas_thread_beside_torch, output_shape,
     require, resolve_device, torch_threads,
 )
 from stages.storage import CacheLocation
@@ -260,15 +260,10 @@ def _teacher_pass(
         batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
     for start, inputs in prefetch(batches, depth=2):
         count = len(inputs) // (views or 1)
+        batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + count])
         with torch.inference_mode():
-            with autocast(config.amp, device):
-                logits, features = teacher_outputs(teacher, inputs.to(device, non_blocking=cuda), writer.layout)
-            if views is not None:  # the views of a sample are adjacent: (B * V, ...) -> (B, V, ...)
-                logits = logits.reshape(count, views, *logits.shape[1:])
-                features = None if features is None else features.reshape(count, views, -1)
-            batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + count])
-            stored = stored_rows(logits.float().div_(config.temperature), writer.layout, batch_lengths,
-                                 None if features is None else features.float())
+            stored = teacher_rows(teacher, inputs.to(device, non_blocking=cuda), writer.layout, config.temperature,
+                                  config.amp, batch_lengths)
         if cuda:
             host = {}
             for name, values in stored.items():
