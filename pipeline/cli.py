@@ -255,6 +255,7 @@ def cache_teacher_command(
     loader_workers: LoaderWorkersOption = field_default(CT, "loader_workers"),
     workers: Annotated[int, typer.Option(help="Compute the chunks on a local dask cluster of N worker processes (0: in this process).")] = field_default(CT, "workers"),
     scheduler: Annotated[str | None, typer.Option(help="Compute the chunks on the workers of this running dask scheduler, e.g. tcp://10.0.0.5:8786.")] = None,
+    max_gib: Annotated[float, typer.Option(help="Refuse a cache whose soft labels would take more than this many GiB (0: no limit); the size is logged before the pass.")] = field_default(CT, "max_gib"),
     storage_option: StorageOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out. Without it, re-running the same command resumes an interrupted cache.")] = False,
     config: ConfigOption = None,

@@ -116,6 +116,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     )
     if config.chunk_rows is None:
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
+    _check_size(layout, config.max_gib)
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}
     with writing(config.out, layout, provenance, overwrite=config.overwrite) as writer:
@@ -229,6 +230,22 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
         "teacher_metrics": None,
         "config": config_dict(config),
     }
+
+
+def _check_size(layout: Layout, max_gib: float) -> None:
+    """Say what the cache will take before computing it, and refuse one over `max_gib`: a dense
+    token cache at a language model's vocabulary is 2 bytes per class per token (a 150k
+    vocabulary over a billion tokens is 300 TB)."""
+    per_token = layout.row_bytes / (layout.tokens or 1)
+    total = layout.row_bytes * layout.num_samples
+    unit = "token position" if layout.tokens else "row"
+    log.info("soft labels: %s bytes per %s, %.3g GiB in all (uncompressed)", f"{per_token:,.0f}", unit, total / 2**30)
+    if max_gib and total > max_gib * 2**30:
+        raise InputError(
+            f"this cache's soft labels would take {total / 2**30:,.1f} GiB ({per_token:,.0f} bytes per {unit} over "
+            f"{layout.num_samples * (layout.tokens or 1):,} {unit}s), more than `max_gib` {max_gib:g}: keep the top k "
+            "classes (`format` topk, `top_k` K) or raise `max_gib` (0: no limit)"
+        )
 
 
 def _teacher_pass(

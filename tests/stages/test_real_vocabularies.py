@@ -19,7 +19,7 @@ import zarr
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
 from stages.cache import format as cache_format
-from tests.conftest import assert_same_cache, invoke_json
+from tests.conftest import assert_same_cache, invoke, invoke_json
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,3 +128,36 @@ def test_a_killed_cache_resumes_bit_for_bit_and_a_gpt2_and_an_hf_student_train_f
     run = invoke_json("train-student", "--student", student, "--cache", tmp_path / "whole.zarr", "--epochs", 4,
                       "--lr", 1e-2, "--batch-size", 16, "--device", "cpu", "--out", tmp_path / "run")
     assert run["test_tokens"] > 0 and run["test_nll"] < 0.8 * math.log(vocab), run  # it learned the bytes
+
+
+def test_a_dense_token_cache_over_the_size_limit_is_refused_with_its_size_and_nothing_written(gpt2, tmp_path):
+    code, _, err = invoke("cache-teacher", "--teacher", gpt2["teacher"], "--dataset", DATA, "--temperature", T,
+                          "--device", "cpu", "--out", tmp_path / "dense.zarr", "--max-gib", 0.01)
+    per_token = gpt2["vocab"] * 2  # float16 per class
+    total = per_token * len(gpt2["train"]) * SEQ
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{total / 2**30:,.1f} GiB ({per_token:,} bytes per token position" in err and "--max-gib" in err, err
+    assert not (tmp_path / "dense.zarr").exists()
+
+
+def test_logits_in_pieces_along_the_positions_equal_the_whole_batch(gpt2, monkeypatch):
+    """A batch's logits are reduced a few positions at a time (LOGIT_PIECE_BYTES): the stored rows
+    are those of the whole batch at once."""
+    from pipeline.hf import HFCausalLM
+
+    train = gpt2["train"]
+    teacher = resolve_model(gpt2["teacher"], num_classes=256, input_shape=(SEQ,)).eval()
+    assert hasattr(teacher, "hidden_and_head")
+    whole_batch = HFCausalLM(teacher.model).eval()  # the same model, its logits in one piece
+    layout = cache_format.Layout(kind="topk", num_samples=len(train), num_classes=gpt2["vocab"], chunk_rows=32,
+                                 dtype="float16", codec="none", top_k=K, tokens=SEQ)
+    lengths = torch.from_numpy(train.lengths[:16]).to(torch.int32)
+    with torch.inference_mode():
+        whole = cache_format.teacher_rows(whole_batch, train.x[:16], layout, T, "none", lengths)
+        monkeypatch.setattr(cache_format, "LOGIT_PIECE_BYTES", 16 * gpt2["vocab"] * 4 * 3)  # 3 positions a piece
+        seen = []
+        pieces = cache_format.teacher_rows(teacher, train.x[:16], layout, T, "none", lengths,
+                                           lambda first, logits, rows: seen.append((first, logits.shape[1])))
+    assert seen == [(first, min(3, SEQ - first)) for first in range(0, SEQ, 3)]
+    for name in whole:
+        torch.testing.assert_close(pieces[name], whole[name], rtol=1e-3, atol=1e-3)
