@@ -132,7 +132,8 @@ def either(forms: Collection[str]) -> str:
     return f"{', '.join(first)} or {last}" if first else last
 
 
-MODEL_HELP = f"Model spec: a built-in name, {either(MODEL_FORMS)}."
+MODEL_HELP = (f"Model spec: a built-in name or parametric built-in (mlp:width=W, gpt2:layers=N,dim=D,heads=H,vocab=V), "
+              f"{either(MODEL_FORMS)} (a causal LM folder gives logits per token).")
 DATASET_HELP = f"Dataset spec: {either((*DATASET_BUILTINS_HELP, *DATASET_FORMS))}."
 
 

@@ -67,7 +67,8 @@ def now_iso() -> str:
 def is_cache(path: CacheLocation) -> bool:
     try:
         return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
-    except (FileNotFoundError, ValueError, OSError, zarr.errors.NodeTypeValidationError):
+    # TypeError, AttributeError: a zarr.json that is JSON but not a zarr document ([], null)
+    except (FileNotFoundError, ValueError, OSError, TypeError, AttributeError, zarr.errors.NodeTypeValidationError):
         return False
 
 
