@@ -20,6 +20,10 @@ same machine, one right after the other:
 7. a train-student epoch from the cache beside two CPU-burning processes with the tool's CPU thread
    choice / with one thread, and with a thread on every core (torch's default) / one thread; on the
    machine as it is, the tool's choice / a thread on every core
+8. cache-teacher's peak resident memory (a fresh process each) for a GPT-2 teacher over a
+   language model's vocabulary (`lm_vocab`, 70,000: uint32 classes), top-32, at a batch 8x larger
+   / the smaller batch; and, for scale, the same with the logits computed whole per batch (the
+   teacher without `hidden_and_head`): what the memory would be if it grew with B x L x V
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ READ_TURNS = 3
 THREAD_TURNS = 2
 # "never several times slower than one thread": under load, the thread choice within 1.5x of one thread
 TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5,
-           "loaded_threads_chosen_vs_one": 1.5}
+           "loaded_threads_chosen_vs_one": 1.5, "lm_teacher_memory_8x_batch": 1.10}
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,14 @@ class BenchConfig:
     epochs: int = 3
     temperature: float = 4.0
     device: str = "auto"
+    lm_vocab: int = 70_000  # section 8's vocabulary (0: skip the section)
+    lm_seq: int = 256
     quick: bool = False  # sizes too small for the ratios to mean what the targets mean: no verdicts
 
 
-QUICK = BenchConfig(samples=4000, classes=200, features=128, teacher_width=1024, student_width=128, epochs=2, quick=True)
+QUICK = BenchConfig(samples=4000, classes=200, features=128, teacher_width=1024, student_width=128, epochs=2, lm_seq=64,
+                    quick=True)
+LM_BATCHES = (4, 32)
 
 
 def run_bench(config: BenchConfig, work: Path | None = None) -> dict:
@@ -156,6 +164,9 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
     # 7. train-student's thread choice against one thread and every core, quiet and under load
     threads = _thread_choices(config, dataset, train, student_spec, cache, scratch)
 
+    # 8. cache-teacher's peak memory at a language model's vocabulary, two batch sizes
+    lm_memory = _lm_teacher_memory(config, scratch) if config.lm_vocab else None
+
     s = epoch_seconds
     # A run costs its epochs; fixed start-up costs (imports, first allocations) are left out
     # because they are the same whichever way the soft labels arrive.
@@ -172,6 +183,11 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         "loaded_threads_every_core_vs_one": threads["loaded_every_core"] / threads["loaded_one_thread"],
         "quiet_threads_chosen_vs_every_core": threads["quiet_chosen"] / threads["quiet_every_core"],
     }
+    if lm_memory is not None:
+        small, large = (lm_memory["in_pieces"][f"batch_{b}"]["peak_rss_mb"] for b in LM_BATCHES)
+        whole_small, whole_large = (lm_memory["whole_batch"][f"batch_{b}"]["peak_rss_mb"] for b in LM_BATCHES)
+        ratios["lm_teacher_memory_8x_batch"] = large / small
+        ratios["lm_teacher_memory_8x_batch_whole_logits"] = whole_large / whole_small
     return {
         "machine": _machine(device),
         "config": asdict(config),
@@ -183,13 +199,14 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         "cache": {"bytes_on_disk": caching.bytes_on_disk, "bytes_per_row": caching.bytes_on_disk / config.samples,
                   **{f"rows_per_second_{order}": value for order, value in rows_per_second.items()}},
         "memory": {f"{scale}x": m for scale, m in memory.items()},
+        "lm_teacher_memory": lm_memory,
         "parameters": {"teacher": count_parameters(teacher),
                        "student": count_parameters(resolve_model(student_spec, num_classes=config.classes, input_shape=input_shape(train)))},
         "ratios": ratios,
         "break_even_student_runs": math.ceil(cache_seconds / online_saving) if online_saving > 0 else None,
         "targets": TARGETS,
         "meets_targets": None if config.quick else {
-            k: (ratios[k] >= t if k == "shuffled_vs_sequential_reads" else ratios[k] <= t) for k, t in TARGETS.items()
+            k: (ratios[k] >= t if k == "shuffled_vs_sequential_reads" else ratios[k] <= t) for k, t in TARGETS.items() if k in ratios
         },
     }
 
@@ -281,17 +298,56 @@ def _student_process(config: BenchConfig, cache: Path, out: Path, epochs: int) -
     command = [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache), "--student",
                f"mlp:width={config.student_width},depth=2", "--epochs", str(epochs), "--batch-size", str(config.batch_size),
                "--out", str(out), "--device", config.device, "--checkpoint-every", "0", "--overwrite", "--json"]
+    return _process_usage(command, out.with_name(out.name + ".log"), "student")
+
+
+def _process_usage(command: list[str], log_path: Path, what: str) -> dict:
+    """Run `command` in a fresh process: its peak resident memory and its seconds."""
     started = time.perf_counter()
-    log_path = out.with_name(out.name + ".log")
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # wait4, not wait: it returns the child's rusage
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # wait4, not wait: it returns the child's rusage
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         last = log_path.read_text().strip().splitlines()[-1:]
-        raise PipelineError(f"the benchmark's student process failed: {last}")
+        raise PipelineError(f"the benchmark's {what} process failed: {last}")
     # ru_maxrss is in kilobytes on Linux
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - started}
+
+
+def _lm_teacher_memory(config: BenchConfig, scratch: Path) -> dict:
+    """Peak resident memory of `pipeline cache-teacher` processes caching a one-layer GPT-2 (a
+    save_pretrained folder, random weights: only sizes matter) over `lm_vocab` classes at top-32,
+    on real text in rows of `lm_seq` bytes, at each of LM_BATCHES; with its logits in pieces along
+    the positions (as cache-teacher computes them for a causal LM) and whole per batch."""
+    from pipeline.hf import transformers
+
+    library = transformers("the benchmark's language-model teacher")
+    folder = scratch / f"gpt2-{config.lm_vocab}"
+    gpt2 = library.GPT2Config(vocab_size=config.lm_vocab, n_positions=config.lm_seq, n_embd=64, n_layer=1, n_head=2)
+    seed_everything(0)
+    library.GPT2LMHeadModel(gpt2).save_pretrained(folder)
+    whole = scratch / "whole_batch_teacher.py"  # the same model, without hidden_and_head: its logits in one piece
+    whole.write_text(f"from pipeline.hf import HFCausalLM, build_from_folder\n\n"
+                     f"def build(num_classes):\n    return HFCausalLM(build_from_folder({str(folder)!r}, num_classes).model)\n")
+    rows = 2 * max(LM_BATCHES)
+    dataset = f"stdlib-bytes:seq={config.lm_seq},train={rows * config.lm_seq + 1},test=0"
+    report: dict = {"vocab": config.lm_vocab, "seq": config.lm_seq}
+    for arm, teacher in (("in_pieces", f"hf:{folder}"), ("whole_batch", f"{whole}:build")):
+        report[arm] = {}
+        for batch in LM_BATCHES:
+            out = scratch / f"lm-{arm}-{batch}.zarr"
+            usage = _process_usage(
+                [sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", teacher, "--dataset", dataset, "--format",
+                 "topk", "--top-k", "32", "--batch-size", str(batch), "--chunk-rows", str(max(LM_BATCHES)), "--device",
+                 "cpu", "--out", str(out), "--overwrite"], out.with_suffix(".log"), "cache-teacher")
+            report[arm][f"batch_{batch}"] = {**usage, "logits_mb_per_batch": batch * config.lm_seq * config.lm_vocab * 4 / 2**20}
+    return report
 
 
 def _thread_choices(config: BenchConfig, dataset: str, train: Split, student_spec: str, cache: CacheReader,

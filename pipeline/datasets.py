@@ -13,6 +13,9 @@ A dataset spec is one of:
   path/to/file.npz          x_train, x_test and optional y_train, y_test (no pickles)
   text:PATH,tokenizer=hf:FOLDER[,max_length=N,...]
                             a .jsonl or .csv text classification set, tokenized (pipeline.text)
+  corpus:PATH,tokenizer=hf:FOLDER,seq=N[,field=text,test=5,max_tokens=M]
+                            language modelling: .txt and .jsonl documents tokenized and packed
+                            into rows of N next-token targets, test split by document (pipeline.corpus)
   package.module:factory    or path/to/file.py:factory, called with a split name, returning a
                             map-style torch Dataset of (input, label) pairs or bare inputs
 Splits are named `train` and `test`.
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.corpus import corpus_split, corpus_splits
 from pipeline.specs import DATASET_FORMS, BuiltinSpec, either, FactorySpec, FileSpec, load_factory, parse_spec, runs_user_code, whole_number_parameters
 from pipeline.text import text_splits
 from stages.data import Split, TensorSplit, TorchDatasetSplit, classes_in, splitmix64
@@ -186,6 +190,7 @@ BUILTIN_DATASETS: dict[str, Callable[[str], dict[str, Split]]] = {
     "synthetic": _synthetic_from_args,
     "stdlib-bytes": _stdlib_from_args,
     "text": text_splits,
+    "corpus": corpus_splits,
 }
 
 
@@ -231,6 +236,8 @@ class ResolvedDataset:
             self._load = lambda split: _npz(Path(parsed.path)).get(split)
         elif isinstance(parsed, FileSpec) and parsed.kind == "text":
             self._load = lambda split: text_splits(",".join((parsed.path, *parsed.options))).get(split)
+        elif isinstance(parsed, FileSpec) and parsed.kind == "corpus":
+            self._load = lambda split: corpus_split(",".join((parsed.path, *parsed.options)), split)
         elif isinstance(parsed, BuiltinSpec) and parsed.name in BUILTIN_DATASETS:
             self._load = lambda split: BUILTIN_DATASETS[parsed.name](parsed.args or "").get(split)
         elif isinstance(parsed, FactorySpec):

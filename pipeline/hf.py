@@ -2,8 +2,11 @@
 
 `hf:path/to/folder` names a folder holding a transformers checkpoint (config.json, weights,
 tokenizer files), such as one written by `save_pretrained`. It is loaded with the Auto classes
-as a sequence classifier for the task's number of classes (a base model gets a new classifier
-head, to fine-tune), and never from a hub: every load is local and offline. transformers is an
+as a causal language model when its config names one (`...ForCausalLM`, `...LMHeadModel`):
+next-token logits per position; otherwise as a sequence classifier for the task's number of
+classes (a base model gets a new classifier head, to fine-tune). Never from a hub: every load is
+local and offline. `gpt2:layers=N,dim=D,heads=H,vocab=V` builds a fresh GPT-2-style model from
+a config, for demos, tests and students. transformers is an
 optional dependency: `pip install 'kd-pipeline[hf]'`.
 """
 
@@ -80,8 +83,90 @@ class HFClassifier(nn.Module):
         return (input_ids != self.pad_token_id).long()
 
 
-def build_classifier(spec_path: str, num_classes: int) -> HFClassifier:
+class HFCausalLM(nn.Module):
+    """A transformers causal language model over token ids: (B, L) int64 -> next-token logits
+    (B, L, V), V the model's output size (which may exceed its tokenizer's vocabulary: padded
+    embeddings are classes that never occur, and are cached and distilled like the others).
+
+    No attention mask: token rows are right-padded (a corpus's last row), and under causal
+    attention no position before a sequence's end sees its padding, so the logits at the valid
+    positions are those of the model with the padding masked; the cache zeroes the positions
+    past the end."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._check(input_ids)
+        return self.model(input_ids=input_ids).logits
+
+    def _check(self, input_ids: torch.Tensor) -> None:
+        if input_ids.is_floating_point():
+            raise InputError("a causal language model needs integer token ids as inputs (a corpus: dataset)")
+
+
+class HeadApartCausalLM(HFCausalLM):
+    """A causal LM whose logits are its output layer applied to its last hidden states, and
+    nothing after (no capping, no scale): `hidden_and_head` gives the two apart, so cache-teacher
+    computes the logits a piece of the positions at a time (stages.cache.format.teacher_rows)."""
+
+    def hidden_and_head(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+        self._check(input_ids)
+        return self.model.base_model(input_ids=input_ids).last_hidden_state, self.model.get_output_embeddings()
+
+
+def causal_lm_checkpoint(folder: Path) -> bool:
+    """Whether the checkpoint in `folder` is a causal language model, by the architecture its
+    config.json names (a base model without one is taken as a classifier's encoder)."""
+    import json
+
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as exc:
+        raise InputError(f"hf:{folder}: cannot read its config.json: {exc}") from exc
+    return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+
+
+def build_causal_lm(spec_path: str, num_classes: int) -> HFCausalLM:
     folder = checkpoint_folder(spec_path)
+    library = transformers(f"the model hf:{spec_path}")
+    try:
+        model = library.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unknown model type, damaged weights, a wrong config...
+        raise InputError(f"hf:{spec_path}: cannot load the model: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return _causal_lm(model, num_classes, f"hf:{spec_path}")
+
+
+def build_gpt2(num_classes: int, input_shape: tuple[int, ...], *, layers: int, dim: int, heads: int, vocab: int) -> HFCausalLM:
+    """A fresh GPT-2-style causal LM built from a transformers GPT2Config (nothing downloaded):
+    `vocab` output classes (0: the data's number of classes; more pads the embeddings), as many
+    positions as the inputs are long, input and output embeddings tied as in GPT-2."""
+    if len(input_shape) != 1:
+        raise InputError(f"a gpt2 model needs token sequences (length,), got input shape {tuple(input_shape)}")
+    if dim % heads:
+        raise InputError(f"gpt2: dim ({dim}) must be a multiple of heads ({heads})")
+    library = transformers("the model gpt2")
+    config = library.GPT2Config(vocab_size=vocab or num_classes, n_positions=input_shape[0], n_embd=dim, n_layer=layers,
+                                n_head=heads, bos_token_id=None, eos_token_id=None)
+    return _causal_lm(library.GPT2LMHeadModel(config), num_classes, "gpt2")
+
+
+def _causal_lm(model: nn.Module, num_classes: int, name: str) -> HFCausalLM:
+    outputs = model.get_output_embeddings().out_features
+    if outputs < num_classes:
+        raise InputError(f"{name}: its output layer has {outputs:,} classes, fewer than the {num_classes:,} of the data")
+    # Models that scale or cap the logits after the output layer run whole (one piece of logits per batch).
+    after_head = any(getattr(model.config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return HFCausalLM(model) if after_head else HeadApartCausalLM(model)
+
+
+def build_from_folder(spec_path: str, num_classes: int) -> nn.Module:
+    """The model in a checkpoint folder: a causal LM as itself (HFCausalLM), any other as a
+    sequence classifier for `num_classes` classes (HFClassifier)."""
+    folder = checkpoint_folder(spec_path)
+    if causal_lm_checkpoint(folder):
+        return build_causal_lm(spec_path, num_classes)
     library = transformers(f"the model hf:{spec_path}")
     try:
         model, info = library.AutoModelForSequenceClassification.from_pretrained(

@@ -3,8 +3,10 @@
 A model spec is one of:
   a built-in name            see BUILTIN_MODELS
   mlp:width=W,depth=D        and bytelm:dim=D,layers=N,heads=H, lstm:vocab=V,dim=D,hidden=H,...
-  hf:path/to/folder          a local Hugging Face transformers checkpoint, as a sequence classifier
-                             over token ids (pipeline.hf; needs the `hf` extra)
+  gpt2:layers=N,dim=D,heads=H,vocab=V   a fresh GPT-2-style causal LM (pipeline.hf; the `hf` extra)
+  hf:path/to/folder          a local Hugging Face transformers checkpoint: a causal LM (next-token
+                             logits per position) or else a sequence classifier over token ids
+                             (pipeline.hf; needs the `hf` extra)
   torchscript:path/model.pt  a TorchScript file (torch.jit.save)
   export:path/model.pt2      a torch.export program file (torch.export.save)
   package.module:factory     or path/to/file.py:factory, called with `num_classes` (and
@@ -159,15 +161,26 @@ PARAMETRIC_MODELS = {
     "bytelm": (ByteTransformer, {"dim": 128, "layers": 2, "heads": 4}),
     # vocab: the tokenizer's vocabulary size (30522 for BERT's); pad: its padding id
     "lstm": (LSTMClassifier, {"vocab": 30522, "dim": 64, "hidden": 64, "layers": 1, "pad": 0}),
+    # A fresh GPT-2 (transformers' GPT2Config, nothing downloaded); vocab 0: the data's class count.
+    "gpt2": (lambda *args, **params: _hf().build_gpt2(*args, **params), {"layers": 4, "dim": 256, "heads": 4, "vocab": 0}),
 }
+# Parameters of a parametric model that may be 0 (and mean "the data's") or a padding id.
+ZERO_ALLOWED = ("pad", "vocab")
+
+
+def _hf():
+    """pipeline.hf, imported when a model needs transformers (an optional dependency)."""
+    import pipeline.hf
+
+    return pipeline.hf
 
 
 def _parametric(name: str, args: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """`mlp:width=W,depth=D` or `bytelm:dim=D,layers=N,heads=H`: any size (for sweeps and benchmarks)."""
     build, defaults = PARAMETRIC_MODELS[name]
     params = whole_number_parameters("model", name, args, defaults)
-    if min(v for k, v in params.items() if k != "pad") < 1 or params.get("pad", 0) < 0:
-        raise InputError(f"model spec {name}:{args}: {', '.join(k for k in defaults if k != 'pad')} must be at least 1")
+    if min(v for k, v in params.items() if k not in ZERO_ALLOWED) < 1 or min((params.get(k, 0) for k in ZERO_ALLOWED)) < 0:
+        raise InputError(f"model spec {name}:{args}: {', '.join(k for k in defaults if k not in ZERO_ALLOWED)} must be at least 1")
     return build(num_classes, input_shape, **params)
 
 
@@ -177,9 +190,7 @@ def resolve_model(spec: str, *, num_classes: int, input_shape: tuple[int, ...], 
     if spec in BUILTIN_MODELS:
         model = BUILTIN_MODELS[spec](num_classes, tuple(input_shape))
     elif isinstance(parsed, FileSpec) and parsed.kind == "hf":
-        from pipeline.hf import build_classifier
-
-        model = build_classifier(parsed.path, num_classes)
+        model = _hf().build_from_folder(parsed.path, num_classes)
     elif isinstance(parsed, FileSpec) and parsed.kind in SAVED_PROGRAMS:
         model = _saved_program(parsed.kind, Path(parsed.path))
     elif isinstance(parsed, BuiltinSpec) and parsed.name in PARAMETRIC_MODELS:

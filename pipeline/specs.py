@@ -63,12 +63,13 @@ class BuiltinSpec:
 
 @dataclass(frozen=True)
 class FileSpec:
-    """A file or folder: `hf:FOLDER`, `torchscript:FILE`, `export:FILE`, `text:PATH,key=value,...`
-    (a kind, then the path), or a data file named by its suffix (`path/to/file.npz`, kind npz)."""
+    """A file or folder: `hf:FOLDER`, `torchscript:FILE`, `export:FILE`, `text:PATH,key=value,...`,
+    `corpus:PATH,key=value,...` (a kind, then the path), or a data file named by its suffix
+    (`path/to/file.npz`, kind npz)."""
 
     kind: str
     path: str
-    options: tuple[str, ...] = ()  # text's key=value options
+    options: tuple[str, ...] = ()  # the key=value options of a kind in OPTION_KINDS
 
     def __str__(self) -> str:
         if self.kind in FILE_SUFFIXES.values():
@@ -110,8 +111,10 @@ class FactorySpec:
 
 
 Spec = BuiltinSpec | FileSpec | FactorySpec
-# Specs that name a file or folder after their kind (FileSpec); `text` alone has options after it.
-PATH_KINDS = ("hf", "torchscript", "export", "text")
+# Specs that name a file or folder after their kind (FileSpec); those of OPTION_KINDS have
+# key=value options after it, split on commas.
+PATH_KINDS = ("hf", "torchscript", "export", "text", "corpus")
+OPTION_KINDS = ("text", "corpus")
 # Data files named by their suffix alone, and the kind each is.
 FILE_SUFFIXES = {".npz": "npz"}
 # Each form, as help text and errors name it.
@@ -119,7 +122,8 @@ MODEL_FORMS = ("hf:FOLDER", "torchscript:FILE", "export:FILE", "package.module:f
 DATASET_FORMS = ("a .npz file", "package.module:factory", "path/to/file.py:factory")
 # The built-in datasets as the CLI's help shows them: the registry (pipeline.datasets) loads
 # torch, which the CLI must not pay for at start-up; a test holds the two the same.
-DATASET_BUILTINS_HELP = ("mnist-5k", "digits", "synthetic[:k=v,..]", "stdlib-bytes[:k=v,..]", "text:PATH,tokenizer=hf:FOLDER")
+DATASET_BUILTINS_HELP = ("mnist-5k", "digits", "synthetic[:k=v,..]", "stdlib-bytes[:k=v,..]", "text:PATH,tokenizer=hf:FOLDER",
+                         "corpus:PATH,tokenizer=hf:FOLDER,seq=N")
 
 
 def either(forms: Collection[str]) -> str:
@@ -128,7 +132,8 @@ def either(forms: Collection[str]) -> str:
     return f"{', '.join(first)} or {last}" if first else last
 
 
-MODEL_HELP = f"Model spec: a built-in name, {either(MODEL_FORMS)}."
+MODEL_HELP = (f"Model spec: a built-in name or parametric built-in (mlp:width=W, gpt2:layers=N,dim=D,heads=H,vocab=V), "
+              f"{either(MODEL_FORMS)} (a causal LM folder gives logits per token).")
 DATASET_HELP = f"Dataset spec: {either((*DATASET_BUILTINS_HELP, *DATASET_FORMS))}."
 
 
@@ -138,7 +143,7 @@ def parse_spec(spec: str, parametric: Collection[str] = ()) -> Spec:
     Whether a built-in name exists is the resolver's to say (pipeline.models, pipeline.datasets)."""
     kind, colon, rest = spec.partition(":")
     if kind in PATH_KINDS and colon:
-        path, *options = rest.split(",") if kind == "text" else (rest,)
+        path, *options = rest.split(",") if kind in OPTION_KINDS else (rest,)
         return FileSpec(kind, path, tuple(options))
     suffix = next((s for s in FILE_SUFFIXES if spec.endswith(s)), None)
     if suffix is not None:

@@ -46,7 +46,7 @@ import zarr
 from stages import storage
 from stages.augment import Augmentation, resolved, view_seeds
 from stages.cache.format import (
-    ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, stored_rows, teacher_outputs,
+    ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, teacher_rows,
 )
 from stages.cache.reader import prefetch
 from stages.cache.writer import CacheWriter, writing
@@ -54,7 +54,7 @@ from stages.config import CacheTeacherConfig  # defined there, torch-free, for t
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
-    Progress, autocast, check_labels_fit, config_dict, one_blas_thread_beside_torch, output_shape,
+    Progress, check_labels_fit, config_dict, one_blas_thread_beside_torch, output_shape,
     require, resolve_device, torch_threads,
 )
 from stages.storage import CacheLocation
@@ -116,6 +116,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     )
     if config.chunk_rows is None:
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
+    _check_size(layout, config.max_gib)
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}
     with writing(config.out, layout, provenance, overwrite=config.overwrite) as writer:
@@ -231,6 +232,22 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
     }
 
 
+def _check_size(layout: Layout, max_gib: float) -> None:
+    """Say what the cache will take before computing it, and refuse one over `max_gib`: a dense
+    token cache at a language model's vocabulary is 2 bytes per class per token (a 150k
+    vocabulary over a billion tokens is 300 TB)."""
+    per_token = layout.row_bytes / (layout.tokens or 1)
+    total = layout.row_bytes * layout.num_samples
+    unit = "token position" if layout.tokens else "row"
+    log.info("soft labels: %s bytes per %s, %.3g GiB in all (uncompressed)", f"{per_token:,.0f}", unit, total / 2**30)
+    if max_gib and total > max_gib * 2**30:
+        raise InputError(
+            f"this cache's soft labels would take {total / 2**30:,.1f} GiB ({per_token:,.0f} bytes per {unit} over "
+            f"{layout.num_samples * (layout.tokens or 1):,} {unit}s), more than `max_gib` {max_gib:g}: keep the top k "
+            "classes (`format` topk, `top_k` K) or raise `max_gib` (0: no limit)"
+        )
+
+
 def _teacher_pass(
     config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, lengths: np.ndarray | None,
     augmentation: Augmentation | None, writer: CacheWriter, device: torch.device, missing: list[int], progress: Progress | None,
@@ -260,15 +277,10 @@ def _teacher_pass(
         batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
     for start, inputs in prefetch(batches, depth=2):
         count = len(inputs) // (views or 1)
+        batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + count])
         with torch.inference_mode():
-            with autocast(config.amp, device):
-                logits, features = teacher_outputs(teacher, inputs.to(device, non_blocking=cuda), writer.layout)
-            if views is not None:  # the views of a sample are adjacent: (B * V, ...) -> (B, V, ...)
-                logits = logits.reshape(count, views, *logits.shape[1:])
-                features = None if features is None else features.reshape(count, views, -1)
-            batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + count])
-            stored = stored_rows(logits.float().div_(config.temperature), writer.layout, batch_lengths,
-                                 None if features is None else features.float())
+            stored = teacher_rows(teacher, inputs.to(device, non_blocking=cuda), writer.layout, config.temperature,
+                                  config.amp, batch_lengths)
         if cuda:
             host = {}
             for name, values in stored.items():

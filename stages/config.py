@@ -95,6 +95,7 @@ class CacheTeacherConfig:
     workers: int = 0  # >0: compute the chunks on a local dask cluster of this many worker processes
     scheduler: str | None = None  # address of a running dask.distributed scheduler whose workers compute the chunks
     num_classes: int | None = None  # for building the teacher when the split has no labels to count classes by
+    max_gib: float = 100.0  # refuse a cache whose soft labels would take more (0: no limit)
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -103,6 +104,8 @@ class CacheTeacherConfig:
         if self.num_classes is not None:  # one class has nothing to distil: its softmax is 1
             check_range("num_classes", self.num_classes, 2, MAX_CLASSES)
         check_range("view_seed", self.view_seed, 0, MAX_VIEW_SEED)
+        if not (self.max_gib >= 0 and math.isfinite(self.max_gib)):
+            raise InputError(f"`max_gib` must be a number of GiB >= 0 (0: no limit), got {self.max_gib}")
         if self.dtype not in DTYPES:
             raise InputError(f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.codec not in CODECS:

@@ -58,6 +58,9 @@ class TensorSplit:
     num_classes: int | None
     lengths: np.ndarray | None = None  # sequences: valid tokens per sample
     class_names: tuple[str, ...] | None = None  # what each class number stands for, where known
+    # A hash of what made the inputs beyond their values (a tokenizer's vocabulary and settings):
+    # part of the fingerprint, so a cache made through another tokenizer is refused.
+    source_sha256: str | None = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -199,7 +202,9 @@ def fingerprint(split: Split) -> dict:
     inputs = inputs_at(split, sample_index).to(torch.float32).contiguous().numpy() if n else np.zeros(0)
     labels = split.labels
     lengths = getattr(split, "lengths", None)
+    source = getattr(split, "source_sha256", None)
     return {
+        **({"source_sha256": source} if source is not None else {}),  # absent for older caches' splits
         "num_samples": n,
         "labels_sha256": None if labels is None else sha256(np.ascontiguousarray(labels, dtype=np.int64)),
         "lengths_sha256": None if lengths is None else sha256(np.ascontiguousarray(lengths, dtype=np.int64)),

@@ -20,13 +20,12 @@ import zarr
 from stages import storage
 from stages.augment import Augmentation, view_seeds
 from stages.cache.format import (
-    FORMAT, SCHEMA_VERSION, Layout, array_problems, dataset_size, is_cache, malformed_attributes, row_problem, stored_rows,
-    teacher_outputs,
+    FORMAT, SCHEMA_VERSION, Layout, array_problems, dataset_size, is_cache, malformed_attributes, row_problem, teacher_rows,
 )
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
 from stages.kinds import KINDS
-from stages.runtime import AMP_DTYPES, autocast
+from stages.runtime import AMP_DTYPES
 from stages.storage import CacheLocation
 from stages.weights import weights_fingerprint
 
@@ -181,14 +180,19 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
     lengths = None if layout.tokens is None else torch.from_numpy(sequence_lengths(split, layout.tokens)[index])
     teacher = teacher.to(device).eval()
     amp = attrs.get("teacher_amp", "none")
-    with torch.inference_mode():
-        with autocast(amp, device):  # as the teacher ran when caching
-            logits, features = teacher_outputs(teacher, inputs.to(device), layout)
-        if layout.views is not None:
-            logits = logits.reshape(len(rows), layout.views, *logits.shape[1:])
-            features = None if features is None else features.reshape(len(rows), layout.views, -1)
-        fresh_logits = logits.float() / attrs["temperature"]
-        fresh_rows = stored_rows(fresh_logits, layout, lengths, None if features is None else features.float())
+    padding = None if lengths is None else np.arange(layout.tokens) >= lengths.numpy()[:, None]
+    pairs: list[dict[str, tuple]] = []
+    by_positions = layout.tokens is not None and layout.views is None  # how teacher_rows may cut a batch
+
+    def check_piece(first: int, over_t: torch.Tensor, _rows) -> None:
+        # What may legitimately differ in order (near-ties in a top k) is compared by value, piece by piece.
+        positions = slice(first, first + over_t.shape[1]) if by_positions else slice(None)
+        pairs.append(layout.soft_kind.verify_pairs({name: values[:, positions] for name, values in stored.items()},
+                                                   over_t.to(getattr(torch, layout.dtype)),
+                                                   None if padding is None else padding[:, positions]))
+
+    with torch.inference_mode():  # exactly as the teacher ran when caching (amp, pieces)
+        fresh_rows = teacher_rows(teacher, inputs.to(device), layout, attrs["temperature"], amp, lengths, check_piece)
         fresh = {name: values.cpu().numpy() for name, values in fresh_rows.items()}
     # Storage rounds to the cache's dtype: allow that rounding (relative) plus a little for
     # kernels that differ between batch compositions or devices; under autocast, reduced
@@ -198,8 +202,9 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
         eps = max(eps, 4 * float(torch.finfo(AMP_DTYPES[amp]).eps))
     compared = {name: (fresh[name].astype(np.float32), stored[name].astype(np.float32)) for name in layout.float_arrays
                 if name in stored}
-    padding = None if lengths is None else np.arange(layout.tokens) >= lengths.numpy()[:, None]
-    compared.update(layout.soft_kind.verify_pairs(stored, fresh_logits.to(getattr(torch, layout.dtype)), padding))
+    for name in pairs[0]:
+        compared[name] = tuple(np.concatenate([piece[name][i] for piece in pairs], axis=1 if by_positions else 0)
+                               for i in range(2))
     report.max_abs_diff = max(float(np.abs(a - b).max()) for a, b in compared.values())
     bad = [name for name, (a, b) in compared.items() if not (np.abs(a - b) <= 1e-3 + eps * np.abs(a)).all()]
     recorded = (attrs.get("teachers") or [{}])[0].get("weights_sha256")

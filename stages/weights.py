@@ -23,6 +23,14 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Write the model's state dict, atomically (a crash leaves no half file): safetensors for a
     .safetensors path, otherwise a plain PyTorch state dict (readable with weights_only=True)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # safetensors refuses tensors that share memory (tied input and output embeddings, as in
+    # GPT-2): each name gets its own copy, and loading ties them again through the model.
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            state[name] = tensor.clone()
+        seen.add(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, save(state) if path.suffix == ".safetensors" else serialised(state))

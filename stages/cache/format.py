@@ -22,6 +22,7 @@ schema 2 caches (no checksums, no dimension names) as schema 3.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -32,6 +33,7 @@ import zarr
 from stages.config import CODECS, DTYPES
 from stages.errors import InputError, PipelineError
 from stages.kinds import KINDS, ArraySpec, Kind, Rows
+from stages.runtime import autocast
 from stages.storage import CacheLocation
 
 FORMAT = "distill-cache"
@@ -65,7 +67,8 @@ def now_iso() -> str:
 def is_cache(path: CacheLocation) -> bool:
     try:
         return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
-    except (FileNotFoundError, ValueError, OSError, zarr.errors.NodeTypeValidationError):
+    # TypeError, AttributeError: a zarr.json that is JSON but not a zarr document ([], null)
+    except (FileNotFoundError, ValueError, OSError, TypeError, AttributeError, zarr.errors.NodeTypeValidationError):
         return False
 
 
@@ -201,18 +204,65 @@ class Layout:
         )
 
 
-def teacher_outputs(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The teacher's logits for a batch, and its features (B, F) when `layout` caches them."""
-    if layout.features is None:
-        return teacher(inputs), None
-    return teacher.logits_and_features(inputs)
+# A token-level batch's logits are reduced to the stored arrays piece by piece along the
+# positions, each piece (B, l, C) at most this many bytes as float32, when the teacher can give
+# its logits by positions (`hidden_and_head`, as pipeline.hf's causal LMs do): so the memory a
+# CPU teacher takes on the host, or a GPU one on its device, does not grow with B * L * C
+# (16 sequences of 1,024 tokens over a 70,000-token vocabulary are 4.6 GB of float32 logits).
+LOGIT_PIECE_BYTES = 64 * 2**20
+
+# Called with each piece: (first position, the teacher's logits / T, the stored rows of it).
+PieceHook = Callable[[int, torch.Tensor, dict[str, torch.Tensor]], None]
+
+
+def teacher_rows(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout, temperature: float, amp: str,
+                 lengths: torch.Tensor | None = None, each_piece: PieceHook | None = None) -> dict[str, torch.Tensor]:
+    """The soft-label (and feature) arrays a cache of `layout` stores for a batch of inputs, on
+    the teacher's device: its forward under `amp` autocast, logits / T rounded and encoded by the
+    kind (stored_rows). Call it under torch.inference_mode. A teacher with
+    `hidden_and_head(inputs) -> (hidden states (B, L, H), head)` on a token-level layout gives its
+    logits in pieces along the positions (LOGIT_PIECE_BYTES), each reduced before the next."""
+    split_forward = getattr(teacher, "hidden_and_head", None)
+    device = inputs.device
+    if split_forward is None or layout.tokens is None or layout.features is not None or layout.views is not None:
+        with autocast(amp, device):
+            if layout.features is None:
+                logits, features = teacher(inputs), None
+            else:
+                logits, features = teacher.logits_and_features(inputs)
+        if layout.views is not None:  # the views of a sample are adjacent: (B * V, ...) -> (B, V, ...)
+            count = len(inputs) // layout.views
+            logits = logits.reshape(count, layout.views, *logits.shape[1:])
+            features = None if features is None else features.reshape(count, layout.views, -1)
+        pieces = [(0, logits, features)]
+    else:
+        with autocast(amp, device):
+            hidden, head = split_forward(inputs)
+        step = max(1, LOGIT_PIECE_BYTES // (len(inputs) * layout.num_classes * 4))
+
+        def piece(first: int) -> torch.Tensor:
+            with autocast(amp, device):
+                return head(hidden[:, first : first + step])
+
+        pieces = ((first, piece(first), None) for first in range(0, hidden.shape[1], step))
+    parts = []
+    for first, logits, features in pieces:
+        over_t = logits.float().div_(temperature)
+        rows = stored_rows(over_t, layout, lengths, None if features is None else features.float(), first_position=first)
+        if each_piece is not None:
+            each_piece(first, over_t, rows)
+        parts.append(rows)
+    if len(parts) == 1:
+        return parts[0]
+    return {name: torch.cat([part[name] for part in parts], dim=1) for name in parts[0]}  # along the positions
 
 
 def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tensor | None = None,
-                features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                features: torch.Tensor | None = None, first_position: int = 0) -> dict[str, torch.Tensor]:
     """The soft-label arrays a cache of `layout` stores for a batch of teacher logits / T
-    ((B, C), or (B, L, C) for a token-level cache), computed on the logits' device, and the
-    teacher's `features` (B, F) as they are (not divided by T), for a layout with features.
+    ((B, C), or (B, L, C) for a token-level cache: positions `first_position` onwards), computed
+    on the logits' device, and the teacher's `features` (B, F) as they are (not divided by T),
+    for a layout with features.
 
     Values are rounded to the cache dtype first, and a top-k row's log-sum-exp is taken over the
     whole rounded row: so exp(value - logsumexp) is exactly the probability a dense cache of the
@@ -221,7 +271,8 @@ def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tens
     says about padding is not part of the cache (and would differ between teachers' masks)."""
     rounded = logits_over_t.to(getattr(torch, layout.dtype))
     padding = None if lengths is None else (
-        torch.arange(rounded.shape[1], device=rounded.device) >= lengths.to(rounded.device).unsqueeze(1))
+        torch.arange(first_position, first_position + rounded.shape[1], device=rounded.device)
+        >= lengths.to(rounded.device).unsqueeze(1))
     rows = layout.soft_kind.encode(rounded, layout, padding)
     if layout.features is not None:
         if features is None:

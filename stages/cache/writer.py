@@ -120,6 +120,8 @@ class CacheWriter:
         Rows of one chunk must not straddle another chunk's range within one call."""
         self._raise_writer_error()
         count = len(next(iter(rows.values())))
+        if start < 0 or start + count > self.grid.num_samples:  # else the loop below would never end
+            raise PipelineError(f"internal: rows [{start}, {start + count}) written to a cache of {self.grid.num_samples} rows")
         position = start
         while position < start + count:
             chunk = position // self.grid.chunk_rows

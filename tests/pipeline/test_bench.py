@@ -7,20 +7,28 @@ import math
 from pipeline import bench
 from tests.conftest import invoke
 
-TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2)
+TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2, lm_vocab=0)
 TINY_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+# Section 8 (cache-teacher's memory with a language model's vocabulary), small: 4 processes.
+TINY_LM = ["--lm-vocab=3000", "--lm-seq=16"]
 
 
 def test_bench_reports_every_ratio(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "THREAD_TURNS", 1)
-    code, out, err = invoke("bench", *TINY_OPTIONS, "--json", "--keep", tmp_path / "bench")
+    code, out, err = invoke("bench", *TINY_OPTIONS, *TINY_LM, "--json", "--keep", tmp_path / "bench")
     assert code == 0, err
     report = json.loads(out)
     assert set(report["ratios"]) == {
         "cache_vs_forward", "student_cache_vs_memory", "student_cache_vs_hard_labels", "student_cache_vs_online_kd",
         "memory_10x_vs_1x", "shuffled_vs_sequential_reads", "checksummed_vs_plain_reads", "loaded_threads_chosen_vs_one",
-        "loaded_threads_every_core_vs_one", "quiet_threads_chosen_vs_every_core",
+        "loaded_threads_every_core_vs_one", "quiet_threads_chosen_vs_every_core", "lm_teacher_memory_8x_batch",
+        "lm_teacher_memory_8x_batch_whole_logits",
     }
+    lm = report["lm_teacher_memory"]
+    assert (lm["vocab"], lm["seq"]) == (3000, 16) and set(lm) == {"vocab", "seq", "in_pieces", "whole_batch"}
+    for arm in ("in_pieces", "whole_batch"):
+        small, large = (lm[arm][f"batch_{b}"] for b in bench.LM_BATCHES)
+        assert large["logits_mb_per_batch"] == 8 * small["logits_mb_per_batch"] and small["peak_rss_mb"] > 100
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in report["ratios"].values())
     assert set(report["meets_targets"]) == set(report["targets"]) and all(isinstance(v, bool) for v in report["meets_targets"].values())
     assert report["memory"]["10x"]["cache_rows"] == 10 * report["memory"]["1x"]["cache_rows"] == 6000

@@ -1,0 +1,163 @@
+"""Token caches at the vocabulary sizes language models have: a GPT-2 written with
+`save_pretrained` (transformers, offline) as the `hf:` teacher, with 8,192 and 70,000 output
+classes (uint16 and uint32 class indices), over real text (the standard library's bytes) in
+sequences that end early (padding). Made, verified, killed and resumed bit for bit, trained from,
+and with host memory that does not grow with batch x positions x vocabulary."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.datasets import resolve_dataset
+from pipeline.models import resolve_model
+from stages.cache import format as cache_format
+from tests.conftest import assert_same_cache, invoke, invoke_json
+
+transformers = pytest.importorskip("transformers")
+
+SEQ, T, K = 16, 2.0, 8
+# Real text: 3,000 training bytes of the standard library in sequences of 16, each file's last
+# one shorter (its length recorded, the rest padding).
+DATA = f"stdlib-bytes:seq={SEQ},train=3000,test=600"
+
+
+@pytest.fixture(scope="module", params=[8192, 70_000], ids=["v8192", "v70000"])
+def gpt2(request, tmp_path_factory):
+    """A one-layer GPT-2 with `vocab` outputs, trained briefly on the bytes (so that its top k are
+    the bytes that follow, and its padded classes beyond 255 are unlikely), saved as a folder."""
+    vocab = request.param
+    folder = tmp_path_factory.mktemp(f"gpt2-{vocab}")
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    train = resolve_dataset(DATA).split("train")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    targets = torch.from_numpy(train.labels)
+    valid = torch.arange(SEQ)[None, :] < torch.from_numpy(train.lengths)[:, None]
+    for start in range(0, len(train), 16):
+        logits = model(input_ids=train.x[start : start + 16]).logits
+        loss = torch.nn.functional.cross_entropy(logits[valid[start : start + 16]], targets[start : start + 16][valid[start : start + 16]])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder / "teacher")
+    return {"vocab": vocab, "folder": folder, "teacher": f"hf:{folder / 'teacher'}", "train": train}
+
+
+def _cache(gpt2, out, *extra, teacher=None):
+    return invoke_json("cache-teacher", "--teacher", teacher or gpt2["teacher"], "--dataset", DATA, "--format", "topk",
+                       "--top-k", K, "--temperature", T, "--chunk-rows", 32, "--batch-size", 16, "--device", "cpu",
+                       "--out", out, *extra)
+
+
+def test_an_hf_causal_lm_is_cached_per_token_with_its_own_logits_at_the_kept_classes(gpt2, tmp_path):
+    result = _cache(gpt2, tmp_path / "c.zarr")
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert result["num_classes"] == gpt2["vocab"] and group.attrs["row_shape"] == [SEQ, K]
+    assert group["topk_indices"].dtype == np.dtype("uint16" if gpt2["vocab"] <= 65536 else "uint32")
+    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2["folder"] / "teacher").eval()
+    train = gpt2["train"]
+    lengths = train.lengths
+    with torch.no_grad():  # the model's own forward, with the padding masked
+        mask = (torch.arange(SEQ)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+        logits = model(input_ids=train.x, attention_mask=mask).logits.double() / T
+    valid = mask.bool().numpy()
+    assert (~valid).any(), "no sequence ends early: padding is not tested"
+    indices = group["topk_indices"][:].astype(np.int64)
+    at_kept = torch.gather(logits, -1, torch.from_numpy(indices)).numpy()
+    np.testing.assert_allclose(group["topk_values"][:][valid], at_kept[valid], rtol=2e-3, atol=2e-3)  # float16 storage
+    # The kept classes are the K largest (near-ties within float16 rounding may swap places).
+    np.testing.assert_allclose(at_kept[valid], logits.topk(K, dim=-1).values.numpy()[valid], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(group["logsumexp"][:][valid], torch.logsumexp(logits, -1).numpy()[valid], rtol=1e-3, atol=1e-3)
+    assert (group["topk_values"][:][~valid] == 0).all() and (indices[~valid] == 0).all()
+    report = invoke_json("verify", tmp_path / "c.zarr", "--teacher", gpt2["teacher"], "--samples", 40)
+    assert report["ok"], report
+
+
+def test_a_killed_cache_resumes_bit_for_bit_and_a_gpt2_and_an_hf_student_train_from_it(gpt2, tmp_path):
+    # The teacher SIGKILLs its process on its 4th pass (hooked on the transformer: cache-teacher
+    # calls it and the output layer apart), after some chunks are written.
+    marker = tmp_path / "killed-once"
+    (tmp_path / "dying.py").write_text(textwrap.dedent(f"""
+        import os, signal, time
+        from pipeline.models import resolve_model
+
+        def build(num_classes, input_shape):
+            model = resolve_model({gpt2["teacher"]!r}, num_classes=num_classes, input_shape=input_shape)
+            calls = []
+
+            def maybe_die(module, inputs):
+                calls.append(1)
+                if len(calls) == 4 and not os.path.exists({str(marker)!r}):
+                    open({str(marker)!r}, "w").close()
+                    time.sleep(1)  # lets the background writer store what is finished
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            model.model.base_model.register_forward_pre_hook(maybe_die)
+            return model
+    """))
+    teacher = f"{tmp_path / 'dying.py'}:build"
+    args = [sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", teacher, "--dataset", DATA, "--format", "topk",
+            "--top-k", K, "--temperature", T, "--chunk-rows", 32, "--batch-size", 16, "--device", "cpu", "--out",
+            tmp_path / "killed.zarr"]
+    killed = subprocess.run(list(map(str, args)), capture_output=True, text=True)
+    assert killed.returncode == -9 and marker.exists(), killed.stderr
+    done = zarr.open_group(str(tmp_path / "killed.zarr"), mode="r")["chunk_done"][:]
+    assert 0 < done.sum() < len(done), "the kill left no partial cache to resume"
+    resumed = _cache(gpt2, tmp_path / "killed.zarr", teacher=teacher)
+    assert resumed["chunks_computed"] == len(done) - done.sum()
+    _cache(gpt2, tmp_path / "whole.zarr", teacher=teacher)
+    assert_same_cache(tmp_path / "whole.zarr", tmp_path / "killed.zarr")
+
+    # The student: a fresh built-in GPT-2 at one size, an hf: folder written by save_pretrained at the other.
+    vocab = gpt2["vocab"]
+    if vocab == 8192:
+        student = f"gpt2:layers=1,dim=16,heads=2,vocab={vocab}"
+    else:
+        small = transformers.GPT2Config(vocab_size=vocab, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2)
+        transformers.GPT2LMHeadModel(small).save_pretrained(tmp_path / "student")
+        student = f"hf:{tmp_path / 'student'}"
+    run = invoke_json("train-student", "--student", student, "--cache", tmp_path / "whole.zarr", "--epochs", 4,
+                      "--lr", 1e-2, "--batch-size", 16, "--device", "cpu", "--out", tmp_path / "run")
+    assert run["test_tokens"] > 0 and run["test_nll"] < 0.8 * math.log(vocab), run  # it learned the bytes
+
+
+def test_a_dense_token_cache_over_the_size_limit_is_refused_with_its_size_and_nothing_written(gpt2, tmp_path):
+    code, _, err = invoke("cache-teacher", "--teacher", gpt2["teacher"], "--dataset", DATA, "--temperature", T,
+                          "--device", "cpu", "--out", tmp_path / "dense.zarr", "--max-gib", 0.01)
+    per_token = gpt2["vocab"] * 2  # float16 per class
+    total = per_token * len(gpt2["train"]) * SEQ
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{total / 2**30:,.1f} GiB ({per_token:,} bytes per token position" in err and "--max-gib" in err, err
+    assert not (tmp_path / "dense.zarr").exists()
+
+
+def test_logits_in_pieces_along_the_positions_equal_the_whole_batch(gpt2, monkeypatch):
+    """A batch's logits are reduced a few positions at a time (LOGIT_PIECE_BYTES): the stored rows
+    are those of the whole batch at once."""
+    from pipeline.hf import HFCausalLM
+
+    train = gpt2["train"]
+    teacher = resolve_model(gpt2["teacher"], num_classes=256, input_shape=(SEQ,)).eval()
+    assert hasattr(teacher, "hidden_and_head")
+    whole_batch = HFCausalLM(teacher.model).eval()  # the same model, its logits in one piece
+    layout = cache_format.Layout(kind="topk", num_samples=len(train), num_classes=gpt2["vocab"], chunk_rows=32,
+                                 dtype="float16", codec="none", top_k=K, tokens=SEQ)
+    lengths = torch.from_numpy(train.lengths[:16]).to(torch.int32)
+    with torch.inference_mode():
+        whole = cache_format.teacher_rows(whole_batch, train.x[:16], layout, T, "none", lengths)
+        monkeypatch.setattr(cache_format, "LOGIT_PIECE_BYTES", 16 * gpt2["vocab"] * 4 * 3)  # 3 positions a piece
+        seen = []
+        pieces = cache_format.teacher_rows(teacher, train.x[:16], layout, T, "none", lengths,
+                                           lambda first, logits, rows: seen.append((first, logits.shape[1])))
+    assert seen == [(first, min(3, SEQ - first)) for first in range(0, SEQ, 3)]
+    for name in whole:
+        torch.testing.assert_close(pieces[name], whole[name], rtol=1e-3, atol=1e-3)
