@@ -164,8 +164,8 @@ PARAMETRIC_MODELS = {
     # A fresh GPT-2 (transformers' GPT2Config, nothing downloaded); vocab 0: the data's class count.
     "gpt2": (lambda *args, **params: _hf().build_gpt2(*args, **params), {"layers": 4, "dim": 256, "heads": 4, "vocab": 0}),
 }
-# Parameters of a parametric model that may be 0 (and mean "the data's") or a padding id.
-ZERO_ALLOWED = ("pad", "vocab")
+# The parameters that may be 0: a padding id, and "the data's" vocabulary; every other is at least 1.
+MAY_BE_ZERO = {"lstm": ("pad",), "gpt2": ("vocab",)}
 
 
 def _hf():
@@ -179,8 +179,10 @@ def _parametric(name: str, args: str, num_classes: int, input_shape: tuple[int, 
     """`mlp:width=W,depth=D` or `bytelm:dim=D,layers=N,heads=H`: any size (for sweeps and benchmarks)."""
     build, defaults = PARAMETRIC_MODELS[name]
     params = whole_number_parameters("model", name, args, defaults)
-    if min(v for k, v in params.items() if k not in ZERO_ALLOWED) < 1 or min((params.get(k, 0) for k in ZERO_ALLOWED)) < 0:
-        raise InputError(f"model spec {name}:{args}: {', '.join(k for k in defaults if k not in ZERO_ALLOWED)} must be at least 1")
+    zero = MAY_BE_ZERO.get(name, ())
+    if any(value < (0 if key in zero else 1) for key, value in params.items()):
+        bounds = f"{', '.join(k for k in defaults if k not in zero)} must be at least 1"
+        raise InputError(f"model spec {name}:{args}: {bounds}{''.join(f' and {k} at least 0' for k in zero)}")
     return build(num_classes, input_shape, **params)
 
 

@@ -23,7 +23,8 @@ BUILTINS = {
 }
 
 
-@pytest.mark.parametrize("name", [name for name in BUILTIN_DATASETS if name != "text"])
+# text: and corpus: read the user's files through a tokenizer: tests/pipeline/test_text.py and test_corpus.py.
+@pytest.mark.parametrize("name", [name for name in BUILTIN_DATASETS if name not in ("text", "corpus")])
 def test_each_builtin_dataset_resolves_into_train_and_test_splits_of_its_shape_and_classes(name):
     if name not in BUILTINS:
         pytest.fail(f"the built-in dataset {name!r} has no expectations in this test: add them")
@@ -56,7 +57,7 @@ def test_each_builtin_dataset_resolves_into_train_and_test_splits_of_its_shape_a
 # Each case: the test's folder -> (dataset spec, words of the one error line).
 BAD_SPECS = {
     "unknown name": lambda t: ("imagenet-99", "unknown dataset spec 'imagenet-99'; use a built-in "
-                               "(mnist-5k, digits, synthetic, stdlib-bytes, text), a .npz file, package.module:factory "
+                               f"({', '.join(BUILTIN_DATASETS)}), a .npz file, package.module:factory "
                                "or path/to/file.py:factory"),
     "synthetic with one class": lambda t: ("synthetic:classes=1", "synthetic dataset: need n >= 1, test >= 0, features >= 1, classes >= 2"),
     "synthetic without training rows": lambda t: ("synthetic:n=0", "synthetic dataset: need n >= 1"),

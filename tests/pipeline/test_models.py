@@ -87,6 +87,7 @@ MODELS = {
     "mlp": ("mlp:width=5,depth=3", (6,), False, (2, 7)),
     "bytelm": ("bytelm:dim=8,layers=1,heads=2", (9,), True, (2, 9, 7)),
     "lstm": ("lstm:vocab=30,dim=4,hidden=3", (9,), True, (2, 7)),
+    "gpt2": ("gpt2:layers=1,dim=8,heads=2", (9,), True, (2, 9, 7)),
 }
 
 
@@ -145,7 +146,8 @@ def test_a_model_built_for_inputs_of_another_kind_is_refused_when_built(spec, sh
     ("mlp:depth=0", "model spec mlp:depth=0: width, depth must be at least 1"),
     ("bytelm:heads=0", "model spec bytelm:heads=0: dim, layers, heads must be at least 1"),
     ("lstm:layers=0", "model spec lstm:layers=0: vocab, dim, hidden, layers must be at least 1"),
-    ("lstm:pad=-1", "model spec lstm:pad=-1: "),
+    ("lstm:pad=-1", "model spec lstm:pad=-1: vocab, dim, hidden, layers must be at least 1 and pad at least 0"),
+    ("gpt2:vocab=-1", "model spec gpt2:vocab=-1: layers, dim, heads must be at least 1 and vocab at least 0"),
 ])
 def test_parametric_models_refuse_sizes_below_one(spec, words):
     with pytest.raises(InputError) as caught:
@@ -158,7 +160,8 @@ def test_an_unknown_model_spec_names_every_builtin_and_form():
         resolve_model("resnet-9000", num_classes=3, input_shape=(4,))
     message = str(caught.value)
     assert message.startswith("unknown model spec 'resnet-9000'; use a built-in (")
-    parametric = ["mlp:width=W,depth=D", "bytelm:dim=D,layers=L,heads=H", "lstm:vocab=V,dim=D,hidden=H,layers=L,pad=P"]
+    parametric = ["mlp:width=W,depth=D", "bytelm:dim=D,layers=L,heads=H", "lstm:vocab=V,dim=D,hidden=H,layers=L,pad=P",
+                  "gpt2:layers=L,dim=D,heads=H,vocab=V"]
     for name in [*BUILTIN_MODELS, *parametric, *MODEL_FORMS]:
         assert name in message, name
     with pytest.raises(InputError, match="unknown model spec 'cnn:width=3'"):  # a fixed built-in takes no parameters
