@@ -377,6 +377,7 @@ def train_teacher_command(
     augment: TrainAugmentOption = field_default(TS, "augment"),
     device: DeviceOption = field_default(TS, "device"),
     overwrite: Annotated[bool, typer.Option(help="Replace existing weights at --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run (the .run folder beside --out) from its last checkpoint (same options required).")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Train a teacher on hard labels and save its weights, so that there is a teacher to cache.
@@ -396,7 +397,7 @@ def train_teacher_command(
     run_dir = out.with_suffix(".run") if out.suffix != ".run" else out.with_name(out.name + ".run")
     cfg = TS(
         model=names["model"], dataset=names["dataset"], out=run_dir, weights_out=out, alpha=0.0, epochs=epochs,
-        batch_size=batch_size, lr=lr, seed=seed, augment=augment, device=device, overwrite=overwrite,
+        batch_size=batch_size, lr=lr, seed=seed, augment=augment, device=device, overwrite=overwrite, resume=resume,
     )
     with _progress_bar("training (steps)") as progress:
         result = run_training(cfg, progress)

@@ -185,13 +185,20 @@ def _stdlib_from_args(args: str) -> dict[str, Split]:
 
 
 BUILTIN_DATASETS: dict[str, Callable[[str], dict[str, Split]]] = {
-    "mnist-5k": lambda args: _mnist_5k(),
-    "digits": lambda args: _digits(),
+    "mnist-5k": lambda args: _without_parameters("mnist-5k", args) or _mnist_5k(),
+    "digits": lambda args: _without_parameters("digits", args) or _digits(),
     "synthetic": _synthetic_from_args,
     "stdlib-bytes": _stdlib_from_args,
     "text": text_splits,
     "corpus": corpus_splits,
 }
+
+
+def _without_parameters(name: str, args: str) -> None:
+    """A fixed built-in takes no parameters: `digits:n=100` would otherwise load every digit
+    while the cache records n=100."""
+    if args:
+        raise InputError(f"dataset {name} takes no parameters, got {name}:{args}")
 
 
 def _npz(path: Path) -> dict[str, Split]:

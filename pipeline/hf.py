@@ -43,8 +43,16 @@ def checkpoint_folder(spec_path: str) -> Path:
     return folder
 
 
+# A folder holds a tokenizer when it has one of these (what tokenizer.save_pretrained writes).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def load_tokenizer(spec_path: str):
-    folder = checkpoint_folder(spec_path)
+    """The tokenizer in a folder (a model checkpoint's, or one that tokenizer.save_pretrained wrote)."""
+    folder = Path(spec_path)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer that turns every word into its unknown token
+        raise InputError(f"hf:{spec_path}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)})")
     library = transformers(f"the tokenizer hf:{spec_path}")
     try:
         tokenizer = library.AutoTokenizer.from_pretrained(folder, local_files_only=True)

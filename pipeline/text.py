@@ -68,6 +68,9 @@ def text_splits(args: str) -> dict[str, TensorSplit]:
     length = int(options["max_length"])
     splits = {}
     for split, items in rows.items():
+        if not items:  # an empty file: an empty split, which resolving it reports as such
+            splits[split] = TensorSplit(split, torch.zeros((0, length), dtype=torch.int64), None, len(names) or None)
+            continue
         encoded = tokenizer([row[field] for row in items], padding="max_length", truncation=True, max_length=length,
                             return_tensors="np")["input_ids"].astype(np.int64)
         labels = [row.get(label_field) for row in items]

@@ -335,3 +335,18 @@ def test_the_cli_starts_without_loading_heavy_modules():
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
     version = subprocess.run([sys.executable, "-m", "pipeline", "--version"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert version.returncode == 0 and version.stdout.startswith("pipeline ")
+
+
+def test_train_teacher_offers_resume_for_an_interrupted_run_and_resumes_it(tmp_path):
+    """The run folder beside the weights holds an unfinished run (as a kill after the last
+    checkpoint leaves it: no summary, no weights): the error names --resume, a flag train-teacher
+    has, and --resume finishes the run."""
+    args = ("train-teacher", "--model", "mlp-64", "--dataset", DATASET, "--epochs", "2", "--device", "cpu",
+            "--out", tmp_path / "t.safetensors")
+    assert invoke(*args)[0] == 0
+    (tmp_path / "t.safetensors").unlink()
+    (tmp_path / "t.run" / "summary.json").unlink()
+    code, _, err = invoke(*args)
+    assert code == 2 and "pass --resume to continue it" in err, err
+    code, _, err = invoke(*args, "--resume")
+    assert code == 0 and (tmp_path / "t.safetensors").is_file(), err

@@ -249,7 +249,7 @@ def bad(tmp_path, stdlib_512):
     ("corpus:{tmp}/one.txt,tokenizer=hf:{tok},seq=8,colour=blue", "bad option 'colour=blue'"),
     ("corpus:{tmp}/one.txt,tokenizer=hf:{tok},seq=8,field=", "field must name a JSON field"),
     ("corpus:{tmp}/one.txt,tokenizer={tok},seq=8", "give a Hugging Face tokenizer folder as hf:FOLDER"),
-    ("corpus:{tmp}/one.txt,tokenizer=hf:{tmp}/empty,seq=8", "not a transformers checkpoint folder"),
+    ("corpus:{tmp}/one.txt,tokenizer=hf:{tmp}/empty,seq=8", "no tokenizer in this folder"),
     ("corpus:{tmp}/one.txt,tokenizer=hf:{tmp}/no-eos,seq=8", "no end-of-text (eos) or separator token"),
     ("corpus:{tmp}/missing.jsonl,tokenizer=hf:{tok},seq=8", "corpus not found"),
     ("corpus:{tmp}/data.csv,tokenizer=hf:{tok},seq=8", "a corpus is a .txt or .jsonl file, or a folder of them"),

@@ -68,6 +68,7 @@ BAD_SPECS = {
     "npz without a train split": lambda t: (_npz(t, x_test=np.ones((4, 2)), y_test=np.arange(4)), "has no split 'train'"),
     "factory that fails": lambda t: (_factory(t, "raise ValueError('no such data')"),
                                      "failed for split 'train': ValueError: no such data"),
+    "parameters of a fixed built-in": lambda t: ("digits:n=100", "dataset digits takes no parameters, got digits:n=100"),
     "factory of something that is no dataset": lambda t: (_factory(t, "return 42"), "returned int, not a map-style Dataset"),
 }
 

@@ -183,3 +183,16 @@ def test_an_hf_model_refuses_float_inputs(bert_folder):
         model(torch.rand(2, 8))
     with pytest.raises(InputError, match="needs integer token ids"):
         model.logits_and_features(torch.rand(2, 8))
+
+
+def test_a_tokenizer_folder_loads_without_a_model_and_a_folder_without_one_is_refused(tmp_path, bert_folder):
+    """What tokenizer.save_pretrained writes is a tokenizer folder; a model checkpoint without
+    tokenizer files is no tokenizer (transformers would make an empty one, every word unknown)."""
+    from pipeline.hf import load_tokenizer
+
+    folder, _, tokenizer = bert_folder
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert load_tokenizer(str(tmp_path / "tokenizer"))("the cat")["input_ids"] == tokenizer("the cat")["input_ids"]
+    model_only = _copy_of(folder, tmp_path, "config.json", "model.safetensors")
+    with pytest.raises(InputError, match="no tokenizer in this folder"):
+        load_tokenizer(str(model_only))

@@ -181,6 +181,7 @@ TEXT_FILE_CASES = {
                                              "{path}: no train.jsonl, test.jsonl, train.csv or test.csv in this folder"),
     "labels of another type": lambda t: (_jsonl(t / "d.jsonl", [FINE, {"text": "a dog", "label": 1.5, "split": "train"}]), None,
                                          "{path}: labels must be whole numbers or strings"),
+    "empty split file": lambda t: (_file(_folder(t / "texts") / "train.jsonl", ""), None, None),
     "tokenizer not a folder": lambda t: (_jsonl(t / "d.jsonl", [FINE]), "bert-base-uncased",
                                          "tokenizer 'bert-base-uncased': give a Hugging Face tokenizer folder as hf:FOLDER"),
 }
@@ -190,6 +191,8 @@ TEXT_FILE_CASES = {
 def test_text_files_that_cannot_give_labelled_texts_per_split_are_one_line_errors(tmp_path, bert_folder, case):
     folder, _, _ = bert_folder
     path, tokenizer, message = TEXT_FILE_CASES[case](tmp_path)
+    if message is None:  # the split file given by the case, empty
+        path, message = path.parent, f"split 'train' of dataset text:{path.parent},tokenizer=hf:{folder} is empty"
     code, _, err = invoke("train-student", "--student", "mlp-64", "--dataset", f"text:{path},tokenizer={tokenizer or f'hf:{folder}'}",
                           "--out", tmp_path / "r")
     assert code == 2 and err.strip().splitlines() == [f"error: {message.format(path=path)}"], err
