@@ -54,6 +54,7 @@ from stages import cache_teacher, train_student
 from stages.cache import CacheReader, Rows, batch_bounds
 from stages.data import Split, input_shape
 from stages.errors import PipelineError
+from stages.online import OnlineTeacher
 from stages.runtime import one_blas_thread_beside_torch, resolve_device, seed_everything, torch_threads, training_threads
 from stages.storage import disk_usage
 from stages.weights import count_parameters, save_weights
@@ -138,7 +139,7 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
     for round_number in range(ROUNDS):
         for name in names[round_number % len(names):] + names[: round_number % len(names)]:  # rotate who goes first
             epochs[name] += _student_epochs(config, dataset, train, student_spec, sources[name], scratch / f"student-{name}")
-    epochs["online"] = _student_epochs(config, dataset, train, student_spec, OnlineTeacher(teacher, train, cache, device),
+    epochs["online"] = _student_epochs(config, dataset, train, student_spec, OnlineTeacher(teacher, train, config.temperature, device),
                                        scratch / "student-online")
     epoch_seconds = {name: statistics.median(values) for name, values in epochs.items()}
 
@@ -256,25 +257,6 @@ class InMemorySoftLabels:
         wanted = {k: v for k, v in self._rows.items() if names is None or k in names}
         for start, stop in batch_bounds(len(order), batch_size):
             yield {k: v[order[start:stop]] for k, v in wanted.items()}
-
-
-class OnlineTeacher:
-    """Online KD: the teacher computes every batch's soft labels as training goes (on the
-    batch prefetch thread, so it overlaps the student's step as a good online loop would)."""
-
-    def __init__(self, teacher: torch.nn.Module, split: Split, cache: CacheReader, device: torch.device):
-        self.attrs, self.temperature, self.num_classes, self.labelled = cache.attrs, cache.temperature, cache.num_classes, True
-        self.layout, self.soft_arrays, self.check_split = cache.layout, cache.soft_arrays, cache.check_split
-        self._teacher, self._split, self._device = teacher, split, device
-
-    def batches(self, batch_size: int, *, seed: int, epoch: int, **_) -> Iterator[Rows]:
-        order = np.random.default_rng([seed, epoch]).permutation(len(self._split))
-        for start, stop in batch_bounds(len(order), batch_size):
-            index = order[start:stop]
-            inputs = self._split.inputs(index)
-            with torch.inference_mode():
-                logits = (self._teacher(inputs.to(self._device)).float() / self.temperature).cpu().numpy()
-            yield {"index": index, "labels": self._split.labels[index], "logits": logits, "inputs": inputs}
 
 
 def _peak_rss_of_student(config: BenchConfig, scratch: Path, scale: int) -> dict:
