@@ -681,7 +681,7 @@ def demo_llm_command(
     student_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "student_epochs"),
     batch_size: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "batch_size"),
     top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a top-k cache arm (repeatable; default 8, 32 and 128).")] = None,
-    dense_reference: Annotated[bool, typer.Option(help="The dense-KD reference arm: a dense cache over the same rows (2 bytes per class per token).")] = True,
+    dense_max_gib: Annotated[float, typer.Option(min=0, help="The dense-KD reference arm is a dense cache over the same rows (2 bytes per class per token) up to this many GiB, else online KD.")] = field_default(LLMDemo, "dense_max_gib"),
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
@@ -692,7 +692,7 @@ def demo_llm_command(
 
     demo = LLMDemo(max_tokens=max_tokens, seq=seq, teacher=teacher, student=student, teacher_epochs=teacher_epochs,
                    student_epochs=student_epochs, batch_size=batch_size, top_ks=tuple(top_k or field_default(LLMDemo, "top_ks")),
-                   dense_reference=dense_reference)
+                   dense_max_gib=dense_max_gib)
     report = run_llm_demo(out, demo, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, llm_demo_table(report))
 
