@@ -1,9 +1,10 @@
 """The two stages' configs, typed and frozen, with the checks that run before any work starts,
-and the names those checks accept (cache kinds, dtypes, codecs, autocast modes, feature losses,
+and the names those checks accept (dtypes, codecs, autocast modes, feature losses,
 view policies), defined here once for the stages and the CLI.
 
-This module imports neither torch nor numpy nor zarr: the CLI takes its option defaults from
-these classes when it starts, and `pipeline --help` must not pay for loading torch. The stage
+This module imports neither torch nor numpy nor zarr when it loads: the CLI takes its option
+defaults from these classes when it starts, and `pipeline --help` must not pay for loading
+torch. Only checking `format` loads the kind registry (stages.kinds), and torch with it. The stage
 modules re-export their config (`stages.cache_teacher.CacheTeacherConfig`,
 `stages.train_student.TrainConfig`).
 """
@@ -17,7 +18,6 @@ from pathlib import Path
 from stages.errors import InputError
 from stages.storage import CacheLocation
 
-KINDS = ("dense", "topk")
 DTYPES = ("float16", "float32")
 # Codecs for the soft-label arrays (see stages.cache).
 CODECS = ("none", "zstd")
@@ -110,12 +110,16 @@ class CacheTeacherConfig:
             raise InputError(f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.codec not in CODECS:
             raise InputError(f"`codec` must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        # Imported here: the kinds load torch, which the CLI must not wait for at start-up (the
+        # commands that validate a config load it next anyway).
+        from stages.kinds import KINDS
+
         if self.format not in KINDS:
             raise InputError(f"`format` must be one of {', '.join(KINDS)}, got {self.format!r}")
-        # The one place outside stages/kinds.py that names a kind: the config is torch-free (the CLI
-        # validates it before loading torch), and the kind classes are not.
-        if (self.format == "topk") != (self.top_k is not None):
-            raise InputError("`top_k` K goes with `format` topk, and `format` topk needs `top_k` K")
+        for option in sorted({option for kind in KINDS.values() for option in kind.options}):
+            takers = " or ".join(name for name, kind in KINDS.items() if option in kind.options)
+            if (option in KINDS[self.format].options) != (getattr(self, option) is not None):
+                raise InputError(f"`{option}` goes with `format` {takers}, and `format` {takers} needs `{option}`")
         if self.views > 1 and self.augment == "none":
             raise InputError(f"`views` {self.views} needs `augment` SPEC: without augmentation every view would be the same")
         if self.workers and self.scheduler:

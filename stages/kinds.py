@@ -66,6 +66,7 @@ class Kind:
     exact_at_any_temperature: bool  # whether its probabilities re-temper exactly
     entropy_of: str  # what its entropy statistic is taken over
     can_combine: bool
+    options: tuple[str, ...] = ()  # the config fields it takes (CacheTeacherConfig), set only for it
 
     def width(self, layout: Layout) -> int:
         """The length of a row's last axis."""
@@ -200,6 +201,7 @@ class TopK(Kind):
     exact_at_any_temperature = False
     entropy_of = "the kept classes and the tail (a lower bound)"
     can_combine = False
+    options = ("top_k",)
     statistics_arrays = ("topk_values", "logsumexp")
 
     def width(self, layout):

@@ -48,11 +48,18 @@ def _collapsed(probs: torch.Tensor, support: torch.Tensor | None) -> torch.Tenso
     return torch.cat([kept, 1.0 - kept.sum(-1, keepdim=True)], dim=-1)
 
 
-def test_the_registry_names_each_kind_once_and_is_the_configs_list():
-    assert config.KINDS == tuple(KINDS)
+def test_the_registry_names_each_kind_once_and_is_what_configs_and_layouts_accept():
     assert all(kind.name == name for name, kind in KINDS.items())
     with pytest.raises(InputError, match=", ".join(KINDS)):
         Layout(kind="sampled-someday", num_samples=1, num_classes=2, chunk_rows=1)
+    with pytest.raises(InputError, match=f"`format` must be one of {', '.join(KINDS)}"):
+        config.CacheTeacherConfig(teacher="t", dataset="d", out="c.zarr", format="sampled-someday").validate()
+    for name, kind in KINDS.items():  # a kind's options are set for it, and only for it
+        given = {option: 3 for option in kind.options}
+        config.CacheTeacherConfig(teacher="t", dataset="d", out="c.zarr", format=name, **given).validate()
+        for other in {o for k in KINDS.values() for o in k.options} - set(kind.options):
+            with pytest.raises(InputError, match=f"`{other}` goes with `format`"):
+                config.CacheTeacherConfig(teacher="t", dataset="d", out="c.zarr", format=name, **given, **{other: 3}).validate()
 
 
 @pytest.mark.parametrize("name", KINDS)
