@@ -186,10 +186,10 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
 
     def check_piece(first: int, over_t: torch.Tensor, _rows) -> None:
         # What may legitimately differ in order (near-ties in a top k) is compared by value, piece by piece.
-        positions = slice(first, first + over_t.shape[1]) if by_positions else slice(None)
-        pairs.append(layout.soft_kind.verify_pairs({name: values[:, positions] for name, values in stored.items()},
-                                                   over_t.to(getattr(torch, layout.dtype)),
-                                                   None if padding is None else padding[:, positions]))
+        positions = slice(first, first + over_t.shape[1])
+        piece = {name: values[:, positions] for name, values in stored.items()} if by_positions else stored
+        pairs.append(layout.soft_kind.verify_pairs(piece, over_t.to(getattr(torch, layout.dtype)),
+                                                   padding[:, positions] if by_positions and padding is not None else padding))
 
     with torch.inference_mode():  # exactly as the teacher ran when caching (amp, pieces)
         fresh_rows = teacher_rows(teacher, inputs.to(device), layout, attrs["temperature"], amp, lengths, check_piece)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import zarr
 
 from pipeline.models import resolve_model
+from stages.kinds import KINDS
 from stages.verify import verify
 from stages.weights import save_weights
-from tests.conftest import DATASET, invoke, invoke_json
+from tests.conftest import DATASET, cache_with_cli, invoke, invoke_json
 
 
 def _damaged_copy(cache_path, tmp_path, name="broken.zarr"):
@@ -24,6 +26,16 @@ def test_a_sound_cache_passes_every_check(cache_path, teacher_weights):
     assert report["ok"] is True
     assert [c["check"] for c in report["checks"]] == ["metadata", "schema", "arrays", "complete", "chunks", "index", "labels", "teacher"]
     assert 0 <= report["max_abs_diff"] < 5e-3  # float16 rounding of logits/T
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_of_cache_matches_its_teacher_rerun(tmp_path, teacher_weights, kind):
+    """A cache of each kind from the registry, per row (its log-sum-exp one number per row for a
+    top-k cache), re-run against its teacher."""
+    options = ("--top-k", "2") if "top_k" in KINDS[kind].options else ()
+    cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", kind, *options)["cache"]
+    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "40")
+    assert report["ok"] and next(c for c in report["checks"] if c["check"] == "teacher")["ok"], report
 
 
 def test_damaged_chunks_are_each_named(cache_path, tmp_path):
