@@ -673,7 +673,7 @@ def demo_lm_command(
 def demo_llm_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's tokenizer, corpus, teacher, caches and runs.")] = DATA_ROOT / "demo-llm",
     teacher_weights: Annotated[Path | None, typer.Option(help="Reuse these teacher weights (the demo's teacher.safetensors) instead of training the teacher.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1000, help="Training tokens of the corpus (the held-out split: 10% as many, from other files); the standard library holds about 1.2M.")] = field_default(LLMDemo, "max_tokens"),
+    max_tokens: Annotated[int, typer.Option(min=1000, help="Training tokens of the corpus (the held-out split: 25% as many, from other files); the standard library holds about 1.2M.")] = field_default(LLMDemo, "max_tokens"),
     seq: Annotated[int, typer.Option(min=8, help="Tokens per row.")] = field_default(LLMDemo, "seq"),
     teacher: Annotated[str, typer.Option(help="The teacher: gpt2:layers=N,dim=D,heads=H, or any model spec of a causal LM.")] = field_default(LLMDemo, "teacher"),
     student: Annotated[str, typer.Option(help="The student, as --teacher.")] = field_default(LLMDemo, "student"),

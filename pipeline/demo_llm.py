@@ -30,9 +30,9 @@ class LLMDemo:
 
     vocab: int = 8192
     seq: int = 128
-    max_tokens: int = 60_000  # of the training stream (the held-out stream: 10% of it, from other files)
+    max_tokens: int = 60_000  # of the training stream (the held-out stream: 25% of it, from other files)
     teacher: str = "gpt2:layers=4,dim=192,heads=4"
-    student: str = "gpt2:layers=1,dim=64,heads=2"
+    student: str = "gpt2:layers=1,dim=32,heads=2"
     teacher_epochs: int = 8
     student_epochs: int = 4
     batch_size: int = 8
@@ -59,7 +59,7 @@ def run_llm_demo(out: Path, demo: LLMDemo = LLMDemo(), *, device: str = "auto", 
     started = time.perf_counter()
     tokenizer = stdlib_tokenizer(out / f"tokenizer-{demo.vocab}", demo.vocab)
     corpus = stdlib_corpus(out / "corpus")
-    dataset = f"corpus:{corpus.absolute()},tokenizer=hf:{tokenizer.absolute()},seq={demo.seq},test=10,max_tokens={demo.max_tokens}"
+    dataset = f"corpus:{corpus.absolute()},tokenizer=hf:{tokenizer.absolute()},seq={demo.seq},test=25,max_tokens={demo.max_tokens}"
     train = resolve_dataset(dataset).split("train")
     prepared = time.perf_counter() - started
     teacher_report: dict = {"spec": demo.teacher}

@@ -1,6 +1,7 @@
 """The demo's wiring, on a shortened schedule (the full demo is the README's first command)."""
 
 import json
+import math
 
 import pytest
 
@@ -34,3 +35,26 @@ def test_demo_text_runs_every_step_and_reports(tmp_path, monkeypatch):
     assert [s["trained_from"] for s in report["students"]] == ["scratch", "distilled", "distilled + features (cosine)"]
     assert all(0 <= s["test_accuracy"] <= 1 for s in report["students"])
     assert report["cache"]["bytes_on_disk"] > 0 and report["student"]["num_parameters"] < report["teacher"]["num_parameters"]
+
+
+@pytest.mark.parametrize("dense_max_gib, reference", [(20, "dense"), (0, "online KD")])
+def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference):
+    """The real 8,192-token BPE on 4,000 tokens of the standard library, tiny GPT-2s, one epoch:
+    the dense-KD reference is a dense cache when it fits, else online KD."""
+    pytest.importorskip("transformers")
+    code, out, err = invoke("demo-llm", "--out", tmp_path / "demo", "--max-tokens", "4000", "--seq", "32",
+                            "--teacher", "gpt2:layers=1,dim=16,heads=2", "--student", "gpt2:layers=1,dim=8,heads=2",
+                            "--teacher-epochs", "1", "--student-epochs", "1", "--top-k", "8", "--dense-max-gib", dense_max_gib,
+                            "--device", "cpu", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert list(report["students"]) == ["hard labels", "top-8", reference]
+    assert report["reference"].startswith(reference.split()[0]) and report["train_tokens"] <= 4000
+    top8 = report["students"]["top-8"]
+    assert top8["bytes_per_token"] > 4 * 8 + 4 and 0 < top8["mean_tail_mass"] < 1  # top-8 over 8,192 classes: uint16 indices
+    for s in report["students"].values():
+        assert s["bits_per_token"] * math.log(2) == pytest.approx(s["nats_per_token"])
+        assert s["perplexity"] == pytest.approx(math.exp(s["nats_per_token"]))
+    assert report["teacher"]["num_parameters"] > report["students"]["hard labels"]["num_parameters"]
+    assert (tmp_path / "demo" / "tokenizer-8192" / "tokenizer.json").is_file()
+    assert (tmp_path / "demo" / "dense.zarr").exists() == (reference == "dense")
