@@ -1,0 +1,174 @@
+"""Describing a cache (stages.inspection): its layout and disk figures, and the statistics of its
+soft labels (calibration, reliability diagram, histograms of confidence and entropy), each
+checked against numpy computed by hand from the stored arrays of a real cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.datasets import resolve_dataset
+from pipeline.models import resolve_model
+from stages import cache_teacher
+from stages.data import TensorSplit
+from stages.inspection import CALIBRATION_BINS, HISTOGRAM_BINS, describe_cache
+from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE
+
+
+# mlp-64 on 8 features and 4 classes: two hidden layers of 64 units, weights and biases.
+TEACHER_PARAMETERS = (8 * 64 + 64) + (64 * 64 + 64) + (64 * 4 + 4)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(-1, keepdims=True)
+
+
+def _dense_probabilities(path, t: float) -> np.ndarray:
+    """The teacher's softmax at temperature t from a dense cache, which stores logits / T."""
+    group = zarr.open_group(str(path), mode="r")
+    return _softmax(group["logits"][:].astype(np.float64) * (group.attrs["temperature"] / t))
+
+
+def _reliability(confidence: np.ndarray, right: np.ndarray) -> dict:
+    bins = np.minimum((confidence * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    count = np.array([(bins == b).sum() for b in range(CALIBRATION_BINS)])
+    accuracy = [right[bins == b].mean() if count[b] else np.nan for b in range(CALIBRATION_BINS)]
+    mean_confidence = [confidence[bins == b].mean() if count[b] else np.nan for b in range(CALIBRATION_BINS)]
+    ece = sum(abs(right[bins == b].sum() - confidence[bins == b].sum()) for b in range(CALIBRATION_BINS)) / len(confidence)
+    return {"count": count, "accuracy": np.array(accuracy), "confidence": np.array(mean_confidence), "ece": ece}
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(-1)
+
+
+def _files_under(path) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+
+
+def test_the_report_describes_the_layout_as_recorded(cache_path):
+    report = describe_cache(cache_path)
+    attrs = dict(zarr.open_group(str(cache_path), mode="r").attrs)
+    assert (report["kind"], report["num_samples"], report["num_classes"], report["chunk_rows"]) == ("dense", 600, 4, CHUNK_ROWS)
+    assert report["temperature"] == TEMPERATURE and report["complete"] is True and report["dtype"] == "float16"
+    assert report["row_shape"] == [4] and report["top_k"] is None and report["views"] is None
+    assert report["dataset"] == f"{DATASET} split train" and report["teachers"] == f"mlp-64 ({TEACHER_PARAMETERS} parameters)"
+    assert report["teacher_metrics"] == attrs["teacher_metrics"] and report["schema_version"] == attrs["schema_version"]
+
+
+def test_disk_figures_are_the_bytes_of_the_files_under_each_array(cache_path):
+    report = describe_cache(cache_path)
+    group = zarr.open_group(str(cache_path), mode="r")
+    per_array = {name: _files_under(cache_path / name) for name in group.array_keys()}
+    assert report["bytes_per_array"] == per_array and per_array["logits"] > 0
+    assert report["bytes_on_disk"] == _files_under(cache_path)
+    assert report["bytes_per_row"] == pytest.approx(_files_under(cache_path) / 600)
+    assert report["soft_label_bytes_per_row"] == pytest.approx(per_array["logits"] / 600)
+
+
+@pytest.mark.parametrize("t", [TEMPERATURE, 1.0])
+def test_reliability_diagram_per_bin_matches_numpy(cache_path, t):
+    report = describe_cache(cache_path)
+    labels = zarr.open_group(str(cache_path), mode="r")["labels"][:]
+    p = _dense_probabilities(cache_path, t)
+    confidence, right = p.max(1), p.argmax(1) == labels
+    expected = _reliability(confidence, right)
+    entry = report["calibration"][f"T={t:g}"]
+    diagram = entry["reliability"]
+    assert diagram["bin_edges"] == pytest.approx(np.linspace(0, 1, CALIBRATION_BINS + 1))
+    assert diagram["count"] == expected["count"].tolist() and sum(diagram["count"]) == 600
+    np.testing.assert_allclose(diagram["accuracy"], expected["accuracy"], rtol=1e-9)  # NaN in the same empty bins
+    np.testing.assert_allclose(diagram["confidence"], expected["confidence"], rtol=1e-9)
+    assert entry["mean_confidence"] == pytest.approx(confidence.mean())
+    assert entry["ece"] == pytest.approx(expected["ece"])
+    assert (expected["count"] > 0).sum() >= 3  # the rows spread over several bins: a per-bin mistake would show
+
+
+def test_histograms_of_confidence_and_entropy_at_the_caches_temperature_match_numpy(cache_path):
+    report = describe_cache(cache_path)
+    p = _dense_probabilities(cache_path, TEMPERATURE)
+    confidence = report["histograms"]["max_probability"]
+    entropy = report["histograms"]["entropy_nats"]
+    assert confidence["temperature"] == TEMPERATURE == entropy["temperature"]
+    assert confidence["count"] == np.histogram(p.max(1), bins=HISTOGRAM_BINS, range=(0, 1))[0].tolist()
+    assert confidence["bin_edges"] == pytest.approx(np.linspace(0, 1, HISTOGRAM_BINS + 1))
+    expected = np.histogram(_entropy(p), bins=HISTOGRAM_BINS, range=(0, np.log(4)))[0]
+    assert entropy["count"] == expected.tolist() and (expected > 0).sum() >= 3
+    assert entropy["bin_edges"] == pytest.approx(np.linspace(0, np.log(4), HISTOGRAM_BINS + 1))
+    assert entropy["of"] == "the full distribution"
+
+
+def test_a_topk_cache_is_calibrated_at_its_own_temperature_only_with_its_kept_classes_and_tail(tmp_path, teacher_weights):
+    split = resolve_dataset(DATASET).split("train")
+    teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights)
+    config = cache_teacher.CacheTeacherConfig(teacher="mlp-64", dataset=DATASET, out=tmp_path / "top2.zarr", temperature=TEMPERATURE,
+                                              chunk_rows=CHUNK_ROWS, device="cpu", format="topk", top_k=2)
+    path = cache_teacher.run(config, teacher, split).cache
+    report = describe_cache(path)
+    group = zarr.open_group(str(path), mode="r")
+    kept = np.exp(group["topk_values"][:].astype(np.float64) - group["logsumexp"][:][:, None])
+    with_tail = np.concatenate([kept, np.clip(1 - kept.sum(1, keepdims=True), 0, 1)], axis=1)
+    confidence, right = kept[:, 0], group["topk_indices"][:, 0] == group["labels"][:]
+    assert list(report["calibration"]) == [f"T={TEMPERATURE:g}"]  # at T=1 the tail's mass is unknown
+    entry = report["calibration"][f"T={TEMPERATURE:g}"]
+    assert entry["ece"] == pytest.approx(_reliability(confidence, right)["ece"])
+    assert entry["accuracy"] == pytest.approx(right.mean()) and entry["mean_confidence"] == pytest.approx(confidence.mean())
+    assert "nll" not in entry  # the label's probability is unknown where the label is in the tail
+    assert report["histograms"]["max_probability"]["count"] == np.histogram(confidence, bins=HISTOGRAM_BINS, range=(0, 1))[0].tolist()
+    assert report["histograms"]["entropy_nats"]["count"] == \
+        np.histogram(_entropy(with_tail), bins=HISTOGRAM_BINS, range=(0, np.log(4)))[0].tolist()
+    assert report["histograms"]["entropy_nats"]["of"] == "the kept classes and the tail (a lower bound)"
+
+
+def test_an_unlabeled_cache_reports_confidence_but_no_accuracy(tmp_path, teacher_weights):
+    train = resolve_dataset(DATASET).split("train")
+    unlabeled = TensorSplit("transfer", train.inputs(np.arange(150)), None, None)
+    teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights)
+    config = cache_teacher.CacheTeacherConfig(teacher="mlp-64", dataset="transfer", out=tmp_path / "u.zarr",
+                                              temperature=TEMPERATURE, chunk_rows=CHUNK_ROWS, device="cpu", num_classes=4)
+    path = cache_teacher.run(config, teacher, unlabeled).cache
+    report = describe_cache(path)
+    assert set(report["calibration"]) == {f"T={TEMPERATURE:g}", "T=1"}
+    for t in (TEMPERATURE, 1.0):
+        entry = report["calibration"][f"T={t:g}"]
+        assert set(entry) == {"mean_confidence"}
+        assert entry["mean_confidence"] == pytest.approx(_dense_probabilities(path, t).max(1).mean())
+    assert sum(report["histograms"]["max_probability"]["count"]) == 150 and report["teacher_metrics"] is None
+
+
+def test_a_view_cache_counts_every_view_against_its_samples_label(tmp_path):
+    digits = resolve_dataset("digits").split("train")
+    split = TensorSplit("train", digits.inputs(np.arange(200)), digits.labels[:200], 10)
+    torch.manual_seed(0)
+    teacher = resolve_model("mlp-64", num_classes=10, input_shape=(1, 8, 8))  # untrained: its views disagree
+    config = cache_teacher.CacheTeacherConfig(teacher="mlp-64", dataset="digits", out=tmp_path / "v.zarr", temperature=2.0,
+                                              chunk_rows=64, device="cpu", augment="shift:1", views=3, dtype="float32")
+    path = cache_teacher.run(config, teacher, split).cache
+    report = describe_cache(path)
+    group = zarr.open_group(str(path), mode="r")
+    p = _softmax(group["logits"][:].astype(np.float64)).reshape(600, 10)  # (200 samples x 3 views, classes) at T
+    right = p.argmax(1) == np.repeat(group["labels"][:], 3)
+    assert (right.reshape(200, 3).any(1) != right.reshape(200, 3).all(1)).any()  # views of a sample differ in being right
+    entry = report["calibration"]["T=2"]
+    assert report["views"] == 3 and sum(entry["reliability"]["count"]) == 600
+    assert entry["accuracy"] == pytest.approx(right.mean()) and entry["ece"] == pytest.approx(_reliability(p.max(1), right)["ece"])
+
+
+def test_an_incomplete_cache_is_described_without_statistics_of_unwritten_rows(cache_path, tmp_path):
+    copy = tmp_path / "partial.zarr"
+    shutil.copytree(cache_path, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    group["chunk_done"][3] = 0  # as if killed before chunk 3 was written
+    group["logits"][192:256] = np.nan
+    group.attrs["complete"] = False
+    report = describe_cache(copy)
+    assert report["complete"] is False and report["num_samples"] == 600
+    assert "calibration" not in report and "histograms" not in report
+    assert report["bytes_on_disk"] == _files_under(copy)
