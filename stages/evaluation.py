@@ -40,6 +40,8 @@ def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_s
         correct += int((logits.argmax(-1) == y).sum())
         nll += float(F.cross_entropy(logits, y, reduction="sum"))
         count += len(y)
+    if count == 0:
+        raise InputError(f"cannot evaluate on split {split.name!r}: it has no rows (or no valid tokens)")
     metrics = {"accuracy": correct / count, "errors": count - correct, "nll": nll / count, "num_samples": len(split)}
     if lengths is not None:
         metrics["num_tokens"] = count
@@ -54,6 +56,8 @@ def teacher_agreement(model: torch.nn.Module, cache: CacheReader, split: Split, 
     cache's own split (callers check it)."""
     model.eval()
     views = cache.layout.views
+    if views is not None and augment is None:
+        raise InputError("a cache of augmented views needs the augmentation that made them, to replay each view")
     agree, count = 0, 0
     for chunk in range(cache.grid.num_chunks):
         rows = cache.read_chunk(chunk)

@@ -173,6 +173,8 @@ def test_teacher_agreement_over_views_replays_each_view_from_its_seed(tmp_path):
     assert teacher_agreement(student, reader, split, CPU, augment=augment) == pytest.approx(expected)
     # the replay matters: the views' inputs are not the plain ones
     assert expected != pytest.approx(float((unaugmented == cached_top).mean()))
+    with pytest.raises(InputError, match="needs the augmentation that made them"):
+        teacher_agreement(student, reader, split, CPU)
 
 
 def test_teacher_agreement_over_tokens_counts_valid_tokens_only(tmp_path):
@@ -230,3 +232,9 @@ def test_speed_on_a_split_smaller_than_the_batch_times_the_whole_split(teacher, 
     model = Counting(teacher)
     figures = speed(model, splits[1], CPU, batch_size=512, batches=3, warmup=1)
     assert figures["batch_size"] == 200 and model.batches == [200] * 4
+
+
+def test_an_empty_split_and_views_without_their_augmentation_are_input_errors():
+    empty = TensorSplit("test", torch.zeros(0, 3), np.zeros(0, dtype=np.int64), 2)
+    with pytest.raises(InputError, match="split 'test': it has no rows"):
+        evaluate(torch.nn.Linear(3, 2), empty, torch.device("cpu"))
