@@ -109,8 +109,15 @@ def _start_sweep_with_grandchildren(tmp_path: Path, cache: Path) -> tuple[subpro
     sweep = _sweep_file(tmp_path, cache, epochs=6, students=[f"{factory}:build"])
     with open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", str(sweep), "--jobs", "2"], cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
+                                   stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_as_in_the_foreground)
     return process, sweep, children
+
+
+def _as_in_the_foreground() -> None:
+    """SIGINT as a sweep started from a terminal gets it: a shell starts background jobs with
+    SIGINT ignored, and a test suite run in the background (CI's `.ci/run &`) would hand that on,
+    so that the sweep could not be interrupted at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _started_runs(folder: Path) -> set[str]:
