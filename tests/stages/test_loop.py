@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -195,3 +196,69 @@ def test_the_plain_loop_example_in_the_readme_runs_and_learns(tmp_path, teacher_
     assert run.returncode == 0, run.stderr[-3000:]
     accuracies = [float(line.split("test accuracy")[1]) for line in run.stdout.splitlines() if "test accuracy" in line]
     assert len(accuracies) == 4 and accuracies[-1] > 0.5, run.stdout  # 4 classes: chance is 0.25
+
+
+def _readme_example(marker: str, **constants: str) -> str:
+    """The ```python block of "Use the cache in your own loop" that holds `marker`, with the
+    constants named (NAME = ... at the start of a line) set to the given Python expressions."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Use the cache in your own loop")
+    section = readme[start:readme.index("\n## ", start)]
+    blocks = [code for code in re.findall(r"```python\n(.*?)```", section, re.S) if marker in code]
+    assert len(blocks) == 1, f"{len(blocks)} examples hold {marker!r}"
+    code = blocks[0]
+    for name, value in constants.items():
+        code, count = re.subn(rf"^{name} = .*$", f"{name} = {value}", code, flags=re.M)
+        assert count == 1, name
+    return code
+
+
+def test_the_trainer_example_in_the_readme_distills_a_token_cache(tmp_path):
+    """The README's Hugging Face Trainer example, run on a byte-level top-k token cache with a
+    one-layer gpt2: student: the held-out loss per token falls, and Trainer, which counts steps,
+    moves the cache to later epochs through the loader's set_epoch."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # Trainer's; the `test` extra installs it
+    from pipeline.models import resolve_model
+    from stages import cache_teacher, train_student
+
+    data = "stdlib-bytes:seq=16,train=12000,test=2000"  # 750 rows, 125 held out
+    splits = resolve_dataset(data)
+    torch.manual_seed(0)
+    teacher_spec = "bytelm:dim=32,layers=1,heads=2"
+    teacher = resolve_model(teacher_spec, num_classes=256, input_shape=(16,))
+    train_student.run(train_student.TrainConfig(model=teacher_spec, dataset=data, out=tmp_path / "teacher", alpha=0.0,
+                                                epochs=2, batch_size=32, lr=3e-3, device="cpu"),
+                      teacher, splits.split("train"), splits.split("test"))
+    config = cache_teacher.CacheTeacherConfig(teacher=teacher_spec, dataset=data, out=tmp_path / "top8.zarr",
+                                              temperature=1.0, format="topk", top_k=8, chunk_rows=32, device="cpu")
+    cache = cache_teacher.run(config, teacher, splits.split("train")).cache
+    steps = 150  # batches of 8 rows: about an epoch and a half
+    code = _readme_example("Trainer", CACHE=repr(str(cache)), DATASET=repr(data),
+                           STUDENT=repr("gpt2:layers=1,dim=32,heads=2"), STEPS=str(steps))
+    code += '\nprint(f"last epoch {cache.epoch}")\n'
+    (tmp_path / "example.py").write_text(code)
+    # One torch thread, as torchrun sets: beside two loader workers on a busy machine of few cores,
+    # torch's threads (one per core) wait on one another and the run takes three times as long.
+    run = subprocess.run([sys.executable, str(tmp_path / "example.py")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    before, after = map(float, re.search(r"held-out loss per token: (\S+) before, (\S+) after", run.stdout).groups())
+    assert before > 5 and after < before - 0.5, run.stdout  # a fresh student: about ln 256 = 5.55
+    assert int(re.search(r"last epoch (\d+)", run.stdout).group(1)) >= 1, run.stdout
+
+
+def test_the_torchrun_example_in_the_readme_trains_every_row_once_per_epoch(tmp_path, teacher_weights):
+    """The README's DDP example under torchrun, two processes of two DataLoader workers each,
+    which read different numbers of batches of this cache (without join() it fails): each epoch
+    trains on all 600 rows once, and the student learns."""
+    cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights)["cache"]
+    code = _readme_example("DistributedDataParallel", CACHE=repr(str(cache)), DATASET=repr(DATASET), EPOCHS="4")
+    (tmp_path / "train.py").write_text(code)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    epochs = re.findall(r"epoch (\d+): (\d+) rows, test accuracy (\S+)", run.stdout)
+    assert [int(e) for e, _, _ in epochs] == [0, 1, 2, 3], run.stdout
+    assert all(int(rows) == ROWS for _, rows, _ in epochs), run.stdout
+    assert float(epochs[-1][2]) > 0.5, run.stdout  # 4 classes: chance is 0.25
