@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from stages.augment import Augmentation, resolved
-from stages.cache import CacheReader, Rows
+from stages.cache import CacheReader, Rows, prefetch
 from stages.config import VIEW_POLICIES
 from stages.data import Split, TorchDatasetSplit, inputs_at
 from stages.errors import InputError
@@ -78,6 +78,11 @@ class CacheDataset(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict]:
+        # Prepared on a thread a few batches ahead (reading, joining inputs, views), as
+        # train-student prepares its batches: the training step does not wait for them.
+        return prefetch(self._batches(), depth=4)
+
+    def _batches(self) -> Iterator[dict]:
         share, shares = _share()
         reader = CacheReader(self.cache)  # opened in the process that reads: a DataLoader worker's own
         names = ("index", *reader.soft_arrays, *(name for name in ("labels", "lengths", "view_seeds") if name in reader.arrays))
