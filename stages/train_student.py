@@ -43,7 +43,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stages.augment import Augmentation, resolved
 from stages.cache import CacheReader, ChunkGrid, Layout, Rows, batch_bounds, prefetch
@@ -51,6 +50,7 @@ from stages.config import TrainConfig  # defined there, torch-free, for the CLI;
 from stages.data import Split, joined_with_inputs, sequence_lengths
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.evaluation import evaluate
+from stages.loop import one_view_each, soft_label_loss
 from stages.losses import feature_loss
 from stages.runtime import (
     Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
@@ -294,23 +294,14 @@ def _end_of_epoch(training: Training, epoch: int, means: dict[str, float], epoch
 
 
 def batch_loss(
-    logits: torch.Tensor, batch: Rows, cache: CacheReader | None, *, alpha: float, temperature: float | None,
+    logits: torch.Tensor, batch: Rows, cache: SoftLabels | None, *, alpha: float, temperature: float | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of the student's `logits` on one batch of rows: cross-entropy with the hard
-    labels without a cache, else the distillation loss of the cache's kind. For logits per
-    token ((B, L, C), with the batch's "lengths"), only valid tokens are rows of the loss:
-    padding positions get no gradient."""
-    device = logits.device
-    y = torch.from_numpy(batch["labels"]).to(device) if "labels" in batch else None
-    soft = {name: torch.from_numpy(batch[name]).to(device) for name in (cache.soft_arrays if cache else ())}
-    if "lengths" in batch:
-        valid = torch.arange(logits.shape[1], device=device) < torch.from_numpy(batch["lengths"]).to(device).unsqueeze(1)
-        logits, y = logits[valid], None if y is None else y[valid]
-        soft = {name: values[valid] for name, values in soft.items()}
-    if cache is None:
-        hard = F.cross_entropy(logits, y)
-        return hard, {"ce": hard.detach()}
-    return cache.layout.soft_kind.loss(logits, soft, y, alpha=alpha, temperature=temperature, cache_temperature=cache.temperature)
+    """The loss of the student's `logits` on one batch of rows (numpy, as the cache gives them):
+    stages.loop.soft_label_loss, the function behind `kd_loss`, with the cache's kind and T."""
+    names = ("labels", "lengths", *(cache.soft_arrays if cache else ()))
+    tensors = {name: torch.from_numpy(batch[name]).to(logits.device) for name in names if name in batch}
+    return soft_label_loss(logits, tensors, cache.layout.soft_kind if cache else None, alpha=alpha, temperature=temperature,
+                           cache_temperature=cache.temperature if cache else None)
 
 
 class StudentWithProjection(torch.nn.Module):
@@ -434,7 +425,7 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
                              rank=ranks.rank, world=ranks.world)
         if views:
             rng = np.random.default_rng([config.seed, epoch, 2, *stream])
-            rows = (_one_view_each(r, (*cache.soft_arrays, *features), config.view_policy, rng, epoch) for r in rows)
+            rows = (one_view_each(r, (*cache.soft_arrays, *features), config.view_policy, rng, epoch) for r in rows)
     else:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))[ranks.rank :: ranks.world]
         rows = ({"index": order[a:b]} for a, b in batch_bounds(len(order), local_batch))
@@ -450,13 +441,6 @@ def _augmented(batches: Iterator[Rows], augment: Augmentation, replay: bool, rng
     for rows in batches:
         seeds = rows["view_seeds"] if replay else rng.integers(0, 2**63, size=len(rows["index"]), dtype=np.uint64)
         yield {**rows, "inputs": augment(rows["inputs"], seeds)}
-
-
-def _one_view_each(rows: Rows, soft_arrays: tuple[str, ...], policy: str, rng: np.random.Generator, epoch: int) -> Rows:
-    """Rows of a view cache reduced to one view per sample: its soft labels (and features) and seed."""
-    count, views = rows["view_seeds"].shape
-    pick = rng.integers(0, views, size=count) if policy == "random" else np.full(count, epoch % views)
-    return {**rows, **{name: rows[name][np.arange(count), pick] for name in (*soft_arrays, "view_seeds")}, "view": pick}
 
 
 def _with_labels_and_lengths(rows: Rows, labels: np.ndarray | None, lengths: np.ndarray | None) -> Rows:

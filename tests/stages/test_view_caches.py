@@ -18,7 +18,7 @@ from stages import cache_teacher, train_student
 from stages.augment import parse_augment, view_seeds
 from stages.cache import CacheReader
 from stages.errors import InputError
-from stages.train_student import _one_view_each
+from stages.loop import one_view_each
 from stages.verify import verify
 
 DATA = "digits"
@@ -102,10 +102,10 @@ def test_verify_notices_views_that_do_not_replay(views_cache, digits, tmp_path):
 
 def test_view_policies_pick_one_view_per_row():
     rows = {"index": np.arange(5), "logits": np.arange(5 * 3 * 2).reshape(5, 3, 2), "view_seeds": np.arange(15).reshape(5, 3)}
-    cycled = _one_view_each(rows, ("logits",), "cycle", np.random.default_rng(0), epoch=4)
+    cycled = one_view_each(rows, ("logits",), "cycle", np.random.default_rng(0), epoch=4)
     assert cycled["view"].tolist() == [1] * 5 and cycled["logits"].shape == (5, 2)
     np.testing.assert_array_equal(cycled["view_seeds"], rows["view_seeds"][:, 1])
-    random = _one_view_each(rows, ("logits",), "random", np.random.default_rng(0), epoch=0)
+    random = one_view_each(rows, ("logits",), "random", np.random.default_rng(0), epoch=0)
     np.testing.assert_array_equal(random["logits"], rows["logits"][np.arange(5), random["view"]])
 
 

@@ -1,0 +1,148 @@
+"""The cache in your own training loop: a PyTorch data source and the distillation loss.
+
+    from torch.utils.data import DataLoader
+    from stages import CacheDataset, kd_loss
+
+    data = CacheDataset("data/caches/my-teacher.zarr", my_train_split, batch_size=64, seed=0)
+    loader = DataLoader(data, batch_size=None, num_workers=2)   # batches come whole
+    for epoch in range(epochs):
+        data.set_epoch(epoch)
+        for batch in loader:
+            loss = kd_loss(model(batch["inputs"]), batch, alpha=0.9)
+            ...
+
+`CacheDataset` reads the cache as `train-student` does (whole chunks, in an order shuffled per
+(seed, epoch), rows shuffled inside a buffer of chunks) and deals the chunks out among DataLoader
+workers and torch.distributed processes, so that every row is read exactly once per epoch in all
+and the order depends only on (seed, epoch). `kd_loss` is the loss `train-student` trains with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from stages.augment import Augmentation, resolved
+from stages.cache import CacheReader, Rows, prefetch
+from stages.config import VIEW_POLICIES
+from stages.data import Split, TorchDatasetSplit, inputs_at
+from stages.errors import InputError
+from stages.kinds import KINDS, Kind
+from stages.storage import CacheLocation, cache_location
+
+
+class CacheDataset(torch.utils.data.IterableDataset):
+    """Batches of a cache joined with their inputs, as dicts of tensors: "index", "inputs",
+    "labels" (a labelled cache), "lengths" (a token cache), the soft-label arrays of the cache's
+    kind ("logits"; "topk_values", "topk_indices", "logsumexp"), "view_seeds" and "view" (a
+    cache of views), and "kind" and "temperature" (the cache's kind and T, for `kd_loss`).
+
+    `cache`: a path or fsspec URL. `dataset`: the inputs the cache was made from, as a project
+    split (stages.data.Split) or a map-style torch Dataset of inputs or (input, label) pairs; it
+    is checked against the cache's fingerprint as train-student checks it. The cache holds the
+    labels, so only the inputs are taken from it. `augment`: for a cache of views, the
+    augmentation that made them (default: the built-in one its spec names), replayed from each
+    drawn view's seed; `view_policy` draws a random view per row and epoch, or cycles.
+
+    Use it with `DataLoader(dataset, batch_size=None, ...)`: batches come whole. Call
+    `set_epoch(epoch)` before each epoch (before the loader's workers start)."""
+
+    def __init__(self, cache: CacheLocation | str, dataset: Split | torch.utils.data.Dataset, *, batch_size: int,
+                 seed: int = 0, shuffle: bool = True, buffer_chunks: int = 8, view_policy: str = "random",
+                 augment: Augmentation | None = None):
+        super().__init__()
+        if dataset is None:
+            raise InputError("CacheDataset needs the dataset the cache was made from (its spec is in the cache's "
+                             "`dataset` attribute; pipeline.datasets.resolve_dataset(spec).split(name) resolves one)")
+        if batch_size < 1:
+            raise InputError(f"`batch_size` must be 1 or more, got {batch_size}")
+        if view_policy not in VIEW_POLICIES:
+            raise InputError(f"`view_policy` must be one of {', '.join(VIEW_POLICIES)}, got {view_policy!r}")
+        self.cache = cache_location(str(cache))
+        reader = CacheReader(self.cache)
+        self.split = dataset if hasattr(dataset, "inputs") else TorchDatasetSplit(reader.attrs["dataset"]["split"], dataset)
+        reader.check_split(self.split, getattr(self.split, "name", "given"))
+        self.kind, self.temperature, self.views = reader.layout.kind, reader.temperature, reader.layout.views
+        self.num_classes = reader.num_classes
+        self.augment = None if self.views is None else resolved(reader.attrs["augment"]["spec"], augment)
+        self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, shuffle, buffer_chunks
+        self.view_policy = view_policy
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration gives (DataLoader workers copy it when they start)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        # Prepared on a thread a few batches ahead (reading, joining inputs, views), as
+        # train-student prepares its batches: the training step does not wait for them.
+        return prefetch(self._batches(), depth=4)
+
+    def _batches(self) -> Iterator[dict]:
+        share, shares = _share()
+        reader = CacheReader(self.cache)  # opened in the process that reads: a DataLoader worker's own
+        names = ("index", *reader.soft_arrays, *(name for name in ("labels", "lengths", "view_seeds") if name in reader.arrays))
+        rows = reader.batches(self.batch_size, seed=self.seed, epoch=self.epoch, buffer_chunks=self.buffer_chunks,
+                              shuffle=self.shuffle, names=names, rank=share, world=shares)
+        rng = np.random.default_rng([self.seed, self.epoch, 2, share])
+        for batch in rows:
+            if self.views is not None:
+                batch = one_view_each(batch, reader.soft_arrays, self.view_policy, rng, self.epoch)
+            inputs = inputs_at(self.split, batch["index"])
+            if self.augment is not None:
+                inputs = self.augment(inputs, batch["view_seeds"])
+            yield {"inputs": inputs, **{name: torch.from_numpy(values) for name, values in batch.items()},
+                   "kind": self.kind, "temperature": self.temperature}
+
+
+def _share() -> tuple[int, int]:
+    """This reader's share of an epoch's chunks and the number of shares: one per DataLoader
+    worker of every torch.distributed process."""
+    worker = torch.utils.data.get_worker_info()
+    workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return rank * workers + worker_id, world * workers
+
+
+def one_view_each(rows: Rows, soft_arrays: tuple[str, ...], policy: str, rng: np.random.Generator, epoch: int) -> Rows:
+    """Rows of a view cache reduced to one view per sample: its soft labels (and features) and
+    seed, and which view ("view"): drawn from `rng` ("random") or the epoch's ("cycle")."""
+    count, views = rows["view_seeds"].shape
+    pick = rng.integers(0, views, size=count) if policy == "random" else np.full(count, epoch % views)
+    return {**rows, **{name: rows[name][np.arange(count), pick] for name in (*soft_arrays, "view_seeds") if name in rows},
+            "view": pick}
+
+
+def kd_loss(student_logits: torch.Tensor, batch: dict, *, alpha: float, temperature: float | None = None) -> torch.Tensor:
+    """The distillation loss of the student's logits ((B, C), or (B, L, C) for a token cache) on
+    a CacheDataset batch: the loss of the cache's kind (stages.kinds: dense, top-k) at
+    `temperature` (default: the cache's T; another T re-tempers the cached values, exactly for a
+    dense cache and for a top-k cache's kept classes), mixed with cross-entropy on the labels by
+    `alpha` (1: soft labels only), over valid tokens only. The loss train-student trains with."""
+    tensors = {name: value.to(student_logits.device) for name, value in batch.items() if isinstance(value, torch.Tensor)}
+    cache_temperature = float(batch["temperature"])
+    loss, _ = soft_label_loss(student_logits, tensors, KINDS[batch["kind"]], alpha=alpha,
+                              temperature=temperature or cache_temperature, cache_temperature=cache_temperature)
+    return loss
+
+
+def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kind: Kind | None, *, alpha: float,
+                    temperature: float | None, cache_temperature: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of `logits` on one batch of tensors and its named parts: cross-entropy with the
+    hard labels without a kind, else the kind's distillation loss. For logits per token ((B, L,
+    C), with the batch's "lengths"), only valid tokens are rows of the loss: padding positions
+    get no gradient."""
+    y = batch.get("labels")
+    soft = {name: batch[name] for name in (kind.soft_arrays if kind else ())}
+    if "lengths" in batch and logits.ndim == 3:
+        valid = torch.arange(logits.shape[1], device=logits.device) < batch["lengths"].unsqueeze(1)
+        logits, y = logits[valid], None if y is None else y[valid]
+        soft = {name: values[valid] for name, values in soft.items()}
+    if kind is None:
+        hard = F.cross_entropy(logits, y)
+        return hard, {"ce": hard.detach()}
+    return kind.loss(logits, soft, y, alpha=alpha, temperature=temperature, cache_temperature=cache_temperature)
