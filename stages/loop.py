@@ -19,6 +19,7 @@ and the order depends only on (seed, epoch). `kd_loss` is the loss `train-studen
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -72,6 +73,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, shuffle, buffer_chunks
         self.view_policy = view_policy
         self.epoch = 0
+        self._reader, self._reader_pid = reader, os.getpid()
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose order the next iteration gives (DataLoader workers copy it when they start)."""
@@ -82,9 +84,19 @@ class CacheDataset(torch.utils.data.IterableDataset):
         # train-student prepares its batches: the training step does not wait for them.
         return prefetch(self._batches(), depth=4)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}  # a DataLoader worker started by spawn opens its own
+
+    def _opened(self) -> CacheReader:
+        """The reader of the process that reads (a DataLoader worker opens its own), opened
+        once: opening a cache checks its attributes and arrays, 15 ms, which every epoch paid."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader, self._reader_pid = CacheReader(self.cache), os.getpid()
+        return self._reader
+
     def _batches(self) -> Iterator[dict]:
         share, shares = _share()
-        reader = CacheReader(self.cache)  # opened in the process that reads: a DataLoader worker's own
+        reader = self._opened()
         names = ("index", *reader.soft_arrays, *(name for name in ("labels", "lengths", "view_seeds") if name in reader.arrays))
         rows = reader.batches(self.batch_size, seed=self.seed, epoch=self.epoch, buffer_chunks=self.buffer_chunks,
                               shuffle=self.shuffle, names=names, rank=share, world=shares)
