@@ -49,6 +49,14 @@ def test_every_row_once_per_epoch_with_loader_workers_in_an_order_fixed_by_seed_
     assert _epoch(CacheDataset(cache_path, _train(), batch_size=32, seed=6), workers) != first
 
 
+def test_loader_workers_started_by_spawn_open_the_cache_themselves(cache_path):
+    """A spawned worker gets the dataset pickled, without the parent's open reader."""
+    dataset = CacheDataset(cache_path, _train(), batch_size=32, seed=5)
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    rows = [i for batch in loader for i in batch["index"].tolist()]
+    assert sorted(rows) == list(range(ROWS)) and rows == _epoch(dataset, workers=2)
+
+
 def test_batches_carry_inputs_labels_soft_labels_and_the_caches_kind(cache_path):
     train = _train()
     batch = next(iter(CacheDataset(cache_path, train, batch_size=50)))
