@@ -188,7 +188,10 @@ def test_only_a_group_with_the_format_attribute_is_a_cache(tmp_path):
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["format"] = "something-else"
     zarr.open_group(str(tmp_path / "bare.zarr"), mode="w")
     assert is_cache(tmp_path / "c.zarr")
-    for name in ("missing.zarr", "empty", "file.txt", "other.zarr", "bare.zarr"):
+    for text, name in (("[]", "list.zarr"), ("null", "null.zarr")):  # JSON, but no zarr document
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "zarr.json").write_text(text)
+    for name in ("missing.zarr", "empty", "file.txt", "other.zarr", "bare.zarr", "list.zarr", "null.zarr"):
         assert not is_cache(tmp_path / name), name
     assert not (tmp_path / "missing.zarr").exists()  # asking never creates anything
 

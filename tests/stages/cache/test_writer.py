@@ -274,3 +274,12 @@ def test_an_unlabelled_cache_is_marked_complete_without_teacher_metrics(tmp_path
     reader = CacheReader(out)
     assert reader.attrs["complete"] is True and reader.attrs["teacher_metrics"] is None and not reader.labelled
     np.testing.assert_array_equal(reader.read_rows(0, N)["logits"], logits)
+
+
+def test_rows_past_the_end_of_the_cache_are_refused(tmp_path):
+    """They once sent write_rows into an endless loop."""
+    writer, logits, labels = _write(tmp_path)
+    with pytest.raises(PipelineError, match=r"rows \[290, 310\) written to a cache of 300 rows"):
+        writer.write_rows(290, {"logits": np.zeros((20, *logits.shape[1:]), logits.dtype), "index": np.arange(290, 310),
+                                "labels": np.zeros(20, dtype=labels.dtype)})
+    writer.abort()
