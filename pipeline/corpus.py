@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.specs import FileSpec, parse_spec
+from pipeline.hf import tokenizer_from_spec
+from pipeline.specs import path_and_options
 from stages.data import TensorSplit
 from stages.errors import InputError, PipelineError
 from stages.runtime import require
@@ -77,18 +78,8 @@ class CorpusOptions:
 
 def parse_corpus_spec(args: str) -> CorpusOptions:
     """`PATH,key=value,...` (what follows `corpus:`) -> its options, checked."""
-    path, *items = args.split(",")
+    path, options = path_and_options("corpus", args, CORPUS_OPTIONS)
     where = f"dataset spec corpus:{args}"
-    options = dict(CORPUS_OPTIONS)
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in options:
-            raise InputError(f"{where}: bad option {item!r}; options are {', '.join(options)}")
-        options[key] = value
-    if not path:
-        raise InputError("dataset spec corpus:PATH,...: PATH is missing")
-    if not options["tokenizer"]:
-        raise InputError(f"{where}: name its tokenizer, e.g. tokenizer=hf:path/to/tokenizer-folder")
     if options["seq"] is None:
         raise InputError(f"{where}: give the tokens per row, e.g. seq=128")
     if not options["field"]:
@@ -117,7 +108,7 @@ def corpus_splits(args: str) -> dict[str, TensorSplit]:
         documents["test" if zlib.crc32(text.encode("utf-8")) % 100 < options.test else "train"].append(text)
     if not any(documents.values()):
         raise InputError(f"{options.path}: no documents (every .txt file and {options.field!r} field is empty)")
-    tokenizer = _tokenizer(options.tokenizer)
+    tokenizer = tokenizer_from_spec(options.tokenizer)
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if end is None:
         raise InputError(f"tokenizer {options.tokenizer}: it has no end-of-text (eos) or separator token to end each document with")
@@ -178,15 +169,6 @@ def _documents(path: Path, field: str) -> Iterator[str]:
                 raise InputError(f"{file}: line {number} is not a JSON object with a text field {field!r}")
             if row[field]:
                 yield row[field]
-
-
-def _tokenizer(spec: str):
-    parsed = parse_spec(spec)
-    if not (isinstance(parsed, FileSpec) and parsed.kind == "hf" and parsed.path):
-        raise InputError(f"tokenizer {spec!r}: give a Hugging Face tokenizer folder as hf:FOLDER")
-    from pipeline.hf import load_tokenizer
-
-    return load_tokenizer(parsed.path)
 
 
 def _tokenizer_sha256(tokenizer, end: int, seq: int) -> str:

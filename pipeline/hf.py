@@ -63,6 +63,16 @@ def load_tokenizer(spec_path: str):
     return tokenizer
 
 
+def tokenizer_from_spec(spec: str):
+    """The tokenizer a dataset spec's `tokenizer=hf:FOLDER` names."""
+    from pipeline.specs import FileSpec, parse_spec
+
+    parsed = parse_spec(spec)
+    if not (isinstance(parsed, FileSpec) and parsed.kind == "hf" and parsed.path):
+        raise InputError(f"tokenizer {spec!r}: give a Hugging Face tokenizer folder as hf:FOLDER")
+    return load_tokenizer(parsed.path)
+
+
 class HFClassifier(nn.Module):
     """A transformers sequence classifier over padded token ids: (B, L) int64 -> logits (B, C).
 

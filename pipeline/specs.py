@@ -27,6 +27,23 @@ if TYPE_CHECKING:  # stages.augment loads torch, which the CLI must not pay for 
     from stages.augment import Augmentation
 
 
+def path_and_options(kind: str, args: str, defaults: dict[str, str | None]) -> tuple[str, dict[str, str | None]]:
+    """A tokenized dataset's `PATH,key=value,...` (what follows `text:` or `corpus:`) -> (PATH,
+    its options over `defaults`); PATH and a tokenizer are required."""
+    path, *items = args.split(",")
+    options = dict(defaults)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in options:
+            raise InputError(f"dataset spec {kind}:{args}: bad option {item!r}; options are {', '.join(options)}")
+        options[key] = value
+    if not path:
+        raise InputError(f"dataset spec {kind}:PATH,...: PATH is missing")
+    if not options.get("tokenizer"):
+        raise InputError(f"dataset spec {kind}:{args}: name its tokenizer, e.g. tokenizer=hf:path/to/tokenizer-folder")
+    return path, options
+
+
 def whole_number_parameters(what: str, name: str, args: str, defaults: dict[str, int]) -> dict[str, int]:
     """The `key=value,...` parameters of the built-in `name`, over its defaults; each value a
     whole number. Range checks are the caller's."""

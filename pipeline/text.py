@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.specs import FileSpec, parse_spec
+from pipeline.hf import tokenizer_from_spec
+from pipeline.specs import path_and_options
 from stages.data import TensorSplit
 from stages.errors import InputError
 
@@ -38,17 +39,7 @@ SPLITS = ("train", "test")
 
 def parse_text_spec(args: str) -> tuple[Path, dict[str, str]]:
     """`PATH,key=value,...` -> (path, options over the defaults)."""
-    path, *items = args.split(",")
-    options = dict(TEXT_OPTIONS)
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in options:
-            raise InputError(f"dataset spec text:{args}: bad option {item!r}; options are {', '.join(options)}")
-        options[key] = value
-    if not path:
-        raise InputError("dataset spec text:PATH,...: PATH is missing")
-    if not options["tokenizer"]:
-        raise InputError(f"dataset spec text:{args}: name its tokenizer, e.g. tokenizer=hf:path/to/teacher-folder")
+    path, options = path_and_options("text", args, TEXT_OPTIONS)
     if not options["max_length"].isdigit() or int(options["max_length"]) < 1:
         raise InputError(f"dataset spec text:{args}: max_length must be a whole number of at least 1")
     return Path(path), options
@@ -64,7 +55,7 @@ def text_splits(args: str) -> dict[str, TensorSplit]:
             if not isinstance(row.get(field), str):
                 raise InputError(f"{path}: row {number} of split {split!r} has no text field {field!r}")
     classes, names = _classes([row.get(label_field) for items in rows.values() for row in items], path)
-    tokenizer = _tokenizer(options["tokenizer"])
+    tokenizer = tokenizer_from_spec(options["tokenizer"])
     length = int(options["max_length"])
     splits = {}
     for split, items in rows.items():
@@ -79,15 +70,6 @@ def text_splits(args: str) -> dict[str, TensorSplit]:
         y = None if labels[0] is None else np.array([classes[label] for label in labels], dtype=np.int64)
         splits[split] = TensorSplit(split, torch.from_numpy(encoded), y, len(names) or None, class_names=tuple(names))
     return splits
-
-
-def _tokenizer(spec: str):
-    parsed = parse_spec(spec)
-    if not (isinstance(parsed, FileSpec) and parsed.kind == "hf" and parsed.path):
-        raise InputError(f"tokenizer {spec!r}: give a Hugging Face tokenizer folder as hf:FOLDER")
-    from pipeline.hf import load_tokenizer
-
-    return load_tokenizer(parsed.path)
 
 
 def _read_rows(path: Path, split_field: str) -> dict[str, list[dict]]:
