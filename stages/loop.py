@@ -135,9 +135,11 @@ def kd_loss(student_logits: torch.Tensor, batch: dict, *, alpha: float, temperat
     `temperature` (default: the cache's T; another T re-tempers the cached values, exactly for a
     dense cache and for a top-k cache's kept classes), mixed with cross-entropy on the labels by
     `alpha` (1: soft labels only), over valid tokens only. The loss train-student trains with."""
-    tensors = {name: value.to(student_logits.device) for name, value in batch.items() if isinstance(value, torch.Tensor)}
+    kind = KINDS[batch["kind"]]
+    # Only what the loss reads: the inputs went to the model already, and a copy per step is no small thing on a GPU.
+    tensors = {name: batch[name].to(student_logits.device) for name in ("labels", "lengths", *kind.soft_arrays) if name in batch}
     cache_temperature = float(batch["temperature"])
-    loss, _ = soft_label_loss(student_logits, tensors, KINDS[batch["kind"]], alpha=alpha,
+    loss, _ = soft_label_loss(student_logits, tensors, kind, alpha=alpha,
                               temperature=temperature or cache_temperature, cache_temperature=cache_temperature)
     return loss
 

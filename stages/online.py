@@ -18,6 +18,7 @@ import torch
 from stages.cache.format import Layout, teacher_rows
 from stages.cache.reader import batch_bounds
 from stages.data import Split, sequence_lengths
+from stages.errors import InputError
 from stages.kinds import Rows
 from stages.runtime import output_shape
 
@@ -54,4 +55,4 @@ class OnlineTeacher:
             yield {"index": index, "logits": rows["logits"].cpu().numpy(), "inputs": inputs}
 
     def runs(self, seed: int, epoch: int) -> list[tuple[int, int]]:
-        return [(0, 0)]
+        raise InputError("online KD runs in one process: it has no chunks to deal out among several")
