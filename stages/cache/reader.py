@@ -1,17 +1,24 @@
 """The cache reader: opens a cache, checks it against its attributes and its index, and streams
 it in whole chunks, shuffled, on a background thread. The format is described in
-stages.cache.format."""
+stages.cache.format.
+
+How it keeps up with the disk (`pipeline bench --only reader` compares it with a memory map of
+the same bytes): a local cache's chunks are read straight from their files into the shuffle
+buffer (stages.cache.chunk_files), the buffers are reused, and the values of a chunk are
+range-checked on its first read in a process only; its checksum is checked on every read."""
 
 from __future__ import annotations
 
 import queue
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import zarr
 
 from stages import storage
+from stages.cache.chunk_files import ChunkFiles
 from stages.cache.format import (
     FORMAT, SCHEMA_VERSION, Layout, Rows, array_problems, dataset_size, is_cache, malformed_attributes, row_problem,
     unreadable_chunks,
@@ -62,6 +69,14 @@ class CacheReader:
             raise CacheDamagedError(f"cache {self.path}: an array cannot be opened ({type(exc).__name__}); run pipeline verify") from exc
         if problems:
             raise CacheDamagedError(f"cache {self.path}: its attributes and arrays disagree: {'; '.join(problems)}; run pipeline verify")
+        # A local cache's arrays are read from their chunk files directly (stages.cache.chunk_files), others by zarr.
+        self._files = {} if storage.is_url(self.path) else {
+            name: files for name in self.arrays if (files := ChunkFiles.open(Path(self.path) / name)) is not None}
+        # Chunks of those arrays whose values passed row_problem in this process, by array: the
+        # checksum, checked on every read, then vouches that a later read gives the same bytes,
+        # so each value is range-checked once per process rather than once per epoch.
+        self._values_checked: dict[str, set[int]] = {name: set() for name, files in self._files.items() if files.crc}
+        self._buffers = BufferPool()
         if require_complete:
             self._check_index()
 
@@ -111,32 +126,63 @@ class CacheReader:
                 f"{', '.join(differ)} differ"
             )
 
-    def read_chunks(self, first: int, last: int, names: tuple[str, ...] | None = None) -> Rows:
+    def read_chunks(self, first: int, last: int, names: tuple[str, ...] | None = None, into: Rows | None = None) -> Rows:
         """All arrays' rows of chunks first..last (one read per array), checked as `read_rows`."""
         start, _ = self.grid.rows(first)
         _, stop = self.grid.rows(last)
         where = f"chunk{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''}"
-        return self.read_rows(start, stop, names, where)
+        return self.read_rows(start, stop, names, where, into)
 
-    def read_rows(self, start: int, stop: int, names: tuple[str, ...] | None = None, where: str | None = None) -> Rows:
-        """Rows start..stop of the arrays in `names` (default: all). Damage is reported as such,
-        never passed on as data: an undecodable chunk, non-finite values (a gap reads as NaN),
-        or an entry that is unwritten or out of range."""
+    def read_rows(self, start: int, stop: int, names: tuple[str, ...] | None = None, where: str | None = None,
+                  into: Rows | None = None) -> Rows:
+        """Rows start..stop of the arrays in `names` (default: all), into the arrays of `into`
+        when given. Damage is reported as such, never passed on as data: an undecodable chunk,
+        non-finite values (a gap reads as NaN), or an entry that is unwritten or out of range."""
         where = f"cache {self.path}: {where or f'rows {start}-{stop - 1}'}"
         rows = {}
+        gaps = False
         for name, array in self.arrays.items():
             if names is None or name in names:
+                target = None if into is None else into[name]
                 try:
-                    rows[name] = array[start:stop]
+                    files = self._files.get(name)
+                    if files is not None:
+                        rows[name], gap = files.read(start, stop, target)
+                        gaps |= gap
+                    elif target is None:
+                        rows[name] = array[start:stop]
+                    else:
+                        target[...] = array[start:stop]
+                        rows[name] = target
                 except Exception as exc:
                     chunks = range(start // self.grid.chunk_rows, (stop - 1) // self.grid.chunk_rows + 1)
                     chunk = (unreadable_chunks(array, self.grid, chunks) or [chunks[-1]])[0]
                     raise CacheDamagedError(f"cache {self.path}: array {name}: chunk {chunk} "
                                             f"cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
-        problem = row_problem(rows, self.layout, self.dataset_size, start)
-        if problem:
-            raise CacheDamagedError(f"{where} holds {problem}; run pipeline verify")
+        chunk_rows = self.grid.chunk_rows
+        whole = range(start // chunk_rows, -(-stop // chunk_rows)) if start % chunk_rows == 0 and (
+            stop % chunk_rows == 0 or stop == self.num_samples) else None  # the chunks read, when read whole
+        if gaps or whole is None or not all(self._values_checked.get(name, set()).issuperset(whole) for name in rows):
+            problem = row_problem(rows, self.layout, self.dataset_size, start)
+            if problem:
+                raise CacheDamagedError(f"{where} holds {problem}; run pipeline verify")
+            if not gaps and whole is not None:
+                for name in rows:
+                    if name in self._values_checked:
+                        self._values_checked[name].update(whole)
         return rows
+
+    def read_runs(self, runs: list[tuple[int, int]], names: tuple[str, ...] | None = None) -> Rows:
+        """The rows of the (first, last) chunk `runs`, one after another, each array in one
+        buffer that the runs are read straight into (checked as `read_rows`)."""
+        sizes = [self.grid.rows(last)[1] - self.grid.rows(first)[0] for first, last in runs]
+        into = self._buffers.take({name: ((sum(sizes), *array.shape[1:]), array.dtype)
+                                   for name, array in self.arrays.items() if names is None or name in names})
+        offset = 0
+        for (first, last), size in zip(runs, sizes):
+            self.read_chunks(first, last, names, {name: values[offset : offset + size] for name, values in into.items()})
+            offset += size
+        return into
 
     def read_chunk(self, chunk: int) -> Rows:
         return self.read_chunks(chunk, chunk)
@@ -150,11 +196,11 @@ class CacheReader:
 
     def batches(
         self, batch_size: int, *, seed: int, epoch: int, buffer_chunks: int = 8, run_chunks: int = 1,
-        prefetch_runs: int = 2, shuffle: bool = True, names: tuple[str, ...] | None = None, rank: int = 0, world: int = 1,
+        shuffle: bool = True, names: tuple[str, ...] | None = None, rank: int = 0, world: int = 1,
     ) -> Iterator[Rows]:
         """Every row once per epoch, in batches. Runs of `run_chunks` adjacent chunks are read
-        whole, in shuffled order, on a background thread at most `prefetch_runs` runs ahead;
-        rows are shuffled inside a buffer of at least `buffer_chunks` chunks, so memory is
+        whole, in shuffled order, into buffers of at least `buffer_chunks` chunks, on a
+        background thread one buffer ahead; rows are shuffled inside a buffer, so memory is
         bounded by the buffer, not by the cache. The order depends only on (seed, epoch, and
         with several processes, rank).
         With shuffle=False, rows come in file order (for measuring read speed). `names` limits
@@ -163,16 +209,24 @@ class CacheReader:
         of one epoch read disjoint chunks, and each epoch deals them out anew."""
         names = None if names is None else tuple({"index", *names})
         rng = np.random.default_rng([seed, epoch, 1] if world == 1 else [seed, epoch, 1, rank])
-        runs = self.runs(seed, epoch, run_chunks, shuffle)[rank::world]
-        buffer: list[Rows] = []
-        chunks_buffered = 0
-        for (first, last), rows in zip(runs, prefetch((self.read_chunks(f, l, names) for f, l in runs), depth=prefetch_runs)):
-            buffer.append(rows)
-            chunks_buffered += last - first + 1
-            if chunks_buffered >= buffer_chunks:
-                carry = yield from _emit_batches(buffer, batch_size, rng if shuffle else None, final=False)
-                buffer, chunks_buffered = ([carry] if carry else []), 0
-        yield from _emit_batches(buffer, batch_size, rng if shuffle else None, final=True)
+        buffers = _buffers(self.runs(seed, epoch, run_chunks, shuffle)[rank::world], buffer_chunks)
+        held = None
+        for number, rows in enumerate(prefetch((self.read_runs(runs, names) for runs in buffers), depth=1)):
+            held = yield from _emit_batches(held, rows, batch_size, rng if shuffle else None, final=number == len(buffers) - 1)
+            self._buffers.give(rows)  # every batch and held row is a copy: the buffer can take the next rows
+
+
+def _buffers(runs: list[tuple[int, int]], buffer_chunks: int) -> list[list[tuple[int, int]]]:
+    """`runs` in order, grouped into buffers of at least `buffer_chunks` chunks (the last one may hold fewer)."""
+    buffers: list[list[tuple[int, int]]] = [[]]
+    chunks = 0
+    for first, last in runs:
+        if chunks >= buffer_chunks:
+            buffers.append([])
+            chunks = 0
+        buffers[-1].append((first, last))
+        chunks += last - first + 1
+    return buffers if buffers[0] else []
 
 
 def batch_bounds(rows: int, batch_size: int) -> list[tuple[int, int]]:
@@ -184,26 +238,67 @@ def batch_bounds(rows: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _emit_batches(buffer: list[Rows], batch_size: int, rng: np.random.Generator | None, final: bool):
-    """Yield batches from the buffered rows (shuffled when `rng` is given); return the rows
-    held back for the next buffer: until the final flush, the partial batch and one full
-    batch more, so that the last batch of the epoch can absorb a small remainder."""
-    if not buffer:
-        return None
-    rows = {k: np.concatenate([part[k] for part in buffer]) for k in buffer[0]}
-    n = len(rows["index"])
-    if rng is not None:
-        order = rng.permutation(n)
-        rows = {k: v[order] for k, v in rows.items()}
+def _emit_batches(held: Rows | None, rows: Rows, batch_size: int, rng: np.random.Generator | None, final: bool):
+    """Yield batches of the rows held back from the previous buffer (first: they were drawn
+    already) and a buffer's `rows` (shuffled when `rng` is given); return the rows held back
+    for the next buffer: until the final flush, the partial batch and one full batch more, so
+    that the last batch of the epoch can absorb a small remainder. A batch is gathered from
+    the buffer in one copy (a slice, without shuffling); only the batches that take held rows
+    are joined from two parts."""
+    count = len(rows["index"])
+    held_count = 0 if held is None else len(held["index"])
+    order = np.arange(count) if rng is None else rng.permutation(count)
+    total = held_count + count
     if final:
-        emit = n
-        bounds = batch_bounds(n, batch_size)
+        emit = total
+        bounds = batch_bounds(total, batch_size)
     else:
-        emit = max(n // batch_size - 1, 0) * batch_size
+        emit = max(total // batch_size - 1, 0) * batch_size
         bounds = [(b, b + batch_size) for b in range(0, emit, batch_size)]
+
+    def take(start: int, stop: int) -> Rows:
+        """Positions start..stop of (held rows, then the buffer's in `order`)."""
+        if start >= held_count:
+            start, stop = start - held_count, stop - held_count
+            if rng is None:
+                return {k: v[start:stop].copy() for k, v in rows.items()}
+            return {k: v[order[start:stop]] for k, v in rows.items()}
+        chosen = order[: max(stop - held_count, 0)]
+        return {k: np.concatenate([held[k][start:stop], v[chosen]]) for k, v in rows.items()}
+
     for start, stop in bounds:
-        yield {k: v[start:stop] for k, v in rows.items()}
-    return {k: v[emit:] for k, v in rows.items()} if emit < n else None
+        yield take(start, stop)
+    return take(emit, total) if emit < total else None
+
+
+class BufferPool:
+    """Arrays for the reader's buffers, kept for the next ones: a buffer filled by reads
+    straight into fresh memory paid a page fault per 4 KiB (15% of reading a token cache), and
+    a training loop asks for buffers of the same shapes all the time. Keeps at most
+    `keep` sets, so a reader holds a few buffers' memory between epochs."""
+
+    def __init__(self, keep: int = 3):
+        self.keep = keep
+        self._free: list[Rows] = []
+        self._lock = threading.Lock()
+
+    def take(self, shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> Rows:
+        """Arrays of these shapes and dtypes (uninitialised), by name."""
+        with self._lock:
+            for position, free in enumerate(self._free):
+                if free.keys() == shapes.keys() and all(
+                        free[name].dtype == dtype and free[name].shape[1:] == shape[1:] and len(free[name]) >= shape[0]
+                        for name, (shape, dtype) in shapes.items()):
+                    del self._free[position]
+                    return {name: free[name][: shape[0]] for name, (shape, _) in shapes.items()}
+        return {name: np.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
+
+    def give(self, arrays: Rows) -> None:
+        """Arrays from `take`, no longer used."""
+        whole = {name: values if values.base is None else values.base for name, values in arrays.items()}
+        with self._lock:
+            if len(self._free) < self.keep and all(isinstance(values, np.ndarray) for values in whole.values()):
+                self._free.append(whole)
 
 
 def prefetch(items: Iterator, depth: int) -> Iterator:
