@@ -24,6 +24,15 @@ same machine, one right after the other:
    language model's vocabulary (`lm_vocab`, 70,000: uint32 classes), top-32, at a batch 8x larger
    / the smaller batch; and, for scale, the same with the logits computed whole per batch (the
    teacher without `hidden_and_head`): what the memory would be if it grew with B x L x V
+9. the training reader (CacheReader.batches, the arrays train-student reads) against the limit:
+   the same bytes as .npy files read through a memory map, in the same shuffled chunk order,
+   buffered, shuffled and batched the same way, on a warm page cache; for a dense per-sample
+   cache (`reader_rows` x `classes`) and a top-32 token cache at a `reader_vocab` vocabulary
+   (`reader_tokens` tokens in rows of `lm_seq`), each written with random values (reading does
+   not depend on them). A reader's first epoch range-checks every value; later ones rely on the
+   checksums (stages.cache.reader), so both are reported, the fastest of READ_TURNS turns each
+
+Sections 1-7 ("core"), 8 ("lm-memory") and 9 ("reader") can be run alone (`only`).
 """
 
 from __future__ import annotations
@@ -51,9 +60,9 @@ from zarr.codecs import Crc32cCodec
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
 from stages import cache_teacher, train_student
-from stages.cache import CacheReader, Rows, batch_bounds
-from stages.data import Split, input_shape
-from stages.errors import PipelineError
+from stages.cache import CacheReader, CacheWriter, Layout, Rows, batch_bounds, default_chunk_rows
+from stages.data import Split, input_shape, sha256
+from stages.errors import InputError, PipelineError
 from stages.online import OnlineTeacher
 from stages.runtime import one_blas_thread_beside_torch, resolve_device, seed_everything, torch_threads, training_threads
 from stages.storage import disk_usage
@@ -65,7 +74,13 @@ READ_TURNS = 3
 THREAD_TURNS = 2
 # "never several times slower than one thread": under load, the thread choice within 1.5x of one thread
 TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5,
-           "loaded_threads_chosen_vs_one": 1.5, "lm_teacher_memory_8x_batch": 1.10}
+           "loaded_threads_chosen_vs_one": 1.5, "lm_teacher_memory_8x_batch": 1.10,
+           "reader_vs_memmap_dense": 0.7, "reader_vs_memmap_tokens": 0.7}
+# Ratios whose target is a floor (the rest are ceilings).
+AT_LEAST = {"shuffled_vs_sequential_reads", "reader_vs_memmap_dense", "reader_vs_memmap_tokens"}
+SECTIONS = ("core", "lm-memory", "reader")
+READER_TOP_K = 32
+READER_BATCH_TOKENS = 8192  # a token cache's batches: this many positions (rows of lm_seq)
 
 
 @dataclass(frozen=True)
@@ -82,11 +97,15 @@ class BenchConfig:
     device: str = "auto"
     lm_vocab: int = 70_000  # section 8's vocabulary (0: skip the section)
     lm_seq: int = 256
+    reader_rows: int = 100_000  # section 9's dense cache: rows of `classes` (200 MB at 1,000)
+    reader_tokens: int = 4_000_000  # section 9's top-32 token cache: positions (about 530 MB)
+    reader_vocab: int = 8192
+    only: tuple[str, ...] = ()  # sections to run (SECTIONS; empty: all)
     quick: bool = False  # sizes too small for the ratios to mean what the targets mean: no verdicts
 
 
 QUICK = BenchConfig(samples=4000, classes=200, features=128, teacher_width=1024, student_width=128, epochs=2, lm_seq=64,
-                    quick=True)
+                    reader_rows=20_000, reader_tokens=500_000, quick=True)
 LM_BATCHES = (4, 32)
 
 
@@ -103,6 +122,41 @@ def run_bench(config: BenchConfig, work: Path | None = None) -> dict:
 
 def _measure(config: BenchConfig, scratch: Path) -> dict:
     device = resolve_device(config.device)
+    sections = config.only or SECTIONS
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise InputError(f"unknown bench section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    report: dict = {"machine": _machine(device), "config": asdict(config)}
+    ratios: dict[str, float] = {}
+    if "core" in sections:
+        core = _core(config, scratch, device)
+        ratios.update(core.pop("ratios"))
+        report.update(core)
+    if "lm-memory" in sections and config.lm_vocab:
+        # 8. cache-teacher's peak memory at a language model's vocabulary, two batch sizes
+        lm_memory = report["lm_teacher_memory"] = _lm_teacher_memory(config, scratch)
+        small, large = (lm_memory["in_pieces"][f"batch_{b}"]["peak_rss_mb"] for b in LM_BATCHES)
+        whole_small, whole_large = (lm_memory["whole_batch"][f"batch_{b}"]["peak_rss_mb"] for b in LM_BATCHES)
+        ratios["lm_teacher_memory_8x_batch"] = large / small
+        ratios["lm_teacher_memory_8x_batch_whole_logits"] = whole_large / whole_small
+    if "reader" in sections:
+        # 9. the training reader against a memory map of the same bytes
+        report["reader"] = _reader_limit(config, scratch)
+        for shape, figures in report["reader"].items():
+            ratios[f"reader_vs_memmap_{shape}"] = figures["reader_per_second"] / figures["memmap_per_second"]
+            ratios[f"reader_first_epoch_vs_memmap_{shape}"] = figures["reader_first_epoch_per_second"] / figures["memmap_per_second"]
+    targets = {k: t for k, t in TARGETS.items() if k in ratios}
+    return {
+        **report,
+        "ratios": ratios,
+        "targets": targets,
+        "target_sense": {k: ">=" if k in AT_LEAST else "<=" for k in targets},
+        "meets_targets": None if config.quick else {k: (ratios[k] >= t if k in AT_LEAST else ratios[k] <= t) for k, t in targets.items()},
+    }
+
+
+def _core(config: BenchConfig, scratch: Path, device: torch.device) -> dict:
+    """Sections 1-7: the teacher pass, student epochs, memory, reads and threads on one workload."""
     dataset = f"synthetic:n={config.samples},test=1000,features={config.features},classes={config.classes},seed=0"
     train = resolve_dataset(dataset).split("train")
     teacher_spec = f"mlp:width={config.teacher_width},depth={config.teacher_depth}"
@@ -165,9 +219,6 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
     # 7. train-student's thread choice against one thread and every core, quiet and under load
     threads = _thread_choices(config, dataset, train, student_spec, cache, scratch)
 
-    # 8. cache-teacher's peak memory at a language model's vocabulary, two batch sizes
-    lm_memory = _lm_teacher_memory(config, scratch) if config.lm_vocab else None
-
     s = epoch_seconds
     # A run costs its epochs; fixed start-up costs (imports, first allocations) are left out
     # because they are the same whichever way the soft labels arrive.
@@ -184,14 +235,7 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         "loaded_threads_every_core_vs_one": threads["loaded_every_core"] / threads["loaded_one_thread"],
         "quiet_threads_chosen_vs_every_core": threads["quiet_chosen"] / threads["quiet_every_core"],
     }
-    if lm_memory is not None:
-        small, large = (lm_memory["in_pieces"][f"batch_{b}"]["peak_rss_mb"] for b in LM_BATCHES)
-        whole_small, whole_large = (lm_memory["whole_batch"][f"batch_{b}"]["peak_rss_mb"] for b in LM_BATCHES)
-        ratios["lm_teacher_memory_8x_batch"] = large / small
-        ratios["lm_teacher_memory_8x_batch_whole_logits"] = whole_large / whole_small
     return {
-        "machine": _machine(device),
-        "config": asdict(config),
         "seconds": {"bare_teacher_forward": bare_seconds, "cache_teacher": stage_seconds,
                     "cache_overhead_per_row_us": 1e6 * (cache_seconds - bare) / config.samples,
                     **{f"student_epoch_{k}": v for k, v in s.items()},
@@ -200,15 +244,10 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         "cache": {"bytes_on_disk": caching.bytes_on_disk, "bytes_per_row": caching.bytes_on_disk / config.samples,
                   **{f"rows_per_second_{order}": value for order, value in rows_per_second.items()}},
         "memory": {f"{scale}x": m for scale, m in memory.items()},
-        "lm_teacher_memory": lm_memory,
         "parameters": {"teacher": count_parameters(teacher),
                        "student": count_parameters(resolve_model(student_spec, num_classes=config.classes, input_shape=input_shape(train)))},
         "ratios": ratios,
         "break_even_student_runs": math.ceil(cache_seconds / online_saving) if online_saving > 0 else None,
-        "targets": TARGETS,
-        "meets_targets": None if config.quick else {
-            k: (ratios[k] >= t if k == "shuffled_vs_sequential_reads" else ratios[k] <= t) for k, t in TARGETS.items() if k in ratios
-        },
     }
 
 
@@ -330,6 +369,106 @@ def _lm_teacher_memory(config: BenchConfig, scratch: Path) -> dict:
                  "cpu", "--out", str(out), "--overwrite"], out.with_suffix(".log"), "cache-teacher")
             report[arm][f"batch_{batch}"] = {**usage, "logits_mb_per_batch": batch * config.lm_seq * config.lm_vocab * 4 / 2**20}
     return report
+
+
+def _reader_limit(config: BenchConfig, scratch: Path) -> dict:
+    """Section 9: rows (dense) or positions (tokens) per second through CacheReader.batches and
+    through a memory map of the same bytes, for a dense and a top-k token cache."""
+    tokens = config.reader_tokens // config.lm_seq
+    layouts = {
+        "dense": Layout(kind="dense", num_samples=config.reader_rows, num_classes=config.classes, chunk_rows=1),
+        "tokens": Layout(kind="topk", num_samples=tokens, num_classes=config.reader_vocab, chunk_rows=1, top_k=READER_TOP_K,
+                         tokens=config.lm_seq),
+    }
+    report = {}
+    for shape, layout in layouts.items():
+        layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, layout.num_samples))
+        path = scratch / f"reader-{shape}.zarr"
+        _random_cache(path, layout)
+        reader = CacheReader(path)
+        names = ("index", *reader.soft_arrays)  # what train-student reads
+        mapped = _memory_mapped_copy(reader, names, scratch / f"reader-{shape}-npy")
+        batch = config.batch_size if layout.tokens is None else max(1, READER_BATCH_TOKENS // layout.tokens)
+        per_row = layout.tokens or 1
+        _memmap_epoch(mapped, reader, batch, epoch=0)  # warm the page cache (and the reader's checks) before timing
+        _timed_epoch(reader, batch, names, epoch=0)
+        memmap_seconds, reader_seconds, first_seconds = [], [], []
+        for turn in range(READ_TURNS):
+            memmap_seconds.append(_timed(lambda: _memmap_epoch(mapped, reader, batch, epoch=turn + 1)))
+            reader_seconds.append(_timed_epoch(reader, batch, names, epoch=turn + 1))
+            first_seconds.append(_timed(lambda: _timed_epoch(CacheReader(path), batch, names, epoch=turn + 1)))
+        units = layout.num_samples * per_row
+        report[shape] = {
+            "rows": layout.num_samples, "positions_per_row": per_row, "classes": layout.num_classes, "top_k": layout.top_k,
+            "chunk_rows": layout.chunk_rows, "batch_rows": batch, "bytes_read": sum(a.nbytes for a in mapped.values()),
+            "memmap_per_second": units / min(memmap_seconds), "reader_per_second": units / min(reader_seconds),
+            "reader_first_epoch_per_second": units / min(first_seconds),
+        }
+    return report
+
+
+def _random_cache(path: Path, layout: Layout) -> None:
+    """A complete cache of `layout` holding random values of the right types and ranges, written
+    chunk by chunk through the project's writer (for measuring reads, which do not depend on the values)."""
+    rng = np.random.default_rng(0)
+    index = np.arange(layout.num_samples, dtype=np.int64)
+    attrs = {"temperature": 1.0, "teachers": [{"spec": "random values (pipeline bench)"}],
+             "dataset": {"spec": "none", "split": "train", "fingerprint": {"num_samples": layout.num_samples},
+                         "index_sha256": sha256(index)}}
+    writer = CacheWriter.create(path, layout, attrs)
+    with writer:
+        for start, stop in map(layout.grid.rows, range(layout.grid.num_chunks)):
+            count = stop - start
+            rows = {"index": index[start:stop], "labels": rng.integers(0, layout.num_classes, (count, *layout.label_shape))}
+            values = rng.standard_normal((count, *layout.row_shape), dtype=np.float32)
+            if layout.kind == "dense":
+                rows["logits"] = values.astype(layout.dtype)
+            else:
+                rows["topk_values"] = -np.sort(-values, axis=-1).astype(layout.dtype)
+                rows["topk_indices"] = rng.integers(0, layout.num_classes, values.shape).astype(layout.arrays()["topk_indices"].dtype)
+                rows["logsumexp"] = rows["topk_values"][..., 0].astype(np.float32) + 3
+            if layout.tokens is not None:
+                rows["lengths"] = rng.integers(1, layout.tokens + 1, count, dtype=np.int32)
+            writer.write_rows(start, rows)
+    writer.mark_complete({})
+
+
+def _memory_mapped_copy(reader: CacheReader, names: tuple[str, ...], folder: Path) -> dict[str, np.ndarray]:
+    """The arrays `names` of a cache as .npy files, memory-mapped: the same bytes, with nothing to decode or check."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mapped = {}
+    for name in names:
+        array = reader.arrays[name]
+        copy = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=array.dtype, shape=array.shape)
+        for start, stop in map(reader.grid.rows, range(reader.grid.num_chunks)):  # a chunk at a time: bounded memory
+            copy[start:stop] = array[start:stop]
+        copy.flush()
+        del copy
+        mapped[name] = np.load(folder / f"{name}.npy", mmap_mode="r")
+    return mapped
+
+
+def _memmap_epoch(mapped: dict[str, np.ndarray], reader: CacheReader, batch: int, epoch: int, buffer_chunks: int = 8) -> None:
+    """One epoch from the memory-mapped arrays as CacheReader.batches reads the cache: the same
+    shuffled chunk order, buffers of `buffer_chunks` chunks shuffled inside, batches gathered."""
+    rng = np.random.default_rng([0, epoch, 1])
+    runs = reader.runs(0, epoch)
+    for first in range(0, len(runs), buffer_chunks):
+        parts = [slice(reader.grid.rows(f)[0], reader.grid.rows(l)[1]) for f, l in runs[first : first + buffer_chunks]]
+        rows = {name: np.concatenate([values[part] for part in parts]) for name, values in mapped.items()}
+        order = rng.permutation(len(rows["index"]))
+        for start, stop in batch_bounds(len(order), batch):
+            {name: values[order[start:stop]] for name, values in rows.items()}
+
+
+def _timed_epoch(reader: CacheReader, batch: int, names: tuple[str, ...], epoch: int) -> float:
+    return _timed(lambda: [None for _ in reader.batches(batch, seed=0, epoch=epoch, names=names)])
+
+
+def _timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
 
 
 def _thread_choices(config: BenchConfig, dataset: str, train: Split, student_spec: str, cache: CacheReader,

@@ -7,7 +7,8 @@ import math
 from pipeline import bench
 from tests.conftest import invoke
 
-TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2, lm_vocab=0)
+TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2, lm_vocab=0,
+            reader_rows=3000, reader_tokens=20000, reader_vocab=300)
 TINY_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 # Section 8 (cache-teacher's memory with a language model's vocabulary), small: 4 processes.
 TINY_LM = ["--lm-vocab=3000", "--lm-seq=16"]
@@ -22,7 +23,8 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
         "cache_vs_forward", "student_cache_vs_memory", "student_cache_vs_hard_labels", "student_cache_vs_online_kd",
         "memory_10x_vs_1x", "shuffled_vs_sequential_reads", "checksummed_vs_plain_reads", "loaded_threads_chosen_vs_one",
         "loaded_threads_every_core_vs_one", "quiet_threads_chosen_vs_every_core", "lm_teacher_memory_8x_batch",
-        "lm_teacher_memory_8x_batch_whole_logits",
+        "lm_teacher_memory_8x_batch_whole_logits", "reader_vs_memmap_dense", "reader_first_epoch_vs_memmap_dense",
+        "reader_vs_memmap_tokens", "reader_first_epoch_vs_memmap_tokens",
     }
     lm = report["lm_teacher_memory"]
     assert (lm["vocab"], lm["seq"]) == (3000, 16) and set(lm) == {"vocab", "seq", "in_pieces", "whole_batch"}
@@ -70,3 +72,30 @@ def test_bench_table_rows_are_sane(tmp_path, monkeypatch):
         assert sense in ("<=", ">=") and float(bound) > 0, (name, target)
         assert ok == ("yes" if (value <= float(bound)) == (sense == "<=") else "NO"), (name, measured, target, ok)
     assert float(rows["memory_10x_vs_1x"][0]) < 3  # peak memory does not follow the cache's size
+
+
+def test_bench_reader_section_alone_reads_the_same_bytes_as_its_memory_map(tmp_path):
+    """--only reader: the training reader and the memory map of the same arrays, for a dense and a
+    top-32 token cache of the sizes asked for; nothing else runs."""
+    code, out, err = invoke("bench", *TINY_OPTIONS, "--only", "reader", "--lm-seq=50", "--json", "--keep", tmp_path / "bench")
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(report["ratios"]) == {"reader_vs_memmap_dense", "reader_first_epoch_vs_memmap_dense", "reader_vs_memmap_tokens",
+                                     "reader_first_epoch_vs_memmap_tokens"}
+    assert report["target_sense"] == {"reader_vs_memmap_dense": ">=", "reader_vs_memmap_tokens": ">="}
+    dense, tokens = report["reader"]["dense"], report["reader"]["tokens"]
+    assert (dense["rows"], dense["classes"], dense["positions_per_row"]) == (3000, 16, 1)
+    assert (tokens["rows"], tokens["positions_per_row"], tokens["classes"], tokens["top_k"]) == (400, 50, 300, 32)
+    # the memory map holds exactly the arrays train-student reads: index, and the kind's soft labels
+    assert dense["bytes_read"] == 3000 * (8 + 16 * 2)
+    assert tokens["bytes_read"] == 400 * (8 + 50 * (32 * 2 + 32 * 2 + 4))
+    assert not (tmp_path / "bench" / "cache.zarr").exists()  # the core sections did not run
+    from stages.cache import CacheReader
+
+    cache = CacheReader(tmp_path / "bench" / "reader-tokens.zarr")  # a valid cache of the project's own format
+    assert cache.layout.top_k == 32 and cache.num_classes == 300
+
+
+def test_bench_refuses_an_unknown_section():
+    code, _, err = invoke("bench", *TINY_OPTIONS, "--only", "nonsense")
+    assert code != 0 and "unknown bench section" in err and "Traceback" not in err
