@@ -79,9 +79,12 @@ class Kind:
         """Its soft-label arrays, by name."""
         raise NotImplementedError
 
-    def encode(self, rounded: torch.Tensor, layout: Layout, padding: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def encode(self, rounded: torch.Tensor, layout: Layout, padding: torch.Tensor | None,
+               scratch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The stored rows for a batch of teacher logits / T already rounded to the cache dtype,
-        with zeros at the token positions where `padding` is set."""
+        with zeros at the token positions where `padding` is set. `scratch`, when given, is a
+        float32 tensor of the same shape that the kind may overwrite (the caller's no longer
+        needed logits / T): using it saves allocating (and page-faulting) one of that size."""
         raise NotImplementedError
 
     def probabilities(self, rows: Rows, num_classes: int, ratio: float) -> np.ndarray:
@@ -156,7 +159,7 @@ class Dense(Kind):
         return {"logits": ArraySpec(layout.row_shape, layout.dtype, float("nan"), layout.codec != "none",
                                     ("sample", *layout.row_axes))}
 
-    def encode(self, rounded, layout, padding):
+    def encode(self, rounded, layout, padding, scratch=None):
         return {"logits": _zero_padding(rounded, padding)}
 
     def probabilities(self, rows, num_classes, ratio):
@@ -219,13 +222,20 @@ class TopK(Kind):
             "logsumexp": ArraySpec(layout.position_shape, "float32", float("nan"), soft, ("sample", *layout.position_axes)),
         }
 
-    def encode(self, rounded, layout, padding):
+    def encode(self, rounded, layout, padding, scratch=None):
+        # One float32 copy of the rounded row serves the top k and, overwritten in place, the
+        # log-sum-exp (taken about the row's largest value, the first of the top k): at a
+        # language model's vocabulary each further pass over B x L x V costs as much as the
+        # teacher's head (`pipeline bench`, section 10).
+        wide = rounded.to(torch.float32, copy=True) if scratch is None else scratch.copy_(rounded)
+        values, indices = wide.topk(layout.top_k, dim=-1)
+        largest = values[..., :1]
+        logsumexp = wide.sub_(largest).exp_().sum(-1).log_().add_(largest[..., 0])
         # Padding is zeroed while the classes are int64: torch has no masked_fill for uint16/32.
-        values, indices = rounded.float().topk(layout.top_k, dim=-1)
         return {
             "topk_values": _zero_padding(values.to(rounded.dtype), padding),
             "topk_indices": _zero_padding(indices, padding).to(getattr(torch, index_dtype(layout.num_classes))),
-            "logsumexp": _zero_padding(torch.logsumexp(rounded.float(), dim=-1), padding),
+            "logsumexp": _zero_padding(logsumexp, padding),
         }
 
     def probabilities(self, rows, num_classes, ratio):

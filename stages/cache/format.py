@@ -247,8 +247,11 @@ def teacher_rows(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout,
         pieces = ((first, piece(first), None) for first in range(0, hidden.shape[1], step))
     parts = []
     for first, logits, features in pieces:
-        over_t = logits.float().div_(temperature)
-        rows = stored_rows(over_t, layout, lengths, None if features is None else features.float(), first_position=first)
+        over_t = logits.float()
+        if temperature != 1:
+            over_t.div_(temperature)  # in place: the teacher's logits are not needed as they were
+        rows = stored_rows(over_t, layout, lengths, None if features is None else features.float(), first_position=first,
+                           overwrite=each_piece is None)
         if each_piece is not None:
             each_piece(first, over_t, rows)
         parts.append(rows)
@@ -258,7 +261,7 @@ def teacher_rows(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout,
 
 
 def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tensor | None = None,
-                features: torch.Tensor | None = None, first_position: int = 0) -> dict[str, torch.Tensor]:
+                features: torch.Tensor | None = None, first_position: int = 0, overwrite: bool = False) -> dict[str, torch.Tensor]:
     """The soft-label arrays a cache of `layout` stores for a batch of teacher logits / T
     ((B, C), or (B, L, C) for a token-level cache: positions `first_position` onwards), computed
     on the logits' device, and the teacher's `features` (B, F) as they are (not divided by T),
@@ -268,12 +271,14 @@ def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tens
     whole rounded row: so exp(value - logsumexp) is exactly the probability a dense cache of the
     same teacher gives that class, and a top-k cache with K = C is the dense one, sorted. On
     a token-level cache, positions at or past a sequence's length are zeroed: what a teacher
-    says about padding is not part of the cache (and would differ between teachers' masks)."""
+    says about padding is not part of the cache (and would differ between teachers' masks).
+    With `overwrite`, the kind may use float32 `logits_over_t` as its scratch space."""
     rounded = logits_over_t.to(getattr(torch, layout.dtype))
     padding = None if lengths is None else (
         torch.arange(first_position, first_position + rounded.shape[1], device=rounded.device)
         >= lengths.to(rounded.device).unsqueeze(1))
-    rows = layout.soft_kind.encode(rounded, layout, padding)
+    scratch = logits_over_t if overwrite and logits_over_t.dtype == torch.float32 else None
+    rows = layout.soft_kind.encode(rounded, layout, padding, scratch)
     if layout.features is not None:
         if features is None:
             raise PipelineError("internal: a layout with features, but no features given")

@@ -177,3 +177,24 @@ def test_token_rows_at_real_vocabularies_are_written_and_read_with_every_index_d
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
     assert (student.grad[torch.from_numpy(~valid)] == 0).all()  # padding gets no gradient
+
+
+@pytest.mark.parametrize("name", KINDS)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_encoding_in_the_callers_scratch_space_stores_the_same_rows(name, dtype):
+    """cache-teacher lets a kind overwrite the logits / T it no longer needs (no allocation of B x L x V);
+    the rows must be bit for bit those of the allocating path, and a top-k row's log-sum-exp that of the
+    whole rounded row, at a real vocabulary."""
+    layout = Layout(kind=name, num_samples=4, num_classes=32_000, chunk_rows=4, dtype=dtype, tokens=5, **OPTIONS.get(name, {}))
+    logits = torch.randn(4, 5, 32_000, generator=torch.Generator().manual_seed(1)) * 4
+    lengths = torch.tensor([5, 2, 1, 4])
+    allocating = stored_rows(logits.clone(), layout, lengths)
+    scratch = logits.clone()
+    in_place = stored_rows(scratch, layout, lengths, overwrite=True)
+    for array in allocating:
+        torch.testing.assert_close(in_place[array], allocating[array], rtol=0, atol=0)
+    if "logsumexp" in allocating:
+        assert not torch.equal(scratch, logits)  # the scratch space was used
+        valid = torch.arange(5)[None, :] < lengths[:, None]
+        expected = torch.logsumexp(logits.to(getattr(torch, dtype)).double(), dim=-1)
+        torch.testing.assert_close(allocating["logsumexp"][valid].double(), expected[valid], rtol=0, atol=2e-5)
