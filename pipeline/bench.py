@@ -31,8 +31,12 @@ same machine, one right after the other:
    (`reader_tokens` tokens in rows of `lm_seq`), each written with random values (reading does
    not depend on them). A reader's first epoch range-checks every value; later ones rely on the
    checksums (stages.cache.reader), so both are reported, the fastest of READ_TURNS turns each
+10. cache-teacher writing a top-32 token cache at a `writer_vocab` vocabulary (32,000) / the
+   bare forward of the same GPT-2-style teacher (`writer_teacher`, random weights) over the same
+   batches, the fastest of TEACHER_PASSES turns each: what the top k, the log-sum-exp, the
+   copies and the writes add to computing the logits
 
-Sections 1-7 ("core"), 8 ("lm-memory") and 9 ("reader") can be run alone (`only`).
+Sections 1-7 ("core"), 8 ("lm-memory"), 9 ("reader") and 10 ("lm-writer") can be run alone (`only`).
 """
 
 from __future__ import annotations
@@ -75,10 +79,10 @@ THREAD_TURNS = 2
 # "never several times slower than one thread": under load, the thread choice within 1.5x of one thread
 TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5,
            "loaded_threads_chosen_vs_one": 1.5, "lm_teacher_memory_8x_batch": 1.10,
-           "reader_vs_memmap_dense": 0.7, "reader_vs_memmap_tokens": 0.7}
+           "reader_vs_memmap_dense": 0.7, "reader_vs_memmap_tokens": 0.7, "lm_cache_vs_forward": 1.05}
 # Ratios whose target is a floor (the rest are ceilings).
 AT_LEAST = {"shuffled_vs_sequential_reads", "reader_vs_memmap_dense", "reader_vs_memmap_tokens"}
-SECTIONS = ("core", "lm-memory", "reader")
+SECTIONS = ("core", "lm-memory", "reader", "lm-writer")
 READER_TOP_K = 32
 READER_BATCH_TOKENS = 8192  # a token cache's batches: this many positions (rows of lm_seq)
 
@@ -100,12 +104,17 @@ class BenchConfig:
     reader_rows: int = 100_000  # section 9's dense cache: rows of `classes` (200 MB at 1,000)
     reader_tokens: int = 4_000_000  # section 9's top-32 token cache: positions (about 530 MB)
     reader_vocab: int = 8192
+    writer_vocab: int = 32_000  # section 10's vocabulary (0: skip the section)
+    writer_teacher: str = "gpt2:layers=4,dim=512,heads=8"
+    writer_rows: int = 64  # rows of lm_seq tokens it caches
+    writer_batch: int = 8
     only: tuple[str, ...] = ()  # sections to run (SECTIONS; empty: all)
     quick: bool = False  # sizes too small for the ratios to mean what the targets mean: no verdicts
 
 
 QUICK = BenchConfig(samples=4000, classes=200, features=128, teacher_width=1024, student_width=128, epochs=2, lm_seq=64,
-                    reader_rows=20_000, reader_tokens=500_000, quick=True)
+                    reader_rows=20_000, reader_tokens=500_000, writer_teacher="gpt2:layers=2,dim=256,heads=4", writer_rows=16,
+                    quick=True)
 LM_BATCHES = (4, 32)
 
 
@@ -145,6 +154,10 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         for shape, figures in report["reader"].items():
             ratios[f"reader_vs_memmap_{shape}"] = figures["reader_per_second"] / figures["memmap_per_second"]
             ratios[f"reader_first_epoch_vs_memmap_{shape}"] = figures["reader_first_epoch_per_second"] / figures["memmap_per_second"]
+    if "lm-writer" in sections and config.writer_vocab:
+        # 10. cache-teacher at a language model's vocabulary against the bare forward
+        writer = report["lm_writer"] = _lm_writer(config, scratch, device)
+        ratios["lm_cache_vs_forward"] = min(writer["cache_teacher_seconds"]) / min(writer["bare_forward_seconds"])
     targets = {k: t for k, t in TARGETS.items() if k in ratios}
     return {
         **report,
@@ -405,6 +418,27 @@ def _reader_limit(config: BenchConfig, scratch: Path) -> dict:
             "reader_first_epoch_per_second": units / min(first_seconds),
         }
     return report
+
+
+def _lm_writer(config: BenchConfig, scratch: Path, device: torch.device) -> dict:
+    """Section 10: seconds of the bare forward and of cache-teacher (top-32 token cache) for a
+    GPT-2-style teacher at `writer_vocab` classes over the same batches of real text."""
+    spec = f"{config.writer_teacher},vocab={config.writer_vocab}"
+    dataset = f"stdlib-bytes:seq={config.lm_seq},train={config.writer_rows * config.lm_seq + 1},test=0"
+    train = resolve_dataset(dataset).split("train")
+    seed_everything(0)
+    teacher = resolve_model(spec, num_classes=config.writer_vocab, input_shape=input_shape(train)).to(device).eval()
+    bare_seconds, stage_seconds = [], []
+    for _ in range(TEACHER_PASSES):
+        bare_seconds.append(_bare_forward_seconds(teacher, train, config.writer_batch, device))
+        stage_seconds.append(cache_teacher.run(
+            cache_teacher.CacheTeacherConfig(teacher=spec, dataset=dataset, out=scratch / "lm-writer.zarr", format="topk",
+                                             top_k=READER_TOP_K, temperature=1.0, batch_size=config.writer_batch,
+                                             device=config.device, overwrite=True),
+            teacher, train).seconds)
+    return {"teacher": spec, "parameters": count_parameters(teacher), "vocab": config.writer_vocab, "rows": len(train),
+            "tokens": len(train) * config.lm_seq, "batch": config.writer_batch, "bare_forward_seconds": bare_seconds,
+            "cache_teacher_seconds": stage_seconds}
 
 
 def _random_cache(path: Path, layout: Layout) -> None:

@@ -598,14 +598,17 @@ def bench_command(
     reader_rows: Annotated[int | None, typer.Option(min=1, help="Rows of the reader section's dense cache. (default: 100000; quick 20000)")] = None,
     reader_tokens: Annotated[int | None, typer.Option(min=8, help="Positions of the reader section's top-32 token cache. (default: 4000000; quick 500000)")] = None,
     reader_vocab: Annotated[int | None, typer.Option(min=33, help="Its vocabulary. (default: 8192)")] = None,
-    only: Annotated[list[str] | None, typer.Option(help="Run only this section (repeatable): core (1-7), lm-memory (8), reader (9).")] = None,
+    writer_vocab: Annotated[int | None, typer.Option(min=0, help="Vocabulary of the language-model teacher whose cache-teacher time is measured against its bare forward (0: skip). (default: 32000)")] = None,
+    writer_teacher: Annotated[str | None, typer.Option(help="That teacher, a gpt2: spec without its vocab. (default: gpt2:layers=4,dim=512,heads=8; quick 2 layers of 256)")] = None,
+    writer_rows: Annotated[int | None, typer.Option(min=1, help="Rows of --lm-seq tokens it caches. (default: 64; quick 16)")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only this section (repeatable): core (1-7), lm-memory (8), reader (9), lm-writer (10).")] = None,
     device: DeviceOption = "auto",
     keep: Annotated[Path | None, typer.Option(help="Keep the benchmark's caches and runs in this folder.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure what the cache costs and buys on this machine, as ratios from one run.
 
-    cache-teacher vs the bare teacher forward; train-student from the cache vs logits in memory, vs hard labels and vs online KD; peak memory with a 10x larger cache; shuffled vs sequential reads; cache-teacher's peak memory at a 70,000-token vocabulary for two batch sizes; the training reader vs a memory map of the same bytes (a dense and a top-32 token cache). Prints a table (or --json) with each ratio's target.
+    cache-teacher vs the bare teacher forward; train-student from the cache vs logits in memory, vs hard labels and vs online KD; peak memory with a 10x larger cache; shuffled vs sequential reads; cache-teacher's peak memory at a 70,000-token vocabulary for two batch sizes; the training reader vs a memory map of the same bytes (a dense and a top-32 token cache); cache-teacher vs the bare forward of a GPT-2-style teacher at a 32,000-token vocabulary. Prints a table (or --json) with each ratio's target.
 
     Examples:
 
@@ -618,7 +621,8 @@ def bench_command(
     config = with_sizes(QUICK if quick else BenchConfig(), samples=samples, classes=classes, features=features,
                         teacher_width=teacher_width, student_width=student_width, batch_size=batch_size, epochs=epochs,
                         lm_vocab=lm_vocab, lm_seq=lm_seq, reader_rows=reader_rows, reader_tokens=reader_tokens,
-                        reader_vocab=reader_vocab, only=tuple(only) if only else None, device=device)
+                        reader_vocab=reader_vocab, writer_vocab=writer_vocab, writer_teacher=writer_teacher, writer_rows=writer_rows,
+                        only=tuple(only) if only else None, device=device)
     report = run_bench(config, keep)
     _emit(as_json, report, _bench_table(report))
 

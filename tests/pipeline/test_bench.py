@@ -8,7 +8,8 @@ from pipeline import bench
 from tests.conftest import invoke
 
 TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2, lm_vocab=0,
-            reader_rows=3000, reader_tokens=20000, reader_vocab=300)
+            reader_rows=3000, reader_tokens=20000, reader_vocab=300, writer_vocab=500, writer_teacher="gpt2:layers=1,dim=16,heads=2",
+            writer_rows=6)
 TINY_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 # Section 8 (cache-teacher's memory with a language model's vocabulary), small: 4 processes.
 TINY_LM = ["--lm-vocab=3000", "--lm-seq=16"]
@@ -24,8 +25,15 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
         "memory_10x_vs_1x", "shuffled_vs_sequential_reads", "checksummed_vs_plain_reads", "loaded_threads_chosen_vs_one",
         "loaded_threads_every_core_vs_one", "quiet_threads_chosen_vs_every_core", "lm_teacher_memory_8x_batch",
         "lm_teacher_memory_8x_batch_whole_logits", "reader_vs_memmap_dense", "reader_first_epoch_vs_memmap_dense",
-        "reader_vs_memmap_tokens", "reader_first_epoch_vs_memmap_tokens",
+        "reader_vs_memmap_tokens", "reader_first_epoch_vs_memmap_tokens", "lm_cache_vs_forward",
     }
+    writer = report["lm_writer"]
+    assert (writer["vocab"], writer["rows"], writer["teacher"]) == (500, 6, "gpt2:layers=1,dim=16,heads=2,vocab=500")
+    assert len(writer["bare_forward_seconds"]) == len(writer["cache_teacher_seconds"]) == bench.TEACHER_PASSES
+    from stages.cache import CacheReader
+
+    lm_cache = CacheReader(tmp_path / "bench" / "lm-writer.zarr")  # the top-32 token cache section 10 timed
+    assert (lm_cache.layout.top_k, lm_cache.num_classes, lm_cache.layout.tokens) == (32, 500, writer["tokens"] // 6)
     lm = report["lm_teacher_memory"]
     assert (lm["vocab"], lm["seq"]) == (3000, 16) and set(lm) == {"vocab", "seq", "in_pieces", "whole_batch"}
     for arm in ("in_pieces", "whole_batch"):
