@@ -50,6 +50,16 @@ def spec_from_cache(cache: CacheLocation, attrs: dict, what: str, named: str | N
     return spec
 
 
+def split_of_cache(cache: CacheLocation, attrs: dict) -> Split:
+    """The split a cache was made from, by the dataset spec and split it records: what
+    stages.CacheDataset reads without a dataset (pyproject.toml declares this function its
+    `kd_pipeline.datasets` entry point). A recorded spec that runs code is refused (spec_from_cache)."""
+    spec = spec_from_cache(cache, attrs, "dataset")
+    if spec is None:
+        raise InputError(f"cache {cache} records no dataset spec: pass the dataset it was made from")
+    return resolve_dataset(spec).split(attrs["dataset"]["split"])
+
+
 def _with_absolute_files(cfg, *fields: str):
     """`cfg` with the files its `fields` name made absolute: what a cache or a run folder records
     of them must point at the same files from any folder, for anyone checking them."""

@@ -19,6 +19,7 @@ and the order depends only on (seed, epoch). `kd_loss` is the loss `train-studen
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections.abc import Iterator
 
@@ -43,8 +44,11 @@ class CacheDataset(torch.utils.data.IterableDataset):
     cache of views), and "kind" and "temperature" (the cache's kind and T, for `kd_loss`).
 
     `cache`: a path or fsspec URL. `dataset`: the inputs the cache was made from, as a project
-    split (stages.data.Split) or a map-style torch Dataset of inputs or (input, label) pairs; it
-    is checked against the cache's fingerprint as train-student checks it. The cache holds the
+    split (stages.data.Split) or a map-style torch Dataset of inputs or (input, label) pairs, or
+    None for the dataset spec and split the cache records (resolved by the installed
+    `kd_pipeline.datasets` entry point, pipeline's; a spec that names code is refused, as
+    train-student refuses it: pass that dataset yourself); it is checked against the cache's
+    fingerprint as train-student checks it. The cache holds the
     labels, so only the inputs are taken from it. `augment`: for a cache of views, the
     augmentation that made them (default: the built-in one its spec names), replayed from each
     drawn view's seed; `view_policy` draws a random view per row and epoch, or cycles.
@@ -52,19 +56,18 @@ class CacheDataset(torch.utils.data.IterableDataset):
     Use it with `DataLoader(dataset, batch_size=None, ...)`: batches come whole. Call
     `set_epoch(epoch)` before each epoch (before the loader's workers start)."""
 
-    def __init__(self, cache: CacheLocation | str, dataset: Split | torch.utils.data.Dataset, *, batch_size: int,
+    def __init__(self, cache: CacheLocation | str, dataset: Split | torch.utils.data.Dataset | None = None, *, batch_size: int,
                  seed: int = 0, shuffle: bool = True, buffer_chunks: int = 8, view_policy: str = "random",
                  augment: Augmentation | None = None):
         super().__init__()
-        if dataset is None:
-            raise InputError("CacheDataset needs the dataset the cache was made from (its spec is in the cache's "
-                             "`dataset` attribute; pipeline.datasets.resolve_dataset(spec).split(name) resolves one)")
         if batch_size < 1:
             raise InputError(f"`batch_size` must be 1 or more, got {batch_size}")
         if view_policy not in VIEW_POLICIES:
             raise InputError(f"`view_policy` must be one of {', '.join(VIEW_POLICIES)}, got {view_policy!r}")
         self.cache = cache_location(str(cache))
         reader = CacheReader(self.cache)
+        if dataset is None:
+            dataset = _recorded_split(self.cache, reader.attrs)
         self.split = dataset if hasattr(dataset, "inputs") else TorchDatasetSplit(reader.attrs["dataset"]["split"], dataset)
         reader.check_split(self.split, getattr(self.split, "name", "given"))
         self.kind, self.temperature, self.views = reader.layout.kind, reader.temperature, reader.layout.views
@@ -118,6 +121,20 @@ def _share() -> tuple[int, int]:
     workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     return rank * workers + worker_id, world * workers
+
+
+# The entry point group through which the installed package resolves the dataset spec a cache
+# records (stages knows no dataset specs: they are pipeline's, and pipeline imports stages).
+DATASET_RESOLVERS = "kd_pipeline.datasets"
+
+
+def _recorded_split(cache: CacheLocation, attrs: dict) -> Split:
+    """The split a cache records that it was made from, resolved by the `DATASET_RESOLVERS` entry point."""
+    resolvers = sorted(importlib.metadata.entry_points(group=DATASET_RESOLVERS), key=lambda point: point.name)
+    if not resolvers:
+        raise InputError(f"no package resolves the dataset spec {attrs['dataset'].get('spec')!r} that cache {cache} records "
+                         f"(none declares a {DATASET_RESOLVERS!r} entry point): pass the dataset to CacheDataset")
+    return resolvers[0].load()(cache, attrs)
 
 
 def one_view_each(rows: Rows, soft_arrays: tuple[str, ...], policy: str, rng: np.random.Generator, epoch: int) -> Rows:

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import zarr
 from torch.utils.data import DataLoader
 
 from pipeline.datasets import resolve_dataset
 from stages import CacheDataset, kd_loss
-from stages.errors import CacheMismatchError
+from stages.errors import CacheMismatchError, InputError
 from stages.train_student import batch_loss
 from stages.cache import CacheReader
 from tests.conftest import DATASET, TEMPERATURE, cache_with_cli
@@ -270,3 +271,23 @@ def test_the_torchrun_example_in_the_readme_trains_every_row_once_per_epoch(tmp_
     assert [int(e) for e, _, _ in epochs] == [0, 1, 2, 3], run.stdout
     assert all(int(rows) == ROWS for _, rows, _ in epochs), run.stdout
     assert float(epochs[-1][2]) > 0.5, run.stdout  # 4 classes: chance is 0.25
+
+
+def test_without_a_dataset_it_reads_the_split_the_cache_records(cache_path):
+    """dataset=None: the spec and split the cache records, resolved through the installed
+    kd_pipeline.datasets entry point: the same batches, inputs included, as with the split given."""
+    recorded, given = CacheDataset(cache_path, batch_size=32, seed=5), CacheDataset(cache_path, _train(), batch_size=32, seed=5)
+    for a, b in zip(recorded, given, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["inputs"], b["inputs"])
+
+
+def test_without_a_dataset_a_recorded_spec_that_is_code_is_refused_and_never_run(cache_path, tmp_path):
+    marker = tmp_path / "ran"
+    factory = tmp_path / "their_data.py"
+    factory.write_text(f"open({str(marker)!r}, 'w').close()\ndef build(split):\n    raise SystemExit\n")
+    group = zarr.open_group(str(cache_path), mode="r+")
+    group.attrs["dataset"] = {**group.attrs["dataset"], "spec": f"{factory}:build"}
+    with pytest.raises(InputError, match="a cache never runs code"):
+        CacheDataset(cache_path, batch_size=32)
+    assert not marker.exists()
+    CacheDataset(cache_path, _train(), batch_size=32)  # given by the user, the split is taken as train-student takes it
