@@ -648,6 +648,32 @@ def _bench_table(report: dict) -> Table:
     return table
 
 
+@command("gpu-check")
+def gpu_check_command(
+    device: DeviceOption = "auto",
+    size: Annotated[str | None, typer.Option(help="full (one CUDA GPU: a few minutes, under 8) or small (1-2 minutes on 2 CPU cores). (default: full on CUDA, small on a CPU)")] = None,
+    keep: Annotated[Path | None, typer.Option(help="Keep the check's caches, runs and logs in this folder.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check both stages, the benchmark and torchrun on this machine's device, and print one table.
+
+    cache-teacher of a GPT-2-style language model at a real vocabulary (top-k per token, random weights, nothing downloaded) without autocast and under bf16 autocast, in tokens per second and against the bare teacher forward over the same batches; every ratio of pipeline bench at quick sizes; a train-student epoch from the cache; and train-student under torchrun as one process (NCCL on CUDA, gloo on a CPU). Every step runs even when another fails; the exit code is 1 if any failed.
+
+    Examples:
+
+        pipeline gpu-check --device cuda
+
+        pipeline gpu-check --device cpu --json
+    """
+    from pipeline.gpu_check import gpu_check_table, run_gpu_check
+
+    report = run_gpu_check(device, size, keep)
+    _emit(as_json, report, gpu_check_table(report))
+    failed = [step for step in report["steps"] if not step["ok"]]
+    if failed:
+        _fail(f"{len(failed)} of {len(report['steps'])} steps failed; {failed[0]['step']}: {failed[0]['note']}", 1)
+
+
 @command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's teacher, cache and runs.")] = DATA_ROOT / "demo",

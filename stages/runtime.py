@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import logging
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -20,7 +21,11 @@ from stages.config import AMP_MODES
 from stages.data import Split, inputs_at
 from stages.errors import InputError, PipelineError
 
+log = logging.getLogger(__name__)
+
 DEVICES = ("auto", "cpu", "cuda")
+# Set by torchrun (torch.distributed.run) in every process it starts.
+TORCHRUN_VARIABLE = "TORCHELASTIC_RUN_ID"
 T = TypeVar("T")
 
 # progress(done, total): called as a stage advances (rows for cache-teacher, optimizer steps for
@@ -144,14 +149,16 @@ class Ranks:
 def process_group(device_name: str) -> Iterator[tuple[Ranks, torch.device]]:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL with one GPU per process (cuda:LOCAL_RANK), or
-    gloo on CPUs. A group the caller made already is used as it is. Without torchrun (WORLD_SIZE
-    unset or 1) and without a group: a group of one, and no group made."""
+    gloo on CPUs. A group the caller made already is used as it is. Under torchrun a single
+    process joins its group of one too, so that a one-GPU run sets up NCCL as a run of many
+    does (`pipeline gpu-check` relies on it). Without torchrun (WORLD_SIZE unset or 1) and
+    without a group: a group of one, and no group made."""
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
-    if world == 1:
+    if world == 1 and TORCHRUN_VARIABLE not in os.environ:
         yield Ranks(), device
         return
-    if device.type == "cuda" and device.index is not None:
+    if world > 1 and device.type == "cuda" and device.index is not None:
         raise InputError(f"`device` {device_name} would put every process on one GPU: give cuda or auto (process N takes cuda:LOCAL_RANK)")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -160,6 +167,7 @@ def process_group(device_name: str) -> Iterator[tuple[Ranks, torch.device]]:
     joined = not dist.is_initialized()
     if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log.info("process %d of %d in a %s process group", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size()), device
         dist.barrier()  # no process leaves (and tears the group down) while another still works

@@ -5,6 +5,7 @@ run over several processes (two real gloo processes here)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import socket
@@ -23,8 +24,8 @@ from pipeline.models import resolve_model
 from stages.data import TensorSplit
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
-    Ranks, agree, autocast, average_over_ranks, check_labels_fit, config_dict, main_only, output_shape, process_group,
-    require, resolve_device, seed_everything, torch_threads, training_threads,
+    TORCHRUN_VARIABLE, Ranks, agree, autocast, average_over_ranks, check_labels_fit, config_dict, main_only, output_shape,
+    process_group, require, resolve_device, seed_everything, torch_threads, training_threads,
 )
 from stages.train_student import TrainConfig
 from tests.conftest import DATASET
@@ -213,6 +214,7 @@ def test_a_missing_optional_package_names_the_extra_that_installs_it():
 
 def test_without_torchrun_a_run_is_a_group_of_one_and_makes_no_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv(TORCHRUN_VARIABLE, raising=False)
     with process_group("cpu") as (ranks, device):
         assert ranks == Ranks(0, 1) and ranks.main and device == CPU
         assert not dist.is_initialized()
@@ -222,6 +224,18 @@ def test_without_torchrun_a_run_is_a_group_of_one_and_makes_no_group(monkeypatch
         assert average_over_ranks(ranks, values) is values
         with pytest.raises(KeyError):
             main_only(ranks, lambda: {}["missing"])
+
+
+def test_under_torchrun_a_single_process_joins_its_group_of_one(monkeypatch, caplog):
+    """So that a one-GPU torchrun run sets up its backend (NCCL) as a run of many processes does."""
+    monkeypatch.setenv(TORCHRUN_VARIABLE, "test")
+    for name, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.INFO, logger="stages.runtime"), process_group("cpu") as (ranks, device):
+        assert ranks == Ranks(0, 1) and device == CPU
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+    assert not dist.is_initialized()
+    assert "process 0 of 1 in a gloo process group" in caplog.text
 
 
 def _free_port() -> int:
