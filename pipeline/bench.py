@@ -182,7 +182,7 @@ def _core(config: BenchConfig, scratch: Path, device: torch.device) -> dict:
     # TEACHER_PASSES times in turn, keeping each one's fastest (interference only slows down)
     bare_seconds, stage_seconds = [], []
     for _ in range(TEACHER_PASSES):
-        bare_seconds.append(_bare_forward_seconds(teacher, train, config.batch_size, device))
+        bare_seconds.append(bare_forward_seconds(teacher, train, config.batch_size, device))
         caching = cache_teacher.run(
             cache_teacher.CacheTeacherConfig(
                 teacher=teacher_spec, teacher_weights=scratch / "teacher.safetensors", dataset=dataset,
@@ -264,7 +264,7 @@ def _core(config: BenchConfig, scratch: Path, device: torch.device) -> dict:
     }
 
 
-def _bare_forward_seconds(teacher: torch.nn.Module, split: Split, batch_size: int, device: torch.device) -> float:
+def bare_forward_seconds(teacher: torch.nn.Module, split: Split, batch_size: int, device: torch.device) -> float:
     """The plain inference loop cache-teacher replaces: over the same batches, take the
     inputs, run the teacher, keep nothing."""
     bounds = [(b, min(b + batch_size, len(split))) for b in range(0, len(split), batch_size)]
@@ -430,7 +430,7 @@ def _lm_writer(config: BenchConfig, scratch: Path, device: torch.device) -> dict
     teacher = resolve_model(spec, num_classes=config.writer_vocab, input_shape=input_shape(train)).to(device).eval()
     bare_seconds, stage_seconds = [], []
     for _ in range(TEACHER_PASSES):
-        bare_seconds.append(_bare_forward_seconds(teacher, train, config.writer_batch, device))
+        bare_seconds.append(bare_forward_seconds(teacher, train, config.writer_batch, device))
         stage_seconds.append(cache_teacher.run(
             cache_teacher.CacheTeacherConfig(teacher=spec, dataset=dataset, out=scratch / "lm-writer.zarr", format="topk",
                                              top_k=READER_TOP_K, temperature=1.0, batch_size=config.writer_batch,

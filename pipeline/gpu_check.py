@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from pipeline.bench import _bare_forward_seconds
+from pipeline.bench import bare_forward_seconds
 from pipeline.datasets import resolve_dataset
 from pipeline.jobs import run_training
 from pipeline.models import resolve_model
@@ -74,7 +74,9 @@ SIZES = {
     "small": CheckSize(teacher="gpt2:layers=2,dim=64,heads=2,vocab=4096", student="gpt2:layers=1,dim=32,heads=2",
                        seq=64, source_bytes=32_768, batch_size=16, top_k=8, turns=1,
                        bench=("--quick", "--samples", "600", "--classes", "16", "--features", "16", "--teacher-width", "64",
-                              "--student-width", "16", "--batch-size", "64", "--epochs", "2", "--lm-vocab", "0")),
+                              "--student-width", "16", "--batch-size", "64", "--epochs", "2", "--lm-vocab", "0",
+                              "--reader-rows", "3000", "--reader-tokens", "20000", "--reader-vocab", "300", "--writer-vocab", "500",
+                              "--writer-teacher", "gpt2:layers=1,dim=16,heads=2", "--writer-rows", "6")),
 }
 AMPS = {"fp32": "none", "bf16": "bf16"}
 STUDENT_EPOCHS = 2  # the first warms up (allocations, kernel choice); the second is measured
@@ -168,7 +170,7 @@ def _cache_teacher(size: CheckSize, device: torch.device, teacher: torch.nn.Modu
         # pipeline.bench's plain inference loop, over the same batches (it tiles the rows by
         # batch_size, as the cache's chunks of one batch each do); autocast reaches into it from here.
         with autocast(amp, device):
-            bare.append(_bare_forward_seconds(teacher, split, size.batch_size, device))
+            bare.append(bare_forward_seconds(teacher, split, size.batch_size, device))
         stage.append(cache_teacher.run(config, teacher, split).seconds)
     return {"seconds": min(stage), "throughput": tokens / min(stage), "unit": "tokens/s", "ratio": min(stage) / min(bare),
             "note": f"x the bare forward ({min(bare):.2f} s)", "cache": out, "amp": amp}
