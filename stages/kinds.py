@@ -419,10 +419,13 @@ class Sampled(Kind):
             return "sampled class ids outside [0, num_classes)"
         if "sampled_counts" in rows:
             counts = rows["sampled_counts"]
-            expected = np.full(counts.shape[:-1], counts.shape[-1])
+            sums, draws = counts.sum(-1, dtype=np.int64), counts.shape[-1]
             if "lengths" in rows:
-                expected[np.arange(expected.shape[1])[None, :] >= rows["lengths"][:, None]] = 0
-            if not np.array_equal(counts.sum(-1, dtype=np.int64), expected):
+                padding = np.arange(sums.shape[1])[None, :] >= rows["lengths"][:, None]
+                wrong = not np.array_equal(sums, np.where(padding, 0, draws))
+            else:  # which positions are padding, only the lengths tell: each sums to S or to 0
+                wrong = not ((sums == draws) | (sums == 0)).all()
+            if wrong:
                 return "sampled counts that do not sum to the number of draws (0 at padding)"
         if "entropy" in rows and not ((rows["entropy"] >= -1e-4) & (rows["entropy"] <= np.log(num_classes) + 1e-4)).all():
             return "entropies outside [0, log(num_classes)]"
