@@ -120,6 +120,9 @@ class Kind:
         """The summed NLL of `labels` under the teacher at T=1 (soft: (M, ...) rows), when the kind can tell."""
         return None
 
+    def check_temperature(self, temperature: float, cache_temperature: float) -> None:
+        """Raise an InputError when its rows cannot train at `temperature` (a cache at `cache_temperature`)."""
+
     def loss(self, student_logits: torch.Tensor, soft: dict[str, torch.Tensor], labels: torch.Tensor | None, *,
              alpha: float, temperature: float, cache_temperature: float) -> Loss:
         """The distillation loss of (M, C) student logits on (M, ...) rows of soft labels at
@@ -370,7 +373,8 @@ class Sampled(Kind):
             raise PipelineError("internal: a sampled cache's draws need the rows' dataset indices")
         # float64 throughout: at 150,000 classes a float32 cumulative sum would lose the small classes' share.
         z = rounded.double() if rounded.ndim == 3 else rounded.double().unsqueeze(1)  # (B, P, C)
-        z -= z.amax(-1, keepdim=True)
+        # A class at -inf (a masked one) gets weight 0 and, at the lowest finite value, 0 * z = 0 in the entropy.
+        z = z.sub_(z.amax(-1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)
         weights = z.exp()
         cdf = weights.cumsum(-1)
         total = cdf[..., -1:]
@@ -407,10 +411,13 @@ class Sampled(Kind):
         most = rows["sampled_counts"].argmax(-1)[..., None]
         return np.take_along_axis(rows["sampled_ids"], most, -1)[..., 0].astype(np.int64)
 
-    def loss(self, student_logits, soft, labels, *, alpha, temperature, cache_temperature):
+    def check_temperature(self, temperature, cache_temperature):
         if temperature != cache_temperature:
             raise InputError(f"a sampled cache holds classes drawn at T={cache_temperature:g}: it trains at that temperature only, "
                              f"not at {temperature:g} (leave `temperature` unset)")
+
+    def loss(self, student_logits, soft, labels, *, alpha, temperature, cache_temperature):
+        self.check_temperature(temperature, cache_temperature)
         return sampled_distillation_loss(student_logits, soft["sampled_ids"], soft["sampled_counts"], soft["entropy"], labels,
                                          alpha=alpha, temperature=temperature)
 

@@ -7,7 +7,7 @@ checks a cache's attributes against them. What the format is built around:
 
 The optional L axis makes a token-level cache, for models that output logits per token (a
 language model): `row_axes` names the axes after the sample axis ("token", then "class" for
-dense or "rank" for top-k), and positions at or past a sequence's length hold zeros and never
+dense, "rank" for top-k or "draw" for sampled), and positions at or past a sequence's length hold zeros and never
 count. Every per-row array is chunked along the sample axis only, with the same
 `chunk_rows`, so a chunk of rows is a unit of work: a writer owns whole chunks (a
 partial-chunk write would read-modify-write it), a reader decodes whole chunks. `chunk_done`

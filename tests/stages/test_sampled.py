@@ -4,6 +4,8 @@ the dense loss and of its gradient."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from stages.cache.format import Layout, stored_rows
 from stages.errors import InputError
 from stages.kinds import KINDS, _mix
 from stages.losses import distillation_loss, sampled_distillation_loss
+from tests.conftest import cache_with_cli, invoke, invoke_json
 
 
 def _splitmix64(x: int) -> int:
@@ -93,8 +96,8 @@ def test_the_expected_sampled_loss_and_its_gradient_are_the_dense_ones(temperatu
     s = student.clone().requires_grad_(True)
     dense, _ = distillation_loss(s[None], teacher[None], None, alpha=1.0, temperature=temperature)
     dense.backward()
-    loss_error = losses.std() / draws**0.5
-    assert abs(float(losses.mean()) - float(dense)) <= 4 * float(loss_error), (float(losses.mean()), float(dense), float(loss_error))
+    dense, loss_error = float(dense.detach()), float(losses.std() / draws**0.5)
+    assert abs(float(losses.mean()) - dense) <= 4 * loss_error, (float(losses.mean()), dense, loss_error)
     # The gradient in s of -T^2 sum_i (c_i / S) log q(id_i) is T (q - c / S) (scattered over the
     # classes): its class-j entry varies as T^2 p_j (1 - p_j) / S, the multinomial's. Per class,
     # with that exact variance (the sample one is 0 for a class never drawn): within 5 standard
@@ -120,3 +123,21 @@ def test_the_sampled_loss_is_mixed_with_the_hard_labels_as_the_dense_one_and_ref
     assert float(loss) == pytest.approx(float(expected), rel=1e-6) and set(parts) == {"ce", "kd"}
     with pytest.raises(InputError, match="trains at that temperature only"):
         KINDS["sampled"].loss(student, soft, labels, alpha=alpha, temperature=1.0, cache_temperature=t)
+
+
+def test_train_student_trains_from_a_sampled_cache_at_its_temperature_and_refuses_another_before_starting(tmp_path, teacher_weights):
+    cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", "sampled", "--samples", "12")["cache"]
+    options = ("--cache", cache, "--student", "mlp:width=16", "--epochs", 6, "--batch-size", 64, "--device", "cpu")
+    code, _, err = invoke("train-student", *options, "--temperature", 1.0, "--out", tmp_path / "other-t")
+    assert code == 2 and "trains at that temperature only" in err and not (tmp_path / "other-t").exists(), err
+    run = invoke_json("train-student", *options, "--out", tmp_path / "run")
+    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.8 * losses[0] and run["test_accuracy"] > 0.5, (losses, run)
+
+
+def test_a_class_the_teacher_masks_at_minus_infinity_is_never_drawn_and_the_entropy_stays_finite():
+    logits = torch.randn(8, 20, generator=torch.Generator().manual_seed(5))
+    logits[:, 3] = float("-inf")
+    rows = stored_rows(logits, _layout(classes=20, samples=12), row_index=torch.arange(8))
+    drawn = rows["sampled_ids"][rows["sampled_counts"] > 0]
+    assert (drawn != 3).all() and torch.isfinite(rows["entropy"]).all()
