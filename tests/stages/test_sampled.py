@@ -9,12 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from stages.cache.format import Layout, stored_rows
 from stages.errors import InputError
 from stages.kinds import KINDS, _mix
 from stages.losses import distillation_loss, sampled_distillation_loss
-from tests.conftest import cache_with_cli, invoke, invoke_json
+from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, cache_with_cli, invoke, invoke_json
 
 
 def _splitmix64(x: int) -> int:
@@ -141,3 +142,16 @@ def test_a_class_the_teacher_masks_at_minus_infinity_is_never_drawn_and_the_entr
     rows = stored_rows(logits, _layout(classes=20, samples=12), row_index=torch.arange(8))
     drawn = rows["sampled_ids"][rows["sampled_counts"] > 0]
     assert (drawn != 3).all() and torch.isfinite(rows["entropy"]).all()
+
+
+def test_the_sample_seed_is_recorded_changes_the_draws_and_a_cache_of_another_seed_is_not_resumed(tmp_path, teacher_weights):
+    sampled = ("--format", "sampled", "--samples", "12")
+    cache_with_cli(tmp_path / "seed0.zarr", teacher_weights, *sampled)
+    cache_with_cli(tmp_path / "seed7.zarr", teacher_weights, *sampled, "--sample-seed", "7")
+    first, second = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("seed0.zarr", "seed7.zarr"))
+    assert (first.attrs["sample_seed"], second.attrs["sample_seed"]) == (0, 7) and first.attrs["samples"] == 12
+    assert not np.array_equal(first["sampled_counts"][:], second["sampled_counts"][:])
+    code, _, err = invoke("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET,
+                          "--temperature", TEMPERATURE, "--chunk-rows", CHUNK_ROWS, "--device", "cpu", "--out",
+                          tmp_path / "seed0.zarr", *sampled, "--sample-seed", "7")
+    assert code == 2 and "sample_seed: cache has 0, this run 7" in err, err
