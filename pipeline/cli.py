@@ -243,8 +243,10 @@ def cache_teacher_command(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = field_default(CT, "batch_size"),
     device: DeviceOption = field_default(CT, "device"),
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
-    format: Annotated[str, typer.Option(help="dense (every class's logit) or topk (the --top-k largest per row or token, their classes and the row's log-sum-exp).")] = field_default(CT, "format"),
+    format: Annotated[str, typer.Option(help="dense (every class's logit), topk (the --top-k largest per row or token, their classes and the row's log-sum-exp) or sampled (--samples classes drawn from the teacher's distribution per row or token, as distinct classes and counts).")] = field_default(CT, "format"),
     top_k: Annotated[int | None, typer.Option(help="Logits kept per row (or token) with --format topk.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Classes drawn per row (or token), with replacement, with --format sampled (1-255).")] = None,
+    sample_seed: Annotated[int, typer.Option(help="Seed of the draws of --format sampled (recorded in the cache; each row's draws depend on it and the row's index).")] = field_default(CT, "sample_seed"),
     augment: ViewsAugmentOption = field_default(CT, "augment"),
     views: Annotated[int, typer.Option(help="Augmented views per sample (with --augment).")] = field_default(CT, "views"),
     features: Annotated[bool, typer.Option(help="Also cache the teacher's features (hf: models: mean-pooled last hidden state), for train-student --feature-loss.")] = False,
@@ -279,7 +281,8 @@ def cache_teacher_command(
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")}, CT)
     if values["out"] is None and values["teacher"] and values["dataset"]:
         values["out"] = DATA_ROOT / "caches" / cache_file_name(values["teacher"], values["dataset"], values["split"],
-                                                               values["temperature"], values["top_k"])
+                                                               values["temperature"], values["top_k"], values["samples"],
+                                                               values["sample_seed"])
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
     _apply_storage_options(values["storage_option"], cfg.out)
     with _progress_bar("teacher pass (rows)") as progress:

@@ -111,7 +111,8 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         augmentation(split.inputs(np.zeros(1, dtype=np.int64)), np.zeros(1, dtype=np.uint64))  # fits the inputs?
     layout = Layout(
         kind=config.format, num_samples=len(split), num_classes=num_classes, chunk_rows=config.chunk_rows or 1,
-        dtype=config.dtype, codec=config.codec, top_k=config.top_k, tokens=shape[0] if len(shape) == 2 else None,
+        dtype=config.dtype, codec=config.codec, top_k=config.top_k, samples=config.samples,
+        sample_seed=config.sample_seed, tokens=shape[0] if len(shape) == 2 else None,
         views=config.views if augmentation is not None else None, labelled=split.labels is not None, features=features,
     )
     if config.chunk_rows is None:
@@ -280,7 +281,7 @@ def _teacher_pass(
         batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + count])
         with torch.inference_mode():
             stored = teacher_rows(teacher, inputs.to(device, non_blocking=cuda), writer.layout, config.temperature,
-                                  config.amp, batch_lengths)
+                                  config.amp, batch_lengths, row_index=torch.arange(start, start + count))
         if cuda:
             host = {}
             for name, values in stored.items():

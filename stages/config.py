@@ -82,8 +82,11 @@ class CacheTeacherConfig:
     batch_size: int = 256
     device: str = "auto"
     dtype: str = "float16"
-    format: str = "dense"  # dense: every class's logit; topk: the top_k largest, their classes and the row's log-sum-exp
+    format: str = "dense"  # dense: every class's logit; topk: the top_k largest, their classes and the row's log-sum-exp;
+    # sampled: `samples` classes drawn from the teacher's distribution, as distinct ids and counts
     top_k: int | None = None
+    samples: int | None = None  # sampled: classes drawn per row or token
+    sample_seed: int = 0  # sampled: the seed of the draws (each row's are a function of it and the row's index)
     augment: str = "none"  # augmentation of the cached views (stages.augment); none: the inputs as they are
     views: int = 1  # augmented views per sample, with augment
     view_seed: int = 0  # base seed of the views' seeds
@@ -104,6 +107,7 @@ class CacheTeacherConfig:
         if self.num_classes is not None:  # one class has nothing to distil: its softmax is 1
             check_range("num_classes", self.num_classes, 2, MAX_CLASSES)
         check_range("view_seed", self.view_seed, 0, MAX_VIEW_SEED)
+        check_range("sample_seed", self.sample_seed, 0, MAX_SEED)
         if not (self.max_gib >= 0 and math.isfinite(self.max_gib)):
             raise InputError(f"`max_gib` must be a number of GiB >= 0 (0: no limit), got {self.max_gib}")
         if self.dtype not in DTYPES:

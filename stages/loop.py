@@ -148,9 +148,9 @@ def one_view_each(rows: Rows, soft_arrays: tuple[str, ...], policy: str, rng: np
 
 def kd_loss(student_logits: torch.Tensor, batch: dict, *, alpha: float, temperature: float | None = None) -> torch.Tensor:
     """The distillation loss of the student's logits ((B, C), or (B, L, C) for a token cache) on
-    a CacheDataset batch: the loss of the cache's kind (stages.kinds: dense, top-k) at
+    a CacheDataset batch: the loss of the cache's kind (stages.kinds: dense, top-k, sampled) at
     `temperature` (default: the cache's T; another T re-tempers the cached values, exactly for a
-    dense cache and for a top-k cache's kept classes), mixed with cross-entropy on the labels by
+    dense cache and for a top-k cache's kept classes; a sampled cache refuses it), mixed with cross-entropy on the labels by
     `alpha` (1: soft labels only), over valid tokens only. The loss train-student trains with."""
     kind = KINDS[batch["kind"]]
     # Only what the loss reads: the inputs went to the model already, and a copy per step is no small thing on a GPU.

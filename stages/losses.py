@@ -1,9 +1,11 @@
 """Distillation losses as plain functions on explicit tensors.
 
-Two kinds of soft labels reach the student (stages.cache): a dense row of teacher logits / T,
-and a top-k row (the K largest logits / T, their classes, and the log-sum-exp of the whole
-row). Both losses compare teacher and student over the same support: every class for a dense
-row; the K kept classes plus one tail bucket holding the rest of the mass for a top-k row.
+Three kinds of soft labels reach the student (stages.cache): a dense row of teacher logits / T,
+a top-k row (the K largest logits / T, their classes, and the log-sum-exp of the whole row),
+and a sampled row (classes drawn from the teacher's distribution, their counts, and its
+entropy). The first two compare teacher and student over the same support: every class for a
+dense row; the K kept classes plus one tail bucket holding the rest of the mass for a top-k row.
+The sampled loss is an unbiased estimate of the dense one.
 Normalising the teacher over its top-k but the student over the whole vocabulary is a known
 trap: the two would then disagree even for a student equal to its teacher.
 """
@@ -73,6 +75,38 @@ def topk_distillation_loss(
     log_p_teacher = topk_teacher_log_probs(topk_values, logsumexp, num_classes, cache_temperature / temperature)
     log_q_student = topk_student_log_probs(student_logits.float() / temperature, topk_indices.long())
     return _with_hard_labels(student_logits, labels, _kl(log_p_teacher, log_q_student), alpha, temperature)
+
+
+def sampled_distillation_loss(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    entropy: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Random-sampling KD (Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
+    Distillation in LLMs", ACL 2025): the loss of `distillation_loss` estimated from S classes
+    drawn with replacement from the teacher's p = softmax(t / T):
+
+        KL_hat = sum_i (c_i / S) * (-log q(id_i)) - H(p),   q = softmax(s / T)
+
+    student_logits: (B, C) raw student logits s.
+    ids: (B, S) the distinct drawn classes (unused slots: any class with count 0).
+    counts: (B, S) how often each was drawn, summing to S.
+    entropy: (B,) H(p), the teacher's entropy at T in nats.
+    The cross-entropy term's expectation over the draws is sum_c p_c (-log q_c) = H(p) + KL(p || q),
+    so KL_hat is an unbiased estimate of KL(p || q), and its gradient in s of the dense KL's
+    gradient (H(p) does not depend on s; it is subtracted so that the logged value is the KL
+    of the other kinds, 0 in expectation for a student equal to its teacher). T^2 and alpha
+    as in `distillation_loss`. The draws are at the cache's T: there is no re-tempering.
+    """
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    weights = counts.float() / counts.shape[-1]
+    kl = ((weights * -log_q.gather(-1, ids.long())).sum(-1) - entropy.float()).mean()
+    return _with_hard_labels(student_logits, labels, kl, alpha, temperature)
 
 
 def topk_teacher_log_probs(values: torch.Tensor, logsumexp: torch.Tensor, num_classes: int, ratio: float) -> torch.Tensor:

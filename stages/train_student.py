@@ -196,6 +196,8 @@ def _prepare(
     model = model.to(device)
     labels, lengths = _check_inputs(config, model, train, evaluation, cache, device, augment)
     temperature = config.temperature or (cache.temperature if cache else None)
+    if cache is not None:
+        cache.layout.soft_kind.check_temperature(temperature, cache.temperature)
     run_config = _run_config(config, cache, temperature)
     if config.resume and (config.out / "summary.json").is_file():
         _check_same_run(config.out, run_config)

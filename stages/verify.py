@@ -184,15 +184,17 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
     pairs: list[dict[str, tuple]] = []
     by_positions = layout.tokens is not None and layout.views is None  # how teacher_rows may cut a batch
 
-    def check_piece(first: int, over_t: torch.Tensor, _rows) -> None:
+    def check_piece(first: int, over_t: torch.Tensor, fresh_piece: dict[str, torch.Tensor]) -> None:
         # What may legitimately differ in order (near-ties in a top k) is compared by value, piece by piece.
         positions = slice(first, first + over_t.shape[1])
         piece = {name: values[:, positions] for name, values in stored.items()} if by_positions else stored
         pairs.append(layout.soft_kind.verify_pairs(piece, over_t.to(getattr(torch, layout.dtype)),
+                                                   {name: values.cpu().numpy() for name, values in fresh_piece.items()},
                                                    padding[:, positions] if by_positions and padding is not None else padding))
 
     with torch.inference_mode():  # exactly as the teacher ran when caching (amp, pieces)
-        fresh_rows = teacher_rows(teacher, inputs.to(device), layout, attrs["temperature"], amp, lengths, check_piece)
+        fresh_rows = teacher_rows(teacher, inputs.to(device), layout, attrs["temperature"], amp, lengths, check_piece,
+                                 row_index=torch.from_numpy(index))
         fresh = {name: values.cpu().numpy() for name, values in fresh_rows.items()}
     # Storage rounds to the cache's dtype: allow that rounding (relative) plus a little for
     # kernels that differ between batch compositions or devices; under autocast, reduced

@@ -7,7 +7,7 @@ checks a cache's attributes against them. What the format is built around:
 
 The optional L axis makes a token-level cache, for models that output logits per token (a
 language model): `row_axes` names the axes after the sample axis ("token", then "class" for
-dense or "rank" for top-k), and positions at or past a sequence's length hold zeros and never
+dense, "rank" for top-k or "draw" for sampled), and positions at or past a sequence's length hold zeros and never
 count. Every per-row array is chunked along the sample axis only, with the same
 `chunk_rows`, so a chunk of rows is a unit of work: a writer owns whole chunks (a
 partial-chunk write would read-modify-write it), a reader decodes whole chunks. `chunk_done`
@@ -104,6 +104,8 @@ class Layout:
     dtype: str = "float16"
     codec: str = "none"  # of the soft-label arrays (see CODECS)
     top_k: int | None = None  # top-k caches: entries kept per row
+    samples: int | None = None  # sampled caches: classes drawn per row (S)
+    sample_seed: int = 0  # sampled caches: the seed of the draws, with each row's index
     tokens: int | None = None  # token-level caches: positions per sample (L)
     views: int | None = None  # view caches: augmented views per sample (V)
     labelled: bool = True
@@ -184,9 +186,11 @@ class Layout:
     def attributes(self) -> dict:
         return {
             "kind": self.kind, "num_samples": self.num_samples, "num_classes": self.num_classes,
-            "row_shape": list(self.row_shape), "row_axes": self.row_axes, "top_k": self.top_k, "views": self.views,
-            "features": self.features, "chunk_rows": self.chunk_rows, "dtype": self.dtype,
+            "row_shape": list(self.row_shape), "row_axes": self.row_axes, "top_k": self.top_k, "samples": self.samples,
+            "views": self.views, "features": self.features, "chunk_rows": self.chunk_rows, "dtype": self.dtype,
             "codec": "none" if self.codec == "none" else f"zstd(level={ZSTD_LEVEL})",
+            # Only where there are draws: a cache of another kind records no seed it never used.
+            **({"sample_seed": self.sample_seed} if self.samples is not None else {}),
         }
 
     @classmethod
@@ -198,6 +202,7 @@ class Layout:
             kind=attrs["kind"], num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
             chunk_rows=attrs["chunk_rows"], dtype=attrs["dtype"],
             codec="none" if attrs.get("codec", "none") == "none" else "zstd", top_k=attrs.get("top_k"),
+            samples=attrs.get("samples"), sample_seed=attrs.get("sample_seed", 0),
             tokens=row_shape[axes.index("token")] if "token" in axes else None,
             views=row_shape[axes.index("view")] if "view" in axes else None, labelled=labelled,
             features=attrs.get("features"),
@@ -216,10 +221,11 @@ PieceHook = Callable[[int, torch.Tensor, dict[str, torch.Tensor]], None]
 
 
 def teacher_rows(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout, temperature: float, amp: str,
-                 lengths: torch.Tensor | None = None, each_piece: PieceHook | None = None) -> dict[str, torch.Tensor]:
-    """The soft-label (and feature) arrays a cache of `layout` stores for a batch of inputs, on
-    the teacher's device: its forward under `amp` autocast, logits / T rounded and encoded by the
-    kind (stored_rows). Call it under torch.inference_mode. A teacher with
+                 lengths: torch.Tensor | None = None, each_piece: PieceHook | None = None,
+                 row_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The soft-label (and feature) arrays a cache of `layout` stores for a batch of inputs (the
+    rows with dataset indices `row_index`), on the teacher's device: its forward under `amp`
+    autocast, logits / T rounded and encoded by the kind (stored_rows). Call it under torch.inference_mode. A teacher with
     `hidden_and_head(inputs) -> (hidden states (B, L, H), head)` on a token-level layout gives its
     logits in pieces along the positions (LOGIT_PIECE_BYTES), each reduced before the next."""
     split_forward = getattr(teacher, "hidden_and_head", None)
@@ -251,7 +257,7 @@ def teacher_rows(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout,
         if temperature != 1:
             over_t.div_(temperature)  # in place: the teacher's logits are not needed as they were
         rows = stored_rows(over_t, layout, lengths, None if features is None else features.float(), first_position=first,
-                           overwrite=each_piece is None)
+                           overwrite=each_piece is None, row_index=row_index)
         if each_piece is not None:
             each_piece(first, over_t, rows)
         parts.append(rows)
@@ -261,7 +267,8 @@ def teacher_rows(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout,
 
 
 def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tensor | None = None,
-                features: torch.Tensor | None = None, first_position: int = 0, overwrite: bool = False) -> dict[str, torch.Tensor]:
+                features: torch.Tensor | None = None, first_position: int = 0, overwrite: bool = False,
+                row_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The soft-label arrays a cache of `layout` stores for a batch of teacher logits / T
     ((B, C), or (B, L, C) for a token-level cache: positions `first_position` onwards), computed
     on the logits' device, and the teacher's `features` (B, F) as they are (not divided by T),
@@ -272,13 +279,14 @@ def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tens
     same teacher gives that class, and a top-k cache with K = C is the dense one, sorted. On
     a token-level cache, positions at or past a sequence's length are zeroed: what a teacher
     says about padding is not part of the cache (and would differ between teachers' masks).
-    With `overwrite`, the kind may use float32 `logits_over_t` as its scratch space."""
+    With `overwrite`, the kind may use float32 `logits_over_t` as its scratch space. `row_index`
+    (B,): the rows' dataset indices, which a sampled cache's draws are a function of."""
     rounded = logits_over_t.to(getattr(torch, layout.dtype))
     padding = None if lengths is None else (
         torch.arange(first_position, first_position + rounded.shape[1], device=rounded.device)
         >= lengths.to(rounded.device).unsqueeze(1))
     scratch = logits_over_t if overwrite and logits_over_t.dtype == torch.float32 else None
-    rows = layout.soft_kind.encode(rounded, layout, padding, scratch)
+    rows = layout.soft_kind.encode(rounded, layout, padding, scratch, row_index, first_position)
     if layout.features is not None:
         if features is None:
             raise PipelineError("internal: a layout with features, but no features given")
@@ -348,7 +356,7 @@ def malformed_attributes(attrs: dict) -> list[str]:
 def array_problems(group: zarr.Group, attrs: dict, layout: Layout) -> list[str]:
     """How the arrays of `group` disagree with the `layout` its attributes describe (absent, or
     of another shape, chunking or dtype), and the attributes with themselves (a `row_shape`
-    that num_classes, top_k, views and tokens do not give): tampering or damage either way."""
+    that num_classes, top_k, samples, views and tokens do not give): tampering or damage either way."""
     n, rows = layout.num_samples, layout.chunk_rows
     expected = {name: ((n, *spec.shape), spec.dtype) for name, spec in layout.arrays().items()}
     expected["chunk_done"] = ((layout.grid.num_chunks,), "uint8")

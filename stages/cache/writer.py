@@ -221,7 +221,7 @@ def _read_tolerant(array: zarr.Array, grid: ChunkGrid, unreadable) -> tuple[np.n
 
 
 # What must agree between an existing cache and a new writer for it to resume it.
-RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "views", "features", "chunk_rows", "dtype", "codec",
+RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "samples", "sample_seed", "views", "features", "chunk_rows", "dtype", "codec",
                "temperature", "teacher_amp", "augment", "combine")
 
 

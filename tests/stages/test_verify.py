@@ -14,6 +14,9 @@ from stages.verify import verify
 from stages.weights import save_weights
 from tests.conftest import DATASET, cache_with_cli, invoke, invoke_json
 
+# A value for each kind's options (stages.kinds.Kind.options).
+KIND_OPTIONS = {"top_k": 2, "samples": 12}
+
 
 def _damaged_copy(cache_path, tmp_path, name="broken.zarr"):
     broken = tmp_path / name
@@ -32,10 +35,26 @@ def test_a_sound_cache_passes_every_check(cache_path, teacher_weights):
 def test_every_kind_of_cache_matches_its_teacher_rerun(tmp_path, teacher_weights, kind):
     """A cache of each kind from the registry, per row (its log-sum-exp one number per row for a
     top-k cache), re-run against its teacher."""
-    options = ("--top-k", "2") if "top_k" in KINDS[kind].options else ()
-    cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", kind, *options)["cache"]
+    options = [(f"--{option.replace('_', '-')}", str(KIND_OPTIONS[option])) for option in KINDS[kind].options]
+    cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", kind, *sum(options, ()))["cache"]
     report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "40")
     assert report["ok"] and next(c for c in report["checks"] if c["check"] == "teacher")["ok"], report
+
+
+def test_a_sampled_cache_whose_draws_were_altered_fails_against_its_teacher(tmp_path, teacher_weights):
+    """One draw moved from one class to another (the counts still sum to S, so only the redraw from
+    the recorded seed and row index can tell)."""
+    cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", "sampled", "--samples", "12")["cache"]
+    counts = zarr.open_group(str(cache), mode="r+")["sampled_counts"]
+    row = counts[:3]
+    assert (row[0, 0] >= 1) and (row[0, 1] >= 1), row  # two distinct classes drawn in row 0
+    row[0, 0] += 1
+    row[0, 1] -= 1
+    counts[:3] = row
+    code, out, _ = invoke("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "10000", "--json")
+    report = json.loads(out)
+    failed = {c["check"]: c["detail"] for c in report["checks"] if not c["ok"]}
+    assert code == 4 and set(failed) == {"teacher"} and "sampled_counts differ" in failed["teacher"], report
 
 
 def test_damaged_chunks_are_each_named(cache_path, tmp_path):
