@@ -250,7 +250,7 @@ def cache_teacher_command(
     features: Annotated[bool, typer.Option(help="Also cache the teacher's features (hf: models: mean-pooled last hidden state), for train-student --feature-loss.")] = False,
     view_seed: Annotated[int, typer.Option(help="Base seed of the views' seeds (recorded in the cache).")] = field_default(CT, "view_seed"),
     chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk, the unit a reader decodes and shuffles. (default: about 2 MB of soft labels per chunk)")] = None,
-    shard_rows: Annotated[int | None, typer.Option(help="Rows per shard, a multiple of --chunk-rows: each array's shard is one file or object (zarr v3 sharding); 0: unsharded. (default: unsharded)")] = None,
+    shard_rows: Annotated[int | None, typer.Option(help="Rows per shard, a multiple of --chunk-rows: each array's shard is one file or object (zarr v3 sharding); 0: unsharded. (default: unsharded up to 1 GiB of soft labels, else shards of about 64-128 MiB per array)")] = None,
     codec: Annotated[str, typer.Option(help="Compression of the logits: none (fastest to read) or zstd (about 10% smaller for float16).")] = field_default(CT, "codec"),
     amp: Annotated[str, typer.Option(help="Run the teacher under autocast: none, bf16 or fp16 (recorded in the cache).")] = field_default(CT, "amp"),
     num_classes: Annotated[int | None, typer.Option(help="Classes the teacher outputs; needed only for a split without labels.")] = None,

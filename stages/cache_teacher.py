@@ -46,7 +46,7 @@ import zarr
 from stages import storage
 from stages.augment import Augmentation, resolved, view_seeds
 from stages.cache.format import (
-    ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, teacher_rows,
+    ChunkGrid, Layout, default_chunk_rows, default_shard_rows, is_cache, nonfinite_rows, teacher_rows,
 )
 from stages.cache.reader import prefetch
 from stages.cache.writer import CacheWriter, writing
@@ -117,7 +117,8 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     )
     if config.chunk_rows is None:
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
-    layout = replace(layout, shard_rows=config.shard_rows or None)  # None or 0: unsharded
+    # None: by the cache's size (default_shard_rows); 0: never sharded.
+    layout = replace(layout, shard_rows=default_shard_rows(layout) if config.shard_rows is None else config.shard_rows or None)
     _check_size(layout, config.max_gib)
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}

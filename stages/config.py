@@ -89,7 +89,7 @@ class CacheTeacherConfig:
     view_seed: int = 0  # base seed of the views' seeds
     features: bool = False  # also cache the teacher's features (its logits_and_features), for feature targets
     chunk_rows: int | None = None  # None: about 2 MB of soft labels per chunk
-    shard_rows: int | None = None  # rows per shard, a multiple of chunk_rows; None or 0: unsharded
+    shard_rows: int | None = None  # rows per shard, a multiple of chunk_rows; None: by size (stages.cache.format); 0: unsharded
     codec: str = "none"  # of the logits array: none or zstd (see CODECS)
     amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
     loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs

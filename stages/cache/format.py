@@ -55,6 +55,15 @@ ZSTD_LEVEL = 3
 # then larger than 2 MB rather than a sliver of rows).
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 MAX_CHUNK_ROWS = 1024
+# Default sharding: a cache whose soft labels take more than SHARD_ABOVE_BYTES is sharded, in
+# shards of 64-128 MiB (SHARD_BYTES) of its largest soft-label array: 8-16 files per GiB of an
+# array instead of about 500 chunk files. Below, every chunk stays its own object: small caches
+# (and the tests) keep resuming a chunk at a time. Within that range a shard is 1/MIN_SHARDS of
+# the array, so that a cache just above the threshold still has about that many shards to
+# resume, verify and hand to dask workers.
+SHARD_ABOVE_BYTES = 2**30
+SHARD_BYTES = (64 * 2**20, 128 * 2**20)
+MIN_SHARDS = 16
 
 
 def default_chunk_rows(row_bytes: int, num_samples: int) -> int:
@@ -64,6 +73,20 @@ def default_chunk_rows(row_bytes: int, num_samples: int) -> int:
     target = int(max(64, min(MAX_CHUNK_ROWS, DEFAULT_CHUNK_BYTES // max(row_bytes, 1))))
     chunks = -(-num_samples // target)
     return -(-num_samples // chunks)
+
+
+def default_shard_rows(layout: Layout) -> int | None:
+    """Rows per shard for `layout` (its chunk_rows set): None (unsharded) for soft labels of at
+    most SHARD_ABOVE_BYTES, else the whole chunks that hold up to 1/MIN_SHARDS of the largest
+    soft-label array, kept within SHARD_BYTES. None too when a single chunk is that large
+    already: a shard of one chunk would only add an index."""
+    if layout.row_bytes * layout.num_samples <= SHARD_ABOVE_BYTES:
+        return None
+    largest = max(np.dtype(spec.dtype).itemsize * math.prod(spec.shape) for spec in layout.soft_kind.arrays(layout).values())
+    low, high = SHARD_BYTES
+    target = min(max(largest * layout.num_samples / MIN_SHARDS, low), high)
+    chunks = int(target // (largest * layout.chunk_rows))
+    return chunks * layout.chunk_rows if chunks > 1 else None
 
 
 def now_iso() -> str:

@@ -16,7 +16,7 @@ from pipeline.models import resolve_model
 from stages.cache import (
     FORMAT, SCHEMA_VERSION, CacheReader, CacheWriter, ChunkGrid, Layout, default_chunk_rows, is_cache, malformed_attributes,
 )
-from stages.cache.format import array_problems, row_problem
+from stages.cache.format import SHARD_ABOVE_BYTES, array_problems, default_shard_rows, row_problem
 from stages.errors import InputError
 from tests.conftest import CHUNK_ROWS, DATASET, SHARD_ROWS, TEMPERATURE
 from tests.stages.cache.conftest import _complete_cache
@@ -48,7 +48,7 @@ def test_attributes_describe_the_cache(cache_path, teacher_weights):
     assert attrs["kind"] == "dense" and attrs["stored_values"] == "teacher_logits / temperature"
     assert attrs["temperature"] == TEMPERATURE and attrs["num_classes"] == 4 and attrs["num_samples"] == 600
     assert attrs["chunk_rows"] == CHUNK_ROWS and attrs["dtype"] == "float16" and attrs["codec"] == "none"
-    assert attrs["shard_rows"] is None  # unsharded by default
+    assert attrs["shard_rows"] is None  # a small cache is unsharded by default
     (teacher,) = attrs["teachers"]
     assert teacher["spec"] == "mlp-64" and teacher["weights"] == str(teacher_weights)
     assert teacher["num_parameters"] == 8 * 64 + 64 + 64 * 64 + 64 + 64 * 4 + 4
@@ -78,6 +78,26 @@ def test_default_chunking_targets_about_two_megabytes_in_even_chunks():
         size = rows(num_samples=n, kind="topk", num_classes=256, top_k=8, tokens=128)
         chunks = -(-n // size)
         assert chunks * size - n < chunks
+
+
+def test_default_sharding_leaves_small_caches_unsharded_and_shards_large_ones_by_64_to_128_mib():
+    def sharding(num_samples, chunk_rows, **layout) -> tuple[int | None, float]:
+        """Rows per shard, and MiB of the largest soft-label array per shard."""
+        layout = Layout(num_samples=num_samples, chunk_rows=chunk_rows, **layout)
+        largest = max(np.dtype(a.dtype).itemsize * np.prod(a.shape) for a in layout.soft_kind.arrays(layout).values())
+        rows = default_shard_rows(layout)
+        return rows, rows and rows * largest / 2**20
+
+    at_threshold = SHARD_ABOVE_BYTES // 2000  # rows of 1,000 float16 classes
+    assert sharding(at_threshold, 1024, kind="dense", num_classes=1000) == (None, None)
+    assert sharding(at_threshold + 1, 1024, kind="dense", num_classes=1000) == (32 * 1024, 62.5)  # 64 MiB, in whole chunks
+    assert sharding(10**7, 1021, kind="dense", num_classes=1000) == (65 * 1021, pytest.approx(126.6, abs=0.1))  # at most 128 MiB
+    # a top-32 token cache of 20 M tokens at an 8,192 vocabulary: 2.5 GiB of soft labels, 16 KiB a row in
+    # the largest arrays (values, classes), 1.2 GiB of each: a sixteenth, 76 MiB, in 17 shards of 76 chunks
+    tokens = {"kind": "topk", "num_classes": 8192, "top_k": 32, "tokens": 256}
+    assert sharding(78_125, 64, **tokens) == (76 * 64, 76.0)
+    assert sharding(1024, 64, **tokens) == (None, None)  # 33 MiB: unsharded
+    assert sharding(10**5, 10**5, kind="dense", num_classes=10**4) == (None, None)  # one chunk is more than a shard
 
 
 def test_zstd_codec_round_trips_and_is_recorded(tmp_path, teacher_weights, cache_path):
