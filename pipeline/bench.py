@@ -546,17 +546,20 @@ def _user_threads(count: int) -> Iterator[None]:
 
 
 def without_checksums(source: Path, target: Path) -> None:
-    """Copy the cache at `source` to `target` with the same arrays, chunks and other codecs but
-    no crc32c checksums: a cache as schema 2 stored it."""
+    """Copy the cache at `source` to `target` with the same arrays, chunks, shards and other codecs
+    but no crc32c checksums on the chunks: a cache as schema 2 stored it."""
     original = zarr.open_group(str(source), mode="r")
     copy = zarr.open_group(str(target), mode="w", attributes=dict(original.attrs))
     for name in original.array_keys():
         array = original[name]
-        copied = copy.create_array(name, shape=array.shape, chunks=array.chunks, dtype=array.dtype, fill_value=array.fill_value,
+        copied = copy.create_array(name, shape=array.shape, chunks=array.chunks, shards=array.shards, dtype=array.dtype,
+                                   fill_value=array.fill_value,
                                    compressors=[c for c in array.compressors if not isinstance(c, Crc32cCodec)] or None,
                                    dimension_names=array.metadata.dimension_names)
-        for start in range(0, array.shape[0], array.chunks[0]):  # a chunk at a time: the cache may not fit in memory
-            copied[start:start + array.chunks[0]] = array[start:start + array.chunks[0]]
+        # A shard (or chunk) at a time: the cache may not fit in memory, and a part of a shard would be rewritten.
+        step = (array.shards or array.chunks)[0]
+        for start in range(0, array.shape[0], step):
+            copied[start:start + step] = array[start:start + step]
 
 
 def _read_all(cache: CacheReader, shuffle: bool) -> float:

@@ -46,7 +46,7 @@ import zarr
 from stages import storage
 from stages.augment import Augmentation, resolved, view_seeds
 from stages.cache.format import (
-    ChunkGrid, Layout, default_chunk_rows, is_cache, nonfinite_rows, teacher_rows,
+    ChunkGrid, Layout, default_chunk_rows, default_shard_rows, is_cache, nonfinite_rows, teacher_rows,
 )
 from stages.cache.reader import prefetch
 from stages.cache.writer import CacheWriter, writing
@@ -77,7 +77,7 @@ class CacheTeacherResult:
     seconds: float
     teacher_accuracy: float | None
     teacher_nll: float | None
-    chunks_computed: int  # by this run: fewer than chunks_total when it resumed a cache
+    chunks_computed: int  # by this run: fewer than chunks_total when it resumed a cache (whole shards' of a sharded one)
     chunks_total: int
 
 
@@ -90,9 +90,10 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     spec stays in `config` as provenance.
 
     With `config.workers` or `config.scheduler`, dask workers compute the chunks: this process
-    creates the cache, holds its lock and hands out chunk ranges, and each worker builds the
-    teacher, split and augmentation once with `load_on_worker` (a picklable function, the same
-    on every machine) and writes the chunks it computes (see _distributed_pass)."""
+    creates the cache, holds its lock and hands out ranges of write units (shards, or chunks when
+    unsharded), and each worker builds the teacher, split and augmentation once with
+    `load_on_worker` (a picklable function, the same on every machine) and writes the units it
+    computes (see _distributed_pass)."""
     config.validate()
     augmentation = resolved(config.augment, augment)
     started = time.perf_counter()
@@ -117,20 +118,23 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     )
     if config.chunk_rows is None:
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
+    # None: by the cache's size (default_shard_rows); 0: never sharded.
+    layout = replace(layout, shard_rows=default_shard_rows(layout) if config.shard_rows is None else config.shard_rows or None)
     _check_size(layout, config.max_gib)
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}
     with writing(config.out, layout, provenance, overwrite=config.overwrite) as writer:
         missing = writer.missing_chunks()
         if missing and len(missing) < writer.grid.num_chunks:
-            log.info("resuming %s: %d of %d chunks still to compute", config.out, len(missing), writer.grid.num_chunks)
+            log.info("resuming %s: %d of %d %ss still to compute", config.out, len(missing), writer.grid.num_chunks,
+                     layout.write_unit)
             _check_resume_determinism(config, writer.group.attrs.get("determinism"), provenance["determinism"])
         if config.workers or config.scheduler:
             writer.close()  # the workers write; this process only hands out chunks
             _distributed_pass(config, writer.grid, missing, load_on_worker, progress, writer.lock)
             if writer.missing_chunks():
                 raise PipelineError(
-                    f"the workers finished but chunks {writer.missing_chunks()[:10]} are not in {config.out}: do the "
+                    f"the workers finished but {layout.write_unit}s {writer.missing_chunks()[:10]} are not in {config.out}: do the "
                     "workers see that location? Put the cache on a file system they share, or on an object store"
                 )
         else:
@@ -138,8 +142,9 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
                 _teacher_pass(config, teacher, split, lengths, augmentation, writer, device, missing, progress)
     metrics = writer.group.attrs["teacher_metrics"]
     seconds = time.perf_counter() - started
+    computed = sum(len(layout.chunks_of(unit)) for unit in missing)
     log.info("cache %s complete: %d rows x %d classes, %d chunks computed in %.1fs",
-             config.out, len(split), num_classes, len(missing), seconds)
+             config.out, len(split), num_classes, computed, seconds)
     return CacheTeacherResult(
         cache=config.out,
         num_samples=len(split),
@@ -149,8 +154,8 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         seconds=seconds,
         teacher_accuracy=metrics["accuracy"] if metrics else None,
         teacher_nll=metrics["nll"] if metrics else None,
-        chunks_computed=len(missing),
-        chunks_total=writer.grid.num_chunks,
+        chunks_computed=computed,
+        chunks_total=layout.grid.num_chunks,
     )
 
 
@@ -253,17 +258,18 @@ def _teacher_pass(
     config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, lengths: np.ndarray | None,
     augmentation: Augmentation | None, writer: CacheWriter, device: torch.device, missing: list[int], progress: Progress | None,
 ) -> None:
-    """Forward every row of the missing chunks and hand the stored values to the writer.
+    """Forward every row of the missing write units and hand the stored values to the writer.
 
     On CUDA the loop never waits for a batch it has just launched: the stored arrays are
     computed on the GPU (top-k included) and copied device-to-host asynchronously into pinned
     buffers (a small ring per array, reused), and a batch is taken off the GPU only once
     MAX_IN_FLIGHT newer batches are queued behind it."""
     if missing:
-        log.info("teacher pass over %d chunks of %d rows on %s", len(missing), writer.grid.chunk_rows, device)
-    if config.batch_size > writer.grid.chunk_rows:
+        log.info("teacher pass over %d %ss of %d rows on %s", len(missing), writer.layout.write_unit, writer.grid.chunk_rows,
+                 device)
+    if config.batch_size > writer.layout.chunk_rows:
         log.info("teacher batches stop at chunk boundaries (so that a resume equals a whole pass): batches of %d rows, "
-                    "not %d; make chunks at least a batch (chunk_rows) for full batches", writer.grid.chunk_rows,
+                    "not %d; make chunks at least a batch (chunk_rows) for full batches", writer.layout.chunk_rows,
                     config.batch_size)
     cuda = device.type == "cuda"
     in_flight: deque[tuple[int, dict[str, torch.Tensor], torch.cuda.Event | None]] = deque()
@@ -309,11 +315,12 @@ def _distributed_pass(
     config: CacheTeacherConfig, grid: ChunkGrid, missing: list[int], load_on_worker: WorkerLoader | None,
     progress: Progress | None, lock,
 ) -> None:
-    """Compute the missing chunks on dask workers, in tasks of whole, adjacent chunks.
+    """Compute the missing write units (`missing` of `grid`, the write grid: shards, or chunks
+    when unsharded) on dask workers, in tasks of whole, adjacent units.
 
-    A worker owns the chunks of the task it runs, so no two writers share a chunk. When a worker
-    dies, the scheduler gives its unfinished tasks to others (up to distributed's
-    allowed-failures), and a retried task skips the chunks its first attempt finished
+    A worker owns the units of the task it runs, so no two writers share a shard or chunk. When a
+    worker dies, the scheduler gives its unfinished tasks to others (up to distributed's
+    allowed-failures), and a retried task skips the units its first attempt finished
     (chunk_done). Chunk values do not depend on which worker or batch computed them, so the
     cache equals a single-process one."""
     distributed = require("distributed", "scale", "`workers` / `scheduler`")
@@ -325,7 +332,7 @@ def _distributed_pass(
         workers = max(1, len(client.scheduler_info()["workers"]))
         per_task = min(TASK_CHUNKS_MAX, max(1, -(-len(missing) // (TASKS_PER_WORKER * workers))))
         tasks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
-        log.info("teacher pass over %d chunks in %d tasks on %d dask workers", len(missing), len(tasks), workers)
+        log.info("teacher pass over %d write units in %d tasks on %d dask workers", len(missing), len(tasks), workers)
         options = storage.storage_options(config.out)
         futures = [client.submit(_worker_chunks, config, chunks, load_on_worker, options, pure=False)
                    for chunks in tasks]
@@ -339,13 +346,14 @@ def _distributed_pass(
                     progress(rows_done, rows_total)
         except distributed.scheduler.KilledWorker as exc:
             raise PipelineError(
-                f"dask workers kept dying on one task ({exc}); the chunks finished so far are kept: re-run to resume"
+                f"dask workers kept dying on one task ({exc}); the shards or chunks finished so far are kept: re-run to resume"
             ) from exc
         finally:
             client.cancel(futures)
 
 
-# Tasks per worker (at least): enough to balance uneven workers, and a dead worker loses little.
+# Tasks per worker (at least): enough to balance uneven workers, and a dead worker loses little;
+# and write units (shards, or chunks) per task (at most).
 TASKS_PER_WORKER = 4
 TASK_CHUNKS_MAX = 16
 
@@ -383,8 +391,8 @@ _WORKER_STATE_LOCK = threading.Lock()
 
 
 def _worker_chunks(config: CacheTeacherConfig, chunks: list[int], load_on_worker: WorkerLoader, options: dict) -> int:
-    """A dask task: compute and write `chunks` of the cache (those not already done) and
-    return the rows written."""
+    """A dask task: compute and write write units `chunks` of the cache (those not already done)
+    and return the rows written."""
     if options:
         storage.set_storage_options(options, config.out)
     key = json.dumps(config_dict(config), sort_keys=True)
@@ -482,10 +490,12 @@ def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config
 
 
 def chunk_batches(grid: ChunkGrid, chunk: int, batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) rows of the teacher batches of `chunk`: the chunk tiled from its first row
-    in batches of `batch_size` (the last one shorter), never crossing into another chunk.
+    """(start, stop) rows of the teacher batches of `chunk` (of the read grid, Layout.grid): the
+    chunk tiled from its first row in batches of `batch_size` (the last one shorter), never
+    crossing into another chunk.
 
-    This is what makes a resumed or distributed pass equal to a whole one, byte for byte: CPU
+    This is what makes a resumed or distributed pass equal to a whole one, and a sharded cache
+    equal to the unsharded one of the same teacher, byte for byte: CPU
     kernels may round differently for another batch size or company (an outside trial saw the
     same rows give other float16 values in a batch of 256 than of 32), so a row must meet the teacher
     in the same batch whichever chunks a run computes. A batch that crossed a chunk boundary
@@ -495,12 +505,14 @@ def chunk_batches(grid: ChunkGrid, chunk: int, batch_size: int) -> list[tuple[in
 
 
 def _input_batches(
-    split: Split, writer: CacheWriter, chunks: list[int], batch_size: int, pin: bool, workers: int
+    split: Split, writer: CacheWriter, units: list[int], batch_size: int, pin: bool, workers: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, inputs) for the batches of the given chunks (chunk_batches), in row order."""
+    """(first row, inputs) for the batches of the chunks of the given write units (chunk_batches),
+    in row order."""
+    layout = writer.layout
     rows = (
         {"index": np.arange(start, stop, dtype=np.int64)}
-        for chunk in chunks for start, stop in chunk_batches(writer.grid, chunk, batch_size)
+        for unit in units for chunk in layout.chunks_of(unit) for start, stop in chunk_batches(layout.grid, chunk, batch_size)
     )
     for batch in joined_with_inputs(rows, split, workers):
         yield int(batch["index"][0]), batch["inputs"].pin_memory() if pin else batch["inputs"]

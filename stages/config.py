@@ -92,6 +92,7 @@ class CacheTeacherConfig:
     view_seed: int = 0  # base seed of the views' seeds
     features: bool = False  # also cache the teacher's features (its logits_and_features), for feature targets
     chunk_rows: int | None = None  # None: about 2 MB of soft labels per chunk
+    shard_rows: int | None = None  # rows per shard, a multiple of chunk_rows; None: by size (stages.cache.format); 0: unsharded
     codec: str = "none"  # of the logits array: none or zstd (see CODECS)
     amp: str = "none"  # teacher forward under autocast: none, bf16 or fp16
     loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
@@ -103,7 +104,8 @@ class CacheTeacherConfig:
 
     def validate(self) -> None:
         check_positive("temperature", self.temperature, MAX_TEMPERATURE)
-        _check_counts(self, {"batch_size": 1, "top_k": 1, "views": 1, "chunk_rows": 1, "loader_workers": 0, "workers": 0})
+        _check_counts(self, {"batch_size": 1, "top_k": 1, "views": 1, "chunk_rows": 1, "shard_rows": 0, "loader_workers": 0,
+                             "workers": 0})
         if self.num_classes is not None:  # one class has nothing to distil: its softmax is 1
             check_range("num_classes", self.num_classes, 2, MAX_CLASSES)
         check_range("view_seed", self.view_seed, 0, MAX_VIEW_SEED)

@@ -93,9 +93,9 @@ def run(config: CombineConfig) -> CombineResult:
         "config": config_dict(config),
     }
     with writing(config.out, layout, attrs, overwrite=config.overwrite) as writer:
-        missing = writer.missing_chunks()
-        for chunk in missing:
-            start, stop = writer.grid.rows(chunk)
+        missing = writer.missing_chunks()  # write units: shards, or chunks
+        for unit in missing:
+            start, stop = writer.grid.rows(unit)
             parts = [source.read_rows(start, stop) for source in sources]
             if any(not np.array_equal(part["index"], parts[0]["index"]) for part in parts[1:]):
                 raise CacheMismatchError(f"rows {start}-{stop - 1} hold other samples in one of the caches")
@@ -105,7 +105,7 @@ def run(config: CombineConfig) -> CombineResult:
     return CombineResult(
         cache=config.out, num_teachers=len(attrs["teachers"]), rule=config.rule, num_samples=layout.num_samples,
         bytes_on_disk=disk_usage(config.out), teacher_accuracy=metrics["accuracy"] if metrics else None,
-        chunks_computed=len(missing), seconds=time.perf_counter() - started,
+        chunks_computed=sum(len(layout.chunks_of(unit)) for unit in missing), seconds=time.perf_counter() - started,
     )
 
 

@@ -25,7 +25,7 @@ import dask
 import numpy as np
 
 from stages.cache.reader import CacheReader
-from stages.storage import CacheLocation, child, disk_usage, open_no_follow
+from stages.storage import CacheLocation, child, disk_usage, object_count, open_no_follow
 
 CALIBRATION_BINS = 15
 HISTOGRAM_BINS = 20
@@ -54,10 +54,12 @@ def describe_cache(path: CacheLocation) -> dict:
         "codec": attrs.get("codec"),
         "num_samples": layout.num_samples,
         "chunk_rows": layout.chunk_rows,
+        "shard_rows": layout.shard_rows,
         "teachers": ", ".join(f"{t.get('spec')} ({t.get('num_parameters')} parameters)" for t in attrs["teachers"]),
         "dataset": f"{attrs['dataset'].get('spec')} split {attrs['dataset'].get('split')}",
         "created_at": attrs.get("created_at"),
         "bytes_on_disk": total,
+        "objects": object_count(reader.path),
         "bytes_per_row": total / layout.num_samples,
         "soft_label_bytes_per_row": soft / layout.num_samples,
     }

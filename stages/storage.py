@@ -113,12 +113,22 @@ def remove(location: CacheLocation) -> None:
 
 def disk_usage(location: CacheLocation) -> int:
     """Bytes stored under `location` (every file or object but a killed write's leftovers)."""
+    return sum(int(info["size"]) for info in _stored(location).values())
+
+
+def object_count(location: CacheLocation) -> int:
+    """Files or objects stored under `location` (but a killed write's leftovers)."""
+    return len(_stored(location))
+
+
+def _stored(location: CacheLocation) -> dict[str, dict]:
+    """fsspec's info on every file or object under `location` but a killed write's leftovers, by name."""
     fs, path = filesystem(location)
     if not fs.exists(path):
-        return 0
+        return {}
     if not fs.isdir(path):
-        return int(fs.size(path))
-    return sum(int(info["size"]) for name, info in fs.find(path, detail=True).items() if not is_partial(name))
+        return {path: fs.info(path)}
+    return {name: info for name, info in fs.find(path, detail=True).items() if not is_partial(name)}
 
 
 # zarr's local store writes a file as NAME.<uuid>.partial, then renames it to NAME: a kill in

@@ -4,8 +4,9 @@ and optionally the stored logits against a fresh teacher forward on a sample of 
     pipeline verify data/caches/cnn-mnist-5k-train-T4.zarr
     pipeline verify CACHE --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --samples 64
 
-The per-chunk checks run as dask tasks over the chunks, so a large cache is checked out of core
-and in parallel, and every damaged chunk is named rather than the first one only.
+The per-chunk checks run as dask tasks over the write units (shards, or chunks when the cache is
+unsharded), so a large cache is checked out of core and in parallel, and every damaged shard or
+chunk is named rather than the first one only.
 """
 
 from __future__ import annotations
@@ -65,12 +66,11 @@ def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split
     layout = _check_metadata(report, group, attrs)
     if layout is None:
         return report
-    grid = layout.grid
     done = _read_whole(report, group, "chunk_done")
     if done is not None:
         missing = np.flatnonzero(done == 0)
         report.add("complete", attrs["complete"] and not len(missing),
-                   f"complete={attrs['complete']}, {len(missing)} of {grid.num_chunks} chunks unwritten")
+                   f"complete={attrs['complete']}, {len(missing)} of {layout.write_grid.num_chunks} {layout.write_unit}s unwritten")
     _check_chunks(report, group, attrs, layout)
     _check_index_and_labels(report, group, attrs)
     if layout.views is not None:
@@ -94,14 +94,14 @@ def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> Layout | 
         report.add("layout", False, f"inconsistent layout attributes ({exc})")
         return None
     problems = array_problems(group, attrs, layout)
-    if not report.add("arrays", not problems, "; ".join(problems) or "shapes, chunking and dtypes as described"):
+    if not report.add("arrays", not problems, "; ".join(problems) or "shapes, chunking, sharding and dtypes as described"):
         return None
     return layout
 
 
 def _check_chunk(group: zarr.Group, layout: Layout, chunk: int, dataset_size: int) -> str | None:
-    """Why one chunk is bad, or None when it is readable and its values are sound."""
-    start, stop = layout.grid.rows(chunk)
+    """Why one write unit (shard, or chunk) is bad, or None when it is readable and its values are sound."""
+    start, stop = layout.write_grid.rows(chunk)
     rows = {}
     for name in layout.arrays():
         try:
@@ -112,11 +112,12 @@ def _check_chunk(group: zarr.Group, layout: Layout, chunk: int, dataset_size: in
 
 
 def _check_chunks(report: Report, group: zarr.Group, attrs: dict, layout: Layout) -> None:
-    tasks = [dask.delayed(_check_chunk)(group, layout, c, dataset_size(attrs)) for c in range(layout.grid.num_chunks)]
+    grid, unit = layout.write_grid, layout.write_unit
+    tasks = [dask.delayed(_check_chunk)(group, layout, c, dataset_size(attrs)) for c in range(grid.num_chunks)]
     results = dask.compute(*tasks, scheduler="threads")
-    bad = [f"chunk {c}: {why}" for c, why in enumerate(results) if why]
+    bad = [f"{unit} {c}: {why}" for c, why in enumerate(results) if why]
     report.add("chunks", not bad, "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-               if bad else f"{layout.grid.num_chunks} chunks readable, finite and in range")
+               if bad else f"{grid.num_chunks} {unit}s readable, finite and in range")
 
 
 def _check_index_and_labels(report: Report, group: zarr.Group, attrs: dict) -> None:

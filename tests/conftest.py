@@ -20,9 +20,11 @@ from pipeline.models import resolve_model
 from pipeline.jobs import run_training
 from stages import cache_teacher, train_student
 
-# 600 training rows in chunks of 64 (the last one short), 4 classes, 8 features.
+# 600 training rows in chunks of 64 (the last one short), 4 classes, 8 features; sharded, in
+# shards of two chunks (the last one short).
 DATASET = "synthetic:n=600,test=200,features=8,classes=4,seed=3"
 CHUNK_ROWS = 64
+SHARD_ROWS = 2 * CHUNK_ROWS
 TEMPERATURE = 3.0
 
 
@@ -54,15 +56,25 @@ def teacher_weights(tmp_path_factory) -> Path:
     return run_training(config).weights
 
 
-@pytest.fixture
-def cache_path(tmp_path, teacher_weights) -> Path:
+def _cache(out: Path, teacher_weights: Path, shard_rows: int | None = None) -> Path:
     split = resolve_dataset(DATASET).split("train")
     teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights)
     config = cache_teacher.CacheTeacherConfig(
-        teacher="mlp-64", teacher_weights=teacher_weights, dataset=DATASET, out=tmp_path / "cache.zarr",
-        temperature=TEMPERATURE, chunk_rows=CHUNK_ROWS, device="cpu",
+        teacher="mlp-64", teacher_weights=teacher_weights, dataset=DATASET, out=out,
+        temperature=TEMPERATURE, chunk_rows=CHUNK_ROWS, shard_rows=shard_rows, device="cpu",
     )
     return cache_teacher.run(config, teacher, split).cache
+
+
+@pytest.fixture
+def cache_path(tmp_path, teacher_weights) -> Path:
+    return _cache(tmp_path / "cache.zarr", teacher_weights)
+
+
+@pytest.fixture
+def sharded_cache_path(tmp_path, teacher_weights) -> Path:
+    """The cache of `cache_path`, in shards of SHARD_ROWS rows."""
+    return _cache(tmp_path / "sharded.zarr", teacher_weights, shard_rows=SHARD_ROWS)
 
 
 def cache_with_cli(out, teacher_weights, *extra, teacher: str = "mlp-64") -> dict:

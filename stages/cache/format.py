@@ -8,15 +8,22 @@ checks a cache's attributes against them. What the format is built around:
 The optional L axis makes a token-level cache, for models that output logits per token (a
 language model): `row_axes` names the axes after the sample axis ("token", then "class" for
 dense, "rank" for top-k or "draw" for sampled), and positions at or past a sequence's length hold zeros and never
-count. Every per-row array is chunked along the sample axis only, with the same
-`chunk_rows`, so a chunk of rows is a unit of work: a writer owns whole chunks (a
-partial-chunk write would read-modify-write it), a reader decodes whole chunks. `chunk_done`
-has one storage chunk per element, so marking one chunk complete never rewrites another's.
+count. Every per-row array is chunked along the sample axis only, on two grids. The chunks of
+`chunk_rows` rows are the read unit (`Layout.grid`): a reader decodes whole chunks and
+shuffles between them (stages.cache.chunk_files reads a local cache's chunks, sharded or not,
+straight from their files). A large cache groups them into zarr v3 shards of `shard_rows` rows
+(a multiple of chunk_rows), one object per shard and array, so that a billion rows are not a
+million files while a reader still fetches only the chunks it needs (the shard's index says
+where each lies). The write unit (`Layout.write_grid`) is the shard, or the chunk when the
+cache is unsharded: a writer owns whole write units (zarr rewrites a whole shard, or chunk,
+that a write covers in part), and `chunk_done` has one element per write unit, each its own
+storage object, so marking one complete never rewrites another's.
 
 Room for later kinds without breaking readers of these: `kind` names a class of stages.kinds, rows
 may carry further named axes (views), and `teachers` is a list with a `combine` rule for
-ensembles. Schema 1 caches (dense, one row per sample, before `row_axes`) read as schema 2, and
-schema 2 caches (no checksums, no dimension names) as schema 3.
+ensembles. Schema 1 caches (dense, one row per sample, before `row_axes`) read as schema 2,
+schema 2 caches (no checksums, no dimension names) as schema 3, and schema 3 caches (before
+`shard_rows`) as unsharded schema 4 caches.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from stages.runtime import autocast
 from stages.storage import CacheLocation
 
 FORMAT = "distill-cache"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STORED_VALUES = "teacher_logits / temperature"
 # The soft-label arrays' codecs (stages.config.CODECS). float16 logits hardly compress losslessly (zstd: ~1.1x),
 # and decoding costs the training loop CPU time, so "none" is the default; index, labels and
@@ -49,6 +56,15 @@ ZSTD_LEVEL = 3
 # then larger than 2 MB rather than a sliver of rows).
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 MAX_CHUNK_ROWS = 1024
+# Default sharding: a cache whose soft labels take more than SHARD_ABOVE_BYTES is sharded, in
+# shards of 64-128 MiB (SHARD_BYTES) of its largest soft-label array: 8-16 files per GiB of an
+# array instead of about 500 chunk files. Below, every chunk stays its own object: small caches
+# (and the tests) keep resuming a chunk at a time. Within that range a shard is 1/MIN_SHARDS of
+# the array, so that a cache just above the threshold still has about that many shards to
+# resume, verify and hand to dask workers.
+SHARD_ABOVE_BYTES = 2**30
+SHARD_BYTES = (64 * 2**20, 128 * 2**20)
+MIN_SHARDS = 16
 
 
 def default_chunk_rows(row_bytes: int, num_samples: int) -> int:
@@ -58,6 +74,20 @@ def default_chunk_rows(row_bytes: int, num_samples: int) -> int:
     target = int(max(64, min(MAX_CHUNK_ROWS, DEFAULT_CHUNK_BYTES // max(row_bytes, 1))))
     chunks = -(-num_samples // target)
     return -(-num_samples // chunks)
+
+
+def default_shard_rows(layout: Layout) -> int | None:
+    """Rows per shard for `layout` (its chunk_rows set): None (unsharded) for soft labels of at
+    most SHARD_ABOVE_BYTES, else the whole chunks that hold up to 1/MIN_SHARDS of the largest
+    soft-label array, kept within SHARD_BYTES. None too when a single chunk is that large
+    already: a shard of one chunk would only add an index."""
+    if layout.row_bytes * layout.num_samples <= SHARD_ABOVE_BYTES:
+        return None
+    largest = max(np.dtype(spec.dtype).itemsize * math.prod(spec.shape) for spec in layout.soft_kind.arrays(layout).values())
+    low, high = SHARD_BYTES
+    target = min(max(largest * layout.num_samples / MIN_SHARDS, low), high)
+    chunks = int(target // (largest * layout.chunk_rows))
+    return chunks * layout.chunk_rows if chunks > 1 else None
 
 
 def now_iso() -> str:
@@ -74,7 +104,8 @@ def is_cache(path: CacheLocation) -> bool:
 
 @dataclass(frozen=True)
 class ChunkGrid:
-    """The split of N rows into chunks of `chunk_rows` rows (the last one may be short)."""
+    """The split of N rows into chunks of `chunk_rows` rows (the last one may be short): the read
+    chunks of a cache (Layout.grid), or its write units (Layout.write_grid)."""
 
     num_samples: int
     chunk_rows: int
@@ -92,7 +123,7 @@ class ChunkGrid:
 
 @dataclass(frozen=True)
 class Layout:
-    """What a cache holds and how it is laid out: its kind, shapes, dtypes and chunking.
+    """What a cache holds and how it is laid out: its kind, shapes, dtypes, chunking and sharding.
 
     Writers create the arrays from it, readers rebuild it from the attributes, and a resumed
     write must find the same layout. Its kind's arrays are the kind's own (`soft_kind`)."""
@@ -110,6 +141,7 @@ class Layout:
     views: int | None = None  # view caches: augmented views per sample (V)
     labelled: bool = True
     features: int | None = None  # feature targets: the teacher's feature vector per sample (or view) has F values
+    shard_rows: int | None = None  # rows per shard, a multiple of chunk_rows; None: unsharded (a chunk per object)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -123,6 +155,8 @@ class Layout:
             raise InputError("augmented views of token sequences are not supported: a view cache needs per-sample outputs")
         if self.features is not None and self.tokens is not None:
             raise InputError("feature targets are per sample: a teacher with logits per token cannot have them cached")
+        if self.shard_rows is not None and (self.shard_rows < 1 or self.shard_rows % self.chunk_rows):  # zarr's shards hold whole chunks
+            raise InputError(f"`shard_rows` must be a multiple of `chunk_rows` ({self.chunk_rows}), got {self.shard_rows}")
 
     @property
     def soft_kind(self) -> Kind:
@@ -131,7 +165,24 @@ class Layout:
 
     @property
     def grid(self) -> ChunkGrid:
+        """The read chunks: what a reader decodes, and shuffles between."""
         return ChunkGrid(self.num_samples, self.chunk_rows)
+
+    @property
+    def write_grid(self) -> ChunkGrid:
+        """The write units: shards, or chunks when unsharded. A writer owns whole ones, and
+        `chunk_done` has one element per unit."""
+        return ChunkGrid(self.num_samples, self.shard_rows or self.chunk_rows)
+
+    @property
+    def write_unit(self) -> str:
+        """What a write unit is called in messages."""
+        return "chunk" if self.shard_rows is None else "shard"
+
+    def chunks_of(self, unit: int) -> range:
+        """The read chunks that make up write unit `unit`."""
+        per_unit = self.write_grid.chunk_rows // self.chunk_rows
+        return range(unit * per_unit, min((unit + 1) * per_unit, self.grid.num_chunks))
 
     @property
     def position_shape(self) -> tuple[int, ...]:
@@ -187,7 +238,8 @@ class Layout:
         return {
             "kind": self.kind, "num_samples": self.num_samples, "num_classes": self.num_classes,
             "row_shape": list(self.row_shape), "row_axes": self.row_axes, "top_k": self.top_k, "samples": self.samples,
-            "views": self.views, "features": self.features, "chunk_rows": self.chunk_rows, "dtype": self.dtype,
+            "views": self.views, "features": self.features, "chunk_rows": self.chunk_rows, "shard_rows": self.shard_rows,
+            "dtype": self.dtype,
             "codec": "none" if self.codec == "none" else f"zstd(level={ZSTD_LEVEL})",
             # Only where there are draws: a cache of another kind records no seed it never used.
             **({"sample_seed": self.sample_seed} if self.samples is not None else {}),
@@ -195,7 +247,8 @@ class Layout:
 
     @classmethod
     def from_attributes(cls, attrs: dict, labelled: bool) -> Layout:
-        """The layout a cache's attributes describe (schema 1 caches: dense, one row per sample)."""
+        """The layout a cache's attributes describe (schema 1 caches: dense, one row per sample;
+        before schema 4: unsharded)."""
         row_shape = attrs["row_shape"]
         axes = attrs.get("row_axes") or ["class"]
         return cls(
@@ -205,7 +258,7 @@ class Layout:
             samples=attrs.get("samples"), sample_seed=attrs.get("sample_seed", 0),
             tokens=row_shape[axes.index("token")] if "token" in axes else None,
             views=row_shape[axes.index("view")] if "view" in axes else None, labelled=labelled,
-            features=attrs.get("features"),
+            features=attrs.get("features"), shard_rows=attrs.get("shard_rows"),
         )
 
 
@@ -355,11 +408,12 @@ def malformed_attributes(attrs: dict) -> list[str]:
 
 def array_problems(group: zarr.Group, attrs: dict, layout: Layout) -> list[str]:
     """How the arrays of `group` disagree with the `layout` its attributes describe (absent, or
-    of another shape, chunking or dtype), and the attributes with themselves (a `row_shape`
-    that num_classes, top_k, samples, views and tokens do not give): tampering or damage either way."""
+    of another shape, chunking, sharding or dtype), and the attributes with themselves (a
+    `row_shape` that num_classes, top_k, samples, views and tokens do not give): tampering or
+    damage either way."""
     n, rows = layout.num_samples, layout.chunk_rows
     expected = {name: ((n, *spec.shape), spec.dtype) for name, spec in layout.arrays().items()}
-    expected["chunk_done"] = ((layout.grid.num_chunks,), "uint8")
+    expected["chunk_done"] = ((layout.write_grid.num_chunks,), "uint8")
     problems = [] if attrs["row_shape"] == list(layout.row_shape) else [
         f"row_shape {attrs['row_shape']} disagrees with num_classes and top_k ({list(layout.row_shape)})"]
     problems += [
@@ -367,11 +421,18 @@ def array_problems(group: zarr.Group, attrs: dict, layout: Layout) -> list[str]:
         for name, (shape, _) in expected.items()
         if name not in group or group[name].shape != shape
     ]
-    present = [name for name in layout.arrays() if name in group]
-    problems += [f"{name}: chunked {group[name].chunks[0]} rows (expected {rows})" for name in present if group[name].chunks[0] != rows]
-    problems += [f"{name}: dtype {group[name].dtype} (expected {expected[name][1]})" for name in present
-                 if str(group[name].dtype) != expected[name][1]]
+    present = {name: group[name] for name in layout.arrays() if name in group}
+    problems += [f"{name}: chunked {array.chunks[0]} rows (expected {rows})" for name, array in present.items() if array.chunks[0] != rows]
+    shard_rows = {name: array.shards and array.shards[0] for name, array in present.items()}  # zarr: shards None when unsharded
+    problems += [f"{name}: {_sharding(shard_rows[name])} (expected {_sharding(layout.shard_rows)})" for name in present
+                 if shard_rows[name] != layout.shard_rows]
+    problems += [f"{name}: dtype {array.dtype} (expected {expected[name][1]})" for name, array in present.items()
+                 if str(array.dtype) != expected[name][1]]
     return problems
+
+
+def _sharding(shard_rows: int | None) -> str:
+    return f"{shard_rows} rows a shard" if shard_rows else "unsharded"
 
 
 def _has_type(value, kind) -> bool:

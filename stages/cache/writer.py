@@ -1,6 +1,7 @@
-"""The cache writer: creating or resuming a cache, writing whole chunks from a background thread,
-and the lifecycle of one pass (`writing`): lock, open, write, close or abort, teacher metrics,
-mark complete. The format is described in stages.cache.format."""
+"""The cache writer: creating or resuming a cache, writing whole write units (shards, or chunks
+when unsharded) from a background thread, and the lifecycle of one pass (`writing`): lock, open,
+write, close or abort, teacher metrics, mark complete. The format is described in
+stages.cache.format."""
 
 from __future__ import annotations
 
@@ -34,20 +35,27 @@ def remove_cache(path: CacheLocation) -> None:
 
 
 class CacheWriter:
-    """Creates a cache and writes whole chunks of rows from a background thread.
+    """Creates a cache and writes whole write units of rows from a background thread.
 
-    Rows arrive in any batch size through `write_rows`; they are buffered until a chunk is
-    full, then handed to the writer thread, so the caller (the teacher loop) never waits on
-    storage unless more than `max_pending_chunks` chunks are queued. A chunk's `chunk_done`
-    record is set only after all of its arrays are written.
+    The write units are the cache's shards, or its chunks when it is unsharded (`grid` is its
+    layout's write_grid): zarr rewrites a whole shard that a write covers in part, so each
+    is written with one assignment. Rows arrive in any batch size through `write_rows`; they are
+    buffered until a unit is full, then handed to the writer thread, so the caller (the teacher
+    loop) never waits on storage unless `max_pending` units are queued already (default: 4
+    chunks, or 1 shard). Its memory is bounded by that: a sharded writer holds about three
+    shards of rows (one filling, one queued, one being written), about 3 x 64-128 MiB per
+    soft-label array at the default sharding. A unit's `chunk_done` record is set only after all
+    of its arrays are written.
     """
 
-    def __init__(self, path: CacheLocation, *, max_pending_chunks: int = 4, lock=None):
+    def __init__(self, path: CacheLocation, *, max_pending: int | None = None, lock=None):
         self.path = path
-        self.lock = lock  # a stages.storage lock: checked before each chunk, a lost lease stops the writes
+        self.lock = lock  # a stages.storage lock: checked before each unit, a lost lease stops the writes
         self.group = zarr.open_group(str(self.path), mode="r+")
         self.layout = Layout.from_attributes(dict(self.group.attrs), labelled="labels" in self.group)
-        self.grid = self.layout.grid
+        self.grid = self.layout.write_grid
+        if max_pending is None:
+            max_pending = 4 if self.layout.shard_rows is None else 1
         # zarr by default compares every chunk written with the fill value, to skip storing
         # "empty" chunks; a cache never writes one, and the check was 60% of the writer's CPU.
         arrays = {name: self.group[name].with_config({"write_empty_chunks": True}) for name in self.group.array_keys()}
@@ -55,7 +63,7 @@ class CacheWriter:
         self._arrays = arrays
         self._buffers: dict[int, dict[str, list[np.ndarray]]] = {}
         self._filled: dict[int, int] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending_chunks)
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="cache-writer", daemon=True)
         self._thread.start()
@@ -84,24 +92,28 @@ class CacheWriter:
         )
         # Every chunk ends in a crc32c checksum (a bytes-to-bytes codec, so after zstd): a flipped
         # bit, or a torn or truncated chunk, fails to decode instead of reading as other values.
+        # Inside a shard too; and zarr's default index codecs checksum a shard's index as well.
         zstd, crc = ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()
-        n, rows = layout.num_samples, layout.chunk_rows
+        n, rows, shard = layout.num_samples, layout.chunk_rows, layout.shard_rows
         for name, spec in layout.arrays().items():
-            group.create_array(name, shape=(n, *spec.shape), chunks=(rows, *spec.shape), dtype=spec.dtype, fill_value=spec.fill,
+            group.create_array(name, shape=(n, *spec.shape), chunks=(rows, *spec.shape),
+                               shards=None if shard is None else (shard, *spec.shape), dtype=spec.dtype, fill_value=spec.fill,
                                compressors=[zstd, crc] if spec.compressed else [crc], dimension_names=spec.dimensions)
-        group.create_array("chunk_done", shape=(layout.grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+        # Unsharded, whatever the cache: a record per write unit, so that marking one never rewrites another's.
+        group.create_array("chunk_done", shape=(layout.write_grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
                            compressors=[crc], dimension_names=("chunk",))
         return cls(path, lock=lock)
 
     def missing_chunks(self) -> list[int]:
+        """The write units (of `grid`: shards, or chunks when unsharded) not marked done."""
         return [int(c) for c in np.flatnonzero(self._done[:] == 0)]
 
     def forget_damaged_chunks(self) -> None:
         """Before resuming: remove the temporary files a killed zarr write leaves (`*.partial`),
-        and unmark the chunks whose `chunk_done` record cannot be read (a 0-byte file) or whose
-        rows were never written (`index` holds -1, or cannot be read) although marked done, so
-        that they are computed again. Such damage comes from outside this tool (a writer marks a
-        chunk only after writing all of it); recomputing costs one chunk, refusing would cost
+        and unmark the write units whose `chunk_done` record cannot be read (a 0-byte file) or
+        whose rows were never written (`index` holds -1, or cannot be read) although marked done,
+        so that they are computed again. Such damage comes from outside this tool (a writer marks
+        a unit only after writing all of it); recomputing costs one unit, refusing would cost
         the whole pass."""
         storage.remove_partial_files(self.path)
         done, unreadable = _read_tolerant(self._done, ChunkGrid(self.grid.num_chunks, 1), 0)
@@ -109,15 +121,15 @@ class CacheWriter:
         unwritten = [c for c in map(int, np.flatnonzero(done)) if (index[slice(*self.grid.rows(c))] < 0).any()]
         damaged = sorted({*unreadable, *unwritten})
         if damaged:
-            log.warning("%s: chunks %s were marked done but their record is damaged or their rows were never written; "
-                        "computing them again", self.path, damaged[:10])
+            log.warning("%s: %ss %s were marked done but their record is damaged or their rows were never written; "
+                        "computing them again", self.path, self.layout.write_unit, damaged[:10])
             for chunk in damaged:
                 self._done[chunk] = 0
             self.group.attrs["complete"] = False
 
     def write_rows(self, start: int, rows: Rows) -> None:
-        """Buffer rows [start, start + len) of every array; full chunks go to the writer thread.
-        Rows of one chunk must not straddle another chunk's range within one call."""
+        """Buffer rows [start, start + len) of every array; full write units go to the writer thread.
+        Rows of one unit must not straddle another unit's range within one call."""
         self._raise_writer_error()
         count = len(next(iter(rows.values())))
         if start < 0 or start + count > self.grid.num_samples:  # else the loop below would never end
@@ -139,9 +151,9 @@ class CacheWriter:
             position += take
 
     def close(self) -> None:
-        """Wait for every queued chunk to be written; re-raise a failure of the writer thread."""
+        """Wait for every queued unit to be written; re-raise a failure of the writer thread."""
         if self._buffers:
-            raise PipelineError(f"internal: chunks {sorted(self._buffers)} were left partly filled")
+            raise PipelineError(f"internal: {self.layout.write_unit}s {sorted(self._buffers)} were left partly filled")
         if self._thread.is_alive():  # closing twice is allowed: a distributed pass closes before its workers write
             self._put(None)
             self._thread.join()
@@ -158,8 +170,8 @@ class CacheWriter:
             self.abort()
 
     def abort(self) -> None:
-        """Stop after the chunks already queued (at most max_pending_chunks); chunks not fully
-        written stay unmarked. Waits for the thread: the caller releases the writer lock next,
+        """Stop after the units already queued (at most max_pending); units not fully written
+        stay unmarked. Waits for the thread: the caller releases the writer lock next,
         and no write may outlive it."""
         self._buffers.clear()
         self._filled.clear()
@@ -168,7 +180,7 @@ class CacheWriter:
 
     def mark_complete(self, extra_attrs: dict) -> None:
         if self.missing_chunks():
-            raise PipelineError("internal: marking a cache complete with chunks missing")
+            raise PipelineError(f"internal: marking a cache complete with {self.layout.write_unit}s missing")
         if self.lock is not None:  # a writer that lost its lock must not declare another's cache finished
             self.lock.check_held()
         self.group.attrs.update({**extra_attrs, "complete": True, "completed_at": now_iso()})
@@ -208,8 +220,8 @@ class CacheWriter:
 
 
 def _read_tolerant(array: zarr.Array, grid: ChunkGrid, unreadable) -> tuple[np.ndarray, list[int]]:
-    """The whole of `array` (chunked as `grid`), with the rows of chunks that cannot be decoded
-    set to `unreadable`, and those chunks."""
+    """The whole of `array` (in the units of `grid`), with the rows of units that cannot be
+    decoded set to `unreadable`, and those units."""
     try:
         return array[:], []
     except Exception:  # noqa: BLE001 - located chunk by chunk below
@@ -221,14 +233,14 @@ def _read_tolerant(array: zarr.Array, grid: ChunkGrid, unreadable) -> tuple[np.n
 
 
 # What must agree between an existing cache and a new writer for it to resume it.
-RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "samples", "sample_seed", "views", "features", "chunk_rows", "dtype", "codec",
-               "temperature", "teacher_amp", "augment", "combine")
+RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "samples", "sample_seed", "views", "features",
+               "chunk_rows", "shard_rows", "dtype", "codec", "temperature", "teacher_amp", "augment", "combine")
 
 
 def open_writer(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: bool, lock=None) -> CacheWriter:
     """A writer on a new cache at `path`, or on the existing one when it was started with this
-    layout from the same teachers and data (it is then resumed: only its missing chunks are
-    left to write). A different cache there is refused unless `overwrite`. Call it with the
+    layout from the same teachers and data (it is then resumed: only its missing write units
+    are left to write). A different cache there is refused unless `overwrite`. Call it with the
     writer lock held."""
     group = zarr.open_group(str(path), mode="r") if is_cache(path) else None
     if group is not None and not overwrite:
@@ -239,7 +251,7 @@ def open_writer(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: 
                 "set `overwrite` to replace it, or choose another `out`"
             )
         # The same cache: resume it, unless its arrays were never all created (killed right
-        # after its attributes), when it holds no finished chunk and is simply made again.
+        # after its attributes), when it holds no finished unit and is simply made again.
         if {*layout.arrays(), "chunk_done"} <= set(group.array_keys()):
             writer = CacheWriter(path, lock=lock)
             writer.forget_damaged_chunks()
@@ -252,7 +264,7 @@ def open_writer(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: 
 def writing(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: bool) -> Iterator[CacheWriter]:
     """The lifecycle of one pass that writes a cache: take the writer lock, open a writer (a new
     cache, or the same one resumed: see open_writer), hand it to the caller to write the missing
-    chunks, close it (or abort it on any failure, and let the lock go), then compute the teacher
+    write units, close it (or abort it on any failure, and let the lock go), then compute the teacher
     metrics and mark the cache complete. A cache already complete is left as it is; either way its
     `teacher_metrics` attribute holds the metrics afterwards."""
     with storage.writer_lock(path) as lock:
@@ -283,23 +295,26 @@ def _teacher_identities(attrs: dict) -> list[tuple]:
 def teacher_metrics(group: zarr.Group, layout: Layout, temperature: float) -> dict | None:
     """Top-1 accuracy and mean NLL at T=1 of the stored values against the stored labels, per
     sample, view or valid token. The NLL only where the kind knows it (not top-k: its NLL at T=1
-    would need the dropped logits)."""
+    would need the dropped logits). Read a write unit at a time: a shard is one fetch of its index
+    and its chunks."""
     if "labels" not in group:
         return None
     kind = layout.soft_kind
     correct, nll, count = 0, 0.0, 0
     names = ("labels", *(("lengths",) if layout.tokens is not None else ()), *kind.soft_arrays)
     size = dataset_size(dict(group.attrs))
-    for chunk in range(layout.grid.num_chunks):
-        start, stop = layout.grid.rows(chunk)
-        # Every chunk is marked done here, yet may be damaged from outside: say so, never crash on it.
+    unit, grid = layout.write_unit, layout.write_grid
+    for chunk in range(grid.num_chunks):
+        start, stop = grid.rows(chunk)
+        # Every unit is marked done here, yet may be damaged from outside: say so, never crash on it.
         try:
             rows = {name: group[name][start:stop] for name in names}
         except Exception as exc:
-            raise CacheDamagedError(f"chunk {chunk} of the cache cannot be read ({type(exc).__name__}: {exc}); run pipeline verify") from exc
+            raise CacheDamagedError(f"{unit} {chunk} of the cache cannot be read ({type(exc).__name__}: {exc}); "
+                                    "run pipeline verify") from exc
         problem = row_problem(rows, layout, size, start)
         if problem:
-            raise CacheDamagedError(f"chunk {chunk} of the cache holds {problem}; run pipeline verify")
+            raise CacheDamagedError(f"{unit} {chunk} of the cache holds {problem}; run pipeline verify")
         labels = torch.from_numpy(rows["labels"])
         if layout.views is not None:  # every view of a sample has the sample's label
             labels = labels.unsqueeze(1).expand(-1, layout.views)

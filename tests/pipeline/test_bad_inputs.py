@@ -129,6 +129,7 @@ CASES = {
     "top-k without --format topk": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "f.zarr", "--top-k", "2"], 2, "--top-k goes with --format topk"),
     "--format topk without --top-k": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "f.zarr", "--format", "topk"], 2, "needs --top-k"),
     "top-k above the class count": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "f.zarr", "--format", "topk", "--top-k", "9"], 2, "between 1 and the number of classes (4)"),
+    "shard rows not a multiple of chunk rows": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--out", t / "s.zarr", "--chunk-rows", "64", "--shard-rows", "100"], 2, "--shard-rows must be a multiple of --chunk-rows (64), got 100"),
     "existing dense cache re-run as top-k": lambda t, c, w: (["cache-teacher", "--teacher", "mlp-64", "--teacher-weights", w, "--dataset", DATASET, "--out", c, "--temperature", "3", "--chunk-rows", "64", "--format", "topk", "--top-k", "2"], 2, "kind: cache has dense, this run topk"),
     "per-sample student on a token cache": lambda t, c, w: (["train-student", "--cache", _token_cache(t), "--student", _user_file(t, "pooled", """
         from torch import nn

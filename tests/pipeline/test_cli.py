@@ -177,7 +177,7 @@ BAD_NUMBERS = [
     ("train-student", "--batch-size", str(2**70)), ("train-student", "--seed", str(2**32)), ("train-student", "--lr", "inf"),
     ("train-student", "--feature-weight", "nan"), ("cache-teacher", "--num-classes", "-4"), ("cache-teacher", "--num-classes", "0"),
     ("cache-teacher", "--temperature", "1e200"), ("cache-teacher", "--batch-size", str(2**70)), ("cache-teacher", "--view-seed", "-1"),
-    ("cache-teacher", "--chunk-rows", str(2**40)),
+    ("cache-teacher", "--chunk-rows", str(2**40)), ("cache-teacher", "--shard-rows", "-1"),
 ]
 
 

@@ -15,13 +15,29 @@ import zarr
 from stages import storage
 from stages.cache import CacheReader
 from stages.errors import CacheDamagedError
-from tests.conftest import assert_same_cache, cache_with_cli, invoke, invoke_json
+from tests.conftest import CHUNK_ROWS, assert_same_cache, cache_with_cli, invoke, invoke_json
 
 
 def _copy(cache_path, tmp_path):
     broken = tmp_path / "broken.zarr"
     shutil.copytree(cache_path, broken)
     return broken
+
+
+# A chunk of the logits as stored: 64 rows of 4 float16 classes, then its crc32c.
+CHUNK_BYTES = CHUNK_ROWS * 4 * 2 + 4
+
+
+def _logits_file(cache: Path, chunk: int) -> tuple[Path, int, list[int], str]:
+    """Where chunk `chunk` of the logits lies: the file holding it (its own, or its shard's), its
+    offset there, the chunks that file holds, and what verify names the file by."""
+    shard_rows = zarr.open_group(str(cache), mode="r").attrs["shard_rows"]
+    if shard_rows is None:
+        return cache / "logits" / "c" / str(chunk) / "0", 0, [chunk], f"chunk {chunk}"
+    per_shard = shard_rows // CHUNK_ROWS
+    shard = chunk // per_shard
+    held = list(range(shard * per_shard, (shard + 1) * per_shard))
+    return cache / "logits" / "c" / str(shard) / "0", (chunk % per_shard) * CHUNK_BYTES, held, f"shard {shard}"
 
 
 def _set_attribute(path, name, value):
@@ -63,25 +79,29 @@ def test_tampered_attributes_are_damage_for_every_reader(cache_path, tmp_path, t
     _assert_damage_reported(broken, tmp_path, teacher_weights, named)
 
 
-def test_a_flipped_bit_in_an_uncompressed_float16_chunk_is_caught_and_named(cache_path, tmp_path, teacher_weights):
-    broken = _copy(cache_path, tmp_path)
+@pytest.mark.parametrize("cache", ["cache_path", "sharded_cache_path"])
+def test_a_flipped_bit_in_an_uncompressed_float16_chunk_is_caught_and_named(request, cache, tmp_path, teacher_weights):
+    broken = _copy(request.getfixturevalue(cache), tmp_path)
     assert zarr.open_group(str(broken), mode="r").attrs["codec"] == "none"
-    chunk = broken / "logits" / "c" / "3" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[100] ^= 0x01  # one bit of one float16 logit: still a finite number
-    chunk.write_bytes(bytes(data))
-    _assert_damage_reported(broken, tmp_path, teacher_weights, "array logits: chunk 3 cannot be read", "chunk 3: unreadable logits")
+    path, offset, _, unit = _logits_file(broken, 3)
+    data = bytearray(path.read_bytes())
+    data[offset + 100] ^= 0x01  # one bit of one float16 logit: still a finite number
+    path.write_bytes(bytes(data))
+    _assert_damage_reported(broken, tmp_path, teacher_weights, "array logits: chunk 3 cannot be read", f"{unit}: unreadable logits")
     with pytest.raises(CacheDamagedError, match="array logits: chunk 3 cannot be read.*checksum"):
         reader = CacheReader(broken)
         for _ in reader.batches(32, seed=0, epoch=0, run_chunks=4):  # chunk 3 inside a run of chunks 0-3
             pass
 
 
-def test_a_truncated_chunk_is_damage_for_inspect(cache_path, tmp_path, teacher_weights):
-    broken = _copy(cache_path, tmp_path)
-    chunk = broken / "logits" / "c" / "5" / "0"
-    chunk.write_bytes(chunk.read_bytes()[:37])
-    _assert_damage_reported(broken, tmp_path, teacher_weights, "array logits: chunk 5 cannot be read", "chunk 5: unreadable logits")
+@pytest.mark.parametrize("cache", ["cache_path", "sharded_cache_path"])
+def test_a_truncated_chunk_or_shard_is_damage_for_every_reader(request, cache, tmp_path, teacher_weights):
+    """Cut short, a shard loses its index (and its checksum): every chunk in it is unreadable."""
+    broken = _copy(request.getfixturevalue(cache), tmp_path)
+    path, _, held, unit = _logits_file(broken, 5)
+    path.write_bytes(path.read_bytes()[:37])
+    _assert_damage_reported(broken, tmp_path, teacher_weights, *(f"array logits: chunk {c} cannot be read" for c in held),
+                            f"{unit}: unreadable logits")
 
 
 def test_permuted_index_rows_stop_training(cache_path, tmp_path, teacher_weights):

@@ -153,6 +153,31 @@ def test_a_cache_that_lost_an_arbitrary_set_of_chunks_resumes_to_the_same_bytes(
         assert_same_cache(whole, copy)
 
 
+def test_a_sharded_cache_holds_the_unsharded_caches_bytes_in_a_file_per_shard(tmp_path, mlp_weights, uninterrupted):
+    """In shards of two chunks: the teacher ran the batches of the unsharded pass (batches tile
+    chunks, not shards), every array equals the unsharded cache's bit for bit, and each array is
+    a file per shard."""
+    whole, expected, spec, log = uninterrupted
+    log.unlink(missing_ok=True)
+    sharded = tmp_path / "sharded.zarr"
+    result = invoke_json(*_args(spec, mlp_weights, sharded), "--shard-rows", 2 * CHUNK)
+    assert (result["chunks_computed"], result["chunks_total"]) == (6, 6)
+    assert _batches(log) == expected
+    unsharded, group = zarr.open_group(str(whole), mode="r"), zarr.open_group(str(sharded), mode="r")
+    assert group.attrs["shard_rows"] == 2 * CHUNK and group["chunk_done"][:].tolist() == [1, 1, 1]
+    for name in ("logits", "index", "labels"):
+        assert unsharded[name][:].tobytes() == group[name][:].tobytes(), name
+    # summed a shard at a time: the mean NLL may differ in its last bits
+    metrics, expected_metrics = group.attrs["teacher_metrics"], unsharded.attrs["teacher_metrics"]
+    assert metrics == {**expected_metrics, "nll": pytest.approx(expected_metrics["nll"], rel=1e-6)}
+
+    def files(cache: Path) -> int:
+        return sum(1 for path in cache.rglob("*") if path.is_file())
+
+    # The group's zarr.json, then for logits, index, labels and chunk_done a zarr.json and a file per write unit.
+    assert (files(whole), files(sharded)) == (1 + 4 * (1 + 6), 1 + 4 * (1 + 3))
+
+
 def test_resuming_with_another_batch_size_is_refused(tmp_path, mlp_weights, uninterrupted):
     whole, _, spec, _ = uninterrupted
     copy = tmp_path / "c.zarr"

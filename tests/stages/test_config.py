@@ -39,6 +39,7 @@ def test_the_defaults_of_both_configs_are_valid():
 @pytest.mark.parametrize("changes", [
     {"temperature": MAX_TEMPERATURE}, {"num_classes": 2}, {"num_classes": MAX_CLASSES}, {"view_seed": 0},
     {"view_seed": MAX_VIEW_SEED}, {"batch_size": 1}, {"batch_size": MAX_COUNT}, {"chunk_rows": 1}, {"loader_workers": 0},
+    {"shard_rows": 0}, {"shard_rows": MAX_COUNT},
     {"format": "topk", "top_k": 1}, {"codec": "zstd"}, {"amp": "bf16"}, {"amp": "fp16"}, {"dtype": "float32"},
     {"views": 3, "augment": "flip"}, {"workers": 2}, {"scheduler": "tcp://host:8786"},
 ])
@@ -53,6 +54,7 @@ def test_cache_config_accepts_every_value_at_the_edge_of_its_range(changes):
     ({"batch_size": 0}, ("`batch_size` must be 1 or more", "got 0")),
     ({"batch_size": MAX_COUNT + 1}, (f"`batch_size` must be at most {MAX_COUNT}", f"got {MAX_COUNT + 1}")),
     ({"chunk_rows": 0}, ("`chunk_rows` must be 1 or more",)),
+    ({"shard_rows": -1}, ("`shard_rows` must be 0 or more", "got -1")),
     ({"views": 0}, ("`views` must be 1 or more",)),
     ({"loader_workers": -1}, ("`loader_workers` must be 0 or more", "got -1")),
     ({"workers": -1}, ("`workers` must be 0 or more",)),

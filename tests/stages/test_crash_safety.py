@@ -79,9 +79,9 @@ def _rows_seen(log: Path) -> int:
     return sum(int(line) for line in log.read_text().split()) if log.exists() else 0
 
 
-def _cache_args(spec: str, out: Path) -> list:
+def _cache_args(spec: str, out: Path, shard_rows: int = 0) -> list:
     return ["cache-teacher", "--teacher", spec, "--dataset", f"synthetic:n={ROWS},test=10,features=8,classes=4",
-            "--out", out, "--chunk-rows", CHUNK, "--batch-size", CHUNK, "--device", "cpu", "--json"]
+            "--out", out, "--chunk-rows", CHUNK, "--shard-rows", shard_rows, "--batch-size", CHUNK, "--device", "cpu", "--json"]
 
 
 def _same_cache(a: Path, b: Path) -> None:
@@ -92,29 +92,33 @@ def _same_cache(a: Path, b: Path) -> None:
     assert {k: v for k, v in ga.attrs.items() if k not in volatile} == {k: v for k, v in gb.attrs.items() if k not in volatile}
 
 
-def test_killed_cache_teacher_resumes_only_missing_chunks(slow_teacher):
+@pytest.mark.parametrize(("shard_rows", "wait_for"), [(0, 8), (3 * CHUNK, 3)], ids=["unsharded", "sharded"])
+def test_killed_cache_teacher_resumes_only_missing_chunks(slow_teacher, shard_rows, wait_for):
+    """Killed once `wait_for` write units are done (chunks, or shards of three chunks), resumed:
+    only the missing units are computed, and the cache equals an uninterrupted one."""
     spec, log, tmp = slow_teacher
-    reference = invoke_json(*_cache_args(spec, tmp / "reference.zarr"))
+    unit, units = shard_rows or CHUNK, ROWS // (shard_rows or CHUNK)
+    reference = invoke_json(*_cache_args(spec, tmp / "reference.zarr", shard_rows))
     assert reference["chunks_computed"] == reference["chunks_total"] == ROWS // CHUNK
     log.unlink()
 
     cache = tmp / "killed.zarr"
-    with _pipeline(*_cache_args(spec, cache)) as proc:
-        _wait_for(lambda: len(list(cache.glob("chunk_done/c/*"))) >= 8, proc)
+    with _pipeline(*_cache_args(spec, cache, shard_rows)) as proc:
+        _wait_for(lambda: len(list(cache.glob("chunk_done/c/*"))) >= wait_for, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finished_before = int(zarr.open_group(str(cache), mode="r")["chunk_done"][:].sum())
-    assert 8 <= finished_before < ROWS // CHUNK
+    assert wait_for <= finished_before < units
     assert not zarr.open_group(str(cache), mode="r").attrs["complete"]
     log.unlink()
 
-    with _pipeline(*_cache_args(spec, cache)) as proc:  # the same command again
+    with _pipeline(*_cache_args(spec, cache, shard_rows)) as proc:  # the same command again
         out, err = proc.communicate()
     assert proc.returncode == 0, err
     result = json.loads(out)
-    missing = ROWS // CHUNK - finished_before
-    assert result["chunks_computed"] == missing
-    assert _rows_seen(log) == missing * CHUNK + 1  # + the one-row probe of the output shape
+    missing = units - finished_before
+    assert result["chunks_computed"] == missing * unit // CHUNK
+    assert _rows_seen(log) == missing * unit + 1  # + the one-row probe of the output shape
     _same_cache(cache, tmp / "reference.zarr")
 
 
@@ -161,11 +165,15 @@ def test_a_locked_cache_refuses_a_second_writer(tmp_path, teacher_weights):
     assert not out.with_name("c.zarr.lock").exists()  # released and removed
 
 
-def test_resuming_with_other_options_is_refused(tmp_path, cache_path, teacher_weights):
+@pytest.mark.parametrize(("options", "differs"), [
+    (("--temperature", "2"), "temperature: cache has 3.0, this run 2.0"),
+    (("--temperature", "3", "--shard-rows", "128"), "shard_rows: cache has None, this run 128"),
+])
+def test_resuming_with_other_options_is_refused(tmp_path, cache_path, teacher_weights, options, differs):
     code, _, err = invoke("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights,
                           "--dataset", "synthetic:n=600,test=200,features=8,classes=4,seed=3", "--out", cache_path,
-                          "--temperature", "2", "--chunk-rows", "64")
-    assert code == 2 and "temperature: cache has 3.0, this run 2.0" in err and "--overwrite" in err
+                          "--chunk-rows", "64", *options)
+    assert code == 2 and differs in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
 
 
 def _train_args(out: Path) -> list:

@@ -17,7 +17,7 @@ from pipeline.models import resolve_model
 from stages import cache_teacher
 from stages.data import TensorSplit
 from stages.inspection import CALIBRATION_BINS, HISTOGRAM_BINS, describe_cache
-from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE
+from tests.conftest import CHUNK_ROWS, DATASET, SHARD_ROWS, TEMPERATURE
 
 
 # mlp-64 on 8 features and 4 classes: two hidden layers of 64 units, weights and biases.
@@ -61,6 +61,16 @@ def test_the_report_describes_the_layout_as_recorded(cache_path):
     assert report["row_shape"] == [4] and report["top_k"] is None and report["views"] is None
     assert report["dataset"] == f"{DATASET} split train" and report["teachers"] == f"mlp-64 ({TEACHER_PARAMETERS} parameters)"
     assert report["teacher_metrics"] == attrs["teacher_metrics"] and report["schema_version"] == attrs["schema_version"]
+
+
+@pytest.mark.parametrize(("cache", "shard_rows"), [("cache_path", None), ("sharded_cache_path", SHARD_ROWS)])
+def test_the_report_gives_the_sharding_and_the_files_the_cache_is(request, cache, shard_rows):
+    path = request.getfixturevalue(cache)
+    report = describe_cache(path)
+    assert (report["chunk_rows"], report["shard_rows"]) == (CHUNK_ROWS, shard_rows)
+    assert report["objects"] == sum(1 for file in path.rglob("*") if file.is_file())
+    # the group's and 4 arrays' zarr.json, and a file per write unit of each array: 10 chunks or 5 shards
+    assert report["objects"] == 5 + 4 * (10 if shard_rows is None else 5)
 
 
 def test_disk_figures_are_the_bytes_of_the_files_under_each_array(cache_path):

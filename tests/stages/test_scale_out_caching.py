@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import CHUNK_ROWS, DATASET, assert_same_cache, cache_with_cli, dying_model, invoke
+from tests.conftest import CHUNK_ROWS, DATASET, SHARD_ROWS, assert_same_cache, cache_with_cli, dying_model, invoke
 
 distributed = pytest.importorskip("distributed")
 
 
-@pytest.mark.parametrize("layout", [(), ("--format", "topk", "--top-k", "2")], ids=["dense", "topk"])
+@pytest.mark.parametrize("layout", [(), ("--format", "topk", "--top-k", "2"), ("--shard-rows", SHARD_ROWS)],
+                         ids=["dense", "topk", "sharded"])
 def test_a_local_cluster_of_two_workers_writes_the_single_process_cache(tmp_path, teacher_weights, layout):
+    """Workers own whole write units: chunks, or shards (of two chunks) of a sharded cache."""
     single = cache_with_cli(tmp_path / "single.zarr", teacher_weights, *layout)
     spread = cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *layout, "--workers", "2")
     assert spread["chunks_computed"] == single["chunks_computed"] == 10

@@ -57,14 +57,19 @@ def test_a_sampled_cache_whose_draws_were_altered_fails_against_its_teacher(tmp_
     assert code == 4 and set(failed) == {"teacher"} and "sampled_counts differ" in failed["teacher"], report
 
 
-def test_damaged_chunks_are_each_named(cache_path, tmp_path):
-    broken = _damaged_copy(cache_path, tmp_path)
-    (broken / "logits" / "c" / "2" / "0").write_bytes(b"\x00garbage")
-    (broken / "logits" / "c" / "5" / "0").unlink()  # reads back as NaN: a gap never passes as data
+@pytest.mark.parametrize(("cache", "garbled", "deleted", "named"), [
+    ("cache_path", 2, 5, ("chunk 2: unreadable", "chunk 5: non-finite logits in rows [320")),
+    ("sharded_cache_path", 1, 4, ("shard 1: unreadable", "shard 4: non-finite logits in rows [512")),  # shards of 128 rows
+])
+def test_damaged_chunks_are_each_named(request, cache, garbled, deleted, named, tmp_path):
+    """Each damaged file is named: a chunk's, or a shard's."""
+    broken = _damaged_copy(request.getfixturevalue(cache), tmp_path)
+    (broken / "logits" / "c" / str(garbled) / "0").write_bytes(b"\x00garbage")
+    (broken / "logits" / "c" / str(deleted) / "0").unlink()  # reads back as NaN: a gap never passes as data
     report = verify(broken)
     assert not report.ok
     chunks = next(c for c in report.checks if c["check"] == "chunks")
-    assert "chunk 2: unreadable" in chunks["detail"] and "chunk 5: non-finite logits in rows [320" in chunks["detail"]
+    assert all(name in chunks["detail"] for name in named), chunks["detail"]
     code, _, err = invoke("verify", broken)
     assert code == 4 and err.strip().splitlines() == [f"error: cache {broken} failed verification: chunks"]
 

@@ -8,8 +8,8 @@ from stages.cache import CacheReader, CacheWriter, Layout
 from stages.data import sha256
 
 
-def _write(tmp_path, n=300, chunk_rows=32, classes=5, name="c.zarr"):
-    layout = Layout(kind="dense", num_samples=n, num_classes=classes, chunk_rows=chunk_rows, dtype="float32")
+def _write(tmp_path, n=300, chunk_rows=32, classes=5, name="c.zarr", shard_rows=None):
+    layout = Layout(kind="dense", num_samples=n, num_classes=classes, chunk_rows=chunk_rows, dtype="float32", shard_rows=shard_rows)
     # rows in order: the recorded index hash is that of 0..n-1
     writer = CacheWriter.create(tmp_path / name, layout, {"temperature": 1.0, "teachers": [],
                                                           "dataset": {"index_sha256": sha256(np.arange(n))}})

@@ -16,9 +16,9 @@ from pipeline.models import resolve_model
 from stages.cache import (
     FORMAT, SCHEMA_VERSION, CacheReader, CacheWriter, ChunkGrid, Layout, default_chunk_rows, is_cache, malformed_attributes,
 )
-from stages.cache.format import array_problems, row_problem
+from stages.cache.format import SHARD_ABOVE_BYTES, array_problems, default_shard_rows, row_problem
 from stages.errors import InputError
-from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE
+from tests.conftest import CHUNK_ROWS, DATASET, SHARD_ROWS, TEMPERATURE
 from tests.stages.cache.conftest import _complete_cache
 
 
@@ -48,6 +48,7 @@ def test_attributes_describe_the_cache(cache_path, teacher_weights):
     assert attrs["kind"] == "dense" and attrs["stored_values"] == "teacher_logits / temperature"
     assert attrs["temperature"] == TEMPERATURE and attrs["num_classes"] == 4 and attrs["num_samples"] == 600
     assert attrs["chunk_rows"] == CHUNK_ROWS and attrs["dtype"] == "float16" and attrs["codec"] == "none"
+    assert attrs["shard_rows"] is None  # a small cache is unsharded by default
     (teacher,) = attrs["teachers"]
     assert teacher["spec"] == "mlp-64" and teacher["weights"] == str(teacher_weights)
     assert teacher["num_parameters"] == 8 * 64 + 64 + 64 * 64 + 64 + 64 * 4 + 4
@@ -77,6 +78,26 @@ def test_default_chunking_targets_about_two_megabytes_in_even_chunks():
         size = rows(num_samples=n, kind="topk", num_classes=256, top_k=8, tokens=128)
         chunks = -(-n // size)
         assert chunks * size - n < chunks
+
+
+def test_default_sharding_leaves_small_caches_unsharded_and_shards_large_ones_by_64_to_128_mib():
+    def sharding(num_samples, chunk_rows, **layout) -> tuple[int | None, float]:
+        """Rows per shard, and MiB of the largest soft-label array per shard."""
+        layout = Layout(num_samples=num_samples, chunk_rows=chunk_rows, **layout)
+        largest = max(np.dtype(a.dtype).itemsize * np.prod(a.shape) for a in layout.soft_kind.arrays(layout).values())
+        rows = default_shard_rows(layout)
+        return rows, rows and rows * largest / 2**20
+
+    at_threshold = SHARD_ABOVE_BYTES // 2000  # rows of 1,000 float16 classes
+    assert sharding(at_threshold, 1024, kind="dense", num_classes=1000) == (None, None)
+    assert sharding(at_threshold + 1, 1024, kind="dense", num_classes=1000) == (32 * 1024, 62.5)  # 64 MiB, in whole chunks
+    assert sharding(10**7, 1021, kind="dense", num_classes=1000) == (65 * 1021, pytest.approx(126.6, abs=0.1))  # at most 128 MiB
+    # a top-32 token cache of 20 M tokens at an 8,192 vocabulary: 2.5 GiB of soft labels, 16 KiB a row in
+    # the largest arrays (values, classes), 1.2 GiB of each: a sixteenth, 76 MiB, in 17 shards of 76 chunks
+    tokens = {"kind": "topk", "num_classes": 8192, "top_k": 32, "tokens": 256}
+    assert sharding(78_125, 64, **tokens) == (76 * 64, 76.0)
+    assert sharding(1024, 64, **tokens) == (None, None)  # 33 MiB: unsharded
+    assert sharding(10**5, 10**5, kind="dense", num_classes=10**4) == (None, None)  # one chunk is more than a shard
 
 
 def test_zstd_codec_round_trips_and_is_recorded(tmp_path, teacher_weights, cache_path):
@@ -157,6 +178,22 @@ def test_xarray_reads_every_kind_with_named_dimensions(tmp_path, kind, dims):
     np.testing.assert_allclose(probs, expected, atol=2e-3)
 
 
+def test_plain_zarr_and_xarray_read_a_sharded_cache_as_the_unsharded_one(cache_path, sharded_cache_path):
+    """Sharding is the storage's business: a client that knows nothing of it (zarr's own
+    indexing, xarray) reads the same values, and only the unsharded cache is a file per chunk."""
+    xr = pytest.importorskip("xarray")
+    plain, sharded = (zarr.open_group(str(path), mode="r") for path in (cache_path, sharded_cache_path))
+    assert sharded.attrs["shard_rows"] == SHARD_ROWS and sharded["logits"].shards == (SHARD_ROWS, 4)
+    for name in ("logits", "index", "labels"):
+        np.testing.assert_array_equal(sharded[name][:], plain[name][:])
+        np.testing.assert_array_equal(sharded[name].oindex[[5, 130, 599]], plain[name].oindex[[5, 130, 599]])
+    ds = xr.open_zarr(str(sharded_cache_path), zarr_format=3, consolidated=False)
+    assert ds["logits"].dims == ("sample", "class") and ds["chunk_done"].dims == ("chunk",)
+    np.testing.assert_array_equal(ds["logits"].values, plain["logits"][:])
+    files = {path: sum(1 for _ in (path / "logits").rglob("c/**/*") if _.is_file()) for path in (cache_path, sharded_cache_path)}
+    assert files == {cache_path: 10, sharded_cache_path: 5}  # 600 rows: 10 chunks of 64, 5 shards of 128
+
+
 # The attributes the README's "The cache format" section says every cache has.
 REQUIRED = ("format", "schema_version", "kind", "temperature", "num_classes", "num_samples", "row_shape", "chunk_rows",
             "dtype", "teachers", "dataset", "complete")
@@ -214,6 +251,8 @@ LAYOUTS = {
     "views": {"views": 3},
     "features": {"features": 6},
     "unlabelled views with features": {"views": 3, "features": 6, "labelled": False},
+    "sharded": {"shard_rows": 64},
+    "sharded topk tokens, zstd": {"kind": "topk", "top_k": 2, "tokens": 8, "codec": "zstd", "shard_rows": 96},
 }
 
 
@@ -233,6 +272,8 @@ def test_a_layout_is_read_back_from_the_cache_it_created(tmp_path, fields):
     ({"codec": "gzip"}, "`codec` must be one of"),
     ({"views": 2, "tokens": 8}, "augmented views of token sequences are not supported"),
     ({"features": 6, "tokens": 8}, "feature targets are per sample"),
+    ({"shard_rows": 6}, r"`shard_rows` must be a multiple of `chunk_rows` \(4\), got 6"),
+    ({"shard_rows": 0}, r"`shard_rows` must be a multiple of `chunk_rows` \(4\), got 0"),
 ])
 def test_a_layout_the_format_cannot_hold_is_an_input_error(fields, message):
     with pytest.raises(InputError, match=message):
@@ -251,6 +292,7 @@ def _replace_array(group, name, **changes):
 @pytest.mark.parametrize(("tamper", "named"), [
     (lambda g: _replace_array(g, "labels", chunks=(16,)), "labels: chunked 16 rows (expected 32)"),
     (lambda g: _replace_array(g, "logits", dtype="float64"), "logits: dtype float64 (expected float32)"),
+    (lambda g: _replace_array(g, "labels", shards=(64,)), "labels: 64 rows a shard (expected unsharded)"),
     (lambda g: g.__delitem__("index"), "index: absent (expected (300,))"),
     (lambda g: g.__delitem__("chunk_done"), "chunk_done: absent (expected (10,))"),
     (lambda g: g.attrs.update({"row_shape": [6]}), "row_shape [6] disagrees with num_classes and top_k ([5])"),

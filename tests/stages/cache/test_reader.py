@@ -3,6 +3,7 @@ chunks, and streaming them in shuffled whole chunks."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import numpy as np
@@ -102,6 +103,21 @@ def test_a_schema_2_cache_without_checksums_still_reads_and_trains(cache_path, t
     run = invoke_json("train-student", "--cache", old, "--student", "mlp-64", "--epochs", "1", "--out", tmp_path / "run")
     assert run["test_samples"] == 200
     assert invoke_json("verify", old)["ok"]
+
+
+def test_a_schema_3_cache_without_shard_rows_reads_as_unsharded(cache_path, tmp_path):
+    from tests.conftest import invoke_json
+
+    old = tmp_path / "schema3.zarr"
+    shutil.copytree(cache_path, old)
+    group = zarr.open_group(str(old), mode="r+")
+    del group.attrs["shard_rows"]
+    group.attrs.update({"schema_version": 3, "tool": {"name": "pipeline", "version": "0.2.0"}})
+    reader = CacheReader(old)
+    assert reader.layout.shard_rows is None and reader.layout.write_grid == reader.grid
+    np.testing.assert_array_equal(reader.read_chunk(3)["logits"], CacheReader(cache_path).read_chunk(3)["logits"])
+    report = invoke_json("verify", old)
+    assert report["ok"] and "10 chunks readable" in next(c["detail"] for c in report["checks"] if c["check"] == "chunks")
 
 
 @pytest.mark.parametrize("name", ["schema_version", "kind", "temperature", "num_classes", "num_samples", "row_shape",

@@ -3,6 +3,8 @@ creates, the teacher metrics, and the lifecycle of one pass (`writing`)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from stages.cache.writer import teacher_metrics
 from stages.data import sha256
 from stages.errors import CacheDamagedError, CacheLockedError, CacheMismatchError, InputError, PipelineError
 from stages.storage import FileLock
-from tests.conftest import CHUNK_ROWS, DATASET
+from tests.conftest import CHUNK_ROWS, DATASET, SHARD_ROWS
 from tests.stages.cache.conftest import _write
 
 
@@ -31,9 +33,10 @@ def test_teacher_metrics_match_a_direct_computation(cache_path, teacher_weights)
     assert metrics["nll"] == pytest.approx(nll, rel=1e-2)
 
 
-def test_round_trip_in_uneven_batches(tmp_path):
-    writer, logits, labels = _write(tmp_path)
-    for start in range(0, 300, 45):  # batches that straddle chunk boundaries
+@pytest.mark.parametrize("shard_rows", [None, 128])
+def test_round_trip_in_uneven_batches(tmp_path, shard_rows):
+    writer, logits, labels = _write(tmp_path, shard_rows=shard_rows)
+    for start in range(0, 300, 45):  # batches that straddle chunk (and shard) boundaries
         stop = min(start + 45, 300)
         writer.write_rows(start, {"logits": logits[start:stop], "index": np.arange(start, stop), "labels": labels[start:stop]})
     writer.close()
@@ -44,35 +47,56 @@ def test_round_trip_in_uneven_batches(tmp_path):
     np.testing.assert_array_equal(np.concatenate([r["labels"] for r in rows]), labels)
 
 
-def test_unwritten_rows_read_as_nan_and_are_not_marked_done(tmp_path):
-    writer, logits, labels = _write(tmp_path)
-    writer.write_rows(0, {"logits": logits[:40], "index": np.arange(40), "labels": labels[:40]})
-    writer.abort()  # chunk 0 (rows 0-31) was full; chunk 1 only partly filled
+@pytest.mark.parametrize("shard_rows", [None, 128])
+def test_unwritten_rows_read_as_nan_and_are_not_marked_done(tmp_path, shard_rows):
+    """A writer writes whole write units only: a chunk, or a shard (of 4 chunks here), partly
+    filled when the pass stops is never written, not even its chunks that were full."""
+    writer, logits, labels = _write(tmp_path, shard_rows=shard_rows)
+    unit, count = (32, 40) if shard_rows is None else (shard_rows, shard_rows + 40)
+    writer.write_rows(0, {"logits": logits[:count], "index": np.arange(count), "labels": labels[:count]})
+    writer.abort()  # unit 0 was full; unit 1 only partly filled (a whole chunk of it, when sharded)
     group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert group["chunk_done"][:2].tolist() == [1, 0]
-    assert np.isnan(group["logits"][32:]).all() and (group["index"][32:] == -1).all()
+    np.testing.assert_array_equal(group["logits"][:unit], logits[:unit])
+    assert np.isnan(group["logits"][unit:]).all() and (group["index"][unit:] == -1).all()
     with pytest.raises(CacheMismatchError, match="incomplete"):
         CacheReader(tmp_path / "c.zarr")
 
 
-def test_every_chunk_of_every_array_carries_a_crc32c_checksum(cache_path):
-    group = zarr.open_group(str(cache_path), mode="r")
+@pytest.mark.parametrize("fixture", ["cache_path", "sharded_cache_path"])
+def test_every_chunk_of_every_array_carries_a_crc32c_checksum(request, fixture):
+    """As the arrays' zarr.json says, which any zarr v3 reader follows: crc32c last (after zstd
+    where there is one), inside a shard too; a shard's index checksummed; chunk_done never sharded."""
+    cache = request.getfixturevalue(fixture)
+    group = zarr.open_group(str(cache), mode="r")
     for name in group.array_keys():
-        assert type(group[name].metadata.codecs[-1]).__name__ == "Crc32cCodec", name  # last: after zstd where there is one
+        codecs = json.loads((cache / name / "zarr.json").read_text())["codecs"]
+        sharded = codecs[0]["name"] == "sharding_indexed"
+        assert sharded == (fixture == "sharded_cache_path" and name != "chunk_done"), name
+        if sharded:
+            assert len(codecs) == 1 and codecs[0]["configuration"]["chunk_shape"][0] == CHUNK_ROWS
+            assert [c["name"] for c in codecs[0]["configuration"]["index_codecs"]] == ["bytes", "crc32c"], name
+            assert group[name].shards[0] == SHARD_ROWS
+            codecs = codecs[0]["configuration"]["codecs"]
+        compressed = name in ("index", "labels")
+        assert [c["name"] for c in codecs] == ["bytes", *(["zstd"] if compressed else []), "crc32c"], name
 
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])
-def test_the_codec_is_the_arrays_own_not_only_an_attribute(tmp_path, teacher_weights, codec):
-    """What --codec names is what zarr writes the soft labels with: their array metadata, read by
-    plain zarr, lists the compressor (the attribute alone would not show it)."""
+@pytest.mark.parametrize("shard_rows", [0, SHARD_ROWS])
+def test_the_codec_is_the_arrays_own_not_only_an_attribute(tmp_path, teacher_weights, codec, shard_rows):
+    """What --codec names is what zarr writes the soft labels with (inside each shard of a sharded
+    cache): their array metadata, read by plain zarr, lists the compressor (the attribute alone
+    would not show it)."""
     from zarr.codecs import ZstdCodec
 
     from tests.conftest import invoke_json
 
     out = tmp_path / f"{codec}.zarr"
     invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET,
-                "--chunk-rows", CHUNK_ROWS, "--codec", codec, "--out", out)
+                "--chunk-rows", CHUNK_ROWS, "--shard-rows", shard_rows, "--codec", codec, "--out", out)
     logits = zarr.open_group(str(out), mode="r")["logits"]
+    assert (logits.shards and logits.shards[0]) == (shard_rows or None)
     zstd = [c for c in logits.compressors if isinstance(c, ZstdCodec)]
     assert [c.level for c in zstd] == ([3] if codec == "zstd" else [])
 
@@ -249,15 +273,18 @@ def test_a_writer_that_lost_its_lock_writes_nothing_and_every_later_call_fails(t
     assert _lock_file(out).read_text() == "another writer's"
 
 
-@pytest.mark.parametrize(("damage", "named"), [
-    (lambda out: zarr.open_group(str(out), mode="r+")["logits"].__setitem__((70, 2), np.nan),
+@pytest.mark.parametrize(("shard_rows", "damage", "named"), [
+    (None, lambda out: zarr.open_group(str(out), mode="r+")["logits"].__setitem__((70, 2), np.nan),
      r"chunk 2 of the cache holds non-finite logits in rows \[70\]"),
-    (lambda out: (out / "labels" / "c" / "4").write_bytes(b""), "chunk 4 of the cache cannot be read"),
+    (None, lambda out: (out / "labels" / "c" / "4").write_bytes(b""), "chunk 4 of the cache cannot be read"),
+    (128, lambda out: zarr.open_group(str(out), mode="r+")["logits"].__setitem__((200, 2), np.nan),
+     r"shard 1 of the cache holds non-finite logits in rows \[200\]"),
+    (128, lambda out: (out / "labels" / "c" / "2").write_bytes(b"\x00garbage"), "shard 2 of the cache cannot be read"),
 ])
-def test_teacher_metrics_of_a_chunk_damaged_after_writing_are_a_damage_error_naming_it(tmp_path, damage, named):
+def test_teacher_metrics_of_a_chunk_damaged_after_writing_are_a_damage_error_naming_it(tmp_path, shard_rows, damage, named):
     out = tmp_path / "c.zarr"
     logits, labels = _data()
-    writer = CacheWriter.create(out, _layout(), _pass_attrs())
+    writer = CacheWriter.create(out, _layout(shard_rows=shard_rows), _pass_attrs())
     writer.write_rows(0, _rows(logits, labels, 0, N))
     writer.close()
     assert teacher_metrics(writer.group, writer.layout, T)["num_samples"] == N
