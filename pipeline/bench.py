@@ -492,7 +492,7 @@ def _memmap_epoch(mapped: dict[str, np.ndarray], reader: CacheReader, batch: int
         rows = {name: np.concatenate([values[part] for part in parts]) for name, values in mapped.items()}
         order = rng.permutation(len(rows["index"]))
         for start, stop in batch_bounds(len(order), batch):
-            {name: values[order[start:stop]] for name, values in rows.items()}
+            {name: values[order[start:stop]] for name, values in rows.items()}  # each batch gathered (and dropped) as the reader's
 
 
 def _timed_epoch(reader: CacheReader, batch: int, names: tuple[str, ...], epoch: int) -> float:

@@ -61,6 +61,12 @@ def _zero_padding(values: torch.Tensor, padding: torch.Tensor | None) -> torch.T
     return values.masked_fill(padding.reshape(*padding.shape, *(1,) * (values.ndim - padding.ndim)), 0)
 
 
+def _mean_and_max(parts: list[tuple]) -> dict:
+    """Chunks' (sum, largest, entries) statistics as one mean and largest over all their entries."""
+    total, count = sum(p[0] for p in parts), sum(p[2] for p in parts)
+    return {"mean": total / count, "max": max(p[1] for p in parts), "entries": count}
+
+
 class Kind:
     """The interface every kind implements (see the module docstring)."""
 
@@ -297,8 +303,7 @@ class TopK(Kind):
         return float(tail.sum()), float(tail.max(initial=0.0)), int(tail.size)
 
     def summarise(self, parts):
-        total, count = sum(p[0] for p in parts), sum(p[2] for p in parts)
-        return {"tail_mass": {"mean": total / count, "max": max(p[1] for p in parts), "entries": count}}
+        return {"tail_mass": _mean_and_max(parts)}
 
 
 def _signed(value: int) -> int:
@@ -450,8 +455,7 @@ class Sampled(Kind):
         return int(distinct.sum()), int(distinct.max(initial=0)), int(distinct.size)
 
     def summarise(self, parts):
-        total, count = sum(p[0] for p in parts), sum(p[2] for p in parts)
-        return {"distinct_sampled_ids": {"mean": total / count, "max": max(p[1] for p in parts), "entries": count}}
+        return {"distinct_sampled_ids": _mean_and_max(parts)}
 
 
 # The kinds this tool writes and reads, by the name caches record in their `kind` attribute.

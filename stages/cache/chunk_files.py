@@ -32,6 +32,10 @@ from stages.errors import CacheDamagedError
 
 _NO_CHUNK = 2**64 - 1  # a shard index entry (offset, size) of an inner chunk never written
 _ZSTD = Zstd()
+# The codec chains read here: a chunk's (as stages.cache.writer writes them, and schema 2's without
+# crc32c), and a shard index's (zarr's default).
+_CHUNK_CODECS = (["bytes", "zstd", "crc32c"], ["bytes", "crc32c"], ["bytes", "zstd"], ["bytes"])
+_INDEX_CODECS = (["bytes", "crc32c"],)
 
 
 class ChunkFiles:
@@ -173,8 +177,8 @@ def _checked(data: np.ndarray, path: str) -> np.ndarray:
 def _plain_codecs(codecs: list[dict], compressed: bool = True) -> bool:
     """Whether `codecs` are `bytes` (little-endian), optionally `zstd`, optionally `crc32c`, in that order."""
     names = [codec["name"] for codec in codecs]
-    allowed = (["bytes", "zstd", "crc32c"], ["bytes", "crc32c"], ["bytes", "zstd"], ["bytes"]) if compressed else (["bytes", "crc32c"],)
-    return names in [list(a) for a in allowed] and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+    allowed = _CHUNK_CODECS if compressed else _INDEX_CODECS
+    return names in allowed and codecs[0].get("configuration", {}).get("endian", "little") == "little"
 
 
 def _fill_value(value, dtype: np.dtype):
