@@ -209,8 +209,13 @@ def _key_value_table(title: str, values: dict[str, Any]) -> Table:
     table.add_column(overflow="fold")  # fold, not cut: paths must stay whole to be copied
     table.add_column(overflow="fold")
     for key, value in values.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(key, _number(value) if isinstance(value, float) else str(value))
     return table
+
+
+def _number(value: float) -> str:
+    """Four decimals, or four significant digits for what four decimals would show as 0 (an error of 3e-05)."""
+    return f"{value:.4g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
 
 
 def _version(value: bool) -> None:
@@ -243,8 +248,9 @@ def cache_teacher_command(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = field_default(CT, "batch_size"),
     device: DeviceOption = field_default(CT, "device"),
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
-    format: Annotated[str, typer.Option(help="dense (every class's logit), topk (the --top-k largest per row or token, their classes and the row's log-sum-exp) or sampled (--samples classes drawn from the teacher's distribution per row or token, as distinct classes and counts).")] = field_default(CT, "format"),
-    top_k: Annotated[int | None, typer.Option(help="Logits kept per row (or token) with --format topk.")] = None,
+    format: Annotated[str, typer.Option(help="dense (every class's logit), topk (the --top-k largest per row or token, their classes and the row's log-sum-exp), qtopk (the --top-k most probable classes, their probabilities quantised to --value-bits, and the tail's mass: a fraction of topk's bytes) or sampled (--samples classes drawn from the teacher's distribution per row or token, as distinct classes and counts).")] = field_default(CT, "format"),
+    top_k: Annotated[int | None, typer.Option(help="Classes kept per row (or token) with --format topk or qtopk.")] = None,
+    value_bits: Annotated[int | None, typer.Option(help="Bits per kept probability with --format qtopk (1-8; default 8). pipeline inspect reports the error they introduce.")] = None,
     samples: Annotated[int | None, typer.Option(help="Classes drawn per row (or token), with replacement, with --format sampled (1-255).")] = None,
     sample_seed: Annotated[int, typer.Option(help="Seed of the draws of --format sampled (recorded in the cache; each row's draws depend on it and the row's index).")] = field_default(CT, "sample_seed"),
     augment: ViewsAugmentOption = field_default(CT, "augment"),
@@ -282,8 +288,8 @@ def cache_teacher_command(
     values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")}, CT)
     if values["out"] is None and values["teacher"] and values["dataset"]:
         values["out"] = DATA_ROOT / "caches" / cache_file_name(values["teacher"], values["dataset"], values["split"],
-                                                               values["temperature"], values["top_k"], values["samples"],
-                                                               values["sample_seed"])
+                                                               values["temperature"], values["format"], values["top_k"],
+                                                               values["samples"], values["sample_seed"], values["value_bits"])
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
     _apply_storage_options(values["storage_option"], cfg.out)
     with _progress_bar("teacher pass (rows)") as progress:

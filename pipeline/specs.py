@@ -194,9 +194,10 @@ def teacher_file_name(model: str, dataset: str) -> str:
     return f"{slug(model)}-{slug(dataset)}.safetensors"
 
 
-def cache_file_name(teacher: str, dataset: str, split: str, temperature: float, top_k: int | None,
-                    samples: int | None = None, sample_seed: int = 0) -> str:
-    kept = f"-top{top_k}" if top_k is not None else f"-sampled{samples}-seed{sample_seed}" if samples is not None else ""
+def cache_file_name(teacher: str, dataset: str, split: str, temperature: float, format: str = "dense", top_k: int | None = None,
+                    samples: int | None = None, sample_seed: int = 0, value_bits: int | None = None) -> str:
+    kept = {"dense": "", "topk": f"-top{top_k}", "qtopk": f"-qtop{top_k}-{value_bits or 8}bit",
+            "sampled": f"-sampled{samples}-seed{sample_seed}"}.get(format, f"-{format}")
     return f"{slug(teacher)}-{slug(dataset)}-{split}-T{temperature:g}{kept}.zarr"
 
 

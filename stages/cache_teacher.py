@@ -53,6 +53,7 @@ from stages.cache.writer import CacheWriter, writing
 from stages.config import CacheTeacherConfig  # defined there, torch-free, for the CLI; re-exported here
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
+from stages.kinds import KINDS
 from stages.runtime import (
     Progress, check_labels_fit, config_dict, one_blas_thread_beside_torch, output_shape,
     require, resolve_device, torch_threads,
@@ -113,6 +114,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     layout = Layout(
         kind=config.format, num_samples=len(split), num_classes=num_classes, chunk_rows=config.chunk_rows or 1,
         dtype=config.dtype, codec=config.codec, top_k=config.top_k, samples=config.samples,
+        value_bits=config.value_bits if config.value_bits is not None else KINDS[config.format].option_defaults.get("value_bits"),
         sample_seed=config.sample_seed, tokens=shape[0] if len(shape) == 2 else None,
         views=config.views if augmentation is not None else None, labelled=split.labels is not None, features=features,
     )

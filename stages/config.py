@@ -83,8 +83,10 @@ class CacheTeacherConfig:
     device: str = "auto"
     dtype: str = "float16"
     format: str = "dense"  # dense: every class's logit; topk: the top_k largest, their classes and the row's log-sum-exp;
+    # qtopk: the top_k most probable classes, their probabilities in `value_bits` bits, and the tail's mass;
     # sampled: `samples` classes drawn from the teacher's distribution, as distinct ids and counts
     top_k: int | None = None
+    value_bits: int | None = None  # qtopk: bits per kept probability (1-8; unset: 8)
     samples: int | None = None  # sampled: classes drawn per row or token
     sample_seed: int = 0  # sampled: the seed of the draws (each row's are a function of it and the row's index)
     augment: str = "none"  # augmentation of the cached views (stages.augment); none: the inputs as they are
@@ -124,8 +126,11 @@ class CacheTeacherConfig:
             raise InputError(f"`format` must be one of {', '.join(KINDS)}, got {self.format!r}")
         for option in sorted({option for kind in KINDS.values() for option in kind.options}):
             takers = " or ".join(name for name, kind in KINDS.items() if option in kind.options)
-            if (option in KINDS[self.format].options) != (getattr(self, option) is not None):
-                raise InputError(f"`{option}` goes with `format` {takers}, and `format` {takers} needs `{option}`")
+            taken, given = option in KINDS[self.format].options, getattr(self, option) is not None
+            if given and not taken:
+                raise InputError(f"`{option}` goes with `format` {takers}, not {self.format}")
+            if taken and not given and option not in KINDS[self.format].option_defaults:
+                raise InputError(f"`format` {self.format} needs `{option}`")
         if self.views > 1 and self.augment == "none":
             raise InputError(f"`views` {self.views} needs `augment` SPEC: without augmentation every view would be the same")
         if self.workers and self.scheduler:

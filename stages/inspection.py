@@ -73,6 +73,8 @@ def describe_cache(path: CacheLocation) -> dict:
     report["bytes_per_array"] = per_array
     if kind.statistics_arrays and attrs["complete"]:
         report.update(_kind_statistics(reader))
+    if kind.lossy and attrs["complete"]:
+        report["encoding_error"] = _encoding_error(reader)
     report["teacher_metrics"] = attrs.get("teacher_metrics")
     if attrs["complete"]:
         report.update(_distribution_statistics(reader))
@@ -195,6 +197,19 @@ def plot_report(report: dict, path: Path) -> None:
 def _chunks(reader: CacheReader, names: tuple[str, ...]) -> list:
     """Each chunk's rows of the arrays `names`, as dask tasks reading through the reader's checks."""
     return [dask.delayed(reader.read_chunks)(chunk, chunk, names) for chunk in range(reader.grid.num_chunks)]
+
+
+def _encoding_error(reader: CacheReader) -> dict:
+    """What a lossy kind's encoding lost against the teacher's unquantised values, from the sums
+    its writer recorded per write unit (`encoding_error`): the mean and largest absolute error in
+    probability over the K kept classes and the tail, and the mean KL(unquantised || stored) in
+    nats, per row (or valid token)."""
+    units = reader.group["encoding_error"][:]
+    positions = units[:, 0].sum()
+    outcomes = reader.layout.soft_kind.width(reader.layout) + 1
+    return {"mean_abs_probability": float(units[:, 1].sum() / (positions * outcomes)),
+            "max_abs_probability": float(units[:, 2].max()), "mean_kl_nats": float(units[:, 3].sum() / positions),
+            "positions": int(positions)}
 
 
 def _kind_statistics(reader: CacheReader) -> dict:

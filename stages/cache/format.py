@@ -134,7 +134,8 @@ class Layout:
     chunk_rows: int
     dtype: str = "float16"
     codec: str = "none"  # of the soft-label arrays (see CODECS)
-    top_k: int | None = None  # top-k caches: entries kept per row
+    top_k: int | None = None  # top-k and qtopk caches: entries kept per row
+    value_bits: int | None = None  # qtopk caches: bits of each kept probability's code
     samples: int | None = None  # sampled caches: classes drawn per row (S)
     sample_seed: int = 0  # sampled caches: the seed of the draws, with each row's index
     tokens: int | None = None  # token-level caches: positions per sample (L)
@@ -224,6 +225,17 @@ class Layout:
                                            ("sample", *position, "feature"))
         return arrays
 
+    def unit_arrays(self) -> dict[str, ArraySpec]:
+        """Arrays with a row per write unit (their shape is the whole array's), each row its own
+        object, so that recording one unit never rewrites another's: `chunk_done`, whether the
+        unit is complete, and for a lossy kind `encoding_error`, what its encoding lost there
+        (positions, sum and largest absolute error in probability, summed KL; stages.kinds)."""
+        units = self.write_grid.num_chunks
+        arrays = {"chunk_done": ArraySpec((units,), "uint8", 0, False, ("chunk",))}
+        if self.soft_kind.lossy:
+            arrays["encoding_error"] = ArraySpec((units, 4), "float64", float("nan"), False, ("chunk", "statistic"))
+        return arrays
+
     @property
     def row_bytes(self) -> int:
         """Bytes of soft labels per sample, uncompressed."""
@@ -243,6 +255,7 @@ class Layout:
             "codec": "none" if self.codec == "none" else f"zstd(level={ZSTD_LEVEL})",
             # Only where there are draws: a cache of another kind records no seed it never used.
             **({"sample_seed": self.sample_seed} if self.samples is not None else {}),
+            **({"value_bits": self.value_bits} if self.value_bits is not None else {}),
         }
 
     @classmethod
@@ -255,7 +268,7 @@ class Layout:
             kind=attrs["kind"], num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
             chunk_rows=attrs["chunk_rows"], dtype=attrs["dtype"],
             codec="none" if attrs.get("codec", "none") == "none" else "zstd", top_k=attrs.get("top_k"),
-            samples=attrs.get("samples"), sample_seed=attrs.get("sample_seed", 0),
+            samples=attrs.get("samples"), sample_seed=attrs.get("sample_seed", 0), value_bits=attrs.get("value_bits"),
             tokens=row_shape[axes.index("token")] if "token" in axes else None,
             views=row_shape[axes.index("view")] if "view" in axes else None, labelled=labelled,
             features=attrs.get("features"), shard_rows=attrs.get("shard_rows"),
@@ -413,7 +426,7 @@ def array_problems(group: zarr.Group, attrs: dict, layout: Layout) -> list[str]:
     damage either way."""
     n, rows = layout.num_samples, layout.chunk_rows
     expected = {name: ((n, *spec.shape), spec.dtype) for name, spec in layout.arrays().items()}
-    expected["chunk_done"] = ((layout.write_grid.num_chunks,), "uint8")
+    expected.update({name: (spec.shape, spec.dtype) for name, spec in layout.unit_arrays().items()})
     problems = [] if attrs["row_shape"] == list(layout.row_shape) else [
         f"row_shape {attrs['row_shape']} disagrees with num_classes and top_k ({list(layout.row_shape)})"]
     problems += [

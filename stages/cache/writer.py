@@ -60,6 +60,7 @@ class CacheWriter:
         # "empty" chunks; a cache never writes one, and the check was 60% of the writer's CPU.
         arrays = {name: self.group[name].with_config({"write_empty_chunks": True}) for name in self.group.array_keys()}
         self._done = arrays.pop("chunk_done")
+        self._encoding_error = arrays.pop("encoding_error", None)
         self._arrays = arrays
         self._buffers: dict[int, dict[str, list[np.ndarray]]] = {}
         self._filled: dict[int, int] = {}
@@ -96,12 +97,14 @@ class CacheWriter:
         zstd, crc = ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()
         n, rows, shard = layout.num_samples, layout.chunk_rows, layout.shard_rows
         for name, spec in layout.arrays().items():
+            compressors = [crc] if not spec.compressed else [zstd if spec.zstd_level is None else ZstdCodec(level=spec.zstd_level), crc]
             group.create_array(name, shape=(n, *spec.shape), chunks=(rows, *spec.shape),
                                shards=None if shard is None else (shard, *spec.shape), dtype=spec.dtype, fill_value=spec.fill,
-                               compressors=[zstd, crc] if spec.compressed else [crc], dimension_names=spec.dimensions)
+                               compressors=compressors, dimension_names=spec.dimensions)
         # Unsharded, whatever the cache: a record per write unit, so that marking one never rewrites another's.
-        group.create_array("chunk_done", shape=(layout.write_grid.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-                           compressors=[crc], dimension_names=("chunk",))
+        for name, spec in layout.unit_arrays().items():
+            group.create_array(name, shape=spec.shape, chunks=(1, *spec.shape[1:]), dtype=spec.dtype, fill_value=spec.fill,
+                               compressors=[crc], dimension_names=spec.dimensions)
         return cls(path, lock=lock)
 
     def missing_chunks(self) -> list[int]:
@@ -203,8 +206,13 @@ class CacheWriter:
                 if self.lock is not None:
                     self.lock.check_held()
                 start, stop = self.grid.rows(chunk)
+                error = rows.pop("encoding_error", None)
                 for name, values in rows.items():
                     self._arrays[name][start:stop] = values
+                if self._encoding_error is not None:
+                    if error is None:
+                        raise PipelineError(f"internal: rows of a {self.layout.kind} cache without their encoding_error")
+                    self._encoding_error[chunk] = _unit_encoding_error(error, rows.get("lengths"))
                 self._done[chunk] = 1
             except BaseException as exc:  # surfaced to the caller by _raise_writer_error
                 self._error = exc
@@ -217,6 +225,15 @@ class CacheWriter:
             if isinstance(error, OSError):
                 raise PipelineError(f"writing the cache failed: {error}") from error
             raise error
+
+
+def _unit_encoding_error(error: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+    """A write unit's row of `encoding_error` from its rows' per-position (sum of absolute
+    errors, largest, KL) (..., 3): its positions (valid tokens, for a token cache), the two sums
+    and the largest. Padding positions hold zeros."""
+    positions = error[..., 0].size if lengths is None else int(lengths.sum())
+    flat = error.reshape(-1, 3).astype(np.float64)
+    return np.array([positions, flat[:, 0].sum(), flat[:, 1].max(initial=0.0), flat[:, 2].sum()])
 
 
 def _read_tolerant(array: zarr.Array, grid: ChunkGrid, unreadable) -> tuple[np.ndarray, list[int]]:
@@ -233,7 +250,7 @@ def _read_tolerant(array: zarr.Array, grid: ChunkGrid, unreadable) -> tuple[np.n
 
 
 # What must agree between an existing cache and a new writer for it to resume it.
-RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "samples", "sample_seed", "views", "features",
+RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "value_bits", "samples", "sample_seed", "views", "features",
                "chunk_rows", "shard_rows", "dtype", "codec", "temperature", "teacher_amp", "augment", "combine")
 
 
@@ -252,7 +269,7 @@ def open_writer(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: 
             )
         # The same cache: resume it, unless its arrays were never all created (killed right
         # after its attributes), when it holds no finished unit and is simply made again.
-        if {*layout.arrays(), "chunk_done"} <= set(group.array_keys()):
+        if {*layout.arrays(), *layout.unit_arrays()} <= set(group.array_keys()):
             writer = CacheWriter(path, lock=lock)
             writer.forget_damaged_chunks()
             return writer
