@@ -556,24 +556,28 @@ def evaluate_command(
 def inspect_command(
     cache: Annotated[str, typer.Argument(help="The cache to describe: a folder or an fsspec URL.", show_default=False)],
     png: Annotated[Path | None, typer.Option(help="Where to write the plots (confidence and entropy histograms, reliability). (default: data/inspect/CACHE-NAME.png)")] = None,
+    reference: Annotated[str | None, typer.Option(help="A dense cache of the same teacher and rows: also report the KL and total variation from its distribution to this cache's.")] = None,
+    reference_rows: Annotated[int | None, typer.Option(min=1, help="Compare with --reference over the first N rows only. (default: all)")] = None,
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Describe a cache: provenance, layout, size, the teacher's quality and calibration.
 
-    Shows bytes on disk per row (and per token), the teacher's accuracy, NLL and calibration error (ECE) at T=1 and at the cache's T, and for a top-k cache how much probability the kept entries miss; writes histograms of the teacher's confidence and entropy and a reliability diagram to a PNG.
+    Shows bytes on disk per row (and per token), the teacher's accuracy, NLL and calibration error (ECE) at T=1 and at the cache's T, for a top-k cache how much probability the kept entries miss, and for a quantised (qtopk) cache the error its quantisation introduced; writes histograms of the teacher's confidence and entropy and a reliability diagram to a PNG. With --reference DENSE-CACHE, how far this cache's distribution is from the dense one's (the bytes-versus-quality trade-off of a top-k, qtopk or sampled cache).
 
     Example:
 
         pipeline inspect data/caches/cnn-mnist-5k-train-T4.zarr
     """
-    from stages.inspection import describe_cache, plot_report
+    from stages.inspection import describe_cache, distance_from_reference, plot_report
 
     if png is not None and png.suffix.lower() != ".png":
         raise InputError(f"--png must name a .png file, got {png}")
     cache = cache_location(cache)
     _apply_storage_options(storage_option, cache)
     report = describe_cache(cache)
+    if reference is not None:
+        report["against_reference"] = distance_from_reference(cache, cache_location(reference), reference_rows)
     if "histograms" in report:
         report["png"] = png or DATA_ROOT / "inspect" / f"{cache_stem(cache)}.png"
         plot_report(report, report["png"])
@@ -729,17 +733,23 @@ def demo_llm_command(
     student_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "student_epochs"),
     batch_size: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "batch_size"),
     top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a top-k cache arm (repeatable; default 8, 32 and 128).")] = None,
+    quantised_top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a quantised top-k (qtopk) cache arm (repeatable; default 8, 32 and 128).")] = None,
+    value_bits: Annotated[int, typer.Option(min=1, max=8, help="Bits per kept probability of the qtopk arms.")] = field_default(LLMDemo, "value_bits"),
+    samples: Annotated[list[int] | None, typer.Option(min=1, max=255, help="S of a sampled cache arm, classes drawn per token (repeatable; default 12 and 32).")] = None,
+    reference_rows: Annotated[int, typer.Option(min=1, help="Rows over which each cache's KL and total variation from the teacher's distribution are measured.")] = field_default(LLMDemo, "reference_rows"),
     dense_max_gib: Annotated[float, typer.Option(min=0, help="The dense-KD reference arm is a dense cache over the same rows (2 bytes per class per token) up to this many GiB, else online KD.")] = field_default(LLMDemo, "dense_max_gib"),
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
-    """Distil a GPT-2-style language model at a real vocabulary (8,192-token BPE) through top-k token caches.
+    """Distil a GPT-2-style language model at a real vocabulary (8,192-token BPE) through every cache encoding, and print the bytes-versus-quality frontier.
 
-    Trains a byte-level BPE tokenizer and a GPT-2-style teacher on the Python standard library's sources (offline), caches the teacher per token at top-8, top-32 and top-128 and densely, trains a smaller GPT-2-style student from each cache and from hard labels, and prints held-out loss (nats and bits per token, perplexity), bytes per token on disk and seconds per stage. Needs: pip install -e ".\\[hf]"."""
+    Trains a byte-level BPE tokenizer and a GPT-2-style teacher on the Python standard library's sources (offline), caches the teacher per token densely, at top-8, top-32 and top-128, at the same K quantised to 4 bits (qtopk), and sampled with S = 12 and 32, trains a smaller GPT-2-style student from each cache and from hard labels, and prints for each cache its bytes per token on disk, the KL and total variation from the teacher's distribution, and its student's held-out loss (nats and bits per token, perplexity) against the dense-KD reference's, with the seconds per stage. Needs: pip install -e ".\\[hf]"."""
     from pipeline.demo_llm import llm_demo_table, run_llm_demo
 
     demo = LLMDemo(max_tokens=max_tokens, seq=seq, teacher=teacher, student=student, teacher_epochs=teacher_epochs,
                    student_epochs=student_epochs, batch_size=batch_size, top_ks=tuple(top_k or field_default(LLMDemo, "top_ks")),
+                   quantised_top_ks=tuple(quantised_top_k or field_default(LLMDemo, "quantised_top_ks")), value_bits=value_bits,
+                   samples=tuple(samples or field_default(LLMDemo, "samples")), reference_rows=reference_rows,
                    dense_max_gib=dense_max_gib)
     report = run_llm_demo(out, demo, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, llm_demo_table(report))

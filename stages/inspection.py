@@ -19,16 +19,21 @@ entropy over the K kept classes plus the tail as one outcome, a lower bound of t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import dask
 import numpy as np
+import torch
 
 from stages.cache.reader import CacheReader
+from stages.errors import InputError
 from stages.storage import CacheLocation, child, disk_usage, object_count, open_no_follow
 
 CALIBRATION_BINS = 15
 HISTOGRAM_BINS = 20
+# distance_from_reference works through this many float64 probabilities at a time (about 32 MB each array).
+REFERENCE_STEP_VALUES = 4_000_000
 
 
 def describe_cache(path: CacheLocation) -> dict:
@@ -197,6 +202,65 @@ def plot_report(report: dict, path: Path) -> None:
 def _chunks(reader: CacheReader, names: tuple[str, ...]) -> list:
     """Each chunk's rows of the arrays `names`, as dask tasks reading through the reader's checks."""
     return [dask.delayed(reader.read_chunks)(chunk, chunk, names) for chunk in range(reader.grid.num_chunks)]
+
+
+def distance_from_reference(path: CacheLocation, reference: CacheLocation, max_rows: int | None = None) -> dict:
+    """How far the distribution a cache gives each row (or valid token) is from the one a dense
+    cache of the same teacher and rows gives, at the cache's T: the mean KL(reference || cached)
+    in nats and the mean total variation distance, over the first `max_rows` rows (default all).
+
+    The cached distribution is over every class: the kind's probabilities on its support, and the
+    mass it leaves (a top-k cache's tail) spread evenly over the classes it does not name, the
+    most even completion of what it knows. A sampled row is an estimate from S draws, zero on
+    every class not drawn, so its KL is infinite wherever the teacher gives such a class any mass:
+    `kl_nats` is then None and `infinite_kl_positions` counts those positions (the sampled loss is
+    unbiased nonetheless: stages.losses.sampled_distillation_loss)."""
+    cache, dense = CacheReader(path), CacheReader(reference)
+    layout = cache.layout
+    if dense.layout.kind != "dense":
+        raise InputError(f"the reference {reference} must be a dense cache (every class's logit), not a {dense.layout.kind} one")
+    if (dense.layout.num_classes, dense.layout.row_shape[:-1]) != (layout.num_classes, layout.row_shape[:-1]) or \
+            not np.array_equal(dense.group["index"][:], cache.group["index"][:]):
+        raise InputError(f"the reference {reference} does not hold the same rows as {path} (classes, positions or dataset index differ)")
+    kind, classes, ratio = layout.soft_kind, layout.num_classes, dense.temperature / cache.temperature
+    names = (*kind.soft_arrays, *(("lengths",) if layout.tokens is not None else ()))
+    rows_total = min(max_rows or layout.num_samples, layout.num_samples)
+    step = max(1, REFERENCE_STEP_VALUES // (classes * math.prod(layout.position_shape)))
+    kl_sum = tv_sum = 0.0
+    positions = infinite = 0
+    for start in range(0, rows_total, step):
+        stop = min(start + step, rows_total)
+        rows = cache.read_rows(start, stop, names)
+        teacher = torch.softmax(torch.from_numpy(dense.read_rows(start, stop, ("logits",))["logits"]).double() * ratio, -1)
+        cached = _whole_distribution(kind, rows, classes)
+        valid = torch.from_numpy(np.ones(cached.shape[:-1], dtype=bool) if "lengths" not in rows
+                                 else np.arange(cached.shape[1])[None, :] < rows["lengths"][:, None])
+        p, q = teacher[valid], cached[valid]
+        kl = (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)  # xlogy(p, 0) = -inf where p > 0: an infinite KL
+        finite = torch.isfinite(kl)
+        kl_sum += float(kl[finite].sum())
+        infinite += int((~finite).sum())
+        tv_sum += float(0.5 * (p - q).abs().sum())
+        positions += len(p)
+    return {"reference": str(reference), "positions": positions, "kl_nats": None if infinite else kl_sum / positions,
+            "infinite_kl_positions": infinite, "total_variation": tv_sum / positions}
+
+
+def _whole_distribution(kind, rows: dict[str, np.ndarray], classes: int) -> torch.Tensor:
+    """A kind's distribution over every class at the cache's T (float64, (..., C)): its
+    probabilities on its support, the rest of the mass spread evenly over the other classes."""
+    probabilities = torch.from_numpy(kind.probabilities(rows, classes, 1.0))
+    support = kind.support(rows)
+    if support is None:
+        return probabilities
+    support = torch.from_numpy(support)
+    kept = probabilities[..., : support.shape[-1]]
+    rest = (1.0 - kept.sum(-1, keepdim=True)).clamp(min=0.0)
+    # The classes it names: a sampled row's unused slots name class 0 with probability 0, and are not counted.
+    named = torch.zeros((*support.shape[:-1], classes), dtype=torch.bool).scatter_(-1, support, kept > 0)
+    spread = rest / (classes - named.sum(-1, keepdim=True)).clamp(min=1)
+    whole = torch.where(named, 0.0, spread.expand(*support.shape[:-1], classes))
+    return whole.scatter_add(-1, support, kept)
 
 
 def _encoding_error(reader: CacheReader) -> dict:

@@ -44,11 +44,11 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
     pytest.importorskip("transformers")
     code, out, err = invoke("demo-llm", "--out", tmp_path / "demo", "--max-tokens", "4000", "--seq", "32",
                             "--teacher", "gpt2:layers=1,dim=16,heads=2", "--student", "gpt2:layers=1,dim=8,heads=2",
-                            "--teacher-epochs", "1", "--student-epochs", "1", "--top-k", "8", "--dense-max-gib", dense_max_gib,
-                            "--device", "cpu", "--json")
+                            "--teacher-epochs", "1", "--student-epochs", "1", "--top-k", "8", "--quantised-top-k", "8",
+                            "--samples", "12", "--dense-max-gib", dense_max_gib, "--device", "cpu", "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert list(report["students"]) == ["hard labels", "top-8", reference]
+    assert list(report["students"]) == ["hard labels", "top-8", "top-8 4-bit", "sampled S=12", reference]
     assert report["reference"].startswith(reference.split()[0]) and report["train_tokens"] <= 4000
     top8 = report["students"]["top-8"]
     assert top8["bytes_per_token"] > 4 * 8 + 4 and 0 < top8["mean_tail_mass"] < 1  # top-8 over 8,192 classes: uint16 indices
@@ -56,5 +56,15 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
         assert s["bits_per_token"] * math.log(2) == pytest.approx(s["nats_per_token"])
         assert s["perplexity"] == pytest.approx(math.exp(s["nats_per_token"]))
     assert report["teacher"]["num_parameters"] > report["students"]["hard labels"]["num_parameters"]
+    quantised, sampled = report["students"]["top-8 4-bit"], report["students"]["sampled S=12"]
+    assert quantised["bytes_per_token"] < top8["bytes_per_token"] and 0 < quantised["encoding_error"]["mean_kl_nats"] < 0.05
+    if reference == "dense":  # the frontier: each cache's distance from the teacher's distribution
+        assert report["students"]["dense"]["kl_from_teacher"] == pytest.approx(0, abs=1e-9)
+        assert 0 < top8["kl_from_teacher"] <= quantised["kl_from_teacher"]  # quantising only loses
+        assert sampled["kl_from_teacher"] is None and 0 < sampled["total_variation_from_teacher"] <= 1  # zero off its draws
+    else:  # no dense cache: nothing to measure them against
+        assert all(s["kl_from_teacher"] is None and s["total_variation_from_teacher"] is None for s in report["students"].values())
+    assert set(report["targets"]) == {"small_cache_within_1pct", "top128_at_most_114_bytes"}
+    assert report["targets"]["top128_at_most_114_bytes"]["met"] is None  # no top-128 arm ran
     assert (tmp_path / "demo" / "tokenizer-8192" / "tokenizer.json").is_file()
     assert (tmp_path / "demo" / "dense.zarr").exists() == (reference == "dense")
