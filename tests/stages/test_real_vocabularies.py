@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+
+from pathlib import Path
 
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
@@ -57,6 +60,9 @@ def gpt2(request, tmp_path_factory):
 TOPK = ("--format", "topk", "--top-k", K)
 # The issue's sampled cache: 12 classes drawn per token.
 SAMPLED = ("--format", "sampled", "--samples", 12)
+# A quantised top-k cache at 4 bits, whose rounding is coarse enough to measure.
+QTOPK = ("--format", "qtopk", "--top-k", K, "--value-bits", 4)
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _cache_args(teacher, out, kind=TOPK) -> list:
@@ -168,6 +174,79 @@ def test_a_sampled_token_cache_takes_at_most_48_bytes_a_valid_token_resumes_bit_
                       "--out", tmp_path / "run")
     losses = [json.loads(line)["train_loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0], losses
+    assert run["test_tokens"] > 0 and run["test_nll"] < 0.8 * math.log(gpt2["vocab"]), run  # it learned the bytes
+
+
+def _teacher_log_probs(gpt2) -> tuple[np.ndarray, np.ndarray]:
+    """The GPT-2's own log-probabilities at T of the training rows, its logits / T rounded to
+    float16 as a cache stores them (float64, (N, L, C)), and which positions are valid."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2["folder"] / "teacher").eval()
+    train = gpt2["train"]
+    mask = (torch.arange(SEQ)[None, :] < torch.from_numpy(train.lengths)[:, None]).long()
+    with torch.no_grad():
+        rounded = (model(input_ids=train.x, attention_mask=mask).logits / T).half().double()
+    return torch.log_softmax(rounded, -1).numpy(), mask.bool().numpy()
+
+
+def test_a_qtopk_cache_decoded_with_plain_zarr_as_the_readme_says_gives_the_teachers_probabilities(gpt2, tmp_path):
+    """The README's recipe, run as written on a qtopk cache (4 bits) of the GPT-2: the kept classes
+    are the teacher's most probable, the tail is the teacher's mass outside them, and each kept
+    log-probability relative to the top class is within half a step of the teacher's; the error
+    `inspect` reports is the one computed here from the teacher's own logits."""
+    _cache(gpt2, tmp_path / "q.zarr", kind=QTOPK)
+    recipe = re.search(r"A quantised top-k \(qtopk\) cache, decoded.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    recipe, replaced = re.subn(r"^path = .*$", f"path = {str(tmp_path / 'q.zarr')!r}", recipe, flags=re.M)
+    assert replaced == 1
+    decoded: dict = {}
+    exec(compile(recipe, "README.md (qtopk recipe)", "exec"), decoded)  # noqa: S102 - the project's own README
+    classes, p, tail, valid = decoded["classes"], decoded["p"], decoded["tail"], decoded["valid"]
+    scale = decoded["scale"][..., 0]
+
+    log_p, teacher_valid = _teacher_log_probs(gpt2)
+    np.testing.assert_array_equal(valid, teacher_valid)
+    classes, p, tail, scale, log_p = classes[valid], p[valid], tail[valid], scale[valid], log_p[valid]
+    at_kept = np.take_along_axis(log_p, classes, -1)
+    kth = np.sort(log_p, -1)[:, -K]
+    assert (at_kept >= kth[:, None] - 2e-3).all()  # the K most probable (near-ties within the teacher's numerics may swap)
+    assert (np.diff(classes, axis=-1) > 0).all()
+    np.testing.assert_allclose(tail, 1 - np.exp(at_kept).sum(-1), atol=1e-3)
+    relative, teacher_relative = np.log(p / p.max(-1, keepdims=True)), at_kept - at_kept.max(-1, keepdims=True)
+    assert (np.abs(relative - teacher_relative) <= scale[:, None] / 2 + 2e-3).all()
+    assert (np.abs(relative - teacher_relative) > scale[:, None] / 4).any()  # 4 bits do round: the check is not vacuous
+
+    exact = np.concatenate([np.exp(at_kept), (1 - np.exp(at_kept).sum(-1))[:, None]], -1)
+    stored = np.concatenate([p, tail[:, None]], -1)
+    kl = (exact * (np.log(exact) - np.log(stored))).sum(-1)
+    error = invoke_json("inspect", tmp_path / "q.zarr")["encoding_error"]
+    assert error["positions"] == valid.sum()
+    assert error["mean_kl_nats"] == pytest.approx(kl.mean(), rel=0.05)
+    assert error["mean_abs_probability"] == pytest.approx(np.abs(exact - stored).mean(), rel=0.05)
+    assert error["max_abs_probability"] == pytest.approx(np.abs(exact - stored).max(), rel=0.05)
+
+
+def test_a_qtopk_token_cache_resumes_bit_for_bit_verifies_and_trains(gpt2, tmp_path):
+    """At 8 bits: killed and resumed, it equals a whole pass; verify re-runs the teacher and
+    catches a code moved by 64 steps (a step at 8 bits is within the float16 noise verify allows);
+    a student learns the bytes from it."""
+    if gpt2["vocab"] != 8192:
+        pytest.skip("one vocabulary is enough for the lifecycle (the encoding is tested at both)")
+    eight_bits = (*QTOPK[:-1], 8)
+    teacher, _ = _killed_cache(gpt2, tmp_path, eight_bits)
+    _cache(gpt2, tmp_path / "whole.zarr", teacher=teacher, kind=eight_bits)
+    assert_same_cache(tmp_path / "whole.zarr", tmp_path / "killed.zarr")
+
+    assert invoke_json("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--samples", 10_000)["ok"]
+    codes = zarr.open_group(str(tmp_path / "whole.zarr"), mode="r+")["qtopk_codes"]
+    moved = codes[:2]
+    moved[0, 0, 1] ^= 64  # one kept class's probability 64 steps off: still a valid-looking row
+    codes[:2] = moved
+    code, out, _ = invoke("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--samples", 10_000, "--json")
+    failed = {c["check"]: c["detail"] for c in json.loads(out)["checks"] if not c["ok"]}
+    assert code == 4 and set(failed) == {"teacher"} and "qtopk_codes differ" in failed["teacher"], failed
+
+    run = invoke_json("train-student", "--student", "gpt2:layers=1,dim=16,heads=2,vocab=8192", "--cache",
+                      tmp_path / "killed.zarr", "--epochs", 4, "--lr", 1e-2, "--batch-size", 16, "--device", "cpu",
+                      "--out", tmp_path / "run")
     assert run["test_tokens"] > 0 and run["test_nll"] < 0.8 * math.log(gpt2["vocab"]), run  # it learned the bytes
 
 
