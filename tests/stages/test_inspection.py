@@ -182,3 +182,42 @@ def test_an_incomplete_cache_is_described_without_statistics_of_unwritten_rows(c
     assert report["complete"] is False and report["num_samples"] == 600
     assert "calibration" not in report and "histograms" not in report
     assert report["bytes_on_disk"] == _files_under(copy)
+
+
+def test_inspect_against_a_dense_reference_gives_each_kinds_kl_and_total_variation_from_the_teachers_distribution(tmp_path, teacher_weights):
+    """`inspect --reference DENSE`: the cache's distribution over every class (its kept classes,
+    the rest of the mass spread evenly over the others) against the dense cache's, both computed
+    here by hand from the stored arrays of real caches of one teacher."""
+    from tests.conftest import cache_with_cli, invoke, invoke_json
+
+    dense = cache_with_cli(tmp_path / "dense.zarr", teacher_weights)["cache"]
+    topk = cache_with_cli(tmp_path / "top2.zarr", teacher_weights, "--format", "topk", "--top-k", 2)["cache"]
+    sampled = cache_with_cli(tmp_path / "s.zarr", teacher_weights, "--format", "sampled", "--samples", 3)["cache"]
+    p = _dense_probabilities(dense, TEMPERATURE)
+    rows = min(40, len(p))
+
+    itself = invoke_json("inspect", dense, "--reference", dense)["against_reference"]
+    assert itself["kl_nats"] == pytest.approx(0, abs=1e-12) and itself["positions"] == len(p)
+
+    group = zarr.open_group(str(topk), mode="r")
+    kept = np.exp(group["topk_values"][:].astype(np.float64) - group["logsumexp"][:][:, None])
+    completed = np.broadcast_to(((1 - kept.sum(-1)) / (p.shape[1] - 2))[:, None], p.shape).copy()
+    np.put_along_axis(completed, group["topk_indices"][:].astype(np.int64), kept, -1)
+    kl = (p * np.log(p / completed)).sum(-1)[:rows].mean()
+    measured = invoke_json("inspect", topk, "--reference", dense, "--reference-rows", rows)["against_reference"]
+    assert measured["positions"] == rows and measured["kl_nats"] == pytest.approx(kl, rel=1e-6) and kl > 1e-3
+    assert measured["total_variation"] == pytest.approx(0.5 * np.abs(p - completed).sum(-1)[:rows].mean(), rel=1e-6)
+
+    # Three draws of four classes leave a class undrawn in every row the teacher gives all four some mass.
+    drawn = invoke_json("inspect", sampled, "--reference", dense)["against_reference"]
+    group = zarr.open_group(str(sampled), mode="r")
+    estimate = np.zeros_like(p)
+    np.add.at(estimate, (np.arange(len(p))[:, None], group["sampled_ids"][:].astype(np.int64)), group["sampled_counts"][:] / 3)
+    assert drawn["kl_nats"] is None and drawn["infinite_kl_positions"] == ((estimate == 0) & (p > 0)).any(-1).sum() > 0
+    assert drawn["total_variation"] == pytest.approx(0.5 * np.abs(p - estimate).sum(-1).mean(), rel=1e-6)
+
+    code, _, err = invoke("inspect", dense, "--reference", topk)
+    assert code == 2 and "must be a dense cache" in err and len(err.strip().splitlines()) == 1, err
+    other = cache_with_cli(tmp_path / "test.zarr", teacher_weights, "--split", "test")["cache"]
+    code, _, err = invoke("inspect", topk, "--reference", other)
+    assert code == 2 and "does not hold the same rows" in err, err
