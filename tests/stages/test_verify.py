@@ -15,7 +15,7 @@ from stages.weights import save_weights
 from tests.conftest import DATASET, cache_with_cli, invoke, invoke_json
 
 # A value for each kind's options (stages.kinds.Kind.options).
-KIND_OPTIONS = {"top_k": 2, "samples": 12}
+KIND_OPTIONS = {"top_k": 2, "samples": 12, "value_bits": 4}
 
 
 def _damaged_copy(cache_path, tmp_path, name="broken.zarr"):
