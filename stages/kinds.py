@@ -10,6 +10,8 @@ reader and the stages ask the kind and never branch on which one it is.
     dense  every class's logit / T: exact at any temperature
     topk   the K largest logits / T, their classes and the whole row's log-sum-exp: exact
            probabilities of the kept classes and the tail's total mass at the cache's T
+    qtopk  the same K classes delta-coded, their probabilities in value_bits-bit codes and the
+           tail's mass: a fraction of topk's bytes, the quantisation's error measured as written
     sampled  S classes drawn from softmax(logits / T), kept as the distinct ids and their
            counts, and the row's entropy: an unbiased estimate of the dense loss, at the cache's T only
 
