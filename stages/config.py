@@ -112,6 +112,8 @@ class CacheTeacherConfig:
             check_range("num_classes", self.num_classes, 2, MAX_CLASSES)
         check_range("view_seed", self.view_seed, 0, MAX_VIEW_SEED)
         check_range("sample_seed", self.sample_seed, 0, MAX_SEED)
+        if self.value_bits is not None:  # codes are stored as uint8
+            check_range("value_bits", self.value_bits, 1, 8)
         if not (self.max_gib >= 0 and math.isfinite(self.max_gib)):
             raise InputError(f"`max_gib` must be a number of GiB >= 0 (0: no limit), got {self.max_gib}")
         if self.dtype not in DTYPES:
