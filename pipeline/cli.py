@@ -732,6 +732,7 @@ def demo_llm_command(
     teacher_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "teacher_epochs"),
     student_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "student_epochs"),
     batch_size: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "batch_size"),
+    seeds: Annotated[int, typer.Option(min=1, help="Students per arm, one per seed; the arm's held-out loss is their mean.")] = field_default(LLMDemo, "seeds"),
     top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a top-k cache arm (repeatable; default 8, 32 and 128).")] = None,
     quantised_top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a quantised top-k (qtopk) cache arm (repeatable; default 8, 32 and 128).")] = None,
     value_bits: Annotated[int, typer.Option(min=1, max=8, help="Bits per kept probability of the qtopk arms.")] = field_default(LLMDemo, "value_bits"),
@@ -747,7 +748,7 @@ def demo_llm_command(
     from pipeline.demo_llm import llm_demo_table, run_llm_demo
 
     demo = LLMDemo(max_tokens=max_tokens, seq=seq, teacher=teacher, student=student, teacher_epochs=teacher_epochs,
-                   student_epochs=student_epochs, batch_size=batch_size, top_ks=tuple(top_k or field_default(LLMDemo, "top_ks")),
+                   student_epochs=student_epochs, batch_size=batch_size, seeds=seeds, top_ks=tuple(top_k or field_default(LLMDemo, "top_ks")),
                    quantised_top_ks=tuple(quantised_top_k or field_default(LLMDemo, "quantised_top_ks")), value_bits=value_bits,
                    samples=tuple(samples or field_default(LLMDemo, "samples")), reference_rows=reference_rows,
                    dense_max_gib=dense_max_gib)

@@ -5,14 +5,15 @@ A byte-level BPE tokenizer of 8,192 tokens is trained on the Python standard lib
 next-token targets with a held-out split of whole files. A GPT-2-style teacher is trained on it
 (train-teacher) and cached per token in every encoding: top-k for each K, the same K quantised
 (qtopk at `value_bits`), and sampled for each S. A smaller GPT-2-style student is trained from
-each cache and from hard labels alone, with the same seed, data order and epochs. The reference
+each cache and from hard labels alone, with the same seeds, data order and epochs. The reference
 arm is dense KD: a dense cache over the same rows, every class of every token, or, where that
 would not fit (`dense_max_gib`), online KD with the teacher run in every step.
 
 The report is the bytes-versus-quality frontier: for each cache its bytes per token on disk, the
 KL and total variation from the teacher's distribution (the dense cache's) to the cache's, over
 the first `reference_rows` rows (stages.inspection.distance_from_reference), and its student's
-held-out loss (nats and bits per token, perplexity) against the reference's; and the seconds of
+held-out loss (nats and bits per token, perplexity; the mean over `seeds` students) against the
+reference's; and the seconds of
 every stage. `targets` checks the two figures the frontier is judged by (see TARGETS).
 """
 
@@ -41,6 +42,7 @@ class LLMDemo:
     teacher_epochs: int = 8
     student_epochs: int = 4
     batch_size: int = 8
+    seeds: int = 1  # students per arm, seeds seed, seed + 1, ...: their mean held-out loss is the arm's
     lr: float = 2e-3
     temperature: float = 1.0
     alpha: float = 0.5  # weight of the soft labels in the students' loss (the rest: the hard targets)
@@ -98,18 +100,22 @@ def run_llm_demo(out: Path, demo: LLMDemo = LLMDemo(), *, device: str = "auto", 
     students = {}
     for name in ("hard labels", *caches, *(("online KD",) if online else ())):
         cache = caches.get(name)
-        config = TrainConfig(
-            model=demo.student, dataset=dataset, out=out / f"student-{_slug(name)}",
-            cache=Path(cache["path"]) if cache else None, alpha=demo.alpha if name != "hard labels" else 0.0,
-            temperature=demo.temperature, epochs=demo.student_epochs, batch_size=demo.batch_size, lr=demo.lr,
-            seed=demo.seed, device=device, overwrite=True,
-        )
-        run = _online_kd(config, demo, teacher_weights, train) if name == "online KD" else run_training(config)
-        students[name] = {**_loss(run.test_nll), "test_tokens": run.test_tokens, "num_parameters": run.num_parameters,
+        runs = []
+        for seed in range(demo.seed, demo.seed + demo.seeds):
+            config = TrainConfig(
+                model=demo.student, dataset=dataset, out=out / f"student-{_slug(name)}-s{seed}",
+                cache=Path(cache["path"]) if cache else None, alpha=demo.alpha if name != "hard labels" else 0.0,
+                temperature=demo.temperature, epochs=demo.student_epochs, batch_size=demo.batch_size, lr=demo.lr,
+                seed=seed, device=device, overwrite=True,
+            )
+            runs.append(_online_kd(config, demo, teacher_weights, train) if name == "online KD" else run_training(config))
+        run = runs[0]
+        students[name] = {**_loss(sum(r.test_nll for r in runs) / len(runs)), "nats_per_token_by_seed": [r.test_nll for r in runs],
+                          "test_tokens": run.test_tokens, "num_parameters": run.num_parameters,
                           **{key: (cache or {}).get(key) for key in ("format", "bytes_per_token", "mean_tail_mass", "encoding_error")},
                           "kl_from_teacher": (cache or {}).get("against_teacher", {}).get("kl_nats"),
                           "total_variation_from_teacher": (cache or {}).get("against_teacher", {}).get("total_variation"),
-                          "cache_seconds": cache["seconds"] if cache else None, "seconds": run.seconds}
+                          "cache_seconds": cache["seconds"] if cache else None, "seconds": sum(r.seconds for r in runs) / len(runs)}
     report = {
         "dataset": dataset, "demo": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(demo).items()},
         "train_tokens": int(train.lengths.sum()), "dense_cache_gib": dense_gib,
@@ -187,21 +193,24 @@ def llm_demo_table(report: dict) -> Table:
     demo = report["demo"]
     table = Table(title=f"pipeline demo-llm: {demo['student']} distilled from {demo['teacher']} over the standard library "
                         f"({demo['vocab']:,}-token BPE, T={demo['temperature']:g}, alpha={demo['alpha']:g})")
-    for column in ("student trained from", "cache bytes/token", "KL(teacher || cache)", "total variation",
-                   "held-out nats/token", "vs reference", "bits/token", "perplexity", "cache s", "train s"):
+    seeds = demo.get("seeds", 1)
+    held_out = "held-out nats/token" + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+    for column in ("student trained from", "cache bytes/token", "KL(teacher || cache)", "total variation", held_out,
+                   *(("by seed",) if seeds > 1 else ()), "vs reference", "bits/token", "perplexity", "cache s", "train s"):
         table.add_column(column, justify="left" if column == "student trained from" else "right")
     for name, s in report["students"].items():
         kl, tv = s["kl_from_teacher"], s["total_variation_from_teacher"]
         table.add_row(name + (" (dense-KD reference)" if name in ("dense", "online KD") else ""),
                       "" if s["bytes_per_token"] is None else f"{s['bytes_per_token']:,.1f}",
                       "" if tv is None else "inf" if kl is None else f"{kl:.4f}", "" if tv is None else f"{tv:.4f}",
-                      f"{s['nats_per_token']:.4f}", f"{100 * (s['vs_reference_loss'] - 1):+.2f}%", f"{s['bits_per_token']:.4f}",
+                      f"{s['nats_per_token']:.4f}", *((" / ".join(f"{n:.3f}" for n in s["nats_per_token_by_seed"]),) if seeds > 1 else ()),
+                      f"{100 * (s['vs_reference_loss'] - 1):+.2f}%", f"{s['bits_per_token']:.4f}",
                       f"{s['perplexity']:.2f}", "" if s["cache_seconds"] is None else f"{s['cache_seconds']:.0f}", f"{s['seconds']:.0f}")
     teacher = report["teacher"]
     if "nats_per_token" in teacher:
-        table.add_row(f"teacher ({teacher['num_parameters']:,} parameters)", "", "", "", f"{teacher['nats_per_token']:.4f}", "",
-                      f"{teacher['bits_per_token']:.4f}", f"{teacher['perplexity']:.2f}", "", f"{teacher['seconds']:.0f}",
-                      style="bold")
+        table.add_row(f"teacher ({teacher['num_parameters']:,} parameters)", "", "", "", f"{teacher['nats_per_token']:.4f}",
+                      *(("",) if seeds > 1 else ()), "", f"{teacher['bits_per_token']:.4f}", f"{teacher['perplexity']:.2f}", "",
+                      f"{teacher['seconds']:.0f}", style="bold")
     targets = report["targets"]
     table.caption = (f"{TARGETS['small_cache_bytes']:g} B/token or less and within 1% of the reference: "
                      f"{_verdict(targets['small_cache_within_1pct'])}; top-128 in {TARGETS['top128_bytes']:g} B/token or less: "

@@ -1,11 +1,14 @@
 """The demo's wiring, on a shortened schedule (the full demo is the README's first command)."""
 
+import io
 import json
 import math
 
 import pytest
+from rich.console import Console
 
 from pipeline import demo, text
+from pipeline.demo_llm import llm_demo_table
 from tests.conftest import invoke
 
 
@@ -45,7 +48,7 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
     code, out, err = invoke("demo-llm", "--out", tmp_path / "demo", "--max-tokens", "4000", "--seq", "32",
                             "--teacher", "gpt2:layers=1,dim=16,heads=2", "--student", "gpt2:layers=1,dim=8,heads=2",
                             "--teacher-epochs", "1", "--student-epochs", "1", "--top-k", "8", "--quantised-top-k", "8",
-                            "--samples", "12", "--dense-max-gib", dense_max_gib, "--device", "cpu", "--json")
+                            "--samples", "12", "--seeds", "2", "--dense-max-gib", dense_max_gib, "--device", "cpu", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert list(report["students"]) == ["hard labels", "top-8", "top-8 4-bit", "sampled S=12", reference]
@@ -53,6 +56,7 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
     top8 = report["students"]["top-8"]
     assert top8["bytes_per_token"] > 4 * 8 + 4 and 0 < top8["mean_tail_mass"] < 1  # top-8 over 8,192 classes: uint16 indices
     for s in report["students"].values():
+        assert s["nats_per_token"] == pytest.approx(sum(s["nats_per_token_by_seed"]) / 2)  # two students, one per seed
         assert s["bits_per_token"] * math.log(2) == pytest.approx(s["nats_per_token"])
         assert s["perplexity"] == pytest.approx(math.exp(s["nats_per_token"]))
     assert report["teacher"]["num_parameters"] > report["students"]["hard labels"]["num_parameters"]
@@ -66,5 +70,9 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
         assert all(s["kl_from_teacher"] is None and s["total_variation_from_teacher"] is None for s in report["students"].values())
     assert set(report["targets"]) == {"small_cache_within_1pct", "top128_at_most_114_bytes"}
     assert report["targets"]["top128_at_most_114_bytes"]["met"] is None  # no top-128 arm ran
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(llm_demo_table(report))
+    printed = console.export_text()
+    assert all(name in printed for name in report["students"]) and "by seed" in printed and "not measured" in printed
     assert (tmp_path / "demo" / "tokenizer-8192" / "tokenizer.json").is_file()
     assert (tmp_path / "demo" / "dense.zarr").exists() == (reference == "dense")
