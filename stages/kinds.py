@@ -231,17 +231,21 @@ class Dense(Kind):
 
 
 def _top_and_logsumexp(rounded: torch.Tensor, k: int, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """The k largest of each row of `rounded` (float32, descending), their classes (int64) and
-    the log-sum-exp of the whole row (float32).
+    """The k largest of each row of `rounded` (float32, descending), their classes (int64), the
+    log-sum-exp of the whole row and the probability of the classes not kept (float32).
 
     One float32 copy of the rounded row (into `scratch` when given) serves the top k and,
     overwritten in place, the log-sum-exp (taken about the row's largest value, the first of
     the top k): at a language model's vocabulary each further pass over B x L x V costs as much
-    as the teacher's head (`pipeline bench`, section 10)."""
+    as the teacher's head (`pipeline bench`, section 10). The kept classes are summed apart from
+    the others, so that the tail's mass is the others' share to float32's relative precision
+    (1 - the kept probability would round a tail below 1e-7 to noise) and exactly 0 when k = C."""
     wide = rounded.to(torch.float32, copy=True) if scratch is None else scratch.copy_(rounded)
     values, indices = wide.topk(k, dim=-1)
     largest = values[..., :1]
-    return values, indices, wide.sub_(largest).exp_().sum(-1).log_().add_(largest[..., 0])
+    others = wide.scatter_(-1, indices, float("-inf")).sub_(largest).exp_().sum(-1)
+    total = others + (values - largest).exp().sum(-1)
+    return values, indices, total.log().add_(largest[..., 0]), others / total
 
 
 class TopK(Kind):
@@ -274,7 +278,7 @@ class TopK(Kind):
         }
 
     def encode(self, rounded, layout, padding, scratch=None, row_index=None, first_position=0):
-        values, indices, logsumexp = _top_and_logsumexp(rounded, layout.top_k, scratch)
+        values, indices, logsumexp, _ = _top_and_logsumexp(rounded, layout.top_k, scratch)
         # Padding is zeroed while the classes are int64: torch has no masked_fill for uint16/32.
         return {
             "topk_values": _zero_padding(values.to(rounded.dtype), padding),
@@ -395,7 +399,7 @@ class QuantisedTopK(Kind):
         }
 
     def encode(self, rounded, layout, padding, scratch=None, row_index=None, first_position=0):
-        values, indices, logsumexp = _top_and_logsumexp(rounded, layout.top_k, scratch)
+        values, indices, logsumexp, tail = _top_and_logsumexp(rounded, layout.top_k, scratch)
         levels = 2**layout.value_bits - 1
         below_top = (values[..., :1] - values).clamp_(max=QTOPK_MAX_SPREAD)  # v_1 - v_k >= 0; a masked class (-inf) capped
         # The step, rounded up to float16 so that the last class's code stays within the levels.
@@ -404,7 +408,6 @@ class QuantisedTopK(Kind):
         scale = torch.where(scale.float() < step, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
         codes = (below_top / scale.float().unsqueeze(-1)).round_().clamp_(0, levels)
         log_p = values - logsumexp.unsqueeze(-1)
-        tail = (1.0 - log_p.exp().sum(-1)).clamp_(0.0, 1.0)
         classes, order = indices.sort(-1)
         codes = codes.gather(-1, order)
         deltas = torch.diff(classes, dim=-1, prepend=torch.zeros_like(classes[..., :1]))
@@ -494,12 +497,13 @@ class QuantisedTopK(Kind):
 
 def _encoding_error(exact: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
     """Per row, (..., 3) float32: the sum and the largest absolute difference in probability over
-    the K kept classes and the tail, and KL(exact || encoded), from their log-probabilities
-    (..., K) over the same classes."""
-    p, q = exact.double().exp(), encoded.double().exp()
-    tail_p, tail_q = (1.0 - p.sum(-1)).clamp(min=0.0), (1.0 - q.sum(-1)).clamp(min=0.0)
-    difference = torch.cat([(p - q).abs(), (tail_p - tail_q).abs().unsqueeze(-1)], -1)
-    kl = (p * (exact.double() - encoded.double())).sum(-1) + torch.xlogy(tail_p, tail_p) - torch.xlogy(tail_p, tail_q)
+    the K kept classes, and KL(exact || encoded), from their log-probabilities (..., K) over the
+    same classes. The tail, the K + 1-th outcome, is stored exact (both sides hold the same mass),
+    so it adds 0 to each."""
+    p = exact.double().exp()
+    difference = (p - encoded.double().exp()).abs()
+    # A class the teacher masks (p = 0, log p = -inf) adds nothing, rather than 0 * -inf = NaN.
+    kl = torch.where(p > 0, p * (exact.double() - encoded.double()), 0.0).sum(-1)
     return torch.stack([difference.sum(-1), difference.amax(-1), kl.clamp(min=0.0)], -1).float()
 
 
