@@ -51,6 +51,7 @@ def describe_cache(path: CacheLocation) -> dict:
         "temperature": reader.temperature,
         "num_classes": layout.num_classes,
         "top_k": layout.top_k,
+        "value_bits": layout.value_bits,
         "views": layout.views,
         "augment": attrs.get("augment"),
         "row_shape": list(layout.row_shape),
