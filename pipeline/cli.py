@@ -577,7 +577,9 @@ def inspect_command(
     _apply_storage_options(storage_option, cache)
     report = describe_cache(cache)
     if reference is not None:
-        report["against_reference"] = distance_from_reference(cache, cache_location(reference), reference_rows)
+        dense = cache_location(reference)
+        _apply_storage_options(storage_option, dense)  # the same credentials for a reference in the same store
+        report["against_reference"] = distance_from_reference(cache, dense, reference_rows)
     if "histograms" in report:
         report["png"] = png or DATA_ROOT / "inspect" / f"{cache_stem(cache)}.png"
         plot_report(report, report["png"])

@@ -91,7 +91,8 @@ def run_llm_demo(out: Path, demo: LLMDemo = LLMDemo(), *, device: str = "auto", 
             temperature=demo.temperature, batch_size=demo.batch_size, device=device, overwrite=True, **encoding,
         ))
         described = describe_cache(result.cache)
-        caches[name] = {"path": str(result.cache), "format": encoding["format"], "bytes_per_token": described["bytes_per_token"],
+        caches[name] = {"path": str(result.cache), "format": encoding["format"], "top_k": encoding.get("top_k"),
+                        "bytes_per_token": described["bytes_per_token"],
                         "mean_tail_mass": described.get("tail_mass", {}).get("mean"),
                         "encoding_error": described.get("encoding_error"), "seconds": result.seconds}
     if not online:  # how far each cache's distribution is from the teacher's (the dense cache holds it)
@@ -112,7 +113,7 @@ def run_llm_demo(out: Path, demo: LLMDemo = LLMDemo(), *, device: str = "auto", 
         run = runs[0]
         students[name] = {**_loss(sum(r.test_nll for r in runs) / len(runs)), "nats_per_token_by_seed": [r.test_nll for r in runs],
                           "test_tokens": run.test_tokens, "num_parameters": run.num_parameters,
-                          **{key: (cache or {}).get(key) for key in ("format", "bytes_per_token", "mean_tail_mass", "encoding_error")},
+                          **{key: (cache or {}).get(key) for key in ("format", "top_k", "bytes_per_token", "mean_tail_mass", "encoding_error")},
                           "kl_from_teacher": (cache or {}).get("against_teacher", {}).get("kl_nats"),
                           "total_variation_from_teacher": (cache or {}).get("against_teacher", {}).get("total_variation"),
                           "cache_seconds": cache["seconds"] if cache else None, "seconds": sum(r.seconds for r in runs) / len(runs)}
@@ -145,7 +146,7 @@ def _targets(students: dict) -> dict:
     caches = {name: s for name, s in students.items() if s["bytes_per_token"] is not None and s["format"] != "dense"}
     small = [name for name, s in caches.items() if s["bytes_per_token"] <= TARGETS["small_cache_bytes"]]
     close = [name for name in small if students[name]["vs_reference_loss"] <= TARGETS["small_cache_loss_ratio"]]
-    top128 = {name: s["bytes_per_token"] for name, s in caches.items() if name.startswith("top-128")}
+    top128 = {name: s["bytes_per_token"] for name, s in caches.items() if s["top_k"] == 128}
     return {
         "small_cache_within_1pct": {"met": bool(close) if small else None, "arms": close, "small_arms": small},
         "top128_at_most_114_bytes": {"met": min(top128.values()) <= TARGETS["top128_bytes"] if top128 else None,

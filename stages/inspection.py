@@ -27,13 +27,15 @@ import numpy as np
 import torch
 
 from stages.cache.reader import CacheReader
-from stages.errors import InputError
+from stages.errors import CacheDamagedError, InputError
 from stages.storage import CacheLocation, child, disk_usage, object_count, open_no_follow
 
 CALIBRATION_BINS = 15
 HISTOGRAM_BINS = 20
 # distance_from_reference works through this many float64 probabilities at a time (about 32 MB each array).
 REFERENCE_STEP_VALUES = 4_000_000
+# The smallest tail mass a cache's distribution is given there: float32's resolution next to 1.
+TAIL_RESOLUTION = 2.0**-24
 
 
 def describe_cache(path: CacheLocation) -> dict:
@@ -215,48 +217,66 @@ def distance_from_reference(path: CacheLocation, reference: CacheLocation, max_r
     most even completion of what it knows. A sampled row is an estimate from S draws, zero on
     every class not drawn, so its KL is infinite wherever the teacher gives such a class any mass:
     `kl_nats` is then None and `infinite_kl_positions` counts those positions (the sampled loss is
-    unbiased nonetheless: stages.losses.sampled_distillation_loss)."""
+    unbiased nonetheless: stages.losses.sampled_distillation_loss).
+
+    It reads at least a row of both caches at a time, and computes REFERENCE_STEP_VALUES
+    probabilities at a time (a few positions of a long row at a large vocabulary)."""
     cache, dense = CacheReader(path), CacheReader(reference)
     layout = cache.layout
     if dense.layout.kind != "dense":
         raise InputError(f"the reference {reference} must be a dense cache (every class's logit), not a {dense.layout.kind} one")
-    if (dense.layout.num_classes, dense.layout.row_shape[:-1]) != (layout.num_classes, layout.row_shape[:-1]) or \
-            not np.array_equal(dense.group["index"][:], cache.group["index"][:]):
-        raise InputError(f"the reference {reference} does not hold the same rows as {path} (classes, positions or dataset index differ)")
+    same_rows = (dense.layout.num_classes, dense.layout.row_shape[:-1]) == (layout.num_classes, layout.row_shape[:-1]) and all(
+        np.array_equal(dense.group[name][:], cache.group[name][:]) for name in ("index", "view_seeds") if name in cache.group)
+    if not same_rows:
+        raise InputError(f"the reference {reference} does not hold the same rows as {path} (classes, positions, dataset index or views differ)")
+    if [t.get("weights_sha256") for t in dense.attrs["teachers"]] != [t.get("weights_sha256") for t in cache.attrs["teachers"]]:
+        raise InputError(f"the reference {reference} was made by another teacher than {path} (their weights_sha256 differ)")
     kind, classes, ratio = layout.soft_kind, layout.num_classes, dense.temperature / cache.temperature
     names = (*kind.soft_arrays, *(("lengths",) if layout.tokens is not None else ()))
     rows_total = min(max_rows or layout.num_samples, layout.num_samples)
     step = max(1, REFERENCE_STEP_VALUES // (classes * math.prod(layout.position_shape)))
+    block = max(1, REFERENCE_STEP_VALUES // classes)
     kl_sum = tv_sum = 0.0
     positions = infinite = 0
     for start in range(0, rows_total, step):
         stop = min(start + step, rows_total)
         rows = cache.read_rows(start, stop, names)
-        teacher = torch.softmax(torch.from_numpy(dense.read_rows(start, stop, ("logits",))["logits"]).double() * ratio, -1)
-        cached = _whole_distribution(kind, rows, classes)
-        valid = torch.from_numpy(np.ones(cached.shape[:-1], dtype=bool) if "lengths" not in rows
-                                 else np.arange(cached.shape[1])[None, :] < rows["lengths"][:, None])
-        p, q = teacher[valid], cached[valid]
-        kl = (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)  # xlogy(p, 0) = -inf where p > 0: an infinite KL
-        finite = torch.isfinite(kl)
-        kl_sum += float(kl[finite].sum())
-        infinite += int((~finite).sum())
-        tv_sum += float(0.5 * (p - q).abs().sum())
-        positions += len(p)
+        logits = dense.read_rows(start, stop, ("logits",))["logits"]
+        valid = (np.ones(logits.shape[:-1], dtype=bool) if "lengths" not in rows
+                 else np.arange(logits.shape[1])[None, :] < rows["lengths"][:, None])
+        soft, logits = {name: rows[name][valid] for name in kind.soft_arrays}, logits[valid]  # one row per valid position
+        for first in range(0, len(logits), block):
+            part = slice(first, first + block)
+            p = torch.softmax(torch.from_numpy(logits[part]).double() * ratio, -1)
+            q = _whole_distribution(kind, {name: values[part] for name, values in soft.items()}, classes)
+            kl = (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)  # xlogy(p, 0) = -inf where p > 0: an infinite KL
+            finite = torch.isfinite(kl)
+            kl_sum += float(kl[finite].sum())
+            infinite += int((~finite).sum())
+            tv_sum += float(0.5 * (p - q).abs().sum())
+            positions += len(p)
     return {"reference": str(reference), "positions": positions, "kl_nats": None if infinite else kl_sum / positions,
             "infinite_kl_positions": infinite, "total_variation": tv_sum / positions}
 
 
 def _whole_distribution(kind, rows: dict[str, np.ndarray], classes: int) -> torch.Tensor:
     """A kind's distribution over every class at the cache's T (float64, (..., C)): its
-    probabilities on its support, the rest of the mass spread evenly over the other classes."""
+    probabilities on its support, the rest of the mass spread evenly over the other classes.
+
+    The rest is the tail a kind gives after its kept classes (top-k, qtopk), at least
+    TAIL_RESOLUTION: a top-k row's 1 - sum(kept) rounds a tail below float32's resolution to 0,
+    which would make the KL of a sharp row infinite. A sampled row's shares of its draws are its
+    whole estimate: nothing is left to spread (their float sum may fall short of 1 by 1e-16)."""
     probabilities = torch.from_numpy(kind.probabilities(rows, classes, 1.0))
     support = kind.support(rows)
     if support is None:
         return probabilities
     support = torch.from_numpy(support)
     kept = probabilities[..., : support.shape[-1]]
-    rest = (1.0 - kept.sum(-1, keepdim=True)).clamp(min=0.0)
+    if probabilities.shape[-1] > support.shape[-1]:
+        rest = probabilities[..., -1:].clamp(min=TAIL_RESOLUTION)
+    else:
+        rest = torch.zeros_like(kept[..., :1])
     # The classes it names: a sampled row's unused slots name class 0 with probability 0, and are not counted.
     named = torch.zeros((*support.shape[:-1], classes), dtype=torch.bool).scatter_(-1, support, kept > 0)
     spread = rest / (classes - named.sum(-1, keepdim=True)).clamp(min=1)
@@ -269,7 +289,11 @@ def _encoding_error(reader: CacheReader) -> dict:
     its writer recorded per write unit (`encoding_error`): the mean and largest absolute error in
     probability over the K kept classes and the tail, and the mean KL(unquantised || stored) in
     nats, per row (or valid token)."""
-    units = reader.group["encoding_error"][:]
+    try:
+        units = reader.group["encoding_error"][:]
+    except Exception as exc:  # a torn or flipped record: say so, never crash on it
+        raise CacheDamagedError(f"cache {reader.path}: its encoding_error record cannot be read ({type(exc).__name__}); "
+                                "run pipeline verify") from exc
     positions = units[:, 0].sum()
     outcomes = reader.layout.soft_kind.width(reader.layout) + 1
     return {"mean_abs_probability": float(units[:, 1].sum() / (positions * outcomes)),

@@ -343,7 +343,8 @@ def dequantised_log_probs(class_deltas: torch.Tensor, codes: torch.Tensor, scale
     decoding the README gives in numpy. Padding decodes to class 0 throughout; its values do not count."""
     classes = class_deltas.long().cumsum(-1)
     relative = codes.float() * -scale.float().unsqueeze(-1)  # log(p_k / p_top1)
-    kept_mass = (1.0 - tail.float()).clamp(min=torch.finfo(torch.float32).tiny).log()
+    # log(1 - tail) as log1p: 1 - tail in float32 would lose a tail below 6e-8 (a sharp row's) entirely.
+    kept_mass = torch.log1p(-tail.float().clamp(max=1.0 - 2.0**-24))
     return classes, relative - torch.logsumexp(relative, -1, keepdim=True) + kept_mass.unsqueeze(-1)
 
 
@@ -405,7 +406,9 @@ class QuantisedTopK(Kind):
         # The step, rounded up to float16 so that the last class's code stays within the levels.
         step = (below_top[..., -1] / levels).clamp_(min=QTOPK_MIN_STEP)
         scale = step.half()
-        scale = torch.where(scale.float() < step, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+        # The next float16 up, by its bits (the step is positive and finite): torch.nextafter
+        # has no CUDA kernel for float16 before torch 2.6, which the torch>=2.2 range allows.
+        scale = torch.where(scale.float() < step, (scale.view(torch.int16) + 1).view(torch.float16), scale)
         codes = (below_top / scale.float().unsqueeze(-1)).round_().clamp_(0, levels)
         log_p = values - logsumexp.unsqueeze(-1)
         classes, order = indices.sort(-1)
@@ -427,9 +430,8 @@ class QuantisedTopK(Kind):
 
     def probabilities(self, rows, num_classes, ratio):
         classes, log_p = self._decoded(rows)
-        if ratio == 1.0:
-            kept = np.exp(log_p)
-            return np.concatenate([kept, np.clip(1.0 - kept.sum(-1, keepdims=True), 0.0, 1.0)], axis=-1)
+        if ratio == 1.0:  # the tail as stored: exact, where 1 - the kept mass would round a small one away
+            return np.concatenate([np.exp(log_p), rows["qtopk_tail"].astype(np.float64)[..., None]], axis=-1)
         probs = topk_teacher_log_probs(torch.from_numpy(log_p), torch.zeros(log_p.shape[:-1]), num_classes, ratio).double().exp().numpy()
         return probs if probs.shape[-1] > log_p.shape[-1] else np.concatenate([probs, np.zeros((*probs.shape[:-1], 1))], -1)
 
@@ -474,7 +476,7 @@ class QuantisedTopK(Kind):
         # of the stored scale apart, give or take the float rounding verify allows elsewhere).
         classes = torch.from_numpy(stored["qtopk_class_deltas"].astype(np.int64)).cumsum(-1)
         row = fresh_rounded.float().cpu()
-        below_top = (row.amax(-1, keepdim=True) - row.gather(-1, classes)).numpy()
+        below_top = (row.amax(-1, keepdim=True) - row.gather(-1, classes)).clamp_(max=QTOPK_MAX_SPREAD).numpy()
         scale = stored["qtopk_scale"].astype(np.float32)[..., None]
         codes = stored["qtopk_codes"].astype(np.float32)
         slack = (1e-3 + float(np.finfo(np.float16).eps) * np.abs(below_top)) / np.maximum(scale, QTOPK_MIN_STEP)

@@ -71,6 +71,11 @@ def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split
         missing = np.flatnonzero(done == 0)
         report.add("complete", attrs["complete"] and not len(missing),
                    f"complete={attrs['complete']}, {len(missing)} of {layout.write_grid.num_chunks} {layout.write_unit}s unwritten")
+    for name in layout.unit_arrays():  # beside chunk_done: a lossy kind's record of what each unit lost
+        values = None if name == "chunk_done" else _read_whole(report, group, name)
+        if values is not None:
+            unrecorded = int(np.isnan(values).any(-1).sum())
+            report.add(name, not (attrs["complete"] and unrecorded), f"{unrecorded} of {len(values)} {layout.write_unit}s unrecorded")
     _check_chunks(report, group, attrs, layout)
     _check_index_and_labels(report, group, attrs)
     if layout.views is not None:

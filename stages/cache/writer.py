@@ -114,14 +114,19 @@ class CacheWriter:
     def forget_damaged_chunks(self) -> None:
         """Before resuming: remove the temporary files a killed zarr write leaves (`*.partial`),
         and unmark the write units whose `chunk_done` record cannot be read (a 0-byte file) or
-        whose rows were never written (`index` holds -1, or cannot be read) although marked done,
+        whose rows were never written (`index` holds -1, or cannot be read; or, for a lossy kind,
+        their `encoding_error` record cannot be read or was never written) although marked done,
         so that they are computed again. Such damage comes from outside this tool (a writer marks
         a unit only after writing all of it); recomputing costs one unit, refusing would cost
         the whole pass."""
         storage.remove_partial_files(self.path)
-        done, unreadable = _read_tolerant(self._done, ChunkGrid(self.grid.num_chunks, 1), 0)
+        units = ChunkGrid(self.grid.num_chunks, 1)
+        done, unreadable = _read_tolerant(self._done, units, 0)
         index, _ = _read_tolerant(self._arrays["index"], self.grid, -1)
         unwritten = [c for c in map(int, np.flatnonzero(done)) if (index[slice(*self.grid.rows(c))] < 0).any()]
+        if self._encoding_error is not None:  # a unit's record of what it lost, unreadable or never written
+            error, torn = _read_tolerant(self._encoding_error, units, np.nan)
+            unwritten += [c for c in map(int, np.flatnonzero(done)) if c in torn or np.isnan(error[c]).any()]
         damaged = sorted({*unreadable, *unwritten})
         if damaged:
             log.warning("%s: %ss %s were marked done but their record is damaged or their rows were never written; "

@@ -221,3 +221,8 @@ def test_inspect_against_a_dense_reference_gives_each_kinds_kl_and_total_variati
     other = cache_with_cli(tmp_path / "test.zarr", teacher_weights, "--split", "test")["cache"]
     code, _, err = invoke("inspect", topk, "--reference", other)
     assert code == 2 and "does not hold the same rows" in err, err
+    code, _, err = invoke("cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--temperature", TEMPERATURE,
+                          "--chunk-rows", CHUNK_ROWS, "--device", "cpu", "--out", tmp_path / "untrained.zarr")
+    assert code == 0, err
+    code, _, err = invoke("inspect", topk, "--reference", tmp_path / "untrained.zarr")
+    assert code == 2 and "made by another teacher" in err, err

@@ -4,6 +4,8 @@ as the README says, is tested in tests/stages/test_real_vocabularies.py."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -68,3 +70,28 @@ def test_one_bit_codes_are_the_top_half_and_the_bottom_half_of_the_kept_spread()
     np.testing.assert_array_equal(rows["qtopk_codes"], (below_top > spread / 2).astype(np.uint8))
     # What the codes lose, per row: a coarse encoding loses measurably more than an 8-bit one.
     assert rows["encoding_error"][:, 2].mean() > 20 * _rows(logits, top_k=16, bits=8)["encoding_error"][:, 2].mean()
+
+
+def test_a_torn_encoding_error_record_is_damage_that_verify_names_inspect_refuses_and_a_resume_recomputes(tmp_path, teacher_weights):
+    """The record of what a write unit lost is its own object: a flipped byte in it fails verify's
+    check of it and inspect (exit 4, one line), and the same cache-teacher command recomputes that
+    unit and nothing else."""
+    from tests.conftest import cache_with_cli, invoke, invoke_json
+
+    options = ("--format", "qtopk", "--top-k", 2, "--value-bits", 4)
+    cache = cache_with_cli(tmp_path / "q.zarr", teacher_weights, *options)["cache"]
+    before = invoke_json("inspect", cache)["encoding_error"]
+    record = tmp_path / "q.zarr" / "encoding_error" / "c" / "1" / "0"
+    data = bytearray(record.read_bytes())
+    data[3] ^= 0xFF
+    record.write_bytes(bytes(data))
+
+    code, out, _ = invoke("verify", cache, "--json")
+    failed = {c["check"]: c["detail"] for c in json.loads(out)["checks"] if not c["ok"]}
+    assert code == 4 and set(failed) == {"encoding_error"} and "unreadable" in failed["encoding_error"], failed
+    code, _, err = invoke("inspect", cache)
+    assert code == 4 and "encoding_error record cannot be read" in err and len(err.strip().splitlines()) == 1, err
+
+    resumed = cache_with_cli(tmp_path / "q.zarr", teacher_weights, *options)
+    assert resumed["chunks_computed"] == 1, resumed
+    assert invoke_json("verify", cache)["ok"] and invoke_json("inspect", cache)["encoding_error"] == before
