@@ -113,9 +113,8 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         augmentation(split.inputs(np.zeros(1, dtype=np.int64)), np.zeros(1, dtype=np.uint64))  # fits the inputs?
     layout = Layout(
         kind=config.format, num_samples=len(split), num_classes=num_classes, chunk_rows=config.chunk_rows or 1,
-        dtype=config.dtype, codec=config.codec, top_k=config.top_k, samples=config.samples,
-        value_bits=config.value_bits if config.value_bits is not None else KINDS[config.format].option_defaults.get("value_bits"),
-        sample_seed=config.sample_seed, tokens=shape[0] if len(shape) == 2 else None,
+        dtype=config.dtype, codec=config.codec, **_kind_options(config), sample_seed=config.sample_seed,
+        tokens=shape[0] if len(shape) == 2 else None,
         views=config.views if augmentation is not None else None, labelled=split.labels is not None, features=features,
     )
     if config.chunk_rows is None:
@@ -238,6 +237,14 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
         "teacher_metrics": None,
         "config": config_dict(config),
     }
+
+
+def _kind_options(config: CacheTeacherConfig) -> dict:
+    """The options of the config's kind (top_k, samples, value_bits: Layout fields of the same
+    names), each as given or, left unset, the kind's default for it."""
+    kind = KINDS[config.format]
+    return {option: kind.option_defaults.get(option) if getattr(config, option) is None else getattr(config, option)
+            for option in kind.options}
 
 
 def _check_size(layout: Layout, max_gib: float) -> None:

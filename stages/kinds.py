@@ -76,6 +76,14 @@ def _zero_padding(values: torch.Tensor, padding: torch.Tensor | None) -> torch.T
     return values.masked_fill(padding.reshape(*padding.shape, *(1,) * (values.ndim - padding.ndim)), 0)
 
 
+def _over_positions(values: np.ndarray, rows: Rows) -> tuple:
+    """A chunk's (sum, largest, entries) of a per-position statistic (rows, [positions]), over its
+    rows, or over a token cache's valid tokens (padding does not count)."""
+    if "lengths" in rows:
+        values = values[np.arange(values.shape[1])[None, :] < rows["lengths"][:, None]]
+    return values.sum().item(), values.max(initial=0).item(), int(values.size)
+
+
 def _mean_and_max(parts: list[tuple]) -> dict:
     """Chunks' (sum, largest, entries) statistics as one mean and largest over all their entries."""
     total, count = sum(p[0] for p in parts), sum(p[2] for p in parts)
@@ -230,6 +238,14 @@ class Dense(Kind):
         return {"logits": combined.numpy().astype(layout.dtype)}
 
 
+def _retempered(values: torch.Tensor, logsumexp: torch.Tensor, num_classes: int, ratio: float) -> np.ndarray:
+    """A top-k row's kept probabilities and tail (float64, (..., K + 1); a tail of 0 when K = C)
+    at T' = T_cache / ratio, from its kept logits / T and log-sum-exp; the tail's mass at another
+    T is an estimate (stages.losses.topk_teacher_log_probs)."""
+    probs = topk_teacher_log_probs(values, logsumexp, num_classes, ratio).double().exp().numpy()
+    return probs if probs.shape[-1] > values.shape[-1] else np.concatenate([probs, np.zeros((*probs.shape[:-1], 1))], -1)
+
+
 def _top_and_logsumexp(rounded: torch.Tensor, k: int, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """The k largest of each row of `rounded` (float32, descending), their classes (int64), the
     log-sum-exp of the whole row and the probability of the classes not kept (float32).
@@ -290,10 +306,7 @@ class TopK(Kind):
         if ratio == 1.0:  # exact
             kept = np.exp(rows["topk_values"].astype(np.float64) - rows["logsumexp"][..., None])
             return np.concatenate([kept, np.clip(1.0 - kept.sum(-1, keepdims=True), 0.0, 1.0)], axis=-1)
-        # The tail's mass at another T is an estimate (stages.losses.topk_teacher_log_probs).
-        values, lse = torch.from_numpy(rows["topk_values"]), torch.from_numpy(rows["logsumexp"])
-        probs = topk_teacher_log_probs(values, lse, num_classes, ratio).double().exp().numpy()
-        return probs if probs.shape[-1] > values.shape[-1] else np.concatenate([probs, np.zeros((*probs.shape[:-1], 1))], -1)
+        return _retempered(torch.from_numpy(rows["topk_values"]), torch.from_numpy(rows["logsumexp"]), num_classes, ratio)
 
     def support(self, rows):
         return rows["topk_indices"].astype(np.int64)
@@ -327,10 +340,8 @@ class TopK(Kind):
     def chunk_statistics(self, rows):
         """One chunk's sum and largest tail mass, 1 - sum(exp(v - lse)) at the cache's T, over its
         rows (or valid tokens), and their count."""
-        tail = np.clip(1.0 - np.exp(rows["topk_values"].astype(np.float32) - rows["logsumexp"][..., None]).sum(-1), 0.0, 1.0)
-        if "lengths" in rows:
-            tail = tail[np.arange(tail.shape[1])[None, :] < rows["lengths"][:, None]]
-        return float(tail.sum()), float(tail.max(initial=0.0)), int(tail.size)
+        return _over_positions(
+            np.clip(1.0 - np.exp(rows["topk_values"].astype(np.float32) - rows["logsumexp"][..., None]).sum(-1), 0.0, 1.0), rows)
 
     def summarise(self, parts):
         return {"tail_mass": _mean_and_max(parts)}
@@ -432,8 +443,7 @@ class QuantisedTopK(Kind):
         classes, log_p = self._decoded(rows)
         if ratio == 1.0:  # the tail as stored: exact, where 1 - the kept mass would round a small one away
             return np.concatenate([np.exp(log_p), rows["qtopk_tail"].astype(np.float64)[..., None]], axis=-1)
-        probs = topk_teacher_log_probs(torch.from_numpy(log_p), torch.zeros(log_p.shape[:-1]), num_classes, ratio).double().exp().numpy()
-        return probs if probs.shape[-1] > log_p.shape[-1] else np.concatenate([probs, np.zeros((*probs.shape[:-1], 1))], -1)
+        return _retempered(torch.from_numpy(log_p), torch.zeros(log_p.shape[:-1]), num_classes, ratio)
 
     def support(self, rows):
         return self._decoded(rows)[0]
@@ -488,10 +498,7 @@ class QuantisedTopK(Kind):
 
     def chunk_statistics(self, rows):
         """One chunk's sum and largest tail mass over its rows (or valid tokens), and their count."""
-        tail = rows["qtopk_tail"].astype(np.float32)
-        if "lengths" in rows:
-            tail = tail[np.arange(tail.shape[1])[None, :] < rows["lengths"][:, None]]
-        return float(tail.sum()), float(tail.max(initial=0.0)), int(tail.size)
+        return _over_positions(rows["qtopk_tail"].astype(np.float32), rows)
 
     def summarise(self, parts):
         return {"tail_mass": _mean_and_max(parts)}
@@ -652,10 +659,7 @@ class Sampled(Kind):
 
     def chunk_statistics(self, rows):
         """One chunk's sum and largest number of distinct classes drawn, per row (or valid token), and their count."""
-        distinct = (rows["sampled_counts"] > 0).sum(-1)
-        if "lengths" in rows:
-            distinct = distinct[np.arange(distinct.shape[1])[None, :] < rows["lengths"][:, None]]
-        return int(distinct.sum()), int(distinct.max(initial=0)), int(distinct.size)
+        return _over_positions((rows["sampled_counts"] > 0).sum(-1), rows)
 
     def summarise(self, parts):
         return {"distinct_sampled_ids": _mean_and_max(parts)}

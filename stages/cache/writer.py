@@ -94,13 +94,13 @@ class CacheWriter:
         # Every chunk ends in a crc32c checksum (a bytes-to-bytes codec, so after zstd): a flipped
         # bit, or a torn or truncated chunk, fails to decode instead of reading as other values.
         # Inside a shard too; and zarr's default index codecs checksum a shard's index as well.
-        zstd, crc = ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()
+        crc = Crc32cCodec()
         n, rows, shard = layout.num_samples, layout.chunk_rows, layout.shard_rows
         for name, spec in layout.arrays().items():
-            compressors = [crc] if not spec.compressed else [zstd if spec.zstd_level is None else ZstdCodec(level=spec.zstd_level), crc]
+            zstd = ZstdCodec(level=spec.zstd_level or ZSTD_LEVEL)
             group.create_array(name, shape=(n, *spec.shape), chunks=(rows, *spec.shape),
                                shards=None if shard is None else (shard, *spec.shape), dtype=spec.dtype, fill_value=spec.fill,
-                               compressors=compressors, dimension_names=spec.dimensions)
+                               compressors=[zstd, crc] if spec.compressed else [crc], dimension_names=spec.dimensions)
         # Unsharded, whatever the cache: a record per write unit, so that marking one never rewrites another's.
         for name, spec in layout.unit_arrays().items():
             group.create_array(name, shape=spec.shape, chunks=(1, *spec.shape[1:]), dtype=spec.dtype, fill_value=spec.fill,
