@@ -390,8 +390,8 @@ def _reader_limit(config: BenchConfig, scratch: Path) -> dict:
     tokens = config.reader_tokens // config.lm_seq
     layouts = {
         "dense": Layout(kind="dense", num_samples=config.reader_rows, num_classes=config.classes, chunk_rows=1),
-        "tokens": Layout(kind="topk", num_samples=tokens, num_classes=config.reader_vocab, chunk_rows=1, top_k=READER_TOP_K,
-                         tokens=config.lm_seq),
+        "tokens": Layout(kind="topk", num_samples=tokens, num_classes=config.reader_vocab, chunk_rows=1,
+                         options={"top_k": READER_TOP_K}, tokens=config.lm_seq),
     }
     report = {}
     for shape, layout in layouts.items():
@@ -412,7 +412,7 @@ def _reader_limit(config: BenchConfig, scratch: Path) -> dict:
             first_seconds.append(_timed(lambda: _timed_epoch(CacheReader(path), batch, names, epoch=turn + 1)))
         units = layout.num_samples * per_row
         report[shape] = {
-            "rows": layout.num_samples, "positions_per_row": per_row, "classes": layout.num_classes, "top_k": layout.top_k,
+            "rows": layout.num_samples, "positions_per_row": per_row, "classes": layout.num_classes, "top_k": layout.options.top_k,
             "chunk_rows": layout.chunk_rows, "batch_rows": batch, "bytes_read": sum(a.nbytes for a in mapped.values()),
             "memmap_per_second": units / min(memmap_seconds), "reader_per_second": units / min(reader_seconds),
             "reader_first_epoch_per_second": units / min(first_seconds),
@@ -433,7 +433,7 @@ def _lm_writer(config: BenchConfig, scratch: Path, device: torch.device) -> dict
         bare_seconds.append(bare_forward_seconds(teacher, train, config.writer_batch, device))
         stage_seconds.append(cache_teacher.run(
             cache_teacher.CacheTeacherConfig(teacher=spec, dataset=dataset, out=scratch / "lm-writer.zarr", format="topk",
-                                             top_k=READER_TOP_K, temperature=1.0, batch_size=config.writer_batch,
+                                             kind_options={"top_k": READER_TOP_K}, temperature=1.0, batch_size=config.writer_batch,
                                              device=config.device, overwrite=True),
             teacher, train).seconds)
     return {"teacher": spec, "parameters": count_parameters(teacher), "vocab": config.writer_vocab, "rows": len(train),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from pipeline.specs import DATASET_HELP, MODEL_HELP, FileSpec, cache_file_name, 
 from stages import storage
 from stages.config import CacheTeacherConfig as CT, TrainConfig as TS
 from stages.errors import CacheDamagedError, InputError, PipelineError, Terminated
+from stages.kinds import KINDS, option_fields
 from stages.storage import cache_location
 
 # Modules that load torch, zarr, dask or matplotlib are imported inside the commands that use
@@ -234,9 +236,40 @@ def root(
     """
 
 
+class with_kind_options:  # noqa: N801 - used as a decorator
+    """A command with a flag for every option of every kind (stages.kinds) after its --format,
+    generated from the kinds' registry when the command line is built (so a kind registered before
+    then has its flags: --top-k sets `top_k`); each option's help names the formats that take it.
+    The command receives their values as one `kind_flags` dict, None where not given."""
+
+    def __init__(self, function):
+        functools.update_wrapper(self, function)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                      for p in inspect.signature(self.__wrapped__, eval_str=True).parameters.values() if p.name != "kind_flags"]
+        generated = []
+        for name, option in option_fields().items():
+            default = "" if option.default is None else f" (default: {option.default})"
+            help = f"With --format {' or '.join(option.kinds)}: {option.help[0].lower()}{option.help[1:]}{default}"
+            generated.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                               annotation=Annotated[option.type | None, typer.Option(help=help)]))
+        after = next(i for i, p in enumerate(parameters) if p.name == "format") + 1
+        kinds = "; ".join(f"{name}: {kind.summary}" for name, kind in KINDS.items())
+        parameters[after - 1] = parameters[after - 1].replace(annotation=Annotated[str, typer.Option(help=f"The kind of cache. {kinds}.")])
+        return inspect.Signature([*parameters[:after], *generated, *parameters[after:]])
+
+    def __call__(self, **values):
+        options = option_fields()
+        return self.__wrapped__(**{name: value for name, value in values.items() if name not in options},
+                                kind_flags={name: values.get(name) for name in options})
+
+
 # A command's docstring is its --help text, which keeps line breaks as written: so each of its
 # paragraphs is one line, and the terminal wraps it.
 @command("cache-teacher")
+@with_kind_options
 def cache_teacher_command(
     ctx: typer.Context,
     teacher: ModelOption = None,
@@ -248,11 +281,7 @@ def cache_teacher_command(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = field_default(CT, "batch_size"),
     device: DeviceOption = field_default(CT, "device"),
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
-    format: Annotated[str, typer.Option(help="dense (every class's logit), topk (the --top-k largest per row or token, their classes and the row's log-sum-exp), qtopk (the --top-k most probable classes, their probabilities quantised to --value-bits, and the tail's mass: a fraction of topk's bytes) or sampled (--samples classes drawn from the teacher's distribution per row or token, as distinct classes and counts).")] = field_default(CT, "format"),
-    top_k: Annotated[int | None, typer.Option(help="Classes kept per row (or token) with --format topk or qtopk.")] = None,
-    value_bits: Annotated[int | None, typer.Option(help="Bits per kept probability with --format qtopk (1-8; default 8). pipeline inspect reports the error they introduce.")] = None,
-    samples: Annotated[int | None, typer.Option(help="Classes drawn per row (or token), with replacement, with --format sampled (1-255).")] = None,
-    sample_seed: Annotated[int, typer.Option(help="Seed of the draws of --format sampled (recorded in the cache; each row's draws depend on it and the row's index).")] = field_default(CT, "sample_seed"),
+    format: str = field_default(CT, "format"),  # with_kind_options gives its help, and a flag for each kind's option after it
     augment: ViewsAugmentOption = field_default(CT, "augment"),
     views: Annotated[int, typer.Option(help="Augmented views per sample (with --augment).")] = field_default(CT, "views"),
     features: Annotated[bool, typer.Option(help="Also cache the teacher's features (hf: models: mean-pooled last hidden state), for train-student --feature-loss.")] = False,
@@ -270,6 +299,7 @@ def cache_teacher_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out. Without it, re-running the same command resumes an interrupted cache.")] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
+    kind_flags: dict | None = None,
 ) -> None:
     """Run a teacher once over a dataset split and store its temperature-softened logits.
 
@@ -285,11 +315,13 @@ def cache_teacher_command(
     """
     from pipeline.jobs import run_caching
 
-    values = merge_options(ctx, config, {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json")}, CT)
+    given = {k: v for k, v in locals().items() if k not in ("ctx", "config", "as_json", "kind_flags")}
+    option_types = {name: option.type.__name__ for name, option in option_fields().items()}
+    values = merge_options(ctx, config, {**given, **kind_flags}, CT, option_types=option_types)
+    values["kind_options"] = {name: value for name in kind_flags if (value := values.pop(name)) is not None}
     if values["out"] is None and values["teacher"] and values["dataset"]:
         values["out"] = DATA_ROOT / "caches" / cache_file_name(values["teacher"], values["dataset"], values["split"],
-                                                               values["temperature"], values["format"], values["top_k"],
-                                                               values["samples"], values["sample_seed"], values["value_bits"])
+                                                               values["temperature"], values["format"], values["kind_options"])
     cfg = build_config(CT, _absolute_paths(values, "teacher", "dataset"), required=("teacher", "dataset"))
     _apply_storage_options(values["storage_option"], cfg.out)
     with _progress_bar("teacher pass (rows)") as progress:
@@ -320,6 +352,7 @@ def train_student_command(
     out: Annotated[Path | None, typer.Option(help="Run folder to write. (default: data/runs/STUDENT-kd-CACHE-aALPHA-TT-sSEED, or from hard labels data/runs/STUDENT-scratch-DATASET-sSEED)")] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the soft (KD) term; 1 - alpha weighs cross-entropy with the hard labels.")] = field_default(TS, "alpha"),
     temperature: Annotated[float | None, typer.Option(help="Distillation temperature. (default: the cache's T; another T' re-tempers exactly)")] = None,
+    divergence: Annotated[str, typer.Option(help="Between the teacher's and the student's distributions: forward-kl (Hinton et al.), reverse-kl, jsd[:BETA] (generalized Jensen-Shannon, TRL's convention: 0 forward, 1 reverse KL; default 0.5) or tv (total variation). A sampled cache estimates forward-kl only.")] = field_default(TS, "divergence"),
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = field_default(TS, "epochs"),
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
     lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0 over the epochs).")] = field_default(TS, "lr"),
@@ -366,7 +399,7 @@ def train_student_command(
     if values["out"] is None:
         values["out"] = DATA_ROOT / "runs" / run_folder_name(
             values["student"], values["seed"], cache=values["cache"], alpha=values["alpha"],
-            temperature=values["temperature"] or attrs.get("temperature"), dataset=values["dataset"])
+            temperature=values["temperature"] or attrs.get("temperature"), dataset=values["dataset"], divergence=values["divergence"])
     values.update({field: values.pop(option) for option, field in field_of_option("train-student").items()})
     cfg = build_config(TS, _absolute_paths(values, "model", "dataset"))
     with _progress_bar("training (steps)") as progress:
@@ -485,13 +518,13 @@ def sweep_command(
 
 def _leaderboard_table(board: dict) -> Table:
     table = Table(title=f"sweep {board['folder']}: {board['runs_total']} runs ({board['runs_reused']} reused), best first")
-    for column in ("student", "params", "labels", "alpha", "T", "seeds", "test acc", "min-max", "errors"):
-        table.add_column(column, justify="left" if column in ("student", "labels") else "right", overflow="fold")
+    for column in ("student", "params", "labels", "alpha", "T", "divergence", "seeds", "test acc", "min-max", "errors"):
+        table.add_column(column, justify="left" if column in ("student", "labels", "divergence") else "right", overflow="fold")
     for g in board["groups"]:
         table.add_row(
             g["student"], str(g["num_parameters"]), "hard" if g["mode"] == "scratch" else "soft",
             "" if g["alpha"] is None else f"{g['alpha']:g}", "" if g["temperature"] is None else f"{g['temperature']:g}",
-            str(g["seeds"]), f"{g['accuracy_mean']:.4f}", f"{g['accuracy_min']:.3f}-{g['accuracy_max']:.3f}", f"{g['errors_mean']:.1f}",
+            g["divergence"] or "", str(g["seeds"]), f"{g['accuracy_mean']:.4f}", f"{g['accuracy_min']:.3f}-{g['accuracy_max']:.3f}", f"{g['errors_mean']:.1f}",
         )
     return table
 
@@ -739,6 +772,7 @@ def demo_llm_command(
     quantised_top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a quantised top-k (qtopk) cache arm (repeatable; default 8, 32 and 128).")] = None,
     value_bits: Annotated[int, typer.Option(min=1, max=8, help="Bits per kept probability of the qtopk arms.")] = field_default(LLMDemo, "value_bits"),
     samples: Annotated[list[int] | None, typer.Option(min=1, max=255, help="S of a sampled cache arm, classes drawn per token (repeatable; default 12 and 32).")] = None,
+    divergence: Annotated[list[str] | None, typer.Option(help="A divergence other than forward KL to train one more student with, from the dense cache (else the largest top-k cache): reverse-kl, jsd[:BETA] or tv (repeatable; default reverse-kl and jsd).")] = None,
     reference_rows: Annotated[int, typer.Option(min=1, help="Rows over which each cache's KL and total variation from the teacher's distribution are measured.")] = field_default(LLMDemo, "reference_rows"),
     dense_max_gib: Annotated[float, typer.Option(min=0, help="The dense-KD reference arm is a dense cache over the same rows (2 bytes per class per token) up to this many GiB, else online KD.")] = field_default(LLMDemo, "dense_max_gib"),
     device: DeviceOption = "auto",
@@ -752,7 +786,8 @@ def demo_llm_command(
     demo = LLMDemo(max_tokens=max_tokens, seq=seq, teacher=teacher, student=student, teacher_epochs=teacher_epochs,
                    student_epochs=student_epochs, batch_size=batch_size, seeds=seeds, top_ks=tuple(top_k or field_default(LLMDemo, "top_ks")),
                    quantised_top_ks=tuple(quantised_top_k or field_default(LLMDemo, "quantised_top_ks")), value_bits=value_bits,
-                   samples=tuple(samples or field_default(LLMDemo, "samples")), reference_rows=reference_rows,
+                   samples=tuple(samples or field_default(LLMDemo, "samples")),
+                   divergences=tuple(divergence or field_default(LLMDemo, "divergences")), reference_rows=reference_rows,
                    dense_max_gib=dense_max_gib)
     report = run_llm_demo(out, demo, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, llm_demo_table(report))

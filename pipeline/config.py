@@ -67,15 +67,17 @@ def read_toml(path: Path, allowed: set[str]) -> dict[str, Any]:
     return values
 
 
-def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str, Any], config_class) -> dict[str, Any]:
+def merge_options(ctx: typer.Context, config_file: Path | None, values: dict[str, Any], config_class,
+                  option_types: dict[str, str] | None = None) -> dict[str, Any]:
     """Command-line values, with those left at their defaults taken from `config_file`. File
     values are type-checked against `config_class`'s fields (FIELD_OF_OPTION names the field of
-    an option where they differ). An option that the command line takes several times
-    (--storage-option) is a list of strings in the file, or a table of KEY = VALUE."""
+    an option where they differ), or `option_types` for options that are no field of their own
+    (a kind's options). An option that the command line takes several times (--storage-option)
+    is a list of strings in the file, or a table of KEY = VALUE."""
     if config_file is None:
         return values
     from_file = read_toml(config_file, set(values))
-    types = {f.name: str(f.type) for f in dataclasses.fields(config_class)}
+    types = {**{f.name: str(f.type) for f in dataclasses.fields(config_class)}, **(option_types or {})}
     repeatable = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
     merged = dict(values)
     for name, value in from_file.items():

@@ -134,7 +134,7 @@ def run_lm_demo(out: Path, *, seeds: int = 2, device: str = "auto", teacher_weig
         result = run_caching(
             CacheTeacherConfig(
                 teacher=LM_TEACHER, teacher_weights=teacher_weights, dataset=LM_DATASET, out=out / f"{name}.zarr",
-                temperature=LM_TEMPERATURE, format="dense" if top_k is None else "topk", top_k=top_k, device=device,
+                temperature=LM_TEMPERATURE, format="dense" if top_k is None else "topk", kind_options={"top_k": top_k}, device=device,
                 overwrite=True,
             )
         )

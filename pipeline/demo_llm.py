@@ -7,7 +7,9 @@ next-token targets with a held-out split of whole files. A GPT-2-style teacher i
 (qtopk at `value_bits`), and sampled for each S. A smaller GPT-2-style student is trained from
 each cache and from hard labels alone, with the same seeds, data order and epochs. The reference
 arm is dense KD: a dense cache over the same rows, every class of every token, or, where that
-would not fit (`dense_max_gib`), online KD with the teacher run in every step.
+would not fit (`dense_max_gib`), online KD with the teacher run in every step. Each of
+`divergences` trains one more student from the dense cache (or, without one, the largest top-k
+cache) with that divergence instead of forward KL (stages.divergences).
 
 The report is the bytes-versus-quality frontier: for each cache its bytes per token on disk, the
 KL and total variation from the teacher's distribution (the dense cache's) to the cache's, over
@@ -50,6 +52,7 @@ class LLMDemo:
     quantised_top_ks: tuple[int, ...] = (8, 32, 128)  # qtopk arms, at value_bits
     value_bits: int = 4
     samples: tuple[int, ...] = (12, 32)  # sampled arms: classes drawn per token
+    divergences: tuple[str, ...] = ("reverse-kl", "jsd")  # arms on the reference cache with another divergence than forward KL
     reference_rows: int = 128  # rows the caches' distance from the teacher's distribution is measured over
     # The dense-KD reference: a dense cache over the same rows when its soft labels take at most
     # this many GiB (2 bytes per class per token), else online KD, the teacher run in every step.
@@ -63,7 +66,9 @@ def run_llm_demo(out: Path, demo: LLMDemo = LLMDemo(), *, device: str = "auto", 
     from pipeline.corpus import stdlib_corpus, stdlib_tokenizer
     from pipeline.datasets import resolve_dataset
     from pipeline.jobs import run_caching, run_training
+    from stages import divergences
     from stages.cache_teacher import CacheTeacherConfig
+    from stages.divergences import DEFAULT as DEFAULT_DIVERGENCE
     from stages.inspection import describe_cache, distance_from_reference
     from stages.train_student import TrainConfig
 
@@ -91,29 +96,35 @@ def run_llm_demo(out: Path, demo: LLMDemo = LLMDemo(), *, device: str = "auto", 
             temperature=demo.temperature, batch_size=demo.batch_size, device=device, overwrite=True, **encoding,
         ))
         described = describe_cache(result.cache)
-        caches[name] = {"path": str(result.cache), "format": encoding["format"], "top_k": encoding.get("top_k"),
+        caches[name] = {"path": str(result.cache), "format": encoding["format"], "top_k": encoding["kind_options"].get("top_k"),
                         "bytes_per_token": described["bytes_per_token"],
                         "mean_tail_mass": described.get("tail_mass", {}).get("mean"),
                         "encoding_error": described.get("encoding_error"), "seconds": result.seconds}
     if not online:  # how far each cache's distribution is from the teacher's (the dense cache holds it)
         for cache in caches.values():
             cache["against_teacher"] = distance_from_reference(Path(cache["path"]), Path(caches["dense"]["path"]), demo.reference_rows)
+    # (student arm, cache arm it trains from, divergence); "online KD" and "hard labels" have no cache.
+    arms = [(name, name, DEFAULT_DIVERGENCE) for name in ("hard labels", *caches, *(("online KD",) if online else ()))]
+    on = "dense" if "dense" in caches else max((n for n, c in caches.items() if c["format"] == "topk"), key=lambda n: caches[n]["top_k"],
+                                                default=None)
+    arms += [(f"{on}, {divergences.parse(d).spec}", on, d) for d in demo.divergences if on is not None]
     students = {}
-    for name in ("hard labels", *caches, *(("online KD",) if online else ())):
-        cache = caches.get(name)
+    for name, cache_name, divergence in arms:
+        cache = caches.get(cache_name)
         runs = []
         for seed in range(demo.seed, demo.seed + demo.seeds):
             config = TrainConfig(
                 model=demo.student, dataset=dataset, out=out / f"student-{_slug(name)}-s{seed}",
                 cache=Path(cache["path"]) if cache else None, alpha=demo.alpha if name != "hard labels" else 0.0,
-                temperature=demo.temperature, epochs=demo.student_epochs, batch_size=demo.batch_size, lr=demo.lr,
-                seed=seed, device=device, overwrite=True,
+                temperature=demo.temperature, divergence=divergence, epochs=demo.student_epochs, batch_size=demo.batch_size,
+                lr=demo.lr, seed=seed, device=device, overwrite=True,
             )
             runs.append(_online_kd(config, demo, teacher_weights, train) if name == "online KD" else run_training(config))
         run = runs[0]
         students[name] = {**_loss(sum(r.test_nll for r in runs) / len(runs)), "nats_per_token_by_seed": [r.test_nll for r in runs],
                           "test_tokens": run.test_tokens, "num_parameters": run.num_parameters,
                           **{key: (cache or {}).get(key) for key in ("format", "top_k", "bytes_per_token", "mean_tail_mass", "encoding_error")},
+                          "divergence": divergences.parse(divergence).spec if cache or name == "online KD" else None,
                           "kl_from_teacher": (cache or {}).get("against_teacher", {}).get("kl_nats"),
                           "total_variation_from_teacher": (cache or {}).get("against_teacher", {}).get("total_variation"),
                           "cache_seconds": cache["seconds"] if cache else None, "seconds": sum(r.seconds for r in runs) / len(runs)}
@@ -143,7 +154,8 @@ TARGETS = {"small_cache_bytes": 40.0, "small_cache_loss_ratio": 1.01, "top128_by
 
 def _targets(students: dict) -> dict:
     """Whether each target is met, and by which arms (None where no arm of its kind ran)."""
-    caches = {name: s for name, s in students.items() if s["bytes_per_token"] is not None and s["format"] != "dense"}
+    caches = {name: s for name, s in students.items()
+              if s["bytes_per_token"] is not None and s["format"] != "dense" and s["divergence"] == "forward-kl"}
     small = [name for name, s in caches.items() if s["bytes_per_token"] <= TARGETS["small_cache_bytes"]]
     close = [name for name in small if students[name]["vs_reference_loss"] <= TARGETS["small_cache_loss_ratio"]]
     top128 = {name: s["bytes_per_token"] for name, s in caches.items() if s["top_k"] == 128}
@@ -156,18 +168,19 @@ def _targets(students: dict) -> dict:
 
 def _arms(demo: LLMDemo, online: bool) -> dict[str, dict]:
     """Each cache arm's name and its encoding (CacheTeacherConfig fields), smallest families first."""
-    arms = {f"top-{k}": {"format": "topk", "top_k": k} for k in demo.top_ks}
-    arms.update({f"top-{k} {demo.value_bits}-bit": {"format": "qtopk", "top_k": k, "value_bits": demo.value_bits}
+    arms = {f"top-{k}": {"format": "topk", "kind_options": {"top_k": k}} for k in demo.top_ks}
+    arms.update({f"top-{k} {demo.value_bits}-bit": {"format": "qtopk", "kind_options": {"top_k": k, "value_bits": demo.value_bits}}
                  for k in demo.quantised_top_ks})
-    arms.update({f"sampled S={s}": {"format": "sampled", "samples": s} for s in demo.samples})
+    arms.update({f"sampled S={s}": {"format": "sampled", "kind_options": {"samples": s}} for s in demo.samples})
     if not online:
-        arms["dense"] = {"format": "dense"}
+        arms["dense"] = {"format": "dense", "kind_options": {}}
     return arms
 
 
 def _slug(name: str) -> str:
-    """An arm's name as a file name: "top-32 4-bit" -> "top-32-4-bit", "sampled S=12" -> "sampled-S12"."""
-    return name.replace(" ", "-").replace("=", "")
+    """An arm's name as a file name: "top-32 4-bit" -> "top-32-4-bit", "sampled S=12" -> "sampled-S12",
+    "dense, jsd:0.5" -> "dense-jsd0.5"."""
+    return name.replace(", ", "-").replace(" ", "-").replace("=", "").replace(":", "")
 
 
 def _online_kd(config, demo: LLMDemo, teacher_weights: Path, train):

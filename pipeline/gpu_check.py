@@ -163,7 +163,7 @@ def _cache_teacher(size: CheckSize, device: torch.device, teacher: torch.nn.Modu
     """The whole stage against the bare forward under the same autocast, taken in turn."""
     config = cache_teacher.CacheTeacherConfig(
         teacher=size.teacher, dataset=dataset, out=out, temperature=1.0, batch_size=size.batch_size, device=str(device),
-        format="topk", top_k=size.top_k, chunk_rows=size.batch_size, amp=amp, overwrite=True,
+        format="topk", kind_options={"top_k": size.top_k}, chunk_rows=size.batch_size, amp=amp, overwrite=True,
     )
     bare, stage = [], []
     for _ in range(size.turns):

@@ -127,7 +127,7 @@ class HFCausalLM(nn.Module):
 class HeadApartCausalLM(HFCausalLM):
     """A causal LM whose logits are its output layer applied to its last hidden states, and
     nothing after (no capping, no scale): `hidden_and_head` gives the two apart, so cache-teacher
-    computes the logits a piece of the positions at a time (stages.cache.format.teacher_rows)."""
+    computes the logits a piece of the positions at a time (stages.teacher_rows)."""
 
     def hidden_and_head(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
         self._check(input_ids)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import stages.kinds
 from stages import storage
+from stages.divergences import DEFAULT as DEFAULT_DIVERGENCE
 from stages.errors import InputError
 from stages.storage import CacheLocation
 
@@ -194,10 +196,10 @@ def teacher_file_name(model: str, dataset: str) -> str:
     return f"{slug(model)}-{slug(dataset)}.safetensors"
 
 
-def cache_file_name(teacher: str, dataset: str, split: str, temperature: float, format: str = "dense", top_k: int | None = None,
-                    samples: int | None = None, sample_seed: int = 0, value_bits: int | None = None) -> str:
-    kept = {"dense": "", "topk": f"-top{top_k}", "qtopk": f"-qtop{top_k}-{value_bits or 8}bit",
-            "sampled": f"-sampled{samples}-seed{sample_seed}"}.get(format, f"-{format}")
+def cache_file_name(teacher: str, dataset: str, split: str, temperature: float, format: str = "dense",
+                    kind_options: dict | None = None) -> str:
+    """The kind and its options (stages.kinds) name themselves: -top8, -qtop8-4bit, -sampled12-seed0."""
+    kept = stages.kinds.kind_options(format, kind_options).suffix(format)
     return f"{slug(teacher)}-{slug(dataset)}-{split}-T{temperature:g}{kept}.zarr"
 
 
@@ -207,21 +209,28 @@ def cache_stem(cache: CacheLocation) -> str:
 
 
 def run_folder_name(student: str, seed: int, *, cache: CacheLocation | None = None, alpha: float | None = None,
-                    temperature: float | None = None, dataset: str | None = None) -> str:
-    """STUDENT-kd-CACHE-aALPHA-TT-sSEED for a run distilled from `cache` (at `temperature`, the
-    cache's own T unless another was asked for), STUDENT-scratch-DATASET-sSEED for one on hard
-    labels: runs from other caches, alphas, temperatures or datasets never collide."""
+                    temperature: float | None = None, dataset: str | None = None, divergence: str = DEFAULT_DIVERGENCE) -> str:
+    """STUDENT-kd-CACHE-aALPHA-TT[-DIVERGENCE]-sSEED for a run distilled from `cache` (at
+    `temperature`, the cache's own T unless another was asked for; the divergence named unless it
+    is forward KL), STUDENT-scratch-DATASET-sSEED for one on hard labels: runs from other caches,
+    alphas, temperatures, divergences or datasets never collide."""
     if cache is None:
         return f"{slug(student)}-scratch-{slug(dataset)}-s{seed}"
-    return f"{slug(student)}-kd-{slug(cache_stem(cache))}-a{alpha:g}-T{temperature:g}-s{seed}"
+    return f"{slug(student)}-kd-{slug(cache_stem(cache))}-a{alpha:g}-T{temperature:g}{_divergence_part(divergence)}-s{seed}"
 
 
-def sweep_run_name(student: str, seed: int, alpha: float | None = None, temperature: float | None = None) -> str:
-    """A run's folder inside its sweep's, which names the cache and dataset: STUDENT-aALPHA-TT-sSEED,
+def sweep_run_name(student: str, seed: int, alpha: float | None = None, temperature: float | None = None,
+                   divergence: str = DEFAULT_DIVERGENCE) -> str:
+    """A run's folder inside its sweep's, which names the cache and dataset: STUDENT-aALPHA-TT[-DIVERGENCE]-sSEED,
     or STUDENT-scratch-sSEED on hard labels (alpha None)."""
     if alpha is None:
         return f"{slug(student)}-scratch-s{seed}"
-    return f"{slug(student)}-a{alpha:g}-T{temperature:g}-s{seed}"
+    return f"{slug(student)}-a{alpha:g}-T{temperature:g}{_divergence_part(divergence)}-s{seed}"
+
+
+def _divergence_part(divergence: str) -> str:
+    # Forward KL, the default, adds nothing: the names of runs made before the choice existed stay.
+    return "" if divergence == DEFAULT_DIVERGENCE else f"-{_safe(divergence)}"
 
 
 def resolve_augment(spec: str) -> Augmentation | None:

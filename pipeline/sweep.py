@@ -1,6 +1,6 @@
 """`pipeline sweep CONFIG.toml`: many student runs from one cache, and a leaderboard.
 
-A sweep is a grid over one cache: students x alphas x temperatures x seeds, plus (with
+A sweep is a grid over one cache: students x alphas x temperatures x divergences x seeds, plus (with
 `baseline = true`) each student on hard labels only, per seed. Every run is an ordinary
 train-student run folder under the sweep's folder, so anything that reads run folders reads a
 sweep. Runs already finished are reused, runs killed part-way resume from their checkpoint:
@@ -10,6 +10,7 @@ re-running the same command after an interruption does only what is left.
     students = ["mlp-64", "mlp-128", "mlp-400"]
     alphas = [0.5, 0.9]
     temperatures = [4.0]          # optional: default the cache's T
+    divergences = ["forward-kl", "reverse-kl"]  # optional: default forward-kl (stages.divergences)
     seeds = [0, 1]
     baseline = true               # optional: default true
     out = "data/sweeps/mnist"     # optional: default data/sweeps/CONFIG-NAME
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -47,16 +49,17 @@ from pipeline.models import resolve_model
 from pipeline.specs import sweep_run_name
 from stages.cache import CacheReader
 from stages.data import input_shape
+from stages import divergences
 from stages.errors import InputError, PipelineError
 from stages.runtime import resolve_device
 from stages.train_student import TrainConfig
 
 log = logging.getLogger(__name__)
 
-GRID_KEYS = {"cache": str, "students": list, "alphas": list, "temperatures": list, "seeds": list, "baseline": bool,
-             "out": str, "dataset": str, "train": dict}
+GRID_KEYS = {"cache": str, "students": list, "alphas": list, "temperatures": list, "divergences": list, "seeds": list,
+             "baseline": bool, "out": str, "dataset": str, "train": dict}
 # Options of every run that the grid (or its cache) sets: not allowed in [train].
-SET_BY_GRID = {"model", "cache", "alpha", "temperature", "seed", "out", "resume", "overwrite", "weights_out", "model_weights",
+SET_BY_GRID = {"model", "cache", "alpha", "temperature", "divergence", "seed", "out", "resume", "overwrite", "weights_out", "model_weights",
                "dataset", "split"}
 
 
@@ -69,6 +72,7 @@ class SweepRun:
     temperature: float | None
     seed: int
     config: TrainConfig
+    divergence: str | None = None  # distilled runs: stages.divergences' spelling
 
 
 def read_sweep(path: Path, out: Path | None, data_root: Path, overwrite: bool = False) -> list[SweepRun]:
@@ -95,8 +99,10 @@ def read_sweep(path: Path, out: Path | None, data_root: Path, overwrite: bool = 
     cache = Path(raw["cache"]).absolute()
     reader = CacheReader(cache)
     grid = {"students": raw["students"], "alphas": raw.get("alphas", [0.9]),
-            "temperatures": raw.get("temperatures", [reader.temperature]), "seeds": raw["seeds"]}
-    for key, kind in (("students", str), ("alphas", (int, float)), ("temperatures", (int, float)), ("seeds", int)):
+            "temperatures": raw.get("temperatures", [reader.temperature]),
+            "divergences": raw.get("divergences", [divergences.DEFAULT]), "seeds": raw["seeds"]}
+    for key, kind in (("students", str), ("alphas", (int, float)), ("temperatures", (int, float)), ("divergences", str),
+                      ("seeds", int)):
         _check_items(path, key, grid[key], kind)
     train = _train_options(path, raw.get("train", {}))
     folder = out or (Path(raw["out"]).absolute() if "out" in raw else data_root / "sweeps" / path.stem)
@@ -111,14 +117,13 @@ def read_sweep(path: Path, out: Path | None, data_root: Path, overwrite: bool = 
                 name = sweep_run_name(student, seed)
                 config = build_config(TrainConfig, {**common, "model": student, "seed": seed, "out": folder / name})
                 runs.append(SweepRun(name, student, "scratch", None, None, seed, config))
-            for alpha in grid["alphas"]:
-                for temperature in grid["temperatures"]:
-                    name = sweep_run_name(student, seed, alpha, temperature)
-                    config = build_config(TrainConfig, {
-                        **common, "model": student, "cache": cache, "alpha": float(alpha), "temperature": float(temperature),
-                        "seed": seed, "out": folder / name,
-                    })
-                    runs.append(SweepRun(name, student, "distilled", float(alpha), float(temperature), seed, config))
+            for alpha, temperature, divergence in itertools.product(grid["alphas"], grid["temperatures"], grid["divergences"]):
+                name = sweep_run_name(student, seed, alpha, temperature, divergence)
+                config = build_config(TrainConfig, {
+                    **common, "model": student, "cache": cache, "alpha": float(alpha), "temperature": float(temperature),
+                    "divergence": divergence, "seed": seed, "out": folder / name,
+                })
+                runs.append(SweepRun(name, student, "distilled", float(alpha), float(temperature), seed, config, divergence))
     for run in runs:
         run.config.validate()
     return runs
@@ -215,17 +220,17 @@ def leaderboard(runs: list[SweepRun]) -> dict:
         summary = json.loads(summary_path.read_text())
         rows.append({
             "run": run.name, "student": run.student, "mode": run.mode, "alpha": run.alpha, "temperature": run.temperature,
-            "seed": run.seed, "num_parameters": summary["num_parameters"], "test_accuracy": summary["test_accuracy"],
+            "divergence": run.divergence, "seed": run.seed, "num_parameters": summary["num_parameters"], "test_accuracy": summary["test_accuracy"],
             "test_errors": summary["test_errors"], "test_nll": summary["test_nll"], "seconds": summary["seconds"],
         })
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["student"], row["mode"], row["alpha"], row["temperature"]), []).append(row)
+        groups.setdefault((row["student"], row["mode"], row["alpha"], row["temperature"], row["divergence"]), []).append(row)
     table = []
-    for (student, mode, alpha, temperature), members in groups.items():
+    for (student, mode, alpha, temperature, divergence), members in groups.items():
         accuracies = [m["test_accuracy"] for m in members]
         table.append({
-            "student": student, "mode": mode, "alpha": alpha, "temperature": temperature,
+            "student": student, "mode": mode, "alpha": alpha, "temperature": temperature, "divergence": divergence,
             "num_parameters": members[0]["num_parameters"], "seeds": len(members),
             "accuracy_mean": statistics.mean(accuracies),
             "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,

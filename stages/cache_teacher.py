@@ -15,7 +15,7 @@ From Python, with your own module and split (see stages.data.Split):
 
 A cache holds its kind's soft labels (stages.kinds: every class's logit, or the K largest per
 row, ...), per sample or, for a teacher that outputs logits per token, per token
-(stages.cache.format.stored_rows). With `augment`, it holds the teacher's outputs for `views`
+(stages.teacher_rows.stored_rows). With `augment`, it holds the teacher's outputs for `views`
 augmented views of every sample, each
 made from a seed that the cache records, so that student training can replay the exact input
 the teacher saw (stages.augment).
@@ -45,20 +45,19 @@ import zarr
 
 from stages import storage
 from stages.augment import Augmentation, resolved, view_seeds
-from stages.cache.format import (
-    ChunkGrid, Layout, default_chunk_rows, default_shard_rows, is_cache, nonfinite_rows, teacher_rows,
-)
+from stages.cache.format import is_cache, nonfinite_rows
+from stages.cache.layout import ChunkGrid, Layout, default_chunk_rows, default_shard_rows
 from stages.cache.reader import prefetch
 from stages.cache.writer import CacheWriter, writing
 from stages.config import CacheTeacherConfig  # defined there, torch-free, for the CLI; re-exported here
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
-from stages.kinds import KINDS
 from stages.runtime import (
     Progress, check_labels_fit, config_dict, one_blas_thread_beside_torch, output_shape,
     require, resolve_device, torch_threads,
 )
 from stages.storage import CacheLocation
+from stages.teacher_rows import teacher_rows
 from stages.weights import count_parameters, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         augmentation(split.inputs(np.zeros(1, dtype=np.int64)), np.zeros(1, dtype=np.uint64))  # fits the inputs?
     layout = Layout(
         kind=config.format, num_samples=len(split), num_classes=num_classes, chunk_rows=config.chunk_rows or 1,
-        dtype=config.dtype, codec=config.codec, **_kind_options(config), sample_seed=config.sample_seed,
+        dtype=config.dtype, codec=config.codec, options=config.options(),
         tokens=shape[0] if len(shape) == 2 else None,
         views=config.views if augmentation is not None else None, labelled=split.labels is not None, features=features,
     )
@@ -239,14 +238,6 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
     }
 
 
-def _kind_options(config: CacheTeacherConfig) -> dict:
-    """The options of the config's kind (top_k, samples, value_bits: Layout fields of the same
-    names), each as given or, left unset, the kind's default for it."""
-    kind = KINDS[config.format]
-    return {option: kind.option_defaults.get(option) if getattr(config, option) is None else getattr(config, option)
-            for option in kind.options}
-
-
 def _check_size(layout: Layout, max_gib: float) -> None:
     """Say what the cache will take before computing it, and refuse one over `max_gib`: a dense
     token cache at a language model's vocabulary is 2 bytes per class per token (a 150k
@@ -259,7 +250,7 @@ def _check_size(layout: Layout, max_gib: float) -> None:
         raise InputError(
             f"this cache's soft labels would take {total / 2**30:,.1f} GiB ({per_token:,.0f} bytes per {unit} over "
             f"{layout.num_samples * (layout.tokens or 1):,} {unit}s), more than `max_gib` {max_gib:g}: keep the top k "
-            "classes (`format` topk, `top_k` K) or raise `max_gib` (0: no limit)"
+            "classes (`format` topk or qtopk) or raise `max_gib` (0: no limit)"
         )
 
 

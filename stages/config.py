@@ -4,7 +4,7 @@ view policies), defined here once for the stages and the CLI.
 
 This module imports neither torch nor numpy nor zarr when it loads: the CLI takes its option
 defaults from these classes when it starts, and `pipeline --help` must not pay for loading
-torch. Only checking `format` loads the kind registry (stages.kinds), and torch with it. The stage
+torch. Checking `format` and its options asks the kind registry (stages.kinds). The stage
 modules re-export their config (`stages.cache_teacher.CacheTeacherConfig`,
 `stages.train_student.TrainConfig`).
 """
@@ -12,9 +12,11 @@ modules re-export their config (`stages.cache_teacher.CacheTeacherConfig`,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages import divergences
+from stages.checks import check_positive, check_range
 from stages.errors import InputError
 from stages.storage import CacheLocation
 
@@ -26,10 +28,6 @@ AMP_MODES = {"bf16": "bfloat16", "fp16": "float16"}
 FEATURE_LOSSES = ("mse", "cosine")
 VIEW_POLICIES = ("random", "cycle")
 
-# Counts (rows per batch or chunk, epochs, views, workers, ...) end up as C ints in torch, zarr
-# and the OS: a larger value is a typo, and it failed deep inside with an internal error (a
-# `batch_size` of 2**70 did) instead of here.
-MAX_COUNT = 2**31 - 1
 # Distillation temperatures in use are 1-20 (Hinton et al. use up to 20). Far beyond, teacher
 # logits within +-100 soften to within 20% of uniform, float16 keeps little of logits/T, and
 # the loss's T**2 factor (1e6 at T = 1000) swamps the hard-label term; 1e200 overflows T**2.
@@ -43,24 +41,7 @@ MAX_CLASSES = 2**32
 
 # Messages name config fields in backticks, "`top_k` must be ...": the library speaks its own
 # language, and the CLI turns each field into its flag when it prints the message (pipeline.config).
-def check_positive(field: str, value: float, high: float = math.inf) -> None:
-    """`value` is a finite number above 0 (and at most `high`), else an InputError naming `field`."""
-    if not (0 < value <= high and math.isfinite(value)):
-        bound = "" if high == math.inf else f" up to {high:g}"
-        raise InputError(f"`{field}` must be a positive number{bound}, got {value}")
-
-
-def check_range(field: str, value: float, low: float, high: float = MAX_COUNT) -> None:
-    """`value` is a finite number in [low, high], else an InputError naming `field`."""
-    if low <= value <= high and math.isfinite(value):
-        return
-    if value > high:
-        bound = f"at most {high}"
-    elif high >= MAX_COUNT:  # no upper bound a user would aim at
-        bound = f"{low} or more"
-    else:
-        bound = f"between {low} and {high}"
-    raise InputError(f"`{field}` must be {'a finite number, ' if not math.isfinite(value) else ''}{bound}, got {value}")
+# The range checks are stages.checks', shared with the kinds' options.
 
 
 def _check_counts(config, bounds: dict[str, int]) -> None:
@@ -82,13 +63,8 @@ class CacheTeacherConfig:
     batch_size: int = 256
     device: str = "auto"
     dtype: str = "float16"
-    format: str = "dense"  # dense: every class's logit; topk: the top_k largest, their classes and the row's log-sum-exp;
-    # qtopk: the top_k most probable classes, their probabilities in `value_bits` bits, and the tail's mass;
-    # sampled: `samples` classes drawn from the teacher's distribution, as distinct ids and counts
-    top_k: int | None = None
-    value_bits: int | None = None  # qtopk: bits per kept probability (1-8; unset: 8)
-    samples: int | None = None  # sampled: classes drawn per row or token
-    sample_seed: int = 0  # sampled: the seed of the draws (each row's are a function of it and the row's index)
+    format: str = "dense"  # the kind of cache, a name in stages.kinds.KINDS
+    kind_options: dict = field(default_factory=dict)  # the kind's options given (the rest at their defaults), by name
     augment: str = "none"  # augmentation of the cached views (stages.augment); none: the inputs as they are
     views: int = 1  # augmented views per sample, with augment
     view_seed: int = 0  # base seed of the views' seeds
@@ -106,33 +82,17 @@ class CacheTeacherConfig:
 
     def validate(self) -> None:
         check_positive("temperature", self.temperature, MAX_TEMPERATURE)
-        _check_counts(self, {"batch_size": 1, "top_k": 1, "views": 1, "chunk_rows": 1, "shard_rows": 0, "loader_workers": 0,
-                             "workers": 0})
+        _check_counts(self, {"batch_size": 1, "views": 1, "chunk_rows": 1, "shard_rows": 0, "loader_workers": 0, "workers": 0})
         if self.num_classes is not None:  # one class has nothing to distil: its softmax is 1
             check_range("num_classes", self.num_classes, 2, MAX_CLASSES)
         check_range("view_seed", self.view_seed, 0, MAX_VIEW_SEED)
-        check_range("sample_seed", self.sample_seed, 0, MAX_SEED)
-        if self.value_bits is not None:  # codes are stored as uint8
-            check_range("value_bits", self.value_bits, 1, 8)
         if not (self.max_gib >= 0 and math.isfinite(self.max_gib)):
             raise InputError(f"`max_gib` must be a number of GiB >= 0 (0: no limit), got {self.max_gib}")
         if self.dtype not in DTYPES:
             raise InputError(f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.codec not in CODECS:
             raise InputError(f"`codec` must be one of {', '.join(CODECS)}, got {self.codec!r}")
-        # Imported here: the kinds load torch, which the CLI must not wait for at start-up (the
-        # commands that validate a config load it next anyway).
-        from stages.kinds import KINDS
-
-        if self.format not in KINDS:
-            raise InputError(f"`format` must be one of {', '.join(KINDS)}, got {self.format!r}")
-        for option in sorted({option for kind in KINDS.values() for option in kind.options}):
-            takers = " or ".join(name for name, kind in KINDS.items() if option in kind.options)
-            taken, given = option in KINDS[self.format].options, getattr(self, option) is not None
-            if given and not taken:
-                raise InputError(f"`{option}` goes with `format` {takers}, not {self.format}")
-            if taken and not given and option not in KINDS[self.format].option_defaults:
-                raise InputError(f"`format` {self.format} needs `{option}`")
+        self.options()
         if self.views > 1 and self.augment == "none":
             raise InputError(f"`views` {self.views} needs `augment` SPEC: without augmentation every view would be the same")
         if self.workers and self.scheduler:
@@ -141,6 +101,14 @@ class CacheTeacherConfig:
             raise InputError("`loader_workers` cannot go with dask workers (their processes cannot start DataLoader workers)")
         if self.amp not in AMP_MODES and self.amp != "none":
             raise InputError(f"`amp` must be none, {' or '.join(AMP_MODES)}, got {self.amp!r}")
+
+    def options(self):
+        """The kind's options (stages.kinds.KindOptions), checked against the kind."""
+        # Imported here: the CLI imports this module at start-up, and the kinds' package is the
+        # one dependency of a config check beyond this file.
+        from stages.kinds import kind_options
+
+        return kind_options(self.format, self.kind_options)
 
 
 @dataclass(frozen=True)
@@ -154,6 +122,7 @@ class TrainConfig:
     eval_split: str | None = "test"
     alpha: float = 0.9
     temperature: float | None = None  # None: the cache's own T
+    divergence: str = "forward-kl"  # between teacher and student (stages.divergences): forward-kl, reverse-kl, jsd[:BETA], tv
     epochs: int = 20
     batch_size: int = 128
     lr: float = 3e-3
@@ -180,6 +149,7 @@ class TrainConfig:
         check_range("weight_decay", self.weight_decay, 0.0, math.inf)
         check_range("feature_weight", self.feature_weight, 0.0, math.inf)
         check_range("seed", self.seed, 0, MAX_SEED)
+        divergences.parse(self.divergence)
         if self.view_policy not in VIEW_POLICIES:
             raise InputError(f"`view_policy` must be one of {', '.join(VIEW_POLICIES)}, got {self.view_policy!r}")
         if self.feature_loss not in ("none", *FEATURE_LOSSES):

@@ -52,8 +52,7 @@ def describe_cache(path: CacheLocation) -> dict:
         "complete": attrs["complete"],
         "temperature": reader.temperature,
         "num_classes": layout.num_classes,
-        "top_k": layout.top_k,
-        "value_bits": layout.value_bits,
+        **layout.options.attributes(),  # the kind's options, each by its name (top_k, value_bits, samples, sample_seed, ...)
         "views": layout.views,
         "augment": attrs.get("augment"),
         "row_shape": list(layout.row_shape),

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from stages import divergences
 from stages.augment import Augmentation, resolved
 from stages.cache import CacheReader, Rows, prefetch
 from stages.config import VIEW_POLICIES
@@ -146,23 +147,27 @@ def one_view_each(rows: Rows, soft_arrays: tuple[str, ...], policy: str, rng: np
             "view": pick}
 
 
-def kd_loss(student_logits: torch.Tensor, batch: dict, *, alpha: float, temperature: float | None = None) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, batch: dict, *, alpha: float, temperature: float | None = None,
+            divergence: str = divergences.DEFAULT) -> torch.Tensor:
     """The distillation loss of the student's logits ((B, C), or (B, L, C) for a token cache) on
-    a CacheDataset batch: the loss of the cache's kind (stages.kinds: dense, top-k, sampled) at
-    `temperature` (default: the cache's T; another T re-tempers the cached values, exactly for a
-    dense cache and for a top-k cache's kept classes; a sampled cache refuses it), mixed with cross-entropy on the labels by
+    a CacheDataset batch: `divergence` (stages.divergences: forward-kl, reverse-kl, jsd[:BETA],
+    tv) between the teacher and the student over the support of the cache's kind (stages.kinds)
+    at `temperature` (default: the cache's T; another T re-tempers the cached values, exactly for a
+    dense cache and for a top-k cache's kept classes; a sampled cache refuses it, and any divergence
+    but forward-kl), mixed with cross-entropy on the labels by
     `alpha` (1: soft labels only), over valid tokens only. The loss train-student trains with."""
     kind = KINDS[batch["kind"]]
     # Only what the loss reads: the inputs went to the model already, and a copy per step is no small thing on a GPU.
     tensors = {name: batch[name].to(student_logits.device) for name in ("labels", "lengths", *kind.soft_arrays) if name in batch}
     cache_temperature = float(batch["temperature"])
-    loss, _ = soft_label_loss(student_logits, tensors, kind, alpha=alpha,
-                              temperature=temperature or cache_temperature, cache_temperature=cache_temperature)
+    loss, _ = soft_label_loss(student_logits, tensors, kind, alpha=alpha, temperature=temperature or cache_temperature,
+                              cache_temperature=cache_temperature, divergence=divergence)
     return loss
 
 
 def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kind: Kind | None, *, alpha: float,
-                    temperature: float | None, cache_temperature: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    temperature: float | None, cache_temperature: float | None, divergence: str = divergences.DEFAULT
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of `logits` on one batch of tensors and its named parts: cross-entropy with the
     hard labels without a kind, else the kind's distillation loss. For logits per token ((B, L,
     C), with the batch's "lengths"), only valid tokens are rows of the loss: padding positions
@@ -176,4 +181,5 @@ def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kind: 
     if kind is None:
         hard = F.cross_entropy(logits, y)
         return hard, {"ce": hard.detach()}
-    return kind.loss(logits, soft, y, alpha=alpha, temperature=temperature, cache_temperature=cache_temperature)
+    return kind.loss(logits, soft, y, alpha=alpha, temperature=temperature, cache_temperature=cache_temperature,
+                     divergence=divergence)

@@ -1,13 +1,17 @@
 """Distillation losses as plain functions on explicit tensors.
 
-Three kinds of soft labels reach the student (stages.cache): a dense row of teacher logits / T,
-a top-k row (the K largest logits / T, their classes, and the log-sum-exp of the whole row),
-and a sampled row (classes drawn from the teacher's distribution, their counts, and its
-entropy). The first two compare teacher and student over the same support: every class for a
-dense row; the K kept classes plus one tail bucket holding the rest of the mass for a top-k row.
-The sampled loss is an unbiased estimate of the dense one.
+Soft labels reach the student from a cache (stages.kinds): a dense row of teacher logits / T,
+a top-k row (the K largest logits / T, their classes, and the log-sum-exp of the whole row; a
+qtopk row decodes to the same), or a sampled row (classes drawn from the teacher's
+distribution, their counts, and its entropy). The first two compare teacher and student over
+the same support, by any divergence of stages.divergences: every class for a dense row; the K
+kept classes plus one tail bucket holding the rest of the mass for a top-k row. The sampled
+loss is an unbiased estimate of the dense forward KL.
 Normalising the teacher over its top-k but the student over the whole vocabulary is a known
 trap: the two would then disagree even for a student equal to its teacher.
+
+`soft_target_loss` is where a kind and a divergence meet: the kind gives the per-row term, the
+divergence compares, and the T^2 factor and the hard-label mix are applied once, here.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from stages import divergences
 
 
 def retemper(stored: torch.Tensor, cache_temperature: float, temperature: float) -> torch.Tensor:
@@ -31,10 +37,13 @@ def distillation_loss(
     *,
     alpha: float,
     temperature: float,
+    divergence: str = divergences.DEFAULT,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network":
 
         loss = (1 - alpha) * CE(y, s) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+    with KL, the default, or another `divergence` of stages.divergences (reverse-kl, jsd:BETA, tv).
 
     student_logits: (B, C) raw student logits s.
     teacher_logits_over_t: (B, C) teacher logits already divided by T (what a dense cache
@@ -45,7 +54,8 @@ def distillation_loss(
     """
     log_p_teacher = F.log_softmax(teacher_logits_over_t.float(), dim=-1)
     log_q_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return _with_hard_labels(student_logits, labels, _kl(log_p_teacher, log_q_student), alpha, temperature)
+    soft = divergences.parse(divergence)(log_p_teacher, log_q_student).mean()
+    return _with_hard_labels(student_logits, labels, soft, alpha, temperature)
 
 
 def topk_distillation_loss(
@@ -58,9 +68,10 @@ def topk_distillation_loss(
     alpha: float,
     temperature: float,
     cache_temperature: float,
+    divergence: str = divergences.DEFAULT,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of `distillation_loss` with the KL taken over K + 1 outcomes: the K classes a
-    top-k cache kept, and one tail bucket for all the others.
+    """The loss of `distillation_loss` with the divergence (KL by default) taken over K + 1
+    outcomes: the K classes a top-k cache kept, and one tail bucket for all the others.
 
         KL(p_topk || q_topk),  p_topk = (p_1..p_K, 1 - sum p_k),  q_topk likewise from softmax(s / T)
 
@@ -74,7 +85,8 @@ def topk_distillation_loss(
     num_classes = student_logits.shape[-1]
     log_p_teacher = topk_teacher_log_probs(topk_values, logsumexp, num_classes, cache_temperature / temperature)
     log_q_student = topk_student_log_probs(student_logits.float() / temperature, topk_indices.long())
-    return _with_hard_labels(student_logits, labels, _kl(log_p_teacher, log_q_student), alpha, temperature)
+    soft = divergences.parse(divergence)(log_p_teacher, log_q_student).mean()
+    return _with_hard_labels(student_logits, labels, soft, alpha, temperature)
 
 
 def sampled_distillation_loss(
@@ -103,10 +115,30 @@ def sampled_distillation_loss(
     of the other kinds, 0 in expectation for a student equal to its teacher). T^2 and alpha
     as in `distillation_loss`. The draws are at the cache's T: there is no re-tempering.
     """
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    weights = counts.float() / counts.shape[-1]
-    kl = ((weights * -log_q.gather(-1, ids.long())).sum(-1) - entropy.float()).mean()
+    kl = sampled_kl(student_logits.float() / temperature, ids, counts, entropy).mean()
     return _with_hard_labels(student_logits, labels, kl, alpha, temperature)
+
+
+def sampled_kl(student_over_t: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    """Per row, (B,): the estimate KL_hat of `sampled_distillation_loss` from the student's logits / T."""
+    log_q = F.log_softmax(student_over_t, dim=-1)
+    weights = counts.float() / counts.shape[-1]
+    return (weights * -log_q.gather(-1, ids.long())).sum(-1) - entropy.float()
+
+
+def soft_target_loss(kind, student_logits: torch.Tensor, soft: dict[str, torch.Tensor], labels: torch.Tensor | None, *,
+                     alpha: float, temperature: float, cache_temperature: float, divergence: str = divergences.DEFAULT
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The distillation loss of (M, C) student logits on (M, ...) rows of a cache of `kind`
+    (stages.kinds) at temperature T, re-tempered from the cache's: T^2 times the mean over rows
+    of `divergence` between the teacher and the student on the kind's support (the kind's
+    `soft_terms`), mixed with cross-entropy on `labels` by alpha. A kind that cannot train at T
+    or with the divergence says so (InputError)."""
+    kind.check_temperature(temperature, cache_temperature)
+    kind.check_divergence(divergence)
+    terms = kind.soft_terms(student_logits.float() / temperature, soft, divergences.parse(divergence),
+                            ratio=cache_temperature / temperature, cache_temperature=cache_temperature)
+    return _with_hard_labels(student_logits, labels, terms.mean(), alpha, temperature)
 
 
 def topk_teacher_log_probs(values: torch.Tensor, logsumexp: torch.Tensor, num_classes: int, ratio: float) -> torch.Tensor:
@@ -147,15 +179,6 @@ def topk_student_log_probs(student_logits_over_t: torch.Tensor, indices: torch.T
         return kept
     tail = torch.logsumexp(log_q.scatter(-1, indices, float("-inf")), dim=-1, keepdim=True)
     return torch.cat([kept, tail], dim=-1)
-
-
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p || q) from log-probabilities; terms with p == 0 count zero.
-
-    A log-probability of -inf (an empty tail bucket) is clamped to the lowest finite float, so
-    that its term is 0 * finite = 0 rather than 0 * inf = NaN; cheaper than xlogy, which
-    would take the log a second time."""
-    return (log_p.exp() * (log_p.clamp(min=torch.finfo(log_p.dtype).min) - log_q)).sum(-1).mean()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 cache is, for what a cache cannot hold or when there is nothing to reuse: the reference arm of
 `pipeline demo-llm` when a dense cache over the rows would not fit, and the online-KD arm of
 `pipeline bench`. Its rows are what a dense float32 cache of the teacher would store for them
-(stages.cache.format.teacher_rows: logits / T, zeros past a sequence's end), so it trains the
+(stages.teacher_rows: logits / T, zeros past a sequence's end), so it trains the
 student as that cache would, at the price of a teacher forward in every step of every run.
 """
 
@@ -15,11 +15,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from stages.cache.format import Layout, teacher_rows
+from stages.cache.layout import Layout
 from stages.cache.reader import batch_bounds
 from stages.data import Split, sequence_lengths
 from stages.errors import InputError
 from stages.kinds import Rows
+from stages.teacher_rows import teacher_rows
 from stages.runtime import output_shape
 
 

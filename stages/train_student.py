@@ -44,6 +44,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from stages import divergences
 from stages.augment import Augmentation, resolved
 from stages.cache import CacheReader, ChunkGrid, Layout, Rows, batch_bounds, prefetch
 from stages.config import TrainConfig  # defined there, torch-free, for the CLI; re-exported here
@@ -198,6 +199,7 @@ def _prepare(
     temperature = config.temperature or (cache.temperature if cache else None)
     if cache is not None:
         cache.layout.soft_kind.check_temperature(temperature, cache.temperature)
+        cache.layout.soft_kind.check_divergence(config.divergence)
     run_config = _run_config(config, cache, temperature)
     if config.resume and (config.out / "summary.json").is_file():
         _check_same_run(config.out, run_config)
@@ -269,7 +271,8 @@ def loss_step(training: Training, batch: Rows) -> tuple[torch.Tensor, dict[str, 
     outputs = training.trained(batch["inputs"].to(training.device))
     logits, features = outputs if isinstance(training.student, StudentWithProjection) else (outputs, None)
     config = training.config
-    loss, parts = batch_loss(logits, batch, training.cache, alpha=config.alpha, temperature=training.temperature)
+    loss, parts = batch_loss(logits, batch, training.cache, alpha=config.alpha, temperature=training.temperature,
+                             divergence=config.divergence)
     if features is None:
         return loss, parts
     # Feature targets: the projected student features against the cached teacher ones.
@@ -297,13 +300,14 @@ def _end_of_epoch(training: Training, epoch: int, means: dict[str, float], epoch
 
 def batch_loss(
     logits: torch.Tensor, batch: Rows, cache: SoftLabels | None, *, alpha: float, temperature: float | None,
+    divergence: str = divergences.DEFAULT,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of the student's `logits` on one batch of rows (numpy, as the cache gives them):
     stages.loop.soft_label_loss, the function behind `kd_loss`, with the cache's kind and T."""
     names = ("labels", "lengths", *(cache.soft_arrays if cache else ()))
     tensors = {name: torch.from_numpy(batch[name]).to(logits.device) for name in names if name in batch}
     return soft_label_loss(logits, tensors, cache.layout.soft_kind if cache else None, alpha=alpha, temperature=temperature,
-                           cache_temperature=cache.temperature if cache else None)
+                           cache_temperature=cache.temperature if cache else None, divergence=divergence)
 
 
 class StudentWithProjection(torch.nn.Module):

@@ -21,13 +21,15 @@ import zarr
 from stages import storage
 from stages.augment import Augmentation, view_seeds
 from stages.cache.format import (
-    FORMAT, SCHEMA_VERSION, Layout, array_problems, dataset_size, is_cache, malformed_attributes, row_problem, teacher_rows,
+    FORMAT, SCHEMA_VERSION, array_problems, dataset_size, is_cache, malformed_attributes, row_problem,
 )
+from stages.cache.layout import Layout
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import InputError
 from stages.kinds import KINDS
 from stages.runtime import AMP_DTYPES
 from stages.storage import CacheLocation
+from stages.teacher_rows import teacher_rows
 from stages.weights import weights_fingerprint
 
 

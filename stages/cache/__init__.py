@@ -1,10 +1,9 @@
-"""The cache contract: the format (stages.cache.format, with the kinds of stages.kinds), the
-writer (stages.cache.writer) and the reader (stages.cache.reader). The names below are the
+"""The cache contract: the layout (stages.cache.layout, with the kinds of stages.kinds), the
+format's checks (stages.cache.format), the writer (stages.cache.writer) and the reader (stages.cache.reader). The names below are the
 package's public interface."""
 
-from stages.cache.format import (
-    FORMAT, SCHEMA_VERSION, ChunkGrid, Layout, Rows, all_finite, default_chunk_rows, is_cache, malformed_attributes,
-)
+from stages.cache.format import FORMAT, SCHEMA_VERSION, Rows, all_finite, is_cache, malformed_attributes
+from stages.cache.layout import ChunkGrid, Layout, default_chunk_rows
 from stages.cache.reader import CacheReader, batch_bounds, prefetch
 from stages.cache.writer import CacheWriter, open_writer, writing
 from stages.kinds import index_dtype

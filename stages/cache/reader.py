@@ -20,9 +20,9 @@ import zarr
 from stages import storage
 from stages.cache.chunk_files import ChunkFiles
 from stages.cache.format import (
-    FORMAT, SCHEMA_VERSION, Layout, Rows, array_problems, dataset_size, is_cache, malformed_attributes, row_problem,
-    unreadable_chunks,
+    FORMAT, SCHEMA_VERSION, Rows, array_problems, dataset_size, is_cache, malformed_attributes, row_problem, unreadable_chunks,
 )
+from stages.cache.layout import Layout
 from stages.data import Split, fingerprint, sha256
 from stages.errors import CacheDamagedError, CacheMismatchError, InputError
 from stages.kinds import KINDS

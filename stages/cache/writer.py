@@ -18,9 +18,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from stages import __version__, storage
 from stages.cache.format import (
-    FORMAT, SCHEMA_VERSION, STORED_VALUES, ZSTD_LEVEL, ChunkGrid, Layout, Rows, dataset_size, is_cache, now_iso,
-    row_problem, unreadable_chunks,
+    FORMAT, SCHEMA_VERSION, STORED_VALUES, Rows, dataset_size, is_cache, now_iso, row_problem, unreadable_chunks,
 )
+from stages.cache.layout import ZSTD_LEVEL, ChunkGrid, Layout, recorded_options
 from stages.errors import CacheDamagedError, InputError, PipelineError
 from stages.storage import CacheLocation
 
@@ -255,8 +255,8 @@ def _read_tolerant(array: zarr.Array, grid: ChunkGrid, unreadable) -> tuple[np.n
 
 
 # What must agree between an existing cache and a new writer for it to resume it.
-RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "top_k", "value_bits", "samples", "sample_seed", "views", "features",
-               "chunk_rows", "shard_rows", "dtype", "codec", "temperature", "teacher_amp", "augment", "combine")
+RESUME_KEYS = ("kind", "num_samples", "num_classes", "row_shape", "views", "features", "chunk_rows", "shard_rows", "dtype", "codec",
+               "temperature", "teacher_amp", "augment", "combine")
 
 
 def open_writer(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: bool, lock=None) -> CacheWriter:
@@ -300,6 +300,9 @@ def writing(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: bool
 def _differences(existing: dict, expected: dict) -> list[str]:
     """Human-readable differences that forbid resuming the `existing` cache with this writer."""
     found = [f"{k}: cache has {existing.get(k)}, this run {expected.get(k)}" for k in RESUME_KEYS if existing.get(k) != expected.get(k)]
+    # The kind's options whole, as recorded by any schema (before 5, as attributes of their own), each named.
+    have, want = recorded_options(existing), expected["kind_options"]
+    found += [f"{k}: cache has {have.get(k)}, this run {want.get(k)}" for k in sorted({*have, *want}) if have.get(k) != want.get(k)]
     if _teacher_identities(existing) != _teacher_identities(expected):
         found.append("teacher: another model spec or other weights")
     have, want = existing.get("dataset") or {}, expected["dataset"]

@@ -33,7 +33,7 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
     from stages.cache import CacheReader
 
     lm_cache = CacheReader(tmp_path / "bench" / "lm-writer.zarr")  # the top-32 token cache section 10 timed
-    assert (lm_cache.layout.top_k, lm_cache.num_classes, lm_cache.layout.tokens) == (32, 500, writer["tokens"] // 6)
+    assert (lm_cache.layout.options.top_k, lm_cache.num_classes, lm_cache.layout.tokens) == (32, 500, writer["tokens"] // 6)
     lm = report["lm_teacher_memory"]
     assert (lm["vocab"], lm["seq"]) == (3000, 16) and set(lm) == {"vocab", "seq", "in_pieces", "whole_batch"}
     for arm in ("in_pieces", "whole_batch"):
@@ -101,7 +101,7 @@ def test_bench_reader_section_alone_reads_the_same_bytes_as_its_memory_map(tmp_p
     from stages.cache import CacheReader
 
     cache = CacheReader(tmp_path / "bench" / "reader-tokens.zarr")  # a valid cache of the project's own format
-    assert cache.layout.top_k == 32 and cache.num_classes == 300
+    assert cache.layout.options.top_k == 32 and cache.num_classes == 300
 
 
 def test_bench_refuses_an_unknown_section():

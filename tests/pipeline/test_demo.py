@@ -51,7 +51,12 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
                             "--samples", "12", "--seeds", "2", "--dense-max-gib", dense_max_gib, "--device", "cpu", "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert list(report["students"]) == ["hard labels", "top-8", "top-8 4-bit", "sampled S=12", reference]
+    on = "dense" if reference == "dense" else "top-8"  # the divergences' arms train from the reference cache, else the top-k one
+    assert list(report["students"]) == ["hard labels", "top-8", "top-8 4-bit", "sampled S=12", reference,
+                                        f"{on}, reverse-kl", f"{on}, jsd:0.5"]
+    assert [report["students"][name]["divergence"] for name in (reference, f"{on}, reverse-kl", f"{on}, jsd:0.5")] == [
+        "forward-kl", "reverse-kl", "jsd:0.5"]
+    assert len({report["students"][name]["nats_per_token"] for name in (on, f"{on}, reverse-kl", f"{on}, jsd:0.5")}) == 3
     assert report["reference"].startswith(reference.split()[0]) and report["train_tokens"] <= 4000
     top8 = report["students"]["top-8"]
     assert top8["bytes_per_token"] > 4 * 8 + 4 and 0 < top8["mean_tail_mass"] < 1  # top-8 over 8,192 classes: uint16 indices

@@ -74,7 +74,7 @@ def test_the_caches_the_check_writes_are_valid_top_k_caches_of_the_teacher_at_ea
         assert verified.ok, [c for c in verified.checks if not c["ok"]]
         reader = CacheReader(cache)
         assert reader.num_samples == report["rows"] and reader.layout.kind == "topk"
-        assert reader.layout.top_k == report["sizes"]["top_k"] and reader.num_classes == 4096  # the teacher's vocabulary
+        assert reader.layout.options.top_k == report["sizes"]["top_k"] and reader.num_classes == 4096  # the teacher's vocabulary
         assert reader.attrs["teacher_amp"] == recorded and reader.attrs["teachers"][0]["spec"] == report["sizes"]["teacher"]
 
 

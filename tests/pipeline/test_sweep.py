@@ -51,7 +51,7 @@ def test_sweep_runs_the_grid_and_ranks_it(tmp_path, cache_path):
     seeds = [r["test_accuracy"] for r in board["runs"] if r["student"] == "mlp-64" and r["mode"] == "scratch"]
     assert group["accuracy_mean"] == pytest.approx(np.mean(seeds)) and group["accuracy_min"] == min(seeds)
     csv_lines = (folder / "leaderboard.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("student,mode,alpha,temperature,num_parameters,seeds,accuracy_mean") and len(csv_lines) == 7
+    assert csv_lines[0].startswith("student,mode,alpha,temperature,divergence,num_parameters,seeds,accuracy_mean") and len(csv_lines) == 7
     assert (folder / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((folder / "leaderboard.json").read_text())["groups"] == board["groups"]
 

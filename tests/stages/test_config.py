@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import (
-    MAX_CLASSES, MAX_COUNT, MAX_SEED, MAX_TEMPERATURE, MAX_VIEW_SEED, CacheTeacherConfig, TrainConfig, check_positive,
-    check_range,
-)
+from stages.checks import MAX_COUNT, check_positive, check_range
+from stages.config import MAX_CLASSES, MAX_SEED, MAX_TEMPERATURE, MAX_VIEW_SEED, CacheTeacherConfig, TrainConfig
 from stages.errors import InputError
 
 
@@ -40,7 +38,7 @@ def test_the_defaults_of_both_configs_are_valid():
     {"temperature": MAX_TEMPERATURE}, {"num_classes": 2}, {"num_classes": MAX_CLASSES}, {"view_seed": 0},
     {"view_seed": MAX_VIEW_SEED}, {"batch_size": 1}, {"batch_size": MAX_COUNT}, {"chunk_rows": 1}, {"loader_workers": 0},
     {"shard_rows": 0}, {"shard_rows": MAX_COUNT},
-    {"format": "topk", "top_k": 1}, {"codec": "zstd"}, {"amp": "bf16"}, {"amp": "fp16"}, {"dtype": "float32"},
+    {"format": "topk", "kind_options": {"top_k": 1}}, {"codec": "zstd"}, {"amp": "bf16"}, {"amp": "fp16"}, {"dtype": "float32"},
     {"views": 3, "augment": "flip"}, {"workers": 2}, {"scheduler": "tcp://host:8786"},
 ])
 def test_cache_config_accepts_every_value_at_the_edge_of_its_range(changes):
@@ -65,13 +63,13 @@ def test_cache_config_accepts_every_value_at_the_edge_of_its_range(changes):
     ({"dtype": "int8"}, ("`dtype` must be one of float16, float32", "'int8'")),
     ({"codec": "gzip"}, ("`codec` must be one of none, zstd", "'gzip'")),
     ({"format": "sparse"}, ("`format` must be one of dense, topk", "'sparse'")),
-    ({"top_k": 3}, ("`top_k` goes with `format` topk",)),
+    ({"kind_options": {"top_k": 3}}, ("`top_k` goes with `format` topk",)),
     ({"format": "topk"}, ("`format` topk needs `top_k`",)),
-    ({"format": "topk", "top_k": 0}, ("`top_k` must be 1 or more",)),
+    ({"format": "topk", "kind_options": {"top_k": 0}}, ("`top_k` must be 1 or more",)),
     ({"format": "qtopk"}, ("`format` qtopk needs `top_k`",)),
-    ({"format": "qtopk", "top_k": 4, "value_bits": 9}, ("`value_bits` must be at most 8", "got 9")),
-    ({"format": "qtopk", "top_k": 4, "value_bits": 0}, ("`value_bits` must be between 1 and 8", "got 0")),
-    ({"format": "topk", "top_k": 4, "value_bits": 4}, ("`value_bits` goes with `format` qtopk, not topk",)),
+    ({"format": "qtopk", "kind_options": {"top_k": 4, "value_bits": 9}}, ("`value_bits` must be at most 8", "got 9")),
+    ({"format": "qtopk", "kind_options": {"top_k": 4, "value_bits": 0}}, ("`value_bits` must be between 1 and 8", "got 0")),
+    ({"format": "topk", "kind_options": {"top_k": 4, "value_bits": 4}}, ("`value_bits` goes with `format` qtopk, not topk",)),
     ({"views": 2}, ("`views` 2 needs `augment` SPEC",)),
     ({"workers": 2, "scheduler": "tcp://host:8786"}, ("`workers`", "`scheduler`", "give one of them")),
     ({"workers": 2, "loader_workers": 2}, ("`loader_workers` cannot go with dask workers",)),

@@ -77,7 +77,7 @@ def test_ensemble_cache_trains_a_student(tmp_path, teacher_weights, second_teach
     ({"dataset": OTHER_DATA}, "dataset"),
     ({"split": "test"}, "split ('test' vs 'train')"),
     ({"temperature": 2.0}, "temperature"),
-    ({"format": "topk", "top_k": 2}, "only dense caches can be combined"),
+    ({"format": "topk", "kind_options": {"top_k": 2}}, "only dense caches can be combined"),
 ])
 def test_caches_that_do_not_belong_together_are_refused(tmp_path, teacher_weights, other, words):
     a = _cache(tmp_path, teacher_weights, "a.zarr")

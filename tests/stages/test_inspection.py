@@ -58,7 +58,7 @@ def test_the_report_describes_the_layout_as_recorded(cache_path):
     attrs = dict(zarr.open_group(str(cache_path), mode="r").attrs)
     assert (report["kind"], report["num_samples"], report["num_classes"], report["chunk_rows"]) == ("dense", 600, 4, CHUNK_ROWS)
     assert report["temperature"] == TEMPERATURE and report["complete"] is True and report["dtype"] == "float16"
-    assert report["row_shape"] == [4] and report["top_k"] is None and report["views"] is None
+    assert report["row_shape"] == [4] and "top_k" not in report and report["views"] is None
     assert report["dataset"] == f"{DATASET} split train" and report["teachers"] == f"mlp-64 ({TEACHER_PARAMETERS} parameters)"
     assert report["teacher_metrics"] == attrs["teacher_metrics"] and report["schema_version"] == attrs["schema_version"]
 
@@ -119,7 +119,7 @@ def test_a_topk_cache_is_calibrated_at_its_own_temperature_only_with_its_kept_cl
     split = resolve_dataset(DATASET).split("train")
     teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights)
     config = cache_teacher.CacheTeacherConfig(teacher="mlp-64", dataset=DATASET, out=tmp_path / "top2.zarr", temperature=TEMPERATURE,
-                                              chunk_rows=CHUNK_ROWS, device="cpu", format="topk", top_k=2)
+                                              chunk_rows=CHUNK_ROWS, device="cpu", format="topk", kind_options={"top_k": 2})
     path = cache_teacher.run(config, teacher, split).cache
     report = describe_cache(path)
     group = zarr.open_group(str(path), mode="r")

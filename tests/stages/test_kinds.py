@@ -4,6 +4,7 @@ token positions, and class indices at real vocabularies (uint16, uint32)."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -11,13 +12,14 @@ import pytest
 import torch
 
 from stages import config
-from stages.cache.format import Layout, stored_rows
+from stages.cache.layout import Layout
 from stages.cache.reader import CacheReader
 from stages.cache.writer import CacheWriter
 from stages.data import sha256
 from stages.errors import InputError
-from stages.kinds import KINDS, index_dtype
+from stages.kinds import KINDS, index_dtype, option_fields
 from stages.train_student import batch_loss
+from stages.teacher_rows import stored_rows
 
 # What a kind needs besides the classes to describe a layout (a kind that needs nothing is absent).
 OPTIONS = {"topk": {"top_k": 5}, "qtopk": {"top_k": 5, "value_bits": 8}, "sampled": {"samples": 12}}
@@ -31,7 +33,7 @@ ATOL = {"qtopk": 0.01}
 
 def _layout(name: str, classes: int, tokens: int | None = None, samples: int = 6) -> Layout:
     return Layout(kind=name, num_samples=samples, num_classes=classes, chunk_rows=4, dtype="float32", tokens=tokens,
-                  **OPTIONS.get(name, {}))
+                  options=OPTIONS.get(name))
 
 
 def _encoded(name: str, classes: int, tokens: int | None = None, lengths: np.ndarray | None = None, seed: int = 0):
@@ -61,11 +63,13 @@ def test_the_registry_names_each_kind_once_and_is_what_configs_and_layouts_accep
     with pytest.raises(InputError, match=f"`format` must be one of {', '.join(KINDS)}"):
         config.CacheTeacherConfig(teacher="t", dataset="d", out="c.zarr", format="sampled-someday").validate()
     for name, kind in KINDS.items():  # a kind's options are set for it, and only for it
-        given = {option: 3 for option in kind.options}
-        config.CacheTeacherConfig(teacher="t", dataset="d", out="c.zarr", format=name, **given).validate()
-        for other in {o for k in KINDS.values() for o in k.options} - set(kind.options):
+        own = {field.name for field in dataclasses.fields(kind.Options)}
+        given = {option: 3 for option in own}
+        config.CacheTeacherConfig(teacher="t", dataset="d", out="c.zarr", format=name, kind_options=given).validate()
+        for other in set(option_fields()) - own:
             with pytest.raises(InputError, match=f"`{other}` goes with `format`"):
-                config.CacheTeacherConfig(teacher="t", dataset="d", out="c.zarr", format=name, **given, **{other: 3}).validate()
+                config.CacheTeacherConfig(teacher="t", dataset="d", out="c.zarr", format=name,
+                                          kind_options={**given, other: 3}).validate()
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -206,7 +210,7 @@ def test_encoding_in_the_callers_scratch_space_stores_the_same_rows(name, dtype)
     """cache-teacher lets a kind overwrite the logits / T it no longer needs (no allocation of B x L x V);
     the rows must be bit for bit those of the allocating path, and a top-k row's log-sum-exp that of the
     whole rounded row, at a real vocabulary."""
-    layout = Layout(kind=name, num_samples=4, num_classes=32_000, chunk_rows=4, dtype=dtype, tokens=5, **OPTIONS.get(name, {}))
+    layout = Layout(kind=name, num_samples=4, num_classes=32_000, chunk_rows=4, dtype=dtype, tokens=5, options=OPTIONS.get(name))
     logits = torch.randn(4, 5, 32_000, generator=torch.Generator().manual_seed(1)) * 4
     lengths = torch.tensor([5, 2, 1, 4])
     allocating = stored_rows(logits.clone(), layout, lengths, row_index=torch.arange(4))

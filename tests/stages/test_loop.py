@@ -179,7 +179,7 @@ def test_kd_loss_counts_valid_tokens_only(tmp_path):
     torch.manual_seed(0)
     teacher = resolve_model("bytelm:dim=16,layers=1,heads=2", num_classes=256, input_shape=(16,))
     config = cache_teacher.CacheTeacherConfig(teacher="bytelm", dataset=data, out=tmp_path / "t.zarr", temperature=2.0,
-                                              format="topk", top_k=8, chunk_rows=32, device="cpu")
+                                              format="topk", kind_options={"top_k": 8}, chunk_rows=32, device="cpu")
     cache = cache_teacher.run(config, teacher, split).cache
     batch = max(CacheDataset(cache, split, batch_size=32), key=lambda b: int((b["lengths"] < 16).sum()))
     assert (batch["lengths"] < 16).any()
@@ -240,7 +240,7 @@ def test_the_trainer_example_in_the_readme_distills_a_token_cache(tmp_path):
                                                 epochs=2, batch_size=32, lr=3e-3, device="cpu"),
                       teacher, splits.split("train"), splits.split("test"))
     config = cache_teacher.CacheTeacherConfig(teacher=teacher_spec, dataset=data, out=tmp_path / "top8.zarr",
-                                              temperature=1.0, format="topk", top_k=8, chunk_rows=32, device="cpu")
+                                              temperature=1.0, format="topk", kind_options={"top_k": 8}, chunk_rows=32, device="cpu")
     cache = cache_teacher.run(config, teacher, splits.split("train")).cache
     steps = 150  # batches of 8 rows: about an epoch and a half
     code = _readme_example("Trainer", CACHE=repr(str(cache)), DATASET=repr(data),

@@ -200,7 +200,7 @@ def test_training_loss_retempers_the_cached_teacher(tmp_path, teacher_weights, k
 
     split = resolve_dataset(DATASET).split("train")
     teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights).eval()
-    kept = {"format": "topk", "top_k": 4} if kind == "topk" else {}
+    kept = {"format": "topk", "kind_options": {"top_k": 4}} if kind == "topk" else {}
     config = cache_teacher.CacheTeacherConfig(teacher="mlp-64", dataset=DATASET, out=tmp_path / "c.zarr", temperature=3.0,
                                               dtype="float32", chunk_rows=64, device="cpu", **kept)
     reader = CacheReader(cache_teacher.run(config, teacher, split).cache)

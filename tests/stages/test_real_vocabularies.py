@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
-from stages.cache import format as cache_format
+from stages import teacher_rows
+from stages.cache.layout import Layout
 from stages.storage import disk_usage
 from tests.conftest import assert_same_cache, invoke, invoke_json
 
@@ -276,14 +277,14 @@ def test_logits_in_pieces_along_the_positions_equal_the_whole_batch(gpt2, monkey
     teacher = resolve_model(gpt2["teacher"], num_classes=256, input_shape=(SEQ,)).eval()
     assert hasattr(teacher, "hidden_and_head")
     whole_batch = HFCausalLM(teacher.model).eval()  # the same model, its logits in one piece
-    layout = cache_format.Layout(kind="topk", num_samples=len(train), num_classes=gpt2["vocab"], chunk_rows=32,
-                                 dtype="float16", codec="none", top_k=K, tokens=SEQ)
+    layout = Layout(kind="topk", num_samples=len(train), num_classes=gpt2["vocab"], chunk_rows=32,
+                    dtype="float16", codec="none", options={"top_k": K}, tokens=SEQ)
     lengths = torch.from_numpy(train.lengths[:16]).to(torch.int32)
     with torch.inference_mode():
-        whole = cache_format.teacher_rows(whole_batch, train.x[:16], layout, T, "none", lengths)
-        monkeypatch.setattr(cache_format, "LOGIT_PIECE_BYTES", 16 * gpt2["vocab"] * 4 * 3)  # 3 positions a piece
+        whole = teacher_rows.teacher_rows(whole_batch, train.x[:16], layout, T, "none", lengths)
+        monkeypatch.setattr(teacher_rows, "LOGIT_PIECE_BYTES", 16 * gpt2["vocab"] * 4 * 3)  # 3 positions a piece
         seen = []
-        pieces = cache_format.teacher_rows(teacher, train.x[:16], layout, T, "none", lengths,
+        pieces = teacher_rows.teacher_rows(teacher, train.x[:16], layout, T, "none", lengths,
                                            lambda first, logits, rows: seen.append((first, logits.shape[1])))
     assert seen == [(first, min(3, SEQ - first)) for first in range(0, SEQ, 3)]
     for name in whole:

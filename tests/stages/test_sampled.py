@@ -11,10 +11,12 @@ import pytest
 import torch
 import zarr
 
-from stages.cache.format import Layout, stored_rows
+from stages.cache.layout import Layout
 from stages.errors import InputError
-from stages.kinds import KINDS, _mix
+from stages.kinds import KINDS
+from stages.kinds.sampled import _mix
 from stages.losses import distillation_loss, sampled_distillation_loss
+from stages.teacher_rows import stored_rows
 from tests.conftest import CHUNK_ROWS, DATASET, TEMPERATURE, cache_with_cli, invoke, invoke_json
 
 
@@ -34,7 +36,7 @@ def test_the_int64_mix_is_splitmix64_modulo_two_to_the_64():
 
 def _layout(classes: int, samples: int, seed: int = 0, tokens: int | None = None, rows: int = 8) -> Layout:
     return Layout(kind="sampled", num_samples=rows, num_classes=classes, chunk_rows=rows, dtype="float32",
-                  samples=samples, sample_seed=seed, tokens=tokens)
+                  options={"samples": samples, "sample_seed": seed}, tokens=tokens)
 
 
 def test_a_rows_draws_do_not_depend_on_the_batch_or_the_piece_of_positions():
@@ -65,10 +67,10 @@ def test_stored_rows_are_distinct_ascending_ids_with_counts_summing_to_s_and_the
         assert (np.diff(used) > 0).all() and (row_counts[len(used):] == 0).all() and (row_ids[len(used):] == 0).all()
     p = torch.softmax(logits.double(), -1)
     np.testing.assert_allclose(rows["entropy"], -(p * p.log()).sum(-1).numpy(), rtol=1e-6)
-    assert KINDS["sampled"].row_problem(rows, 40) is None
+    assert KINDS["sampled"].row_problem(rows, _layout(classes=40, samples=12)) is None
     counts_off = {**rows, "sampled_counts": rows["sampled_counts"].copy()}
     counts_off["sampled_counts"][2, 0] += 1
-    assert "do not sum" in KINDS["sampled"].row_problem(counts_off, 40)
+    assert "do not sum" in KINDS["sampled"].row_problem(counts_off, _layout(classes=40, samples=12))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
@@ -149,7 +151,8 @@ def test_the_sample_seed_is_recorded_changes_the_draws_and_a_cache_of_another_se
     cache_with_cli(tmp_path / "seed0.zarr", teacher_weights, *sampled)
     cache_with_cli(tmp_path / "seed7.zarr", teacher_weights, *sampled, "--sample-seed", "7")
     first, second = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("seed0.zarr", "seed7.zarr"))
-    assert (first.attrs["sample_seed"], second.attrs["sample_seed"]) == (0, 7) and first.attrs["samples"] == 12
+    options = first.attrs["kind_options"], second.attrs["kind_options"]
+    assert (options[0]["sample_seed"], options[1]["sample_seed"]) == (0, 7) and options[0]["samples"] == 12
     assert not np.array_equal(first["sampled_counts"][:], second["sampled_counts"][:])
     code, _, err = invoke("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET,
                           "--temperature", TEMPERATURE, "--chunk-rows", CHUNK_ROWS, "--device", "cpu", "--out",

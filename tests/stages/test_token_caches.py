@@ -48,7 +48,7 @@ def lm(tmp_path_factory):
     caches = {}
     for name, kind, k in (("dense", "dense", None), ("top8", "topk", 8), ("top256", "topk", 256)):
         config = cache_teacher.CacheTeacherConfig(
-            teacher=TEACHER, dataset=LM_DATA, out=folder / f"{name}.zarr", temperature=T, format=kind, top_k=k,
+            teacher=TEACHER, dataset=LM_DATA, out=folder / f"{name}.zarr", temperature=T, format=kind, kind_options={"top_k": k},
             chunk_rows=32, batch_size=50, device="cpu",
         )
         caches[name] = cache_teacher.run(config, teacher, train).cache
@@ -79,7 +79,7 @@ def test_topk_token_cache_gives_exact_probabilities_of_the_kept_classes(lm):
     """With plain zarr: exp(value - logsumexp) is the teacher's softmax at T for each kept class."""
     group = zarr.open_group(str(lm["top8"]), mode="r")
     valid = _valid(lm["train"].lengths)
-    assert group.attrs["kind"] == "topk" and group.attrs["top_k"] == 8 and group.attrs["row_axes"] == ["token", "rank"]
+    assert group.attrs["kind"] == "topk" and group.attrs["kind_options"] == {"top_k": 8} and group.attrs["row_axes"] == ["token", "rank"]
     assert group["topk_indices"].dtype == np.uint8 and group["logsumexp"].dtype == np.float32
     values, indices, lse = group["topk_values"][:], group["topk_indices"][:], group["logsumexp"][:]
     teacher = _teacher_over_t(lm)
@@ -173,7 +173,7 @@ def test_top8_student_learns_and_retempering_changes_its_targets(lm, tmp_path):
 
 def test_a_different_k_does_not_resume_a_cache(lm):
     config = cache_teacher.CacheTeacherConfig(teacher=TEACHER, dataset=LM_DATA, out=lm["top8"], temperature=T,
-                                              format="topk", top_k=16, chunk_rows=32, device="cpu")
+                                              format="topk", kind_options={"top_k": 16}, chunk_rows=32, device="cpu")
     with pytest.raises(InputError, match="top_k: cache has 8, this run 16"):
         cache_teacher.run(config, lm["teacher"], lm["train"])
 
@@ -208,7 +208,7 @@ def test_a_killed_topk_token_cache_resumes_to_the_same_cache(lm, tmp_path):
     group["logsumexp"][32:64] = np.nan
     group.attrs["complete"] = False
     config = cache_teacher.CacheTeacherConfig(teacher=TEACHER, dataset=LM_DATA, out=copy, temperature=T, format="topk",
-                                              top_k=8, chunk_rows=32, batch_size=50, device="cpu")
+                                              kind_options={"top_k": 8}, chunk_rows=32, batch_size=50, device="cpu")
     assert cache_teacher.run(config, lm["teacher"], lm["train"]).chunks_computed == 1
     reference = zarr.open_group(str(lm["top8"]), mode="r")
     for name in ("topk_values", "topk_indices", "logsumexp", "lengths", "labels", "index"):

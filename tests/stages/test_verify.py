@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -14,7 +15,7 @@ from stages.verify import verify
 from stages.weights import save_weights
 from tests.conftest import DATASET, cache_with_cli, invoke, invoke_json
 
-# A value for each kind's options (stages.kinds.Kind.options).
+# A value for each kind's options (stages.kinds: each kind's Options).
 KIND_OPTIONS = {"top_k": 2, "samples": 12, "value_bits": 4}
 
 
@@ -35,7 +36,8 @@ def test_a_sound_cache_passes_every_check(cache_path, teacher_weights):
 def test_every_kind_of_cache_matches_its_teacher_rerun(tmp_path, teacher_weights, kind):
     """A cache of each kind from the registry, per row (its log-sum-exp one number per row for a
     top-k cache), re-run against its teacher."""
-    options = [(f"--{option.replace('_', '-')}", str(KIND_OPTIONS[option])) for option in KINDS[kind].options]
+    options = [(f"--{f.name.replace('_', '-')}", str(KIND_OPTIONS[f.name])) for f in dataclasses.fields(KINDS[kind].Options)
+               if f.name in KIND_OPTIONS]
     cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", kind, *sum(options, ()))["cache"]
     report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "40")
     assert report["ok"] and next(c for c in report["checks"] if c["check"] == "teacher")["ok"], report

@@ -129,7 +129,7 @@ def test_a_topk_view_cache_trains_a_student(digits, tmp_path):
     torch.manual_seed(0)
     teacher = resolve_model("cnn", num_classes=10, input_shape=(1, 8, 8))
     config = cache_teacher.CacheTeacherConfig(teacher="cnn", dataset=DATA, out=tmp_path / "t.zarr", augment="flip", views=2,
-                                              format="topk", top_k=3, device="cpu")
+                                              format="topk", kind_options={"top_k": 3}, device="cpu")
     cache_teacher.run(config, teacher, train)
     reader = CacheReader(tmp_path / "t.zarr")
     assert reader.layout.row_shape == (2, 3) and reader.arrays["logsumexp"].shape == (len(train), 2)

@@ -16,7 +16,8 @@ from pipeline.models import resolve_model
 from stages.cache import (
     FORMAT, SCHEMA_VERSION, CacheReader, CacheWriter, ChunkGrid, Layout, default_chunk_rows, is_cache, malformed_attributes,
 )
-from stages.cache.format import SHARD_ABOVE_BYTES, array_problems, default_shard_rows, row_problem
+from stages.cache.format import array_problems, row_problem
+from stages.cache.layout import SHARD_ABOVE_BYTES, default_shard_rows
 from stages.errors import InputError
 from tests.conftest import CHUNK_ROWS, DATASET, SHARD_ROWS, TEMPERATURE
 from tests.stages.cache.conftest import _complete_cache
@@ -73,9 +74,9 @@ def test_default_chunking_targets_about_two_megabytes_in_even_chunks():
     assert rows(num_samples=600, kind="dense", num_classes=10) == 600  # one chunk: no padding to 1024 rows
     # top-32 of 50k classes per token of 128: (32 x (2 + 2) + 4) bytes x 128 tokens a row
     per_chunk = 2 * 1024 * 1024 // (132 * 128)
-    assert rows(num_samples=per_chunk * 10, kind="topk", num_classes=50_000, top_k=32, tokens=128) == per_chunk
+    assert rows(num_samples=per_chunk * 10, kind="topk", num_classes=50_000, options={"top_k": 32}, tokens=128) == per_chunk
     for n in (1, 63, 4697, 100_001):  # chunks are even: the last one is never mostly padding
-        size = rows(num_samples=n, kind="topk", num_classes=256, top_k=8, tokens=128)
+        size = rows(num_samples=n, kind="topk", num_classes=256, options={"top_k": 8}, tokens=128)
         chunks = -(-n // size)
         assert chunks * size - n < chunks
 
@@ -94,7 +95,7 @@ def test_default_sharding_leaves_small_caches_unsharded_and_shards_large_ones_by
     assert sharding(10**7, 1021, kind="dense", num_classes=1000) == (65 * 1021, pytest.approx(126.6, abs=0.1))  # at most 128 MiB
     # a top-32 token cache of 20 M tokens at an 8,192 vocabulary: 2.5 GiB of soft labels, 16 KiB a row in
     # the largest arrays (values, classes), 1.2 GiB of each: a sixteenth, 76 MiB, in 17 shards of 76 chunks
-    tokens = {"kind": "topk", "num_classes": 8192, "top_k": 32, "tokens": 256}
+    tokens = {"kind": "topk", "num_classes": 8192, "options": {"top_k": 32}, "tokens": 256}
     assert sharding(78_125, 64, **tokens) == (76 * 64, 76.0)
     assert sharding(1024, 64, **tokens) == (None, None)  # 33 MiB: unsharded
     assert sharding(10**5, 10**5, kind="dense", num_classes=10**4) == (None, None)  # one chunk is more than a shard
@@ -139,7 +140,7 @@ def _teacher_cache(tmp_path, kind: str):
     split = resolve_dataset(dataset).split("train")
     torch.manual_seed(0)
     teacher = resolve_model(spec, num_classes=classes, input_shape=shape).eval()
-    extra = {"format": "topk", "top_k": 3} if kind == "topk" else {"augment": "shift:1", "views": 3} if kind == "views" else {}
+    extra = {"format": "topk", "kind_options": {"top_k": 3}} if kind == "topk" else {"augment": "shift:1", "views": 3} if kind == "views" else {}
     config = cache_teacher.CacheTeacherConfig(teacher=spec, dataset=dataset, out=tmp_path / f"{kind}.zarr", temperature=2.0,
                                               chunk_rows=128, batch_size=64, device="cpu", **extra)
     path = cache_teacher.run(config, teacher, split).cache
@@ -245,14 +246,14 @@ def test_the_chunk_grid_tiles_every_row_once_and_only_the_last_chunk_may_be_shor
 LAYOUTS = {
     "dense": {},
     "float32, zstd": {"dtype": "float32", "codec": "zstd"},
-    "topk": {"kind": "topk", "top_k": 3},
+    "topk": {"kind": "topk", "options": {"top_k": 3}},
     "tokens": {"tokens": 8},
-    "topk tokens": {"kind": "topk", "top_k": 2, "tokens": 8},
+    "topk tokens": {"kind": "topk", "options": {"top_k": 2}, "tokens": 8},
     "views": {"views": 3},
     "features": {"features": 6},
     "unlabelled views with features": {"views": 3, "features": 6, "labelled": False},
     "sharded": {"shard_rows": 64},
-    "sharded topk tokens, zstd": {"kind": "topk", "top_k": 2, "tokens": 8, "codec": "zstd", "shard_rows": 96},
+    "sharded topk tokens, zstd": {"kind": "topk", "options": {"top_k": 2}, "tokens": 8, "codec": "zstd", "shard_rows": 96},
 }
 
 

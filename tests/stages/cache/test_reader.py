@@ -222,3 +222,27 @@ def test_abandoning_prefetch_stops_its_producer_which_never_runs_more_than_depth
     producer.join(timeout=30)
     assert not producer.is_alive()
     assert len(produced) <= 3 + 2 + 1  # consumed, queued (depth), and the one it was offering
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("dense", {}), ("topk", {"top_k": 2}), ("qtopk", {"top_k": 2, "value_bits": 4}), ("sampled", {"samples": 5, "sample_seed": 3}),
+])
+def test_a_schema_4_cache_with_its_kinds_options_as_attributes_of_their_own_reads_trains_and_resumes(
+        tmp_path, teacher_weights, kind, options):
+    """Before schema 5, a cache kept `top_k` (null for other kinds), `value_bits`, `samples` and
+    `sample_seed` as attributes of their own; they are read as the kind's options."""
+    from tests.conftest import cache_with_cli, invoke_json
+
+    flags = [item for name, value in options.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    old = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", kind, *flags)["cache"]
+    group = zarr.open_group(str(old), mode="r+")
+    assert group.attrs["kind_options"] == options
+    group.attrs.update({"schema_version": 4, "top_k": options.get("top_k"), "samples": options.get("samples"), **{
+        name: value for name, value in options.items() if name in ("value_bits", "sample_seed")}})
+    del group.attrs["kind_options"]
+    assert CacheReader(old).layout.options.attributes() == options
+    assert invoke_json("verify", old)["ok"]
+    assert invoke_json("train-student", "--cache", old, "--student", "mlp-64", "--epochs", "1", "--out", tmp_path / "run")["mode"] == "distilled"
+    group["chunk_done"][0] = 0  # an unfinished schema 4 cache: the same command resumes it
+    group.attrs["complete"] = False
+    assert cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", kind, *flags)["chunks_computed"] == 1
