@@ -352,6 +352,8 @@ def train_student_command(
     out: Annotated[Path | None, typer.Option(help="Run folder to write. (default: data/runs/STUDENT-kd-CACHE-aALPHA-TT-sSEED, or from hard labels data/runs/STUDENT-scratch-DATASET-sSEED)")] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the soft (KD) term; 1 - alpha weighs cross-entropy with the hard labels.")] = field_default(TS, "alpha"),
     temperature: Annotated[float | None, typer.Option(help="Distillation temperature. (default: the cache's T; another T' re-tempers exactly)")] = None,
+    logit_pieces: Annotated[bool, typer.Option("--logit-pieces/--whole-logits", help="A causal LM student (gpt2:, hf:) takes its loss and evaluation a piece of positions at a time, never batch x length x classes logits; --whole-logits computes them whole (to compare).")] = field_default(TS, "logit_pieces"),
+    eval_batch_size: Annotated[int, typer.Option(help="Rows per evaluation batch.")] = field_default(TS, "eval_batch_size"),
     divergence: Annotated[str, typer.Option(help="Between the teacher's and the student's distributions: forward-kl (Hinton et al.), reverse-kl, jsd[:BETA] (generalized Jensen-Shannon, TRL's convention: 0 forward, 1 reverse KL; default 0.5) or tv (total variation). A sampled cache estimates forward-kl only.")] = field_default(TS, "divergence"),
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = field_default(TS, "epochs"),
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),

@@ -18,9 +18,9 @@ import logging
 
 __version__ = "0.2.0"
 
-# Your own training loop (stages.loop), importable as `from stages import CacheDataset, kd_loss`.
+# Your own training loop (stages.loop), importable as `from stages import CacheDataset, kd_loss, HiddenAndHead`.
 # Loaded on first use: they load torch, and the CLI, which imports stages.config at start-up, must not.
-_LOOP = ("CacheDataset", "kd_loss")
+_LOOP = ("CacheDataset", "kd_loss", "HiddenAndHead")
 
 
 def __getattr__(name: str):

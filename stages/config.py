@@ -135,6 +135,11 @@ class TrainConfig:
     feature_weight: float = 1.0  # the feature loss's weight, added to the distillation loss
     buffer_chunks: int = 8
     loader_workers: int = 0  # DataLoader worker processes for a map-style dataset's inputs
+    # A student with its last hidden states and output layer apart (`hidden_and_head`: gpt2: and
+    # hf: causal LMs) has its loss taken a piece of positions at a time, never B x L x C logits;
+    # False: on the whole logits, as any other student.
+    logit_pieces: bool = True
+    eval_batch_size: int = 512  # rows per evaluation batch
     weights_out: Path | None = None  # None: model.safetensors in the run folder
     checkpoint_every: int = 1  # epochs between checkpoints; 0: none
     resume: bool = False
@@ -144,7 +149,8 @@ class TrainConfig:
         check_range("alpha", self.alpha, 0.0, 1.0)
         if self.temperature is not None:
             check_positive("temperature", self.temperature, MAX_TEMPERATURE)
-        _check_counts(self, {"epochs": 1, "batch_size": 1, "buffer_chunks": 1, "loader_workers": 0, "checkpoint_every": 0})
+        _check_counts(self, {"epochs": 1, "batch_size": 1, "buffer_chunks": 1, "loader_workers": 0, "checkpoint_every": 0,
+                             "eval_batch_size": 1})
         check_positive("lr", self.lr)
         check_range("weight_decay", self.weight_decay, 0.0, math.inf)
         check_range("feature_weight", self.feature_weight, 0.0, math.inf)

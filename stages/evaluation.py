@@ -19,26 +19,35 @@ from stages.augment import Augmentation
 from stages.cache.reader import CacheReader
 from stages.data import Split, inputs_at, sequence_lengths
 from stages.errors import InputError
+from stages import losses
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 512) -> dict:
+def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 512, logit_pieces: bool = True) -> dict:
     """Accuracy, error count and mean NLL (nats) of `model` on a labelled split: per sample,
-    or per valid token for a model with logits per token (then also `num_tokens`)."""
+    or per valid token for a model with logits per token (then also `num_tokens`). A model with
+    `hidden_and_head` (a causal LM) gives its logits a piece of positions at a time
+    (stages.losses.rows_per_piece), unless `logit_pieces` is False: what evaluation holds then
+    does not grow with batch x length x classes."""
     if split.labels is None:
         raise InputError(f"cannot evaluate on split {split.name!r}: it has no labels")
     model.eval()
     correct, nll, count, lengths = 0, 0.0, 0, None
+    split_forward = getattr(model, "hidden_and_head", None) if logit_pieces else None
     for start in range(0, len(split), batch_size):
         index = np.arange(start, min(start + batch_size, len(split)), dtype=np.int64)
-        logits = model(inputs_at(split, index).to(device)).float()
+        inputs = inputs_at(split, index).to(device)
+        outputs, head = split_forward(inputs) if split_forward is not None else (model(inputs), None)
         y = torch.from_numpy(split.labels[index]).to(device)
-        if logits.ndim == 3:
-            lengths = sequence_lengths(split, logits.shape[1]) if lengths is None else lengths
-            valid = torch.arange(logits.shape[1], device=device) < torch.from_numpy(lengths[index]).to(device).unsqueeze(1)
-            logits, y = logits[valid], y[valid]
-        correct += int((logits.argmax(-1) == y).sum())
-        nll += float(F.cross_entropy(logits, y, reduction="sum"))
+        if y.ndim == 2:  # per token
+            lengths = sequence_lengths(split, y.shape[1]) if lengths is None else lengths
+            valid = torch.arange(y.shape[1], device=device) < torch.from_numpy(lengths[index]).to(device).unsqueeze(1)
+            outputs, y = outputs[valid], y[valid]
+        step = max(1, len(outputs)) if head is None else losses.rows_per_piece(outputs, head)
+        for first in range(0, len(outputs), step):
+            logits = (outputs[first : first + step] if head is None else head(outputs[first : first + step])).float()
+            correct += int((logits.argmax(-1) == y[first : first + step]).sum())
+            nll += float(F.cross_entropy(logits, y[first : first + step], reduction="sum"))
         count += len(y)
     if count == 0:
         raise InputError(f"cannot evaluate on split {split.name!r}: it has no rows (or no valid tokens)")

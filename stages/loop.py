@@ -35,6 +35,7 @@ from stages.config import VIEW_POLICIES
 from stages.data import Split, TorchDatasetSplit, inputs_at
 from stages.errors import InputError
 from stages.kinds import KINDS, Kind
+from stages.losses import HiddenAndHead, piecewise_loss
 from stages.storage import CacheLocation, cache_location
 
 
@@ -147,10 +148,12 @@ def one_view_each(rows: Rows, soft_arrays: tuple[str, ...], policy: str, rng: np
             "view": pick}
 
 
-def kd_loss(student_logits: torch.Tensor, batch: dict, *, alpha: float, temperature: float | None = None,
+def kd_loss(student_logits: torch.Tensor | HiddenAndHead, batch: dict, *, alpha: float, temperature: float | None = None,
             divergence: str = divergences.DEFAULT) -> torch.Tensor:
     """The distillation loss of the student's logits ((B, C), or (B, L, C) for a token cache) on
-    a CacheDataset batch: `divergence` (stages.divergences: forward-kl, reverse-kl, jsd[:BETA],
+    a CacheDataset batch, or of its last hidden states and output layer (`HiddenAndHead(hidden,
+    head)`, hidden (B, L, H)), whose logits are then taken a piece of positions at a time, never
+    all of B x L x C at once (the same loss, float32 rounding aside): `divergence` (stages.divergences: forward-kl, reverse-kl, jsd[:BETA],
     tv) between the teacher and the student over the support of the cache's kind (stages.kinds)
     at `temperature` (default: the cache's T; another T re-tempers the cached values, exactly for a
     dense cache and for a top-k cache's kept classes; a sampled cache refuses it, and any divergence
@@ -158,26 +161,35 @@ def kd_loss(student_logits: torch.Tensor, batch: dict, *, alpha: float, temperat
     `alpha` (1: soft labels only), over valid tokens only. The loss train-student trains with."""
     kind = KINDS[batch["kind"]]
     # Only what the loss reads: the inputs went to the model already, and a copy per step is no small thing on a GPU.
-    tensors = {name: batch[name].to(student_logits.device) for name in ("labels", "lengths", *kind.soft_arrays) if name in batch}
+    device = (student_logits.hidden if isinstance(student_logits, HiddenAndHead) else student_logits).device
+    tensors = {name: batch[name].to(device) for name in ("labels", "lengths", *kind.soft_arrays) if name in batch}
     cache_temperature = float(batch["temperature"])
     loss, _ = soft_label_loss(student_logits, tensors, kind, alpha=alpha, temperature=temperature or cache_temperature,
                               cache_temperature=cache_temperature, divergence=divergence)
     return loss
 
 
-def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kind: Kind | None, *, alpha: float,
+def soft_label_loss(student: torch.Tensor | HiddenAndHead, batch: dict[str, torch.Tensor], kind: Kind | None, *, alpha: float,
                     temperature: float | None, cache_temperature: float | None, divergence: str = divergences.DEFAULT
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of `logits` on one batch of tensors and its named parts: cross-entropy with the
-    hard labels without a kind, else the kind's distillation loss. For logits per token ((B, L,
-    C), with the batch's "lengths"), only valid tokens are rows of the loss: padding positions
-    get no gradient."""
+    """The loss of the student's output on one batch of tensors and its named parts: cross-entropy
+    with the hard labels without a kind, else the kind's distillation loss. The output is its
+    logits, or its last hidden states and output layer (HiddenAndHead), whose logits are then
+    taken a piece of positions at a time (stages.losses.piecewise_loss: the same loss, never all
+    of B x L x C at once). Per token ((B, L, ...), with the batch's "lengths"), only valid tokens
+    are rows of the loss: padding positions get no gradient."""
     y = batch.get("labels")
     soft = {name: batch[name] for name in (kind.soft_arrays if kind else ())}
-    if "lengths" in batch and logits.ndim == 3:
-        valid = torch.arange(logits.shape[1], device=logits.device) < batch["lengths"].unsqueeze(1)
-        logits, y = logits[valid], None if y is None else y[valid]
+    pieces = isinstance(student, HiddenAndHead)
+    rows = student.hidden if pieces else student
+    if "lengths" in batch and rows.ndim == 3:
+        valid = torch.arange(rows.shape[1], device=rows.device) < batch["lengths"].unsqueeze(1)
+        rows, y = rows[valid], None if y is None else y[valid]
         soft = {name: values[valid] for name, values in soft.items()}
+    if pieces:
+        return piecewise_loss(kind, HiddenAndHead(rows, student.head), soft, y, alpha=alpha, temperature=temperature,
+                              cache_temperature=cache_temperature, divergence=divergence)
+    logits = rows
     if kind is None:
         hard = F.cross_entropy(logits, y)
         return hard, {"ce": hard.detach()}

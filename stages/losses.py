@@ -17,6 +17,8 @@ divergence compares, and the T^2 factor and the hard-label mix are applied once,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -208,3 +210,118 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> tor
     if kind == "mse":
         return F.mse_loss(student, teacher)
     return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+# The student's logits are taken a piece of rows (positions) at a time, each piece at most this
+# many bytes as float32 (`in_pieces`): with the softmax, the divergence and their gradients a piece
+# costs a few times that, whatever B x L (2,048 tokens of a 128,256-token vocabulary are 1 GB of
+# float32 logits per copy).
+LOGIT_PIECE_BYTES = 16 * 2**20
+
+
+class HiddenAndHead(NamedTuple):
+    """A student's output before its output layer: the last hidden states ((B, L, H), or (M, H)
+    rows) and the layer that makes them logits (an nn.Module, applied a piece at a time)."""
+
+    hidden: torch.Tensor
+    head: torch.nn.Module
+
+
+# A piece's loss: from the piece's float32 logits (P, C) and its rows' slice, its share of the
+# loss (a scalar that requires grad) and its named parts (summed over the pieces, detached).
+PieceLoss = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class _InPieces(torch.autograd.Function):
+    """The sum over pieces of rows of `piece_loss(head(hidden[piece]))`, with the gradients of every
+    piece taken while its logits exist (as Liger-Kernel's fused linear losses do): the backward
+    only scales the gradients kept for `hidden` and the head's parameters, so no (M, C) tensor
+    exists in the forward or the backward, and the head runs once per piece."""
+
+    @staticmethod
+    def forward(ctx, hidden, head, piece_loss, rows_per_piece, parts, *parameters):
+        wanted = [hidden.requires_grad, *(p.requires_grad for p in parameters)]
+        grad_hidden = torch.zeros_like(hidden) if wanted[0] else None
+        grad_parameters = [torch.zeros_like(p) if w else None for p, w in zip(parameters, wanted[1:])]
+        total = torch.zeros((), device=hidden.device)
+        for start in range(0, len(hidden), rows_per_piece):
+            piece = slice(start, start + rows_per_piece)
+            with torch.enable_grad():
+                rows = hidden[piece].detach().requires_grad_(wanted[0])
+                value, named = piece_loss(head(rows).float(), piece)
+                sources = [t for t, w in zip((rows, *parameters), wanted) if w]
+                grads = iter(torch.autograd.grad(value, sources, allow_unused=True)) if sources and value.requires_grad else None
+            if grads is not None:
+                for index, w in enumerate(wanted):
+                    grad = next(grads) if w else None
+                    if grad is None:
+                        continue
+                    if index == 0:
+                        grad_hidden[piece] = grad
+                    else:
+                        grad_parameters[index - 1] += grad
+            total += value.detach()
+            for name, part in named.items():
+                parts[name] = parts.get(name, 0) + part.detach()
+        ctx.save_for_backward(*(g if g is not None else torch.zeros(0) for g in (grad_hidden, *grad_parameters)))
+        ctx.wanted = wanted
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = ctx.saved_tensors
+        grads = [grad * grad_output if w else None for grad, w in zip(saved, ctx.wanted)]
+        return grads[0], None, None, None, None, *grads[1:]
+
+
+def rows_per_piece(hidden: torch.Tensor, head: torch.nn.Module) -> int:
+    """How many of `hidden`'s rows one piece takes: their float32 logits at most LOGIT_PIECE_BYTES."""
+    classes = head.out_features if hasattr(head, "out_features") else head(hidden[:1]).shape[-1]
+    return max(1, LOGIT_PIECE_BYTES // (4 * classes))
+
+
+def in_pieces(hidden: torch.Tensor, head: torch.nn.Module, piece_loss: PieceLoss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The sum over pieces of `hidden`'s rows ((M, H)) of `piece_loss` on their logits
+    `head(rows)`, and the sums of its named parts, holding one piece's logits at a time (at most
+    LOGIT_PIECE_BYTES as float32): what the loss of a student at a language model's vocabulary
+    costs without its (M, C) logits. Differentiable in `hidden` and the head's parameters."""
+    parts: dict[str, torch.Tensor] = {}
+    # Without grad mode (evaluation), nothing is differentiated: the pieces' values alone.
+    parameters = list(head.parameters()) if torch.is_grad_enabled() else []
+    total = _InPieces.apply(hidden if torch.is_grad_enabled() else hidden.detach(), head, piece_loss,
+                            rows_per_piece(hidden, head), parts, *parameters)
+    return total, parts
+
+
+def piecewise_loss(kind, student: HiddenAndHead, soft: dict[str, torch.Tensor], labels: torch.Tensor | None, *,
+                   alpha: float, temperature: float | None, cache_temperature: float | None,
+                   divergence: str = divergences.DEFAULT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`soft_target_loss` of the student's (M, H) rows of hidden states and its output layer (or,
+    with `kind` None, cross-entropy with `labels` alone), computed a piece of rows at a time
+    (`in_pieces`): equal to it on the logits head(hidden) (float32 rounding aside), with none
+    of the (M, C) logits, log-probabilities or gradients ever whole."""
+    hidden, head = student
+    count = len(hidden)
+    if kind is None:
+        def hard_only(logits, piece):
+            ce = F.cross_entropy(logits, labels[piece], reduction="sum") / count
+            return ce, {"ce": ce}
+
+        loss, parts = in_pieces(hidden, head, hard_only)
+        return loss, parts
+    kind.check_temperature(temperature, cache_temperature)
+    kind.check_divergence(divergence)
+    if alpha < 1.0 and labels is None:
+        raise ValueError("hard labels are needed when alpha < 1")
+    measure, ratio = divergences.parse(divergence), cache_temperature / temperature
+
+    def piece_loss(logits, piece):
+        rows = {name: values[piece] for name, values in soft.items()}
+        kd = temperature**2 * kind.soft_terms(logits / temperature, rows, measure, ratio=ratio, cache_temperature=cache_temperature
+                                              ).sum() / count
+        if alpha >= 1.0:
+            return alpha * kd, {"kd": kd}
+        ce = F.cross_entropy(logits, labels[piece], reduction="sum") / count
+        return (1.0 - alpha) * ce + alpha * kd, {"ce": ce, "kd": kd}
+
+    return in_pieces(hidden, head, piece_loss)

@@ -52,7 +52,7 @@ from stages.data import Split, joined_with_inputs, sequence_lengths
 from stages.errors import CacheMismatchError, InputError, PipelineError
 from stages.evaluation import evaluate
 from stages.loop import one_view_each, soft_label_loss
-from stages.losses import feature_loss
+from stages.losses import HiddenAndHead, feature_loss
 from stages.runtime import (
     Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
     output_shape, process_group, seed_everything, torch_threads, training_threads,
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Options that may change when a run is resumed: they do not change what it computes.
-RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "loader_workers")
+RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "loader_workers", "eval_batch_size")
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,9 @@ def _prepare(
     agree(ranks, first_epoch, "the epoch to resume after (is the run folder on a file system they all see?)")
     # Each process computes its own batch's gradients; DDP averages them over the processes
     # during backward, so every step is one step on the global batch.
-    trained = student if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(student)
+    in_pieces = config.logit_pieces and lengths is not None and hasattr(student, "hidden_and_head")
+    forward = HiddenStatesAndHead(student) if in_pieces else student
+    trained = forward if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(forward)
     return Training(config, model, student, trained, optimizer, schedule, train, evaluation, cache, labels, lengths, augment,
                     temperature, ranks, device, first_epoch, epoch_steps, sum(epoch_steps[:first_epoch]))
 
@@ -285,7 +287,8 @@ def _end_of_epoch(training: Training, epoch: int, means: dict[str, float], epoch
     config = training.config
     epoch_metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()}}
     if training.evaluation is not None:
-        epoch_metrics.update({f"test_{k}": v for k, v in evaluate(training.model, training.evaluation, training.device).items()})
+        epoch_metrics.update({f"test_{k}": v for k, v in evaluate(training.model, training.evaluation, training.device,
+                                                                    config.eval_batch_size, config.logit_pieces).items()})
     epoch_metrics["seconds"] = time.perf_counter() - epoch_started
     metrics_file.write(json.dumps(epoch_metrics) + "\n")
     metrics_file.flush()
@@ -299,15 +302,30 @@ def _end_of_epoch(training: Training, epoch: int, means: dict[str, float], epoch
 
 
 def batch_loss(
-    logits: torch.Tensor, batch: Rows, cache: SoftLabels | None, *, alpha: float, temperature: float | None,
+    logits: torch.Tensor | HiddenAndHead, batch: Rows, cache: SoftLabels | None, *, alpha: float, temperature: float | None,
     divergence: str = divergences.DEFAULT,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of the student's `logits` on one batch of rows (numpy, as the cache gives them):
-    stages.loop.soft_label_loss, the function behind `kd_loss`, with the cache's kind and T."""
+    """The loss of the student's `logits` (or its HiddenAndHead) on one batch of rows (numpy, as
+    the cache gives them): stages.loop.soft_label_loss, the function behind `kd_loss`, with the
+    cache's kind and T."""
     names = ("labels", "lengths", *(cache.soft_arrays if cache else ()))
-    tensors = {name: torch.from_numpy(batch[name]).to(logits.device) for name in names if name in batch}
+    device = (logits.hidden if isinstance(logits, HiddenAndHead) else logits).device
+    tensors = {name: torch.from_numpy(batch[name]).to(device) for name in names if name in batch}
     return soft_label_loss(logits, tensors, cache.layout.soft_kind if cache else None, alpha=alpha, temperature=temperature,
                            cache_temperature=cache.temperature if cache else None, divergence=divergence)
+
+
+class HiddenStatesAndHead(torch.nn.Module):
+    """The student's forward as its last hidden states and output layer (`hidden_and_head`), so
+    that the loss takes its logits a piece of positions at a time (stages.losses.piecewise_loss).
+    A module of its own, with the student's parameters, so that DDP can wrap it as it wraps the student."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> HiddenAndHead:
+        return HiddenAndHead(*self.model.hidden_and_head(inputs))
 
 
 class StudentWithProjection(torch.nn.Module):

@@ -119,7 +119,7 @@ def _cache(tmp_path, model, split, name: str, **options) -> CacheReader:
     return CacheReader(cache_teacher.run(config, model, split).cache)
 
 
-@pytest.mark.parametrize("options", [{}, {"format": "topk", "top_k": 2}], ids=["dense", "topk"])
+@pytest.mark.parametrize("options", [{}, {"format": "topk", "kind_options": {"top_k": 2}}], ids=["dense", "topk"])
 def test_teacher_agreement_is_the_fraction_of_rows_whose_top_class_is_the_cached_teachers(tmp_path, teacher, splits, options):
     train = splits[0]
     reader = _cache(tmp_path, teacher, train, "c", **options)

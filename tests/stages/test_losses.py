@@ -212,3 +212,71 @@ def test_training_loss_retempers_the_cached_teacher(tmp_path, teacher_weights, k
     for T in (3.0, 1.5, 6.0):
         loss, _ = batch_loss(s, batch, reader, alpha=0.7, temperature=T)
         assert float(loss) == pytest.approx(reference_loss(s, t, y, 0.7, T), rel=1e-5), T
+
+
+PIECEWISE = [("dense", None, spec) for spec in ("forward-kl", "reverse-kl", "jsd:0.3", "tv")] + [
+    ("topk", {"top_k": 9}, spec) for spec in ("forward-kl", "reverse-kl", "jsd", "tv")] + [
+    ("qtopk", {"top_k": 9, "value_bits": 4}, spec) for spec in ("forward-kl", "reverse-kl", "jsd", "tv")] + [
+    ("sampled", {"samples": 6}, "forward-kl"), (None, None, None)]
+
+
+@pytest.mark.parametrize("kind, options, divergence", PIECEWISE)
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_the_loss_in_pieces_of_positions_equals_the_loss_on_whole_logits(monkeypatch, kind, options, divergence, alpha):
+    """Loss, parts and gradients (of the hidden states and the output layer) of
+    stages.losses.piecewise_loss equal those on the whole logits, padding positions included
+    (they count in neither and get no gradient), with pieces that cut through rows."""
+    from stages import losses
+    from stages.cache.layout import Layout
+    from stages.kinds import KINDS
+    from stages.loop import soft_label_loss
+    from stages.teacher_rows import stored_rows
+
+    classes, length, width = 600, 7, 16
+    monkeypatch.setattr(losses, "LOGIT_PIECE_BYTES", 4 * classes * 5)  # five positions a piece: 3 rows of 7 cut across
+    generator = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([7, 3, 5])
+    batch = {"lengths": lengths, "labels": torch.randint(0, classes, (3, length), generator=generator)}
+    if kind is not None:
+        layout = Layout(kind=kind, num_samples=3, num_classes=classes, chunk_rows=3, dtype="float32", tokens=length, options=options)
+        teacher = torch.randn(3, length, classes, generator=generator) * 3
+        batch.update({k: v for k, v in stored_rows(teacher, layout, lengths, row_index=torch.arange(3)).items()
+                      if k in KINDS[kind].soft_arrays})
+    head = torch.nn.Linear(width, classes)
+    hidden = torch.randn(3, length, width, generator=generator, requires_grad=True)
+    common = dict(kind=KINDS[kind] if kind else None, alpha=alpha if kind else 0.0, temperature=2.0 if kind else None,
+                  cache_temperature=2.0 if kind else None, **({"divergence": divergence} if kind else {}))
+    results = []
+    for student in (head(hidden), losses.HiddenAndHead(hidden, head)):
+        loss, parts = soft_label_loss(student, batch, **common)
+        grads = torch.autograd.grad(loss, [hidden, *head.parameters()])
+        results.append((loss, parts, grads))
+    (whole, whole_parts, whole_grads), (pieces, piece_parts, piece_grads) = results
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+    assert set(piece_parts) == set(whole_parts)
+    for name in whole_parts:
+        torch.testing.assert_close(piece_parts[name], whole_parts[name], rtol=1e-5, atol=1e-6)
+    for got, expected in zip(piece_grads, whole_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    padding = torch.arange(length) >= lengths.unsqueeze(1)
+    assert (piece_grads[0][padding] == 0).all() and (piece_grads[0][~padding] != 0).any()
+
+
+def test_the_loss_in_pieces_never_holds_the_whole_logits(monkeypatch):
+    """Each piece's logits are at most LOGIT_PIECE_BYTES (as float32): the head sees pieces only."""
+    from stages import losses
+
+    seen = []
+
+    class Recording(torch.nn.Linear):
+        def forward(self, rows):
+            seen.append(len(rows))
+            return super().forward(rows)
+
+    monkeypatch.setattr(losses, "LOGIT_PIECE_BYTES", 4 * 1000 * 64)
+    head, hidden = Recording(8, 1000), torch.randn(300, 8, requires_grad=True)
+    labels = torch.randint(0, 1000, (300,))
+    loss, _ = losses.piecewise_loss(None, losses.HiddenAndHead(hidden, head), {}, labels, alpha=0.0, temperature=None,
+                                    cache_temperature=None)
+    loss.backward()
+    assert seen == [64, 64, 64, 64, 44] and hidden.grad.shape == hidden.shape  # the backward ran no head again

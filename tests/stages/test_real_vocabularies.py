@@ -289,3 +289,21 @@ def test_logits_in_pieces_along_the_positions_equal_the_whole_batch(gpt2, monkey
     assert seen == [(first, min(3, SEQ - first)) for first in range(0, SEQ, 3)]
     for name in whole:
         torch.testing.assert_close(pieces[name], whole[name], rtol=1e-3, atol=1e-3)
+
+
+def test_a_causal_lm_student_trains_and_evaluates_in_pieces_of_positions_as_on_whole_logits(gpt2, tmp_path, monkeypatch):
+    """train-student takes a gpt2: student's loss and evaluation a piece of positions at a time
+    (several pieces per batch here), and the run ends where the one on whole logits does."""
+    from stages import losses
+
+    monkeypatch.setattr(losses, "LOGIT_PIECE_BYTES", 4 * gpt2["vocab"] * 40)  # 40 positions a piece: 16 x 16 a batch
+    pieces = []
+    monkeypatch.setattr(losses, "rows_per_piece", lambda hidden, head: pieces.append(len(hidden)) or 40)
+    _cache(gpt2, tmp_path / "c.zarr")
+    student = f"gpt2:layers=1,dim=16,heads=2,vocab={gpt2['vocab']}"
+    runs = {flag: invoke_json("train-student", "--student", student, "--cache", tmp_path / "c.zarr", "--epochs", 1,
+                              "--batch-size", 16, "--device", "cpu", flag, "--out", tmp_path / flag)
+            for flag in ("--logit-pieces", "--whole-logits")}
+    assert len(pieces) > 10 and max(pieces) > 40  # training batches and evaluation, each cut into pieces
+    assert runs["--logit-pieces"]["test_nll"] == pytest.approx(runs["--whole-logits"]["test_nll"], rel=1e-3)
+    assert runs["--logit-pieces"]["test_accuracy"] == pytest.approx(runs["--whole-logits"]["test_accuracy"], abs=2e-3)

@@ -296,7 +296,7 @@ def _replace_array(group, name, **changes):
     (lambda g: _replace_array(g, "labels", shards=(64,)), "labels: 64 rows a shard (expected unsharded)"),
     (lambda g: g.__delitem__("index"), "index: absent (expected (300,))"),
     (lambda g: g.__delitem__("chunk_done"), "chunk_done: absent (expected (10,))"),
-    (lambda g: g.attrs.update({"row_shape": [6]}), "row_shape [6] disagrees with num_classes and top_k ([5])"),
+    (lambda g: g.attrs.update({"row_shape": [6]}), "row_shape [6] disagrees with num_classes and the kind's options ([5])"),
 ])
 def test_arrays_that_disagree_with_the_attributes_are_named(tmp_path, tamper, named):
     reader, _ = _complete_cache(tmp_path)
