@@ -36,7 +36,16 @@ same machine, one right after the other:
    batches, the fastest of TEACHER_PASSES turns each: what the top k, the log-sum-exp, the
    copies and the writes add to computing the logits
 
-Sections 1-7 ("core"), 8 ("lm-memory"), 9 ("reader") and 10 ("lm-writer") can be run alone (`only`).
+11. train-student's peak resident memory and seconds per step (fresh processes) for a tiny GPT-2
+   student (`lm_student`) from a top-32 token cache at each of `student_vocabs` (32,000 and
+   128,256), rows of each of `student_seqs` tokens (128, 1,024) and batches of each of
+   LM_BATCHES (4, 32): during the training steps (the run's train_peak_rss_mb, taken before it
+   evaluates) and in all, with an evaluation of as many held-out rows at the same batch; with the
+   loss and evaluation in pieces of positions (stages.losses.piecewise_loss)
+   and on whole logits (--whole-logits), the latter skipped where one float32 copy of the batch's
+   logits would pass `whole_max_gib`. Peak memory in pieces should not grow with batch x length.
+
+Sections 1-7 ("core"), 8 ("lm-memory"), 9 ("reader"), 10 ("lm-writer") and 11 ("lm-student") can be run alone (`only`).
 """
 
 from __future__ import annotations
@@ -79,10 +88,13 @@ THREAD_TURNS = 2
 # "never several times slower than one thread": under load, the thread choice within 1.5x of one thread
 TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5,
            "loaded_threads_chosen_vs_one": 1.5, "lm_teacher_memory_8x_batch": 1.10,
-           "reader_vs_memmap_dense": 0.7, "reader_vs_memmap_tokens": 0.7, "lm_cache_vs_forward": 1.05}
+           "reader_vs_memmap_dense": 0.7, "reader_vs_memmap_tokens": 0.7, "lm_cache_vs_forward": 1.05,
+           **{f"lm_student_{measure}_memory_largest_vs_smallest_v{vocab}": 1.15
+              for measure in ("train", "train_and_evaluate") for vocab in (32_000, 128_256)},
+           "lm_student_step_in_pieces_vs_whole_v32000": 1.3}
 # Ratios whose target is a floor (the rest are ceilings).
 AT_LEAST = {"shuffled_vs_sequential_reads", "reader_vs_memmap_dense", "reader_vs_memmap_tokens"}
-SECTIONS = ("core", "lm-memory", "reader", "lm-writer")
+SECTIONS = ("core", "lm-memory", "reader", "lm-writer", "lm-student")
 READER_TOP_K = 32
 READER_BATCH_TOKENS = 8192  # a token cache's batches: this many positions (rows of lm_seq)
 
@@ -108,13 +120,17 @@ class BenchConfig:
     writer_teacher: str = "gpt2:layers=4,dim=512,heads=8"
     writer_rows: int = 64  # rows of lm_seq tokens it caches
     writer_batch: int = 8
+    student_vocabs: tuple[int, ...] = (32_000, 128_256)  # section 11's vocabularies (empty: skip the section)
+    student_seqs: tuple[int, ...] = (128, 1024)
+    lm_student: str = "gpt2:layers=1,dim=16,heads=2"
+    whole_max_gib: float = 2.5  # section 11: no whole-logits run whose batch's logits take more (float32, one copy)
     only: tuple[str, ...] = ()  # sections to run (SECTIONS; empty: all)
     quick: bool = False  # sizes too small for the ratios to mean what the targets mean: no verdicts
 
 
 QUICK = BenchConfig(samples=4000, classes=200, features=128, teacher_width=1024, student_width=128, epochs=2, lm_seq=64,
                     reader_rows=20_000, reader_tokens=500_000, writer_teacher="gpt2:layers=2,dim=256,heads=4", writer_rows=16,
-                    quick=True)
+                    student_vocabs=(), quick=True)
 LM_BATCHES = (4, 32)
 
 
@@ -154,6 +170,19 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         for shape, figures in report["reader"].items():
             ratios[f"reader_vs_memmap_{shape}"] = figures["reader_per_second"] / figures["memmap_per_second"]
             ratios[f"reader_first_epoch_vs_memmap_{shape}"] = figures["reader_first_epoch_per_second"] / figures["memmap_per_second"]
+    if "lm-student" in sections and config.student_vocabs:
+        # 11. train-student's memory and step time at a language model's vocabulary, in pieces and whole
+        student = report["lm_student"] = _lm_student(config, scratch)
+        for vocab, figures in student.items():
+            small, large = (figures[f"seq_{min(config.student_seqs)}_batch_{min(LM_BATCHES)}"],
+                            figures[f"seq_{max(config.student_seqs)}_batch_{max(LM_BATCHES)}"])
+            for measure in ("train", "train_and_evaluate"):
+                ratios[f"lm_student_{measure}_memory_largest_vs_smallest_v{vocab}"] = (
+                    large["in_pieces"][measure]["peak_rss_mb"] / small["in_pieces"][measure]["peak_rss_mb"])
+            steps = [(f["in_pieces"]["seconds_per_step"], f["whole_logits"]["seconds_per_step"])
+                     for f in figures.values() if f["whole_logits"]]
+            if steps:
+                ratios[f"lm_student_step_in_pieces_vs_whole_v{vocab}"] = max(pieces / whole for pieces, whole in steps)
     if "lm-writer" in sections and config.writer_vocab:
         # 10. cache-teacher at a language model's vocabulary against the bare forward
         writer = report["lm_writer"] = _lm_writer(config, scratch, device)
@@ -381,6 +410,51 @@ def _lm_teacher_memory(config: BenchConfig, scratch: Path) -> dict:
                  "topk", "--top-k", "32", "--batch-size", str(batch), "--chunk-rows", str(max(LM_BATCHES)), "--device",
                  "cpu", "--out", str(out), "--overwrite"], out.with_suffix(".log"), "cache-teacher")
             report[arm][f"batch_{batch}"] = {**usage, "logits_mb_per_batch": batch * config.lm_seq * config.lm_vocab * 4 / 2**20}
+    return report
+
+
+def _lm_student(config: BenchConfig, scratch: Path) -> dict:
+    """Section 11: for each vocabulary and row length, a top-32 token cache of a one-layer GPT-2
+    (random weights: only sizes matter) over 2 x the largest batch of rows of real text, then
+    train-student processes at each batch, in pieces and whole, each training one epoch and then
+    evaluating held-out rows at the same batch: peak resident memory during the steps and in all,
+    and seconds per step."""
+    from pipeline.hf import transformers
+
+    library = transformers("the benchmark's language-model student")
+    rows = 2 * max(LM_BATCHES)
+    report: dict = {}
+    for vocab in config.student_vocabs:
+        report[vocab] = {}
+        for seq in config.student_seqs:
+            folder = scratch / f"student-teacher-{vocab}-{seq}"
+            seed_everything(0)
+            library.GPT2LMHeadModel(library.GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=16, n_layer=1, n_head=2)
+                                    ).save_pretrained(folder)
+            dataset = f"stdlib-bytes:seq={seq},train={rows * seq + 1},test={rows * seq + 1}"
+            cache = scratch / f"student-cache-{vocab}-{seq}.zarr"
+            _process_usage([sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", f"hf:{folder}", "--dataset", dataset,
+                            "--temperature", "1", "--format", "topk", "--top-k", "32", "--batch-size", str(max(LM_BATCHES)),
+                            "--device", "cpu", "--out", str(cache), "--overwrite"], cache.with_suffix(".log"), "cache-teacher")
+            for batch in LM_BATCHES:
+                whole_gib = batch * seq * vocab * 4 / 2**30
+                figures = {"logits_gib_per_batch": whole_gib, "whole_logits": {}}
+                for arm, flag in (("in_pieces", "--logit-pieces"), ("whole_logits", "--whole-logits")):
+                    if arm == "whole_logits" and whole_gib > config.whole_max_gib:
+                        figures[arm] = None  # skipped: it would not fit beside the rest
+                        continue
+                    out = scratch / f"student-{vocab}-{seq}-{batch}-{arm}"
+                    usage = _process_usage(
+                        [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache), "--student",
+                         f"{config.lm_student},vocab={vocab}", "--epochs", "1", "--batch-size", str(batch),
+                         "--eval-batch-size", str(batch), flag, "--checkpoint-every", "0", "--device", "cpu",
+                         "--out", str(out), "--overwrite", "--json"], out.with_name(out.name + ".log"), "train-student")
+                    epoch = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+                    steps_seconds = epoch["seconds"]  # the epoch: its steps and its evaluation
+                    figures[arm] = {"train": {"peak_rss_mb": epoch["train_peak_rss_mb"]},
+                                    "train_and_evaluate": {"peak_rss_mb": usage["peak_rss_mb"]},
+                                    "seconds_per_step": steps_seconds / (rows // batch), "process_seconds": usage["seconds"]}
+                report[vocab][f"seq_{seq}_batch_{batch}"] = figures
     return report
 
 

@@ -652,14 +652,16 @@ def bench_command(
     writer_vocab: Annotated[int | None, typer.Option(min=0, help="Vocabulary of the language-model teacher whose cache-teacher time is measured against its bare forward (0: skip). (default: 32000)")] = None,
     writer_teacher: Annotated[str | None, typer.Option(help="That teacher, a gpt2: spec without its vocab. (default: gpt2:layers=4,dim=512,heads=8; quick 2 layers of 256)")] = None,
     writer_rows: Annotated[int | None, typer.Option(min=1, help="Rows of --lm-seq tokens it caches. (default: 64; quick 16)")] = None,
-    only: Annotated[list[str] | None, typer.Option(help="Run only this section (repeatable): core (1-7), lm-memory (8), reader (9), lm-writer (10).")] = None,
+    student_vocab: Annotated[list[int] | None, typer.Option(min=0, help="A vocabulary at which train-student's memory and step time are measured (repeatable; 0: skip the section). (default: 32000 and 128256; quick: skipped)")] = None,
+    student_seq: Annotated[list[int] | None, typer.Option(min=8, help="A row length for that section (repeatable). (default: 128 and 1024)")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only this section (repeatable): core (1-7), lm-memory (8), reader (9), lm-writer (10), lm-student (11).")] = None,
     device: DeviceOption = "auto",
     keep: Annotated[Path | None, typer.Option(help="Keep the benchmark's caches and runs in this folder.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure what the cache costs and buys on this machine, as ratios from one run.
 
-    cache-teacher vs the bare teacher forward; train-student from the cache vs logits in memory, vs hard labels and vs online KD; peak memory with a 10x larger cache; shuffled vs sequential reads; cache-teacher's peak memory at a 70,000-token vocabulary for two batch sizes; the training reader vs a memory map of the same bytes (a dense and a top-32 token cache); cache-teacher vs the bare forward of a GPT-2-style teacher at a 32,000-token vocabulary. Prints a table (or --json) with each ratio's target.
+    cache-teacher vs the bare teacher forward; train-student from the cache vs logits in memory, vs hard labels and vs online KD; peak memory with a 10x larger cache; shuffled vs sequential reads; cache-teacher's peak memory at a 70,000-token vocabulary for two batch sizes; the training reader vs a memory map of the same bytes (a dense and a top-32 token cache); cache-teacher vs the bare forward of a GPT-2-style teacher at a 32,000-token vocabulary; train-student's peak memory and step time for a tiny GPT-2 student at 32,000 and 128,256 classes, rows of 128 and 1,024 and batches of 4 and 32, its loss in pieces of positions and on whole logits. Prints a table (or --json) with each ratio's target.
 
     Examples:
 
@@ -673,7 +675,8 @@ def bench_command(
                         teacher_width=teacher_width, student_width=student_width, batch_size=batch_size, epochs=epochs,
                         lm_vocab=lm_vocab, lm_seq=lm_seq, reader_rows=reader_rows, reader_tokens=reader_tokens,
                         reader_vocab=reader_vocab, writer_vocab=writer_vocab, writer_teacher=writer_teacher, writer_rows=writer_rows,
-                        only=tuple(only) if only else None, device=device)
+                        student_vocabs=tuple(v for v in student_vocab if v) if student_vocab else None,
+                        student_seqs=tuple(student_seq) if student_seq else None, only=tuple(only) if only else None, device=device)
     report = run_bench(config, keep)
     _emit(as_json, report, _bench_table(report))
 

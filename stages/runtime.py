@@ -8,6 +8,8 @@ import importlib
 import logging
 import os
 import random
+import resource
+import sys
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 from pathlib import Path
@@ -246,3 +248,9 @@ def torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

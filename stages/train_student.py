@@ -55,7 +55,7 @@ from stages.loop import one_view_each, soft_label_loss
 from stages.losses import HiddenAndHead, feature_loss
 from stages.runtime import (
     Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
-    output_shape, process_group, seed_everything, torch_threads, training_threads,
+    output_shape, peak_rss_mb, process_group, seed_everything, torch_threads, training_threads,
 )
 from stages.storage import FileLock, no_follow_fd, open_no_follow, write_atomically
 from stages.weights import count_parameters, save_weights, serialised
@@ -285,11 +285,13 @@ def loss_step(training: Training, batch: Rows) -> tuple[torch.Tensor, dict[str, 
 def _end_of_epoch(training: Training, epoch: int, means: dict[str, float], epoch_started: float, metrics_file) -> dict:
     """Rank 0's part of an epoch's end: evaluate, log, checkpoint; returns the epoch's metrics."""
     config = training.config
-    epoch_metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()}}
+    epoch_metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()},
+                     "train_peak_rss_mb": peak_rss_mb()}  # before evaluating: what the training steps took at most
     if training.evaluation is not None:
         epoch_metrics.update({f"test_{k}": v for k, v in evaluate(training.model, training.evaluation, training.device,
                                                                     config.eval_batch_size, config.logit_pieces).items()})
     epoch_metrics["seconds"] = time.perf_counter() - epoch_started
+    epoch_metrics["peak_rss_mb"] = peak_rss_mb()
     metrics_file.write(json.dumps(epoch_metrics) + "\n")
     metrics_file.flush()
     log.info("epoch %d/%d %s", epoch + 1, config.epochs, _brief(epoch_metrics))

@@ -4,8 +4,10 @@ speed belongs to the benchmark command itself, on a quiet machine, never to a te
 import json
 import math
 
+import pytest
+
 from pipeline import bench
-from tests.conftest import invoke
+from tests.conftest import invoke, invoke_json
 
 TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2, lm_vocab=0,
             reader_rows=3000, reader_tokens=20000, reader_vocab=300, writer_vocab=500, writer_teacher="gpt2:layers=1,dim=16,heads=2",
@@ -107,3 +109,20 @@ def test_bench_reader_section_alone_reads_the_same_bytes_as_its_memory_map(tmp_p
 def test_bench_refuses_an_unknown_section():
     code, _, err = invoke("bench", *TINY_OPTIONS, "--only", "nonsense")
     assert code != 0 and "unknown bench section" in err and "Traceback" not in err
+
+
+def test_the_student_memory_section_measures_pieces_and_whole_logits_in_fresh_processes(tmp_path):
+    """Section 11 at test sizes: every (row length, batch) has a run in pieces, and whole-logits runs
+    where they fit; its ratios come from those figures."""
+    pytest.importorskip("transformers")
+    report = invoke_json("bench", "--only", "lm-student", "--student-vocab", "3000", "--student-seq", "16", "--device", "cpu")
+    figures = report["lm_student"]["3000"]
+    assert set(figures) == {f"seq_16_batch_{b}" for b in (4, 32)}
+    for run in figures.values():
+        for arm in ("in_pieces", "whole_logits"):
+            assert 100 < run[arm]["train"]["peak_rss_mb"] <= run[arm]["train_and_evaluate"]["peak_rss_mb"]
+            assert run[arm]["seconds_per_step"] > 0
+    largest, smallest = figures["seq_16_batch_32"], figures["seq_16_batch_4"]
+    assert report["ratios"]["lm_student_train_memory_largest_vs_smallest_v3000"] == pytest.approx(
+        largest["in_pieces"]["train"]["peak_rss_mb"] / smallest["in_pieces"]["train"]["peak_rss_mb"])
+    assert "lm_student_step_in_pieces_vs_whole_v3000" in report["ratios"]
