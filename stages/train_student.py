@@ -152,7 +152,7 @@ class Training:
     config: TrainConfig
     model: torch.nn.Module  # whose weights the run writes
     student: torch.nn.Module  # what the optimizer trains: the model, with its feature projection for feature targets
-    trained: torch.nn.Module  # the student, in DDP with several processes
+    trained: torch.nn.Module  # the student (in AutocastForward with `amp`), in DDP with several processes
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None  # fp16 only
@@ -272,7 +272,8 @@ def _prepare(
     agree(ranks, step, "the step to resume after (is the run folder on a file system they all see?)")
     # Each process computes its own batch's gradients; DDP averages them over the processes
     # during backward, so every step is one step on the global batch.
-    trained = student if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(student)
+    forward = student if config.amp == "none" else AutocastForward(student, config.amp, device)
+    trained = forward if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(forward)
     return Training(config, model, student, trained, optimizer, schedule, scaler, train, evaluation, cache, labels, lengths,
                     augment, temperature, ranks, device, first_epoch, epoch_batches, total_steps, step, position, sums)
 
@@ -363,12 +364,11 @@ def _train_epoch(training: Training, epoch: int, progress: Progress | None) -> d
 
 
 def _forward_backward(t: Training, batch: Rows, size: int, *, last: bool) -> dict[str, torch.Tensor]:
-    """One micro-batch's loss (under autocast with `amp`) and its share of the step's gradient;
+    """One micro-batch's loss (the forward under autocast with `amp`: AutocastForward) and its share of the step's gradient;
     under DDP the gradients are averaged over the processes at the step's last micro-batch only."""
     synced = contextlib.nullcontext() if last or t.ranks.world == 1 else t.trained.no_sync()
     with synced:
-        with autocast(t.config.amp, t.device):
-            loss, parts = loss_step(t, batch)
+        loss, parts = loss_step(t, batch)
         share = loss / size
         (share if t.scaler is None else t.scaler.scale(share)).backward()
     return {"loss": loss.detach(), **parts, "batches": torch.ones((), device=loss.device)}
@@ -509,6 +509,21 @@ def batch_loss(
     tensors = {name: torch.from_numpy(batch[name]).to(logits.device) for name in names if name in batch}
     return soft_label_loss(logits, tensors, cache.layout.soft_kind if cache else None, alpha=alpha, temperature=temperature,
                            cache_temperature=cache.temperature if cache else None)
+
+
+class AutocastForward(torch.nn.Module):
+    """The student's forward under autocast (`amp`: bf16 or fp16), its outputs (the logits, and
+    the features of a StudentWithProjection) returned in float32: the matrix products run in half
+    precision, the loss's log-softmax and sums over classes do not."""
+
+    def __init__(self, model: torch.nn.Module, amp: str, device: torch.device):
+        super().__init__()
+        self.model, self.amp, self.device_type = model, amp, device
+
+    def forward(self, inputs: torch.Tensor):
+        with autocast(self.amp, self.device_type):
+            outputs = self.model(inputs)
+        return tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
 
 
 class StudentWithProjection(torch.nn.Module):
