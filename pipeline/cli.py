@@ -395,7 +395,7 @@ def train_teacher_command(
     out: Annotated[Path | None, typer.Option(help="Weights file to write (.safetensors); the run folder goes beside it. (default: data/teachers/MODEL-DATASET.safetensors)")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
-    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0).")] = field_default(TS, "lr"),
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine-annealed to 0 over the steps).")] = field_default(TS, "lr"),
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
     augment: TrainAugmentOption = field_default(TS, "augment"),
     device: DeviceOption = field_default(TS, "device"),

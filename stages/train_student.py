@@ -45,6 +45,7 @@ a Hugging Face folder too (hf/, pipeline.export).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -700,13 +701,19 @@ def _open_run_dir(config: TrainConfig, run_config: dict) -> None:
 
 def _read_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise PipelineError(f"checkpoint {path} cannot be read ({exc}); start over with `overwrite`") from exc
+    if "step" not in state:  # written by a version that checkpointed epochs only, with a per-epoch schedule
+        raise PipelineError(f"checkpoint {path} is of an older version of the tool, which cannot resume it; "
+                            "start over with `overwrite`")
+    return state
 
 
 def _check_same_run(out: Path, run_config: dict) -> None:
     stored = json.loads((out / "config.json").read_text())
+    # An option a run folder does not record is one its version did not have: it ran with the default.
+    stored = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}, **stored}
     differ = [k for k in sorted(set(stored) | set(run_config))
               if k not in RESUMABLE_CHANGES and stored.get(k) != run_config.get(k)]
     if differ:

@@ -20,7 +20,7 @@ from pipeline.jobs import run_caching
 from pipeline.models import resolve_model
 from stages import train_student
 from stages.cache_teacher import CacheTeacherConfig
-from stages.errors import CacheMismatchError, InputError
+from stages.errors import CacheMismatchError, InputError, PipelineError
 from tests.conftest import DATASET, TEMPERATURE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -353,3 +353,22 @@ def test_invalid_step_options_are_input_errors(tmp_path, cache_path, bad, words)
         _train(tmp_path, cache_path, **bad)
     assert all(w in str(error.value) for w in words), str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_of_an_older_version_is_still_the_same_run_but_its_epoch_checkpoint_is_refused(tmp_path, cache_path):
+    """A config.json without the step options reads them as their defaults (a finished run is
+    reused as before); a checkpoint without a step position cannot be resumed exactly: one line."""
+    _train(tmp_path, cache_path, epochs=2)
+    record = tmp_path / "run" / "config.json"
+    stored = json.loads(record.read_text())
+    for name in ("max_steps", "accumulate", "warmup_steps", "schedule", "max_grad_norm", "amp", "checkpoint_every_steps",
+                 "log_every_steps", "hf_out"):
+        del stored[name]
+    record.write_text(json.dumps(stored))
+    assert _train(tmp_path, cache_path, epochs=2, resume=True).test_samples == 200
+    (tmp_path / "run" / "summary.json").unlink()
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    torch.save({"epoch": 1, "model": state["model"], "optimizer": state["optimizer"], "schedule": state["schedule"],
+                "torch_rng": torch.get_rng_state()}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(PipelineError, match="of an older version of the tool"):
+        _train(tmp_path, cache_path, epochs=2, resume=True)
