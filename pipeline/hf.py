@@ -229,10 +229,11 @@ def export(model: nn.Module, folder: Path, tokenizer: str | None = None) -> Path
         return None
     folder = Path(folder)
     loaded = tokenizer_from_spec(tokenizer) if tokenizer is not None else None
-    if loaded is not None:
+    generation = getattr(inner, "generation_config", None)  # a classifier has none
+    if loaded is not None and generation is not None:
         for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
-            if getattr(inner.generation_config, key, None) is None and getattr(loaded, key, None) is not None:
-                setattr(inner.generation_config, key, getattr(loaded, key))
+            if getattr(generation, key, None) is None and getattr(loaded, key, None) is not None:
+                setattr(generation, key, getattr(loaded, key))
     partial = folder.with_name(folder.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)

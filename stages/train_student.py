@@ -266,7 +266,9 @@ def _prepare(
         _set_rng_states(state["rng"], device)
         first_epoch, step, position = state["epoch"], state["step"], state["position"]
         sums = {name: value.to(device) for name, value in state["sums"].items()}
-        if ranks.main:
+        if ranks.main and position == 0:
+            log.info("resuming %s after epoch %d (step %d of %d)", config.out, first_epoch, step, total_steps)
+        elif ranks.main:
             log.info("resuming %s at step %d of %d (epoch %d, after %d of its batches)", config.out, step, total_steps,
                      first_epoch + 1, position)
     # Each process reads the checkpoint itself: one that sees another (or none) would hang the rest.
