@@ -420,12 +420,11 @@ def _log_step(t: Training, epoch: int, lr: float) -> None:
     window, t.window = t.window, None
     seconds = time.perf_counter() - window["started"]
     sums = dict(window["sums"])
-    extra = {"rows": float(window["rows"]), "tokens": float(window["tokens"])}
     if "grad_norm" in window:
         sums["grad_norm"] = window["grad_norm"]
-    sums["extra"] = torch.tensor([extra["rows"], extra["tokens"]], device=t.device)
+    sums["counted"] = torch.tensor([float(window["rows"]), float(window["tokens"])], device=t.device)
     averaged = average_over_ranks(t.ranks, sums)  # one host sync per log line
-    rows, tokens = (float(v) * t.ranks.world for v in averaged.pop("extra"))
+    rows, tokens = (float(v) * t.ranks.world for v in averaged.pop("counted"))  # sums over the processes
     norm = averaged.pop("grad_norm", None)
     count = float(averaged.pop("batches"))
     record = {"step": t.step, "epoch": epoch + 1, **{k: float(v) / count for k, v in averaged.items()}, "lr": lr}
