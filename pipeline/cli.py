@@ -355,10 +355,16 @@ def train_student_command(
     logit_pieces: Annotated[bool, typer.Option("--logit-pieces/--whole-logits", help="A causal LM student (gpt2:, hf:) takes its loss and evaluation a piece of positions at a time, never batch x length x classes logits; --whole-logits computes them whole (to compare).")] = field_default(TS, "logit_pieces"),
     eval_batch_size: Annotated[int, typer.Option(help="Rows per evaluation batch.")] = field_default(TS, "eval_batch_size"),
     divergence: Annotated[str, typer.Option(help="Between the teacher's and the student's distributions: forward-kl (Hinton et al.), reverse-kl, jsd[:BETA] (generalized Jensen-Shannon, TRL's convention: 0 forward, 1 reverse KL; default 0.5) or tv (total variation). A sampled cache estimates forward-kl only.")] = field_default(TS, "divergence"),
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = field_default(TS, "epochs"),
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
-    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0 over the epochs).")] = field_default(TS, "lr"),
-    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = field_default(TS, "weight_decay"),
+    epochs: Annotated[int, typer.Option(help="Training epochs (--max-steps overrides).")] = field_default(TS, "epochs"),
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in all, over as many epochs as they take; overrides --epochs.")] = field_default(TS, "max_steps"),
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass (the micro-batch; global under torchrun); a step sees --batch-size x --accumulate rows.")] = field_default(TS, "batch_size"),
+    accumulate: Annotated[int, typer.Option(help="Micro-batches per optimizer step, their gradients averaged (accumulation).")] = field_default(TS, "accumulate"),
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate, set at every step by --warmup-steps and --schedule.")] = field_default(TS, "lr"),
+    warmup_steps: Annotated[int, typer.Option(help="Optimizer steps of linear warmup to --lr.")] = field_default(TS, "warmup_steps"),
+    schedule: Annotated[str, typer.Option(help="The learning rate after warmup, per step: cosine or linear decay to 0 at the last step, or constant.")] = field_default(TS, "schedule"),
+    weight_decay: Annotated[float, typer.Option(help="AdamW's decoupled weight decay (0: plain Adam).")] = field_default(TS, "weight_decay"),
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradients' global norm to this before each step (0: no clipping).")] = field_default(TS, "max_grad_norm"),
+    amp: Annotated[str, typer.Option(help="The student under autocast: none, bf16 (CPU or CUDA) or fp16 (CUDA, with loss scaling).")] = field_default(TS, "amp"),
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
     augment: TrainAugmentOption = field_default(TS, "augment"),
     view_policy: Annotated[str, typer.Option(help="From a view cache: random (a random view each time a sample is drawn) or cycle (view = epoch mod V).")] = field_default(TS, "view_policy"),
@@ -368,8 +374,11 @@ def train_student_command(
     loader_workers: LoaderWorkersOption = field_default(TS, "loader_workers"),
     device: DeviceOption = field_default(TS, "device"),
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and after the last); 0: never.")] = field_default(TS, "checkpoint_every"),
+    checkpoint_every_steps: Annotated[int, typer.Option(help="Also save a checkpoint every N optimizer steps, which --resume continues mid-epoch exactly; 0: never.")] = field_default(TS, "checkpoint_every_steps"),
+    log_every_steps: Annotated[int, typer.Option(help="Log the loss and its parts, the learning rate and rows (tokens) per second every N optimizer steps, also into steps.jsonl in the run folder; 0: never.")] = field_default(TS, "log_every_steps"),
+    hf_out: Annotated[Path | None, typer.Option(help="Folder to write an hf: or gpt2: student to as a Hugging Face model (config, safetensors weights, the dataset's tokenizer) that AutoModelForCausalLM.from_pretrained loads. (default: RUN/hf)")] = field_default(TS, "hf_out"),
     storage_option: StorageOption = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint (same options required); a finished run is left as it is.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint (same options required); a finished run is left as it is; without a checkpoint, a warning says so and the run starts from the beginning.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --out.")] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
@@ -383,6 +392,10 @@ def train_student_command(
     With torchrun, the processes train one model with DDP (--batch-size is the global batch):
 
         torchrun --standalone --nproc-per-node 2 -m pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400
+
+    A language model, by steps, written out as a Hugging Face folder (RUN/hf):
+
+        pipeline train-student --cache data/caches/lm.zarr --student gpt2:layers=2,dim=128,heads=2,positions=1024 --max-steps 300 --warmup-steps 30 --accumulate 4 --max-grad-norm 1 --log-every-steps 10 --checkpoint-every-steps 50
     """
     from pipeline.jobs import run_training, spec_from_cache
     from stages.cache import CacheReader
@@ -417,7 +430,7 @@ def train_teacher_command(
     out: Annotated[Path | None, typer.Option(help="Weights file to write (.safetensors); the run folder goes beside it. (default: data/teachers/MODEL-DATASET.safetensors)")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
-    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine-annealed to 0).")] = field_default(TS, "lr"),
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine-annealed to 0 over the steps).")] = field_default(TS, "lr"),
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
     augment: TrainAugmentOption = field_default(TS, "augment"),
     device: DeviceOption = field_default(TS, "device"),

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stages.errors import InputError
+from stages.errors import InputError, PipelineError
 from stages.runtime import require
 
 log = logging.getLogger(__name__)
@@ -156,17 +157,27 @@ def build_causal_lm(spec_path: str, num_classes: int) -> HFCausalLM:
     return _causal_lm(model, num_classes, f"hf:{spec_path}")
 
 
-def build_gpt2(num_classes: int, input_shape: tuple[int, ...], *, layers: int, dim: int, heads: int, vocab: int) -> HFCausalLM:
+def build_gpt2(num_classes: int, input_shape: tuple[int, ...], *, layers: int, dim: int, heads: int, vocab: int,
+               positions: int = 0) -> HFCausalLM:
     """A fresh GPT-2-style causal LM built from a transformers GPT2Config (nothing downloaded):
-    `vocab` output classes (0: the data's number of classes; more pads the embeddings), as many
-    positions as the inputs are long, input and output embeddings tied as in GPT-2."""
+    `vocab` output classes (0: the data's number of classes; more pads the embeddings),
+    `positions` positions (0: as many as the inputs are long), input and output embeddings tied
+    as in GPT-2.
+
+    `positions` 0 stays the row length, although a model written out for use (pipeline.hf.export)
+    wants a longer context (give positions=1024): the position table's shape is part of the
+    weights (wpe), and is drawn before the blocks, so another default would change every
+    existing gpt2: spec's model: weights files and run checkpoints saved from it would no longer
+    load, and an untrained teacher recorded in a cache would no longer be the same teacher."""
     if len(input_shape) != 1:
         raise InputError(f"a gpt2 model needs token sequences (length,), got input shape {tuple(input_shape)}")
     if dim % heads:
         raise InputError(f"gpt2: dim ({dim}) must be a multiple of heads ({heads})")
+    if positions and positions < input_shape[0]:
+        raise InputError(f"gpt2: positions={positions} is fewer than the {input_shape[0]} tokens of the rows")
     library = transformers("the model gpt2")
-    config = library.GPT2Config(vocab_size=vocab or num_classes, n_positions=input_shape[0], n_embd=dim, n_layer=layers,
-                                n_head=heads, bos_token_id=None, eos_token_id=None)
+    config = library.GPT2Config(vocab_size=vocab or num_classes, n_positions=positions or input_shape[0], n_embd=dim,
+                                n_layer=layers, n_head=heads, bos_token_id=None, eos_token_id=None)
     return _causal_lm(library.GPT2LMHeadModel(config), num_classes, "gpt2")
 
 
@@ -199,3 +210,40 @@ def build_from_folder(spec_path: str, num_classes: int) -> nn.Module:
     if pad is None:
         raise InputError(f"hf:{spec_path}: its config has no pad_token_id, which the attention mask is made from")
     return HFClassifier(model, pad)
+
+
+def export(model: nn.Module, folder: Path, tokenizer: str | None = None) -> Path | None:
+    """Write a student built from hf: or gpt2: as a Hugging Face folder at `folder`: the
+    transformers model's own config.json and safetensors weights (its names, without this
+    tool's wrapper prefix), and the tokenizer of the `tokenizer` spec (hf:FOLDER) beside them, so
+    that `AutoModelForCausalLM.from_pretrained(folder)` (or ...ForSequenceClassification for a
+    classifier) and `AutoTokenizer.from_pretrained(folder)` load it. Returns the folder, or None
+    for a model that is no transformers model (nothing is written).
+
+    Written beside `folder` and renamed into place, so that a kill leaves the previous folder
+    whole or none; the tokenizer's end-of-text and padding ids become the model's generation
+    defaults where its config has none."""
+    inner = getattr(model, "model", None)
+    library = transformers("writing the student as a Hugging Face model")
+    if not isinstance(inner, library.PreTrainedModel):
+        return None
+    folder = Path(folder)
+    loaded = tokenizer_from_spec(tokenizer) if tokenizer is not None else None
+    generation = getattr(inner, "generation_config", None)  # a classifier has none
+    if loaded is not None and generation is not None:
+        for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if getattr(generation, key, None) is None and getattr(loaded, key, None) is not None:
+                setattr(generation, key, getattr(loaded, key))
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    try:
+        inner.save_pretrained(partial, safe_serialization=True)
+        if loaded is not None:
+            loaded.save_pretrained(partial)
+        if folder.exists():
+            shutil.rmtree(folder)
+        partial.rename(folder)
+    except OSError as exc:
+        raise PipelineError(f"cannot write the Hugging Face folder {folder}: {exc.strerror or exc}") from exc
+    return folder

@@ -6,14 +6,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
 import zarr
 
 from pipeline.datasets import dataset_runs_user_code, resolve_dataset
-from pipeline.models import resolve_model
-from pipeline.specs import resolve_augment, runs_user_code
+from pipeline.hf import export
+from pipeline.models import PARAMETRIC_MODELS, resolve_model
+from pipeline.specs import BuiltinSpec, FileSpec, parse_spec, resolve_augment, runs_user_code
 from stages import cache_teacher, train_student
 from stages.augment import Augmentation
 from stages.cache import CacheReader, is_cache, malformed_attributes
@@ -23,7 +25,7 @@ from stages.evaluation import evaluate, speed, teacher_agreement
 from stages.runtime import Progress, resolve_device, seed_everything
 from stages.storage import CacheLocation
 from stages.verify import Report, verify
-from stages.weights import count_parameters
+from stages.weights import count_parameters, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def load_on_worker(cfg: cache_teacher.CacheTeacherConfig) -> tuple[torch.nn.Modu
 
 def run_training(cfg: train_student.TrainConfig, progress: Progress | None = None) -> train_student.TrainResult:
     cfg.validate()
-    cfg = _with_absolute_files(cfg, "model_weights", "weights_out")
+    cfg = _with_absolute_files(cfg, "model_weights", "weights_out", "hf_out")
     augment = resolve_augment(cfg.augment)
     data = resolve_dataset(cfg.dataset)
     train = data.split(cfg.split)
@@ -110,7 +112,30 @@ def run_training(cfg: train_student.TrainConfig, progress: Progress | None = Non
         raise InputError(f"dataset {cfg.dataset} does not say how many classes it has")
     seed_everything(cfg.seed)  # the model's initial weights belong to the run's seed too
     model = resolve_model(cfg.model, num_classes=num_classes, input_shape=input_shape(train), weights=cfg.model_weights)
-    return train_student.run(cfg, model, train, evaluation, soft_labels=cache, progress=progress, augment=augment)
+    exported = hf_folder(cfg) if transformers_model(cfg.model) else None
+    if exported is not None and exported != cfg.out / "hf" and exported.exists() and any(exported.iterdir()) \
+            and not (cfg.overwrite or cfg.resume):
+        raise InputError(f"`hf_out` {exported} already exists; pass `overwrite` to replace it")
+    result = train_student.run(cfg, model, train, evaluation, soft_labels=cache, progress=progress, augment=augment)
+    if exported is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone writes
+        load_weights(model, result.weights)  # the run's final weights, also when it had finished before
+        tokenizer = parse_spec(cfg.dataset).option("tokenizer") if isinstance(parse_spec(cfg.dataset), FileSpec) else None
+        if export(model, exported, tokenizer) is not None:
+            log.info("student written as a Hugging Face model to %s", exported)
+    return result
+
+
+def transformers_model(spec: str) -> bool:
+    """Whether the model spec builds a transformers model (hf:FOLDER or gpt2:...), which
+    run_training also writes out as a Hugging Face folder."""
+    parsed = parse_spec(spec, PARAMETRIC_MODELS)
+    return (isinstance(parsed, FileSpec) and parsed.kind == "hf") or (isinstance(parsed, BuiltinSpec) and parsed.name == "gpt2")
+
+
+def hf_folder(cfg: train_student.TrainConfig) -> Path:
+    """Where a run writes its student as a Hugging Face folder: `hf_out`, else RUN/hf (its own
+    subfolder: the run folder's config.json is the run's record, not the model's)."""
+    return cfg.hf_out or cfg.out / "hf"
 
 
 def run_verify(cache: CacheLocation, *, teacher: str | None, teacher_weights: Path | None, dataset: str | None,

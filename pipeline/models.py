@@ -3,7 +3,8 @@
 A model spec is one of:
   a built-in name            see BUILTIN_MODELS
   mlp:width=W,depth=D        and bytelm:dim=D,layers=N,heads=H, lstm:vocab=V,dim=D,hidden=H,...
-  gpt2:layers=N,dim=D,heads=H,vocab=V   a fresh GPT-2-style causal LM (pipeline.hf; the `hf` extra)
+  gpt2:layers=N,dim=D,heads=H,vocab=V,positions=P   a fresh GPT-2-style causal LM (pipeline.hf; the
+                             `hf` extra) of P positions (0, the default: as many as the rows are long)
   hf:path/to/folder          a local Hugging Face transformers checkpoint: a causal LM (next-token
                              logits per position) or else a sequence classifier over token ids
                              (pipeline.hf; needs the `hf` extra)
@@ -161,11 +162,13 @@ PARAMETRIC_MODELS = {
     "bytelm": (ByteTransformer, {"dim": 128, "layers": 2, "heads": 4}),
     # vocab: the tokenizer's vocabulary size (30522 for BERT's); pad: its padding id
     "lstm": (LSTMClassifier, {"vocab": 30522, "dim": 64, "hidden": 64, "layers": 1, "pad": 0}),
-    # A fresh GPT-2 (transformers' GPT2Config, nothing downloaded); vocab 0: the data's class count.
-    "gpt2": (lambda *args, **params: _hf().build_gpt2(*args, **params), {"layers": 4, "dim": 256, "heads": 4, "vocab": 0}),
+    # A fresh GPT-2 (transformers' GPT2Config, nothing downloaded); vocab 0: the data's class count;
+    # positions 0: the rows' length (see pipeline.hf.build_gpt2 for why that stays the default).
+    "gpt2": (lambda *args, **params: _hf().build_gpt2(*args, **params),
+             {"layers": 4, "dim": 256, "heads": 4, "vocab": 0, "positions": 0}),
 }
-# The parameters that may be 0: a padding id, and "the data's" vocabulary; every other is at least 1.
-MAY_BE_ZERO = {"lstm": ("pad",), "gpt2": ("vocab",)}
+# The parameters that may be 0: a padding id, and "the data's" vocabulary and row length; every other is at least 1.
+MAY_BE_ZERO = {"lstm": ("pad",), "gpt2": ("vocab", "positions")}
 
 
 def _hf():

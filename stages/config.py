@@ -26,6 +26,8 @@ CODECS = ("none", "zstd")
 # Teacher autocast modes besides "none", with the torch dtype each runs in (by name: no torch here).
 AMP_MODES = {"bf16": "bfloat16", "fp16": "float16"}
 FEATURE_LOSSES = ("mse", "cosine")
+# The learning rate's shape after warmup, per optimizer step (stages.train_student.lr_factor).
+SCHEDULES = ("cosine", "linear", "constant")
 VIEW_POLICIES = ("random", "cycle")
 
 # Distillation temperatures in use are 1-20 (Hinton et al. use up to 20). Far beyond, teacher
@@ -124,9 +126,15 @@ class TrainConfig:
     temperature: float | None = None  # None: the cache's own T
     divergence: str = "forward-kl"  # between teacher and student (stages.divergences): forward-kl, reverse-kl, jsd[:BETA], tv
     epochs: int = 20
-    batch_size: int = 128
+    max_steps: int | None = None  # optimizer steps in all; overrides `epochs` (the run takes as many epochs as they need)
+    batch_size: int = 128  # rows per forward (the micro-batch); a step sees batch_size x accumulate rows
+    accumulate: int = 1  # micro-batches whose gradients add up to one optimizer step
     lr: float = 3e-3
-    weight_decay: float = 0.0
+    warmup_steps: int = 0  # optimizer steps of linear warmup before `schedule` takes over
+    schedule: str = "cosine"  # the lr after warmup, per optimizer step: cosine or linear decay to 0, or constant
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    max_grad_norm: float = 0.0  # clip the gradients' global norm to this before each step; 0: no clipping
+    amp: str = "none"  # the student's forward under autocast: none, bf16 (CPU or CUDA) or fp16 (CUDA, with a GradScaler)
     seed: int = 0
     device: str = "auto"
     augment: str = "none"  # random augmentation of the inputs (stages.augment); a view cache replays its own instead
@@ -142,6 +150,9 @@ class TrainConfig:
     eval_batch_size: int = 512  # rows per evaluation batch
     weights_out: Path | None = None  # None: model.safetensors in the run folder
     checkpoint_every: int = 1  # epochs between checkpoints; 0: none
+    checkpoint_every_steps: int = 0  # also a checkpoint every N optimizer steps, resumable mid-epoch; 0: none
+    log_every_steps: int = 0  # a log line and a steps.jsonl line every N optimizer steps; 0: none
+    hf_out: Path | None = None  # where the student goes as a Hugging Face folder (hf:/gpt2: students); None: RUN/hf
     resume: bool = False
     overwrite: bool = False
 
@@ -149,10 +160,18 @@ class TrainConfig:
         check_range("alpha", self.alpha, 0.0, 1.0)
         if self.temperature is not None:
             check_positive("temperature", self.temperature, MAX_TEMPERATURE)
-        _check_counts(self, {"epochs": 1, "batch_size": 1, "buffer_chunks": 1, "loader_workers": 0, "checkpoint_every": 0,
+        _check_counts(self, {"epochs": 1, "max_steps": 1, "batch_size": 1, "accumulate": 1, "warmup_steps": 0, "buffer_chunks": 1,
+                             "loader_workers": 0, "checkpoint_every": 0, "checkpoint_every_steps": 0, "log_every_steps": 0,
                              "eval_batch_size": 1})
         check_positive("lr", self.lr)
         check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf)
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise InputError(f"`warmup_steps` {self.warmup_steps} exceeds `max_steps` {self.max_steps}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.amp not in AMP_MODES and self.amp != "none":
+            raise InputError(f"`amp` must be none, {' or '.join(AMP_MODES)}, got {self.amp!r}")
         check_range("feature_weight", self.feature_weight, 0.0, math.inf)
         check_range("seed", self.seed, 0, MAX_SEED)
         divergences.parse(self.divergence)

@@ -21,19 +21,37 @@ train one model with DistributedDataParallel: `batch_size` stays the global batc
 process reads a disjoint share of each epoch's shuffled chunks, and rank 0 alone evaluates and
 writes the run folder (stages.runtime.process_group).
 
+A language-model run counts optimizer steps: `max_steps` (instead of `epochs`), `warmup_steps`
+then a cosine, linear or constant learning rate set at every step (`lr_factor`), `accumulate`
+micro-batches of `batch_size` rows per step (their gradients averaged: see `_train_epoch`),
+`max_grad_norm` clipping, AdamW (decoupled weight decay), the student under autocast (`amp`),
+a line every `log_every_steps` steps, and a checkpoint every `checkpoint_every_steps` steps
+that resumes mid-epoch: the epoch's batch order is a function of (seed, epoch), so a resumed
+run reads that epoch's batches again, drops the ones it had consumed, and goes on from the
+next with every RNG state restored. A killed run ends with the same weights, bit for bit on a
+CPU, as one never killed:
+
+    pipeline train-student --cache data/caches/gpt2-corpus-T1.zarr --student gpt2:layers=2,dim=128,heads=2 \
+        --max-steps 300 --warmup-steps 30 --accumulate 4 --max-grad-norm 1 --amp bf16 \
+        --log-every-steps 10 --checkpoint-every-steps 50 --out data/runs/lm   # add --resume after a kill
+
 The run folder holds config.json (resolved config), metrics.jsonl (one line per epoch),
-checkpoint.pt (model, optimizer, schedule and RNG states at the last checkpointed epoch, for
-`resume`), model.safetensors (final weights) and summary.json.
+steps.jsonl (one line per `log_every_steps` steps), checkpoint.pt (model, optimizer, schedule,
+scaler, RNG states and the position in the epoch at the last checkpoint, for `resume`),
+model.safetensors (final weights) and summary.json; pipeline writes an hf: or gpt2: student as
+a Hugging Face folder too (hf/, pipeline.export).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Iterator
@@ -54,8 +72,8 @@ from stages.evaluation import evaluate
 from stages.loop import one_view_each, soft_label_loss
 from stages.losses import HiddenAndHead, feature_loss
 from stages.runtime import (
-    Progress, Ranks, agree, average_over_ranks, check_labels_fit, config_dict, main_only, one_blas_thread_beside_torch,
-    output_shape, peak_rss_mb, process_group, seed_everything, torch_threads, training_threads,
+    Progress, Ranks, agree, autocast, average_over_ranks, check_labels_fit, config_dict, main_only,
+    one_blas_thread_beside_torch, output_shape, peak_rss_mb, process_group, seed_everything, torch_threads, training_threads,
 )
 from stages.storage import FileLock, no_follow_fd, open_no_follow, write_atomically
 from stages.weights import count_parameters, save_weights, serialised
@@ -63,8 +81,10 @@ from stages.weights import count_parameters, save_weights, serialised
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+STEPS_LOG = "steps.jsonl"
 # Options that may change when a run is resumed: they do not change what it computes.
-RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "loader_workers", "eval_batch_size")
+RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "checkpoint_every_steps", "log_every_steps",
+                     "loader_workers", "hf_out", "eval_batch_size")
 
 
 @dataclass(frozen=True)
@@ -134,9 +154,10 @@ class Training:
     config: TrainConfig
     model: torch.nn.Module  # whose weights the run writes
     student: torch.nn.Module  # what the optimizer trains: the model, with its feature projection for feature targets
-    trained: torch.nn.Module  # the student, in DDP with several processes
+    trained: torch.nn.Module  # the student (in AutocastForward with `amp`), in DDP with several processes
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None  # fp16 only
     train: Split
     evaluation: Split | None
     cache: SoftLabels | None
@@ -147,8 +168,13 @@ class Training:
     ranks: Ranks
     device: torch.device
     first_epoch: int
-    epoch_steps: list[int]  # of every epoch, so that progress counts the whole run (a resumed one from where it stopped)
-    steps_done: int
+    epoch_batches: list[int]  # micro-batches each epoch takes (the last one fewer under `max_steps`)
+    total_steps: int  # optimizer steps of the whole run, which the schedule and progress count
+    step: int  # optimizer steps done
+    position: int  # micro-batches of `first_epoch` consumed before the checkpoint resumed from
+    sums: dict[str, torch.Tensor]  # of `first_epoch`'s losses so far (restored with the position)
+    steps_log: object = None  # rank 0's open steps.jsonl
+    window: dict | None = None  # what the next step log line averages
 
 
 def _train(
@@ -159,9 +185,12 @@ def _train(
     if isinstance(training, TrainResult):  # resuming a finished run: nothing to do
         return training
     metrics = main_only(ranks, lambda: _kept_metrics(config.out / "metrics.jsonl", training.first_epoch)) or {}
+    main_only(ranks, lambda: _kept_steps(config.out / STEPS_LOG, training.step))
     with (open_no_follow(config.out / "metrics.jsonl", "a") if ranks.main else contextlib.nullcontext()) as metrics_file, \
+            (open_no_follow(config.out / STEPS_LOG, "a") if ranks.main and config.log_every_steps else contextlib.nullcontext()) as steps_log, \
             one_blas_thread_beside_torch(), torch_threads(training_threads(device)):
-        for epoch in range(training.first_epoch, config.epochs):
+        training.steps_log = steps_log
+        for epoch in range(training.first_epoch, len(training.epoch_batches)):
             epoch_started = time.perf_counter()
             means = _train_epoch(training, epoch, progress)
             # Rank 0 evaluates, logs and checkpoints; a failure there stops every process.
@@ -213,59 +242,205 @@ def _prepare(
             f"the cache has {cache.grid.num_chunks} chunks for {ranks.world} processes, which read whole chunks: "
             "cache it again with a smaller `chunk_rows` (many chunks per process)"
         )
-    epoch_steps = [_epoch_steps(config, train, cache, epoch, ranks) for epoch in range(config.epochs)]
-    if epoch_steps[0] == 0:
-        raise InputError(f"split {train.name!r} has too few rows for one batch of {config.batch_size // ranks.world} per process")
+    if config.amp == "fp16" and device.type != "cuda":
+        raise InputError(f"`amp` fp16 needs a CUDA device (its GradScaler is CUDA's), not {device.type}; use bf16")
+    epoch_batches = _plan(config, train, cache, ranks)
+    total_steps = sum(_steps_of(batches, config.accumulate) for batches in epoch_batches)
     seed_everything(config.seed)
     student = _with_feature_projection(config, model, train, cache, device)
     main_only(ranks, lambda: _open_run_dir(config, run_config))
     state = _read_checkpoint(config.out / CHECKPOINT) if config.resume and (config.out / CHECKPOINT).is_file() else None
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    first_epoch = 0
+    if config.resume and state is None and ranks.main:
+        # A job scheduler requeues a job with the same command: its first start finds nothing to resume.
+        log.warning("--resume: no checkpoint in %s; training from the start", config.out)
+    # AdamW: weight decay apart from the adaptive step (Loshchilov & Hutter); with none, it is Adam.
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, total_steps))
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+    first_epoch = step = position = 0
+    sums: dict[str, torch.Tensor] = {}
     if state is not None:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        first_epoch = state["epoch"]
-        if ranks.main:
-            log.info("resuming %s after epoch %d", config.out, first_epoch)
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_states(state["rng"], device)
+        first_epoch, step, position = state["epoch"], state["step"], state["position"]
+        sums = {name: value.to(device) for name, value in state["sums"].items()}
+        if ranks.main and position == 0:
+            log.info("resuming %s after epoch %d (step %d of %d)", config.out, first_epoch, step, total_steps)
+        elif ranks.main:
+            log.info("resuming %s at step %d of %d (epoch %d, after %d of its batches)", config.out, step, total_steps,
+                     first_epoch + 1, position)
     # Each process reads the checkpoint itself: one that sees another (or none) would hang the rest.
-    agree(ranks, first_epoch, "the epoch to resume after (is the run folder on a file system they all see?)")
+    agree(ranks, step, "the step to resume after (is the run folder on a file system they all see?)")
     # Each process computes its own batch's gradients; DDP averages them over the processes
     # during backward, so every step is one step on the global batch.
     in_pieces = config.logit_pieces and lengths is not None and hasattr(student, "hidden_and_head")
     forward = HiddenStatesAndHead(student) if in_pieces else student
+    forward = forward if config.amp == "none" else AutocastForward(forward, config.amp, device)
     trained = forward if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(forward)
-    return Training(config, model, student, trained, optimizer, schedule, train, evaluation, cache, labels, lengths, augment,
-                    temperature, ranks, device, first_epoch, epoch_steps, sum(epoch_steps[:first_epoch]))
+    return Training(config, model, student, trained, optimizer, schedule, scaler, train, evaluation, cache, labels, lengths,
+                    augment, temperature, ranks, device, first_epoch, epoch_batches, total_steps, step, position, sums)
+
+
+def _plan(config: TrainConfig, train: Split, cache: SoftLabels | None, ranks: Ranks) -> list[int]:
+    """The micro-batches each epoch of the run takes: every one of `epochs` epochs, or under
+    `max_steps` as many epochs as those steps need, the last one cut where they end."""
+    plan: list[int] = []
+    steps = 0
+    while (len(plan) < config.epochs) if config.max_steps is None else (steps < config.max_steps):
+        batches = _epoch_steps(config, train, cache, len(plan), ranks)
+        if batches == 0:
+            raise InputError(f"split {train.name!r} has too few rows for one batch of {config.batch_size // ranks.world} per process")
+        if config.max_steps is not None:
+            batches = min(batches, (config.max_steps - steps) * config.accumulate)
+        plan.append(batches)
+        steps += _steps_of(batches, config.accumulate)
+    return plan
+
+
+def _steps_of(batches: int, accumulate: int) -> int:
+    """Optimizer steps over an epoch's `batches`: one per `accumulate`, the last over what remains."""
+    return -(-batches // accumulate)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of `lr`: rising
+    linearly over `warmup` steps ((step + 1) / (warmup + 1)), then by `schedule` over the
+    remaining `total - warmup`: cosine, 0.5 (1 + cos(pi p)), or linear, 1 - p, from 1 towards 0
+    (p = (step - warmup) / (total - warmup)); or constant 1."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    done = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    if schedule == "linear":
+        return 1.0 - done
+    return 1.0
+
+
+def _schedule(config: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:  # a function, not a lambda object: LambdaLR's state then holds no code
+        return lr_factor(step, warmup=config.warmup_steps, total=total_steps, schedule=config.schedule)
+
+    return factor
 
 
 def _train_epoch(training: Training, epoch: int, progress: Progress | None) -> dict[str, float]:
-    """One epoch's optimizer steps; returns the means of the loss and its parts over every process."""
-    t = training
+    """One epoch's optimizer steps; returns the means of the loss and its parts over every
+    process. A step averages the gradients of `accumulate` micro-batches (each micro-batch's loss,
+    a mean over its rows or valid tokens, divided by their number), as DDP averages over
+    processes: with equal row or token counts, a step of N micro-batches of b is a step of one
+    batch of N x b. An epoch's micro-batches that do not fill a last step make a smaller one. A
+    resumed epoch first reads the batches it had consumed and drops them (their order and their
+    augmentation draws come from (seed, epoch)), then continues with the next."""
+    t, config = training, training.config
     t.model.train()
-    sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
-    steps = 0
-    batches = _epoch_batches(t.config, t.train, t.labels, t.lengths, t.cache, t.augment, epoch, t.ranks)
-    for batch in itertools.islice(batches, t.epoch_steps[epoch]):
-        loss, parts = loss_step(t, batch)
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.optimizer.step()
-        for name, value in {"loss": loss.detach(), **parts}.items():
-            sums[name] = sums[name] + value if name in sums else value.clone()
-        steps += 1
-        if progress is not None and t.ranks.main:
-            progress(t.steps_done + steps, sum(t.epoch_steps))
-    batches.close()  # stops its prefetching thread, which may hold batches past the epoch's steps
-    t.steps_done += steps
-    t.schedule.step()
-    means = {k: float(v) / max(steps, 1) for k, v in average_over_ranks(t.ranks, sums).items()}
+    sums, t.sums = t.sums, {}  # on the device: no host sync per step
+    done, t.position = t.position, 0
+    total = t.epoch_batches[epoch]
+    batches = _epoch_batches(config, t.train, t.labels, t.lengths, t.cache, t.augment, epoch, t.ranks)
+    remaining = itertools.islice(batches, done, total)
+    try:
+        while done < total:
+            size = min(config.accumulate, total - done)
+            for micro in range(size):
+                batch = next(remaining)
+                parts = _forward_backward(t, batch, size, last=micro == size - 1)
+                for name, value in parts.items():
+                    sums[name] = sums[name] + value if name in sums else value.clone()
+                _count(t, batch, parts)
+            done += size
+            lr = _optimizer_step(t)
+            if progress is not None and t.ranks.main:
+                progress(t.step, t.total_steps)
+            if config.log_every_steps and t.step % config.log_every_steps == 0:
+                _log_step(t, epoch, lr)
+            if config.checkpoint_every_steps and t.step % config.checkpoint_every_steps == 0:
+                state = {"epoch": epoch, "position": done, "sums": sums}
+                main_only(t.ranks, lambda: _save_checkpoint(config.out / CHECKPOINT, _checkpoint_state(t, **state)))
+    finally:
+        batches.close()  # stops its prefetching thread, which may hold batches past the epoch's steps
+    count = float(sums.pop("batches", 0))
+    means = {k: float(v) / max(count, 1.0) for k, v in average_over_ranks(t.ranks, sums).items()}
     if not all(math.isfinite(v) for v in means.values()):
         raise PipelineError(f"the loss became {means['loss']} in epoch {epoch + 1}; lower `lr` (the last checkpoint is kept)")
     return means
+
+
+def _forward_backward(t: Training, batch: Rows, size: int, *, last: bool) -> dict[str, torch.Tensor]:
+    """One micro-batch's loss (the forward under autocast with `amp`: AutocastForward) and its share of the step's gradient;
+    under DDP the gradients are averaged over the processes at the step's last micro-batch only."""
+    synced = contextlib.nullcontext() if last or t.ranks.world == 1 else t.trained.no_sync()
+    with synced:
+        loss, parts = loss_step(t, batch)
+        share = loss / size
+        (share if t.scaler is None else t.scaler.scale(share)).backward()
+    return {"loss": loss.detach(), **parts, "batches": torch.ones((), device=loss.device)}
+
+
+def _optimizer_step(t: Training) -> float:
+    """Clip, step, advance the schedule; returns the learning rate the step took."""
+    if t.scaler is not None:
+        t.scaler.unscale_(t.optimizer)  # clipping compares the true gradients with `max_grad_norm`
+    if t.config.max_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), t.config.max_grad_norm)
+        if t.window is not None:
+            t.window["grad_norm"] = t.window.get("grad_norm", 0) + norm.detach()
+    if t.window is not None:
+        t.window["steps"] += 1
+    lr = t.optimizer.param_groups[0]["lr"]
+    if t.scaler is None:
+        t.optimizer.step()
+    else:
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.schedule.step()
+    t.step += 1
+    return lr
+
+
+def _count(t: Training, batch: Rows, parts: dict[str, torch.Tensor]) -> None:
+    """Add a micro-batch to what the next step log line averages (only when there will be one)."""
+    if not t.config.log_every_steps:
+        return
+    if t.window is None:
+        t.window = {"started": time.perf_counter(), "steps": 0, "rows": 0, "tokens": 0, "sums": {}}
+    t.window["rows"] += len(batch["index"])
+    if "lengths" in batch:
+        t.window["tokens"] += int(batch["lengths"].sum())
+    for name, value in parts.items():
+        t.window["sums"][name] = t.window["sums"][name] + value if name in t.window["sums"] else value.clone()
+
+
+def _log_step(t: Training, epoch: int, lr: float) -> None:
+    """Every `log_every_steps` steps: the loss and its parts averaged over the window's
+    micro-batches and processes, the learning rate, the gradient norm before clipping, and
+    rows (and tokens) per second over every process; a log line, and a steps.jsonl line. The
+    first line after a resume covers the steps since the resume."""
+    window, t.window = t.window, None
+    seconds = time.perf_counter() - window["started"]
+    sums = dict(window["sums"])
+    if "grad_norm" in window:
+        sums["grad_norm"] = window["grad_norm"]
+    sums["counted"] = torch.tensor([float(window["rows"]), float(window["tokens"])], device=t.device)
+    averaged = average_over_ranks(t.ranks, sums)  # one host sync per log line
+    rows, tokens = (float(v) * t.ranks.world for v in averaged.pop("counted"))  # sums over the processes
+    norm = averaged.pop("grad_norm", None)
+    count = float(averaged.pop("batches"))
+    record = {"step": t.step, "epoch": epoch + 1, **{k: float(v) / count for k, v in averaged.items()}, "lr": lr}
+    if norm is not None:
+        record["grad_norm"] = float(norm) / window["steps"]  # before clipping, per step
+    record["rows_per_s"] = rows / seconds
+    if t.lengths is not None:
+        record["tokens_per_s"] = tokens / seconds
+    if t.ranks.main:
+        log.info("step %d/%d %s", t.step, t.total_steps, _brief({k: v for k, v in record.items() if k != "step"}))
+        t.steps_log.write(json.dumps(record) + "\n")
+        t.steps_log.flush()
 
 
 def loss_step(training: Training, batch: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -294,13 +469,45 @@ def _end_of_epoch(training: Training, epoch: int, means: dict[str, float], epoch
     epoch_metrics["peak_rss_mb"] = peak_rss_mb()
     metrics_file.write(json.dumps(epoch_metrics) + "\n")
     metrics_file.flush()
-    log.info("epoch %d/%d %s", epoch + 1, config.epochs, _brief(epoch_metrics))
-    if config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
-        _save_checkpoint(config.out / CHECKPOINT, {
-            "epoch": epoch + 1, "model": training.student.state_dict(), "optimizer": training.optimizer.state_dict(),
-            "schedule": training.schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-        })
+    log.info("epoch %d/%d %s", epoch + 1, len(training.epoch_batches), _brief(epoch_metrics))
+    epochs = len(training.epoch_batches)
+    if config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == epochs):
+        _save_checkpoint(config.out / CHECKPOINT, _checkpoint_state(training, epoch=epoch + 1, position=0, sums={}))
     return epoch_metrics
+
+
+def _checkpoint_state(training: Training, *, epoch: int, position: int, sums: dict[str, torch.Tensor]) -> dict:
+    """Everything a resumed run continues from: the weights, the optimizer, schedule and scaler,
+    every RNG state, and where it stands: `epoch`, the micro-batches of it consumed
+    (`position`), the sums of its losses so far, and the optimizer steps done."""
+    t = training
+    return {
+        "step": t.step, "epoch": epoch, "position": position, "sums": sums, "model": t.student.state_dict(),
+        "optimizer": t.optimizer.state_dict(), "schedule": t.schedule.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler is not None else {}, "rng": _rng_states(t.device),
+    }
+
+
+def _rng_states(device: torch.device) -> dict:
+    """torch's (CPU, and the device's), numpy's global and Python's RNG states, as tensors and
+    plain values (a checkpoint is read with weights_only=True)."""
+    numpy = np.random.get_state(legacy=False)
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)), "pos": int(numpy["state"]["pos"]),
+                        "has_gauss": int(numpy["has_gauss"]), "gauss": float(numpy["gauss"])}}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    numpy = states["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+                         "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def batch_loss(
@@ -328,6 +535,23 @@ class HiddenStatesAndHead(torch.nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> HiddenAndHead:
         return HiddenAndHead(*self.model.hidden_and_head(inputs))
+
+
+class AutocastForward(torch.nn.Module):
+    """The student's forward under autocast (`amp`: bf16 or fp16), its outputs (the logits, and
+    the features of a StudentWithProjection) returned in float32: the matrix products run in half
+    precision, the loss's log-softmax and sums over classes do not."""
+
+    def __init__(self, model: torch.nn.Module, amp: str, device: torch.device):
+        super().__init__()
+        self.model, self.amp, self.device_type = model, amp, device
+
+    def forward(self, inputs: torch.Tensor):
+        with autocast(self.amp, self.device_type):
+            outputs = self.model(inputs)
+        if isinstance(outputs, HiddenAndHead):  # the head too runs under autocast, a piece of positions at a time
+            return HiddenAndHead(outputs.hidden.float(), AutocastForward(outputs.head, self.amp, self.device_type))
+        return tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
 
 
 class StudentWithProjection(torch.nn.Module):
@@ -485,6 +709,7 @@ def _open_run_dir(config: TrainConfig, run_config: dict) -> None:
         _check_same_run(out, run_config)
         if not (out / CHECKPOINT).is_file():
             (out / "metrics.jsonl").unlink(missing_ok=True)  # killed before its first checkpoint
+            (out / STEPS_LOG).unlink(missing_ok=True)
         return
     if out.exists() and any(out.iterdir()):
         if config.resume and not config.overwrite:
@@ -503,13 +728,19 @@ def _open_run_dir(config: TrainConfig, run_config: dict) -> None:
 
 def _read_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise PipelineError(f"checkpoint {path} cannot be read ({exc}); start over with `overwrite`") from exc
+    if "step" not in state:  # written by a version that checkpointed epochs only, with a per-epoch schedule
+        raise PipelineError(f"checkpoint {path} is of an older version of the tool, which cannot resume it; "
+                            "start over with `overwrite`")
+    return state
 
 
 def _check_same_run(out: Path, run_config: dict) -> None:
     stored = json.loads((out / "config.json").read_text())
+    # An option a run folder does not record is one its version did not have: it ran with the default.
+    stored = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}, **stored}
     differ = [k for k in sorted(set(stored) | set(run_config))
               if k not in RESUMABLE_CHANGES and stored.get(k) != run_config.get(k)]
     if differ:
@@ -531,6 +762,23 @@ def _kept_metrics(path: Path, epochs: int) -> dict:
         raise PipelineError(f"{path} is damaged (its lines are not JSON); start over with --overwrite") from None
     write_atomically(path, "".join(line + "\n" for line in lines).encode())
     return last
+
+
+def _kept_steps(path: Path, step: int) -> None:
+    """Keep the step log lines of the steps a resumed run keeps (those up to its checkpoint)."""
+    if not path.is_file():
+        return
+    with os.fdopen(no_follow_fd(path, os.O_RDONLY)) as file:
+        lines = file.read().splitlines()
+    kept = []
+    for number, line in enumerate(lines):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            if number < len(lines) - 1:  # a last line cut short by the kill is dropped; any other is damage
+                raise PipelineError(f"{path} is damaged (its lines are not step records); start over with --overwrite") from None
+    write_atomically(path, "".join(line + "\n" for line in kept).encode())
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:

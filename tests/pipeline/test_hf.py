@@ -196,3 +196,87 @@ def test_a_tokenizer_folder_loads_without_a_model_and_a_folder_without_one_is_re
     model_only = _copy_of(folder, tmp_path, "config.json", "model.safetensors")
     with pytest.raises(InputError, match="no tokenizer in this folder"):
         load_tokenizer(str(model_only))
+
+
+@pytest.fixture(scope="module")
+def lm_corpus(tmp_path_factory):
+    """A corpus of a few standard-library modules and the stdlib BPE tokenizer of 512 tokens: a
+    real tokenizer over real text, as `corpus:` specs name one."""
+    import sysconfig
+
+    from pipeline.corpus import stdlib_tokenizer
+
+    folder = tmp_path_factory.mktemp("lm")
+    tokenizer = stdlib_tokenizer(folder / "tokenizer", vocab=512)
+    library = sysconfig.get_paths()["stdlib"]
+    texts = [open(os.path.join(library, name), encoding="utf-8").read() for name in ("glob.py", "fnmatch.py", "textwrap.py")]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return f"corpus:{folder / 'corpus.jsonl'},tokenizer=hf:{tokenizer},seq=32,test=0,max_tokens=3000", tokenizer
+
+
+def _gpt2_run(tmp_path, dataset, *extra, student="gpt2:layers=1,dim=32,heads=2,positions=64"):
+    return invoke_json("train-student", "--student", student, "--dataset", dataset, "--eval-split", "", "--max-steps", "3",
+                       "--batch-size", "8", "--device", "cpu", "--out", tmp_path / "run", *extra)
+
+
+def test_a_gpt2_student_is_written_as_a_hugging_face_folder_that_loads_and_generates(tmp_path, lm_corpus):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    dataset, tokenizer_folder = lm_corpus
+    result = _gpt2_run(tmp_path, dataset)
+    run, folder = tmp_path / "run", tmp_path / "run" / "hf"
+    assert json.loads((run / "config.json").read_text())["model"].startswith("gpt2:")  # the run's own record, kept apart
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == 64 and config["vocab_size"] == 512
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, local_files_only=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    with safe_open(str(folder / "model.safetensors"), "pt") as stored:
+        assert not any(key.startswith("model.") for key in stored.keys())
+    trained = load_file(result["weights"])
+    state = model.state_dict()
+    assert all(torch.equal(state[name.removeprefix("model.")], tensor) for name, tensor in trained.items())
+    assert tokenizer.get_vocab() == transformers.AutoTokenizer.from_pretrained(tokenizer_folder).get_vocab()
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id == 0
+
+    prompt = tokenizer("import os\ndef ", return_tensors="pt")
+    with torch.inference_mode():
+        generated = model.generate(**prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert generated.shape == (1, prompt["input_ids"].shape[1] + 6)
+    assert isinstance(tokenizer.decode(generated[0]), str)
+    # the greedy first token is the trained student's own prediction, as the tool computes it
+    student = resolve_model("gpt2:layers=1,dim=32,heads=2,positions=64", num_classes=512, input_shape=(32,),
+                            weights=result["weights"]).eval()
+    with torch.inference_mode():
+        first = student(prompt["input_ids"])[0, -1].argmax()
+    assert generated[0, prompt["input_ids"].shape[1]] == first
+
+
+def test_hf_out_names_the_folder_and_other_students_write_none(tmp_path, lm_corpus):
+    from safetensors.torch import load_file
+
+    dataset, _ = lm_corpus
+    result = _gpt2_run(tmp_path, dataset, "--hf-out", tmp_path / "exported")
+    assert (tmp_path / "exported" / "config.json").is_file() and not (tmp_path / "run" / "hf").exists()
+    shutil.rmtree(tmp_path / "exported")
+    _gpt2_run(tmp_path, dataset, "--hf-out", tmp_path / "exported", "--resume")  # finished: written again, from its weights
+    exported, trained = load_file(tmp_path / "exported" / "model.safetensors"), load_file(result["weights"])
+    assert set(exported) <= {name.removeprefix("model.") for name in trained}  # the tied output layer may be left out
+    assert all(torch.equal(tensor, trained[f"model.{name}"]) for name, tensor in exported.items())
+    code, _, err = invoke("train-student", "--student", "gpt2:layers=1,dim=32,heads=2", "--dataset", dataset, "--eval-split", "",
+                          "--max-steps", "1", "--device", "cpu", "--out", tmp_path / "other", "--hf-out", tmp_path / "exported")
+    assert code == 2 and "--hf-out" in err and "already exists" in err
+    invoke_json("train-student", "--student", "bytelm:dim=16,layers=1,heads=2", "--dataset", dataset, "--eval-split", "",
+                "--max-steps", "1", "--device", "cpu", "--out", tmp_path / "bytelm")
+    assert not (tmp_path / "bytelm" / "hf").exists()
+
+
+def test_gpt2_positions_default_to_the_row_length_and_may_be_more(lm_corpus):
+    """positions=0 (the default) stays the row length, so that weights saved from existing
+    gpt2: specs keep loading; a longer context is asked for."""
+    assert resolve_model("gpt2:layers=1,dim=32,heads=2", num_classes=512, input_shape=(32,)).model.config.n_positions == 32
+    assert resolve_model("gpt2:layers=1,dim=32,heads=2,positions=1024", num_classes=512,
+                         input_shape=(32,)).model.transformer.wpe.weight.shape == (1024, 32)
+    with pytest.raises(InputError, match="positions=16 is fewer than the 32 tokens"):
+        resolve_model("gpt2:layers=1,dim=32,heads=2,positions=16", num_classes=512, input_shape=(32,))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 import zarr
 
 from stages.storage import FileLock
-from tests.conftest import invoke, invoke_json
+from tests.conftest import dying_model, invoke, invoke_json
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS, CHUNK = 1500, 50  # 30 chunks
@@ -257,3 +258,45 @@ def test_a_cache_killed_before_its_arrays_existed_is_made_again(tmp_path, teache
     assert result["chunks_computed"] == result["chunks_total"] == reference["chunks_total"]
     np.testing.assert_array_equal(zarr.open_group(result["cache"], mode="r")["logits"][:],
                                   zarr.open_group(reference["cache"], mode="r")["logits"][:])
+
+
+def _steps(run: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if not k.endswith("_per_s")} for m in lines]
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_weights(tmp_path, cache_path):
+    """An LLM-style run by steps (warmup, accumulation, clipping, a checkpoint every 10 steps; 4
+    micro-batches a step, 50 an epoch: every checkpoint falls mid-epoch) is SIGKILLed at
+    a random forward pass after its first step checkpoint, and resumed: it reads the epoch's
+    consumed batches again, drops them, and ends with the uninterrupted run's weights, bit for
+    bit, and the same step and epoch records. The student has dropout: its draws resume too."""
+    (tmp_path / "dropout_mlp.py").write_text(textwrap.dedent("""
+        from torch import nn
+        def build(num_classes):
+            return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, num_classes))
+    """))
+    kill_at = random.Random().randint(50, 200)  # forwards: after step 10's checkpoint, before step 60
+    student, marker, _ = dying_model(tmp_path, where="process", after_forwards=kill_at, spec=f"{tmp_path / 'dropout_mlp.py'}:build")
+    args = ["train-student", "--cache", cache_path, "--student", student, "--batch-size", "12", "--max-steps", "60",
+            "--warmup-steps", "6", "--accumulate", "4", "--max-grad-norm", "1", "--checkpoint-every-steps", "10", "--checkpoint-every", "0",
+            "--log-every-steps", "1", "--seed", "5", "--device", "cpu", "--json"]
+    run, reference = tmp_path / "killed", tmp_path / "reference"
+    with _pipeline(*args, "--out", run) as proc:
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and marker.exists(), f"kill_at={kill_at}"
+    killed_at = _steps(run)[-1]["step"]
+    assert 10 <= killed_at < 60 and (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists(), kill_at
+    with _pipeline(*args, "--out", run, "--resume") as proc:
+        _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    resumed_at = killed_at // 10 * 10
+    position = 4 * (resumed_at % 13)  # 13 steps an epoch, the last of 2 micro-batches
+    assert f"at step {resumed_at} of 60 (epoch {resumed_at // 13 + 1}, after {position} of its batches)" in err, (kill_at, err)
+    with _pipeline(*args, "--out", reference) as proc:
+        _, err = proc.communicate()
+    assert proc.returncode == 0, err
+
+    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes(), f"kill_at={kill_at}"
+    assert _steps(run) == _steps(reference) and [s["step"] for s in _steps(run)] == list(range(1, 61))
+    assert _metrics(run) == _metrics(reference) and len(_metrics(run)) == 5  # 13 steps an epoch

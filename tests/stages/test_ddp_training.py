@@ -90,3 +90,20 @@ def test_a_cache_with_fewer_chunks_than_processes_is_refused(tmp_path, teacher_w
     assert proc.returncode != 0
     assert "the cache has 1 chunks for 2 processes" in proc.stderr and "smaller --chunk-rows" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_two_processes_accumulating_two_micro_batches_step_as_with_the_whole_batch(tmp_path, cache_path):
+    """Under DDP, micro-batches before a step's last skip the all-reduce (no_sync) and the last
+    one averages the accumulated gradients over the processes: 2 x 32 rows per process per step
+    end where 1 x 64 do, to float tolerance, and the step log (rank 0's, the losses averaged over
+    both processes) agrees. Three steps: a process's share of an epoch is 280 or 320 rows, and its
+    fourth batch of 64 takes the remainder where batches of 32 make a ninth."""
+    common = ("--cache", cache_path, "--student", "mlp:width=32", "--max-steps", "3", "--lr", "0.01", "--seed", "3",
+              "--device", "cpu", "--log-every-steps", "1", "--checkpoint-every-steps", "2")
+    _torchrun(*common, "--batch-size", "64", "--accumulate", "2", "--out", tmp_path / "accumulated")
+    _torchrun(*common, "--batch-size", "128", "--out", tmp_path / "whole")
+    a, b = load_file(tmp_path / "accumulated/model.safetensors"), load_file(tmp_path / "whole/model.safetensors")
+    assert all(np.allclose(a[name], b[name], atol=1e-6) for name in a)
+    steps = [[json.loads(line) for line in (tmp_path / run / "steps.jsonl").read_text().splitlines()] for run in ("accumulated", "whole")]
+    assert [s["step"] for s in steps[0]] == [1, 2, 3]
+    assert np.allclose([s["loss"] for s in steps[0]], [s["loss"] for s in steps[1]], rtol=1e-5)

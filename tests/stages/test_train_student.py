@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline.datasets import resolve_dataset
 from pipeline.jobs import run_caching
 from pipeline.models import resolve_model
 from stages import train_student
 from stages.cache_teacher import CacheTeacherConfig
-from stages.errors import CacheMismatchError, InputError
+from stages.errors import CacheMismatchError, InputError, PipelineError
 from tests.conftest import DATASET, TEMPERATURE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -253,3 +254,121 @@ def test_loader_workers_load_the_items_in_worker_processes(tmp_path, cache_path,
         train_student.run(config, model, split, None)
     workers = {int(p.name) for p in loaded_by.iterdir()} - {os.getpid()}
     assert len(workers) == 2  # the DataLoader's two worker processes loaded items (the main one checks a few)
+
+
+def _steps_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_the_learning_rate_follows_warmup_then_the_schedule_at_every_step(tmp_path, cache_path, schedule):
+    """25 steps over 3 epochs (9 batches of 64 an epoch, then 7): each step's lr is lr times the
+    hand formula, (s + 1) / (warmup + 1) during warmup, then the decay over the remaining 20
+    steps; the epoch boundaries do not show."""
+    result = _train(tmp_path, cache_path, max_steps=25, warmup_steps=5, schedule=schedule, lr=0.01, batch_size=64,
+                    log_every_steps=1)
+    lrs = [line["lr"] for line in _steps_log(result.run_dir)]
+    warmup = [0.01 * (s + 1) / 6 for s in range(5)]
+    progress = [(s - 5) / 20 for s in range(5, 25)]
+    decay = {"cosine": [0.01 * 0.5 * (1 + np.cos(np.pi * p)) for p in progress],
+             "linear": [0.01 * (1 - p) for p in progress], "constant": [0.01] * 20}[schedule]
+    np.testing.assert_allclose(lrs, warmup + decay, rtol=1e-12)
+    assert [line["step"] for line in _steps_log(result.run_dir)] == list(range(1, 26))
+    assert [json.loads(line)["epoch"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_max_steps_overrides_epochs_and_counts_progress_in_steps(tmp_path, cache_path):
+    calls = []
+    data = resolve_dataset(DATASET)
+    config = train_student.TrainConfig(model="mlp-64", dataset=DATASET, out=tmp_path / "p", cache=cache_path, epochs=1,
+                                       max_steps=7, accumulate=2, batch_size=64, device="cpu")
+    train_student.run(config, resolve_model("mlp-64", num_classes=4, input_shape=(8,)), data.split("train"), None,
+                      progress=lambda done, total: calls.append((done, total)))
+    # 9 batches of 64 an epoch: 5 steps (the last of one batch), then 2 of the second epoch
+    assert calls == [(step, 7) for step in range(1, 8)]
+    assert len((tmp_path / "p" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_accumulating_two_micro_batches_is_one_step_on_both(tmp_path, cache_path, cached):
+    """The loss averages over rows, so 2 accumulated micro-batches of 32 are one batch of 64:
+    the same rows in the same order (8 full batches of 64 an epoch), the same gradients (their
+    norm is logged, unclipped) and the same weights, to float tolerance."""
+    common = {"max_steps": 8, "max_grad_norm": 1e9, "log_every_steps": 1, "lr": 0.01}
+    two = _train(tmp_path, cache_path if cached else None, name="two", model=_seeded_model(1), batch_size=32, accumulate=2, **common)
+    one = _train(tmp_path, cache_path if cached else None, name="one", model=_seeded_model(1), batch_size=64, **common)
+    for a, b in zip(_steps_log(two.run_dir), _steps_log(one.run_dir), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    a, b = (load_file(r.weights) for r in (two, one))
+    assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
+    assert any(not torch.equal(a[name], _seeded_model(1).state_dict()[name]) for name in a)  # it trained
+
+
+def test_resume_without_a_checkpoint_says_so_and_starts_from_the_beginning(tmp_path, cache_path, caplog):
+    with caplog.at_level("WARNING", logger="stages.train_student"):
+        resumed = _train(tmp_path, cache_path, name="fresh", epochs=2, resume=True, model=_seeded_model(2))
+    assert "--resume: no checkpoint in" in caplog.text and "training from the start" in caplog.text
+    plain = _train(tmp_path, cache_path, name="plain", epochs=2, model=_seeded_model(2))
+    assert load_file(resumed.weights)["1.weight"].equal(load_file(plain.weights)["1.weight"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stages.train_student"):
+        _train(tmp_path, cache_path, name="plain", epochs=2, resume=True)  # finished: nothing to say
+    assert "no checkpoint" not in caplog.text
+
+
+def test_adamw_decays_the_weights_apart_from_the_gradient(tmp_path):
+    """Decoupled weight decay: with lr 1e-3 and weight decay 100, AdamW shrinks each weight by a
+    factor (1 - lr x wd) per step on top of its Adam step; Adam's coupled decay (a gradient term,
+    normalised away by Adam's scaling) would shrink it far less."""
+    model = _seeded_model(4)
+    before = model[1].weight.detach().clone()
+    result = _train(tmp_path, None, model=model, max_steps=1, lr=1e-3, weight_decay=100.0, schedule="constant", batch_size=600)
+    after = load_file(result.weights)["1.weight"]
+    # one step: w - lr * wd * w - lr * adam_step, with |adam_step| <= ~1 per weight
+    shrunk = before * (1 - 1e-3 * 100.0)
+    assert torch.all((after - shrunk).abs() <= 1e-3 * 1.01)
+    assert after.abs().mean() < 0.95 * before.abs().mean()
+
+
+def test_the_student_trains_under_bf16_autocast_on_the_cpu(tmp_path, cache_path):
+    full = _train(tmp_path, cache_path, name="fp32", model=_seeded_model(5), max_steps=20, log_every_steps=5)
+    half = _train(tmp_path, cache_path, name="bf16", model=_seeded_model(5), max_steps=20, log_every_steps=5, amp="bf16")
+    losses = [line["loss"] for line in _steps_log(half.run_dir)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # bf16 keeps about 3 significant digits: close to the float32 run, and not equal to it
+    reference = [line["loss"] for line in _steps_log(full.run_dir)]
+    assert losses != reference and np.allclose(losses, reference, rtol=0.05)
+    with pytest.raises(InputError, match="`amp` fp16 needs a CUDA device"):
+        _train(tmp_path, cache_path, name="fp16", amp="fp16", device="cpu")
+
+
+@pytest.mark.parametrize(("bad", "words"), [
+    ({"schedule": "step"}, ("`schedule`", "cosine, linear, constant")), ({"amp": "fp8"}, ("`amp`", "'fp8'")),
+    ({"max_steps": 0}, ("`max_steps`", "got 0")), ({"accumulate": 0}, ("`accumulate`", "got 0")),
+    ({"max_steps": 5, "warmup_steps": 6}, ("`warmup_steps` 6 exceeds `max_steps` 5",)),
+    ({"max_grad_norm": -1.0}, ("`max_grad_norm`", "got -1.0")),
+])
+def test_invalid_step_options_are_input_errors(tmp_path, cache_path, bad, words):
+    with pytest.raises(InputError) as error:
+        _train(tmp_path, cache_path, **bad)
+    assert all(w in str(error.value) for w in words), str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_of_an_older_version_is_still_the_same_run_but_its_epoch_checkpoint_is_refused(tmp_path, cache_path):
+    """A config.json without the step options reads them as their defaults (a finished run is
+    reused as before); a checkpoint without a step position cannot be resumed exactly: one line."""
+    _train(tmp_path, cache_path, epochs=2)
+    record = tmp_path / "run" / "config.json"
+    stored = json.loads(record.read_text())
+    for name in ("max_steps", "accumulate", "warmup_steps", "schedule", "max_grad_norm", "amp", "checkpoint_every_steps",
+                 "log_every_steps", "hf_out"):
+        del stored[name]
+    record.write_text(json.dumps(stored))
+    assert _train(tmp_path, cache_path, epochs=2, resume=True).test_samples == 200
+    (tmp_path / "run" / "summary.json").unlink()
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    torch.save({"epoch": 1, "model": state["model"], "optimizer": state["optimizer"], "schedule": state["schedule"],
+                "torch_rng": torch.get_rng_state()}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(PipelineError, match="of an older version of the tool"):
+        _train(tmp_path, cache_path, epochs=2, resume=True)
