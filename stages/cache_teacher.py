@@ -110,10 +110,15 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     features = _feature_size(teacher, split, device) if config.features else None
     if augmentation is not None:
         augmentation(split.inputs(np.zeros(1, dtype=np.int64)), np.zeros(1, dtype=np.uint64))  # fits the inputs?
+    # A split that says which positions the student learns from (chat data: the assistant's
+    # tokens, stages.data) gets soft labels there only; the rest are zeros, compressed to nothing.
+    trained_mask = len(shape) == 2 and hasattr(split, "trained_positions")
+    if trained_mask and config.codec == "none":
+        log.info("the split marks the positions a student learns from: soft labels compressed (zstd) so that the others take no room")
     layout = Layout(
         kind=config.format, num_samples=len(split), num_classes=num_classes, chunk_rows=config.chunk_rows or 1,
-        dtype=config.dtype, codec=config.codec, options=config.options(),
-        tokens=shape[0] if len(shape) == 2 else None,
+        dtype=config.dtype, codec="zstd" if trained_mask else config.codec, options=config.options(),
+        tokens=shape[0] if len(shape) == 2 else None, trained_mask=trained_mask,
         views=config.views if augmentation is not None else None, labelled=split.labels is not None, features=features,
     )
     if config.chunk_rows is None:
@@ -285,9 +290,11 @@ def _teacher_pass(
     for start, inputs in prefetch(batches, depth=2):
         count = len(inputs) // (views or 1)
         batch_lengths = None if lengths is None else torch.from_numpy(lengths[start : start + count])
+        trained = (torch.from_numpy(split.trained_positions(np.arange(start, start + count))) if writer.layout.trained_mask
+                   else None)
         with torch.inference_mode():
             stored = teacher_rows(teacher, inputs.to(device, non_blocking=cuda), writer.layout, config.temperature,
-                                  config.amp, batch_lengths, row_index=torch.arange(start, start + count))
+                                  config.amp, batch_lengths, row_index=torch.arange(start, start + count), trained=trained)
         if cuda:
             host = {}
             for name, values in stored.items():
@@ -483,6 +490,8 @@ def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config
         rows["labels"] = split.labels[start:stop]
     if lengths is not None:
         rows["lengths"] = lengths[start:stop]
+    if writer.layout.trained_mask:
+        rows["trained"] = split.trained_positions(rows["index"]).astype(np.uint8)
     if writer.layout.views is not None:
         rows["view_seeds"] = view_seeds(config.view_seed, rows["index"], writer.layout.views)
     writer.write_rows(start, rows)

@@ -20,6 +20,7 @@ from stages.cache.reader import CacheReader
 from stages.data import Split, inputs_at, sequence_lengths
 from stages.errors import InputError
 from stages import losses
+from stages.kinds.base import valid_positions
 
 
 @torch.inference_mode()
@@ -39,9 +40,11 @@ def evaluate(model: torch.nn.Module, split: Split, device: torch.device, batch_s
         inputs = inputs_at(split, index).to(device)
         outputs, head = split_forward(inputs) if split_forward is not None else (model(inputs), None)
         y = torch.from_numpy(split.labels[index]).to(device)
-        if y.ndim == 2:  # per token
+        if y.ndim == 2:  # per token: those before each row's length and, where the split says which, trained
             lengths = sequence_lengths(split, y.shape[1]) if lengths is None else lengths
             valid = torch.arange(y.shape[1], device=device) < torch.from_numpy(lengths[index]).to(device).unsqueeze(1)
+            if hasattr(split, "trained_positions"):
+                valid &= torch.from_numpy(split.trained_positions(index)).to(device)
             outputs, y = outputs[valid], y[valid]
         step = max(1, len(outputs)) if head is None else losses.rows_per_piece(outputs, head)
         for first in range(0, len(outputs), step):
@@ -77,7 +80,7 @@ def teacher_agreement(model: torch.nn.Module, cache: CacheReader, split: Split, 
         predicted = model(inputs.to(device)).argmax(-1).cpu().numpy().reshape(teacher.shape)
         same = predicted == teacher
         if "lengths" in rows:
-            same = same[np.arange(same.shape[1])[None, :] < rows["lengths"][:, None]]
+            same = same[valid_positions(rows, same.shape[1])]
         agree += int(same.sum())
         count += same.size
     return agree / count

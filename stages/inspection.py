@@ -28,6 +28,7 @@ import torch
 
 from stages.cache.reader import CacheReader
 from stages.errors import CacheDamagedError, InputError
+from stages.kinds.base import valid_positions
 from stages.storage import CacheLocation, child, disk_usage, object_count, open_no_follow
 
 CALIBRATION_BINS = 15
@@ -77,6 +78,12 @@ def describe_cache(path: CacheLocation) -> dict:
         report["padded_positions"] = layout.num_samples * layout.tokens - tokens
         report["bytes_per_token"] = total / max(tokens, 1)
         report["soft_label_bytes_per_token"] = soft / max(tokens, 1)
+        if layout.trained_mask:  # soft labels only where the student learns: what they cost per such token
+            trained = int(sum(int((reader.group["trained"][start:stop] == 1).sum())
+                              for start, stop in map(layout.grid.rows, range(layout.grid.num_chunks))))
+            report["trained_positions"] = trained
+            report["bytes_per_trained_token"] = total / max(trained, 1)
+            report["soft_label_bytes_per_trained_token"] = soft / max(trained, 1)
     report["bytes_per_array"] = per_array
     if kind.statistics_arrays and attrs["complete"]:
         report.update(_kind_statistics(reader))
@@ -95,7 +102,7 @@ def _distribution_statistics(reader: CacheReader) -> dict:
     kind = layout.soft_kind
     # At T=1 too, where the kind's probabilities re-temper exactly (at another T, a top-k cache's tail is an estimate).
     temperatures = [reader.temperature] + ([1.0] if kind.exact_at_any_temperature and reader.temperature != 1.0 else [])
-    names = (*kind.soft_arrays, *(name for name in ("labels", "lengths") if name in reader.arrays))
+    names = (*kind.soft_arrays, *(name for name in ("labels", *layout.position_arrays) if name in reader.arrays))
     parts = [dask.delayed(_chunk_statistics)(chunk, layout, reader.temperature, temperatures)
              for chunk in _chunks(reader, names)]
     totals = dask.compute(*parts, scheduler="threads")
@@ -136,8 +143,7 @@ def _chunk_statistics(rows: dict[str, np.ndarray], layout, cache_temperature: fl
     probability and the entropy at the cache's T."""
     kind, num_classes = layout.soft_kind, layout.num_classes
     predicted = kind.top1(rows)
-    valid = (np.ones(predicted.shape, dtype=bool) if "lengths" not in rows
-             else np.arange(predicted.shape[1])[None, :] < rows["lengths"][:, None])
+    valid = np.ones(predicted.shape, dtype=bool) if "lengths" not in rows else valid_positions(rows, predicted.shape[1])
     if "labels" in rows:  # every view of a sample has the sample's label
         labels = rows["labels"][:, None] if predicted.ndim > rows["labels"].ndim and "lengths" not in rows else rows["labels"]
         right = (predicted == labels)[valid]
@@ -231,7 +237,7 @@ def distance_from_reference(path: CacheLocation, reference: CacheLocation, max_r
     if [t.get("weights_sha256") for t in dense.attrs["teachers"]] != [t.get("weights_sha256") for t in cache.attrs["teachers"]]:
         raise InputError(f"the reference {reference} was made by another teacher than {path} (their weights_sha256 differ)")
     kind, classes, ratio = layout.soft_kind, layout.num_classes, dense.temperature / cache.temperature
-    names = (*kind.soft_arrays, *(("lengths",) if layout.tokens is not None else ()))
+    names = (*kind.soft_arrays, *layout.position_arrays)
     rows_total = min(max_rows or layout.num_samples, layout.num_samples)
     step = max(1, REFERENCE_STEP_VALUES // (classes * math.prod(layout.position_shape)))
     block = max(1, REFERENCE_STEP_VALUES // classes)
@@ -241,8 +247,7 @@ def distance_from_reference(path: CacheLocation, reference: CacheLocation, max_r
         stop = min(start + step, rows_total)
         rows = cache.read_rows(start, stop, names)
         logits = dense.read_rows(start, stop, ("logits",))["logits"]
-        valid = (np.ones(logits.shape[:-1], dtype=bool) if "lengths" not in rows
-                 else np.arange(logits.shape[1])[None, :] < rows["lengths"][:, None])
+        valid = np.ones(logits.shape[:-1], dtype=bool) if "lengths" not in rows else valid_positions(rows, logits.shape[1])
         soft, logits = {name: rows[name][valid] for name in kind.soft_arrays}, logits[valid]  # one row per valid position
         for first in range(0, len(logits), block):
             part = slice(first, first + block)
@@ -303,6 +308,6 @@ def _encoding_error(reader: CacheReader) -> dict:
 def _kind_statistics(reader: CacheReader) -> dict:
     """The kind's own figures (a top-k cache's tail mass), summed over per-chunk dask tasks."""
     kind = reader.layout.soft_kind
-    names = (*kind.statistics_arrays, *(("lengths",) if reader.layout.tokens is not None else ()))
+    names = (*kind.statistics_arrays, *reader.layout.position_arrays)
     parts = dask.compute(*(dask.delayed(kind.chunk_statistics)(chunk) for chunk in _chunks(reader, names)), scheduler="threads")
     return kind.summarise(list(parts))

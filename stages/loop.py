@@ -102,7 +102,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
     def _batches(self) -> Iterator[dict]:
         share, shares = _share()
         reader = self._opened()
-        names = ("index", *reader.soft_arrays, *(name for name in ("labels", "lengths", "view_seeds") if name in reader.arrays))
+        names = ("index", *reader.soft_arrays, *(name for name in ("labels", "lengths", "trained", "view_seeds") if name in reader.arrays))
         rows = reader.batches(self.batch_size, seed=self.seed, epoch=self.epoch, buffer_chunks=self.buffer_chunks,
                               shuffle=self.shuffle, names=names, rank=share, world=shares)
         rng = np.random.default_rng([self.seed, self.epoch, 2, share])
@@ -162,7 +162,7 @@ def kd_loss(student_logits: torch.Tensor | HiddenAndHead, batch: dict, *, alpha:
     kind = KINDS[batch["kind"]]
     # Only what the loss reads: the inputs went to the model already, and a copy per step is no small thing on a GPU.
     device = (student_logits.hidden if isinstance(student_logits, HiddenAndHead) else student_logits).device
-    tensors = {name: batch[name].to(device) for name in ("labels", "lengths", *kind.soft_arrays) if name in batch}
+    tensors = {name: batch[name].to(device) for name in ("labels", "lengths", "trained", *kind.soft_arrays) if name in batch}
     cache_temperature = float(batch["temperature"])
     loss, _ = soft_label_loss(student_logits, tensors, kind, alpha=alpha, temperature=temperature or cache_temperature,
                               cache_temperature=cache_temperature, divergence=divergence)
@@ -177,13 +177,16 @@ def soft_label_loss(student: torch.Tensor | HiddenAndHead, batch: dict[str, torc
     logits, or its last hidden states and output layer (HiddenAndHead), whose logits are then
     taken a piece of positions at a time (stages.losses.piecewise_loss: the same loss, never all
     of B x L x C at once). Per token ((B, L, ...), with the batch's "lengths"), only valid tokens
-    are rows of the loss: padding positions get no gradient."""
+    are rows of the loss, and of those only the trained ones where the batch has "trained" (B, L):
+    padding and untrained positions get no gradient, in the soft and the hard-label term alike."""
     y = batch.get("labels")
     soft = {name: batch[name] for name in (kind.soft_arrays if kind else ())}
     pieces = isinstance(student, HiddenAndHead)
     rows = student.hidden if pieces else student
     if "lengths" in batch and rows.ndim == 3:
         valid = torch.arange(rows.shape[1], device=rows.device) < batch["lengths"].unsqueeze(1)
+        if "trained" in batch:  # the positions the student learns from (chat data: the assistant's tokens)
+            valid &= batch["trained"].bool()
         rows, y = rows[valid], None if y is None else y[valid]
         soft = {name: values[valid] for name, values in soft.items()}
     if pieces:

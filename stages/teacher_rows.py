@@ -29,9 +29,10 @@ PieceHook = Callable[[int, torch.Tensor, dict[str, torch.Tensor]], None]
 
 def teacher_rows(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout, temperature: float, amp: str,
                  lengths: torch.Tensor | None = None, each_piece: PieceHook | None = None,
-                 row_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 row_index: torch.Tensor | None = None, trained: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The soft-label (and feature) arrays a cache of `layout` stores for a batch of inputs (the
-    rows with dataset indices `row_index`), on the teacher's device: its forward under `amp`
+    rows with dataset indices `row_index`; `trained` (B, L) bool: the positions a cache with a mask
+    of trained positions keeps), on the teacher's device: its forward under `amp`
     autocast, logits / T rounded and encoded by the kind (stored_rows). Call it under torch.inference_mode. A teacher with
     `hidden_and_head(inputs) -> (hidden states (B, L, H), head)` on a token-level layout gives its
     logits in pieces along the positions (LOGIT_PIECE_BYTES), each reduced before the next."""
@@ -64,7 +65,8 @@ def teacher_rows(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout,
         if temperature != 1:
             over_t.div_(temperature)  # in place: the teacher's logits are not needed as they were
         rows = stored_rows(over_t, layout, lengths, None if features is None else features.float(), first_position=first,
-                           overwrite=each_piece is None, row_index=row_index)
+                           overwrite=each_piece is None, row_index=row_index,
+                           trained=None if trained is None else trained[:, first : first + over_t.shape[1]])
         if each_piece is not None:
             each_piece(first, over_t, rows)
         parts.append(rows)
@@ -75,7 +77,7 @@ def teacher_rows(teacher: torch.nn.Module, inputs: torch.Tensor, layout: Layout,
 
 def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tensor | None = None,
                 features: torch.Tensor | None = None, first_position: int = 0, overwrite: bool = False,
-                row_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                row_index: torch.Tensor | None = None, trained: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The soft-label arrays a cache of `layout` stores for a batch of teacher logits / T
     ((B, C), or (B, L, C) for a token-level cache: positions `first_position` onwards), computed
     on the logits' device, and the teacher's `features` (B, F) as they are (not divided by T),
@@ -85,13 +87,16 @@ def stored_rows(logits_over_t: torch.Tensor, layout: Layout, lengths: torch.Tens
     whole rounded row: so exp(value - logsumexp) is exactly the probability a dense cache of the
     same teacher gives that class, and a top-k cache with K = C is the dense one, sorted. On
     a token-level cache, positions at or past a sequence's length are zeroed: what a teacher
-    says about padding is not part of the cache (and would differ between teachers' masks).
-    With `overwrite`, the kind may use float32 `logits_over_t` as its scratch space. `row_index`
+    says about padding is not part of the cache (and would differ between teachers' masks); so are
+    the positions `trained` ((B, l) bool, for these positions) leaves out: the student never learns
+    there, and zeros cost (compressed) next to no bytes. With `overwrite`, the kind may use float32 `logits_over_t` as its scratch space. `row_index`
     (B,): the rows' dataset indices, which a sampled cache's draws are a function of."""
     rounded = logits_over_t.to(getattr(torch, layout.dtype))
     padding = None if lengths is None else (
         torch.arange(first_position, first_position + rounded.shape[1], device=rounded.device)
         >= lengths.to(rounded.device).unsqueeze(1))
+    if trained is not None:
+        padding = ~trained.to(rounded.device) if padding is None else padding | ~trained.to(rounded.device)
     scratch = logits_over_t if overwrite and logits_over_t.dtype == torch.float32 else None
     rows = layout.soft_kind.encode(rounded, layout, padding, scratch, row_index, first_position)
     if layout.features is not None:

@@ -54,7 +54,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -517,7 +517,7 @@ def batch_loss(
     """The loss of the student's `logits` (or its HiddenAndHead) on one batch of rows (numpy, as
     the cache gives them): stages.loop.soft_label_loss, the function behind `kd_loss`, with the
     cache's kind and T."""
-    names = ("labels", "lengths", *(cache.soft_arrays if cache else ()))
+    names = ("labels", "lengths", "trained", *(cache.soft_arrays if cache else ()))
     device = (logits.hidden if isinstance(logits, HiddenAndHead) else logits).device
     tensors = {name: torch.from_numpy(batch[name]).to(device) for name in names if name in batch}
     return soft_label_loss(logits, tensors, cache.layout.soft_kind if cache else None, alpha=alpha, temperature=temperature,
@@ -670,7 +670,8 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
     stream = [] if ranks.world == 1 else [ranks.rank]
     if cache is not None:
         features = ("features",) if config.feature_loss != "none" else ()
-        names = ("index", *cache.soft_arrays, *features, *(("view_seeds",) if views else ()))
+        names = ("index", *cache.soft_arrays, *features, *(("view_seeds",) if views else ()),
+                 *(("trained",) if cache.layout.trained_mask else ()))
         rows = cache.batches(local_batch, seed=config.seed, epoch=epoch, buffer_chunks=config.buffer_chunks, names=names,
                              rank=ranks.rank, world=ranks.world)
         if views:
@@ -682,7 +683,10 @@ def _epoch_batches(config: TrainConfig, train: Split, labels: np.ndarray | None,
     joined = joined_with_inputs(rows, train, config.loader_workers)
     if augment is not None:
         joined = _augmented(joined, augment, views, np.random.default_rng([config.seed, epoch, 3, *stream]))
-    return prefetch((_with_labels_and_lengths(r, labels, lengths) for r in joined), depth=4)
+    # The positions the student learns from: a masked cache's own (its soft labels are there
+    # alone), else the split's where it marks them (chat data), else every valid one.
+    trained_of = None if (cache is not None and cache.layout.trained_mask) else getattr(train, "trained_positions", None)
+    return prefetch((_with_labels_and_lengths(r, labels, lengths, trained_of) for r in joined), depth=4)
 
 
 def _augmented(batches: Iterator[Rows], augment: Augmentation, replay: bool, rng: np.random.Generator) -> Iterator[Rows]:
@@ -693,12 +697,15 @@ def _augmented(batches: Iterator[Rows], augment: Augmentation, replay: bool, rng
         yield {**rows, "inputs": augment(rows["inputs"], seeds)}
 
 
-def _with_labels_and_lengths(rows: Rows, labels: np.ndarray | None, lengths: np.ndarray | None) -> Rows:
+def _with_labels_and_lengths(rows: Rows, labels: np.ndarray | None, lengths: np.ndarray | None,
+                             trained_of: Callable[[np.ndarray], np.ndarray] | None = None) -> Rows:
     extra = {}
     if labels is not None and "labels" not in rows:
         extra["labels"] = labels[rows["index"]]
     if lengths is not None:
         extra["lengths"] = lengths[rows["index"]]
+    if trained_of is not None and lengths is not None:
+        extra["trained"] = trained_of(rows["index"])
     return {**rows, **extra} if extra else rows
 
 

@@ -178,7 +178,8 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
     cache-teacher does, and compare every stored array."""
     n = layout.num_samples
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))
-    stored = {name: group[name].oindex[rows] for name in layout.arrays() if name not in ("index", "labels", "lengths", "view_seeds")}
+    stored = {name: group[name].oindex[rows] for name in layout.arrays()
+              if name not in ("index", "labels", "view_seeds", *layout.position_arrays)}
     index = group["index"].oindex[rows]
     inputs = split.inputs(index)
     if layout.views is not None:  # every view, replayed from its stored seed; views of a sample adjacent
@@ -188,7 +189,11 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
     lengths = None if layout.tokens is None else torch.from_numpy(sequence_lengths(split, layout.tokens)[index])
     teacher = teacher.to(device).eval()
     amp = attrs.get("teacher_amp", "none")
+    # The cache's own mask of trained positions (the others hold zeros, as padding does).
+    trained = group["trained"].oindex[rows] == 1 if layout.trained_mask else None
     padding = None if lengths is None else np.arange(layout.tokens) >= lengths.numpy()[:, None]
+    if trained is not None:
+        padding |= ~trained
     pairs: list[dict[str, tuple]] = []
     by_positions = layout.tokens is not None and layout.views is None  # how teacher_rows may cut a batch
 
@@ -202,7 +207,7 @@ def _check_against_teacher(report: Report, group: zarr.Group, attrs: dict, layou
 
     with torch.inference_mode():  # exactly as the teacher ran when caching (amp, pieces)
         fresh_rows = teacher_rows(teacher, inputs.to(device), layout, attrs["temperature"], amp, lengths, check_piece,
-                                 row_index=torch.from_numpy(index))
+                                 row_index=torch.from_numpy(index), trained=None if trained is None else torch.from_numpy(trained))
         fresh = {name: values.cpu().numpy() for name, values in fresh_rows.items()}
     # Storage rounds to the cache's dtype: allow that rounding (relative) plus a little for
     # kernels that differ between batch compositions or devices; under autocast, reduced

@@ -166,6 +166,8 @@ def row_problem(rows: Rows, layout: Layout, dataset_size: int, first_row: int = 
         return problem
     if "lengths" in rows and (rows["lengths"].min() < 1 or rows["lengths"].max() > layout.tokens):
         return f"sequence lengths unwritten or outside [1, {layout.tokens}]"
+    if "trained" in rows and rows["trained"].max(initial=0) > 1:
+        return "trained-position marks unwritten or other than 0 and 1"
     return None
 
 

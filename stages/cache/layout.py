@@ -98,6 +98,9 @@ class Layout:
     # their defaults), made its Options when the layout is built.
     options: KindOptions | Mapping[str, object] | None = None
     tokens: int | None = None  # token-level caches: positions per sample (L)
+    # Token caches: whether a `trained` mask says which positions the student learns from (chat
+    # data: the assistant's tokens); the others hold zeros in every soft-label array, as padding does.
+    trained_mask: bool = False
     views: int | None = None  # view caches: augmented views per sample (V)
     labelled: bool = True
     features: int | None = None  # feature targets: the teacher's feature vector per sample (or view) has F values
@@ -114,6 +117,8 @@ class Layout:
             raise InputError("augmented views of token sequences are not supported: a view cache needs per-sample outputs")
         if self.features is not None and self.tokens is not None:
             raise InputError("feature targets are per sample: a teacher with logits per token cannot have them cached")
+        if self.trained_mask and self.tokens is None:
+            raise InputError("a mask of trained positions needs a token cache (a teacher with logits per token)")
         if self.shard_rows is not None and (self.shard_rows < 1 or self.shard_rows % self.chunk_rows):  # zarr's shards hold whole chunks
             raise InputError(f"`shard_rows` must be a multiple of `chunk_rows` ({self.chunk_rows}), got {self.shard_rows}")
 
@@ -176,6 +181,8 @@ class Layout:
             arrays["labels"] = ArraySpec(self.label_shape, "int64", -1, True, ("sample", *(["token"] if self.tokens is not None else [])))
         if self.tokens is not None:
             arrays["lengths"] = ArraySpec((), "int32", -1, True, ("sample",))
+        if self.trained_mask:  # 1 where the student learns, 0 elsewhere (255: unwritten)
+            arrays["trained"] = ArraySpec((self.tokens,), "uint8", 255, True, ("sample", "token"))
         if self.views is not None:
             arrays["view_seeds"] = ArraySpec((self.views,), "uint64", 0, True, ("sample", "view"))
         if self.features is not None:
@@ -200,6 +207,11 @@ class Layout:
         return sum(np.dtype(spec.dtype).itemsize * math.prod(spec.shape) for spec in self.soft_kind.arrays(self).values())
 
     @property
+    def position_arrays(self) -> tuple[str, ...]:
+        """The arrays that say which positions of a token cache hold soft labels (lengths, trained)."""
+        return tuple(name for name in ("lengths", "trained") if name in self.arrays())
+
+    @property
     def float_arrays(self) -> tuple[str, ...]:
         """The arrays holding floats: a NaN in one is a gap or damage, never data."""
         return tuple(name for name, spec in self.arrays().items() if np.issubdtype(spec.dtype, np.floating))
@@ -211,6 +223,7 @@ class Layout:
             "views": self.views, "features": self.features, "chunk_rows": self.chunk_rows, "shard_rows": self.shard_rows,
             "dtype": self.dtype,
             "codec": "none" if self.codec == "none" else f"zstd(level={ZSTD_LEVEL})",
+            "trained_mask": self.trained_mask,
         }
 
     @classmethod
@@ -225,7 +238,7 @@ class Layout:
             codec="none" if attrs.get("codec", "none") == "none" else "zstd", options=recorded_options(attrs),
             tokens=row_shape[axes.index("token")] if "token" in axes else None,
             views=row_shape[axes.index("view")] if "view" in axes else None, labelled=labelled,
-            features=attrs.get("features"), shard_rows=attrs.get("shard_rows"),
+            features=attrs.get("features"), shard_rows=attrs.get("shard_rows"), trained_mask=bool(attrs.get("trained_mask", False)),
         )
 
 

@@ -22,6 +22,7 @@ from stages.cache.format import (
 )
 from stages.cache.layout import ZSTD_LEVEL, ChunkGrid, Layout, recorded_options
 from stages.errors import CacheDamagedError, InputError, PipelineError
+from stages.kinds.base import valid_positions
 from stages.storage import CacheLocation
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class CacheWriter:
                 if self._encoding_error is not None:
                     if error is None:
                         raise PipelineError(f"internal: rows of a {self.layout.kind} cache without their encoding_error")
-                    self._encoding_error[chunk] = _unit_encoding_error(error, rows.get("lengths"))
+                    self._encoding_error[chunk] = _unit_encoding_error(error, valid_positions(rows, self.layout.tokens or 0))
                 self._done[chunk] = 1
             except BaseException as exc:  # surfaced to the caller by _raise_writer_error
                 self._error = exc
@@ -232,11 +233,11 @@ class CacheWriter:
             raise error
 
 
-def _unit_encoding_error(error: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+def _unit_encoding_error(error: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     """A write unit's row of `encoding_error` from its rows' per-position (sum of absolute
-    errors, largest, KL) (..., 3): its positions (valid tokens, for a token cache), the two sums
-    and the largest. Padding positions hold zeros."""
-    positions = error[..., 0].size if lengths is None else int(lengths.sum())
+    errors, largest, KL) (..., 3): its positions (valid tokens, for a token cache: `valid`), the
+    two sums and the largest. Padding positions hold zeros."""
+    positions = error[..., 0].size if valid is None else int(valid.sum())
     flat = error.reshape(-1, 3).astype(np.float64)
     return np.array([positions, flat[:, 0].sum(), flat[:, 1].max(initial=0.0), flat[:, 2].sum()])
 
@@ -326,7 +327,7 @@ def teacher_metrics(group: zarr.Group, layout: Layout, temperature: float) -> di
         return None
     kind = layout.soft_kind
     correct, nll, count = 0, 0.0, 0
-    names = ("labels", *(("lengths",) if layout.tokens is not None else ()), *kind.soft_arrays)
+    names = ("labels", *layout.position_arrays, *kind.soft_arrays)
     size = dataset_size(dict(group.attrs))
     unit, grid = layout.write_unit, layout.write_grid
     for chunk in range(grid.num_chunks):
@@ -344,7 +345,7 @@ def teacher_metrics(group: zarr.Group, layout: Layout, temperature: float) -> di
         if layout.views is not None:  # every view of a sample has the sample's label
             labels = labels.unsqueeze(1).expand(-1, layout.views)
         valid = (torch.ones(labels.shape, dtype=torch.bool) if layout.tokens is None
-                 else torch.arange(layout.tokens) < torch.from_numpy(rows["lengths"]).unsqueeze(1))
+                 else torch.from_numpy(valid_positions(rows, layout.tokens)))
         labels = labels[valid]
         predicted = torch.from_numpy(kind.top1(rows))[valid]
         chunk_nll = kind.label_nll({name: torch.from_numpy(rows[name])[valid] for name in kind.soft_arrays}, labels, temperature)

@@ -114,11 +114,22 @@ def zero_padding(values: torch.Tensor, padding: torch.Tensor | None) -> torch.Te
     return values.masked_fill(padding.reshape(*padding.shape, *(1,) * (values.ndim - padding.ndim)), 0)
 
 
+def valid_positions(rows: Rows, positions: int) -> np.ndarray | None:
+    """Which of a token cache's positions hold soft labels, (rows, positions) bool: those before
+    each row's length and, in a cache with a mask of trained positions, trained; None for rows
+    without positions."""
+    if "lengths" not in rows:
+        return None
+    valid = np.arange(positions)[None, :] < rows["lengths"][:, None]
+    return valid & (rows["trained"] == 1) if "trained" in rows else valid
+
+
 def over_positions(values: np.ndarray, rows: Rows) -> tuple:
     """A chunk's (sum, largest, entries) of a per-position statistic (rows, [positions]), over its
-    rows, or over a token cache's valid tokens (padding does not count)."""
-    if "lengths" in rows:
-        values = values[np.arange(values.shape[1])[None, :] < rows["lengths"][:, None]]
+    rows, or over a token cache's valid (and trained) tokens: padding does not count."""
+    valid = valid_positions(rows, values.shape[1]) if values.ndim > 1 else None
+    if valid is not None:
+        values = values[valid]
     return values.sum().item(), values.max(initial=0).item(), int(values.size)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stages.kinds.base import (
-    ArraySpec, Kind, Rows, index_dtype, mean_and_max, np, option, over_positions, torch, zero_padding,
+    ArraySpec, Kind, Rows, index_dtype, mean_and_max, np, option, over_positions, torch, valid_positions, zero_padding,
 )
 from stages.kinds.topk import TopKOptions, check_top_k, retempered, top_and_logsumexp
 from stages.lazy import lazy_module
@@ -155,7 +155,7 @@ class QuantisedTopK(Kind):
                 return "qtopk classes outside [0, num_classes)"
             repeated = deltas[..., 1:] == 0  # at a valid position the kept classes strictly increase
             if "lengths" in rows:
-                repeated &= (np.arange(repeated.shape[1])[None, :] < rows["lengths"][:, None])[..., None]
+                repeated &= valid_positions(rows, repeated.shape[1])[..., None]
                 found = repeated.any()
             else:  # which positions are padding only the lengths tell: a valid one has a delta above 0
                 found = (repeated & deltas[..., 1:].any(-1, keepdims=True)).any() if deltas.shape[-1] > 1 else False

@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stages.errors import InputError, PipelineError
-from stages.kinds.base import ArraySpec, Kind, KindOptions, index_dtype, mean_and_max, np, option, over_positions, torch, zero_padding
+from stages.kinds.base import (
+    ArraySpec, Kind, KindOptions, index_dtype, mean_and_max, np, option, over_positions, torch, valid_positions, zero_padding,
+)
 from stages.lazy import lazy_module
 
 losses = lazy_module("stages.losses")
@@ -150,8 +152,7 @@ class Sampled(Kind):
             counts = rows["sampled_counts"]
             sums, draws = counts.sum(-1, dtype=np.int64), counts.shape[-1]
             if "lengths" in rows:
-                padding = np.arange(sums.shape[1])[None, :] >= rows["lengths"][:, None]
-                wrong = not np.array_equal(sums, np.where(padding, 0, draws))
+                wrong = not np.array_equal(sums, np.where(valid_positions(rows, sums.shape[1]), draws, 0))
             else:  # which positions are padding, only the lengths tell: each sums to S or to 0
                 wrong = not ((sums == draws) | (sums == 0)).all()
             if wrong:
