@@ -593,8 +593,12 @@ def _open_or_create(out: Path, attrs: dict) -> zarr.Group:
     if is_token_dataset(out):
         group = zarr.open_group(str(out), mode="r+")
         held = dict(group.attrs)
-        differ = [k for k in ("source", "tokenizer", "seq", "options", "chunk_tokens", "dtype", "schema_version")
-                  if json.dumps(held.get(k), sort_keys=True) != json.dumps(attrs[k], sort_keys=True)]
+        def facts(a: dict) -> dict:
+            return {"source": (a.get("source") or {}).get("sha256"), "tokenizer": (a.get("tokenizer") or {}).get("files_sha256"),
+                    **{k: a.get(k) for k in ("seq", "options", "chunk_tokens", "dtype", "schema_version")}}
+
+        mine = facts(attrs)
+        differ = [k for k, v in facts(held).items() if json.dumps(v, sort_keys=True) != json.dumps(mine[k], sort_keys=True)]
         if differ:
             raise InputError(f"{out} holds a token dataset of another {' and '.join(differ)}; use --overwrite to replace it, "
                              "or another --out")
