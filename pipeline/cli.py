@@ -805,7 +805,7 @@ def tokenize_command(
                                          overwrite=overwrite), progress)
     rows = {f"{name} rows / tokens / trained": f"{v['rows']:,} / {v['tokens']:,} / {v['trained_targets']:,}" for name, v in report["splits"].items()}
     _emit(as_json, report, _key_value_table(f"token dataset {report['out']}", {
-        "source": report["source"], "dtype": report["dtype"], **rows, **{f"rows {k}": v for k, v in report["counts"].items()},
+        "source": report["source"], "dtype": report["dtype"], **rows, **{f"source rows {k}": v for k, v in report["counts"].items() if k == "records" or report["source"].startswith("chat:")},
         "seconds": report["seconds"], "tokens/s": report["tokens_per_second"]}))
 
 

@@ -47,10 +47,14 @@ tables, whole .txt files); each unit is tokenized into a part file under DIR/par
 temporary name and renamed, so a part that exists is complete: after a kill only the missing
 units are tokenized again. Units are independent CPU-bound work (JSON parsing, chat templates in
 Python, the tokenizer in Rust), so they run in a pool of `workers` processes: processes rather
-than threads because the Python parts hold the GIL; a plain spawn-context process pool rather
-than dask because the units need no scheduler, no shared state and no cluster start-up, and
-results travel as files. Each worker tokenizes on one thread (TOKENIZERS_PARALLELISM=false), so
---workers is the number of cores used. (2) The parts are concatenated in unit order into whole
+than threads because the Python parts hold the GIL; a plain process pool rather than dask because
+the units need no scheduler, no shared state and no cluster start-up, and results travel as
+files. The pool forks where the platform can (Linux): a forked worker starts at once with the
+tokenizer already loaded, where a spawned one first re-imports torch and transformers (10-20 s
+per worker on a busy 2-core machine, more than a 10 MB corpus takes to tokenize). Forking is safe
+here because a worker only reads the source, tokenizes and writes its part file: it uses no zarr,
+torch or thread of the parent. Each worker tokenizes on one thread (TOKENIZERS_PARALLELISM=false),
+so --workers is the number of cores used. (2) The parts are concatenated in unit order into whole
 chunks of `chunk_tokens` tokens, each marked in chunk_done once written (skipped when resumed);
 then the split's fingerprint is computed by reading the rows back once, in order, and the split
 and the dataset are marked complete and the parts removed. The output does not depend on the
@@ -69,7 +73,7 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -98,6 +102,7 @@ TOKENS_OPTIONS = {"rows": None}
 TABLE_SUFFIXES = (".parquet", ".arrow")
 DEFAULT_CHUNK_TOKENS = 1 << 16  # 128 KiB of uint16 tokens: a random row decodes one or two such chunks
 DEFAULT_WORK_UNIT_BYTES = 1 << 20
+TABLE_UNIT_ROWS = 4096  # rows of a table (Parquet, Arrow, save_to_disk) per work unit
 ROW_CHUNK = 1 << 16  # rows per chunk of the row arrays
 FINGERPRINT_BLOCK_ROWS = 1024  # rows of labels hashed at a time: bounded memory whatever the split's size
 ENCODE_BATCH = 64  # documents per tokenizer call, as pipeline.corpus
@@ -170,7 +175,8 @@ def _whole(where: str, key: str, value: str, least: int) -> int:
 @dataclass(frozen=True)
 class Unit:
     """A piece of the source tokenized on its own: bytes [start, stop) of a .jsonl file whose first
-    line is `first` (0-based), rows [start, stop) of a table, or a whole .txt file."""
+    line is `first` (0-based), rows [start, stop) of an Arrow table (row groups of a Parquet file,
+    its first row `first`), or a whole .txt file."""
 
     file: str
     kind: str  # txt, jsonl, parquet, arrow, hf-disk
@@ -203,7 +209,7 @@ def _hf_dataset(path: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from stages.runtime import require
 
-    datasets = require("datasets", "hf", "Hugging Face datasets sources")
+    datasets = require("datasets", "datasets", "Hugging Face datasets sources")
     datasets.disable_progress_bars()
     try:
         if Path(path).is_dir():
@@ -217,10 +223,18 @@ def _hf_dataset(path: str):
     return dataset
 
 
+def _parquet():
+    from stages.runtime import require
+
+    require("pyarrow", "datasets", "Parquet sources")
+    import pyarrow.parquet
+
+    return pyarrow.parquet
+
+
 def _table_rows_and_columns(file: str, kind: str) -> tuple[int, list[str]]:
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
+        pq = _parquet()
         try:
             meta = pq.ParquetFile(file)
         except Exception as exc:  # noqa: BLE001
@@ -264,12 +278,31 @@ def plan(source: Source, unit_bytes: int) -> tuple[list[Unit], str, list[str]]:
             units.append(Unit(str(file), kind, 0, file.stat().st_size, 0))
         elif kind == "jsonl":
             units.extend(_line_units(file, unit_bytes))
+        elif kind == "parquet":
+            units.extend(_parquet_units(source, file))
         else:
             rows, columns = _table_rows_and_columns(str(file), kind)
             _columns_needed(source, columns, str(file))
-            step = max(1, min(rows, 4096))
-            units.extend(Unit(str(file), kind, start, min(start + step, rows), start) for start in range(0, rows, step))
+            units.extend(Unit(str(file), kind, start, min(start + TABLE_UNIT_ROWS, rows), start)
+                         for start in range(0, rows, TABLE_UNIT_ROWS))
     return units, digest.hexdigest(), files
+
+
+def _parquet_units(source: Source, file: Path) -> list[Unit]:
+    """Runs of whole row groups (what Parquet reads at least) of about TABLE_UNIT_ROWS rows; a
+    unit's start and stop count row groups, `first` its first row."""
+    rows, columns = _table_rows_and_columns(str(file), "parquet")
+    _columns_needed(source, columns, str(file))
+    metadata = _parquet().ParquetFile(file).metadata
+    units, group, row = [], 0, 0
+    while group < metadata.num_row_groups:
+        last, count = group, 0
+        while last < metadata.num_row_groups and (count == 0 or count + metadata.row_group(last).num_rows <= TABLE_UNIT_ROWS):
+            count += metadata.row_group(last).num_rows
+            last += 1
+        units.append(Unit(str(file), "parquet", group, last, row))
+        group, row = last, row + count
+    return units
 
 
 def _line_units(file: Path, unit_bytes: int) -> list[Unit]:
@@ -319,14 +352,11 @@ def _records(source: Source, unit: Unit) -> Iterator[tuple[int, object]]:
 
 
 def _table_rows(unit: Unit) -> Iterator[tuple[int, dict]]:
-    if unit.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(unit.file)  # a unit's rows; Parquet reads whole row groups at least
-        rows = table.slice(unit.start, unit.stop - unit.start).to_pylist()
+    if unit.kind == "parquet":  # start and stop count row groups
+        rows = _parquet().ParquetFile(unit.file).read_row_groups(list(range(unit.start, unit.stop))).to_pylist()
     else:
         rows = _hf_dataset(unit.file).select(range(unit.start, unit.stop)).to_list()
-    yield from enumerate(rows, unit.start)
+    yield from enumerate(rows, unit.first)
 
 
 def _record(source: Source, row, where: str):
@@ -378,7 +408,6 @@ def _split_of(key: str, test: int) -> str:
 def tokenize_unit(source: Source, unit: Unit, number: int, parts: str) -> dict:
     """Tokenize one unit into parts/NUMBER.npz (written whole, then renamed into place) and
     return its counts. Runs in a worker process."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = _tokenizer(source.tokenizer, source.kind == "chat")
     out: dict[str, dict[str, list]] = {s: {"tokens": [], "trained": [], "records": []} for s in SPLITS}
     counts = {"records": 0, "cut": 0, "dropped_too_long": 0, "dropped_without_assistant": 0}
@@ -610,7 +639,7 @@ def _open_or_create(out: Path, attrs: dict) -> zarr.Group:
 def _tokenize_units(source: Source, units: list[Unit], todo: list[int], parts: Path, workers: int,
                     progress: Callable[[int, int], None] | None) -> int:
     """Tokenize the units `todo` into their parts, in this process or a pool; progress lines as
-    units complete. On an error the first failing unit's error is raised, after the others stop."""
+    units complete. On an error, the error of the first unit seen failing is raised and the units not started are cancelled."""
     done, tokens, started = len(units) - len(todo), 0, time.perf_counter()
 
     def report(result: dict) -> None:
@@ -622,29 +651,35 @@ def _tokenize_units(source: Source, units: list[Unit], todo: list[int], parts: P
         if progress is not None:
             progress(done, len(units))
 
-    if workers == 1 or len(todo) <= 1:
-        saved = os.environ.get("TOKENIZERS_PARALLELISM")
-        try:
+    # The tokenizer on one thread in every process (set before a fork: its thread pool is not forked in use).
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        if workers == 1 or len(todo) <= 1:
             for n in todo:
                 report(tokenize_unit(source, units[n], n, str(parts)))
-        finally:
-            if saved is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = saved
-        return tokens
+        else:
+            _in_pool(source, units, todo, parts, workers, report)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    return tokens
+
+
+def _in_pool(source: Source, units: list[Unit], todo: list[int], parts: Path, workers: int, report: Callable[[dict], None]) -> None:
     import multiprocessing
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
         futures = {pool.submit(tokenize_unit, source, units[n], n, str(parts)): n for n in todo}
         pending = set(futures)
         try:
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 failed = sorted((futures[f], f) for f in finished if f.exception() is not None)
                 if failed:
-                    for future in pending:
-                        future.cancel()
                     raise failed[0][1].exception()
                 for future in sorted(finished, key=futures.get):
                     report(future.result())
@@ -652,7 +687,6 @@ def _tokenize_units(source: Source, units: list[Unit], todo: list[int], parts: P
             for future in pending:
                 future.cancel()
             raise
-    return tokens
 
 
 def _assemble(out: Path, group: zarr.Group, split: str, source: Source, units: int, chunk_tokens: int, pad: int) -> bool:

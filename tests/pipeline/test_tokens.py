@@ -320,6 +320,12 @@ def test_bad_rows_missing_templates_and_unknown_columns_are_one_line_errors(tmp_
         out = tmp_path / f"{name.replace(' ', '-')}.zarr"
         assert expected in one_line_exit_2("tokenize", f"chat:{path},tokenizer=hf:{chat_tok},seq=32", "--out", out), name
         assert not (out / "train").exists()  # nothing assembled from a partial pass
+    # from a worker process of a pool, the same line
+    path = tmp_path / "late.jsonl"
+    path.write_text(f"{good}\n" * 400 + "[1, 2]\n" + f"{good}\n" * 10)
+    err = one_line_exit_2("tokenize", f"chat:{path},tokenizer=hf:{chat_tok},seq=32", "--out", tmp_path / "late.zarr",
+                          "--workers", 2, "--work-unit-bytes", 4096)
+    assert "line 401 is not a JSON object" in err
     path = tmp_path / "ok.jsonl"
     path.write_text(good + "\n")
     assert "no chat template" in one_line_exit_2("tokenize", f"chat:{path},tokenizer=hf:{tok512},seq=32", "--out", tmp_path / "n.zarr")
