@@ -83,12 +83,17 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from pipeline.corpus import CORPUS_OPTIONS, MAX_TEST_PERCENT, SUFFIXES, _tokenizer_sha256, parse_corpus_spec
+from pipeline.corpus import (
+    MAX_TEST_PERCENT,
+    SUFFIXES,
+    _tokenizer_sha256,
+    parse_corpus_spec,
+)
 from pipeline.hf import TOKENIZER_FILES, tokenizer_from_spec
 from pipeline.specs import FileSpec, parse_spec, path_and_options
 from stages import __version__
-from stages.data import fingerprint, sha256
-from stages.errors import InputError, PipelineError
+from stages.data import fingerprint
+from stages.errors import InputError
 from stages.storage import PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -99,6 +104,7 @@ SPLITS = ("train", "test")
 CHAT_OPTIONS = {"tokenizer": None, "seq": None, "messages": "messages", "prompt": "prompt", "completion": "completion",
                 "train_on": "assistant", "too_long": "cut", "test": "5"}
 TOKENS_OPTIONS = {"rows": None}
+SPLIT_ARRAYS = ("tokens", "trained", "chunk_done", "row_start", "lengths", "document_start", "document_record")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 DEFAULT_CHUNK_TOKENS = 1 << 16  # 128 KiB of uint16 tokens: a random row decodes one or two such chunks
 DEFAULT_WORK_UNIT_BYTES = 1 << 20
@@ -216,7 +222,7 @@ def _hf_dataset(path: str):
             dataset = datasets.load_from_disk(path)
         else:
             dataset = datasets.Dataset.from_file(path)
-    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a folder it cannot read
+    except Exception as exc:
         raise InputError(f"{path}: cannot read it with datasets: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if not isinstance(dataset, datasets.Dataset):
         raise InputError(f"{path}: holds a {type(dataset).__name__}, not one Dataset; name one split's folder")
@@ -237,7 +243,7 @@ def _table_rows_and_columns(file: str, kind: str) -> tuple[int, list[str]]:
         pq = _parquet()
         try:
             meta = pq.ParquetFile(file)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise InputError(f"{file}: cannot read it as Parquet: {exc}") from exc
         return meta.metadata.num_rows, meta.schema_arrow.names
     dataset = _hf_dataset(file)
@@ -291,7 +297,7 @@ def plan(source: Source, unit_bytes: int) -> tuple[list[Unit], str, list[str]]:
 def _parquet_units(source: Source, file: Path) -> list[Unit]:
     """Runs of whole row groups (what Parquet reads at least) of about TABLE_UNIT_ROWS rows; a
     unit's start and stop count row groups, `first` its first row."""
-    rows, columns = _table_rows_and_columns(str(file), "parquet")
+    _, columns = _table_rows_and_columns(str(file), "parquet")
     _columns_needed(source, columns, str(file))
     metadata = _parquet().ParquetFile(file).metadata
     units, group, row = [], 0, 0
@@ -479,7 +485,7 @@ def _rendered(tokenizer, turns: list[dict], spec: str) -> tuple[np.ndarray, np.n
     def render(messages, prompt):
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
-        except Exception as exc:  # noqa: BLE001 - the template's own error (a jinja exception)
+        except Exception as exc:
             raise InputError(f"tokenizer {spec}: its chat template failed: {type(exc).__name__}: {exc}") from exc
 
     text = render(turns, False)
@@ -584,6 +590,7 @@ def tokenize(config: TokenizeConfig, progress: Callable[[int, int], None] | None
     }
     group = _open_or_create(out, attrs)
     if group.attrs.get("complete"):
+        shutil.rmtree(out / "parts", ignore_errors=True)  # a kill between marking it complete and this
         log.info("%s: already complete", out)
         return summary(out, time.perf_counter() - started, 0)
     parts = out / "parts"
@@ -594,7 +601,10 @@ def tokenize(config: TokenizeConfig, progress: Callable[[int, int], None] | None
     if len(todo) < len(units):
         log.info("resuming %s: %d of %d work units already tokenized", out, len(units) - len(todo), len(units))
     tokens_done = _tokenize_units(source, units, todo, parts, config.workers, progress)
-    counts = np.sum([np.load(parts / f"{n:08d}.npz")["counts"] for n in range(len(units))], axis=0) if units else np.zeros(4, np.int64)
+    counts = np.zeros(len(COUNT_KEYS), np.int64)
+    for n in range(len(units)):
+        with np.load(parts / f"{n:08d}.npz") as part:
+            counts += part["counts"]
     group.attrs["counts"] = dict(zip(COUNT_KEYS, map(int, counts)))
     if source.kind == "chat":
         log.info("%s: %d rows; %d cut to seq+1 tokens, %d dropped as too long, %d dropped without an assistant token",
@@ -721,7 +731,11 @@ def _assemble(out: Path, group: zarr.Group, split: str, source: Source, units: i
     sub["row_start"][:] = row_start
     sub["lengths"][:] = lengths
     sub["document_start"][:] = starts[:kept_documents]
-    records = np.concatenate([np.load(parts / f"{n:08d}.npz")[f"{split}_records"] for n in range(units)])
+    records = []
+    for n in range(units):
+        with np.load(parts / f"{n:08d}.npz") as part:
+            records.append(part[f"{split}_records"])
+    records = np.concatenate(records)
     sub["document_record"][:] = records[:kept_documents]
     done = sub["chunk_done"][:]
     chunks = len(done)
@@ -766,9 +780,12 @@ def _pieces(parts: Path, split: str, units: int, total: int) -> Iterator[tuple[n
 
 
 def _split_group(group: zarr.Group, split: str, total: int, rows: int, documents: int, chunk_tokens: int, dtype) -> zarr.Group:
-    """The split's subgroup, created with empty arrays on first use."""
+    """The split's subgroup, created with empty arrays on first use (again when a kill cut its
+    creation short)."""
     if split in group:
-        return group[split]
+        if set(group[split].array_keys()) >= set(SPLIT_ARRAYS):
+            return group[split]
+        del group[split]
     sub = group.create_group(split, attributes={"name": split, "num_rows": rows, "num_tokens": total, "num_documents": documents,
                                                 "complete": False})
     crc = Crc32cCodec()
@@ -951,11 +968,13 @@ class TokenLabels:
         if isinstance(rows, slice):
             index = np.arange(*rows.indices(len(self)))
         elif np.isscalar(rows) or (isinstance(rows, np.ndarray) and rows.ndim == 0):
-            return self._split.label_rows([int(rows)])[0][rest] if rest else self._split.label_rows([int(rows)])[0]
+            row = self._split.label_rows([int(rows) + (len(self) if int(rows) < 0 else 0)])[0]
+            return row[rest] if rest else row
         else:
             index = np.asarray(rows)
             if index.dtype == bool:
                 index = np.flatnonzero(index)
+            index = np.where(index < 0, index + len(self), index)
         result = self._split.label_rows(index.astype(np.int64))
         return result[(slice(None), *rest)] if rest else result
 
@@ -968,7 +987,8 @@ class TokenLabels:
 
 
 def token_splits(args: str) -> dict[str, TokenSplit]:
-    """`tokens:DIR[,rows=A:B]` -> its splits (read lazily; `rows` views a range of each split's rows)."""
+    """`tokens:DIR[,rows=A:B]` -> its splits (read lazily; `rows` views rows A..B-1 of each split,
+    as a slice does: fewer where a split is shorter)."""
     path, *items = args.split(",")
     options = dict(TOKENS_OPTIONS)
     for item in items:
@@ -994,9 +1014,8 @@ def token_splits(args: str) -> dict[str, TokenSplit]:
     splits = {}
     for name in root.attrs.get("splits", []):
         count = int(root[name].attrs["num_rows"])
-        if rows is not None and rows[1] > count:
-            raise InputError(f"dataset spec tokens:{args}: split {name!r} has {count} rows, fewer than rows={options['rows']}")
-        splits[name] = TokenSplit(folder, name, rows)
+        # as a Python slice: a split shorter than the range gives the rows it has (none: an empty split, refused by its user)
+        splits[name] = TokenSplit(folder, name, None if rows is None else (min(rows[0], count), min(rows[1], count)))
     return splits
 
 
