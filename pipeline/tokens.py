@@ -573,10 +573,11 @@ def tokenize(config: TokenizeConfig, progress: Callable[[int, int], None] | None
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not is_token_dataset(out):
         raise InputError(f"{out} exists and is not a token dataset; refusing to write there")
-    if config.overwrite and is_token_dataset(out):
-        shutil.rmtree(out)
     source_sha, tokenizer_described = _identity(source, tokenizer)
-    units, files_sha, files = plan(source, _recorded_unit_bytes(out, config.work_unit_bytes))
+    unit_bytes = config.work_unit_bytes if config.overwrite else _recorded_unit_bytes(out, config.work_unit_bytes)
+    units, files_sha, files = plan(source, unit_bytes)
+    if config.overwrite and is_token_dataset(out):  # only once the source has been read and checked
+        shutil.rmtree(out)
     attrs = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION, "complete": False,
         "source": {"spec": source.spec, "kind": source.kind, "sha256": files_sha, "files": files},
@@ -585,7 +586,7 @@ def tokenize(config: TokenizeConfig, progress: Callable[[int, int], None] | None
         "seq": source.seq, "options": {k: v for k, v in asdict(source).items() if k not in ("spec", "path", "tokenizer", "kind")},
         "split_source_sha256": source_sha,
         "chunk_tokens": config.chunk_tokens, "dtype": smallest_dtype(len(tokenizer)).name,
-        "work_unit_bytes": _recorded_unit_bytes(out, config.work_unit_bytes),
+        "work_unit_bytes": unit_bytes,
         "tool": {"name": "pipeline", "version": __version__},
     }
     group = _open_or_create(out, attrs)

@@ -195,6 +195,9 @@ def test_another_source_or_options_at_out_are_refused_and_overwrite_replaces(tmp
     tokenize(f"corpus:{small_jsonl},tokenizer=hf:{tok512},seq=32", out)
     code, _, err = invoke("tokenize", f"corpus:{small_jsonl},tokenizer=hf:{tok512},seq=16", "--out", out)
     assert code == 2 and "another seq" in err and len(err.strip().splitlines()) == 1
+    # --overwrite deletes nothing before the new source has been read and checked
+    code, _, err = invoke("tokenize", f"corpus:{tmp_path / 'missing.jsonl'},tokenizer=hf:{tok512},seq=16", "--out", out, "--overwrite")
+    assert code == 2 and "not found" in err and zarr.open_group(str(out), mode="r").attrs["complete"]
     assert tokenize(f"corpus:{small_jsonl},tokenizer=hf:{tok512},seq=16", out, "--overwrite")["splits"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
