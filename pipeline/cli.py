@@ -71,7 +71,7 @@ ReplayAugmentOption = Annotated[str | None, typer.Option(
 LoaderWorkersOption = Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")]
 
 
-def command(name: str):
+def command(name: str, **options):
     """Register a command under `name`, with known failures turned into one line on stderr and an
     exit code, never a traceback. The library's messages name config fields; the user sees the
     command's flags (pipeline.config.in_flags)."""
@@ -101,7 +101,7 @@ def command(name: str):
                     _fail(f"object storage: {exc}", 1)
                 _fail(f"internal error: {type(exc).__name__}: {exc} (set PIPELINE_DEBUG=1 for the traceback)", 1)
 
-        return app.command(name)(wrapper)
+        return app.command(name, **options)(wrapper)
 
     return register
 
@@ -775,9 +775,9 @@ def demo_text_command(
     _emit(as_json, report, text_demo_table(report))
 
 
-@command("tokenize")
+@command("tokenize", no_args_is_help=True)
 def tokenize_command(
-    spec: Annotated[str, typer.Argument(help="What to tokenize: corpus:PATH,tokenizer=hf:FOLDER,seq=N[,field=text,test=5,max_tokens=M] or chat:PATH,tokenizer=hf:FOLDER,seq=N[,messages=messages,prompt=prompt,completion=completion,train_on=assistant|all,too_long=cut|drop,test=5]. PATH: .txt/.jsonl files or a folder of them, a .parquet or .arrow file, or a datasets save_to_disk folder.")],
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="What to tokenize: corpus:PATH,tokenizer=hf:FOLDER,seq=N[,field=text,test=5,max_tokens=M] or chat:PATH,tokenizer=hf:FOLDER,seq=N[,messages=messages,prompt=prompt,completion=completion,train_on=assistant|all,too_long=cut|drop,test=5]. PATH: .txt/.jsonl files or a folder of them, a .parquet or .arrow file, or a datasets save_to_disk folder.")],
     out: Annotated[Path | None, typer.Option(help="Token dataset to write (a Zarr folder). (default: data/tokens/SOURCE-seqN.zarr)")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Processes tokenizing work units in parallel, one core each.")] = 1,
     chunk_tokens: Annotated[int, typer.Option(min=1, help="Tokens per chunk, the unit a reader decodes.")] = 1 << 16,
