@@ -393,3 +393,10 @@ def test_dask_workers_read_the_token_dataset_and_write_the_same_cache(tmp_path, 
     invoke_json("cache-teacher", *common, "--out", tmp_path / "one.zarr")
     invoke_json("cache-teacher", *common, "--workers", 2, "--out", tmp_path / "two.zarr")
     assert_same_cache(tmp_path / "one.zarr", tmp_path / "two.zarr")
+    # verify re-runs the teacher on rows it reads from tokens:DIR; evaluate measures on it
+    report = invoke_json("verify", tmp_path / "two.zarr", "--teacher", teacher, "--teacher-weights", tmp_path / "teacher.safetensors",
+                         "--samples", 4, "--device", "cpu")
+    assert report["ok"], report
+    metrics = invoke_json("evaluate", "--model", teacher, "--weights", tmp_path / "teacher.safetensors", "--dataset", dataset,
+                          "--cache", tmp_path / "one.zarr", "--batch-size", 16, "--device", "cpu")
+    assert metrics
