@@ -16,6 +16,9 @@ A dataset spec is one of:
   corpus:PATH,tokenizer=hf:FOLDER,seq=N[,field=text,test=5,max_tokens=M]
                             language modelling: .txt and .jsonl documents tokenized and packed
                             into rows of N next-token targets, test split by document (pipeline.corpus)
+  tokens:DIR[,rows=A:B]     a token dataset written by `pipeline tokenize` (a corpus: or a chat:
+                            set tokenized once), read lazily by row (pipeline.tokens); rows= views
+                            a range of each split's rows
   package.module:factory    or path/to/file.py:factory, called with a split name, returning a
                             map-style torch Dataset of (input, label) pairs or bare inputs
 Splits are named `train` and `test`.
@@ -36,6 +39,7 @@ import torch
 from pipeline.corpus import corpus_split, corpus_splits
 from pipeline.specs import DATASET_FORMS, BuiltinSpec, either, FactorySpec, FileSpec, load_factory, parse_spec, runs_user_code, whole_number_parameters
 from pipeline.text import text_splits
+from pipeline.tokens import chat_directly, token_splits
 from stages.data import Split, TensorSplit, TorchDatasetSplit, classes_in, splitmix64
 from stages.errors import InputError
 
@@ -191,6 +195,8 @@ BUILTIN_DATASETS: dict[str, Callable[[str], dict[str, Split]]] = {
     "stdlib-bytes": _stdlib_from_args,
     "text": text_splits,
     "corpus": corpus_splits,
+    "chat": chat_directly,
+    "tokens": token_splits,
 }
 
 
@@ -245,6 +251,8 @@ class ResolvedDataset:
             self._load = lambda split: text_splits(",".join((parsed.path, *parsed.options))).get(split)
         elif isinstance(parsed, FileSpec) and parsed.kind == "corpus":
             self._load = lambda split: corpus_split(",".join((parsed.path, *parsed.options)), split)
+        elif isinstance(parsed, FileSpec) and parsed.kind in ("tokens", "chat"):
+            self._load = lambda split: BUILTIN_DATASETS[parsed.kind](",".join((parsed.path, *parsed.options))).get(split)
         elif isinstance(parsed, BuiltinSpec) and parsed.name in BUILTIN_DATASETS:
             self._load = lambda split: BUILTIN_DATASETS[parsed.name](parsed.args or "").get(split)
         elif isinstance(parsed, FactorySpec):

@@ -56,7 +56,7 @@ def load_tokenizer(spec_path: str):
         raise InputError(f"hf:{spec_path}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)})")
     library = transformers(f"the tokenizer hf:{spec_path}")
     try:
-        tokenizer = library.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = library.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read
         raise InputError(f"hf:{spec_path}: cannot load its tokenizer: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token_id is None:

@@ -132,8 +132,8 @@ class FactorySpec:
 Spec = BuiltinSpec | FileSpec | FactorySpec
 # Specs that name a file or folder after their kind (FileSpec); those of OPTION_KINDS have
 # key=value options after it, split on commas.
-PATH_KINDS = ("hf", "torchscript", "export", "text", "corpus")
-OPTION_KINDS = ("text", "corpus")
+PATH_KINDS = ("hf", "torchscript", "export", "text", "corpus", "chat", "tokens")
+OPTION_KINDS = ("text", "corpus", "chat", "tokens")
 # Data files named by their suffix alone, and the kind each is.
 FILE_SUFFIXES = {".npz": "npz"}
 # Each form, as help text and errors name it.
@@ -142,7 +142,8 @@ DATASET_FORMS = ("a .npz file", "package.module:factory", "path/to/file.py:facto
 # The built-in datasets as the CLI's help shows them: the registry (pipeline.datasets) loads
 # torch, which the CLI must not pay for at start-up; a test holds the two the same.
 DATASET_BUILTINS_HELP = ("mnist-5k", "digits", "synthetic[:k=v,..]", "stdlib-bytes[:k=v,..]", "text:PATH,tokenizer=hf:FOLDER",
-                         "corpus:PATH,tokenizer=hf:FOLDER,seq=N")
+                         "corpus:PATH,tokenizer=hf:FOLDER,seq=N", "chat:PATH,tokenizer=hf:FOLDER,seq=N (via pipeline tokenize)",
+                         "tokens:DIR[,rows=A:B]")
 
 
 def either(forms: Collection[str]) -> str:

@@ -46,6 +46,15 @@ class Split(Protocol):
 
     # Optional, for sequences of tokens: `lengths`, int (N,), the valid tokens of each sample
     # (positions past it are padding). A split without it has no padding.
+    #
+    # Optional, for sequences: `trained_positions(index: np.ndarray) -> np.ndarray`, bool (B, L),
+    # True where the student learns the position's label (a chat set's assistant tokens), False
+    # elsewhere and always past the sample's length. A split without it trains every valid position.
+    #
+    # Optional, for labels held out of core: `labels_sha256`, the hash `fingerprint` would compute
+    # from all labels (int64, in sample order), known beforehand (pipeline.tokens records it when it
+    # writes a token dataset), so that fingerprinting never reads every label. Such a split's
+    # `labels` is an array-like read on indexing (len, shape, slices, integer arrays, max()).
 
 
 @dataclass(frozen=True)
@@ -200,13 +209,15 @@ def fingerprint(split: Split) -> dict:
     n = len(split)
     sample_index = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, FINGERPRINT_ROWS)).astype(np.int64))
     inputs = inputs_at(split, sample_index).to(torch.float32).contiguous().numpy() if n else np.zeros(0)
-    labels = split.labels
+    labels_sha256 = getattr(split, "labels_sha256", None)
+    if labels_sha256 is None and split.labels is not None:
+        labels_sha256 = sha256(np.ascontiguousarray(split.labels, dtype=np.int64))
     lengths = getattr(split, "lengths", None)
     source = getattr(split, "source_sha256", None)
     return {
         **({"source_sha256": source} if source is not None else {}),  # absent for older caches' splits
         "num_samples": n,
-        "labels_sha256": None if labels is None else sha256(np.ascontiguousarray(labels, dtype=np.int64)),
+        "labels_sha256": labels_sha256,
         "lengths_sha256": None if lengths is None else sha256(np.ascontiguousarray(lengths, dtype=np.int64)),
         "inputs_sha256": sha256(inputs),
         "input_shape": list(inputs.shape[1:]),

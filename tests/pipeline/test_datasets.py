@@ -23,8 +23,9 @@ BUILTINS = {
 }
 
 
-# text: and corpus: read the user's files through a tokenizer: tests/pipeline/test_text.py and test_corpus.py.
-@pytest.mark.parametrize("name", [name for name in BUILTIN_DATASETS if name not in ("text", "corpus")])
+# text:, corpus:, chat: and tokens: read the user's files through a tokenizer: tests/pipeline/test_text.py,
+# test_corpus.py and test_tokens.py.
+@pytest.mark.parametrize("name", [name for name in BUILTIN_DATASETS if name not in ("text", "corpus", "chat", "tokens")])
 def test_each_builtin_dataset_resolves_into_train_and_test_splits_of_its_shape_and_classes(name):
     if name not in BUILTINS:
         pytest.fail(f"the built-in dataset {name!r} has no expectations in this test: add them")
