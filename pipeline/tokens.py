@@ -25,10 +25,11 @@ offline). `field`, `messages`, `prompt` and `completion` name the columns of a t
 The format (FORMAT, schema SCHEMA_VERSION), readable with plain zarr:
   attributes of the group: format, schema_version, complete, source {spec, kind, sha256 of its
       files' bytes, files}, tokenizer {spec, files_sha256 (its files' bytes), pipeline_sha256,
-      vocabulary, pad, end_of_text}, seq, options, chunk_tokens, dtype, work_unit_bytes, counts (chat),
+      vocabulary, pad, end_of_text}, split_source_sha256 (the splits' fingerprint's source_sha256:
+      the tokenizer's pipeline and seq, and for chat its template and mask options), seq, options, chunk_tokens, dtype, work_unit_bytes, counts (chat),
       tool; no timestamps, so that the same source, tokenizer and options give the same bytes.
   one subgroup per split (`train`, `test`), attributes: num_rows, num_tokens, num_documents,
-      trained_tokens, max_label, fingerprint (what stages.data.fingerprint gives for the split,
+      num_trained_targets (positions learned), max_label, fingerprint (what stages.data.fingerprint gives for the split,
       labels included, computed once here), complete. Arrays:
       tokens (T,)          the split's token stream, the smallest unsigned dtype that holds the vocabulary
       trained (T,) bool    whether token j is learned as a target (a corpus: every token)
@@ -37,7 +38,8 @@ The format (FORMAT, schema SCHEMA_VERSION), readable with plain zarr:
                            tokens[s : s+L], its next-token labels tokens[s+1 : s+L+1]
       lengths (R,) int32   L, the row's valid positions (the rest is padding: pad id, label 0)
       document_start (D,)  the stream position where each document (conversation) begins
-      document_record (D,) its record in the source (0-based line of a .jsonl, row of a table)
+      document_record (D,) where it came from in its source file: its 0-based line (.jsonl) or
+                           row (a table), 0 for a .txt file (its id is its place in these arrays)
   A corpus packs its stream into rows of seq+1 tokens stepping seq (row_start r*seq), a chat set
   puts a conversation per row.
 
