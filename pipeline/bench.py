@@ -486,7 +486,7 @@ def _reader_limit(config: BenchConfig, scratch: Path) -> dict:
             first_seconds.append(_timed(lambda: _timed_epoch(CacheReader(path), batch, names, epoch=turn + 1)))
         units = layout.num_samples * per_row
         report[shape] = {
-            "rows": layout.num_samples, "positions_per_row": per_row, "classes": layout.num_classes, "top_k": layout.options.top_k,
+            "rows": layout.num_samples, "positions_per_row": per_row, "classes": layout.num_classes, "top_k": layout.options.attributes().get("top_k"),
             "chunk_rows": layout.chunk_rows, "batch_rows": batch, "bytes_read": sum(a.nbytes for a in mapped.values()),
             "memmap_per_second": units / min(memmap_seconds), "reader_per_second": units / min(reader_seconds),
             "reader_first_epoch_per_second": units / min(first_seconds),
