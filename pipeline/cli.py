@@ -26,7 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 
 from pipeline import DATA_ROOT, __version__
-from pipeline.demo_llm import LLMDemo  # torch-free: the command's defaults
+from pipeline.demo_chat import ChatDemo  # torch-free: the command's defaults
+from pipeline.demo_llm import LLMDemo
 from pipeline.config import build_config, field_default, field_of_option, in_flags, merge_options
 from pipeline.specs import DATASET_HELP, MODEL_HELP, FileSpec, cache_file_name, cache_stem, parse_spec, run_folder_name, teacher_file_name
 from stages import storage
@@ -809,6 +810,29 @@ def demo_llm_command(
                    dense_max_gib=dense_max_gib)
     report = run_llm_demo(out, demo, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, llm_demo_table(report))
+
+
+@command("demo-chat")
+def demo_chat_command(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's tokenizer, instructions, token datasets, teacher, caches and runs.")] = DATA_ROOT / "demo-chat",
+    conversations: Annotated[int, typer.Option(min=20, help="Conversations in the instruction set (5% held out).")] = field_default(ChatDemo, "conversations"),
+    seq: Annotated[int, typer.Option(min=16, help="Tokens per row: one conversation a row, longer ones dropped.")] = field_default(ChatDemo, "seq"),
+    teacher: Annotated[str, typer.Option(help="The teacher, a gpt2: spec or any causal LM spec.")] = field_default(ChatDemo, "teacher"),
+    student: Annotated[str, typer.Option(help="The student, as --teacher.")] = field_default(ChatDemo, "student"),
+    teacher_epochs: Annotated[int, typer.Option(min=1)] = field_default(ChatDemo, "teacher_epochs"),
+    student_epochs: Annotated[int, typer.Option(min=1)] = field_default(ChatDemo, "student_epochs"),
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Distil a GPT-2-style model on instruction data with soft labels on the assistant's tokens only, offline.
+
+    Writes questions about the standard library's functions answered by their docstrings as chat rows, tokenizes them once through a BPE tokenizer with a ChatML chat template (assistant tokens trained, and for comparison every token), trains a teacher briefly, caches its top-k over both, and trains a student from the assistant-only cache and from hard labels. Prints the soft-label bytes each cache takes against the assistant's share of the tokens, and the students' held-out loss per assistant token. Needs: pip install -e ".\\[hf]"."""
+    from pipeline.demo_chat import chat_demo_table, run_chat_demo
+
+    demo = ChatDemo(conversations=conversations, seq=seq, teacher=teacher, student=student, teacher_epochs=teacher_epochs,
+                    student_epochs=student_epochs)
+    report = run_chat_demo(out, demo, device=device)
+    _emit(as_json, report, chat_demo_table(report))
 
 
 @command("demo-text")

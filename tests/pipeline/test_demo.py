@@ -8,6 +8,7 @@ import pytest
 from rich.console import Console
 
 from pipeline import demo, text
+from pipeline.demo_chat import chat_demo_table
 from pipeline.demo_llm import llm_demo_table
 from tests.conftest import invoke
 
@@ -81,3 +82,24 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
     assert all(name in printed for name in report["students"]) and "by seed" in printed and "not measured" in printed
     assert (tmp_path / "demo" / "tokenizer-8192" / "tokenizer.json").is_file()
     assert (tmp_path / "demo" / "dense.zarr").exists() == (reference == "dense")
+
+
+def test_demo_chat_caches_the_assistants_tokens_only_and_distils_from_them(tmp_path):
+    """The instruction set, its two token datasets (assistant tokens trained; every token), the
+    caches of both and the students, at a small size: the assistant-only cache holds soft labels at
+    the assistant's positions alone, over the same rows."""
+    pytest.importorskip("transformers")
+    code, out, err = invoke("demo-chat", "--out", tmp_path / "demo", "--conversations", "120", "--seq", "96",
+                            "--teacher-epochs", "1", "--student-epochs", "1", "--device", "cpu", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    masked, whole = report["caches"]["assistant"], report["caches"]["all"]
+    assert masked["num_tokens"] == whole["num_tokens"] == whole["trained_positions"] > masked["trained_positions"] > 0
+    assert report["assistant_share_of_tokens"] == pytest.approx(masked["trained_positions"] / masked["num_tokens"])
+    assert 0 < report["masked_share_of_soft_label_bytes"] < 1 and report["soft_label_bytes_saved"] > 0
+    assert set(report["students"]) == {"hard labels", "distilled from the assistant-only cache"}
+    for student in report["students"].values():
+        assert student["test_tokens"] > 0 and math.isfinite(student["nats_per_assistant_token"])
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(chat_demo_table(report))
+    assert "assistant tokens:" in console.export_text()
