@@ -33,6 +33,7 @@ from pipeline.specs import DATASET_HELP, MODEL_HELP, FileSpec, cache_file_name, 
 from stages import storage
 from stages.config import CacheTeacherConfig as CT, TrainConfig as TS
 from stages.errors import CacheDamagedError, InputError, PipelineError, Terminated
+from stages.divergences import DIVERGENCES
 from stages.kinds import KINDS, option_fields
 from stages.storage import cache_location
 
@@ -71,6 +72,8 @@ ViewsAugmentOption = Annotated[str, typer.Option(
     help=f"Cache the teacher on augmented views: {AUGMENT_SPECS}; students replay each view exactly.")]
 ReplayAugmentOption = Annotated[str | None, typer.Option(
     help="The view cache's augmentation, when it is module:factory code: a cache never runs code the user did not name.")]
+# Each divergence of stages.divergences, as its docstring's first line says it.
+DIVERGENCE_NAMES = "; ".join(f"{name}: {divergence.__doc__.splitlines()[0]}" for name, divergence in DIVERGENCES.items())
 LoaderWorkersOption = Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")]
 
 
@@ -355,7 +358,7 @@ def train_student_command(
     temperature: Annotated[float | None, typer.Option(help="Distillation temperature. (default: the cache's T; another T' re-tempers exactly)")] = None,
     logit_pieces: Annotated[bool, typer.Option("--logit-pieces/--whole-logits", help="A causal LM student (gpt2:, hf:) takes its loss and evaluation a piece of positions at a time, never batch x length x classes logits; --whole-logits computes them whole (to compare).")] = field_default(TS, "logit_pieces"),
     eval_batch_size: Annotated[int, typer.Option(help="Rows per evaluation batch.")] = field_default(TS, "eval_batch_size"),
-    divergence: Annotated[str, typer.Option(help="Between the teacher's and the student's distributions: forward-kl (Hinton et al.), reverse-kl, jsd[:BETA] (generalized Jensen-Shannon, TRL's convention: 0 forward, 1 reverse KL; default 0.5) or tv (total variation). A sampled cache estimates forward-kl only.")] = field_default(TS, "divergence"),
+    divergence: Annotated[str, typer.Option(help=f"Between the teacher's and the student's distributions: {DIVERGENCE_NAMES}. A sampled cache estimates forward-kl only.")] = field_default(TS, "divergence"),
     epochs: Annotated[int, typer.Option(help="Training epochs (--max-steps overrides).")] = field_default(TS, "epochs"),
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in all, over as many epochs as they take; overrides --epochs.")] = field_default(TS, "max_steps"),
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass (the micro-batch; global under torchrun); a step sees --batch-size x --accumulate rows.")] = field_default(TS, "batch_size"),

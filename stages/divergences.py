@@ -65,6 +65,8 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 class ForwardKL(Divergence):
+    """KL(p || q), Hinton et al. (2015), the default"""
+
     name = "forward-kl"
 
     def __call__(self, log_p, log_q):
@@ -72,6 +74,8 @@ class ForwardKL(Divergence):
 
 
 class ReverseKL(Divergence):
+    """KL(q || p), mode-seeking"""
+
     name = "reverse-kl"
 
     def __call__(self, log_p, log_q):
@@ -80,6 +84,8 @@ class ReverseKL(Divergence):
 
 @dataclass(frozen=True)
 class GeneralizedJSD(Divergence):
+    """generalized Jensen-Shannon as jsd[:BETA] (TRL's convention: BETA 0 is forward KL, 1 reverse KL; default 0.5)"""
+
     beta: float = 0.5
     name = "jsd"
 
@@ -109,6 +115,8 @@ class GeneralizedJSD(Divergence):
 
 
 class TotalVariation(Divergence):
+    """total variation, sum |p - q| / 2"""
+
     name = "tv"
 
     def __call__(self, log_p, log_q):
