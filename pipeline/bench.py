@@ -39,7 +39,7 @@ same machine, one right after the other:
 11. train-student's peak resident memory and seconds per step (fresh processes) for a tiny GPT-2
    student (`lm_student`) from a top-32 token cache at each of `student_vocabs` (32,000 and
    128,256), rows of each of `student_seqs` tokens (128, 1,024) and batches of each of
-   LM_BATCHES (4, 32): during the training steps (the run's train_peak_rss_mb, taken before it
+   LM_BATCHES (4, 32): during the training steps (the run's memory.jsonl, taken before it
    evaluates) and in all, with an evaluation of as many held-out rows at the same batch; with the
    loss and evaluation in pieces of positions (stages.losses.piecewise_loss)
    and on whole logits (--whole-logits), the latter skipped where one float32 copy of the batch's
@@ -450,8 +450,9 @@ def _lm_student(config: BenchConfig, scratch: Path) -> dict:
                          "--eval-batch-size", str(batch), flag, "--checkpoint-every", "0", "--device", "cpu",
                          "--out", str(out), "--overwrite", "--json"], out.with_name(out.name + ".log"), "train-student")
                     epoch = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+                    memory = json.loads((out / "memory.jsonl").read_text().splitlines()[0])
                     steps_seconds = epoch["seconds"]  # the epoch: its steps and its evaluation
-                    figures[arm] = {"train": {"peak_rss_mb": epoch["train_peak_rss_mb"]},
+                    figures[arm] = {"train": {"peak_rss_mb": memory["train_peak_rss_mb"]},
                                     "train_and_evaluate": {"peak_rss_mb": usage["peak_rss_mb"]},
                                     "seconds_per_step": steps_seconds / (rows // batch), "process_seconds": usage["seconds"]}
                 report[vocab][f"seq_{seq}_batch_{batch}"] = figures

@@ -36,6 +36,7 @@ CPU, as one never killed:
         --log-every-steps 10 --checkpoint-every-steps 50 --out data/runs/lm   # add --resume after a kill
 
 The run folder holds config.json (resolved config), metrics.jsonl (one line per epoch),
+memory.jsonl (the process's peak resident memory per epoch, before and after evaluating),
 steps.jsonl (one line per `log_every_steps` steps), checkpoint.pt (model, optimizer, schedule,
 scaler, RNG states and the position in the epoch at the last checkpoint, for `resume`),
 model.safetensors (final weights) and summary.json; pipeline writes an hf: or gpt2: student as
@@ -81,6 +82,7 @@ from stages.weights import count_parameters, save_weights, serialised
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+MEMORY = "memory.jsonl"  # per epoch: the process's peak resident memory before and after evaluating
 STEPS_LOG = "steps.jsonl"
 # Options that may change when a run is resumed: they do not change what it computes.
 RESUMABLE_CHANGES = ("device", "resume", "overwrite", "checkpoint_every", "checkpoint_every_steps", "log_every_steps",
@@ -460,13 +462,16 @@ def loss_step(training: Training, batch: Rows) -> tuple[torch.Tensor, dict[str, 
 def _end_of_epoch(training: Training, epoch: int, means: dict[str, float], epoch_started: float, metrics_file) -> dict:
     """Rank 0's part of an epoch's end: evaluate, log, checkpoint; returns the epoch's metrics."""
     config = training.config
-    epoch_metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()},
-                     "train_peak_rss_mb": peak_rss_mb()}  # before evaluating: what the training steps took at most
+    epoch_metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()}}
+    # Memory beside the metrics, not in them: metrics.jsonl is what the run computed, which a
+    # resumed or repeated run reproduces exactly; the peak resident memory is the process's.
+    memory = {"epoch": epoch + 1, "train_peak_rss_mb": peak_rss_mb()}  # before evaluating: the training steps' peak
     if training.evaluation is not None:
         epoch_metrics.update({f"test_{k}": v for k, v in evaluate(training.model, training.evaluation, training.device,
                                                                     config.eval_batch_size, config.logit_pieces).items()})
     epoch_metrics["seconds"] = time.perf_counter() - epoch_started
-    epoch_metrics["peak_rss_mb"] = peak_rss_mb()
+    with open_no_follow(config.out / MEMORY, "a") as memory_file:
+        memory_file.write(json.dumps({**memory, "peak_rss_mb": peak_rss_mb()}) + "\n")
     metrics_file.write(json.dumps(epoch_metrics) + "\n")
     metrics_file.flush()
     log.info("epoch %d/%d %s", epoch + 1, len(training.epoch_batches), _brief(epoch_metrics))
@@ -716,6 +721,7 @@ def _open_run_dir(config: TrainConfig, run_config: dict) -> None:
         _check_same_run(out, run_config)
         if not (out / CHECKPOINT).is_file():
             (out / "metrics.jsonl").unlink(missing_ok=True)  # killed before its first checkpoint
+            (out / MEMORY).unlink(missing_ok=True)
             (out / STEPS_LOG).unlink(missing_ok=True)
         return
     if out.exists() and any(out.iterdir()):
