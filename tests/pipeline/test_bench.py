@@ -12,7 +12,8 @@ from tests.conftest import invoke, invoke_json
 TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2, lm_vocab=0,
             reader_rows=3000, reader_tokens=20000, reader_vocab=300, writer_vocab=500, writer_teacher="gpt2:layers=1,dim=16,heads=2",
             writer_rows=6)
-TINY_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+# Section 11 (train-student at a language model's vocabulary) has a test of its own, below.
+TINY_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()] + ["--student-vocab=0"]
 # Section 8 (cache-teacher's memory with a language model's vocabulary), small: 4 processes.
 TINY_LM = ["--lm-vocab=3000", "--lm-seq=16"]
 
