@@ -52,7 +52,7 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
 
 def test_bench_quick_prints_ratios_without_verdicts(tmp_path, monkeypatch):
     """--quick sizes are too small to judge by: no ok column in the table, null verdicts in JSON."""
-    monkeypatch.setattr(bench, "QUICK", bench.BenchConfig(**TINY, quick=True))
+    monkeypatch.setattr(bench, "QUICK", bench.BenchConfig(**TINY, student_vocabs=(), quick=True))
     code, out, _ = invoke("bench", "--quick", "--epochs", "1")
     assert code == 0 and "cache_vs_forward" in out and "break-even" in out and "too small to judge" in out
     header = next(line for line in out.splitlines() if "measured" in line)
