@@ -38,7 +38,7 @@ def test_distilled_run_writes_a_complete_run_folder(tmp_path, cache_path):
     result = _train(tmp_path, cache_path, alpha=0.8)
     assert result.mode == "distilled" and result.test_samples == 200
     assert sorted(p.name for p in result.run_dir.iterdir()) == [
-        "checkpoint.pt", "config.json", "metrics.jsonl", "model.safetensors", "summary.json"]
+        "checkpoint.pt", "config.json", "memory.jsonl", "metrics.jsonl", "model.safetensors", "summary.json"]
     lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     assert {"train_loss", "train_ce", "train_kd", "test_accuracy", "test_errors", "test_nll"} <= set(lines[0])
