@@ -17,10 +17,13 @@ class _LazyModule:
 
     def __init__(self, name: str):
         self._name = name
+        self._module: ModuleType | None = None
 
     def __getattr__(self, attribute: str):
-        module: ModuleType = importlib.import_module(self._name)  # a dict lookup once imported
-        return getattr(module, attribute)
+        # Kept once imported: the kinds look attributes up on every chunk they encode or decode.
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attribute)
 
     def __repr__(self) -> str:
         return f"<module {self._name!r}, imported on first use>"
