@@ -43,7 +43,11 @@ same machine, one right after the other:
    evaluates) and in all, with an evaluation of as many held-out rows at the same batch; with the
    loss and evaluation in pieces of positions (stages.losses.piecewise_loss)
    and on whole logits (--whole-logits), the latter skipped where one float32 copy of the batch's
-   logits would pass `whole_max_gib`. Peak memory in pieces should not grow with batch x length.
+   logits would pass `whole_max_gib`; and, as the limit, the bare student: the same student's
+   forward and backward to its last hidden states and an AdamW step on as many batches of the
+   same shape, with no loss over the vocabulary and no cache (`bare_student_steps`). The student's
+   own activations grow with batch x length whatever the loss does; what the loss in pieces adds
+   beyond them should not.
 
 Sections 1-7 ("core"), 8 ("lm-memory"), 9 ("reader"), 10 ("lm-writer") and 11 ("lm-student") can be run alone (`only`).
 """
@@ -89,7 +93,7 @@ THREAD_TURNS = 2
 TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5,
            "loaded_threads_chosen_vs_one": 1.5, "lm_teacher_memory_8x_batch": 1.10,
            "reader_vs_memmap_dense": 0.7, "reader_vs_memmap_tokens": 0.7, "lm_cache_vs_forward": 1.05,
-           **{f"lm_student_{measure}_memory_largest_vs_smallest_v{vocab}": 1.15
+           **{f"lm_student_{measure}_memory_largest_vs_smallest_beyond_bare_v{vocab}": 1.15
               for measure in ("train", "train_and_evaluate") for vocab in (32_000, 128_256)},
            "lm_student_step_in_pieces_vs_whole_v32000": 1.3}
 # Ratios whose target is a floor (the rest are ceilings).
@@ -176,9 +180,16 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         for vocab, figures in student.items():
             small, large = (figures[f"seq_{min(config.student_seqs)}_batch_{min(LM_BATCHES)}"],
                             figures[f"seq_{max(config.student_seqs)}_batch_{max(LM_BATCHES)}"])
+            # The bare student's own growth from the smallest to the largest batch x length is the
+            # floor: taken off the largest run's peak, what is left is what the loss adds as rows grow.
+            bare_growth = large["bare_student"]["peak_rss_mb"] - small["bare_student"]["peak_rss_mb"]
+            ratios[f"lm_student_bare_memory_largest_vs_smallest_v{vocab}"] = (
+                large["bare_student"]["peak_rss_mb"] / small["bare_student"]["peak_rss_mb"])
             for measure in ("train", "train_and_evaluate"):
-                ratios[f"lm_student_{measure}_memory_largest_vs_smallest_v{vocab}"] = (
-                    large["in_pieces"][measure]["peak_rss_mb"] / small["in_pieces"][measure]["peak_rss_mb"])
+                small_peak, large_peak = (f["in_pieces"][measure]["peak_rss_mb"] for f in (small, large))
+                ratios[f"lm_student_{measure}_memory_largest_vs_smallest_v{vocab}"] = large_peak / small_peak
+                ratios[f"lm_student_{measure}_memory_largest_vs_smallest_beyond_bare_v{vocab}"] = (
+                    (large_peak - bare_growth) / small_peak)
             steps = [(f["in_pieces"]["seconds_per_step"], f["whole_logits"]["seconds_per_step"])
                      for f in figures.values() if f["whole_logits"]]
             if steps:
@@ -418,7 +429,7 @@ def _lm_student(config: BenchConfig, scratch: Path) -> dict:
     (random weights: only sizes matter) over 2 x the largest batch of rows of real text, then
     train-student processes at each batch, in pieces and whole, each training one epoch and then
     evaluating held-out rows at the same batch: peak resident memory during the steps and in all,
-    and seconds per step."""
+    and seconds per step; beside them the bare student's peak (`bare_student_steps`)."""
     from pipeline.hf import transformers
 
     library = transformers("the benchmark's language-model student")
@@ -439,6 +450,11 @@ def _lm_student(config: BenchConfig, scratch: Path) -> dict:
             for batch in LM_BATCHES:
                 whole_gib = batch * seq * vocab * 4 / 2**30
                 figures = {"logits_gib_per_batch": whole_gib, "whole_logits": {}}
+                figures["bare_student"] = _process_usage(
+                    [sys.executable, "-c", "import sys; from pipeline.bench import bare_student_steps; "
+                     "bare_student_steps(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))",
+                     config.lm_student, str(vocab), str(seq), str(batch), str(rows // batch)],
+                    scratch / f"bare-{vocab}-{seq}-{batch}.log", "bare student")
                 for arm, flag in (("in_pieces", "--logit-pieces"), ("whole_logits", "--whole-logits")):
                     if arm == "whole_logits" and whole_gib > config.whole_max_gib:
                         figures[arm] = None  # skipped: it would not fit beside the rest
@@ -457,6 +473,21 @@ def _lm_student(config: BenchConfig, scratch: Path) -> dict:
                                     "seconds_per_step": steps_seconds / (rows // batch), "process_seconds": usage["seconds"]}
                 report[vocab][f"seq_{seq}_batch_{batch}"] = figures
     return report
+
+
+def bare_student_steps(spec: str, vocab: int, seq: int, batch: int, steps: int) -> None:
+    """The limit of section 11, run in a process of its own: `steps` training steps of the student
+    `spec` at `vocab` classes on random (batch, seq) tokens, each its forward and backward to its
+    last hidden states (`hidden_and_head`, the head left out) and an AdamW step. What any loss
+    over the vocabulary needs is on top of this."""
+    seed_everything(0)
+    student = resolve_model(f"{spec},vocab={vocab}", num_classes=vocab, input_shape=(seq,)).train()
+    optimizer = torch.optim.AdamW(student.parameters())
+    for _ in range(steps):
+        hidden, _ = student.hidden_and_head(torch.randint(0, vocab, (batch, seq)))
+        hidden.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _reader_limit(config: BenchConfig, scratch: Path) -> dict:

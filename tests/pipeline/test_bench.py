@@ -113,8 +113,8 @@ def test_bench_refuses_an_unknown_section():
 
 
 def test_the_student_memory_section_measures_pieces_and_whole_logits_in_fresh_processes(tmp_path):
-    """Section 11 at test sizes: every (row length, batch) has a run in pieces, and whole-logits runs
-    where they fit; its ratios come from those figures."""
+    """Section 11 at test sizes: every (row length, batch) has a run in pieces, whole-logits runs
+    where they fit and the bare student's steps; its ratios come from those figures."""
     pytest.importorskip("transformers")
     report = invoke_json("bench", "--only", "lm-student", "--student-vocab", "3000", "--student-seq", "16", "--device", "cpu")
     figures = report["lm_student"]["3000"]
@@ -123,7 +123,13 @@ def test_the_student_memory_section_measures_pieces_and_whole_logits_in_fresh_pr
         for arm in ("in_pieces", "whole_logits"):
             assert 100 < run[arm]["train"]["peak_rss_mb"] <= run[arm]["train_and_evaluate"]["peak_rss_mb"]
             assert run[arm]["seconds_per_step"] > 0
+        # the bare student imports no cache reader and holds no loss: it stays below the runs
+        assert 100 < run["bare_student"]["peak_rss_mb"] < run["in_pieces"]["train"]["peak_rss_mb"]
     largest, smallest = figures["seq_16_batch_32"], figures["seq_16_batch_4"]
-    assert report["ratios"]["lm_student_train_memory_largest_vs_smallest_v3000"] == pytest.approx(
-        largest["in_pieces"]["train"]["peak_rss_mb"] / smallest["in_pieces"]["train"]["peak_rss_mb"])
+    peak = {name: run["in_pieces"]["train"]["peak_rss_mb"] for name, run in (("large", largest), ("small", smallest))}
+    bare = {name: run["bare_student"]["peak_rss_mb"] for name, run in (("large", largest), ("small", smallest))}
+    ratios = report["ratios"]
+    assert ratios["lm_student_train_memory_largest_vs_smallest_v3000"] == pytest.approx(peak["large"] / peak["small"])
+    assert ratios["lm_student_train_memory_largest_vs_smallest_beyond_bare_v3000"] == pytest.approx(
+        (peak["large"] - (bare["large"] - bare["small"])) / peak["small"])
     assert "lm_student_step_in_pieces_vs_whole_v3000" in report["ratios"]
