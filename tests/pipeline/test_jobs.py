@@ -22,11 +22,12 @@ from stages.errors import InputError
 from stages.train_student import TrainConfig
 from stages.weights import save_weights
 from tests.conftest import DATASET, invoke, invoke_json
+from tests.doc_examples import example
 
 
 def test_teacher_provenance_can_be_checked_by_a_third_party(tmp_path, monkeypatch, teacher_weights):
     """A cache made with a relative --teacher-weights records the file's absolute path, and the
-    README's recipe recomputes the recorded weights_sha256 from that file with no project code."""
+    documented recipe (example weights-fingerprint) recomputes the recorded weights_sha256 from that file with no project code."""
     monkeypatch.chdir(tmp_path)
     shutil.copy(teacher_weights, tmp_path / "teacher.safetensors")
     invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", "teacher.safetensors", "--dataset", DATASET, "--out", "c.zarr")
@@ -34,9 +35,7 @@ def test_teacher_provenance_can_be_checked_by_a_third_party(tmp_path, monkeypatc
     assert recorded["weights"] == str(tmp_path / "teacher.safetensors")
     assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r").attrs["config"]["teacher_weights"] == recorded["weights"]
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    recipe = re.search(r"Anyone can recompute it.*?```python\n(.*?)```", readme, re.S).group(1)
-    (tmp_path / "recipe.py").write_text(recipe)
+    (tmp_path / "recipe.py").write_text(example("weights-fingerprint"))
     proc = subprocess.run([sys.executable, "recipe.py", recorded["weights"]], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == recorded["weights_sha256"]

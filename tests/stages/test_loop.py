@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import zarr
 from torch.utils.data import DataLoader
 
@@ -25,6 +24,7 @@ from stages.errors import CacheMismatchError, InputError
 from stages.train_student import batch_loss
 from stages.cache import CacheReader
 from tests.conftest import DATASET, TEMPERATURE, cache_with_cli
+from tests.doc_examples import example
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = 600
@@ -190,15 +190,10 @@ def test_kd_loss_counts_valid_tokens_only(tmp_path):
     assert float(logits.grad[padding].abs().max()) == 0 and float(logits.grad[~padding].abs().max()) > 0
 
 
-def test_the_plain_loop_example_in_the_readme_runs_and_learns(tmp_path, teacher_weights):
-    """The README's first example of "Use the cache in your own loop", run on the tiny dataset."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Use the cache in your own loop"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_the_plain_loop_example_runs_and_learns(tmp_path, teacher_weights):
+    """The documented plain loop (example own-loop), run on the tiny dataset."""
     cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights)["cache"]
-    code = re.sub(r'^CACHE = .*$', f"CACHE = {str(cache)!r}", code, flags=re.M)
-    code = re.sub(r'^DATASET = .*$', f"DATASET = {DATASET!r}", code, flags=re.M)
-    code = re.sub(r'^EPOCHS = .*$', "EPOCHS = 4", code, flags=re.M)
+    code = example("own-loop", CACHE=repr(str(cache)), DATASET=repr(DATASET), EPOCHS="4")
     (tmp_path / "example.py").write_text(code)
     run = subprocess.run([sys.executable, str(tmp_path / "example.py")], cwd=tmp_path, capture_output=True, text=True,
                          timeout=1800)
@@ -207,23 +202,8 @@ def test_the_plain_loop_example_in_the_readme_runs_and_learns(tmp_path, teacher_
     assert len(accuracies) == 4 and accuracies[-1] > 0.5, run.stdout  # 4 classes: chance is 0.25
 
 
-def _readme_example(marker: str, **constants: str) -> str:
-    """The ```python block of "Use the cache in your own loop" that holds `marker`, with the
-    constants named (NAME = ... at the start of a line) set to the given Python expressions."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("## Use the cache in your own loop")
-    section = readme[start:readme.index("\n## ", start)]
-    blocks = [code for code in re.findall(r"```python\n(.*?)```", section, re.S) if marker in code]
-    assert len(blocks) == 1, f"{len(blocks)} examples hold {marker!r}"
-    code = blocks[0]
-    for name, value in constants.items():
-        code, count = re.subn(rf"^{name} = .*$", f"{name} = {value}", code, flags=re.M)
-        assert count == 1, name
-    return code
-
-
-def test_the_trainer_example_in_the_readme_distills_a_token_cache(tmp_path):
-    """The README's Hugging Face Trainer example, run on a byte-level top-k token cache with a
+def test_the_trainer_example_distills_a_token_cache(tmp_path):
+    """The documented Hugging Face Trainer example (own-loop-trainer), run on a byte-level top-k token cache with a
     one-layer gpt2: student: the held-out loss per token falls, and Trainer, which counts steps,
     moves the cache to later epochs through the loader's set_epoch."""
     pytest.importorskip("transformers")
@@ -243,7 +223,7 @@ def test_the_trainer_example_in_the_readme_distills_a_token_cache(tmp_path):
                                               temperature=1.0, format="topk", kind_options={"top_k": 8}, chunk_rows=32, device="cpu")
     cache = cache_teacher.run(config, teacher, splits.split("train")).cache
     steps = 150  # batches of 8 rows: about an epoch and a half
-    code = _readme_example("Trainer", CACHE=repr(str(cache)), DATASET=repr(data),
+    code = example("own-loop-trainer", CACHE=repr(str(cache)), DATASET=repr(data),
                            STUDENT=repr("gpt2:layers=1,dim=32,heads=2"), STEPS=str(steps))
     code += '\nprint(f"last epoch {cache.epoch}")\n'
     (tmp_path / "example.py").write_text(code)
@@ -257,12 +237,12 @@ def test_the_trainer_example_in_the_readme_distills_a_token_cache(tmp_path):
     assert int(re.search(r"last epoch (\d+)", run.stdout).group(1)) >= 1, run.stdout
 
 
-def test_the_torchrun_example_in_the_readme_trains_every_row_once_per_epoch(tmp_path, teacher_weights):
-    """The README's DDP example under torchrun, two processes of two DataLoader workers each,
+def test_the_torchrun_example_trains_every_row_once_per_epoch(tmp_path, teacher_weights):
+    """The documented DDP example (own-loop-ddp) under torchrun, two processes of two DataLoader workers each,
     which read different numbers of batches of this cache (without join() it fails): each epoch
     trains on all 600 rows once, and the student learns."""
     cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights)["cache"]
-    code = _readme_example("DistributedDataParallel", CACHE=repr(str(cache)), DATASET=repr(DATASET), EPOCHS="4")
+    code = example("own-loop-ddp", CACHE=repr(str(cache)), DATASET=repr(DATASET), EPOCHS="4")
     (tmp_path / "train.py").write_text(code)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py"]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,6 @@ import pytest
 import torch
 import zarr
 
-from pathlib import Path
 
 from pipeline.datasets import resolve_dataset
 from pipeline.models import resolve_model
@@ -26,6 +24,7 @@ from stages import teacher_rows
 from stages.cache.layout import Layout
 from stages.storage import disk_usage
 from tests.conftest import assert_same_cache, invoke, invoke_json
+from tests.doc_examples import example
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,7 +64,6 @@ SAMPLED = ("--format", "sampled", "--samples", 12)
 # outputs, and what finer codes lose (a KL of 2e-8 at 4 bits) is below float32's resolution of the
 # kept mass next to a tail near 1; at 1 bit it is far above it.
 QTOPK = ("--format", "qtopk", "--top-k", K, "--value-bits", 1)
-README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _cache_args(teacher, out, kind=TOPK) -> list:
@@ -191,18 +189,16 @@ def _teacher_log_probs(gpt2) -> tuple[np.ndarray, np.ndarray]:
     return torch.log_softmax(rounded, -1).numpy(), mask.bool().numpy()
 
 
-def test_a_qtopk_cache_decoded_with_plain_zarr_as_the_readme_says_gives_the_teachers_probabilities(gpt2, tmp_path):
-    """The README's recipe, run as written on a qtopk cache (1 bit) of the GPT-2: the kept classes
+def test_a_qtopk_cache_decoded_with_plain_zarr_as_documented_gives_the_teachers_probabilities(gpt2, tmp_path):
+    """The documented recipe (example qtopk-decode), run as written on a qtopk cache (1 bit) of the GPT-2: the kept classes
     are the teacher's most probable, the tail is the teacher's mass outside them, and each kept
     log-probability relative to the top class is within half a step of the teacher's; the error
     `inspect` reports is the one computed here against a top-k cache of the same pass (the same
     rounded logits)."""
     _cache(gpt2, tmp_path / "q.zarr", kind=QTOPK)
-    recipe = re.search(r"A quantised top-k \(qtopk\) cache, decoded.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
-    recipe, replaced = re.subn(r"^path = .*$", f"path = {str(tmp_path / 'q.zarr')!r}", recipe, flags=re.M)
-    assert replaced == 1
+    recipe = example("qtopk-decode", path=repr(str(tmp_path / "q.zarr")))
     decoded: dict = {}
-    exec(compile(recipe, "README.md (qtopk recipe)", "exec"), decoded)  # noqa: S102 - the project's own README
+    exec(compile(recipe, "example qtopk-decode", "exec"), decoded)  # noqa: S102 - the project's own documentation
     classes, p, tail, valid = decoded["classes"], decoded["p"], decoded["tail"], decoded["valid"]
     scale = decoded["scale"][..., 0]
 
