@@ -508,7 +508,7 @@ def verify_command(
 
 @command("sweep")
 def sweep_command(
-    config: Annotated[Path, typer.Argument(help="TOML file describing the grid (see pipeline/sweep.py or the README).", show_default=False)],
+    config: Annotated[Path, typer.Argument(help="TOML file describing the grid (see docs/reusing-a-cache.md).", show_default=False)],
     jobs: Annotated[int, typer.Option(min=1, help="Runs at a time, each in its own process (1: one after another, in this process).")] = 1,
     out: Annotated[Path | None, typer.Option(help="Folder for the runs and the leaderboard. (default: the file's `out`, else data/sweeps/CONFIG-NAME)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start every run over (after changing the sweep's options); without it finished runs are reused and interrupted ones resume.")] = False,

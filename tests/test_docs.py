@@ -9,7 +9,7 @@ from pathlib import Path
 from tests.doc_examples import REPO, documents
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 
 
@@ -22,7 +22,7 @@ def _anchors(path: Path) -> set[str]:
     """The anchors GitHub gives the headings of a Markdown file: lower case, punctuation dropped,
     spaces as hyphens, a repeated one numbered -1, -2, ..."""
     anchors: set[str] = set()
-    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", FENCE.sub("", path.read_text()), flags=re.M):
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", FENCE.sub("", path.read_text()), flags=re.MULTILINE):
         slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
         anchor, n = slug, 0
         while anchor in anchors:

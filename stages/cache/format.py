@@ -1,6 +1,6 @@
 """The cache contract: a versioned, self-describing Zarr v3 group of softened teacher outputs.
 
-The README's "The cache format" section is the one description of the format: every array (its
+docs/cache-format.md is the one description of the format: every array (its
 shape, dimension names, dtype and fill), every attribute, the checksums and the schema history.
 The arrays of each kind are declared by its class in stages.kinds and laid out by
 stages.cache.layout; this module checks a cache's attributes and stored values against them. What the format is built around:

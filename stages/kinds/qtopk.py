@@ -38,7 +38,7 @@ def dequantised_log_probs(class_deltas: torch.Tensor, codes: torch.Tensor, scale
                           tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A qtopk row's kept classes (int64, ascending) and their log-probabilities at the cache's T
     (float32), from its stored arrays (class_deltas, codes (..., K); scale, tail (...)): the
-    decoding the README gives in numpy. Padding decodes to class 0 throughout; its values do not count."""
+    decoding docs/cache-format.md gives in numpy. Padding decodes to class 0 throughout; its values do not count."""
     classes = class_deltas.long().cumsum(-1)
     relative = codes.float() * -scale.float().unsqueeze(-1)  # log(p_k / p_top1)
     # log(1 - tail) as log1p: 1 - tail in float32 would lose a tail below 6e-8 (a sharp row's) entirely.

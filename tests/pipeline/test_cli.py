@@ -87,7 +87,7 @@ def test_default_paths_go_under_the_data_root(tmp_path, teacher_weights):
 
 
 def test_default_run_folders_of_other_caches_options_or_datasets_never_collide(tmp_path, cache_path):
-    """The README's sequence: a student from one cache, then the same student from a view cache
+    """The sequence of docs/commands.md: a student from one cache, then the same student from a view cache
     (it used to land in the first run's folder and fail)."""
     views = tmp_path / "cnn-v8.zarr"
     shutil.copytree(cache_path, views)

@@ -137,7 +137,7 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
 def test_kd_loss_is_the_definition_for_each_kind_at_the_caches_and_at_another_temperature(tmp_path, teacher_weights, kind, temperature):
     """Hinton's loss, (1 - a) CE + a T^2 KL(p_T || q_T), with p from the cached values computed
     here in float64: a dense row re-tempered exactly (t/T' = (t/T) T/T'), a top-k row over its K
-    kept classes and one tail bucket, the tail's mass at another T estimated as the README says
+    kept classes and one tail bucket, the tail's mass at another T estimated as docs/cache-format.md says
     (the dropped classes' mass spread evenly among them). It is also train-student's loss."""
     options = ("--format", "topk", "--top-k", "2") if kind == "topk" else ()
     cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--dtype", "float32", *options)["cache"]

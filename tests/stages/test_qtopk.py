@@ -1,6 +1,6 @@
 """The qtopk kind at its edges: every class kept (no tail), one class kept, a class the teacher
 masks at -inf, and one bit per code. What it gives at real vocabularies, decoded with plain zarr
-as the README says, is tested in tests/stages/test_real_vocabularies.py."""
+as docs/cache-format.md says, is tested in tests/stages/test_real_vocabularies.py."""
 
 from __future__ import annotations
 

@@ -195,7 +195,7 @@ def test_plain_zarr_and_xarray_read_a_sharded_cache_as_the_unsharded_one(cache_p
     assert files == {cache_path: 10, sharded_cache_path: 5}  # 600 rows: 10 chunks of 64, 5 shards of 128
 
 
-# The attributes the README's "The cache format" section says every cache has.
+# The attributes docs/cache-format.md says every cache has.
 REQUIRED = ("format", "schema_version", "kind", "temperature", "num_classes", "num_samples", "row_shape", "chunk_rows",
             "dtype", "teachers", "dataset", "complete")
 
