@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from pipeline import DATA_ROOT, __version__
 from pipeline.config import in_flags
@@ -40,31 +41,99 @@ STDERR = Console(stderr=True)
 # width, never folded mid-value (rich assumes 80 columns where there is no terminal).
 UNBOUNDED_WIDTH = 10_000
 
+# The panels that group a long command's options in its --help, in the order it lists them
+# (a short command keeps one "Options" panel). A command's options keep their order in each.
+PANELS = MODEL, DATA, CACHE, DISTILLATION, TRAINING, SCALE_OUT, STORAGE, OUTPUT, GENERAL = (
+    "Model", "Data", "The cache", "Distillation", "Training", "Scale-out", "Storage", "Output", "General")
+
+
+def _shown_type(param) -> None:
+    """The type typer 0.29's rich help shows in an option's second column, fixed where it reads
+    wrong: it shows a flag's type too (<bool>), where click's own help leaves it out, since a flag
+    takes no value; and a number with bounds as <int range> [x>=1], where <int> [x>=1] says as much
+    in less of the 80 columns (and <list[int]>: <int>). An option's metavar is what typer shows instead."""
+    if not isinstance(param, TyperOption | TyperArgument) or param.metavar is not None:
+        return
+    if isinstance(param, TyperOption) and param.is_flag:
+        param.metavar = ""
+    elif param.type_descriptor.is_list:  # <list[int]>: the option's help says it is repeatable
+        param.metavar = f"<{param.bare_type().removeprefix('list[').removesuffix(']')}>"
+    elif param.type_descriptor.is_ranged:
+        param.metavar = f"<{param.bare_type()}>"
+
+
+class _HelpFixes:
+    """typer's rich help as this CLI wants it, for the commands and the group alike: no type on a
+    flag, and an epilog that may be a function, called when the command line is built (so that
+    it sees what registries hold by then, as with_kind_options does)."""
+
+    def __init__(self, *args, epilog=None, **kwargs):
+        super().__init__(*args, epilog=epilog() if callable(epilog) else epilog, **kwargs)
+        for param in self.params:
+            _shown_type(param)
+        # Panels are all or nothing: a command whose own options are in none keeps one list,
+        # rather than a shared option or two (--device, --storage-option) in panels of their own.
+        options = [p for p in self.params if isinstance(p, TyperOption) and not p.hidden]
+        if not all(p.rich_help_panel for p in options):
+            for param in options:
+                param.rich_help_panel = None
+        # typer lists the panels in the order of their first option; here in PANELS' order.
+        self.params.sort(key=lambda p: PANELS.index(p.rich_help_panel) if getattr(p, "rich_help_panel", None) in PANELS else -1)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        _shown_type(option)
+        return option
+
+
+class PipelineCommand(_HelpFixes, TyperCommand):
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:  # beside --json, which every command has, not in a panel of its own
+            option.rich_help_panel = next((p.rich_help_panel for p in self.params if p.name == "as_json"), None)
+        return option
+
+
+class PipelineGroup(_HelpFixes, TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=PipelineGroup,
     name="pipeline",
     help="Offline knowledge distillation: cache a teacher's softened logits once, train many students from the cache.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-ConfigOption = Annotated[Path | None, typer.Option("--config", help="TOML file of options; command-line options override it.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", rich_help_panel=GENERAL,
+                                                   help="TOML file of options; command-line options override it.")]
+JsonOption = Annotated[bool, typer.Option("--json", rich_help_panel=GENERAL, help="Print one JSON object on stdout (for scripts).")]
 StorageOption = Annotated[list[str] | None, typer.Option(
-    help="KEY=VALUE for the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 (repeatable; FSSPEC_S3_* and AWS_* environment variables work too). Never written into a cache or run folder; dask workers receive them with their tasks.")]
-DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+    metavar="KEY=VALUE", rich_help_panel=STORAGE,
+    help="For the cache's fsspec filesystem, e.g. endpoint_url=URL (repeatable; FSSPEC_S3_* and AWS_* environment "
+         "variables work too). Never written into a cache or run folder; dask workers receive them with their tasks.")]
+DeviceOption = Annotated[str, typer.Option(rich_help_panel=MODEL, help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 # Options that several commands share, each with its help once (the `hf` CLI's pattern). A
 # model option keeps its command's name (--teacher, --student, --model): typer takes it from the parameter.
-ModelOption = Annotated[str | None, typer.Option(help=MODEL_HELP)]
-DatasetOption = Annotated[str | None, typer.Option(help=DATASET_HELP)]
-CachedDatasetOption = Annotated[str | None, typer.Option(help=f"{DATASET_HELP} (default: the cache's dataset)")]
+# The forms of a spec are too long for a column of the options' table (rich cuts a word wider
+# than its column with "…"): they are the command's epilog, SPEC_FORMS.
+REQUIRED = " Required, here or in --config."
+MODEL_SPEC = "A model spec (the forms are below)."
+DATASET_SPEC = "A dataset spec (the forms are below)."
+ModelOption = Annotated[str | None, typer.Option(rich_help_panel=MODEL, help=MODEL_SPEC)]
+DatasetOption = Annotated[str | None, typer.Option(rich_help_panel=DATA, help=DATASET_SPEC)]
+CachedDatasetOption = Annotated[str | None, typer.Option(rich_help_panel=DATA, help=f"{DATASET_SPEC} (default: the cache's dataset)")]
+SPEC_FORMS = f"{MODEL_HELP}\n\n{DATASET_HELP}"
 AUGMENT_SPECS = "none, shift:N, rotate:D, flip, A+B, or package.module:factory / file.py:factory"
-TrainAugmentOption = Annotated[str, typer.Option(
+TrainAugmentOption = Annotated[str, typer.Option(rich_help_panel=DATA,
     help=f"Random input augmentation of each batch: {AUGMENT_SPECS} (a view cache replays its own instead).")]
-ViewsAugmentOption = Annotated[str, typer.Option(
+ViewsAugmentOption = Annotated[str, typer.Option(rich_help_panel=DATA,
     help=f"Cache the teacher on augmented views: {AUGMENT_SPECS}; students replay each view exactly.")]
-ReplayAugmentOption = Annotated[str | None, typer.Option(
+ReplayAugmentOption = Annotated[str | None, typer.Option(rich_help_panel=DATA,
     help="The view cache's augmentation, when it is module:factory code: a cache never runs code the user did not name.")]
-LoaderWorkersOption = Annotated[int, typer.Option(help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")]
+LoaderWorkersOption = Annotated[int, typer.Option(rich_help_panel=DATA,
+    help="DataLoader worker processes loading a map-style dataset's items (0: a prefetch thread).")]
 
 
 def data_root() -> Path:
@@ -102,7 +171,7 @@ def command(name: str, **options):
                     _fail(f"object storage: {exc}", 1)
                 _fail(f"internal error: {type(exc).__name__}: {exc} (set PIPELINE_DEBUG=1 for the traceback)", 1)
 
-        return app.command(name, **options)(wrapper)
+        return app.command(name, cls=PipelineCommand, **options)(wrapper)
 
     return register
 
@@ -219,6 +288,16 @@ def _number(value: float) -> str:
     return f"{value:.4g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
 
 
+def _renamed(ctx: typer.Context, old: str, new: str, old_value, new_value):
+    """The value of option `new`, or of `old`, its former name, still taken with a notice on stderr."""
+    if old_value is None:
+        return new_value
+    if ctx.get_parameter_source(new).name != "DEFAULT":  # compared by name, as pipeline.config does
+        raise InputError(f"--{old} is the old name of --{new}: give --{new} only")
+    print(f"warning: {ctx.info_name} --{old} is now --{new}; the old name will go", file=sys.stderr)
+    return old_value
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"pipeline {__version__}")
@@ -252,4 +331,4 @@ def _apply_storage_options(options: list[str] | None, location) -> None:
 
 
 # Each module registers its commands with `command` when imported; the order here is their order in --help.
-from pipeline.cli import distil, caches, runs, measure, demos, data  # noqa: F401, I001
+from pipeline.cli import distil, data, caches, runs, measure, demos  # noqa: F401, I001

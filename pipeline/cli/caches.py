@@ -8,42 +8,46 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pipeline.cli import (CachedDatasetOption, DeviceOption, JsonOption, ModelOption, ReplayAugmentOption, StorageOption,
-                          _apply_storage_options, _emit, _key_value_table, command, data_root)
+from pipeline.cli import (CACHE, DATA, MODEL, SPEC_FORMS, CachedDatasetOption, DeviceOption, JsonOption, ModelOption, ReplayAugmentOption,
+                          StorageOption, _apply_storage_options, _emit, _key_value_table, _renamed, command, data_root)
 from pipeline.specs import cache_stem
 from stages.errors import CacheDamagedError, InputError
 from stages.storage import cache_location
 
 
-@command("verify")
+@command("verify", rich_help_panel="Caches", epilog=SPEC_FORMS)
 def verify_command(
+    ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="The cache to check: a folder or an fsspec URL.", show_default=False)],
     teacher: ModelOption = None,
-    teacher_weights: Annotated[Path | None, typer.Option(help="Weights for --teacher.")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(rich_help_panel=MODEL, help="Weights for --teacher.")] = None,
     dataset: CachedDatasetOption = None,
     augment: ReplayAugmentOption = None,
-    samples: Annotated[int, typer.Option(min=0, help="Rows to re-run the teacher on.")] = 32,
-    seed: Annotated[int, typer.Option(help="Seed choosing the rows.")] = 0,
+    rows: Annotated[int, typer.Option(min=0, rich_help_panel=DATA, help="Rows to re-run the teacher on.")] = 32,
+    samples: Annotated[int | None, typer.Option(min=0, hidden=True)] = None,  # --rows' old name: --samples means classes drawn elsewhere
+    seed: Annotated[int, typer.Option(rich_help_panel=DATA, help="Seed choosing the rows.")] = 0,
     device: DeviceOption = "auto",
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Check a cache: metadata, completeness, every chunk readable and finite, index and labels.
 
-    With --teacher, re-run the teacher on --samples random rows and report the largest difference from the stored logits/T. Exits 0 only when every check passes, 4 otherwise.
+    With --teacher, re-run the teacher on --rows random rows and report the largest difference from the stored logits/T. Exits 0 only when every check passes, 4 otherwise.
 
     Example:
 
-        pipeline verify data/caches/cnn-mnist-5k-train-T4.zarr --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors
+        pipeline verify data/caches/cnn-mnist-5k-train-T4.zarr --teacher cnn \\
+          --teacher-weights data/teachers/cnn-mnist-5k.safetensors
     """
     from pipeline.jobs import run_verify
 
+    rows = _renamed(ctx, "samples", "rows", samples, rows)
     if teacher_weights is not None and teacher is None:
         raise InputError("--teacher-weights needs --teacher SPEC (the model the weights are for)")
     cache = cache_location(cache)
     _apply_storage_options(storage_option, cache)
     report = run_verify(cache, teacher=teacher, teacher_weights=teacher_weights, dataset=dataset,
-                        samples=samples, seed=seed, device=device, augment=augment)
+                        samples=rows, seed=seed, device=device, augment=augment)
     table = Table(title=f"verify {cache}")
     for column in ("check", "result", "detail"):
         table.add_column(column)
@@ -54,12 +58,13 @@ def verify_command(
         failed = ", ".join(c["check"] for c in report.checks if not c["ok"])
         raise CacheDamagedError(f"cache {cache} failed verification: {failed}")
 
-@command("combine")
+
+@command("combine", rich_help_panel="Caches")
 def combine_command(
     caches: Annotated[list[str], typer.Argument(help="Two or more dense caches of the same dataset split, in the same order, at the same T (folders or fsspec URLs).", show_default=False)],
-    out: Annotated[str, typer.Option(help="The ensemble cache to write: a folder or an fsspec URL.", show_default=False)],
-    rule: Annotated[str, typer.Option(help="mean-probs (average the teachers' softened probabilities) or mean-logits (average their logits / T).")] = "mean-probs",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out.")] = False,
+    out: Annotated[str, typer.Option(rich_help_panel=CACHE, help="The ensemble cache to write: a folder or an fsspec URL.", show_default=False)],
+    rule: Annotated[str, typer.Option(rich_help_panel=CACHE, help="mean-probs (average the teachers' softened probabilities) or mean-logits (average their logits / T).")] = "mean-probs",
+    overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=CACHE, help="Replace an existing cache at --out.")] = False,
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -69,7 +74,8 @@ def combine_command(
 
     Example:
 
-        pipeline combine data/caches/cnn-s0.zarr data/caches/cnn-s1.zarr --out data/caches/cnn-ensemble.zarr
+        pipeline combine data/caches/cnn-s0.zarr data/caches/cnn-s1.zarr \\
+          --out data/caches/cnn-ensemble.zarr
     """
     from stages.ensemble import CombineConfig, run
 
@@ -78,15 +84,16 @@ def combine_command(
     result = run(CombineConfig(caches=tuple(map(cache_location, caches)), out=cache_location(out), rule=rule, overwrite=overwrite))
     _emit(as_json, vars(result), _key_value_table("ensemble cache written", vars(result)))
 
-@command("evaluate")
+
+@command("evaluate", rich_help_panel="Students", epilog=SPEC_FORMS)
 def evaluate_command(
     model: ModelOption,
-    weights: Annotated[Path | None, typer.Option(help="Its weights (.safetensors or a state dict), e.g. RUN/model.safetensors.")] = None,
+    weights: Annotated[Path | None, typer.Option(rich_help_panel=MODEL, help="Its weights (.safetensors or a state dict), e.g. RUN/model.safetensors.")] = None,
     dataset: CachedDatasetOption = None,
-    split: Annotated[str, typer.Option(help="Split to measure accuracy, NLL and speed on.")] = "test",
-    cache: Annotated[str | None, typer.Option(help="Also report agreement with this cache's teacher top-1, on the cache's own split (a folder or an fsspec URL).")] = None,
+    split: Annotated[str, typer.Option(rich_help_panel=DATA, help="Split to measure accuracy, NLL and speed on.")] = "test",
+    cache: Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Also report agreement with this cache's teacher top-1, on the cache's own split (a folder or an fsspec URL).")] = None,
     augment: ReplayAugmentOption = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size for evaluation and for the latency measurement.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, rich_help_panel=MODEL, help="Batch size for evaluation and for the latency measurement.")] = 256,
     device: DeviceOption = "auto",
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
@@ -97,7 +104,9 @@ def evaluate_command(
 
     Example:
 
-        pipeline evaluate --model mlp-400 --weights data/runs/mlp-400-kd-s0/model.safetensors --dataset mnist-5k --cache data/caches/cnn-mnist-5k-train-T4.zarr
+        pipeline evaluate --model mlp-400 --dataset mnist-5k \\
+          --weights data/runs/mlp-400-kd-s0/model.safetensors \\
+          --cache data/caches/cnn-mnist-5k-train-T4.zarr
     """
     from pipeline.jobs import run_evaluate
 
@@ -108,7 +117,8 @@ def evaluate_command(
                           augment=augment)
     _emit(as_json, report, _key_value_table(f"evaluate {model}", _flattened(report)))
 
-@command("inspect")
+
+@command("inspect", rich_help_panel="Caches")
 def inspect_command(
     cache: Annotated[str, typer.Argument(help="The cache to describe: a folder or an fsspec URL.", show_default=False)],
     png: Annotated[Path | None, typer.Option(help="Where to write the plots (confidence and entropy histograms, reliability). (default: data/inspect/CACHE-NAME.png)")] = None,
@@ -142,6 +152,7 @@ def inspect_command(
     brief = {k: v for k, v in report.items() if k not in ("histograms",)}
     brief["calibration"] = {t: {k: v for k, v in entry.items() if k != "reliability"} for t, entry in report.get("calibration", {}).items()}
     _emit(as_json, report, _key_value_table(f"cache {cache}", _flattened(brief)))
+
 
 def _flattened(report: dict, prefix: str = "") -> dict[str, Any]:
     """Nested report entries as dotted keys, for a two-column table."""

@@ -11,25 +11,35 @@ from pipeline.cli import JsonOption, _emit, _key_value_table, _progress_bar, com
 from pipeline.specs import parse_spec
 
 
-@command("tokenize", no_args_is_help=True)
+@command("tokenize", no_args_is_help=True, rich_help_panel="Data")
 def tokenize_command(
-    spec: Annotated[str, typer.Argument(metavar="SPEC", help="What to tokenize: corpus:PATH,tokenizer=hf:FOLDER,seq=N[,field=text,test=5,max_tokens=M] or chat:PATH,tokenizer=hf:FOLDER,seq=N[,messages=messages,prompt=prompt,completion=completion,train_on=assistant|all,too_long=cut|drop,test=5]. PATH: .txt/.jsonl files or a folder of them, a .parquet or .arrow file, or a datasets save_to_disk folder.")],
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="What to tokenize: a corpus: or a chat: spec (the forms are above).")],
     out: Annotated[Path | None, typer.Option(help="Token dataset to write (a Zarr folder). (default: data/tokens/SOURCE-seqN.zarr)")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Processes tokenizing work units in parallel, one core each.")] = 1,
     chunk_tokens: Annotated[int, typer.Option(min=1, help="Tokens per chunk, the unit a reader decodes.")] = 1 << 16,
     work_unit_bytes: Annotated[int, typer.Option(min=1, help="Bytes of source text per work unit (what a worker tokenizes at once, and what a resumed run redoes at most).")] = 1 << 20,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing token dataset at --out. Without it, re-running the same command resumes an interrupted one.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing token dataset at --out. Without it, re-running the same command resumes an interrupted one.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Tokenize a corpus or a chat set once into a token dataset that every command reads lazily as --dataset tokens:DIR.
 
     Token ids in the smallest unsigned type that holds the vocabulary, row boundaries, document ids, the mask of trained positions (a chat set's assistant tokens), the tokenizer's and the source's fingerprints, and each split's fingerprint. Resumes after a kill: re-run the same command.
 
+    SPEC, with its optional keys in brackets:
+
+        corpus:PATH,tokenizer=hf:FOLDER,seq=N[,field=text,test=5,max_tokens=M]
+        chat:PATH,tokenizer=hf:FOLDER,seq=N[,messages=messages,prompt=prompt,
+          completion=completion,train_on=assistant|all,too_long=cut|drop,test=5]
+
+    PATH: .txt/.jsonl files or a folder of them, a .parquet or .arrow file, or a datasets save_to_disk folder.
+
     Examples:
 
-        pipeline tokenize corpus:docs.jsonl,tokenizer=hf:tok,seq=512 --out data/tokens/docs.zarr --workers 2
+        pipeline tokenize corpus:docs.jsonl,tokenizer=hf:tok,seq=512 \\
+          --out data/tokens/docs.zarr --workers 2
 
-        pipeline tokenize chat:chats.jsonl,tokenizer=hf:tok,seq=1024 --out data/tokens/chats.zarr
+        pipeline tokenize chat:chats.jsonl,tokenizer=hf:tok,seq=1024 \\
+          --out data/tokens/chats.zarr
     """
     from pipeline.tokens import TokenizeConfig, parse_source, tokenize
 

@@ -14,7 +14,7 @@ from pipeline.demo_chat import ChatDemo  # torch-free: the command's defaults
 from pipeline.demo_llm import LLMDemo
 
 
-@command("demo")
+@command("demo", rich_help_panel="Demos")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's teacher, cache and runs.")] = DATA_ROOT / "demo",
     seeds: Annotated[int, typer.Option(min=1, help="Student seeds to average over.")] = 3,
@@ -29,7 +29,7 @@ def demo_command(
     report = run_demo(out, seeds=seeds, device=device)
     _emit(as_json, report, demo_table(report))
 
-@command("demo-lm")
+@command("demo-lm", rich_help_panel="Demos")
 def demo_lm_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's teacher, caches and runs.")] = DATA_ROOT / "demo-lm",
     seeds: Annotated[int, typer.Option(min=1, help="Student seeds to average over.")] = 2,
@@ -45,7 +45,7 @@ def demo_lm_command(
     report = run_lm_demo(out, seeds=seeds, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, lm_demo_table(report))
 
-@command("demo-llm")
+@command("demo-llm", rich_help_panel="Demos")
 def demo_llm_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's tokenizer, corpus, teacher, caches and runs.")] = DATA_ROOT / "demo-llm",
     teacher_weights: Annotated[Path | None, typer.Option(help="Reuse these teacher weights (the demo's teacher.safetensors) instead of training the teacher.")] = None,
@@ -81,7 +81,7 @@ def demo_llm_command(
     report = run_llm_demo(out, demo, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, llm_demo_table(report))
 
-@command("demo-chat")
+@command("demo-chat", rich_help_panel="Demos")
 def demo_chat_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's tokenizer, instructions, token datasets, teacher, caches and runs.")] = DATA_ROOT / "demo-chat",
     conversations: Annotated[int, typer.Option(min=20, help="Conversations in the instruction set (5% held out).")] = field_default(ChatDemo, "conversations"),
@@ -103,7 +103,7 @@ def demo_chat_command(
     report = run_chat_demo(out, demo, device=device)
     _emit(as_json, report, chat_demo_table(report))
 
-@command("demo-text")
+@command("demo-text", rich_help_panel="Demos")
 def demo_text_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's corpus, teacher, cache and runs.")] = DATA_ROOT / "demo-text",
     seeds: Annotated[int, typer.Option(min=1, help="Student seeds to average over.")] = 2,

@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import (CachedDatasetOption, ConfigOption, DatasetOption, DeviceOption, JsonOption, LoaderWorkersOption, ModelOption,
+from pipeline.cli import (CACHE, DATA, DATASET_SPEC, DISTILLATION, MODEL, MODEL_SPEC, OUTPUT, REQUIRED, SCALE_OUT, SPEC_FORMS, TRAINING,
+                          ConfigOption, DatasetOption, DeviceOption, JsonOption, LoaderWorkersOption, ModelOption,
                           StorageOption, TrainAugmentOption, ViewsAugmentOption, _apply_storage_options, _emit, _key_value_table,
                           _progress_bar, command, data_root)
 from pipeline.config import build_config, field_default, field_of_option, merge_options
@@ -45,10 +46,10 @@ class with_kind_options:  # noqa: N801 - used as a decorator
             default = "" if option.default is None else f" (default: {option.default})"
             help = f"With --format {' or '.join(option.kinds)}: {option.help[0].lower()}{option.help[1:]}{default}"
             generated.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                               annotation=Annotated[option.type | None, typer.Option(help=help)]))
+                                               annotation=Annotated[option.type | None, typer.Option(help=help, rich_help_panel=CACHE)]))
         after = next(i for i, p in enumerate(parameters) if p.name == "format") + 1
-        kinds = "; ".join(f"{name}: {kind.summary}" for name, kind in KINDS.items())
-        parameters[after - 1] = parameters[after - 1].replace(annotation=Annotated[str, typer.Option(help=f"The kind of cache. {kinds}.")])
+        parameters[after - 1] = parameters[after - 1].replace(annotation=Annotated[str, typer.Option(
+            rich_help_panel=CACHE, help=f"The kind of cache: {', '.join(KINDS)} (each described below).")])
         return inspect.Signature([*parameters[:after], *generated, *parameters[after:]])
 
     def __call__(self, **values):
@@ -57,37 +58,44 @@ class with_kind_options:  # noqa: N801 - used as a decorator
                                 kind_flags={name: values.get(name) for name in options})
 
 
-# A command's docstring is its --help text, which keeps line breaks as written: so each of its
-# paragraphs is one line, and the terminal wraps it.
-@command("cache-teacher")
+def _cache_teacher_epilog() -> str:
+    kinds = "\n".join(f"{name}: {kind.summary}" for name, kind in KINDS.items())
+    return f"Kinds of cache (--format):\n{kinds}\n\n{SPEC_FORMS}"
+
+
+# A command's docstring is its --help text. Typer joins the lines of its first paragraph and
+# keeps the others' line breaks, and the terminal wraps what is longer: so a paragraph of prose
+# is one line, and an example is lines of at most 76 characters continued with " \", which
+# a terminal of 80 columns shows as written (tests/pipeline/test_help.py runs each one's parser).
+@command("cache-teacher", rich_help_panel="The two stages", epilog=_cache_teacher_epilog)
 @with_kind_options
 def cache_teacher_command(
     ctx: typer.Context,
-    teacher: ModelOption = None,
-    teacher_weights: Annotated[Path | None, typer.Option(help="Teacher weights: .safetensors or a PyTorch state dict (loaded with weights_only).")] = None,
-    dataset: DatasetOption = None,
-    split: Annotated[str, typer.Option(help="Split to cache.")] = field_default(CT, "split"),
-    out: Annotated[str | None, typer.Option(help="Cache to write: a .zarr folder, or an fsspec URL such as s3://bucket/path.zarr. (default: data/caches/TEACHER-DATASET-SPLIT-T.zarr)")] = None,
-    temperature: Annotated[float, typer.Option(help="Temperature T: the cache stores teacher logits / T.")] = field_default(CT, "temperature"),
-    batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = field_default(CT, "batch_size"),
+    teacher: Annotated[str | None, typer.Option(rich_help_panel=MODEL, help=f"The teacher: {MODEL_SPEC[0].lower()}{MODEL_SPEC[1:]}{REQUIRED}")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(rich_help_panel=MODEL, help="Teacher weights: .safetensors or a PyTorch state dict (loaded with weights_only).")] = None,
+    dataset: Annotated[str | None, typer.Option(rich_help_panel=DATA, help=f"{DATASET_SPEC}{REQUIRED}")] = None,
+    split: Annotated[str, typer.Option(rich_help_panel=DATA, help="Split to cache.")] = field_default(CT, "split"),
+    out: Annotated[str | None, typer.Option(rich_help_panel=CACHE, help="Cache to write: a .zarr folder, or an fsspec URL such as s3://bucket/path.zarr. (default: data/caches/TEACHER-DATASET-SPLIT-T.zarr)")] = None,
+    temperature: Annotated[float, typer.Option(rich_help_panel=CACHE, help="Temperature T: the cache stores teacher logits / T.")] = field_default(CT, "temperature"),
+    batch_size: Annotated[int, typer.Option(rich_help_panel=MODEL, help="Teacher batch size.")] = field_default(CT, "batch_size"),
     device: DeviceOption = field_default(CT, "device"),
-    dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
+    dtype: Annotated[str, typer.Option(rich_help_panel=CACHE, help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
     format: str = field_default(CT, "format"),  # with_kind_options gives its help, and a flag for each kind's option after it
     augment: ViewsAugmentOption = field_default(CT, "augment"),
-    views: Annotated[int, typer.Option(help="Augmented views per sample (with --augment).")] = field_default(CT, "views"),
-    features: Annotated[bool, typer.Option(help="Also cache the teacher's features (hf: models: mean-pooled last hidden state), for train-student --feature-loss.")] = False,
-    view_seed: Annotated[int, typer.Option(help="Base seed of the views' seeds (recorded in the cache).")] = field_default(CT, "view_seed"),
-    chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk, the unit a reader decodes and shuffles. (default: about 2 MB of soft labels per chunk)")] = None,
-    shard_rows: Annotated[int | None, typer.Option(help="Rows per shard, a multiple of --chunk-rows: each array's shard is one file or object (zarr v3 sharding); 0: unsharded. (default: unsharded up to 1 GiB of soft labels, else shards of about 64-128 MiB per array)")] = None,
-    codec: Annotated[str, typer.Option(help="Compression of the logits: none (fastest to read) or zstd (about 10% smaller for float16).")] = field_default(CT, "codec"),
-    amp: Annotated[str, typer.Option(help="Run the teacher under autocast: none, bf16 or fp16 (recorded in the cache).")] = field_default(CT, "amp"),
-    num_classes: Annotated[int | None, typer.Option(help="Classes the teacher outputs; needed only for a split without labels.")] = None,
+    views: Annotated[int, typer.Option(rich_help_panel=DATA, help="Augmented views per sample (with --augment).")] = field_default(CT, "views"),
+    features: Annotated[bool, typer.Option("--features", rich_help_panel=CACHE, help="Also cache the teacher's features (hf: models: mean-pooled last hidden state), for train-student --feature-loss.")] = False,
+    view_seed: Annotated[int, typer.Option(rich_help_panel=DATA, help="Base seed of the views' seeds (recorded in the cache).")] = field_default(CT, "view_seed"),
+    chunk_rows: Annotated[int | None, typer.Option(rich_help_panel=CACHE, help="Rows per chunk, the unit a reader decodes and shuffles. (default: about 2 MB of soft labels per chunk)")] = None,
+    shard_rows: Annotated[int | None, typer.Option(rich_help_panel=CACHE, help="Rows per shard, a multiple of --chunk-rows: each array's shard is one file or object (zarr v3 sharding); 0: unsharded. (default: unsharded up to 1 GiB of soft labels, else shards of about 64-128 MiB per array)")] = None,
+    codec: Annotated[str, typer.Option(rich_help_panel=CACHE, help="Compression of the logits: none (fastest to read) or zstd (about 10% smaller for float16).")] = field_default(CT, "codec"),
+    amp: Annotated[str, typer.Option(rich_help_panel=MODEL, help="Run the teacher under autocast: none, bf16 or fp16 (recorded in the cache).")] = field_default(CT, "amp"),
+    num_classes: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help="Classes the teacher outputs; needed only for a split without labels.")] = None,
     loader_workers: LoaderWorkersOption = field_default(CT, "loader_workers"),
-    workers: Annotated[int, typer.Option(help="Compute the chunks on a local dask cluster of N worker processes (0: in this process).")] = field_default(CT, "workers"),
-    scheduler: Annotated[str | None, typer.Option(help="Compute the chunks on the workers of this running dask scheduler, e.g. tcp://10.0.0.5:8786.")] = None,
-    max_gib: Annotated[float, typer.Option(help="Refuse a cache whose soft labels would take more than this many GiB (0: no limit); the size is logged before the pass.")] = field_default(CT, "max_gib"),
+    workers: Annotated[int, typer.Option(rich_help_panel=SCALE_OUT, help="Compute the chunks on a local dask cluster of N worker processes (0: in this process).")] = field_default(CT, "workers"),
+    scheduler: Annotated[str | None, typer.Option(rich_help_panel=SCALE_OUT, help="Compute the chunks on the workers of this running dask scheduler, e.g. tcp://10.0.0.5:8786.")] = None,
+    max_gib: Annotated[float, typer.Option(rich_help_panel=CACHE, help="Refuse a cache whose soft labels would take more than this many GiB (0: no limit); the size is logged before the pass.")] = field_default(CT, "max_gib"),
     storage_option: StorageOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out. Without it, re-running the same command resumes an interrupted cache.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=CACHE, help="Replace an existing cache at --out. Without it, re-running the same command resumes an interrupted cache.")] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
     kind_flags: dict | None = None,
@@ -98,11 +106,16 @@ def cache_teacher_command(
 
     Examples:
 
-        pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --dataset mnist-5k --temperature 4
+        pipeline cache-teacher --teacher cnn --dataset mnist-5k --temperature 4 \\
+          --teacher-weights data/teachers/cnn-mnist-5k.safetensors
 
-        pipeline cache-teacher --teacher bytelm-teacher --teacher-weights data/teachers/bytelm-teacher-stdlib-bytes.safetensors --dataset stdlib-bytes --temperature 1 --format topk --top-k 32
+        pipeline cache-teacher --teacher bytelm-teacher --dataset stdlib-bytes \\
+          --temperature 1 --format topk --top-k 32 --teacher-weights \\
+          data/teachers/bytelm-teacher-stdlib-bytes.safetensors
 
-        pipeline cache-teacher --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --dataset mnist-5k --workers 4 --out s3://my-bucket/caches/cnn-T4.zarr
+        pipeline cache-teacher --teacher cnn --dataset mnist-5k --workers 4 \\
+          --teacher-weights data/teachers/cnn-mnist-5k.safetensors \\
+          --out s3://my-bucket/caches/cnn-T4.zarr
     """
     from pipeline.jobs import run_caching
 
@@ -120,6 +133,7 @@ def cache_teacher_command(
     _emit(as_json, vars(result), _key_value_table("cache written", vars(result)))
     _warn_if_near_chance(result.teacher_accuracy, result.num_classes, cfg.teacher_weights)
 
+
 def _warn_if_near_chance(accuracy: float | None, num_classes: int, weights: Path | None) -> None:
     """A teacher at chance (most often an untrained one: no --teacher-weights) makes a cache of
     noise, which the user should see in the command's output, not only in a log line."""
@@ -128,46 +142,58 @@ def _warn_if_near_chance(accuracy: float | None, num_classes: int, weights: Path
     if accuracy is not None and accuracy < min(2 * chance, (1 + chance) / 2):
         why = ": no --teacher-weights were given, so the teacher is untrained (as its factory builds it)" if weights is None else ""
         print(f"warning: the teacher's accuracy on the cached split is {accuracy:.3f}, near chance ({chance:.3f}){why}", file=sys.stderr)
-@command("train-student")
+
+
+# The options train-teacher shares with train-student, each with its help once.
+EpochsOption = Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Training epochs.")]
+BatchSizeOption = Annotated[int, typer.Option(rich_help_panel=TRAINING,
+                                              help="Rows per forward pass, the micro-batch (the global batch under torchrun).")]
+LrOption = Annotated[float, typer.Option(rich_help_panel=TRAINING,
+                                         help="AdamW peak learning rate; by default cosine-annealed to 0 over the steps.")]
+SeedOption = Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Seed for initialisation and data order.")]
+
+
+@command("train-student", rich_help_panel="The two stages",
+         epilog=lambda: f"Divergences (--divergence): {DIVERGENCE_NAMES}.\n\n{SPEC_FORMS}")
 def train_student_command(
     ctx: typer.Context,
-    cache: Annotated[str | None, typer.Option(help="Cache written by cache-teacher: a folder or an fsspec URL (s3://...). Without it the student trains on hard labels only (the baseline).")] = None,
-    student: ModelOption = None,
-    student_weights: Annotated[Path | None, typer.Option(help="Initial student weights (.safetensors or a state dict).")] = None,
-    dataset: CachedDatasetOption = None,
-    split: Annotated[str | None, typer.Option(help="Training split. (default: the cache's split, else train)")] = None,
-    eval_split: Annotated[str, typer.Option(help="Held-out split evaluated after every epoch.")] = field_default(TS, "eval_split"),
-    out: Annotated[Path | None, typer.Option(help="Run folder to write. (default: data/runs/STUDENT-kd-CACHE-aALPHA-TT-sSEED, or from hard labels data/runs/STUDENT-scratch-DATASET-sSEED)")] = None,
-    alpha: Annotated[float, typer.Option(help="Weight of the soft (KD) term; 1 - alpha weighs cross-entropy with the hard labels.")] = field_default(TS, "alpha"),
-    temperature: Annotated[float | None, typer.Option(help="Distillation temperature. (default: the cache's T; another T' re-tempers exactly)")] = None,
-    logit_pieces: Annotated[bool, typer.Option("--logit-pieces/--whole-logits", help="A causal LM student (gpt2:, hf:) takes its loss and evaluation a piece of positions at a time, never batch x length x classes logits; --whole-logits computes them whole (to compare).")] = field_default(TS, "logit_pieces"),
-    eval_batch_size: Annotated[int, typer.Option(help="Rows per evaluation batch.")] = field_default(TS, "eval_batch_size"),
-    divergence: Annotated[str, typer.Option(help=f"Between the teacher's and the student's distributions: {DIVERGENCE_NAMES}. A sampled cache estimates forward-kl only.")] = field_default(TS, "divergence"),
-    epochs: Annotated[int, typer.Option(help="Training epochs (--max-steps overrides).")] = field_default(TS, "epochs"),
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in all, over as many epochs as they take; overrides --epochs.")] = field_default(TS, "max_steps"),
-    batch_size: Annotated[int, typer.Option(help="Rows per forward pass (the micro-batch; global under torchrun); a step sees --batch-size x --accumulate rows.")] = field_default(TS, "batch_size"),
-    accumulate: Annotated[int, typer.Option(help="Micro-batches per optimizer step, their gradients averaged (accumulation).")] = field_default(TS, "accumulate"),
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate, set at every step by --warmup-steps and --schedule.")] = field_default(TS, "lr"),
-    warmup_steps: Annotated[int, typer.Option(help="Optimizer steps of linear warmup to --lr.")] = field_default(TS, "warmup_steps"),
-    schedule: Annotated[str, typer.Option(help="The learning rate after warmup, per step: cosine or linear decay to 0 at the last step, or constant.")] = field_default(TS, "schedule"),
-    weight_decay: Annotated[float, typer.Option(help="AdamW's decoupled weight decay (0: plain Adam).")] = field_default(TS, "weight_decay"),
-    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradients' global norm to this before each step (0: no clipping).")] = field_default(TS, "max_grad_norm"),
-    amp: Annotated[str, typer.Option(help="The student under autocast: none, bf16 (CPU or CUDA) or fp16 (CUDA, with loss scaling).")] = field_default(TS, "amp"),
-    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
+    cache: Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Cache written by cache-teacher: a folder or an fsspec URL (s3://...). Without it the student trains on hard labels only (the baseline).")] = None,
+    student: Annotated[str | None, typer.Option(rich_help_panel=MODEL, help=f"The student: {MODEL_SPEC[0].lower()}{MODEL_SPEC[1:]}{REQUIRED}")] = None,
+    student_weights: Annotated[Path | None, typer.Option(rich_help_panel=MODEL, help="Initial student weights (.safetensors or a state dict).")] = None,
+    dataset: Annotated[str | None, typer.Option(rich_help_panel=DATA, help=f"{DATASET_SPEC} Required without --cache (here or in --config); default: the cache's dataset.")] = None,
+    split: Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Training split. (default: the cache's split, else train)")] = None,
+    eval_split: Annotated[str, typer.Option(rich_help_panel=DATA, help="Held-out split evaluated after every epoch.")] = field_default(TS, "eval_split"),
+    out: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help="Run folder to write. (default: a folder in data/runs named after the student, the cache or the dataset, alpha, T and the seed)")] = None,
+    alpha: Annotated[float, typer.Option(rich_help_panel=DISTILLATION, help="Weight of the soft (KD) term; 1 - alpha weighs cross-entropy with the hard labels.")] = field_default(TS, "alpha"),
+    temperature: Annotated[float | None, typer.Option(rich_help_panel=DISTILLATION, help="Distillation temperature. (default: the cache's T; another T' re-tempers exactly)")] = None,
+    logit_pieces: Annotated[bool, typer.Option("--logit-pieces/--whole-logits", rich_help_panel=MODEL, help="A causal LM student (gpt2:, hf:) takes its loss and evaluation a piece of positions at a time, never batch x length x classes logits; --whole-logits computes them whole (to compare).")] = field_default(TS, "logit_pieces"),
+    eval_batch_size: Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Rows per evaluation batch.")] = field_default(TS, "eval_batch_size"),
+    divergence: Annotated[str, typer.Option(rich_help_panel=DISTILLATION, help=f"Between the teacher's and the student's distributions: {', '.join(DIVERGENCES)} (each described below). A sampled cache estimates forward-kl only.")] = field_default(TS, "divergence"),
+    epochs: EpochsOption = field_default(TS, "epochs"),
+    max_steps: Annotated[int | None, typer.Option(rich_help_panel=TRAINING, help="Optimizer steps in all, over as many epochs as they take; overrides --epochs.")] = field_default(TS, "max_steps"),
+    batch_size: BatchSizeOption = field_default(TS, "batch_size"),
+    accumulate: Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Micro-batches per optimizer step, their gradients averaged: a step sees --batch-size x --accumulate rows.")] = field_default(TS, "accumulate"),
+    lr: LrOption = field_default(TS, "lr"),
+    warmup_steps: Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Optimizer steps of linear warmup to --lr.")] = field_default(TS, "warmup_steps"),
+    schedule: Annotated[str, typer.Option(rich_help_panel=TRAINING, help="The learning rate after warmup, per step: cosine or linear decay to 0 at the last step, or constant.")] = field_default(TS, "schedule"),
+    weight_decay: Annotated[float, typer.Option(rich_help_panel=TRAINING, help="AdamW's decoupled weight decay (0: plain Adam).")] = field_default(TS, "weight_decay"),
+    max_grad_norm: Annotated[float, typer.Option(rich_help_panel=TRAINING, help="Clip the gradients' global norm to this before each step (0: no clipping).")] = field_default(TS, "max_grad_norm"),
+    amp: Annotated[str, typer.Option(rich_help_panel=MODEL, help="The student under autocast: none, bf16 (CPU or CUDA) or fp16 (CUDA, with loss scaling).")] = field_default(TS, "amp"),
+    seed: SeedOption = field_default(TS, "seed"),
     augment: TrainAugmentOption = field_default(TS, "augment"),
-    view_policy: Annotated[str, typer.Option(help="From a view cache: random (a random view each time a sample is drawn) or cycle (view = epoch mod V).")] = field_default(TS, "view_policy"),
-    feature_loss: Annotated[str, typer.Option(help="With a cache of features (cache-teacher --features): none, mse or cosine between the student's projected features and the teacher's.")] = field_default(TS, "feature_loss"),
-    feature_weight: Annotated[float, typer.Option(help="Weight of the feature loss, added to the distillation loss.")] = field_default(TS, "feature_weight"),
-    buffer_chunks: Annotated[int, typer.Option(help="Cache chunks buffered and shuffled together.")] = field_default(TS, "buffer_chunks"),
+    view_policy: Annotated[str, typer.Option(rich_help_panel=DATA, help="From a view cache: random (a random view each time a sample is drawn) or cycle (view = epoch mod V).")] = field_default(TS, "view_policy"),
+    feature_loss: Annotated[str, typer.Option(rich_help_panel=DISTILLATION, help="With a cache of features (cache-teacher --features): none, mse or cosine between the student's projected features and the teacher's.")] = field_default(TS, "feature_loss"),
+    feature_weight: Annotated[float, typer.Option(rich_help_panel=DISTILLATION, help="Weight of the feature loss, added to the distillation loss.")] = field_default(TS, "feature_weight"),
+    buffer_chunks: Annotated[int, typer.Option(rich_help_panel=DATA, help="Cache chunks buffered and shuffled together.")] = field_default(TS, "buffer_chunks"),
     loader_workers: LoaderWorkersOption = field_default(TS, "loader_workers"),
     device: DeviceOption = field_default(TS, "device"),
-    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and after the last); 0: never.")] = field_default(TS, "checkpoint_every"),
-    checkpoint_every_steps: Annotated[int, typer.Option(help="Also save a checkpoint every N optimizer steps, which --resume continues mid-epoch exactly; 0: never.")] = field_default(TS, "checkpoint_every_steps"),
-    log_every_steps: Annotated[int, typer.Option(help="Log the loss and its parts, the learning rate and rows (tokens) per second every N optimizer steps, also into steps.jsonl in the run folder; 0: never.")] = field_default(TS, "log_every_steps"),
-    hf_out: Annotated[Path | None, typer.Option(help="Folder to write an hf: or gpt2: student to as a Hugging Face model (config, safetensors weights, the dataset's tokenizer) that AutoModelForCausalLM.from_pretrained loads. (default: RUN/hf)")] = field_default(TS, "hf_out"),
+    checkpoint_every: Annotated[int, typer.Option(rich_help_panel=OUTPUT, help="Save a checkpoint every N epochs (and after the last); 0: never.")] = field_default(TS, "checkpoint_every"),
+    checkpoint_every_steps: Annotated[int, typer.Option(rich_help_panel=OUTPUT, help="Also save a checkpoint every N optimizer steps, which --resume continues mid-epoch exactly; 0: never.")] = field_default(TS, "checkpoint_every_steps"),
+    log_every_steps: Annotated[int, typer.Option(rich_help_panel=OUTPUT, help="Log the loss and its parts, the learning rate and rows (tokens) per second every N optimizer steps, also into steps.jsonl in the run folder; 0: never.")] = field_default(TS, "log_every_steps"),
+    hf_out: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help="Folder to write an hf: or gpt2: student to as a Hugging Face model (config, safetensors weights, the dataset's tokenizer) that AutoModelForCausalLM.from_pretrained loads. (default: RUN/hf)")] = field_default(TS, "hf_out"),
     storage_option: StorageOption = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint (same options required); a finished run is left as it is; without a checkpoint, a warning says so and the run starts from the beginning.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder at --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="Continue the run in --out from its last checkpoint (same options required); a finished run is left as it is; without a checkpoint, a warning says so and the run starts from the beginning.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUTPUT, help="Replace an existing run folder at --out.")] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -175,15 +201,20 @@ def train_student_command(
 
     Example:
 
-        pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400 --alpha 0.9 --epochs 20
+        pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr \\
+          --student mlp-400 --alpha 0.9 --epochs 20
 
     With torchrun, the processes train one model with DDP (--batch-size is the global batch):
 
-        torchrun --standalone --nproc-per-node 2 -m pipeline train-student --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400
+        torchrun --standalone --nproc-per-node 2 -m pipeline train-student \\
+          --cache data/caches/cnn-mnist-5k-train-T4.zarr --student mlp-400
 
     A language model, by steps, written out as a Hugging Face folder (RUN/hf):
 
-        pipeline train-student --cache data/caches/lm.zarr --student gpt2:layers=2,dim=128,heads=2,positions=1024 --max-steps 300 --warmup-steps 30 --accumulate 4 --max-grad-norm 1 --log-every-steps 10 --checkpoint-every-steps 50
+        pipeline train-student --cache data/caches/lm.zarr --max-steps 300 \\
+          --student gpt2:layers=2,dim=128,heads=2,positions=1024 \\
+          --warmup-steps 30 --accumulate 4 --max-grad-norm 1 \\
+          --log-every-steps 10 --checkpoint-every-steps 50
     """
     from pipeline.jobs import run_training, spec_from_cache
     from stages.cache import CacheReader
@@ -210,26 +241,30 @@ def train_student_command(
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports (and evaluated)
         _emit(as_json, vars(result), _key_value_table(f"student run {result.mode}", vars(result)))
 
-@command("train-teacher")
+
+@command("train-teacher", rich_help_panel="The two stages", epilog=SPEC_FORMS)
 def train_teacher_command(
     model: ModelOption = "cnn",
     dataset: DatasetOption = "mnist-5k",
-    out: Annotated[Path | None, typer.Option(help="Weights file to write (.safetensors); the run folder goes beside it. (default: data/teachers/MODEL-DATASET.safetensors)")] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = field_default(TS, "batch_size"),
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine-annealed to 0 over the steps).")] = field_default(TS, "lr"),
-    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = field_default(TS, "seed"),
+    out: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help="Weights file to write (.safetensors); the run folder goes beside it. (default: data/teachers/MODEL-DATASET.safetensors)")] = None,
+    epochs: EpochsOption = 15,
+    batch_size: BatchSizeOption = field_default(TS, "batch_size"),
+    lr: LrOption = field_default(TS, "lr"),
+    seed: SeedOption = field_default(TS, "seed"),
     augment: TrainAugmentOption = field_default(TS, "augment"),
     device: DeviceOption = field_default(TS, "device"),
-    overwrite: Annotated[bool, typer.Option(help="Replace existing weights at --out.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run (the .run folder beside --out) from its last checkpoint (same options required).")] = False,
-    as_json: JsonOption = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUTPUT, help="Replace existing weights at --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="Continue an interrupted run (the .run folder beside --out) from its last checkpoint (same options required).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print one JSON object on stdout (for scripts).")] = False,
 ) -> None:
     """Train a teacher on hard labels and save its weights, so that there is a teacher to cache.
 
+    Its run folder (checkpoints, logs) goes beside the weights, as WEIGHTS.run: --resume continues it.
+
     Example:
 
-        pipeline train-teacher --model cnn --dataset mnist-5k --epochs 15 --augment shift:2
+        pipeline train-teacher --model cnn --dataset mnist-5k --epochs 15 \\
+          --augment shift:2
     """
     from pipeline.jobs import run_training
 

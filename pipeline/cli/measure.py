@@ -11,9 +11,9 @@ from rich.table import Table
 from pipeline.cli import DeviceOption, JsonOption, _emit, _fail, command
 
 
-@command("bench")
+@command("bench", rich_help_panel="This machine")
 def bench_command(
-    quick: Annotated[bool, typer.Option(help="Small sizes: about half a minute on 2 CPU cores (checks that it runs).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes: about half a minute on 2 CPU cores (checks that it runs).")] = False,
     samples: Annotated[int | None, typer.Option(min=256, help="Training rows. (default: 20000; quick 4000)")] = None,
     classes: Annotated[int | None, typer.Option(min=2, help="Classes. (default: 1000; quick 200)")] = None,
     features: Annotated[int | None, typer.Option(min=1, help="Input features. (default: 256; quick 128)")] = None,
@@ -77,7 +77,7 @@ def _bench_table(report: dict) -> Table:
         table.caption = "--quick: sizes too small to judge the ratios by their targets"
     return table
 
-@command("gpu-check")
+@command("gpu-check", rich_help_panel="This machine")
 def gpu_check_command(
     device: DeviceOption = "auto",
     size: Annotated[str | None, typer.Option(help="full (one CUDA GPU: a few minutes, under 8) or small (1-2 minutes on 2 CPU cores). (default: full on CUDA, small on a CPU)")] = None,

@@ -11,12 +11,12 @@ from rich.table import Table
 from pipeline.cli import JsonOption, _emit, _fail, command, data_root
 
 
-@command("sweep")
+@command("sweep", rich_help_panel="Students")
 def sweep_command(
     config: Annotated[Path, typer.Argument(help="TOML file describing the grid (see pipeline/sweep.py or the README).", show_default=False)],
     jobs: Annotated[int, typer.Option(min=1, help="Runs at a time, each in its own process (1: one after another, in this process).")] = 1,
     out: Annotated[Path | None, typer.Option(help="Folder for the runs and the leaderboard. (default: the file's `out`, else data/sweeps/CONFIG-NAME)")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Start every run over (after changing the sweep's options); without it finished runs are reused and interrupted ones resume.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start every run over (after changing the sweep's options); without it finished runs are reused and interrupted ones resume.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Train a grid of students from one cache and rank them on a leaderboard.

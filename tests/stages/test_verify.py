@@ -26,7 +26,7 @@ def _damaged_copy(cache_path, tmp_path, name="broken.zarr"):
 
 
 def test_a_sound_cache_passes_every_check(cache_path, teacher_weights):
-    report = invoke_json("verify", cache_path, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "40")
+    report = invoke_json("verify", cache_path, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "40")
     assert report["ok"] is True
     assert [c["check"] for c in report["checks"]] == ["metadata", "schema", "arrays", "complete", "chunks", "index", "labels", "teacher"]
     assert 0 <= report["max_abs_diff"] < 5e-3  # float16 rounding of logits/T
@@ -39,7 +39,7 @@ def test_every_kind_of_cache_matches_its_teacher_rerun(tmp_path, teacher_weights
     options = [(f"--{f.name.replace('_', '-')}", str(KIND_OPTIONS[f.name])) for f in dataclasses.fields(KINDS[kind].Options)
                if f.name in KIND_OPTIONS]
     cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", kind, *sum(options, ()))["cache"]
-    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "40")
+    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "40")
     assert report["ok"] and next(c for c in report["checks"] if c["check"] == "teacher")["ok"], report
 
 
