@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from pipeline import DATA_ROOT, __version__
 from pipeline.config import in_flags
@@ -52,9 +52,9 @@ def _shown_type(param) -> None:
     wrong: it shows a flag's type too (<bool>), where click's own help leaves it out, since a flag
     takes no value; and a number with bounds as <int range> [x>=1], where <int> [x>=1] says as much
     in less of the 80 columns (and <list[int]>: <int>). An option's metavar is what typer shows instead."""
-    if not isinstance(param, TyperOption | TyperArgument) or param.metavar is not None:
+    if not isinstance(param, TyperOption) or param.metavar is not None:  # an argument's metavar is its name
         return
-    if isinstance(param, TyperOption) and param.is_flag:
+    if param.is_flag:
         param.metavar = ""
     elif param.type_descriptor.is_list:  # <list[int]>: the option's help says it is repeatable
         param.metavar = f"<{param.bare_type().removeprefix('list[').removesuffix(']')}>"
