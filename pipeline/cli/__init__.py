@@ -41,8 +41,8 @@ STDERR = Console(stderr=True)
 # width, never folded mid-value (rich assumes 80 columns where there is no terminal).
 UNBOUNDED_WIDTH = 10_000
 
-# The panels that group a long command's options in its --help, in the order it lists them
-# (a short command keeps one "Options" panel). A command's options keep their order in each.
+# The panels that group a command's options in its --help, in the order it lists them (a
+# command that puts its options in none keeps typer's one list). Options keep their order in each.
 PANELS = MODEL, DATA, CACHE, DISTILLATION, TRAINING, SCALE_OUT, STORAGE, OUTPUT, GENERAL = (
     "Model", "Data", "The cache", "Distillation", "Training", "Scale-out", "Storage", "Output", "General")
 
@@ -63,9 +63,10 @@ def _shown_type(param) -> None:
 
 
 class _HelpFixes:
-    """typer's rich help as this CLI wants it, for the commands and the group alike: no type on a
-    flag, and an epilog that may be a function, called when the command line is built (so that
-    it sees what registries hold by then, as with_kind_options does)."""
+    """typer's rich help as this CLI wants it, for the commands and the group alike: the types
+    _shown_type shows, the panels in PANELS' order, and an epilog that may be a function, called
+    when the command line is built (so that it sees what registries hold by then, as
+    with_kind_options does)."""
 
     def __init__(self, *args, epilog=None, **kwargs):
         super().__init__(*args, epilog=epilog() if callable(epilog) else epilog, **kwargs)

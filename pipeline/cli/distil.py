@@ -255,7 +255,7 @@ def train_teacher_command(
     device: DeviceOption = field_default(TS, "device"),
     overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUTPUT, help="Replace existing weights at --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="Continue an interrupted run (the .run folder beside --out) from its last checkpoint (same options required).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print one JSON object on stdout (for scripts).")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Train a teacher on hard labels and save its weights, so that there is a teacher to cache.
 

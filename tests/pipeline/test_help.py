@@ -77,6 +77,15 @@ def test_each_example_is_shown_as_written_and_parses(command):
         GROUP.commands[command].make_context(command, arguments[1:])
 
 
+def test_train_teacher_shares_train_students_options_with_their_help():
+    """It copied them by hand once, and its --lr help drifted from train-student's."""
+    teacher, student = ({p.name: p for p in GROUP.commands[c].params} for c in ("train-teacher", "train-student"))
+    own_meaning = {"out", "overwrite", "resume", "dataset"}  # a weights file, not a run folder; no cache to default from
+    shared = set(teacher) & set(student) - own_meaning
+    assert shared >= {"epochs", "batch_size", "lr", "seed", "augment", "device"}
+    assert {name: teacher[name].help for name in shared} == {name: student[name].help for name in shared}
+
+
 def test_verify_takes_rows_and_its_old_name_samples_with_a_notice(cache_path, teacher_weights):
     args = ("verify", cache_path, "--teacher", "mlp-64", "--teacher-weights", teacher_weights)
     result = CliRunner().invoke(app, [str(a) for a in (*args, "--samples", "40", "--json")])

@@ -53,7 +53,7 @@ def test_a_sampled_cache_whose_draws_were_altered_fails_against_its_teacher(tmp_
     row[0, 0] += 1
     row[0, 1] -= 1
     counts[:3] = row
-    code, out, _ = invoke("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "10000", "--json")
+    code, out, _ = invoke("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "10000", "--json")
     report = json.loads(out)
     failed = {c["check"]: c["detail"] for c in report["checks"] if not c["ok"]}
     assert code == 4 and set(failed) == {"teacher"} and "sampled_counts differ" in failed["teacher"], report
@@ -137,5 +137,5 @@ def test_verify_with_a_teacher_on_malformed_metadata_reports_it(cache_path, tmp_
 def test_verify_replays_the_recorded_autocast(tmp_path, teacher_weights):
     cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET,
                         "--out", tmp_path / "bf16.zarr", "--amp", "bf16", "--temperature", "1")["cache"]
-    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "100")
+    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "100")
     assert report["ok"]
