@@ -29,6 +29,7 @@ def demo_command(
     report = run_demo(out, seeds=seeds, device=device)
     _emit(as_json, report, demo_table(report))
 
+
 @command("demo-lm", rich_help_panel="Demos")
 def demo_lm_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's teacher, caches and runs.")] = DATA_ROOT / "demo-lm",
@@ -44,6 +45,7 @@ def demo_lm_command(
 
     report = run_lm_demo(out, seeds=seeds, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, lm_demo_table(report))
+
 
 @command("demo-llm", rich_help_panel="Demos")
 def demo_llm_command(
@@ -81,6 +83,7 @@ def demo_llm_command(
     report = run_llm_demo(out, demo, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, llm_demo_table(report))
 
+
 @command("demo-chat", rich_help_panel="Demos")
 def demo_chat_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's tokenizer, instructions, token datasets, teacher, caches and runs.")] = DATA_ROOT / "demo-chat",
@@ -102,6 +105,7 @@ def demo_chat_command(
                     student_epochs=student_epochs)
     report = run_chat_demo(out, demo, device=device)
     _emit(as_json, report, chat_demo_table(report))
+
 
 @command("demo-text", rich_help_panel="Demos")
 def demo_text_command(

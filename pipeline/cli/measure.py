@@ -57,6 +57,7 @@ def bench_command(
     report = run_bench(config, keep)
     _emit(as_json, report, _bench_table(report))
 
+
 def _bench_table(report: dict) -> Table:
     c = report["config"]
     table = Table(title=f"pipeline bench on {report['machine']['device']} ({report['machine']['cpu_count']} CPUs): "
@@ -76,6 +77,7 @@ def _bench_table(report: dict) -> Table:
     if verdicts is None:
         table.caption = "--quick: sizes too small to judge the ratios by their targets"
     return table
+
 
 @command("gpu-check", rich_help_panel="This machine")
 def gpu_check_command(

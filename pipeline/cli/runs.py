@@ -39,6 +39,7 @@ def sweep_command(
         hint = " (to start every run over with the new options: pipeline sweep --overwrite)" if "other options" in why else ""
         _fail(f"{len(board['failures'])} of {board['runs_total']} runs failed; {first}: {why}{hint}", code)
 
+
 def _leaderboard_table(board: dict) -> Table:
     table = Table(title=f"sweep {board['folder']}: {board['runs_total']} runs ({board['runs_reused']} reused), best first")
     for column in ("student", "params", "labels", "alpha", "T", "divergence", "seeds", "test acc", "min-max", "errors"):
