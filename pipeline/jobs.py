@@ -149,7 +149,7 @@ def run_verify(cache: CacheLocation, *, teacher: str | None, teacher_weights: Pa
         if len(attrs["teachers"]) > 1:
             raise InputError(f"{cache} holds an ensemble of {len(attrs['teachers'])} teachers; one teacher's outputs cannot match it")
         if samples == 0:
-            raise InputError("--teacher with --samples 0 re-runs nothing; give --samples N")
+            raise InputError("--teacher with --rows 0 re-runs nothing; give --rows N")
         spec = dataset or spec_from_cache(cache, attrs, "dataset")
         if spec is None:
             raise InputError(f"{cache} records no dataset; pass --dataset")

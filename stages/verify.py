@@ -2,7 +2,7 @@
 and optionally the stored logits against a fresh teacher forward on a sample of rows.
 
     pipeline verify data/caches/cnn-mnist-5k-train-T4.zarr
-    pipeline verify CACHE --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --samples 64
+    pipeline verify CACHE --teacher cnn --teacher-weights data/teachers/cnn-mnist-5k.safetensors --rows 64
 
 The per-chunk checks run as dask tasks over the write units (shards, or chunks when the cache is
 unsharded), so a large cache is checked out of core and in parallel, and every damaged shard or

@@ -103,8 +103,8 @@ def test_naming_a_view_caches_own_augmentation_replays_its_views_and_adds_none(t
 
 
 def test_verify_with_a_teacher_refuses_what_one_teacher_cannot_check(tmp_path, cache_path, teacher_weights):
-    code, _, err = invoke("verify", cache_path, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", 0)
-    assert code == 2 and err == "error: --teacher with --samples 0 re-runs nothing; give --samples N\n"
+    code, _, err = invoke("verify", cache_path, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", 0)
+    assert code == 2 and err == "error: --teacher with --rows 0 re-runs nothing; give --rows N\n"
     other = tmp_path / "other.safetensors"
     save_weights(resolve_model("mlp-64", num_classes=4, input_shape=(8,)), other)
     invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", other, "--dataset", DATASET, "--temperature", 3,

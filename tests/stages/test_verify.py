@@ -26,7 +26,7 @@ def _damaged_copy(cache_path, tmp_path, name="broken.zarr"):
 
 
 def test_a_sound_cache_passes_every_check(cache_path, teacher_weights):
-    report = invoke_json("verify", cache_path, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "40")
+    report = invoke_json("verify", cache_path, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "40")
     assert report["ok"] is True
     assert [c["check"] for c in report["checks"]] == ["metadata", "schema", "arrays", "complete", "chunks", "index", "labels", "teacher"]
     assert 0 <= report["max_abs_diff"] < 5e-3  # float16 rounding of logits/T
@@ -39,7 +39,7 @@ def test_every_kind_of_cache_matches_its_teacher_rerun(tmp_path, teacher_weights
     options = [(f"--{f.name.replace('_', '-')}", str(KIND_OPTIONS[f.name])) for f in dataclasses.fields(KINDS[kind].Options)
                if f.name in KIND_OPTIONS]
     cache = cache_with_cli(tmp_path / "c.zarr", teacher_weights, "--format", kind, *sum(options, ()))["cache"]
-    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "40")
+    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "40")
     assert report["ok"] and next(c for c in report["checks"] if c["check"] == "teacher")["ok"], report
 
 
@@ -53,7 +53,7 @@ def test_a_sampled_cache_whose_draws_were_altered_fails_against_its_teacher(tmp_
     row[0, 0] += 1
     row[0, 1] -= 1
     counts[:3] = row
-    code, out, _ = invoke("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "10000", "--json")
+    code, out, _ = invoke("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "10000", "--json")
     report = json.loads(out)
     failed = {c["check"]: c["detail"] for c in report["checks"] if not c["ok"]}
     assert code == 4 and set(failed) == {"teacher"} and "sampled_counts differ" in failed["teacher"], report
@@ -137,5 +137,5 @@ def test_verify_with_a_teacher_on_malformed_metadata_reports_it(cache_path, tmp_
 def test_verify_replays_the_recorded_autocast(tmp_path, teacher_weights):
     cache = invoke_json("cache-teacher", "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--dataset", DATASET,
                         "--out", tmp_path / "bf16.zarr", "--amp", "bf16", "--temperature", "1")["cache"]
-    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "100")
+    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "100")
     assert report["ok"]
