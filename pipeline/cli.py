@@ -516,7 +516,7 @@ def sweep_command(
 ) -> None:
     """Train a grid of students from one cache and rank them on a leaderboard.
 
-    The grid: students x alphas x temperatures x seeds, plus each student on hard labels. Finished runs are reused and interrupted ones resume, so re-running the same command after a kill does only what is left. Writes leaderboard.csv, leaderboard.json and leaderboard.png (test accuracy against student size and against T) into the sweep folder.
+    The grid: students x alphas x temperatures x seeds, plus each student on hard labels. Finished runs are reused and interrupted ones resume, so re-running the same command after a kill does only what is left. Every run of a seed starts from the same weights and reads the same batches (hard-label runs read the cache for the order alone), so each group's accuracy is also shown minus its student's on hard labels, paired by seed, with a 95% interval and whether that interval says it beats them. Writes leaderboard.csv, leaderboard.json and leaderboard.png (test accuracy against student size and against T) into the sweep folder.
 
     Example:
 
@@ -537,13 +537,18 @@ def sweep_command(
 
 def _leaderboard_table(board: dict) -> Table:
     table = Table(title=f"sweep {board['folder']}: {board['runs_total']} runs ({board['runs_reused']} reused), best first")
-    for column in ("student", "params", "labels", "alpha", "T", "divergence", "seeds", "test acc", "min-max", "errors"):
-        table.add_column(column, justify="left" if column in ("student", "labels", "divergence") else "right", overflow="fold")
+    for column in ("student", "params", "labels", "alpha", "T", "divergence", "seeds", "test acc", "min-max", "errors",
+                   "vs hard labels, paired (95% interval)", "beats hard labels"):
+        table.add_column(column, justify="left" if column in ("student", "labels", "divergence", "beats hard labels") else "right",
+                         overflow="fold")
     for g in board["groups"]:
+        against = "" if g["vs_hard_labels_mean"] is None else f"{g['vs_hard_labels_mean']:+.4f}" + (
+            "" if g["vs_hard_labels_low"] is None else f" [{g['vs_hard_labels_low']:+.4f}, {g['vs_hard_labels_high']:+.4f}]")
         table.add_row(
             g["student"], str(g["num_parameters"]), "hard" if g["mode"] == "scratch" else "soft",
             "" if g["alpha"] is None else f"{g['alpha']:g}", "" if g["temperature"] is None else f"{g['temperature']:g}",
             g["divergence"] or "", str(g["seeds"]), f"{g['accuracy_mean']:.4f}", f"{g['accuracy_min']:.3f}-{g['accuracy_max']:.3f}", f"{g['errors_mean']:.1f}",
+            against, g["beats_hard_labels"] or "",
         )
     return table
 
@@ -748,16 +753,17 @@ def gpu_check_command(
 @command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's teacher, cache and runs.")] = DATA_ROOT / "demo",
-    seeds: Annotated[int, typer.Option(min=1, help="Student seeds to average over.")] = 3,
+    seeds: Annotated[int, typer.Option(min=1, help="Paired seeds: at each, every arm's student starts from the same weights and sees the same batches.")] = 5,
+    online_arm: Annotated[bool, typer.Option(help="Also train the distilled student with the teacher run in every step (online KD), paired with the cached one.")] = False,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
     """The whole pipeline on the embedded MNIST digits: teacher, cache, scratch vs distilled student.
 
-    Trains a CNN teacher, caches its logits at T=4 on the train split, trains the same MLP from scratch and from the cache for each seed, and prints test errors (out of 1,000) and seconds."""
+    Trains a CNN teacher, caches its logits at T=4 on the train split, trains the same MLP from scratch and from the cache for each seed, and prints test errors (out of 1,000), seconds, and each arm's paired difference with its 95% interval; a claim is printed only where the interval decides it."""
     from pipeline.demo import run_demo, demo_table
 
-    report = run_demo(out, seeds=seeds, device=device)
+    report = run_demo(out, seeds=seeds, online=online_arm, device=device)
     _emit(as_json, report, demo_table(report))
 
 
@@ -789,7 +795,7 @@ def demo_llm_command(
     teacher_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "teacher_epochs"),
     student_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "student_epochs"),
     batch_size: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "batch_size"),
-    seeds: Annotated[int, typer.Option(min=1, help="Students per arm, one per seed; the arm's held-out loss is their mean.")] = field_default(LLMDemo, "seeds"),
+    seeds: Annotated[int, typer.Option(min=1, help="Paired seeds: one student per arm and seed, every arm's starting from the same weights and seeing the same batches; the table shows each arm's difference from the reference with its 95% interval.")] = field_default(LLMDemo, "seeds"),
     top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a top-k cache arm (repeatable; default 8, 32 and 128).")] = None,
     quantised_top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a quantised top-k (qtopk) cache arm (repeatable; default 8, 32 and 128).")] = None,
     value_bits: Annotated[int, typer.Option(min=1, max=8, help="Bits per kept probability of the qtopk arms.")] = field_default(LLMDemo, "value_bits"),

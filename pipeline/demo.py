@@ -18,16 +18,24 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from pathlib import Path
 
 from rich.table import Table
 
+from pipeline.datasets import resolve_dataset
 from pipeline.jobs import run_caching, run_evaluate, run_training
+from pipeline.models import resolve_model
+from pipeline.paired import interval_text, paired, verdict
 from pipeline.text import write_stdlib_docstrings
-from stages.runtime import require
+from stages import train_student
+from stages.cache import CacheReader
 from stages.cache_teacher import CacheTeacherConfig
+from stages.data import input_shape
 from stages.inspection import describe_cache
-from stages.train_student import TrainConfig
+from stages.online import OnlineTeacher
+from stages.runtime import require, resolve_device, seed_everything
+from stages.train_student import TrainConfig, TrainResult
 
 DATASET = "mnist-5k"
 TEACHER = "cnn"
@@ -36,39 +44,58 @@ TEMPERATURE = 4.0
 ALPHA = 0.9
 TEACHER_EPOCHS = 15
 STUDENT_EPOCHS = 20
+DEFAULT_SEEDS = 5  # paired seeds: enough to resolve distilled against scratch (about 15 s a seed on 2 cores)
 
 
-def run_demo(out: Path, *, seeds: int = 3, device: str = "auto") -> dict:
-    """Run every step into `out` (replacing an earlier demo there) and return the report."""
+def run_demo(out: Path, *, seeds: int = DEFAULT_SEEDS, online: bool = False, device: str = "auto") -> dict:
+    """Run every step into `out` (replacing an earlier demo there) and return the report.
+
+    Paired seeds: at seed s every arm's student starts from the same weights and sees the same
+    batches (the cache's order at s; the hard-label arm reads the cache for that order alone, at
+    alpha 0, and the online arm's teacher runs on the cache's batches). With `online`, a third arm
+    trains the distilled student with the teacher run in every step (stages.online) instead of
+    from the cache: same teacher weights, temperature, alpha and schedule."""
     weights = out / "teacher.safetensors"
+    announce("demo", f"training the teacher {TEACHER} on {DATASET} -> {weights}")
     teacher = run_training(
         TrainConfig(
             model=TEACHER, dataset=DATASET, out=out / "teacher.run", weights_out=weights, alpha=0.0,
             epochs=TEACHER_EPOCHS, augment="shift:2", device=device, overwrite=True,
         )
     )
+    announce("demo", f"caching the teacher's logits at T={TEMPERATURE:g} -> {out / 'cache.zarr'}")
     cache = run_caching(
         CacheTeacherConfig(
             teacher=TEACHER, teacher_weights=weights, dataset=DATASET, split="train", out=out / "cache.zarr",
             temperature=TEMPERATURE, device=device, overwrite=True,
         )
     )
+    arms = ("scratch", "distilled", *(("online",) if online else ()))
     students = []
     for seed in range(seeds):
-        for mode, cache_path in (("scratch", None), ("distilled", cache.cache)):
-            result = run_training(
-                TrainConfig(
-                    model=STUDENT, dataset=DATASET, out=out / f"{STUDENT}-{mode}-s{seed}", cache=cache_path,
-                    alpha=ALPHA, epochs=STUDENT_EPOCHS, seed=seed, device=device, overwrite=True,
-                )
+        for mode in arms:
+            config = TrainConfig(
+                model=STUDENT, dataset=DATASET, out=out / f"{STUDENT}-{mode}-s{seed}", cache=None if mode == "online" else cache.cache,
+                alpha=0.0 if mode == "scratch" else ALPHA, temperature=TEMPERATURE, epochs=STUDENT_EPOCHS, seed=seed, device=device,
+                overwrite=True,
             )
+            announce("demo", f"seed {seed}: training the student {STUDENT} {ARMS[mode]} -> {config.out}")
+            result = (run_online_training(config, TEACHER, weights, TEMPERATURE, order=cache.cache) if mode == "online"
+                      else run_training(config))
             students.append(
                 {"name": STUDENT, "mode": mode, "seed": seed, "test_errors": result.test_errors,
                  "test_accuracy": result.test_accuracy, "seconds": result.seconds, "run_dir": str(result.run_dir)}
             )
-    mean_errors = {
-        mode: statistics.mean(s["test_errors"] for s in students if s["mode"] == mode) for mode in ("scratch", "distilled")
-    }
+    errors = {mode: {s["seed"]: s["test_errors"] for s in students if s["mode"] == mode} for mode in arms}
+    comparisons = [paired("distilled", errors["distilled"], "scratch", errors["scratch"])]
+    if online:
+        comparisons.append(paired("online", errors["online"], "distilled", errors["distilled"]))
+    claims = [{"claim": "distilled from the cache makes fewer test errors than scratch",
+               "verdict": verdict(comparisons[0], below="supported", above="contradicted: distilled makes more")}]
+    if online:
+        claims.append({"claim": "online KD and KD from the cache differ in test errors",
+                       "verdict": verdict(comparisons[1], below="supported: online KD makes fewer",
+                                          above="supported: online KD makes more")})
     return {
         "dataset": DATASET,
         "test_samples": teacher.test_samples,
@@ -77,9 +104,36 @@ def run_demo(out: Path, *, seeds: int = 3, device: str = "auto") -> dict:
         "cache": {"path": str(cache.cache), "temperature": TEMPERATURE, "bytes_on_disk": cache.bytes_on_disk,
                   "train_accuracy": cache.teacher_accuracy, "seconds": cache.seconds},
         "students": students,
-        "mean_test_errors": mean_errors,
-        "distilled_beats_scratch": mean_errors["distilled"] < mean_errors["scratch"],
+        "mean_test_errors": {mode: statistics.mean(by_seed.values()) for mode, by_seed in errors.items()},
+        "paired": [c.as_dict() for c in comparisons],
+        "claims": claims,
+        "distilled_beats_scratch": claims[0]["verdict"] == "supported",
     }
+
+
+ARMS = {"scratch": "on hard labels (the cache sets the batch order only, alpha 0)",
+        "distilled": f"distilled from the cache, alpha={ALPHA}",
+        "online": f"distilled online, the teacher run in every step, alpha={ALPHA}"}
+
+
+def announce(demo: str, message: str) -> None:
+    """One line on stderr per stage of a demo, saying what it does and where it writes."""
+    print(f"{demo}: {message}", file=sys.stderr, flush=True)
+
+
+def run_online_training(config: TrainConfig, teacher_spec: str, teacher_weights: Path, temperature: float,
+                        order: Path | None = None) -> TrainResult:
+    """Train `config`'s student with `teacher_spec`'s dense soft labels computed in every step
+    (stages.online), in the batch order of the cache at `order` when given (a paired arm)."""
+    data = resolve_dataset(config.dataset)
+    train = data.split(config.split)
+    shape = input_shape(train)
+    teacher = resolve_model(teacher_spec, num_classes=train.num_classes, input_shape=shape, weights=teacher_weights)
+    seed_everything(config.seed)  # the student's initial weights, as run_training draws them
+    student = resolve_model(config.model, num_classes=train.num_classes, input_shape=shape)
+    source = OnlineTeacher(teacher, train, temperature, resolve_device(config.device), order=CacheReader(order) if order else None)
+    evaluation = data.split(config.eval_split) if config.eval_split else None
+    return train_student.run(config, student, train, evaluation, soft_labels=source)
 
 
 def demo_table(report: dict) -> Table:
@@ -90,11 +144,15 @@ def demo_table(report: dict) -> Table:
     table.add_row(teacher["name"], "teacher, hard labels + shift:2", "0", str(teacher["test_errors"]), f"{teacher['seconds']:.1f}")
     cache = report["cache"]
     table.add_row("", f"cache-teacher, T={cache['temperature']:g} ({cache['bytes_on_disk'] / 1024:.0f} KiB)", "", "", f"{cache['seconds']:.1f}")
-    for s in report["students"]:
-        how = "scratch (hard labels)" if s["mode"] == "scratch" else f"distilled from the cache, alpha={ALPHA}"
-        table.add_row(s["name"], how, str(s["seed"]), str(s["test_errors"]), f"{s['seconds']:.1f}")
     for mode, errors in report["mean_test_errors"].items():
-        table.add_row(STUDENT, f"{mode}: mean over seeds", "", f"{errors:.1f}", "", style="bold")
+        by_seed = [s for s in report["students"] if s["mode"] == mode]
+        table.add_row(STUDENT, ARMS[mode], ", ".join(str(s["seed"]) for s in by_seed),
+                      f"{', '.join(str(s['test_errors']) for s in by_seed)} (mean {errors:.1f})",
+                      f"{statistics.mean(s['seconds'] for s in by_seed):.1f} each")
+    for comparison in report["paired"]:
+        table.add_row(STUDENT, f"{comparison['arm']} - {comparison['reference']}, paired by seed (95% t interval)", "",
+                      interval_text(comparison, digits=1), "", style="bold")
+    table.caption = "; ".join(f"{c['claim']}: {c['verdict']}" for c in report["claims"])
     return table
 
 
@@ -200,6 +258,7 @@ TEXT_TEMPERATURE = 2.0
 TEXT_ALPHA = 0.9
 TEXT_STUDENT = "lstm:vocab=30522,dim=64,hidden=64"  # MiniLM's vocabulary; padding id 0
 TEXT_STUDENT_EPOCHS = 20
+DEFAULT_SEEDS = 5  # paired seeds: enough to resolve distilled against scratch (about 15 s a seed on 2 cores)
 TEXT_BATCH_SIZE = 32
 
 
