@@ -175,6 +175,7 @@ def run_lm_demo(out: Path, *, seeds: int = 2, device: str = "auto", teacher_weig
     bits per byte on held-out files. Replaces an earlier demo in `out`."""
     if teacher_weights is None:
         teacher_weights = out / "teacher.safetensors"
+        announce("demo-lm", f"training the teacher {LM_TEACHER} on {LM_DATASET} -> {teacher_weights}")
         teacher = run_training(
             TrainConfig(
                 model=LM_TEACHER, dataset=LM_DATASET, out=out / "teacher.run", weights_out=teacher_weights, alpha=0.0,
@@ -189,6 +190,7 @@ def run_lm_demo(out: Path, *, seeds: int = 2, device: str = "auto", teacher_weig
     caches = {}
     for top_k in (None, *LM_TOP_KS):
         name = "dense" if top_k is None else f"top{top_k}"
+        announce("demo-lm", f"caching the teacher {'densely' if top_k is None else f'at top-{top_k}'} -> {out / f'{name}.zarr'}")
         result = run_caching(
             CacheTeacherConfig(
                 teacher=LM_TEACHER, teacher_weights=teacher_weights, dataset=LM_DATASET, out=out / f"{name}.zarr",
@@ -203,9 +205,11 @@ def run_lm_demo(out: Path, *, seeds: int = 2, device: str = "auto", teacher_weig
     students = []
     for seed in range(seeds):
         for name in ("hard labels", *caches):
+            folder = out / f"student-{name.replace(' ', '-')}-s{seed}"
+            announce("demo-lm", f"seed {seed}: training the student {LM_STUDENT} from {name} -> {folder}")
             result = run_training(
                 TrainConfig(
-                    model=LM_STUDENT, dataset=LM_DATASET, out=out / f"student-{name.replace(' ', '-')}-s{seed}",
+                    model=LM_STUDENT, dataset=LM_DATASET, out=folder,
                     cache=Path(caches[name]["path"]) if name in caches else None, alpha=LM_ALPHA,
                     epochs=LM_STUDENT_EPOCHS, batch_size=LM_BATCH_SIZE, seed=seed, device=device, overwrite=True,
                 )
@@ -274,15 +278,18 @@ def run_text_demo(out: Path, *, seeds: int = 2, device: str = "auto", teacher_we
     """MiniLM-L6 fine-tuned on docstrings -> a BiLSTM 11x smaller, distilled through the cache
     (soft labels, and soft labels plus features), against the BiLSTM from scratch."""
     corpus = out / "stdlib-docstrings.jsonl"
+    announce("demo-text", f"writing the standard library's docstrings by package -> {corpus}")
     counts = write_stdlib_docstrings(corpus)
     teacher = f"hf:{minilm_folder()}"
     dataset = f"text:{corpus.absolute()},tokenizer={teacher},max_length={TEXT_MAX_LENGTH}"
     if teacher_weights is None:
         teacher_weights = out / "teacher.safetensors"
+        announce("demo-text", f"fine-tuning the teacher MiniLM-L6 on the docstrings -> {teacher_weights}")
         run_training(TrainConfig(
             model=teacher, dataset=dataset, out=out / "teacher.run", weights_out=teacher_weights, alpha=0.0,
             epochs=TEXT_TEACHER_EPOCHS, batch_size=TEXT_BATCH_SIZE, lr=TEXT_TEACHER_LR, device=device, overwrite=True,
         ))
+    announce("demo-text", f"caching the teacher's logits and features at T={TEXT_TEMPERATURE:g} -> {out / 'teacher-T2.zarr'}")
     cache = run_caching(CacheTeacherConfig(
         teacher=teacher, teacher_weights=teacher_weights, dataset=dataset, out=out / "teacher-T2.zarr",
         temperature=TEXT_TEMPERATURE, features=True, device=device, overwrite=True,
@@ -292,13 +299,16 @@ def run_text_demo(out: Path, *, seeds: int = 2, device: str = "auto", teacher_we
     students = []
     for seed in range(seeds):
         for name, options in arms.items():
+            folder = out / f"student-{name.split()[0]}{'-features' if 'features' in name else ''}-s{seed}"
+            announce("demo-text", f"seed {seed}: training the student BiLSTM {name} -> {folder}")
             run = run_training(TrainConfig(
-                model=TEXT_STUDENT, dataset=dataset, out=out / f"student-{name.split()[0]}{'-features' if 'features' in name else ''}-s{seed}",
+                model=TEXT_STUDENT, dataset=dataset, out=folder,
                 alpha=TEXT_ALPHA, epochs=TEXT_STUDENT_EPOCHS, batch_size=TEXT_BATCH_SIZE, seed=seed, device=device,
                 overwrite=True, **options,
             ))
             students.append({"trained_from": name, "seed": seed, "test_accuracy": run.test_accuracy,
                              "weights": str(run.weights), "seconds": run.seconds})
+    announce("demo-text", "measuring the teacher's and the student's accuracy and speed on the test split")
     measured = {"teacher": run_evaluate(teacher, teacher_weights, dataset=dataset, split="test", cache=None,
                                         batch_size=TEXT_BATCH_SIZE, device=device),
                 "student": run_evaluate(TEXT_STUDENT, Path(students[0]["weights"]), dataset=dataset, split="test", cache=None,

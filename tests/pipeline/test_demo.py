@@ -74,6 +74,9 @@ def test_demo_text_runs_every_step_and_reports(tmp_path, monkeypatch):
     assert [s["trained_from"] for s in report["students"]] == ["scratch", "distilled", "distilled + features (cosine)"]
     assert all(0 <= s["test_accuracy"] <= 1 for s in report["students"])
     assert report["cache"]["bytes_on_disk"] > 0 and report["student"]["num_parameters"] < report["teacher"]["num_parameters"]
+    folder = tmp_path / "demo"
+    assert f"demo-text: caching the teacher's logits and features at T=2 -> {folder / 'teacher-T2.zarr'}" in err
+    assert f"demo-text: seed 0: training the student BiLSTM distilled + features (cosine) -> {folder / 'student-distilled-features-s0'}" in err
 
 
 @pytest.mark.parametrize("dense_max_gib, reference", [(20, "dense"), (0, "online KD")])
@@ -153,6 +156,9 @@ def test_demo_chat_caches_the_assistants_tokens_only_and_distils_from_them(tmp_p
     assert set(report["students"]) == {"hard labels", "distilled from the assistant-only cache"}
     for student in report["students"].values():
         assert student["test_tokens"] > 0 and math.isfinite(student["nats_per_assistant_token"])
+    folder = tmp_path / "demo"
+    assert f"demo-chat: making a 2,048-token ChatML tokenizer and the instruction set -> {folder / 'tokenizer-2048'}, {folder / 'instructions.jsonl'}" in err
+    assert f"demo-chat: training the student gpt2:layers=1,dim=32,heads=2 from {folder / 'cache-assistant.zarr'} -> {folder / 'student-kd'}" in err
     console = Console(width=250, record=True, file=io.StringIO())
     console.print(chat_demo_table(report))
     assert "assistant tokens:" in console.export_text()
