@@ -808,7 +808,7 @@ def demo_llm_command(
 ) -> None:
     """Distil a GPT-2-style language model at a real vocabulary (8,192-token BPE) through every cache encoding, and print the bytes-versus-quality frontier.
 
-    Trains a byte-level BPE tokenizer and a GPT-2-style teacher on the Python standard library's sources (offline), caches the teacher per token densely, at top-8, top-32 and top-128, at the same K quantised to 4 bits (qtopk), and sampled with S = 12 and 32, trains a smaller GPT-2-style student from each cache and from hard labels, and prints for each cache its bytes per token on disk, the KL and total variation from the teacher's distribution, and its student's held-out loss (nats and bits per token, perplexity) against the dense-KD reference's, with the seconds per stage. Needs: pip install -e ".\\[hf]"."""
+    Trains a byte-level BPE tokenizer and a GPT-2-style teacher on the Python standard library's sources (offline), caches the teacher per token densely, at top-8, top-32 and top-128, at the same K quantised to 4 bits (qtopk), and sampled with S = 12 and 32, trains a smaller GPT-2-style student from each cache and from hard labels, and prints for each cache its bytes per token on disk, the KL and total variation from the teacher's distribution, and its student's held-out loss (nats and bits per token, perplexity) against the dense-KD reference's, paired by seed with a 95% interval (a claim is printed only where the interval decides it), with the seconds per stage. Needs: pip install -e ".\\[hf]"."""
     from pipeline.demo_llm import llm_demo_table, run_llm_demo
 
     demo = LLMDemo(max_tokens=max_tokens, seq=seq, teacher=teacher, student=student, teacher_epochs=teacher_epochs,

@@ -57,7 +57,7 @@ def run_chat_demo(out: Path, demo: ChatDemo = ChatDemo(), *, device: str = "auto
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     instructions = out / "instructions.jsonl"
-    announce("demo-chat", f"making a {demo.vocab:,}-token ChatML tokenizer and the instruction set -> {out / f'tokenizer-{demo.vocab}'}, {instructions}")
+    announce("demo-chat", f"making the {demo.vocab:,}-token ChatML tokenizer and the instruction set -> {out / f'tokenizer-{demo.vocab}'}, {instructions}")
     tokenizer = stdlib_chat_tokenizer(out / f"tokenizer-{demo.vocab}", demo.vocab)
     if not instructions.is_file():
         stdlib_instructions(instructions, limit=demo.conversations)

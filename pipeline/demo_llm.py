@@ -79,7 +79,7 @@ def run_llm_demo(out: Path, demo: LLMDemo = LLMDemo(), *, device: str = "auto", 
     from stages.train_student import TrainConfig
 
     started = time.perf_counter()
-    announce("demo-llm", f"training a {demo.vocab:,}-token BPE tokenizer and collecting the corpus -> {out / f'tokenizer-{demo.vocab}'}, {out / 'corpus'}")
+    announce("demo-llm", f"training the {demo.vocab:,}-token BPE tokenizer and collecting the corpus -> {out / f'tokenizer-{demo.vocab}'}, {out / 'corpus'}")
     tokenizer = stdlib_tokenizer(out / f"tokenizer-{demo.vocab}", demo.vocab)
     corpus = stdlib_corpus(out / "corpus")
     dataset = f"corpus:{corpus.absolute()},tokenizer=hf:{tokenizer.absolute()},seq={demo.seq},test=25,max_tokens={demo.max_tokens}"

@@ -157,7 +157,7 @@ def test_demo_chat_caches_the_assistants_tokens_only_and_distils_from_them(tmp_p
     for student in report["students"].values():
         assert student["test_tokens"] > 0 and math.isfinite(student["nats_per_assistant_token"])
     folder = tmp_path / "demo"
-    assert f"demo-chat: making a 2,048-token ChatML tokenizer and the instruction set -> {folder / 'tokenizer-2048'}, {folder / 'instructions.jsonl'}" in err
+    assert f"demo-chat: making the 2,048-token ChatML tokenizer and the instruction set -> {folder / 'tokenizer-2048'}, {folder / 'instructions.jsonl'}" in err
     assert f"demo-chat: training the student gpt2:layers=1,dim=32,heads=2 from {folder / 'cache-assistant.zarr'} -> {folder / 'student-kd'}" in err
     console = Console(width=250, record=True, file=io.StringIO())
     console.print(chat_demo_table(report))
