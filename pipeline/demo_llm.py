@@ -161,7 +161,7 @@ def run_llm_demo(out: Path, demo: LLMDemo = LLMDemo(), *, device: str = "auto", 
         student["vs_reference_loss"] = student["nats_per_token"] / students[reference]["nats_per_token"]
         student["paired_vs_reference"] = comparisons[name].as_dict()
         against_hard = paired(name, by_seed[name], "hard labels", by_seed["hard labels"], relative=True)
-        student["beats_hard_labels"] = verdict(against_hard, below="yes", above="no: worse")
+        student["beats_hard_labels"] = None if name == "hard labels" else verdict(against_hard, below="yes", above="no: worse")
     report["every_cache_beats_hard_labels"] = all(s["beats_hard_labels"] == "yes" for n, s in students.items() if n != "hard labels")
     if "top-32" in students:
         report["top32_vs_reference_loss"] = students["top-32"]["vs_reference_loss"]
