@@ -16,7 +16,6 @@ held-out loss per assistant token.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ def run_chat_demo(out: Path, demo: ChatDemo = ChatDemo(), *, device: str = "auto
     """Run every stage into `out` (the tokenizer, the instructions and their token datasets are
     reused; caches and runs are made again) and return the report."""
     from pipeline.chat import stdlib_chat_tokenizer, stdlib_instructions
+    from pipeline.demo import announce
     from pipeline.jobs import run_caching, run_training
     from pipeline.tokens import TokenizeConfig, tokenize
     from stages.cache_teacher import CacheTeacherConfig
@@ -56,8 +56,9 @@ def run_chat_demo(out: Path, demo: ChatDemo = ChatDemo(), *, device: str = "auto
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = stdlib_chat_tokenizer(out / f"tokenizer-{demo.vocab}", demo.vocab)
     instructions = out / "instructions.jsonl"
+    announce("demo-chat", f"making the {demo.vocab:,}-token ChatML tokenizer and the instruction set -> {out / f'tokenizer-{demo.vocab}'}, {instructions}")
+    tokenizer = stdlib_chat_tokenizer(out / f"tokenizer-{demo.vocab}", demo.vocab)
     if not instructions.is_file():
         stdlib_instructions(instructions, limit=demo.conversations)
     datasets, tokenized = {}, {}
@@ -66,17 +67,17 @@ def run_chat_demo(out: Path, demo: ChatDemo = ChatDemo(), *, device: str = "auto
         spec = f"chat:{instructions.absolute()},tokenizer=hf:{tokenizer.absolute()},seq={demo.seq},train_on={trained},too_long=drop"
         tokenized[trained] = tokenize(TokenizeConfig(spec=spec, out=folder))
         datasets[trained] = f"tokens:{folder.absolute()}"
-    print(f"demo-chat: tokenized {instructions} into {out / 'tokens-assistant'} and {out / 'tokens-all'}", file=sys.stderr, flush=True)
+    announce("demo-chat", f"tokenized {instructions} into {out / 'tokens-assistant'} and {out / 'tokens-all'}")
 
     teacher_weights = out / "teacher.safetensors"
     common = {"dataset": datasets["assistant"], "batch_size": demo.batch_size, "lr": demo.lr, "device": device, "overwrite": True}
-    print(f"demo-chat: training the teacher {demo.teacher} on the assistant's tokens -> {teacher_weights}", file=sys.stderr, flush=True)
+    announce("demo-chat", f"training the teacher {demo.teacher} on the assistant's tokens -> {teacher_weights}")
     teacher = run_training(TrainConfig(model=demo.teacher, out=out / "teacher.run", weights_out=teacher_weights, alpha=0.0,
                                        epochs=demo.teacher_epochs, seed=demo.seed, **common))
     caches = {}
     for trained, dataset in datasets.items():
         path = out / f"cache-{trained}.zarr"
-        print(f"demo-chat: caching the teacher's top-{demo.top_k} over the {trained} positions -> {path}", file=sys.stderr, flush=True)
+        announce("demo-chat", f"caching the teacher's top-{demo.top_k} over the {trained} positions -> {path}")
         result = run_caching(CacheTeacherConfig(
             teacher=demo.teacher, teacher_weights=teacher_weights, dataset=dataset, out=path, temperature=1.0, format="topk",
             kind_options={"top_k": demo.top_k}, codec="zstd", batch_size=demo.batch_size, device=device, overwrite=True))
@@ -86,8 +87,9 @@ def run_chat_demo(out: Path, demo: ChatDemo = ChatDemo(), *, device: str = "auto
                            "soft_label_bytes_per_trained_token": described["soft_label_bytes_per_trained_token"]}
     students = {}
     for name, cache in (("hard labels", None), ("distilled from the assistant-only cache", caches["assistant"]["path"])):
-        print(f"demo-chat: training the student {demo.student} from {'the ' + name if cache is None else cache}", file=sys.stderr, flush=True)
-        run = run_training(TrainConfig(model=demo.student, out=out / f"student-{'kd' if cache else 'scratch'}",
+        folder = out / f"student-{'kd' if cache else 'scratch'}"
+        announce("demo-chat", f"training the student {demo.student} from {'the ' + name if cache is None else cache} -> {folder}")
+        run = run_training(TrainConfig(model=demo.student, out=folder,
                                        cache=Path(cache) if cache else None, alpha=demo.alpha if cache else 0.0,
                                        epochs=demo.student_epochs, seed=demo.seed, **common))
         students[name] = {"nats_per_assistant_token": run.test_nll, "perplexity": math.exp(run.test_nll),

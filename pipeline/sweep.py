@@ -20,7 +20,12 @@ re-running the same command after an interruption does only what is left.
     epochs = 20
 
 The leaderboard (terminal table, leaderboard.csv, leaderboard.json, leaderboard.png) groups
-runs that differ only by seed: mean, spread and count of their test accuracy.
+runs that differ only by seed: mean, spread and count of their test accuracy, and each group's
+paired difference in accuracy from its student on hard labels (pipeline.paired): seed s fixes a
+student's initial weights and its batch order in every run of the grid (the hard-label runs read
+the cache for that order alone, at alpha 0), so the difference at each seed has the seed's noise
+cancelled; its mean with a 95% t interval, and whether that interval says the group beats hard
+labels. With `--jobs` above 1, each log line of a run starts with the run's name.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from pipeline.config import build_config, check_type, in_flags
 from pipeline.datasets import resolve_dataset
 from pipeline.jobs import run_training, spec_from_cache
 from pipeline.models import resolve_model
+from pipeline.paired import paired, verdict
 from pipeline.specs import sweep_run_name
 from stages.cache import CacheReader
 from stages.data import input_shape
@@ -113,9 +119,10 @@ def read_sweep(path: Path, out: Path | None, data_root: Path, overwrite: bool = 
     runs = []
     for student in grid["students"]:
         for seed in grid["seeds"]:
-            if raw.get("baseline", True):
+            if raw.get("baseline", True):  # reads the cache for the distilled runs' batch order, no more (alpha 0)
                 name = sweep_run_name(student, seed)
-                config = build_config(TrainConfig, {**common, "model": student, "seed": seed, "out": folder / name})
+                config = build_config(TrainConfig, {**common, "model": student, "cache": cache, "alpha": 0.0, "seed": seed,
+                                                    "out": folder / name})
                 runs.append(SweepRun(name, student, "scratch", None, None, seed, config))
             for alpha, temperature, divergence in itertools.product(grid["alphas"], grid["temperatures"], grid["divergences"]):
                 name = sweep_run_name(student, seed, alpha, temperature, divergence)
@@ -161,7 +168,8 @@ def run_sweep(runs: list[SweepRun], folder: Path, jobs: int) -> dict:
     finished_before = {run.name for run in runs if (run.config.out / "summary.json").is_file() and not run.config.overwrite}
     failures: dict[str, PipelineError] = {}
     if jobs == 1:
-        for run in runs:
+        for number, run in enumerate(runs, start=1):
+            log.info("sweep: run %s (%d of %d) -> %s", run.name, number, len(runs), run.config.out)
             try:
                 run_training(run.config)
             except PipelineError as exc:
@@ -192,7 +200,7 @@ def _run_in_workers(runs: list[SweepRun], jobs: int) -> dict[str, PipelineError]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(threads, stop_watch))
     try:
-        futures = {pool.submit(run_training, run.config): run for run in runs}
+        futures = {pool.submit(_run_named, run.name, run.config): run for run in runs}
         for done, future in enumerate(as_completed(futures), start=1):
             try:
                 future.result()
@@ -211,7 +219,9 @@ def _run_in_workers(runs: list[SweepRun], jobs: int) -> dict[str, PipelineError]
 
 
 def leaderboard(runs: list[SweepRun]) -> dict:
-    """Each finished run's figures, and the groups of runs that differ only by seed, best first."""
+    """Each finished run's figures, and the groups of runs that differ only by seed, best first,
+    each with its accuracy's paired difference from its student's hard-label group over the seeds
+    both finished (None for the hard-label groups and where a student has none)."""
     rows = []
     for run in runs:
         summary_path = run.config.out / "summary.json"
@@ -238,9 +248,23 @@ def leaderboard(runs: list[SweepRun]) -> dict:
             "errors_mean": statistics.mean(m["test_errors"] for m in members),
             "nll_mean": statistics.mean(m["test_nll"] for m in members),
             "seconds_mean": statistics.mean(m["seconds"] for m in members),
+            **_against_hard_labels(members, groups.get((student, "scratch", None, None, None))),
         })
     table.sort(key=lambda g: -g["accuracy_mean"])
     return {"groups": table, "runs": rows}
+
+
+def _against_hard_labels(members: list[dict], hard: list[dict] | None) -> dict:
+    """A group's accuracy minus its student's on hard labels, paired by seed: the mean, its 95%
+    t interval, and the verdict on "beats hard labels"."""
+    if hard is None or members is hard or not {m["seed"] for m in members} & {h["seed"] for h in hard}:
+        return {"vs_hard_labels_seeds": None, "vs_hard_labels_mean": None, "vs_hard_labels_low": None,
+                "vs_hard_labels_high": None, "beats_hard_labels": None}
+    comparison = paired("group", {m["seed"]: m["test_accuracy"] for m in members},
+                        "hard labels", {h["seed"]: h["test_accuracy"] for h in hard})
+    return {"vs_hard_labels_seeds": len(comparison.seeds), "vs_hard_labels_mean": comparison.mean,
+            "vs_hard_labels_low": comparison.low, "vs_hard_labels_high": comparison.high,
+            "beats_hard_labels": verdict(comparison, below="no: worse", above="yes")}
 
 
 def write_leaderboard(board: dict, folder: Path) -> None:
@@ -249,8 +273,13 @@ def write_leaderboard(board: dict, folder: Path) -> None:
         with open(folder / "leaderboard.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(board["groups"][0]))
             writer.writeheader()
-            writer.writerows(board["groups"])
+            writer.writerows({key: _rounded(value) for key, value in group.items()} for group in board["groups"])
         plot_leaderboard(board["groups"], folder / "leaderboard.png")
+
+
+def _rounded(value):
+    """A figure at 6 significant digits: the CSV shows 0.9545, not the mean's float noise 0.9544999999999999."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def plot_leaderboard(groups: list[dict], path: Path) -> None:
@@ -300,14 +329,37 @@ def _errorbar(axes, xs: list[float], groups: list[dict], label: str) -> None:
 
 
 def _start_worker(threads: int, stop_watch: Connection) -> None:
-    """A sweep worker: its share of the CPU threads, and a life tied to the sweep's. It leads
-    its own process group, so that it and every child it starts (DataLoader workers) die as one
-    when the sweep stops or dies; a terminal's Ctrl-C then reaches the sweep alone, which stops them."""
+    """A sweep worker: its share of the CPU threads, log lines that name the run they belong to,
+    and a life tied to the sweep's. It leads its own process group, so that it and every child it
+    starts (DataLoader workers) die as one when the sweep stops or dies; a terminal's Ctrl-C then
+    reaches the sweep alone, which stops them."""
     import torch
 
     torch.set_num_threads(threads)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(run)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(_name_the_run)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
     os.setpgid(0, 0)
     threading.Thread(target=_die_with_sweep, args=(stop_watch,), name="sweep-watch", daemon=True).start()
+
+
+_running = {"run": ""}  # in a worker: the run it is in, which its log lines start with
+
+
+def _name_the_run(record: logging.LogRecord) -> bool:
+    record.run = _running["run"]
+    return True
+
+
+def _run_named(name: str, config: TrainConfig):
+    """A worker's run, its log lines named."""
+    _running["run"] = name
+    try:
+        return run_training(config)
+    finally:
+        _running["run"] = ""
 
 
 def _die_with_sweep(stop_watch: Connection) -> None:

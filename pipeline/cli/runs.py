@@ -21,7 +21,7 @@ def sweep_command(
 ) -> None:
     """Train a grid of students from one cache and rank them on a leaderboard.
 
-    The grid: students x alphas x temperatures x seeds, plus each student on hard labels. Finished runs are reused and interrupted ones resume, so re-running the same command after a kill does only what is left. Writes leaderboard.csv, leaderboard.json and leaderboard.png (test accuracy against student size and against T) into the sweep folder.
+    The grid: students x alphas x temperatures x seeds, plus each student on hard labels. Finished runs are reused and interrupted ones resume, so re-running the same command after a kill does only what is left. Every run of a seed starts from the same weights and reads the same batches (hard-label runs read the cache for the order alone), so each group's accuracy is also shown minus its student's on hard labels, paired by seed, with a 95% interval and whether that interval says it beats them. Writes leaderboard.csv, leaderboard.json and leaderboard.png (test accuracy against student size and against T) into the sweep folder.
 
     Example:
 
@@ -42,12 +42,17 @@ def sweep_command(
 
 def _leaderboard_table(board: dict) -> Table:
     table = Table(title=f"sweep {board['folder']}: {board['runs_total']} runs ({board['runs_reused']} reused), best first")
-    for column in ("student", "params", "labels", "alpha", "T", "divergence", "seeds", "test acc", "min-max", "errors"):
-        table.add_column(column, justify="left" if column in ("student", "labels", "divergence") else "right", overflow="fold")
+    for column in ("student", "params", "labels", "alpha", "T", "divergence", "seeds", "test acc", "min-max", "errors",
+                   "vs hard labels, paired (95% interval)", "beats hard labels"):
+        table.add_column(column, justify="left" if column in ("student", "labels", "divergence", "beats hard labels") else "right",
+                         overflow="fold")
     for g in board["groups"]:
+        against = "" if g["vs_hard_labels_mean"] is None else f"{g['vs_hard_labels_mean']:+.4f}" + (
+            "" if g["vs_hard_labels_low"] is None else f" [{g['vs_hard_labels_low']:+.4f}, {g['vs_hard_labels_high']:+.4f}]")
         table.add_row(
             g["student"], str(g["num_parameters"]), "hard" if g["mode"] == "scratch" else "soft",
             "" if g["alpha"] is None else f"{g['alpha']:g}", "" if g["temperature"] is None else f"{g['temperature']:g}",
             g["divergence"] or "", str(g["seeds"]), f"{g['accuracy_mean']:.4f}", f"{g['accuracy_min']:.3f}-{g['accuracy_max']:.3f}", f"{g['errors_mean']:.1f}",
+            against, g["beats_hard_labels"] or "",
         )
     return table

@@ -5,24 +5,59 @@ import json
 import math
 
 import pytest
+import torch
 from rich.console import Console
 
 from pipeline import demo, text
+from pipeline.datasets import resolve_dataset
 from pipeline.demo_chat import chat_demo_table
 from pipeline.demo_llm import llm_demo_table
+from pipeline.models import resolve_model
+from pipeline.paired import interval_text
+from stages.cache import CacheReader
+from stages.online import OnlineTeacher
 from tests.conftest import invoke
 
 
 def test_demo_runs_every_step_and_reports(tmp_path, monkeypatch):
+    """Two paired seeds and the online arm, one epoch each: every arm of a seed starts from the same
+    weights and reads the same batches (the online teacher runs on the cache's batches)."""
     monkeypatch.setattr(demo, "TEACHER_EPOCHS", 1)
     monkeypatch.setattr(demo, "STUDENT_EPOCHS", 1)
-    code, out, err = invoke("demo", "--out", tmp_path / "demo", "--seeds", "1", "--json")
+    folder = tmp_path / "demo"
+    code, out, err = invoke("demo", "--out", folder, "--seeds", "2", "--online-arm", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["test_samples"] == 1000 and 0 < report["teacher"]["test_errors"] < 1000
-    assert [(s["mode"], s["seed"]) for s in report["students"]] == [("scratch", 0), ("distilled", 0)]
-    assert report["cache"]["bytes_on_disk"] > 0 and (tmp_path / "demo" / "cache.zarr" / "zarr.json").is_file()
-    assert set(report["mean_test_errors"]) == {"scratch", "distilled"}
+    assert [(s["mode"], s["seed"]) for s in report["students"]] == [
+        (mode, seed) for seed in (0, 1) for mode in ("scratch", "distilled", "online")]
+    assert report["cache"]["bytes_on_disk"] > 0 and (folder / "cache.zarr" / "zarr.json").is_file()
+    assert set(report["mean_test_errors"]) == {"scratch", "distilled", "online"}
+    errors = {(s["mode"], s["seed"]): s["test_errors"] for s in report["students"]}
+    against_scratch, online = report["paired"]
+    assert (against_scratch["arm"], against_scratch["reference"], online["arm"], online["reference"]) == (
+        "distilled", "scratch", "online", "distilled")
+    assert against_scratch["differences"] == [errors["distilled", s] - errors["scratch", s] for s in (0, 1)]
+    assert online["differences"] == [errors["online", s] - errors["distilled", s] for s in (0, 1)]
+    assert report["claims"][0]["verdict"] in ("supported", "contradicted: distilled makes more", "not resolved at 2 seeds")
+    assert report["distilled_beats_scratch"] == (report["claims"][0]["verdict"] == "supported")
+    # The hard-label arm reads the cache for its batch order only; the online one has no cache.
+    scratch = json.loads((folder / "mlp-400-scratch-s1" / "config.json").read_text())
+    assert scratch["alpha"] == 0.0 and scratch["cache"] == str(folder / "cache.zarr") and scratch["seed"] == 1
+    assert json.loads((folder / "mlp-400-online-s1" / "config.json").read_text())["cache"] is None
+    reader = CacheReader(folder / "cache.zarr")
+    online_teacher = OnlineTeacher(resolve_model("cnn", num_classes=10, input_shape=(1, 28, 28)),
+                                   resolve_dataset("mnist-5k").split("train"), 4.0, torch.device("cpu"), order=reader)
+    cached = [b["index"] for b in reader.batches(64, seed=1, epoch=0, names=("index",))]
+    assert [b["index"].tolist() for b in online_teacher.batches(64, seed=1, epoch=0)] == [i.tolist() for i in cached]
+    # Stage lines say what each stage does and where it writes.
+    assert f"demo: training the teacher cnn on mnist-5k -> {folder / 'teacher.safetensors'}" in err
+    assert f"demo: caching the teacher's logits at T=4 -> {folder / 'cache.zarr'}" in err
+    assert f"demo: seed 1: training the student mlp-400 distilled online, the teacher run in every step, alpha=0.9 -> {folder / 'mlp-400-online-s1'}" in err
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(demo.demo_table(report))
+    printed = " ".join(console.export_text().split())
+    assert "distilled - scratch, paired by seed (95% t interval)" in printed and "online KD and KD from the cache differ" in printed
 
 
 def test_demo_text_runs_every_step_and_reports(tmp_path, monkeypatch):
@@ -39,6 +74,9 @@ def test_demo_text_runs_every_step_and_reports(tmp_path, monkeypatch):
     assert [s["trained_from"] for s in report["students"]] == ["scratch", "distilled", "distilled + features (cosine)"]
     assert all(0 <= s["test_accuracy"] <= 1 for s in report["students"])
     assert report["cache"]["bytes_on_disk"] > 0 and report["student"]["num_parameters"] < report["teacher"]["num_parameters"]
+    folder = tmp_path / "demo"
+    assert f"demo-text: caching the teacher's logits and features at T=2 -> {folder / 'teacher-T2.zarr'}" in err
+    assert f"demo-text: seed 0: training the student BiLSTM distilled + features (cosine) -> {folder / 'student-distilled-features-s0'}" in err
 
 
 @pytest.mark.parametrize("dense_max_gib, reference", [(20, "dense"), (0, "online KD")])
@@ -74,12 +112,30 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
         assert sampled["kl_from_teacher"] is None and 0 < sampled["total_variation_from_teacher"] <= 1  # zero off its draws
     else:  # no dense cache: nothing to measure them against
         assert all(s["kl_from_teacher"] is None and s["total_variation_from_teacher"] is None for s in report["students"].values())
-    assert set(report["targets"]) == {"small_cache_within_1pct", "top128_at_most_114_bytes"}
-    assert report["targets"]["top128_at_most_114_bytes"]["met"] is None  # no top-128 arm ran
-    console = Console(width=250, record=True, file=io.StringIO())
+    assert set(report["targets"]) == {"small_cache_within_1pct", "top128_below_distillkit"}
+    assert report["targets"]["top128_below_distillkit"]["met"] is None  # no top-128 arm ran
+    # Paired seeds: each arm's relative difference from the reference at each seed, and its interval.
+    for s in report["students"].values():
+        comparison = s["paired_vs_reference"]
+        assert comparison["seeds"] == [0, 1] and comparison["reference"] == reference
+        assert comparison["differences"] == pytest.approx([a / b - 1 for a, b in zip(
+            s["nats_per_token_by_seed"], report["students"][reference]["nats_per_token_by_seed"], strict=True)])
+        assert comparison["low"] <= comparison["mean"] <= comparison["high"]
+    small = report["targets"]["small_cache_within_1pct"]
+    assert set(small["verdicts"]) == set(small["small_arms"]) and set(small["arms"]) <= set(small["small_arms"])
+    assert small["met"] is (True if small["arms"] else False if all(v == "missed" for v in small["verdicts"].values()) else None)
+    # Every arm reads its batches in one order: every cache has the same chunks, the hard-label arm reads one at alpha 0.
+    folder = tmp_path / "demo"
+    assert len({json.loads((path / "zarr.json").read_text())["attributes"]["chunk_rows"] for path in folder.glob("*.zarr")}) == 1
+    hard = json.loads((folder / "student-hard-labels-s1" / "config.json").read_text())
+    assert (hard["alpha"], hard["cache"], hard["seed"]) == (0.0, str(folder / "sampled-S12.zarr"), 1)
+    assert f"demo-llm: seed 1: training the student gpt2:layers=1,dim=8,heads=2 from top-8 -> {folder / 'student-top-8-s1'}" in err
+    assert f"demo-llm: caching the teacher as sampled S=12 -> {folder / 'sampled-S12.zarr'}" in err
+    console = Console(width=400, record=True, file=io.StringIO())
     console.print(llm_demo_table(report))
-    printed = console.export_text()
+    printed = " ".join(console.export_text().split())
     assert all(name in printed for name in report["students"]) and "by seed" in printed and "not measured" in printed
+    assert interval_text(report["students"]["top-8"]["paired_vs_reference"], scale=100, unit="%") in printed and "within 1% of the reference (upper end of the interval): " in printed
     assert (tmp_path / "demo" / "tokenizer-8192" / "tokenizer.json").is_file()
     assert (tmp_path / "demo" / "dense.zarr").exists() == (reference == "dense")
 
@@ -100,6 +156,9 @@ def test_demo_chat_caches_the_assistants_tokens_only_and_distils_from_them(tmp_p
     assert set(report["students"]) == {"hard labels", "distilled from the assistant-only cache"}
     for student in report["students"].values():
         assert student["test_tokens"] > 0 and math.isfinite(student["nats_per_assistant_token"])
+    folder = tmp_path / "demo"
+    assert f"demo-chat: making the 2,048-token ChatML tokenizer and the instruction set -> {folder / 'tokenizer-2048'}, {folder / 'instructions.jsonl'}" in err
+    assert f"demo-chat: training the student gpt2:layers=1,dim=32,heads=2 from {folder / 'cache-assistant.zarr'} -> {folder / 'student-kd'}" in err
     console = Console(width=250, record=True, file=io.StringIO())
     console.print(chat_demo_table(report))
     assert "assistant tokens:" in console.export_text()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,8 +36,12 @@ def _sweep_file(tmp_path: Path, cache: Path, epochs: int = 2, **extra) -> Path:
     return path
 
 
-def test_sweep_runs_the_grid_and_ranks_it(tmp_path, cache_path):
+def test_sweep_runs_the_grid_and_ranks_it(tmp_path, cache_path, capfd):
     board = invoke_json("sweep", _sweep_file(tmp_path, cache_path), "--jobs", "2")
+    # The workers' interleaved log lines (their stderr is the process's) each name their run.
+    epochs = [line for line in capfd.readouterr().err.splitlines() if " epoch " in line]
+    named = [re.fullmatch(r"\d\d:\d\d:\d\d (\S+): epoch ([12])/2 .*", line) for line in epochs]
+    assert all(named) and sorted(m.groups() for m in named) == sorted((r["run"], e) for r in board["runs"] for e in "12")
     folder = tmp_path / "sweep"
     assert board["runs_total"] == 2 * 2 * (2 + 1) and board["runs_reused"] == 0 and board["failures"] == {}
     assert len(board["runs"]) == 12 and len(board["groups"]) == 2 * 3
@@ -50,8 +57,28 @@ def test_sweep_runs_the_grid_and_ranks_it(tmp_path, cache_path):
     group = next(g for g in board["groups"] if g["student"] == "mlp-64" and g["mode"] == "scratch")
     seeds = [r["test_accuracy"] for r in board["runs"] if r["student"] == "mlp-64" and r["mode"] == "scratch"]
     assert group["accuracy_mean"] == pytest.approx(np.mean(seeds)) and group["accuracy_min"] == min(seeds)
+    # Paired by seed: every run of a seed starts alike and reads the cache's batches (hard labels at alpha 0).
+    scratch = json.loads((folder / "mlp-64-scratch-s1" / "config.json").read_text())
+    assert (scratch["cache"], scratch["alpha"], scratch["seed"]) == (str(cache_path), 0.0, 1)
+    for g in board["groups"]:
+        hard = {r["seed"]: r["test_accuracy"] for r in board["runs"] if (r["student"], r["mode"]) == (g["student"], "scratch")}
+        if g["mode"] == "scratch":
+            assert g["vs_hard_labels_mean"] is None and g["beats_hard_labels"] is None
+            continue
+        mine = {r["seed"]: r["test_accuracy"] for r in board["runs"]
+                if (r["student"], r["mode"], r["alpha"]) == (g["student"], "distilled", g["alpha"])}
+        differences = [mine[s] - hard[s] for s in (0, 1)]
+        half = 12.7062047 * abs(differences[0] - differences[1]) / math.sqrt(2) / math.sqrt(2)  # t(0.975, 1) sd / sqrt(2)
+        assert g["vs_hard_labels_seeds"] == 2 and g["vs_hard_labels_mean"] == pytest.approx(np.mean(differences))
+        assert (g["vs_hard_labels_low"], g["vs_hard_labels_high"]) == (pytest.approx(np.mean(differences) - half),
+                                                                       pytest.approx(np.mean(differences) + half))
+        assert g["beats_hard_labels"] == ("yes" if g["vs_hard_labels_low"] > 0 else "no: worse" if g["vs_hard_labels_high"] < 0
+                                          else "not resolved at 2 seeds")
     csv_lines = (folder / "leaderboard.csv").read_text().splitlines()
     assert csv_lines[0].startswith("student,mode,alpha,temperature,divergence,num_parameters,seeds,accuracy_mean") and len(csv_lines) == 7
+    # Figures at 6 significant digits, not a mean's float noise (0.9544999999999999).
+    for row, group in zip(csv.DictReader(csv_lines), board["groups"], strict=True):
+        assert row["accuracy_mean"] == str(float(f"{group['accuracy_mean']:.6g}")) and len(row["seconds_mean"]) <= 8
     assert (folder / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((folder / "leaderboard.json").read_text())["groups"] == board["groups"]
 
