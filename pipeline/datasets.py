@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.corpus import corpus_split, corpus_splits
-from pipeline.specs import DATASET_FORMS, BuiltinSpec, either, FactorySpec, FileSpec, load_factory, parse_spec, runs_user_code, whole_number_parameters
+from pipeline.specs import DATASET_FORMS, BuiltinSpec, either, FactorySpec, FileSpec, load_factory, parse_spec, whole_number_parameters
 from pipeline.text import text_splits
 from pipeline.tokens import chat_directly, token_splits
 from stages.data import Split, TensorSplit, TorchDatasetSplit, classes_in, splitmix64
@@ -76,6 +76,9 @@ def _digits() -> dict[str, Split]:
 
 
 SYNTHETIC_DEFAULTS = {"n": 4000, "test": 1000, "features": 32, "classes": 10, "seed": 0}
+# Bounds past any benchmark, below what would exhaust memory when the labels (8 bytes a row), the
+# class centres and the mixing matrix are drawn.
+SYNTHETIC_MAXIMUM = {"n": 10**8, "test": 10**8, "features": 4096, "classes": 65536, "seed": 2**63 - 1}
 
 
 class SyntheticSplit:
@@ -132,13 +135,14 @@ def _synthetic(n: int, test: int, features: int, classes: int, seed: int) -> dic
 
 
 def _synthetic_from_args(args: str) -> dict[str, Split]:
-    params = whole_number_parameters("dataset", "synthetic", args, SYNTHETIC_DEFAULTS)
-    if params["n"] < 1 or params["test"] < 0 or params["features"] < 1 or params["classes"] < 2:
-        raise InputError(f"synthetic dataset: need n >= 1, test >= 0, features >= 1, classes >= 2; got {params}")
+    params = whole_number_parameters("dataset", "synthetic", args, SYNTHETIC_DEFAULTS, SYNTHETIC_MAXIMUM)
+    if params["n"] < 1 or params["test"] < 0 or params["features"] < 1 or params["classes"] < 2 or params["seed"] < 0:
+        raise InputError(f"synthetic dataset: need n >= 1, test >= 0, features >= 1, classes >= 2, seed >= 0; got {params}")
     return _synthetic(**params)
 
 
 STDLIB_DEFAULTS = {"seq": 128, "train": 600_000, "test": 60_000}
+STDLIB_MAXIMUM = {"seq": 65536, "train": 10**10, "test": 10**10}  # the budgets are capped by the library's size anyway
 # One source file in TEST_EVERY goes to the test split (by a hash of its name, so the split of a
 # file does not depend on which other files this Python version has).
 TEST_EVERY = 10
@@ -182,7 +186,7 @@ def _byte_sequences(name: str, texts: list[bytes], seq: int) -> Split:
 
 
 def _stdlib_from_args(args: str) -> dict[str, Split]:
-    params = whole_number_parameters("dataset", "stdlib-bytes", args, STDLIB_DEFAULTS)
+    params = whole_number_parameters("dataset", "stdlib-bytes", args, STDLIB_DEFAULTS, STDLIB_MAXIMUM)
     if params["seq"] < 1 or params["train"] < 2 or params["test"] < 0:
         raise InputError(f"stdlib-bytes dataset: need seq >= 1, train >= 2, test >= 0; got {params}")
     return _stdlib_bytes(**params)
@@ -288,5 +292,6 @@ def resolve_dataset(spec: str) -> ResolvedDataset:
 
 def dataset_runs_user_code(spec: str) -> bool:
     """Whether resolving the dataset `spec` imports and calls the user's code (a factory spec),
-    rather than reading a built-in set or a data file."""
-    return runs_user_code(spec, BUILTIN_DATASETS)
+    rather than reading a built-in set or a data file. A dataset spec is one spec: a `+` in a
+    file's path joins no parts, as it does in an augmentation spec."""
+    return isinstance(parse_spec(spec, BUILTIN_DATASETS), FactorySpec)

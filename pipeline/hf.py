@@ -12,6 +12,7 @@ optional dependency: `pip install 'kd-pipeline[hf]'`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -32,6 +33,11 @@ def transformers(purpose: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     module = require("transformers", "hf", purpose)
+    # A load that reaches transformers' remote-code question without an answer reads stdin for
+    # 15 s (or until a terminal answers); 0 makes it refuse instead. Every load here passes
+    # trust_remote_code=False and folders naming code are refused first (refuse_custom_code):
+    # this holds for any path through transformers that forgets to pass it on.
+    module.dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
     module.logging.set_verbosity_error()  # its load report and progress bars; what matters is logged here
     module.logging.disable_progress_bar()
     return module
@@ -41,7 +47,27 @@ def checkpoint_folder(spec_path: str) -> Path:
     folder = Path(spec_path)
     if not (folder / "config.json").is_file():
         raise InputError(f"hf:{spec_path}: not a transformers checkpoint folder (no config.json in it)")
+    refuse_custom_code(folder)
     return folder
+
+
+# The files in which a folder names Python code of its own for transformers to import
+# (`auto_map`: AutoConfig, AutoTokenizer, AutoModel... -> module.Class in the folder or a repo).
+CODE_NAMING_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def refuse_custom_code(folder: Path) -> None:
+    """Refuse a folder whose config names custom code: this tool never runs code that a folder
+    (often one recorded in a cache someone else made) brings along, and never asks whether to."""
+    for name in CODE_NAMING_FILES:
+        path = folder / name
+        try:
+            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, ValueError):  # unreadable: transformers reports it as it loads
+            config = None
+        if isinstance(config, dict) and "auto_map" in config:
+            raise InputError(f"hf:{folder}: {name} names custom code (auto_map), and this tool never runs a folder's own code; "
+                             f"use a folder that transformers loads with its built-in classes")
 
 
 # A folder holds a tokenizer when it has one of these (what tokenizer.save_pretrained writes).
@@ -54,6 +80,7 @@ def load_tokenizer(spec_path: str):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         # transformers would build an empty tokenizer that turns every word into its unknown token
         raise InputError(f"hf:{spec_path}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)})")
+    refuse_custom_code(folder)
     library = transformers(f"the tokenizer hf:{spec_path}")
     try:
         tokenizer = library.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
@@ -138,8 +165,6 @@ class HeadApartCausalLM(HFCausalLM):
 def causal_lm_checkpoint(folder: Path) -> bool:
     """Whether the checkpoint in `folder` is a causal language model, by the architecture its
     config.json names (a base model without one is taken as a classifier's encoder)."""
-    import json
-
     try:
         architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError) as exc:
@@ -151,7 +176,7 @@ def build_causal_lm(spec_path: str, num_classes: int) -> HFCausalLM:
     folder = checkpoint_folder(spec_path)
     library = transformers(f"the model hf:{spec_path}")
     try:
-        model = library.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        model = library.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - an unknown model type, damaged weights, a wrong config...
         raise InputError(f"hf:{spec_path}: cannot load the model: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     return _causal_lm(model, num_classes, f"hf:{spec_path}")
@@ -204,7 +229,7 @@ def build_from_folder(spec_path: str, num_classes: int) -> nn.Module:
     library = transformers(f"the model hf:{spec_path}")
     try:
         model, info = library.AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_classes, local_files_only=True, output_loading_info=True,
+            folder, num_labels=num_classes, local_files_only=True, output_loading_info=True, trust_remote_code=False,
             ignore_mismatched_sizes=True,  # a classifier for another class count gets a new head
         )
     except Exception as exc:  # noqa: BLE001 - an unknown model type, damaged weights, a wrong config...

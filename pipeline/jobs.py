@@ -36,16 +36,18 @@ CODE_SPECS = {
 }
 
 
-def spec_from_cache(cache: CacheLocation, attrs: dict, what: str, named: str | None = None) -> str | None:
+def spec_from_cache(cache: CacheLocation, attrs: dict, what: str, named: str | None = None, how: str | None = None) -> str | None:
     """The `what` spec ("dataset" or "augment") that `cache` records in `attrs`, for a command
     that reads the cache to use ("none" for a cache without augmentation; None without a dataset).
 
     A cache never runs code: caches are handed around (a shared disk, a bucket), and a recorded
     `module:factory` or `file.py:factory` spec would import and call whatever its author chose.
     So a spec that runs code is used only when the user named that same spec (`named`: from the
-    command line or a sweep file); built-ins and data files are taken from the cache as they are."""
+    command line or a sweep file); built-ins and data files are taken from the cache as they are.
+    `how` tells a caller other than the CLI how to name it (default: the CLI's flag)."""
     spec = (attrs.get(what) or {}).get("spec", "none" if what == "augment" else None)
-    runs_code, how = CODE_SPECS[what]
+    runs_code, flag = CODE_SPECS[what]
+    how = how or flag
     if spec is not None and spec != named and runs_code(spec):
         raise InputError(f"cache {cache} records the {what} {spec!r}, which is code, and a cache never runs code; "
                          f"if you trust it, name it yourself: {how.format(spec=spec)}")
@@ -56,10 +58,13 @@ def split_of_cache(cache: CacheLocation, attrs: dict) -> Split:
     """The split a cache was made from, by the dataset spec and split it records: what
     stages.CacheDataset reads without a dataset (pyproject.toml declares this function its
     `kd_pipeline.datasets` entry point). A recorded spec that runs code is refused (spec_from_cache)."""
-    spec = spec_from_cache(cache, attrs, "dataset")
+    # The library's words, not the CLI's: CacheDataset's user passes `dataset`, and has no --dataset.
+    split = attrs["dataset"]["split"]
+    spec = spec_from_cache(cache, attrs, "dataset",
+                           how=f"pass it to CacheDataset as `dataset`, as pipeline.datasets.resolve_dataset({{spec!r}}).split({split!r})")
     if spec is None:
-        raise InputError(f"cache {cache} records no dataset spec: pass the dataset it was made from")
-    return resolve_dataset(spec).split(attrs["dataset"]["split"])
+        raise InputError(f"cache {cache} records no dataset spec: pass the dataset it was made from as CacheDataset's `dataset`")
+    return resolve_dataset(spec).split(split)
 
 
 def _with_absolute_files(cfg, *fields: str):

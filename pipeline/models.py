@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import warnings
 from functools import partial
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.specs import MODEL_FORMS, BuiltinSpec, either, FactorySpec, FileSpec, load_factory, parse_spec, whole_number_parameters
+from stages.data import MAX_CLASSES
 from stages.errors import InputError
 from stages.weights import load_weights
 
@@ -169,6 +171,10 @@ PARAMETRIC_MODELS = {
 }
 # The parameters that may be 0: a padding id, and "the data's" vocabulary and row length; every other is at least 1.
 MAY_BE_ZERO = {"lstm": ("pad",), "gpt2": ("vocab", "positions")}
+# The largest value of each parameter: vocabularies and ids within the classes any label may
+# imply, sizes past any model this builds from a spec (which would otherwise be allocated first).
+PARAMETER_MAXIMUM = {"vocab": MAX_CLASSES, "pad": MAX_CLASSES, "positions": 2**20, "width": 2**16, "dim": 2**16,
+                     "hidden": 2**16, "depth": 1024, "layers": 1024, "heads": 1024}
 
 
 def _hf():
@@ -181,11 +187,19 @@ def _hf():
 def _parametric(name: str, args: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """`mlp:width=W,depth=D` or `bytelm:dim=D,layers=N,heads=H`: any size (for sweeps and benchmarks)."""
     build, defaults = PARAMETRIC_MODELS[name]
-    params = whole_number_parameters("model", name, args, defaults)
+    params = whole_number_parameters("model", name, args, defaults, PARAMETER_MAXIMUM)
     zero = MAY_BE_ZERO.get(name, ())
     if any(value < (0 if key in zero else 1) for key, value in params.items()):
         bounds = f"{', '.join(k for k in defaults if k not in zero)} must be at least 1"
         raise InputError(f"model spec {name}:{args}: {bounds}{''.join(f' and {k} at least 0' for k in zero)}")
+    # Sizes each within bounds may still make a model larger than the machine (mlp:width=65536,
+    # depth=1024 is 4.4e12 parameters): counted first on the meta device, which allocates nothing.
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build(num_classes, input_shape, **params).parameters())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * parameters > memory:
+        raise InputError(f"model spec {name}:{args}: {parameters:,} parameters take {4 * parameters / 2**30:,.1f} GiB "
+                         f"as float32, more than this machine's {memory / 2**30:,.1f} GiB of memory")
     return build(num_classes, input_shape, **params)
 
 

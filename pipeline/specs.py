@@ -46,9 +46,10 @@ def path_and_options(kind: str, args: str, defaults: dict[str, str | None]) -> t
     return path, options
 
 
-def whole_number_parameters(what: str, name: str, args: str, defaults: dict[str, int]) -> dict[str, int]:
+def whole_number_parameters(what: str, name: str, args: str, defaults: dict[str, int], maximum: dict[str, int]) -> dict[str, int]:
     """The `key=value,...` parameters of the built-in `name`, over its defaults; each value a
-    whole number. Range checks are the caller's."""
+    whole number no larger than its `maximum` (a size past any real use would be allocated
+    before anything else could fail: vocab=4000000000 asked for 256 GB). Lower bounds are the caller's."""
     params = dict(defaults)
     for item in filter(None, args.split(",")):
         key, sep, value = item.partition("=")
@@ -59,6 +60,8 @@ def whole_number_parameters(what: str, name: str, args: str, defaults: dict[str,
             params[key] = int(value)
         except ValueError:
             raise InputError(f"{what} spec {name}:{args}: {key} must be a whole number, got {value!r}") from None
+        if params[key] > maximum[key]:
+            raise InputError(f"{what} spec {name}:{args}: {key} must be at most {maximum[key]:,}, got {params[key]:,}")
     return params
 
 
@@ -165,9 +168,11 @@ def parse_spec(spec: str, parametric: Collection[str] = ()) -> Spec:
     if kind in PATH_KINDS and colon:
         path, *options = rest.split(",") if kind in OPTION_KINDS else (rest,)
         return FileSpec(kind, path, tuple(options))
-    suffix = next((s for s in FILE_SUFFIXES if spec.endswith(s)), None)
-    if suffix is not None:
-        return FileSpec(FILE_SUFFIXES[suffix], spec)
+    # A data file by its suffix, or any file that exists: a colon in its path (data:v2.npz,
+    # /runs/a:b/set) must not make it read as module:factory, which would import code.
+    suffix = next((s for s in FILE_SUFFIXES if spec.lower().endswith(s)), None)
+    if suffix is not None or (colon and Path(spec).is_file()):
+        return FileSpec(FILE_SUFFIXES.get(suffix, "npz"), spec)
     if not colon:
         return BuiltinSpec(spec)
     target, _, name = spec.rpartition(":")

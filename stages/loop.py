@@ -55,15 +55,21 @@ class CacheDataset(torch.utils.data.IterableDataset):
     augmentation that made them (default: the built-in one its spec names), replayed from each
     drawn view's seed; `view_policy` draws a random view per row and epoch, or cycles.
 
-    Use it with `DataLoader(dataset, batch_size=None, ...)`: batches come whole. Call
-    `set_epoch(epoch)` before each epoch (before the loader's workers start)."""
+    `rank` and `world_size`: this process's place among the processes that share each epoch's
+    rows (default: torch.distributed's, read where the loader starts its workers).
+
+    Use it with `DataLoader(dataset, batch_size=None, ...)`: batches come whole, under workers
+    started by fork, spawn or forkserver, persistent or not. Call `set_epoch(epoch)` before each
+    epoch: it reaches workers already running too."""
 
     def __init__(self, cache: CacheLocation | str, dataset: Split | torch.utils.data.Dataset | None = None, *, batch_size: int,
                  seed: int = 0, shuffle: bool = True, buffer_chunks: int = 8, view_policy: str = "random",
-                 augment: Augmentation | None = None):
+                 augment: Augmentation | None = None, rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if batch_size < 1:
             raise InputError(f"`batch_size` must be 1 or more, got {batch_size}")
+        if (rank is None) != (world_size is None) or (world_size is not None and not 0 <= rank < world_size):
+            raise InputError(f"`rank` and `world_size` go together, with 0 <= `rank` < `world_size`; got {rank} and {world_size}")
         if view_policy not in VIEW_POLICIES:
             raise InputError(f"`view_policy` must be one of {', '.join(VIEW_POLICIES)}, got {view_policy!r}")
         self.cache = cache_location(str(cache))
@@ -77,20 +83,30 @@ class CacheDataset(torch.utils.data.IterableDataset):
         self.augment = None if self.views is None else resolved(reader.attrs["augment"]["spec"], augment)
         self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, shuffle, buffer_chunks
         self.view_policy = view_policy
-        self.epoch = 0
+        self._placement = None if world_size is None else (rank, world_size)
+        # In shared memory: a persistent DataLoader worker keeps the copy of this dataset it got
+        # when it started, and a new epoch's order must still reach it.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._reader, self._reader_pid = reader, os.getpid()
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """The epoch whose order the next iteration gives (DataLoader workers copy it when they start)."""
-        self.epoch = epoch
+        """The epoch whose order the next iteration gives, in this process and in its DataLoader workers."""
+        self._epoch.fill_(epoch)
 
     def __iter__(self) -> Iterator[dict]:
         # Prepared on a thread a few batches ahead (reading, joining inputs, views), as
         # train-student prepares its batches: the training step does not wait for them.
-        return prefetch(self._batches(), depth=4)
+        return prefetch(self._batches(self.epoch), depth=4)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_reader": None}  # a DataLoader worker started by spawn opens its own
+        # A worker started by spawn or forkserver gets the dataset pickled: it opens its own
+        # reader, and takes its place among the processes from here, where torch.distributed
+        # is set up (in the worker it is not; a forked worker inherits it).
+        return {**self.__dict__, "_reader": None, "_placement": self._placement or _distributed()}
 
     def _opened(self) -> CacheReader:
         """The reader of the process that reads (a DataLoader worker opens its own), opened
@@ -99,16 +115,16 @@ class CacheDataset(torch.utils.data.IterableDataset):
             self._reader, self._reader_pid = CacheReader(self.cache), os.getpid()
         return self._reader
 
-    def _batches(self) -> Iterator[dict]:
-        share, shares = _share()
+    def _batches(self, epoch: int) -> Iterator[dict]:
+        share, shares = _share(self._placement or _distributed())
         reader = self._opened()
         names = ("index", *reader.soft_arrays, *(name for name in ("labels", "lengths", "trained", "view_seeds") if name in reader.arrays))
-        rows = reader.batches(self.batch_size, seed=self.seed, epoch=self.epoch, buffer_chunks=self.buffer_chunks,
+        rows = reader.batches(self.batch_size, seed=self.seed, epoch=epoch, buffer_chunks=self.buffer_chunks,
                               shuffle=self.shuffle, names=names, rank=share, world=shares)
-        rng = np.random.default_rng([self.seed, self.epoch, 2, share])
+        rng = np.random.default_rng([self.seed, epoch, 2, share])
         for batch in rows:
             if self.views is not None:
-                batch = one_view_each(batch, reader.soft_arrays, self.view_policy, rng, self.epoch)
+                batch = one_view_each(batch, reader.soft_arrays, self.view_policy, rng, epoch)
             inputs = inputs_at(self.split, batch["index"])
             if self.augment is not None:
                 inputs = self.augment(inputs, batch["view_seeds"])
@@ -116,13 +132,18 @@ class CacheDataset(torch.utils.data.IterableDataset):
                    "kind": self.kind, "temperature": self.temperature}
 
 
-def _share() -> tuple[int, int]:
+def _share(placement: tuple[int, int]) -> tuple[int, int]:
     """This reader's share of an epoch's chunks and the number of shares: one per DataLoader
-    worker of every torch.distributed process."""
+    worker of every process, for this process's (rank, world size)."""
     worker = torch.utils.data.get_worker_info()
     workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = placement
     return rank * workers + worker_id, world * workers
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of this process under torch.distributed; (0, 1) without it."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 # The entry point group through which the installed package resolves the dataset spec a cache

@@ -25,7 +25,7 @@ from stages.cache.format import (
 )
 from stages.cache.layout import Layout
 from stages.data import Split, sequence_lengths, sha256
-from stages.errors import InputError
+from stages.errors import CacheMismatchError, InputError
 from stages.kinds import KINDS
 from stages.runtime import AMP_DTYPES
 from stages.storage import CacheLocation
@@ -68,6 +68,9 @@ def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split
     layout = _check_metadata(report, group, attrs)
     if layout is None:
         return report
+    if split is not None and len(split) != dataset_size(attrs):  # its rows are indexed by the cache's
+        raise CacheMismatchError(f"split {split.name!r} of the dataset given has {len(split):,} samples; cache {path} was made "
+                                 f"from {dataset_size(attrs):,} (split {attrs['dataset'].get('split')!r} of {attrs['dataset'].get('spec')})")
     done = _read_whole(report, group, "chunk_done")
     if done is not None:
         missing = np.flatnonzero(done == 0)

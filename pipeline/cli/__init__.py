@@ -181,6 +181,9 @@ def main() -> None:
     """The console entry point: the app, with click's usage errors (bad option values, unknown
     options) also reduced to one line on stderr and exit code 2. SIGTERM is an interrupt, as Ctrl-C is."""
     signal.signal(signal.SIGTERM, _terminate)
+    # Python leaves SIGINT ignored when it started ignored (a job a script put in the background):
+    # a long pass (cache-teacher on dask workers) then ran to the end through every interrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = app(prog_name="pipeline", standalone_mode=False)
     except typer.Abort:

@@ -175,6 +175,14 @@ CASES = {
     "x_train and x_test of other feature counts": lambda t, c, w: np.savez(t / "odd.npz", x_train=np.ones((20, 3)), y_train=np.arange(20) % 2, x_test=np.ones((5, 4)), y_test=np.arange(5) % 2)
         or (["train-student", "--student", "mlp-64", "--dataset", t / "odd.npz", "--out", t / "r"], 2, "x_train and x_test must have one input shape, got (3,) and (4,)"),
     "cuda without a GPU": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--device", "cuda"], 2, "CUDA"),
+    "verify against a dataset of another size": lambda t, c, w: (["verify", c, "--teacher", "mlp-64", "--teacher-weights", w, "--dataset",
+                                                                  "synthetic:n=500,test=200,features=8,classes=4,seed=3", "--samples", "8"],
+                                                                 3, "split 'train' of the dataset given has 500 samples; cache"),
+    "gpt2 vocabulary of four billion": lambda t, c, w: (["cache-teacher", "--teacher", "gpt2:layers=1,dim=16,heads=2,vocab=4000000000", "--dataset", LM_DATA, "--out", t / "g.zarr"],
+                                                        2, "vocab must be at most 1,048,576, got 4,000,000,000"),
+    "model larger than the machine": lambda t, c, w: (["cache-teacher", "--teacher", "mlp:width=65536,depth=1024", "--dataset", DATASET, "--out", t / "m.zarr"],
+                                                      2, "parameters take 16,368.3 GiB as float32, more than this machine's"),
+    "synthetic set of 1e11 rows": lambda t, c, w: (["train-student", "--student", "mlp-64", "--dataset", "synthetic:n=100000001000"], 2, "n must be at most 100,000,000, got 100,000,001,000"),
 }
 
 
@@ -298,3 +306,44 @@ def test_a_cache_never_runs_code_the_user_did_not_name(tmp_path, caches_naming_c
         code, out, err = invoke(*args, "--json")
         assert code == 0, (args, err)
     assert c["marker"].exists()  # the named code did run
+
+
+def _recording(cache: Path, tmp_path: Path, spec: str) -> Path:
+    copy = _copy(cache, tmp_path)
+    group = zarr.open_group(str(copy), mode="r+")
+    group.attrs["dataset"] = {**group.attrs["dataset"], "spec": spec}
+    return copy
+
+
+def test_cache_dataset_refuses_a_recorded_spec_that_is_too_large_or_is_code_in_the_librarys_own_words(tmp_path, cache_path):
+    """The library's errors name CacheDataset's parameter, not the CLI's flag (which a Python
+    user has no command line to give)."""
+    from stages import CacheDataset
+    from stages.errors import InputError
+
+    with pytest.raises(InputError, match="n must be at most 100,000,000, got 100,000,001,000"):
+        CacheDataset(_recording(cache_path, tmp_path / "big", "synthetic:n=100000001000"), batch_size=32)
+    with pytest.raises(InputError) as caught:
+        CacheDataset(_recording(cache_path, tmp_path / "code", "os:system"), batch_size=32)
+    said = str(caught.value)
+    assert "which is code, and a cache never runs code" in said and "--" not in said
+    assert "pass it to CacheDataset as `dataset`, as pipeline.datasets.resolve_dataset('os:system').split('train')" in said
+
+
+@pytest.mark.parametrize("name", ["a:b+c/data:v2.npz", "run:1/set", "UPPER:CASE.NPZ"])
+def test_a_data_file_whose_path_holds_a_colon_is_a_file_not_code(tmp_path, name):
+    """A recorded path with a colon (and a plus) is read as the file it names, never refused or
+    imported as module:factory: by the commands and by CacheDataset without a dataset."""
+    from pipeline.datasets import dataset_runs_user_code
+    from stages import CacheDataset
+
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:  # by a file object: np.savez adds no .npz to the name
+        np.savez(f, x_train=rng.normal(size=(40, 3)).astype(np.float32), y_train=np.arange(40) % 2)
+    assert not dataset_runs_user_code(str(path))
+    invoke_json("cache-teacher", "--teacher", "mlp-64", "--dataset", path, "--out", tmp_path / "c.zarr")
+    assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r").attrs["dataset"]["spec"] == str(path)
+    rows = [i for batch in CacheDataset(tmp_path / "c.zarr", batch_size=8) for i in batch["index"].tolist()]
+    assert sorted(rows) == list(range(40))

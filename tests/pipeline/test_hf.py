@@ -280,3 +280,78 @@ def test_gpt2_positions_default_to_the_row_length_and_may_be_more(lm_corpus):
                          input_shape=(32,)).model.transformer.wpe.weight.shape == (1024, 32)
     with pytest.raises(InputError, match="positions=16 is fewer than the 32 tokens"):
         resolve_model("gpt2:layers=1,dim=32,heads=2,positions=16", num_classes=512, input_shape=(32,))
+
+
+def _plant_custom_code(folder, marker, *configs):
+    """Make `folder` name code of its own in each of `configs` (auto_map, as a model or tokenizer
+    with custom classes does): a module that writes `marker` when it is imported."""
+    (folder / "custom_code.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                           "from transformers import BertConfig, BertTokenizerFast\n"
+                                           "class CustomConfig(BertConfig):\n    model_type = 'custom'\n"
+                                           "class CustomTokenizer(BertTokenizerFast):\n    pass\n")
+    maps = {"config.json": {"AutoConfig": "custom_code.CustomConfig"},
+            "tokenizer_config.json": {"AutoTokenizer": [None, "custom_code.CustomTokenizer"]}}
+    for name in configs:
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**config, "auto_map": maps[name]}))
+
+
+def _with_a_terminal_on_stdin(command, cwd):
+    """Run `command` with its stdin a pseudo-terminal that nothing ever types into (where a prompt
+    would wait for an answer); returns (exit code, stdout, stderr)."""
+    import pty
+    import subprocess
+
+    controller, terminal = pty.openpty()
+    try:
+        run = subprocess.run(command, check=False, stdin=terminal, capture_output=True, text=True, cwd=cwd, timeout=1800)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    return run.returncode, run.stdout, run.stderr
+
+
+@pytest.mark.parametrize("configs", [("tokenizer_config.json",), ("config.json",)])
+def test_a_folder_with_custom_code_recorded_in_a_cache_is_one_line_never_a_prompt_and_never_run(tmp_path, corpus, bert_folder, configs):
+    """A cache handed on records its text: spec's tokenizer folder; code planted in that folder
+    (a tokenizer or config class of its own) is refused by CacheDataset, train-student and verify
+    with one line naming the folder: no "trust remote code?" question, even on a terminal."""
+    from pathlib import Path
+
+    folder = tmp_path / "bert"
+    shutil.copytree(bert_folder[0], folder)
+    cache = tmp_path / "c.zarr"
+    invoke_json("cache-teacher", "--teacher", f"hf:{folder}", "--dataset", f"text:{corpus},max_length=10",
+                "--device", "cpu", "--out", cache)
+    marker = tmp_path / "custom code ran"
+    _plant_custom_code(folder, marker, *configs)
+    repo = Path(__file__).resolve().parents[2]
+    commands = {
+        "CacheDataset": [sys.executable, "-c", f"from stages import CacheDataset; CacheDataset({str(cache)!r}, batch_size=8)"],
+        "train-student": [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache), "--student",
+                          f"lstm:vocab={len(WORDS) + 5},dim=8,hidden=8", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")],
+        "verify": [sys.executable, "-m", "pipeline", "verify", str(cache), "--teacher", f"hf:{folder}", "--samples", "4", "--device", "cpu"],
+    }
+    for what, command in commands.items():
+        code, out, err = _with_a_terminal_on_stdin(command, repo)
+        assert code != 0, what
+        assert "[y/N]" not in out + err and "trust_remote_code" not in out + err, what
+        said = err.strip().splitlines()[-1]
+        assert f"hf:{folder}: {configs[0]} names custom code" in said, (what, err[-2000:])
+        if what != "CacheDataset":  # the CLI: one line, no traceback
+            assert err.strip() == said and code == 2, (what, err[-2000:])
+        assert not marker.exists(), what
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_model_folder_with_custom_code_is_refused_before_transformers_reads_it(tmp_path, bert_folder, causal):
+    marker = tmp_path / "custom code ran"
+    folder = tmp_path / "model"
+    if causal:  # a causal LM goes through its own loader
+        resolve_model("gpt2:layers=1,dim=8,heads=2,vocab=16", num_classes=16, input_shape=(8,)).model.save_pretrained(folder)
+    else:
+        shutil.copytree(bert_folder[0], folder)
+    _plant_custom_code(folder, marker, "config.json")
+    with pytest.raises(InputError, match=f"^hf:{folder}: config.json names custom code"):
+        resolve_model(f"hf:{folder}", num_classes=2, input_shape=(8,))
+    assert not marker.exists()
