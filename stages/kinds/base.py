@@ -55,6 +55,7 @@ class Shape(Protocol):
     dtype: str
     codec: str
     options: KindOptions
+    tokens: int | None
 
     @property
     def row_shape(self) -> tuple[int, ...]: ...
@@ -122,6 +123,32 @@ def valid_positions(rows: Rows, positions: int) -> np.ndarray | None:
         return None
     valid = np.arange(positions)[None, :] < rows["lengths"][:, None]
     return valid & (rows["trained"] == 1) if "trained" in rows else valid
+
+
+def positions_in_use(rows: Rows, layout: Shape, held: np.ndarray) -> np.ndarray | None:
+    """Which positions of a token cache's rows hold soft labels, (rows, positions) bool, for the
+    meaning checks: by their lengths (and trained marks) when `rows` has them, else those where
+    `held` ((rows, positions) bool: the kind's arrays there are not all zero) is set, since every
+    encoder zeroes the others. None for rows without positions, which all hold soft labels."""
+    if layout.tokens is None:
+        return None
+    return valid_positions(rows, layout.tokens) if "lengths" in rows else held
+
+
+def padding_problem(rows: Rows, layout: Shape, soft_arrays: tuple[str, ...]) -> str | None:
+    """What is wrong with a token cache's padding, given its lengths: a trained mark past a row's
+    length, or soft labels (which every encoder zeroes there) at a position past its length or
+    untrained, as a lowered length or a damaged array leaves them; None when rows lack lengths."""
+    if layout.tokens is None or "lengths" not in rows:
+        return None
+    within = np.arange(layout.tokens)[None, :] < rows["lengths"][:, None]
+    if "trained" in rows and (rows["trained"][~within] != 0).any():
+        return "trained marks past a row's lengths"
+    padding = ~valid_positions(rows, layout.tokens)
+    for name in soft_arrays:
+        if name in rows and rows[name][padding].any():
+            return f"{name} values past a row's lengths (or at an untrained position): lengths lowered or {name} damaged"
+    return None
 
 
 def over_positions(values: np.ndarray, rows: Rows) -> tuple:
@@ -236,8 +263,12 @@ class Kind:
                                        cache_temperature=cache_temperature, divergence=divergence)
 
     def row_problem(self, rows: Rows, layout: Shape) -> str | None:
-        """What is wrong with its stored values beyond non-finite floats, or None."""
-        return None
+        """The meaning check of its values in `rows` (the arrays present, from one chunk or
+        several): what its encoder cannot have written, beyond the non-finite floats
+        stages.cache.format checks, as a phrase that names the array, or None. Vectorised: the
+        reader runs it on every chunk it reads first, verify on every write unit, train-student
+        and CacheDataset on every batch. This base checks a token cache's padding."""
+        return padding_problem(rows, layout, self.soft_arrays)
 
     def verify_pairs(self, stored: Rows, fresh_rounded: torch.Tensor, fresh: Rows, padding: np.ndarray | None) -> dict[str, tuple]:
         """Pairs (fresh, stored) to compare besides its float arrays, from the teacher's fresh

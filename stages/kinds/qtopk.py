@@ -7,7 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stages.kinds.base import (
-    ArraySpec, Kind, Rows, index_dtype, mean_and_max, np, option, over_positions, torch, valid_positions, zero_padding,
+    ArraySpec,
+    Kind,
+    Rows,
+    index_dtype,
+    mean_and_max,
+    np,
+    option,
+    over_positions,
+    positions_in_use,
+    torch,
+    zero_padding,
 )
 from stages.kinds.topk import TopKOptions, check_top_k, retempered, top_and_logsumexp
 from stages.lazy import lazy_module
@@ -148,23 +158,36 @@ class QuantisedTopK(Kind):
         return teacher, losses.topk_student_log_probs(student_over_t, classes)
 
     def row_problem(self, rows, layout):
-        num_classes = layout.num_classes
-        if "qtopk_class_deltas" in rows:
-            deltas = rows["qtopk_class_deltas"].astype(np.int64)
-            if deltas.sum(-1).max(initial=0) >= num_classes:
-                return "qtopk classes outside [0, num_classes)"
-            repeated = deltas[..., 1:] == 0  # at a valid position the kept classes strictly increase
-            if "lengths" in rows:
-                repeated &= valid_positions(rows, repeated.shape[1])[..., None]
-                found = repeated.any()
-            else:  # which positions are padding only the lengths tell: a valid one has a delta above 0
-                found = (repeated & deltas[..., 1:].any(-1, keepdims=True)).any() if deltas.shape[-1] > 1 else False
-            if found:
-                return "qtopk classes that do not strictly increase"
-        if "qtopk_tail" in rows and not ((rows["qtopk_tail"] >= 0) & (rows["qtopk_tail"] <= 1)).all():
-            return "qtopk tail masses outside [0, 1]"
-        if "qtopk_scale" in rows and (rows["qtopk_scale"] < 0).any():
-            return "negative qtopk scales"
+        """As `encode` writes them: K classes strictly increasing within [0, C); codes within
+        value_bits, 0 for the top class and 2^value_bits - 1 for the last kept one unless the
+        kept values lie within the smallest step; a step between QTOPK_MIN_STEP and the widest
+        spread's; a tail in [0, (C - K) / (C - K + 1)] (the top class alone holds 1 / (C - K + 1)
+        of the row at least)."""
+        problem = super().row_problem(rows, layout)
+        if problem or not set(self.soft_arrays) <= rows.keys():
+            return problem
+        deltas, codes, scale, tail = (rows[name] for name in self.soft_arrays)
+        used = positions_in_use(rows, layout, deltas.any(-1) | codes.any(-1) | (scale != 0) | (tail != 0))
+        if used is not None:
+            deltas, codes, scale, tail = deltas[used], codes[used], scale[used], tail[used]
+        levels, kept, num_classes = 2**layout.options.value_bits - 1, deltas.shape[-1], layout.num_classes
+        if deltas[..., 1:].min(initial=1) == 0 or deltas.astype(np.int64).sum(-1).max(initial=0) >= num_classes:
+            return f"qtopk_class_deltas giving classes that do not strictly increase within [0, {num_classes})"
+        if codes.max(initial=0) > levels:
+            return f"qtopk_codes above 2^value_bits - 1 = {levels}"
+        if codes.size and codes.min(-1).max() != 0:
+            return "qtopk_codes without code 0 for the top class"
+        smallest = np.float16(QTOPK_MIN_STEP)
+        if kept > 1 and ((codes.max(-1) != levels) & (scale != smallest)).any():
+            return f"qtopk_codes not reaching {levels} at the last kept class (value_bits {layout.options.value_bits} is not theirs)"
+        largest = np.nextafter(np.float16(QTOPK_MAX_SPREAD / levels), np.float16(np.inf))
+        if scale.size and not ((scale >= smallest) & (scale <= largest)).all():
+            return f"qtopk_scale outside [{float(smallest):g}, {float(largest):g}], the steps its encoder writes"
+        others = num_classes - kept
+        highest = others / (others + 1)
+        # float32's rounding of the tail allowed for, and never as far as 1 (which no row can hold).
+        if tail.size and not ((tail >= 0) & (tail.astype(np.float64) <= highest + (1 - highest) * 1e-3)).all():
+            return f"qtopk_tail outside [0, {highest:.6g}], the tail masses its encoder writes"
         return None
 
     def verify_pairs(self, stored, fresh_rounded, fresh, padding):

@@ -8,7 +8,17 @@ from dataclasses import dataclass
 
 from stages.errors import InputError, PipelineError
 from stages.kinds.base import (
-    ArraySpec, Kind, KindOptions, index_dtype, mean_and_max, np, option, over_positions, torch, valid_positions, zero_padding,
+    ArraySpec,
+    Kind,
+    KindOptions,
+    index_dtype,
+    mean_and_max,
+    np,
+    option,
+    over_positions,
+    positions_in_use,
+    torch,
+    zero_padding,
 )
 from stages.lazy import lazy_module
 
@@ -145,20 +155,30 @@ class Sampled(Kind):
         return losses.sampled_kl(student_over_t, soft["sampled_ids"], soft["sampled_counts"], soft["entropy"])
 
     def row_problem(self, rows, layout):
+        """As `encode` writes them: at a position holding draws, the distinct ids in ascending
+        order within [0, C) in the first slots, each with a count of 1 or more, the counts
+        summing to S, the unused slots id 0 and count 0; an entropy in [0, log C]."""
+        problem = super().row_problem(rows, layout)
+        if problem or not set(self.soft_arrays) <= rows.keys():
+            return problem
+        ids, counts, entropy = (rows[name] for name in self.soft_arrays)
         num_classes = layout.num_classes
-        if "sampled_ids" in rows and rows["sampled_ids"].max(initial=0) >= num_classes:
-            return "sampled class ids outside [0, num_classes)"
-        if "sampled_counts" in rows:
-            counts = rows["sampled_counts"]
-            sums, draws = counts.sum(-1, dtype=np.int64), counts.shape[-1]
-            if "lengths" in rows:
-                wrong = not np.array_equal(sums, np.where(valid_positions(rows, sums.shape[1]), draws, 0))
-            else:  # which positions are padding, only the lengths tell: each sums to S or to 0
-                wrong = not ((sums == draws) | (sums == 0)).all()
-            if wrong:
-                return "sampled counts that do not sum to the number of draws (0 at padding)"
-        if "entropy" in rows and not ((rows["entropy"] >= -1e-4) & (rows["entropy"] <= np.log(num_classes) + 1e-4)).all():
-            return "entropies outside [0, log(num_classes)]"
+        if not ((entropy >= -1e-4) & (entropy <= np.log(num_classes) + 1e-4)).all():
+            return "entropy outside [0, log(num_classes)]"
+        used = positions_in_use(rows, layout, ids.any(-1) | counts.any(-1) | (entropy != 0))
+        if used is not None:
+            ids, counts = ids[used], counts[used]
+        if ids.max(initial=0) >= num_classes:
+            return f"sampled_ids outside [0, {num_classes})"
+        drawn = counts > 0
+        if not np.array_equal(counts.sum(-1, dtype=np.int64), np.full(counts.shape[:-1], counts.shape[-1])):
+            return "sampled_counts that do not sum to the number of draws at a position holding draws"
+        if (drawn[..., 1:] & ~drawn[..., :-1]).any():
+            return "sampled_counts with an unused slot before a used one"
+        if (ids[~drawn] != 0).any():
+            return "sampled_ids other than 0 in unused slots"
+        if ((ids[..., 1:] <= ids[..., :-1]) & drawn[..., 1:]).any():
+            return "sampled_ids out of ascending order or repeated"
         return None
 
     def verify_pairs(self, stored, fresh_rounded, fresh, padding):

@@ -9,7 +9,17 @@ from dataclasses import dataclass
 
 from stages.errors import InputError
 from stages.kinds.base import (
-    ArraySpec, Kind, KindOptions, index_dtype, mean_and_max, np, option, over_positions, torch, zero_padding,
+    ArraySpec,
+    Kind,
+    KindOptions,
+    index_dtype,
+    mean_and_max,
+    np,
+    option,
+    over_positions,
+    positions_in_use,
+    torch,
+    zero_padding,
 )
 from stages.lazy import lazy_module
 
@@ -115,8 +125,25 @@ class TopK(Kind):
         return teacher, losses.topk_student_log_probs(student_over_t, soft["topk_indices"].long())
 
     def row_problem(self, rows, layout):
-        if "topk_indices" in rows and rows["topk_indices"].max() >= layout.num_classes:
-            return "top-k class indices outside [0, num_classes)"
+        """As its encoder writes them: K distinct classes in [0, C), their values / T in
+        descending order, and a log-sum-exp of the whole row that leaves the kept classes at most
+        all of its mass."""
+        problem = super().row_problem(rows, layout)
+        if problem or not {"topk_values", "topk_indices", "logsumexp"} <= rows.keys():
+            return problem
+        values, indices, logsumexp = rows["topk_values"], rows["topk_indices"], rows["logsumexp"]
+        used = positions_in_use(rows, layout, values.any(-1) | indices.any(-1) | (logsumexp != 0))
+        if used is not None:
+            values, indices, logsumexp = values[used], indices[used], logsumexp[used]
+        if indices.max(initial=0) >= layout.num_classes:
+            return f"topk_indices outside [0, {layout.num_classes})"
+        if indices.shape[-1] > 1 and (np.diff(np.sort(indices, -1).astype(np.int64), axis=-1) == 0).any():
+            return "topk_indices repeating a class within a row"
+        if (values[..., 1:] > values[..., :-1]).any():
+            return "topk_values out of descending order"
+        # float32's rounding of the log-sum-exp, with room to spare: damage moves the sum by far more.
+        if (np.exp(values.astype(np.float32) - logsumexp[..., None]).sum(-1) > 1.0 + 1e-3).any():
+            return "logsumexp below what the kept topk_values add up to (their probabilities sum past 1)"
         return None
 
     def verify_pairs(self, stored, fresh_rounded, fresh, padding):
