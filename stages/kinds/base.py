@@ -125,14 +125,16 @@ def valid_positions(rows: Rows, positions: int) -> np.ndarray | None:
     return valid & (rows["trained"] == 1) if "trained" in rows else valid
 
 
-def positions_in_use(rows: Rows, layout: Shape, held: np.ndarray) -> np.ndarray | None:
-    """Which positions of a token cache's rows hold soft labels, (rows, positions) bool, for the
-    meaning checks: by their lengths (and trained marks) when `rows` has them, else those where
-    `held` ((rows, positions) bool: the kind's arrays there are not all zero) is set, since every
-    encoder zeroes the others. None for rows without positions, which all hold soft labels."""
-    if layout.tokens is None:
-        return None
-    return valid_positions(rows, layout.tokens) if "lengths" in rows else held
+def any_in_use(bad: np.ndarray, rows: Rows, layout: Shape, held: np.ndarray) -> bool:
+    """Whether `bad` ((rows, [positions]) bool, per row or position) is set at a position holding
+    soft labels: in a token cache, one before its row's length (and trained) when `rows` has the
+    lengths, else one where `held` (same shape: the kind's arrays there are not all zero) is set,
+    as every encoder zeroes the others; every row of a cache without positions. The kinds' checks
+    reduce each row to such flags, not copying the positions in use out: a reduction along the
+    last axis costs the same, and the padding's flags are masked in a fraction of the time."""
+    if layout.tokens is not None:
+        bad = bad & (valid_positions(rows, layout.tokens) if "lengths" in rows else held)
+    return bool(bad.any())
 
 
 def padding_problem(rows: Rows, layout: Shape, soft_arrays: tuple[str, ...]) -> str | None:
@@ -269,6 +271,15 @@ class Kind:
         reader runs it on every chunk it reads first, verify on every write unit, train-student
         and CacheDataset on every batch. This base checks a token cache's padding."""
         return padding_problem(rows, layout, self.soft_arrays)
+
+    def loss_problems(self, soft: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
+        """What in rows about to train ((M, ...) tensors of valid positions, on the loss's device)
+        would make the loss NaN, an IndexError or of a sign no teacher gives: a bool tensor per
+        phrase naming the array, left on the device so that stages.losses.check_soft_rows syncs
+        once for them all. The reader checks a chunk's values on its first read only (its
+        checksum vouches for the reads after); this catches a chunk rewritten on disk since,
+        checksum and all, that a long-lived reader goes on delivering."""
+        return {}
 
     def verify_pairs(self, stored: Rows, fresh_rounded: torch.Tensor, fresh: Rows, padding: np.ndarray | None) -> dict[str, tuple]:
         """Pairs (fresh, stored) to compare besides its float arrays, from the teacher's fresh

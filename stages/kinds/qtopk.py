@@ -10,12 +10,12 @@ from stages.kinds.base import (
     ArraySpec,
     Kind,
     Rows,
+    any_in_use,
     index_dtype,
     mean_and_max,
     np,
     option,
     over_positions,
-    positions_in_use,
     torch,
     zero_padding,
 )
@@ -157,6 +157,13 @@ class QuantisedTopK(Kind):
         teacher = losses.topk_teacher_log_probs(log_p, torch.zeros(log_p.shape[:-1], device=log_p.device), student_over_t.shape[-1], ratio)
         return teacher, losses.topk_student_log_probs(student_over_t, classes)
 
+    def loss_problems(self, soft, num_classes):
+        scale, tail = soft["qtopk_scale"], soft["qtopk_tail"]
+        return {f"qtopk_class_deltas giving classes outside [0, {num_classes})":
+                (soft["qtopk_class_deltas"].long().sum(-1) >= num_classes).any(),
+                "qtopk_scale not positive and finite": ~(torch.isfinite(scale) & (scale > 0)).all(),
+                "qtopk_tail outside [0, 1)": ~((tail >= 0) & (tail < 1)).all()}
+
     def row_problem(self, rows, layout):
         """As `encode` writes them: K classes strictly increasing within [0, C); codes within
         value_bits, 0 for the top class and 2^value_bits - 1 for the last kept one unless the
@@ -167,26 +174,24 @@ class QuantisedTopK(Kind):
         if problem or not set(self.soft_arrays) <= rows.keys():
             return problem
         deltas, codes, scale, tail = (rows[name] for name in self.soft_arrays)
-        used = positions_in_use(rows, layout, deltas.any(-1) | codes.any(-1) | (scale != 0) | (tail != 0))
-        if used is not None:
-            deltas, codes, scale, tail = deltas[used], codes[used], scale[used], tail[used]
+        held = deltas.any(-1) | codes.any(-1) | (scale != 0) | (tail != 0)
         levels, kept, num_classes = 2**layout.options.value_bits - 1, deltas.shape[-1], layout.num_classes
-        if deltas[..., 1:].min(initial=1) == 0 or deltas.astype(np.int64).sum(-1).max(initial=0) >= num_classes:
+        if any_in_use((deltas[..., 1:] == 0).any(-1) | (deltas.sum(-1, dtype=np.int64) >= num_classes), rows, layout, held):
             return f"qtopk_class_deltas giving classes that do not strictly increase within [0, {num_classes})"
         if codes.max(initial=0) > levels:
             return f"qtopk_codes above 2^value_bits - 1 = {levels}"
-        if codes.size and codes.min(-1).max() != 0:
+        if any_in_use(codes.min(-1) != 0, rows, layout, held):
             return "qtopk_codes without code 0 for the top class"
         smallest = np.float16(QTOPK_MIN_STEP)
-        if kept > 1 and ((codes.max(-1) != levels) & (scale != smallest)).any():
+        if kept > 1 and any_in_use((codes.max(-1) != levels) & (scale != smallest), rows, layout, held):
             return f"qtopk_codes not reaching {levels} at the last kept class (value_bits {layout.options.value_bits} is not theirs)"
         largest = np.nextafter(np.float16(QTOPK_MAX_SPREAD / levels), np.float16(np.inf))
-        if scale.size and not ((scale >= smallest) & (scale <= largest)).all():
+        if any_in_use((scale < smallest) | (scale > largest), rows, layout, held):
             return f"qtopk_scale outside [{float(smallest):g}, {float(largest):g}], the steps its encoder writes"
         others = num_classes - kept
         highest = others / (others + 1)
         # float32's rounding of the tail allowed for, and never as far as 1 (which no row can hold).
-        if tail.size and not ((tail >= 0) & (tail.astype(np.float64) <= highest + (1 - highest) * 1e-3)).all():
+        if any_in_use((tail < 0) | (tail.astype(np.float64) > highest + (1 - highest) * 1e-3), rows, layout, held):
             return f"qtopk_tail outside [0, {highest:.6g}], the tail masses its encoder writes"
         return None
 

@@ -4,6 +4,7 @@ the cache's T only."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from stages.errors import InputError, PipelineError
@@ -11,12 +12,12 @@ from stages.kinds.base import (
     ArraySpec,
     Kind,
     KindOptions,
+    any_in_use,
     index_dtype,
     mean_and_max,
     np,
     option,
     over_positions,
-    positions_in_use,
     torch,
     zero_padding,
 )
@@ -154,6 +155,12 @@ class Sampled(Kind):
         an unbiased estimate of forward KL (stages.losses.sampled_distillation_loss)."""
         return losses.sampled_kl(student_over_t, soft["sampled_ids"], soft["sampled_counts"], soft["entropy"])
 
+    def loss_problems(self, soft, num_classes):
+        counts, entropy = soft["sampled_counts"], soft["entropy"]
+        return {f"sampled_ids outside [0, {num_classes})": (soft["sampled_ids"].long() >= num_classes).any(),
+                "sampled_counts that do not sum to the number of draws": (counts.long().sum(-1) != counts.shape[-1]).any(),
+                "entropy outside [0, log(num_classes)]": ~((entropy >= -1e-4) & (entropy <= math.log(num_classes) + 1e-4)).all()}
+
     def row_problem(self, rows, layout):
         """As `encode` writes them: at a position holding draws, the distinct ids in ascending
         order within [0, C) in the first slots, each with a count of 1 or more, the counts
@@ -165,19 +172,17 @@ class Sampled(Kind):
         num_classes = layout.num_classes
         if not ((entropy >= -1e-4) & (entropy <= np.log(num_classes) + 1e-4)).all():
             return "entropy outside [0, log(num_classes)]"
-        used = positions_in_use(rows, layout, ids.any(-1) | counts.any(-1) | (entropy != 0))
-        if used is not None:
-            ids, counts = ids[used], counts[used]
+        held = ids.any(-1) | counts.any(-1) | (entropy != 0)
         if ids.max(initial=0) >= num_classes:
             return f"sampled_ids outside [0, {num_classes})"
-        drawn = counts > 0
-        if not np.array_equal(counts.sum(-1, dtype=np.int64), np.full(counts.shape[:-1], counts.shape[-1])):
+        if any_in_use(counts.sum(-1, dtype=np.int64) != counts.shape[-1], rows, layout, held):
             return "sampled_counts that do not sum to the number of draws at a position holding draws"
-        if (drawn[..., 1:] & ~drawn[..., :-1]).any():
+        drawn = counts > 0
+        if any_in_use((drawn[..., 1:] & ~drawn[..., :-1]).any(-1), rows, layout, held):
             return "sampled_counts with an unused slot before a used one"
-        if (ids[~drawn] != 0).any():
+        if any_in_use(((ids != 0) & ~drawn).any(-1), rows, layout, held):
             return "sampled_ids other than 0 in unused slots"
-        if ((ids[..., 1:] <= ids[..., :-1]) & drawn[..., 1:]).any():
+        if any_in_use(((ids[..., 1:] <= ids[..., :-1]) & drawn[..., 1:]).any(-1), rows, layout, held):
             return "sampled_ids out of ascending order or repeated"
         return None
 

@@ -12,12 +12,12 @@ from stages.kinds.base import (
     ArraySpec,
     Kind,
     KindOptions,
+    any_in_use,
     index_dtype,
     mean_and_max,
     np,
     option,
     over_positions,
-    positions_in_use,
     torch,
     zero_padding,
 )
@@ -124,6 +124,11 @@ class TopK(Kind):
         teacher = losses.topk_teacher_log_probs(soft["topk_values"], soft["logsumexp"], student_over_t.shape[-1], ratio)
         return teacher, losses.topk_student_log_probs(student_over_t, soft["topk_indices"].long())
 
+    def loss_problems(self, soft, num_classes):
+        return {"non-finite topk_values": ~torch.isfinite(soft["topk_values"]).all(),
+                "non-finite logsumexp": ~torch.isfinite(soft["logsumexp"]).all(),
+                f"topk_indices outside [0, {num_classes})": (soft["topk_indices"].long() >= num_classes).any()}
+
     def row_problem(self, rows, layout):
         """As its encoder writes them: K distinct classes in [0, C), their values / T in
         descending order, and a log-sum-exp of the whole row that leaves the kept classes at most
@@ -132,17 +137,18 @@ class TopK(Kind):
         if problem or not {"topk_values", "topk_indices", "logsumexp"} <= rows.keys():
             return problem
         values, indices, logsumexp = rows["topk_values"], rows["topk_indices"], rows["logsumexp"]
-        used = positions_in_use(rows, layout, values.any(-1) | indices.any(-1) | (logsumexp != 0))
-        if used is not None:
-            values, indices, logsumexp = values[used], indices[used], logsumexp[used]
+        held = indices.any(-1) | (logsumexp != 0)
         if indices.max(initial=0) >= layout.num_classes:
             return f"topk_indices outside [0, {layout.num_classes})"
-        if indices.shape[-1] > 1 and (np.diff(np.sort(indices, -1).astype(np.int64), axis=-1) == 0).any():
+        # Sorted as 32-bit integers: numpy's vectorised sort takes those 10x faster than uint8/16.
+        ranked = np.sort(indices.astype(np.uint32, copy=False), -1)
+        if any_in_use((ranked[..., 1:] == ranked[..., :-1]).any(-1), rows, layout, held):
             return "topk_indices repeating a class within a row"
-        if (values[..., 1:] > values[..., :-1]).any():
+        values = values.astype(np.float32, copy=False)  # numpy computes float16 in software, several times slower
+        if any_in_use((values[..., 1:] > values[..., :-1]).any(-1), rows, layout, held):
             return "topk_values out of descending order"
         # float32's rounding of the log-sum-exp, with room to spare: damage moves the sum by far more.
-        if (np.exp(values.astype(np.float32) - logsumexp[..., None]).sum(-1) > 1.0 + 1e-3).any():
+        if any_in_use(np.exp(values - logsumexp[..., None]).sum(-1) > 1.0 + 1e-3, rows, layout, held):
             return "logsumexp below what the kept topk_values add up to (their probabilities sum past 1)"
         return None
 
