@@ -14,13 +14,14 @@ import pytest
 import torch
 import zarr
 
+from pipeline.datasets import resolve_dataset
 from stages.cache.format import row_problem
 from stages.cache.layout import Layout
 from stages.errors import CacheDamagedError
 from stages.kinds import KINDS
 from stages.loop import CacheDataset, kd_loss
 from stages.teacher_rows import stored_rows
-from tests.conftest import cache_with_cli, invoke
+from tests.conftest import DATASET, cache_with_cli, invoke
 
 OPTIONS = {"dense": {}, "topk": {"top_k": 6}, "qtopk": {"top_k": 6, "value_bits": 4}, "sampled": {"samples": 12}}
 ROWS, TOKENS = 6, 12
@@ -211,4 +212,85 @@ def test_impossible_values_in_a_chunk_stop_train_student_verify_and_inspect_nami
         assert code == 4 and len(err.strip().splitlines()) == 1 and "internal error" not in err, (command, code, err)
         named = err if command != "verify" else json.dumps(json.loads(invoke(*args, "--json")[1]))
         assert array in named and ("chunk 2" in named or command == "inspect"), (command, named)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _epoch(data: CacheDataset, student: torch.nn.Module) -> int:
+    """One epoch of kd_loss over `data`, as a user's loop runs it; the batches it took."""
+    batches = 0
+    for batch in data:
+        loss = kd_loss(student(batch["inputs"]), batch, alpha=1.0 if "labels" not in batch else 0.5)
+        assert torch.isfinite(loss)
+        batches += 1
+    return batches
+
+
+LONG_LIVED_CASES = [
+    ("dense", (), "logits", lambda a: np.where(np.arange(a.shape[-1]) == 1, np.nan, a), "non-finite logits"),
+    ("topk", ("--top-k", 3), "topk_indices", lambda a: np.where(np.arange(a.shape[-1]) == 1, 4, a), "topk_indices outside"),
+    ("qtopk", ("--top-k", 3, "--value-bits", 4), "qtopk_class_deltas", lambda a: a + 4, "qtopk_class_deltas"),
+    ("sampled", ("--samples", 8), "sampled_counts", lambda a: np.zeros_like(a), "sampled_counts"),
+]
+
+
+@pytest.mark.parametrize("kind,options,array,change,named", LONG_LIVED_CASES, ids=[c[0] for c in LONG_LIVED_CASES])
+def test_a_chunk_damaged_after_a_long_lived_reader_checked_it_is_damage_not_a_nan_loss_or_an_index_error(
+        kind, options, array, change, named, caches, tmp_path):
+    """The reader checks a chunk's values on its first read, and its checksum on every read: a
+    chunk rewritten since, checksum and all, reaches the loss, which refuses what it cannot train on."""
+    cache = tmp_path / "cache.zarr"
+    shutil.copytree(caches(kind, options), cache)
+    data = CacheDataset(cache, resolve_dataset(DATASET).split("train"), batch_size=64, seed=0)
+    student = torch.nn.Linear(8, 4)
+    assert _epoch(data, student) > 1
+    _rewrite_chunk(cache, array, 2, change)
+    with pytest.raises(CacheDamagedError, match=named):
+        _epoch(data, student)
+
+
+@pytest.mark.parametrize("damaged", ["before", "after"])
+def test_labels_a_cache_holds_other_than_the_datasets_are_damage_naming_their_chunk(damaged, cache_path):
+    """The dataset's labels matched the cache's fingerprint when it was opened: a labels chunk
+    replaced (its checksum recomputed) before or after the reader first read it is damage."""
+    data = CacheDataset(cache_path, resolve_dataset(DATASET).split("train"), batch_size=64, seed=0)
+    student = torch.nn.Linear(8, 4)
+    if damaged == "after":
+        assert _epoch(data, student) > 1
+    _rewrite_chunk(cache_path, "labels", 2, lambda labels: (labels + 1) % 4)
+    with pytest.raises(CacheDamagedError, match="array labels: chunk 2 holds labels that differ from the dataset's"):
+        _epoch(data, student)
+
+
+@pytest.mark.parametrize("figure,value", [("kl", -0.5), ("positions", 1e9), ("largest", 1.5), ("positions", 0.5)])
+def test_an_encoding_error_record_no_encoding_gives_is_damage_for_inspect(figure, value, caches, tmp_path):
+    cache = tmp_path / "q.zarr"
+    shutil.copytree(caches("qtopk", ("--top-k", 3, "--value-bits", 4)), cache)
+    assert invoke("inspect", cache)[0] == 0
+    record = zarr.open_array(f"{cache}/encoding_error", mode="r+")
+    record[1, {"positions": 0, "largest": 2, "kl": 3}[figure]] = value
+    code, _, err = invoke("inspect", cache)
+    assert code == 4 and "encoding_error record of chunk 1 holds figures no encoding gives" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_token_cache_at_32000_classes_whose_counts_were_zeroed_at_valid_positions_never_trains(tmp_path):
+    """Zeroed counts where a sequence has tokens looked like padding to a reader without the
+    lengths (train-student's), and trained with a negative distillation loss."""
+    pytest.importorskip("transformers")
+    model = "gpt2:layers=1,dim=16,heads=2,vocab=32000"
+    cache = tmp_path / "sampled.zarr"
+    code, _, err = invoke("cache-teacher", "--teacher", model, "--dataset", "stdlib-bytes:seq=16,train=2048,test=256",
+                          "--format", "sampled", "--samples", 8, "--chunk-rows", 32, "--device", "cpu", "--out", cache)
+    assert code == 0, err
+    lengths = zarr.open_array(f"{cache}/lengths", mode="r")[32:64]
+    valid = np.arange(16)[None, :] < lengths[:, None]
+    _rewrite_chunk(cache, "sampled_counts", 1, lambda counts: np.where(valid[..., None], 0, counts))
+    commands = {"train-student": ("train-student", "--cache", cache, "--student", model, "--epochs", "1", "--device", "cpu",
+                                  "--out", tmp_path / "run"),
+                "verify": ("verify", cache), "inspect": ("inspect", cache)}
+    for command, args in commands.items():
+        code, _, err = invoke(*args)
+        assert code == 4 and len(err.strip().splitlines()) == 1 and "internal error" not in err, (command, code, err)
+        named = err if command != "verify" else json.dumps(json.loads(invoke(*args, "--json")[1]))
+        assert "sampled_counts that do not sum" in named and "chunk 1" in named, (command, named)
     assert not (tmp_path / "run" / "summary.json").exists()
