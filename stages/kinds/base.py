@@ -268,8 +268,9 @@ class Kind:
         """The meaning check of its values in `rows` (the arrays present, from one chunk or
         several): what its encoder cannot have written, beyond the non-finite floats
         stages.cache.format checks, as a phrase that names the array, or None. Vectorised: the
-        reader runs it on every chunk it reads first, verify on every write unit, train-student
-        and CacheDataset on every batch. This base checks a token cache's padding."""
+        reader runs it on a chunk's first read in a process, verify on every write unit (rows
+        about to train are checked again, more cheaply, by `loss_problems`). This base checks a
+        token cache's padding."""
         return padding_problem(rows, layout, self.soft_arrays)
 
     def loss_problems(self, soft: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
