@@ -125,7 +125,7 @@ class TopK(Kind):
         return teacher, losses.topk_student_log_probs(student_over_t, soft["topk_indices"].long())
 
     def loss_problems(self, soft, num_classes):
-        return {"non-finite topk_values": ~torch.isfinite(soft["topk_values"]).all(),
+        return {"non-finite topk_values": ~torch.isfinite(soft["topk_values"].sum(-1, dtype=torch.float32)).all(),
                 "non-finite logsumexp": ~torch.isfinite(soft["logsumexp"]).all(),
                 f"topk_indices outside [0, {num_classes})": (soft["topk_indices"].long() >= num_classes).any()}
 
