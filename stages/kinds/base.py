@@ -126,14 +126,15 @@ def valid_positions(rows: Rows, positions: int) -> np.ndarray | None:
 
 
 def any_in_use(bad: np.ndarray, rows: Rows, layout: Shape, held: np.ndarray) -> bool:
-    """Whether `bad` ((rows, [positions]) bool, per row or position) is set at a position holding
-    soft labels: in a token cache, one before its row's length (and trained) when `rows` has the
-    lengths, else one where `held` (same shape: the kind's arrays there are not all zero) is set,
-    as every encoder zeroes the others; every row of a cache without positions. The kinds' checks
-    reduce each row to such flags, not copying the positions in use out: a reduction along the
-    last axis costs the same, and the padding's flags are masked in a fraction of the time."""
+    """Whether `bad` ((rows, [positions], ...) bool) is set at a position holding soft labels: in
+    a token cache, one before its row's length (and trained) when `rows` has the lengths, else
+    one where `held` ((rows, positions) bool: the kind's arrays there are not zero, as every
+    encoder leaves padding) is set; every row of a cache without positions. The mask is
+    broadcast over `bad`'s further axes: numpy reduces a short last axis (a row's K entries)
+    several times slower than it masks and reduces the whole array."""
     if layout.tokens is not None:
-        bad = bad & (valid_positions(rows, layout.tokens) if "lengths" in rows else held)
+        used = valid_positions(rows, layout.tokens) if "lengths" in rows else held
+        bad = bad & used.reshape(used.shape + (1,) * (bad.ndim - used.ndim))
     return bool(bad.any())
 
 

@@ -174,9 +174,10 @@ class QuantisedTopK(Kind):
         if problem or not set(self.soft_arrays) <= rows.keys():
             return problem
         deltas, codes, scale, tail = (rows[name] for name in self.soft_arrays)
-        held = deltas.any(-1) | codes.any(-1) | (scale != 0) | (tail != 0)
+        held = (scale != 0) | (tail != 0)  # a position holding soft labels has a step above 0, or no tail (K = C)
         levels, kept, num_classes = 2**layout.options.value_bits - 1, deltas.shape[-1], layout.num_classes
-        if any_in_use((deltas[..., 1:] == 0).any(-1) | (deltas.sum(-1, dtype=np.int64) >= num_classes), rows, layout, held):
+        if (any_in_use(deltas[..., 1:] == 0, rows, layout, held)
+                or any_in_use(deltas.sum(-1, dtype=np.int64) >= num_classes, rows, layout, held)):
             return f"qtopk_class_deltas giving classes that do not strictly increase within [0, {num_classes})"
         if codes.max(initial=0) > levels:
             return f"qtopk_codes above 2^value_bits - 1 = {levels}"

@@ -172,17 +172,17 @@ class Sampled(Kind):
         num_classes = layout.num_classes
         if not ((entropy >= -1e-4) & (entropy <= np.log(num_classes) + 1e-4)).all():
             return "entropy outside [0, log(num_classes)]"
-        held = ids.any(-1) | counts.any(-1) | (entropy != 0)
+        held = (entropy != 0) | (counts[..., 0] != 0)  # the first slot holds a draw wherever there are draws
         if ids.max(initial=0) >= num_classes:
             return f"sampled_ids outside [0, {num_classes})"
         if any_in_use(counts.sum(-1, dtype=np.int64) != counts.shape[-1], rows, layout, held):
             return "sampled_counts that do not sum to the number of draws at a position holding draws"
         drawn = counts > 0
-        if any_in_use((drawn[..., 1:] & ~drawn[..., :-1]).any(-1), rows, layout, held):
+        if any_in_use(drawn[..., 1:] & ~drawn[..., :-1], rows, layout, held):
             return "sampled_counts with an unused slot before a used one"
-        if any_in_use(((ids != 0) & ~drawn).any(-1), rows, layout, held):
+        if any_in_use((ids != 0) & ~drawn, rows, layout, held):
             return "sampled_ids other than 0 in unused slots"
-        if any_in_use(((ids[..., 1:] <= ids[..., :-1]) & drawn[..., 1:]).any(-1), rows, layout, held):
+        if any_in_use((ids[..., 1:] <= ids[..., :-1]) & drawn[..., 1:], rows, layout, held):
             return "sampled_ids out of ascending order or repeated"
         return None
 
