@@ -66,6 +66,15 @@ def top_and_logsumexp(rounded: torch.Tensor, k: int, scratch: torch.Tensor | Non
     return values, indices, total.log().add_(largest[..., 0]), others / total
 
 
+def ordered_keys(values: np.ndarray) -> np.ndarray:
+    """Integers in the order of finite floats `values` (float16 or float32), -0 equal to 0: numpy
+    compares float16 in software, 4x slower than these few integer operations."""
+    bits = values.view(f"i{values.itemsize}")
+    negative = (bits >> (8 * values.itemsize - 1)) & 1  # 1 for a negative float, else 0
+    # A negative float's magnitude bits flipped, then one added: -0 becomes 0, and below it in order.
+    return (bits ^ (negative * ((1 << (8 * values.itemsize - 1)) - 1)).astype(bits.dtype)) + negative.astype(bits.dtype)
+
+
 class TopK(Kind):
     """The K largest logits / T of each row in descending order, their classes (the smallest
     unsigned type holding C - 1) and the log-sum-exp of the whole row (float32)."""
@@ -140,11 +149,13 @@ class TopK(Kind):
         held = (logsumexp != 0) | (indices[..., 0] != 0)
         if indices.max(initial=0) >= layout.num_classes:
             return f"topk_indices outside [0, {layout.num_classes})"
-        # Sorted as 32-bit integers: numpy's vectorised sort takes those 10x faster than uint8/16.
-        ranked = np.sort(indices.astype(np.uint32, copy=False), -1)
+        # Sorted as 32-bit integers (numpy's vectorised sort takes those 10x faster than uint8/16),
+        # in place in the one copy.
+        ranked = indices.astype(np.uint32)
+        ranked.sort(-1)
         if any_in_use(ranked[..., 1:] == ranked[..., :-1], rows, layout, held):
             return "topk_indices repeating a class within a row"
-        if any_in_use(values[..., 1:] > values[..., :-1], rows, layout, held):
+        if any_in_use(ordered_keys(values[..., 1:]) > ordered_keys(values[..., :-1]), rows, layout, held):
             return "topk_values out of descending order"
         # The kept mass, sum exp(v_k - lse), is at most 1, so the first value lies at most 0 and the
         # last at most -log K from the log-sum-exp: bounds from two values a row, where the sum
