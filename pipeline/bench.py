@@ -563,12 +563,18 @@ def _random_cache(path: Path, layout: Layout) -> None:
             values = rng.standard_normal((count, *layout.row_shape), dtype=np.float32)
             if layout.kind == "dense":
                 rows["logits"] = values.astype(layout.dtype)
-            else:
+            else:  # what the kind's checks accept: distinct classes, descending values, a kept mass below 1
+                k = values.shape[-1]
                 rows["topk_values"] = -np.sort(-values, axis=-1).astype(layout.dtype)
-                rows["topk_indices"] = rng.integers(0, layout.num_classes, values.shape).astype(layout.arrays()["topk_indices"].dtype)
-                rows["logsumexp"] = rows["topk_values"][..., 0].astype(np.float32) + 3
+                first = rng.integers(0, layout.num_classes, (*values.shape[:-1], 1))
+                rows["topk_indices"] = ((first + np.arange(k) * (layout.num_classes // k)) % layout.num_classes).astype(
+                    layout.arrays()["topk_indices"].dtype)
+                rows["logsumexp"] = rows["topk_values"][..., 0].astype(np.float32) + np.log(k) + 3
             if layout.tokens is not None:
                 rows["lengths"] = rng.integers(1, layout.tokens + 1, count, dtype=np.int32)
+                padding = np.arange(layout.tokens)[None, :] >= rows["lengths"][:, None]
+                for name in layout.soft_kind.soft_arrays:
+                    rows[name][padding] = 0  # as every encoder leaves padding
             writer.write_rows(start, rows)
     writer.mark_complete({})
 

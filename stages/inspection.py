@@ -298,11 +298,30 @@ def _encoding_error(reader: CacheReader) -> dict:
     except Exception as exc:  # a torn or flipped record: say so, never crash on it
         raise CacheDamagedError(f"cache {reader.path}: its encoding_error record cannot be read ({type(exc).__name__}); "
                                 "run pipeline verify") from exc
+    torn = _torn_encoding_errors(units, reader.layout)
+    if len(torn):
+        raise CacheDamagedError(f"cache {reader.path}: its encoding_error record of {reader.layout.write_unit} {torn[0]} holds "
+                                f"figures no encoding gives ({units[torn[0]].tolist()}); run pipeline verify")
     positions = units[:, 0].sum()
     outcomes = reader.layout.soft_kind.width(reader.layout) + 1
     return {"mean_abs_probability": float(units[:, 1].sum() / (positions * outcomes)),
             "max_abs_probability": float(units[:, 2].max()), "mean_kl_nats": float(units[:, 3].sum() / positions),
             "positions": int(positions)}
+
+
+def _torn_encoding_errors(units: np.ndarray, layout) -> np.ndarray:
+    """The write units whose `encoding_error` row (positions, sum and largest absolute error in
+    probability, summed KL) no encoding gives: a non-finite figure, positions not a whole number
+    within the unit's, a negative error or KL (the KL of each position is clamped at 0), a summed
+    error past 2 a position (two distributions differ by at most 2 in total) or a largest past 1."""
+    per_row = math.prod(layout.position_shape)
+    capacity = np.diff([layout.write_grid.rows(unit)[0] for unit in range(len(units))] + [layout.num_samples]) * per_row
+    positions, summed, largest, kl = units.T
+    with np.errstate(invalid="ignore"):
+        sound = (np.isfinite(units).all(-1) & (positions == np.round(positions)) & (positions >= 0) & (positions <= capacity)
+                 & (summed >= 0) & (summed <= 2 * positions + 1e-6) & (largest >= 0) & (largest <= 1) & (kl >= 0)
+                 & ((positions > 0) | (units[:, 1:] == 0).all(-1)))
+    return np.flatnonzero(~sound)
 
 
 def _kind_statistics(reader: CacheReader) -> dict:

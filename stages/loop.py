@@ -33,7 +33,7 @@ from stages.augment import Augmentation, resolved
 from stages.cache import CacheReader, Rows, prefetch
 from stages.config import VIEW_POLICIES
 from stages.data import Split, TorchDatasetSplit, inputs_at
-from stages.errors import InputError
+from stages.errors import CacheDamagedError, InputError
 from stages.kinds import KINDS, Kind
 from stages.losses import HiddenAndHead, piecewise_loss
 from stages.storage import CacheLocation, cache_location
@@ -125,6 +125,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
         for batch in rows:
             if self.views is not None:
                 batch = one_view_each(batch, reader.soft_arrays, self.view_policy, rng, epoch)
+            check_against_dataset(batch, self.split, reader)
             inputs = inputs_at(self.split, batch["index"])
             if self.augment is not None:
                 inputs = self.augment(inputs, batch["view_seeds"])
@@ -144,6 +145,24 @@ def _share(placement: tuple[int, int]) -> tuple[int, int]:
 def _distributed() -> tuple[int, int]:
     """(rank, world size) of this process under torch.distributed; (0, 1) without it."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def check_against_dataset(batch: Rows, split: Split, reader: CacheReader) -> None:
+    """The labels and lengths a batch took from the cache are the dataset's: its fingerprint
+    matched the split's when the cache was opened, so a difference is damage (a labels chunk
+    replaced, a length lowered), named with the chunks holding it. One gather and comparison per
+    batch, of the labels the dataset holds (in memory, or read by index out of core)."""
+    for name, ours in (("labels", split.labels), ("lengths", getattr(split, "lengths", None))):
+        if name not in batch or ours is None:
+            continue
+        theirs = batch[name]
+        differ = np.flatnonzero((np.asarray(ours[batch["index"]]) != theirs).reshape(len(theirs), -1).any(-1))
+        if len(differ):
+            rows = np.flatnonzero(np.isin(reader.read_rows(0, reader.num_samples, ("index",))["index"], batch["index"][differ]))
+            chunks = sorted({int(row) // reader.grid.chunk_rows for row in rows})
+            raise CacheDamagedError(f"cache {reader.path}: array {name}: chunk{'s' if len(chunks) > 1 else ''} "
+                                    f"{', '.join(map(str, chunks[:5]))} hold{'' if len(chunks) > 1 else 's'} {name} that differ "
+                                    f"from the dataset's ({len(differ)} of a batch's {len(theirs)} rows); run pipeline verify")
 
 
 # The entry point group through which the installed package resolves the dataset spec a cache

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from stages import divergences
+from stages.errors import CacheDamagedError
 
 
 def retemper(stored: torch.Tensor, cache_temperature: float, temperature: float) -> torch.Tensor:
@@ -138,9 +139,23 @@ def soft_target_loss(kind, student_logits: torch.Tensor, soft: dict[str, torch.T
     or with the divergence says so (InputError)."""
     kind.check_temperature(temperature, cache_temperature)
     kind.check_divergence(divergence)
+    check_soft_rows(kind, soft, student_logits.shape[-1])
     terms = kind.soft_terms(student_logits.float() / temperature, soft, divergences.parse(divergence),
                             ratio=cache_temperature / temperature, cache_temperature=cache_temperature)
     return _with_hard_labels(student_logits, labels, terms.mean(), alpha, temperature)
+
+
+def check_soft_rows(kind, soft: dict[str, torch.Tensor], num_classes: int) -> None:
+    """Raise a CacheDamagedError when rows of soft labels about to train ((M, ...) tensors of
+    `kind`, valid positions only) hold a value that would make the loss NaN, an IndexError or of
+    a sign no teacher gives (the kind's `loss_problems`), with one host sync for all its checks."""
+    problems = kind.loss_problems(soft, num_classes)
+    if not problems:
+        return
+    for what, found in zip(problems, torch.stack(list(problems.values())).tolist()):
+        if found:
+            raise CacheDamagedError(f"the soft labels of a batch hold {what}: the cache changed after its chunks were "
+                                    "checked, or is damaged; run pipeline verify")
 
 
 def topk_teacher_log_probs(values: torch.Tensor, logsumexp: torch.Tensor, num_classes: int, ratio: float) -> torch.Tensor:
@@ -274,10 +289,14 @@ class _InPieces(torch.autograd.Function):
         return grads[0], None, None, None, None, *grads[1:]
 
 
+def output_classes(hidden: torch.Tensor, head: torch.nn.Module) -> int:
+    """The number of logits `head` gives a row of `hidden`."""
+    return head.out_features if hasattr(head, "out_features") else head(hidden[:1]).shape[-1]
+
+
 def rows_per_piece(hidden: torch.Tensor, head: torch.nn.Module) -> int:
     """How many of `hidden`'s rows one piece takes: their float32 logits at most LOGIT_PIECE_BYTES."""
-    classes = head.out_features if hasattr(head, "out_features") else head(hidden[:1]).shape[-1]
-    return max(1, LOGIT_PIECE_BYTES // (4 * classes))
+    return max(1, LOGIT_PIECE_BYTES // (4 * output_classes(hidden, head)))
 
 
 def in_pieces(hidden: torch.Tensor, head: torch.nn.Module, piece_loss: PieceLoss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -311,6 +330,7 @@ def piecewise_loss(kind, student: HiddenAndHead, soft: dict[str, torch.Tensor], 
         return loss, parts
     kind.check_temperature(temperature, cache_temperature)
     kind.check_divergence(divergence)
+    check_soft_rows(kind, soft, output_classes(hidden, head))
     if alpha < 1.0 and labels is None:
         raise ValueError("hard labels are needed when alpha < 1")
     measure, ratio = divergences.parse(divergence), cache_temperature / temperature

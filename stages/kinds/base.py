@@ -55,6 +55,7 @@ class Shape(Protocol):
     dtype: str
     codec: str
     options: KindOptions
+    tokens: int | None
 
     @property
     def row_shape(self) -> tuple[int, ...]: ...
@@ -122,6 +123,35 @@ def valid_positions(rows: Rows, positions: int) -> np.ndarray | None:
         return None
     valid = np.arange(positions)[None, :] < rows["lengths"][:, None]
     return valid & (rows["trained"] == 1) if "trained" in rows else valid
+
+
+def any_in_use(bad: np.ndarray, rows: Rows, layout: Shape, held: np.ndarray) -> bool:
+    """Whether `bad` ((rows, [positions], ...) bool) is set at a position holding soft labels: in
+    a token cache, one before its row's length (and trained) when `rows` has the lengths, else
+    one where `held` ((rows, positions) bool: the kind's arrays there are not zero, as every
+    encoder leaves padding) is set; every row of a cache without positions. The mask is
+    broadcast over `bad`'s further axes: numpy reduces a short last axis (a row's K entries)
+    several times slower than it masks and reduces the whole array."""
+    if layout.tokens is not None:
+        used = valid_positions(rows, layout.tokens) if "lengths" in rows else held
+        bad = bad & used.reshape(used.shape + (1,) * (bad.ndim - used.ndim))
+    return bool(bad.any())
+
+
+def padding_problem(rows: Rows, layout: Shape, soft_arrays: tuple[str, ...]) -> str | None:
+    """What is wrong with a token cache's padding, given its lengths: a trained mark past a row's
+    length, or soft labels (which every encoder zeroes there) at a position past its length or
+    untrained, as a lowered length or a damaged array leaves them; None when rows lack lengths."""
+    if layout.tokens is None or "lengths" not in rows:
+        return None
+    within = np.arange(layout.tokens)[None, :] < rows["lengths"][:, None]
+    if "trained" in rows and (rows["trained"][~within] != 0).any():
+        return "trained marks past a row's lengths"
+    padding = ~valid_positions(rows, layout.tokens)
+    for name in soft_arrays:
+        if name in rows and rows[name][padding].any():
+            return f"{name} values past a row's lengths (or at an untrained position): lengths lowered or {name} damaged"
+    return None
 
 
 def over_positions(values: np.ndarray, rows: Rows) -> tuple:
@@ -236,8 +266,22 @@ class Kind:
                                        cache_temperature=cache_temperature, divergence=divergence)
 
     def row_problem(self, rows: Rows, layout: Shape) -> str | None:
-        """What is wrong with its stored values beyond non-finite floats, or None."""
-        return None
+        """The meaning check of its values in `rows` (the arrays present, from one chunk or
+        several): what its encoder cannot have written, beyond the non-finite floats
+        stages.cache.format checks, as a phrase that names the array, or None. Vectorised: the
+        reader runs it on a chunk's first read in a process, verify on every write unit (rows
+        about to train are checked again, more cheaply, by `loss_problems`). This base checks a
+        token cache's padding."""
+        return padding_problem(rows, layout, self.soft_arrays)
+
+    def loss_problems(self, soft: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
+        """What in rows about to train ((M, ...) tensors of valid positions, on the loss's device)
+        would make the loss NaN, an IndexError or of a sign no teacher gives: a bool tensor per
+        phrase naming the array, left on the device so that stages.losses.check_soft_rows syncs
+        once for them all. The reader checks a chunk's values on its first read only (its
+        checksum vouches for the reads after); this catches a chunk rewritten on disk since,
+        checksum and all, that a long-lived reader goes on delivering."""
+        return {}
 
     def verify_pairs(self, stored: Rows, fresh_rounded: torch.Tensor, fresh: Rows, padding: np.ndarray | None) -> dict[str, tuple]:
         """Pairs (fresh, stored) to compare besides its float arrays, from the teacher's fresh

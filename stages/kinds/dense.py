@@ -61,6 +61,11 @@ class Dense(Kind):
     def support_log_probs(self, student_over_t, soft, *, ratio):
         return F.log_softmax(soft["logits"].float() * ratio, dim=-1), F.log_softmax(student_over_t, dim=-1)
 
+    def loss_problems(self, soft, num_classes):
+        # A row's sum is non-finite where one of its values is (float32: no finite float16 row
+        # overflows it), and costs one pass where isfinite on float16 costs several.
+        return {"non-finite logits": ~torch.isfinite(soft["logits"].sum(-1, dtype=torch.float32)).all()}
+
     def combine(self, parts, rule, layout):
         """mean-probs: log of the mean of the teachers' softmax(t_i / T) (its softmax is that
         mean); mean-logits: the mean of their t_i / T (stages.ensemble)."""

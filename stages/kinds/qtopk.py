@@ -7,7 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stages.kinds.base import (
-    ArraySpec, Kind, Rows, index_dtype, mean_and_max, np, option, over_positions, torch, valid_positions, zero_padding,
+    ArraySpec,
+    Kind,
+    Rows,
+    any_in_use,
+    index_dtype,
+    mean_and_max,
+    np,
+    option,
+    over_positions,
+    torch,
+    zero_padding,
 )
 from stages.kinds.topk import TopKOptions, check_top_k, retempered, top_and_logsumexp
 from stages.lazy import lazy_module
@@ -147,24 +157,43 @@ class QuantisedTopK(Kind):
         teacher = losses.topk_teacher_log_probs(log_p, torch.zeros(log_p.shape[:-1], device=log_p.device), student_over_t.shape[-1], ratio)
         return teacher, losses.topk_student_log_probs(student_over_t, classes)
 
+    def loss_problems(self, soft, num_classes):
+        scale, tail = soft["qtopk_scale"], soft["qtopk_tail"]
+        return {f"qtopk_class_deltas giving classes outside [0, {num_classes})":
+                (soft["qtopk_class_deltas"].long().sum(-1) >= num_classes).any(),
+                "qtopk_scale not positive and finite": ~(torch.isfinite(scale) & (scale > 0)).all(),
+                "qtopk_tail outside [0, 1)": ~((tail >= 0) & (tail < 1)).all()}
+
     def row_problem(self, rows, layout):
-        num_classes = layout.num_classes
-        if "qtopk_class_deltas" in rows:
-            deltas = rows["qtopk_class_deltas"].astype(np.int64)
-            if deltas.sum(-1).max(initial=0) >= num_classes:
-                return "qtopk classes outside [0, num_classes)"
-            repeated = deltas[..., 1:] == 0  # at a valid position the kept classes strictly increase
-            if "lengths" in rows:
-                repeated &= valid_positions(rows, repeated.shape[1])[..., None]
-                found = repeated.any()
-            else:  # which positions are padding only the lengths tell: a valid one has a delta above 0
-                found = (repeated & deltas[..., 1:].any(-1, keepdims=True)).any() if deltas.shape[-1] > 1 else False
-            if found:
-                return "qtopk classes that do not strictly increase"
-        if "qtopk_tail" in rows and not ((rows["qtopk_tail"] >= 0) & (rows["qtopk_tail"] <= 1)).all():
-            return "qtopk tail masses outside [0, 1]"
-        if "qtopk_scale" in rows and (rows["qtopk_scale"] < 0).any():
-            return "negative qtopk scales"
+        """As `encode` writes them: K classes strictly increasing within [0, C); codes within
+        value_bits, 0 for the top class and 2^value_bits - 1 for the last kept one unless the
+        kept values lie within the smallest step; a step between QTOPK_MIN_STEP and the widest
+        spread's; a tail in [0, (C - K) / (C - K + 1)] (the top class alone holds 1 / (C - K + 1)
+        of the row at least)."""
+        problem = super().row_problem(rows, layout)
+        if problem or not set(self.soft_arrays) <= rows.keys():
+            return problem
+        deltas, codes, scale, tail = (rows[name] for name in self.soft_arrays)
+        held = (scale != 0) | (tail != 0)  # a position holding soft labels has a step above 0, or no tail (K = C)
+        levels, kept, num_classes = 2**layout.options.value_bits - 1, deltas.shape[-1], layout.num_classes
+        if (any_in_use(deltas[..., 1:] == 0, rows, layout, held)
+                or any_in_use(deltas.sum(-1, dtype=np.int64) >= num_classes, rows, layout, held)):
+            return f"qtopk_class_deltas giving classes that do not strictly increase within [0, {num_classes})"
+        if codes.max(initial=0) > levels:
+            return f"qtopk_codes above 2^value_bits - 1 = {levels}"
+        if any_in_use(codes.min(-1) != 0, rows, layout, held):
+            return "qtopk_codes without code 0 for the top class"
+        smallest = np.float16(QTOPK_MIN_STEP)
+        if kept > 1 and any_in_use((codes.max(-1) != levels) & (scale != smallest), rows, layout, held):
+            return f"qtopk_codes not reaching {levels} at the last kept class (value_bits {layout.options.value_bits} is not theirs)"
+        largest = np.nextafter(np.float16(QTOPK_MAX_SPREAD / levels), np.float16(np.inf))
+        if any_in_use((scale < smallest) | (scale > largest), rows, layout, held):
+            return f"qtopk_scale outside [{float(smallest):g}, {float(largest):g}], the steps its encoder writes"
+        others = num_classes - kept
+        highest = others / (others + 1)
+        # float32's rounding of the tail allowed for, and never as far as 1 (which no row can hold).
+        if any_in_use((tail < 0) | (tail.astype(np.float64) > highest + (1 - highest) * 1e-3), rows, layout, held):
+            return f"qtopk_tail outside [0, {highest:.6g}], the tail masses its encoder writes"
         return None
 
     def verify_pairs(self, stored, fresh_rounded, fresh, padding):

@@ -4,11 +4,22 @@ the cache's T only."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from stages.errors import InputError, PipelineError
 from stages.kinds.base import (
-    ArraySpec, Kind, KindOptions, index_dtype, mean_and_max, np, option, over_positions, torch, valid_positions, zero_padding,
+    ArraySpec,
+    Kind,
+    KindOptions,
+    any_in_use,
+    index_dtype,
+    mean_and_max,
+    np,
+    option,
+    over_positions,
+    torch,
+    zero_padding,
 )
 from stages.lazy import lazy_module
 
@@ -144,21 +155,35 @@ class Sampled(Kind):
         an unbiased estimate of forward KL (stages.losses.sampled_distillation_loss)."""
         return losses.sampled_kl(student_over_t, soft["sampled_ids"], soft["sampled_counts"], soft["entropy"])
 
+    def loss_problems(self, soft, num_classes):
+        counts, entropy = soft["sampled_counts"], soft["entropy"]
+        return {f"sampled_ids outside [0, {num_classes})": (soft["sampled_ids"].long() >= num_classes).any(),
+                "sampled_counts that do not sum to the number of draws": (counts.long().sum(-1) != counts.shape[-1]).any(),
+                "entropy outside [0, log(num_classes)]": ~((entropy >= -1e-4) & (entropy <= math.log(num_classes) + 1e-4)).all()}
+
     def row_problem(self, rows, layout):
+        """As `encode` writes them: at a position holding draws, the distinct ids in ascending
+        order within [0, C) in the first slots, each with a count of 1 or more, the counts
+        summing to S, the unused slots id 0 and count 0; an entropy in [0, log C]."""
+        problem = super().row_problem(rows, layout)
+        if problem or not set(self.soft_arrays) <= rows.keys():
+            return problem
+        ids, counts, entropy = (rows[name] for name in self.soft_arrays)
         num_classes = layout.num_classes
-        if "sampled_ids" in rows and rows["sampled_ids"].max(initial=0) >= num_classes:
-            return "sampled class ids outside [0, num_classes)"
-        if "sampled_counts" in rows:
-            counts = rows["sampled_counts"]
-            sums, draws = counts.sum(-1, dtype=np.int64), counts.shape[-1]
-            if "lengths" in rows:
-                wrong = not np.array_equal(sums, np.where(valid_positions(rows, sums.shape[1]), draws, 0))
-            else:  # which positions are padding, only the lengths tell: each sums to S or to 0
-                wrong = not ((sums == draws) | (sums == 0)).all()
-            if wrong:
-                return "sampled counts that do not sum to the number of draws (0 at padding)"
-        if "entropy" in rows and not ((rows["entropy"] >= -1e-4) & (rows["entropy"] <= np.log(num_classes) + 1e-4)).all():
-            return "entropies outside [0, log(num_classes)]"
+        if not ((entropy >= -1e-4) & (entropy <= np.log(num_classes) + 1e-4)).all():
+            return "entropy outside [0, log(num_classes)]"
+        held = (entropy != 0) | (counts[..., 0] != 0)  # the first slot holds a draw wherever there are draws
+        if ids.max(initial=0) >= num_classes:
+            return f"sampled_ids outside [0, {num_classes})"
+        if any_in_use(counts.sum(-1, dtype=np.int64) != counts.shape[-1], rows, layout, held):
+            return "sampled_counts that do not sum to the number of draws at a position holding draws"
+        drawn = counts > 0
+        if any_in_use(drawn[..., 1:] & ~drawn[..., :-1], rows, layout, held):
+            return "sampled_counts with an unused slot before a used one"
+        if any_in_use((ids != 0) & ~drawn, rows, layout, held):
+            return "sampled_ids other than 0 in unused slots"
+        if any_in_use((ids[..., 1:] <= ids[..., :-1]) & drawn[..., 1:], rows, layout, held):
+            return "sampled_ids out of ascending order or repeated"
         return None
 
     def verify_pairs(self, stored, fresh_rounded, fresh, padding):

@@ -5,7 +5,6 @@ as docs/cache-format.md says, is tested in tests/stages/test_real_vocabularies.p
 from __future__ import annotations
 
 import json
-import types
 
 import numpy as np
 import pytest
@@ -20,10 +19,13 @@ from stages.teacher_rows import stored_rows
 QTOPK = KINDS["qtopk"]
 
 
+def _layout(samples: int, classes: int, top_k: int, bits: int) -> Layout:
+    return Layout(kind="qtopk", num_samples=samples, num_classes=classes, chunk_rows=4, dtype="float32",
+                  options={"top_k": top_k, "value_bits": bits})
+
+
 def _rows(logits: torch.Tensor, top_k: int, bits: int) -> dict[str, np.ndarray]:
-    layout = Layout(kind="qtopk", num_samples=len(logits), num_classes=logits.shape[-1], chunk_rows=4, dtype="float32",
-                    options={"top_k": top_k, "value_bits": bits})
-    rows = stored_rows(logits, layout, row_index=torch.arange(len(logits)))
+    rows = stored_rows(logits, _layout(len(logits), logits.shape[-1], top_k, bits), row_index=torch.arange(len(logits)))
     return {name: values.numpy() for name, values in rows.items()}
 
 
@@ -49,7 +51,7 @@ def test_one_kept_class_is_code_zero_at_the_smallest_step_with_its_exact_probabi
     np.testing.assert_array_equal(rows["qtopk_class_deltas"][:, 0], logits.argmax(-1).numpy())
     top = torch.softmax(logits.double(), -1).max(-1).values.numpy()
     np.testing.assert_allclose(QTOPK.probabilities(rows, 50, 1.0)[:, 0], top, rtol=1e-6)
-    assert QTOPK.row_problem(rows, types.SimpleNamespace(num_classes=50)) is None
+    assert QTOPK.row_problem(rows, _layout(5, 50, 1, 4)) is None
 
 
 def test_a_class_masked_at_minus_infinity_gets_the_last_code_and_nothing_goes_non_finite():
@@ -60,7 +62,7 @@ def test_a_class_masked_at_minus_infinity_gets_the_last_code_and_nothing_goes_no
     classes = np.cumsum(rows["qtopk_class_deltas"].astype(np.int64), -1)
     assert (rows["qtopk_codes"][classes == 5] == 255).all()
     assert all(np.isfinite(rows[name]).all() for name in ("qtopk_scale", "qtopk_tail", "encoding_error"))
-    assert QTOPK.probabilities(rows, 8, 1.0)[:, :8][classes == 5].max() < 1e-25 and QTOPK.row_problem(rows, types.SimpleNamespace(num_classes=8)) is None
+    assert QTOPK.probabilities(rows, 8, 1.0)[:, :8][classes == 5].max() < 1e-25 and QTOPK.row_problem(rows, _layout(4, 8, 8, 8)) is None
 
 
 def test_one_bit_codes_are_the_top_half_and_the_bottom_half_of_the_kept_spread():
