@@ -624,8 +624,10 @@ def without_checksums(source: Path, target: Path) -> None:
     """Copy the cache at `source` to `target` with the same arrays, chunks, shards and other codecs
     but no crc32c checksums on the chunks: a cache as schema 2 stored it."""
     original = zarr.open_group(str(source), mode="r")
-    copy = zarr.open_group(str(target), mode="w", attributes=dict(original.attrs))
-    for name in original.array_keys():
+    # Schema 2 had no checksums, so neither a chunk manifest (which binds them) nor the cache id it uses.
+    attributes = {**{k: v for k, v in original.attrs.items() if k != "cache_id"}, "schema_version": 2}
+    copy = zarr.open_group(str(target), mode="w", attributes=attributes)
+    for name in sorted(set(original.array_keys()) - {"chunk_manifest"}):
         array = original[name]
         copied = copy.create_array(name, shape=array.shape, chunks=array.chunks, shards=array.shards, dtype=array.dtype,
                                    fill_value=array.fill_value,
