@@ -118,22 +118,22 @@ class StoredChunks:
                 close()
         return found
 
-    def object_problems(self) -> list[tuple[int, str]]:
-        """(first chunk, what) for every stored object that is absent, or not a regular file no
-        larger than the metadata allows; without reading any of them."""
+    def object_problems(self, complete: bool = True) -> list[tuple[int, str]]:
+        """(first chunk, what) for every stored object that is not a regular file no larger than
+        the metadata allows, or (of a `complete` cache) absent; without reading any of them."""
         problems = []
         listing = None if self.local else self._listing()
         for key in range(-(-self.num_chunks // self.per_object)):
             path, chunk = self.path(key), key * self.per_object
             try:
-                problem = self._object_problem(path, chunk, listing)
+                problem = self._object_problem(path, chunk, listing, complete)
             except ChunkDamage as damage:
                 problem = damage.what
             if problem:
                 problems.append((chunk, problem))
         return problems
 
-    def _object_problem(self, path: str, chunk: int, listing: dict[str, int] | None) -> str | None:
+    def _object_problem(self, path: str, chunk: int, listing: dict[str, int] | None, complete: bool) -> str | None:
         if self.local:
             opened = open_regular(path, self.max_bytes, chunk)  # O_NONBLOCK: a FIFO does not wait
             if opened is not None:
@@ -142,7 +142,7 @@ class StoredChunks:
         elif path in listing:
             return None if listing[path] <= self.max_bytes else (
                 f"cannot be read ({path} holds {listing[path]} bytes, more than its metadata allows ({self.max_bytes}))")
-        return f"is missing ({path} is absent; a complete cache has every chunk)"
+        return f"is missing ({path} is absent; a complete cache has every chunk)" if complete else None
 
     def _listing(self) -> dict[str, int]:
         folder = self._prefix.rstrip("/")

@@ -72,21 +72,22 @@ class CacheReader:
             raise CacheDamagedError(f"cache {self.path}: an array cannot be opened ({type(exc).__name__}); run pipeline verify") from exc
         if problems:
             raise CacheDamagedError(f"cache {self.path}: its attributes and arrays disagree: {'; '.join(problems)}; run pipeline verify")
-        # A complete cache has every chunk, each a regular file (or object) of bounded size: checked
-        # before anything reads one (zarr would read a link to /dev/zero without end).
+        # Every chunk a regular file (or object) of bounded size, and in a complete cache every one
+        # there: checked before anything reads one (zarr would read a link to /dev/zero without end).
         self.complete = bool(self.attrs["complete"])
         self._stored = StoredChunks.of(self.path, self.layout)
-        if self.complete:
-            for name, stored in self._stored.items():
-                problems = stored.object_problems()
-                if problems:
-                    chunk, what = problems[0]
-                    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                    raise CacheDamagedError(f"cache {self.path}: array {name}: chunk {chunk} {what}{more}; run pipeline verify")
+        for name, stored in self._stored.items():
+            problems = stored.object_problems(self.complete)
+            if problems:
+                chunk, what = problems[0]
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise CacheDamagedError(f"cache {self.path}: array {name}: chunk {chunk} {what}{more}; run pipeline verify")
         # A local cache's arrays are read from their chunk files directly (stages.cache.chunk_files), others by zarr.
         self._files = {} if storage.is_url(self.path) else {
             name: files for name in self.arrays if (files := ChunkFiles.open(Path(self.path) / name)) is not None}
         self.manifest = self._read_manifest() if self.complete and self.layout.manifest else None
+        if self.manifest is not None and not storage.is_url(self.path):
+            self._check_positions()
         for name, files in self._files.items():
             files.strict = self.complete
             if self.manifest is not None and files.crc:
@@ -114,6 +115,18 @@ class CacheReader:
             raise CacheDamagedError(f"cache {self.path}: array chunk_manifest cannot be read ({type(exc).__name__}: {exc}); "
                                     "run pipeline verify") from exc
         return Manifest(self.attrs, self.layout, values)
+
+    def _check_positions(self) -> None:
+        """Every chunk of every array is the one written at its position, from the checksums it was
+        stored with (4 bytes read per chunk, no values): also the arrays a caller never reads
+        (train-student takes labels from its dataset), which would otherwise pass as sound. Each
+        read checks its chunks again."""
+        chunks = range(self.grid.num_chunks)
+        for name in self.layout.manifest_arrays:
+            try:
+                check_stored(self._stored[name], chunks, self.manifest)
+            except ChunkDamage as exc:
+                raise CacheDamagedError(f"cache {self.path}: array {name}: chunk {exc.chunk} {exc.what}; run pipeline verify") from exc
 
     def _check_index(self) -> None:
         """Rows are joined to their inputs by `index`: a permuted or duplicated one would pair soft
