@@ -74,7 +74,7 @@ def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split
         return report
     stored = StoredChunks.of(path, layout)
     if not _check_stored_objects(report, stored, attrs["complete"]):
-        return report  # zarr reads a link to /dev/zero without end, and waits on a FIFO forever
+        return report  # zarr would read a link to /dev/zero without end, and wait on a FIFO forever
     manifest = _read_manifest(report, group, attrs, layout) if attrs["complete"] and layout.manifest else None
     done = _read_whole(report, group, "chunk_done")
     if done is not None:
@@ -82,7 +82,7 @@ def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split
         report.add("complete", attrs["complete"] and not len(missing),
                    f"complete={attrs['complete']}, {len(missing)} of {layout.write_grid.num_chunks} {layout.write_unit}s unwritten")
     for name in layout.unit_arrays():  # beside chunk_done: a lossy kind's record of what each unit lost
-        values = None if name == "chunk_done" else _read_whole(report, group, name)
+        values = None if name in ("chunk_done", "chunk_manifest") else _read_whole(report, group, name)
         if values is not None:
             unrecorded = int(np.isnan(values).any(-1).sum())
             report.add(name, not (attrs["complete"] and unrecorded), f"{unrecorded} of {len(values)} {layout.write_unit}s unrecorded")
@@ -115,11 +115,14 @@ def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> Layout | 
 
 
 def _check_stored_objects(report: Report, stored: dict[str, StoredChunks], complete: bool) -> bool:
-    """Whether every stored object is a regular file (or object) no larger than its metadata allows, and, in a complete
-    cache, there; each that is not is named."""
-    bad = [f"array {name}: chunk {chunk} {what}" for name, array in stored.items() for chunk, what in array.object_problems(complete)]
-    return report.add("stored", not bad, "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-                      if bad else "every chunk stored, each a regular file of the size its metadata allows")
+    """Check that every stored object is a regular file (or object) no larger than its metadata allows and, in a
+    complete cache, there, naming each that is not; whether zarr may read the cache (absent objects read as the fill)."""
+    problems = [(f"array {name}: chunk {chunk} {what}", absent) for name, array in stored.items()
+                for chunk, what, absent in array.object_problems(complete)]
+    bad = [text for text, _ in problems]
+    report.add("stored", not bad, "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+               if bad else "every chunk stored, each a regular file of the size its metadata allows")
+    return all(absent for _, absent in problems)
 
 
 def _read_manifest(report: Report, group: zarr.Group, attrs: dict, layout: Layout) -> Manifest | None:

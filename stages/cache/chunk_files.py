@@ -202,7 +202,7 @@ class ChunkFiles:
     def _decode(self, data: np.ndarray, path: str, chunk: int) -> np.ndarray:
         """A chunk's values from its stored bytes (uint8)."""
         if self.crc:
-            data, stored = _checked(data, path, chunk)
+            data, stored = checked(data, path, chunk)
             self._check_seal(chunk, stored, path)
         if self.zstd:
             data = np.frombuffer(_ZSTD.decode(data), np.uint8)
@@ -224,7 +224,7 @@ def shard_extents(read: Callable[[int, int], np.ndarray], size: int, path: str, 
     index_bytes = 16 * per_shard + 4
     if size < index_bytes:
         raise ChunkDamage(chunks[0], f"cannot be read ({path}: a shard of {size} bytes is shorter than its index ({index_bytes}))")
-    index = _checked(read(size - index_bytes, index_bytes), path, chunks[0])[0].view("<u8").reshape(per_shard, 2)
+    index = checked(read(size - index_bytes, index_bytes), path, chunks[0])[0].view("<u8").reshape(per_shard, 2)
     extents = []
     for chunk in chunks:
         offset, nbytes = index[chunk % per_shard].tolist()
@@ -241,7 +241,7 @@ def _pread(fd: int, size: int, offset: int) -> np.ndarray:
     return np.frombuffer(os.pread(fd, size, offset), np.uint8)
 
 
-def _checked(data: np.ndarray, path: str, chunk: int) -> tuple[np.ndarray, int]:
+def checked(data: np.ndarray, path: str, chunk: int) -> tuple[np.ndarray, int]:
     """`data` (uint8) without its trailing crc32c, which must match it, and that crc32c."""
     stored = int.from_bytes(data[-4:].tobytes(), "little") if len(data) >= 4 else None
     if stored is None or google_crc32c.value(data[:-4]) != stored:

@@ -33,7 +33,7 @@ import google_crc32c
 import numpy as np
 
 from stages import storage
-from stages.cache.chunk_files import ChunkDamage, max_object_bytes, open_regular, shard_extents
+from stages.cache.chunk_files import ChunkDamage, checked, max_object_bytes, open_regular, shard_extents
 from stages.cache.layout import Layout
 from stages.storage import CacheLocation
 
@@ -96,10 +96,11 @@ class StoredChunks:
     def path(self, key: int) -> str:
         return f"{self._prefix}{key}{self._tail}"
 
-    def crcs(self, chunks: range) -> dict[int, int | None]:
-        """The crc32c each of `chunks` ends in as stored (None: never written). An object that is
-        not a regular file, is larger than its metadata allows or is a shard with a damaged
-        index raises ChunkDamage."""
+    def crcs(self, chunks: range, whole: bool = False) -> dict[int, int | None]:
+        """The crc32c each of `chunks` ends in as stored (None: never written); with `whole`, each
+        chunk's bytes are read and must match it. An object that is not a regular file, is larger
+        than its metadata allows or is a shard with a damaged index raises ChunkDamage, and so
+        does, with `whole`, a chunk whose bytes do not match its crc32c."""
         found: dict[int, int | None] = {}
         for key in range(chunks[0] // self.per_object, chunks[-1] // self.per_object + 1):
             held = range(max(chunks[0], key * self.per_object), min(chunks[-1], (key + 1) * self.per_object - 1) + 1)
@@ -112,37 +113,44 @@ class StoredChunks:
             try:
                 extents = (shard_extents(read, size, path, self.per_object, held) if self.sharded
                            else [(0, size) if size >= 4 else (None, 0)])
-                found.update({chunk: None if offset is None else int.from_bytes(read(offset + nbytes - 4, 4).tobytes(), "little")
-                              for chunk, (offset, nbytes) in zip(held, extents)})
+                for chunk, (offset, nbytes) in zip(held, extents):
+                    if offset is None:
+                        found[chunk] = None
+                    elif whole:
+                        found[chunk] = checked(read(offset, nbytes), path, chunk)[1]
+                    else:
+                        found[chunk] = int.from_bytes(read(offset + nbytes - 4, 4).tobytes(), "little")
             finally:
                 close()
         return found
 
-    def object_problems(self, complete: bool = True) -> list[tuple[int, str]]:
-        """(first chunk, what) for every stored object that is not a regular file no larger than
-        the metadata allows, or (of a `complete` cache) absent; without reading any of them."""
+    def object_problems(self, complete: bool = True) -> list[tuple[int, str, bool]]:
+        """(first chunk, what, whether it is absent) for every stored object that is not a regular
+        file no larger than the metadata allows, or (of a `complete` cache) absent; without
+        reading any of them."""
         problems = []
         listing = None if self.local else self._listing()
         for key in range(-(-self.num_chunks // self.per_object)):
             path, chunk = self.path(key), key * self.per_object
             try:
-                problem = self._object_problem(path, chunk, listing, complete)
+                if self._present(path, chunk, listing):
+                    continue
+                if complete:
+                    problems.append((chunk, f"is missing ({path} is absent; a complete cache has every chunk)", True))
             except ChunkDamage as damage:
-                problem = damage.what
-            if problem:
-                problems.append((chunk, problem))
+                problems.append((chunk, damage.what, False))
         return problems
 
-    def _object_problem(self, path: str, chunk: int, listing: dict[str, int] | None, complete: bool) -> str | None:
+    def _present(self, path: str, chunk: int, listing: dict[str, int] | None) -> bool:
+        """Whether the object at `path` is there; ChunkDamage when it is but is not a regular file of at most max_bytes."""
         if self.local:
             opened = open_regular(path, self.max_bytes, chunk)  # O_NONBLOCK: a FIFO does not wait
             if opened is not None:
                 os.close(opened[0])
-                return None
-        elif path in listing:
-            return None if listing[path] <= self.max_bytes else (
-                f"cannot be read ({path} holds {listing[path]} bytes, more than its metadata allows ({self.max_bytes}))")
-        return f"is missing ({path} is absent; a complete cache has every chunk)" if complete else None
+            return opened is not None
+        if path in listing and listing[path] > self.max_bytes:
+            raise ChunkDamage(chunk, f"cannot be read ({path} holds {listing[path]} bytes, more than its metadata allows ({self.max_bytes}))")
+        return path in listing
 
     def _listing(self) -> dict[str, int]:
         folder = self._prefix.rstrip("/")
@@ -192,6 +200,7 @@ def check_stored(stored: StoredChunks, chunks: range, manifest: Manifest | None)
         if crc is None:
             raise ChunkDamage(chunk, "is missing (absent from its shard or folder; a complete cache has every chunk)")
         if manifest is not None and not manifest.matches(stored.name, chunk, crc):
+            stored.crcs(range(chunk, chunk + 1), whole=True)  # a torn or truncated chunk is named as such
             raise ChunkDamage(chunk, "is not the chunk written there (moved from another position or copied from another "
                                      "cache, or an attribute the manifest binds was edited)")
 

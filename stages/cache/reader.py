@@ -79,7 +79,7 @@ class CacheReader:
         for name, stored in self._stored.items():
             problems = stored.object_problems(self.complete)
             if problems:
-                chunk, what = problems[0]
+                chunk, what, _ = problems[0]
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 raise CacheDamagedError(f"cache {self.path}: array {name}: chunk {chunk} {what}{more}; run pipeline verify")
         # A local cache's arrays are read from their chunk files directly (stages.cache.chunk_files), others by zarr.
