@@ -23,6 +23,7 @@ symbolic link or a FIFO, and in a complete cache every one present.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -185,12 +186,18 @@ class Manifest:
         self.position = {name: i for i, name in enumerate(layout.manifest_arrays)}
 
     def matches(self, name: str, chunk: int, crc: int) -> bool:
-        unit, within = divmod(chunk, self.per_unit)
-        return int(self.values[unit, self.position[name], within]) == binding(self.key, name, chunk, crc)
+        return self.seal(name)(chunk, crc)
 
     def seal(self, name: str) -> Callable[[int, int], bool]:
         """`matches` for array `name`: (chunk, crc32c it was read with) -> whether it is the chunk written there."""
-        return lambda chunk, crc: self.matches(name, chunk, crc)
+        return functools.partial(_matches, self.values[:, self.position[name]], self.per_unit, self.key + name.encode())
+
+
+def _matches(entries: np.ndarray, per_unit: int, prefix: bytes, chunk: int, crc: int) -> bool:
+    """Whether `crc` is what `entries` (one array's, by write unit) bind to chunk `chunk`: on every
+    chunk a reader reads, so the key and name are joined once (`prefix`), as `binding` joins them."""
+    return entries.item(chunk // per_unit, chunk % per_unit) == google_crc32c.value(
+        prefix + chunk.to_bytes(8, "little") + crc.to_bytes(4, "little"))
 
 
 def check_stored(stored: StoredChunks, chunks: range, manifest: Manifest | None) -> None:
