@@ -155,6 +155,7 @@ class StoredChunks:
 
     def _listing(self) -> dict[str, int]:
         folder = self._prefix.rstrip("/")
+        self._fs.invalidate_cache(folder)
         if not self._fs.exists(folder):
             return {}
         return {name: int(info["size"]) for name, info in self._fs.find(folder, detail=True).items()}
@@ -167,13 +168,16 @@ class StoredChunks:
                 return None
             fd, size = opened
             return (lambda offset, nbytes: np.frombuffer(os.pread(fd, nbytes, offset), np.uint8)), size, lambda: os.close(fd)
+        # fsspec remembers listings (remove_partial_files lists the whole cache): an object written
+        # since would look absent.
+        self._fs.invalidate_cache(path)
         try:
             size = self._fs.size(path)
         except FileNotFoundError:
             return None
         if size > self.max_bytes:
             raise ChunkDamage(chunk, f"cannot be read ({path} holds {size} bytes, more than its metadata allows ({self.max_bytes}))")
-        return (lambda offset, nbytes: np.frombuffer(self._fs.cat_file(path, offset, offset + nbytes), np.uint8)), size, lambda: None
+        return (lambda offset, nbytes: np.frombuffer(self._fs.cat_file(path, start=offset, end=offset + nbytes), np.uint8)), size, lambda: None
 
 
 class Manifest:

@@ -229,3 +229,26 @@ def test_a_schema_5_cache_without_a_manifest_still_reads_verifies_and_trains(cac
     _object(old, "index", 1).unlink()  # a missing chunk is damage in every schema
     with pytest.raises(CacheDamagedError, match="array index: chunk 2 is missing"):
         CacheReader(old)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_on_an_object_store_swapped_and_missing_chunks_are_damage_too(teacher_weights, tmp_path, sharded):
+    """Behind a URL zarr reads the chunks; the manifest and the objects are checked all the same
+    (memory://, fsspec's in-process store, which the CLI run in this process shares)."""
+    import fsspec
+
+    url = f"memory://manifest-{'sharded' if sharded else 'plain'}/c.zarr"
+    fs = fsspec.filesystem("memory")
+    try:
+        cache_with_cli(url, teacher_weights, "--shard-rows", str(SHARD_ROWS if sharded else 0))
+        root = url.removeprefix("memory://")
+        first, second = (f"/{root}/logits/c/{key}/0" for key in (1, 2))
+        a, b = fs.cat_file(first), fs.cat_file(second)
+        fs.pipe_file(first, b)
+        fs.pipe_file(second, a)
+        chunks = [2, 3, 4, 5] if sharded else [1, 2]
+        _assert_damage(url, tmp_path, *(f"array logits: chunk {c} is not the chunk written there" for c in chunks))
+        fs.rm_file(f"/{root}/labels/c/1")
+        _assert_damage(url, tmp_path, f"array labels: chunk {PER_SHARD if sharded else 1} is missing")
+    finally:
+        fs.rm(f"/{url.removeprefix('memory://').split('/')[0]}", recursive=True)
