@@ -93,11 +93,14 @@ THREAD_TURNS = 2
 TARGETS = {"cache_vs_forward": 1.05, "student_cache_vs_memory": 1.10, "memory_10x_vs_1x": 1.10, "shuffled_vs_sequential_reads": 0.5,
            "loaded_threads_chosen_vs_one": 1.5, "lm_teacher_memory_8x_batch": 1.10,
            "reader_vs_memmap_dense": 0.7, "reader_vs_memmap_tokens": 0.7, "lm_cache_vs_forward": 1.05,
+           # the chunk manifest's check (each chunk read is the one written there) costs the reader at most 3%
+           "reader_manifest_checked_vs_unchecked_dense": 0.97, "reader_manifest_checked_vs_unchecked_tokens": 0.97,
            **{f"lm_student_{measure}_memory_largest_vs_smallest_beyond_bare_v{vocab}": 1.15
               for measure in ("train", "train_and_evaluate") for vocab in (32_000, 128_256)},
            "lm_student_step_in_pieces_vs_whole_v32000": 1.3}
 # Ratios whose target is a floor (the rest are ceilings).
-AT_LEAST = {"shuffled_vs_sequential_reads", "reader_vs_memmap_dense", "reader_vs_memmap_tokens"}
+AT_LEAST = {"shuffled_vs_sequential_reads", "reader_vs_memmap_dense", "reader_vs_memmap_tokens",
+            "reader_manifest_checked_vs_unchecked_dense", "reader_manifest_checked_vs_unchecked_tokens"}
 SECTIONS = ("core", "lm-memory", "reader", "lm-writer", "lm-student")
 READER_TOP_K = 32
 READER_BATCH_TOKENS = 8192  # a token cache's batches: this many positions (rows of lm_seq)
@@ -174,6 +177,8 @@ def _measure(config: BenchConfig, scratch: Path) -> dict:
         for shape, figures in report["reader"].items():
             ratios[f"reader_vs_memmap_{shape}"] = figures["reader_per_second"] / figures["memmap_per_second"]
             ratios[f"reader_first_epoch_vs_memmap_{shape}"] = figures["reader_first_epoch_per_second"] / figures["memmap_per_second"]
+            ratios[f"reader_manifest_checked_vs_unchecked_{shape}"] = (figures["reader_per_second"]
+                                                                       / figures["reader_unchecked_per_second"])
     if "lm-student" in sections and config.student_vocabs:
         # 11. train-student's memory and step time at a language model's vocabulary, in pieces and whole
         student = report["lm_student"] = _lm_student(config, scratch)
@@ -492,7 +497,8 @@ def bare_student_steps(spec: str, vocab: int, seq: int, batch: int, steps: int) 
 
 def _reader_limit(config: BenchConfig, scratch: Path) -> dict:
     """Section 9: rows (dense) or positions (tokens) per second through CacheReader.batches and
-    through a memory map of the same bytes, for a dense and a top-k token cache."""
+    through a memory map of the same bytes, for a dense and a top-k token cache; and through the
+    same reader without the chunk manifest's check on each read, to measure what it costs."""
     tokens = config.reader_tokens // config.lm_seq
     layouts = {
         "dense": Layout(kind="dense", num_samples=config.reader_rows, num_classes=config.classes, chunk_rows=1),
@@ -511,10 +517,15 @@ def _reader_limit(config: BenchConfig, scratch: Path) -> dict:
         per_row = layout.tokens or 1
         _memmap_epoch(mapped, reader, batch, epoch=0)  # warm the page cache (and the reader's checks) before timing
         _timed_epoch(reader, batch, names, epoch=0)
-        memmap_seconds, reader_seconds, first_seconds = [], [], []
+        unchecked = CacheReader(path)
+        for files in unchecked._files.values():  # noqa: SLF001 - the check switched off, only to measure it
+            files.seal = None
+        _timed_epoch(unchecked, batch, names, epoch=0)
+        memmap_seconds, reader_seconds, unchecked_seconds, first_seconds = [], [], [], []
         for turn in range(READ_TURNS):
             memmap_seconds.append(_timed(lambda: _memmap_epoch(mapped, reader, batch, epoch=turn + 1)))
             reader_seconds.append(_timed_epoch(reader, batch, names, epoch=turn + 1))
+            unchecked_seconds.append(_timed_epoch(unchecked, batch, names, epoch=turn + 1))
             first_seconds.append(_timed(lambda: _timed_epoch(CacheReader(path), batch, names, epoch=turn + 1)))
         units = layout.num_samples * per_row
         report[shape] = {
@@ -522,6 +533,7 @@ def _reader_limit(config: BenchConfig, scratch: Path) -> dict:
             "chunk_rows": layout.chunk_rows, "batch_rows": batch, "bytes_read": sum(a.nbytes for a in mapped.values()),
             "memmap_per_second": units / min(memmap_seconds), "reader_per_second": units / min(reader_seconds),
             "reader_first_epoch_per_second": units / min(first_seconds),
+            "reader_unchecked_per_second": units / min(unchecked_seconds),
         }
     return report
 
@@ -661,8 +673,10 @@ def without_checksums(source: Path, target: Path) -> None:
     """Copy the cache at `source` to `target` with the same arrays, chunks, shards and other codecs
     but no crc32c checksums on the chunks: a cache as schema 2 stored it."""
     original = zarr.open_group(str(source), mode="r")
-    copy = zarr.open_group(str(target), mode="w", attributes=dict(original.attrs))
-    for name in original.array_keys():
+    # Schema 2 had no checksums, so neither a chunk manifest (which binds them) nor the cache id it uses.
+    attributes = {**{k: v for k, v in original.attrs.items() if k != "cache_id"}, "schema_version": 2}
+    copy = zarr.open_group(str(target), mode="w", attributes=attributes)
+    for name in sorted(set(original.array_keys()) - {"chunk_manifest"}):
         array = original[name]
         copied = copy.create_array(name, shape=array.shape, chunks=array.chunks, shards=array.shards, dtype=array.dtype,
                                    fill_value=array.fill_value,

@@ -6,7 +6,9 @@ and optionally the stored logits against a fresh teacher forward on a sample of 
 
 The per-chunk checks run as dask tasks over the write units (shards, or chunks when the cache is
 unsharded), so a large cache is checked out of core and in parallel, and every damaged shard or
-chunk is named rather than the first one only.
+chunk is named rather than the first one only. Before zarr reads anything, every stored object
+must be a regular file of the size its metadata allows (and in a complete cache, be there); in a
+cache with a chunk manifest, each chunk must be the one written at its position (stages.cache.manifest).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from stages.augment import Augmentation, view_seeds
 from stages.cache.format import (
     FORMAT, SCHEMA_VERSION, array_problems, dataset_size, is_cache, malformed_attributes, row_problem,
 )
+from stages.cache.chunk_files import ChunkDamage
 from stages.cache.layout import Layout
+from stages.cache.manifest import Manifest, StoredChunks, check_stored
 from stages.data import Split, sequence_lengths, sha256
 from stages.errors import CacheMismatchError, InputError
 from stages.kinds import KINDS
@@ -71,17 +75,21 @@ def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split
     if split is not None and len(split) != dataset_size(attrs):  # its rows are indexed by the cache's
         raise CacheMismatchError(f"split {split.name!r} of the dataset given has {len(split):,} samples; cache {path} was made "
                                  f"from {dataset_size(attrs):,} (split {attrs['dataset'].get('split')!r} of {attrs['dataset'].get('spec')})")
+    stored = StoredChunks.of(path, layout)
+    if not _check_stored_objects(report, stored, attrs["complete"]):
+        return report  # zarr would read a link to /dev/zero without end, and wait on a FIFO forever
+    manifest = _read_manifest(report, group, attrs, layout) if attrs["complete"] and layout.manifest else None
     done = _read_whole(report, group, "chunk_done")
     if done is not None:
         missing = np.flatnonzero(done == 0)
         report.add("complete", attrs["complete"] and not len(missing),
                    f"complete={attrs['complete']}, {len(missing)} of {layout.write_grid.num_chunks} {layout.write_unit}s unwritten")
     for name in layout.unit_arrays():  # beside chunk_done: a lossy kind's record of what each unit lost
-        values = None if name == "chunk_done" else _read_whole(report, group, name)
+        values = None if name in ("chunk_done", "chunk_manifest") else _read_whole(report, group, name)
         if values is not None:
             unrecorded = int(np.isnan(values).any(-1).sum())
             report.add(name, not (attrs["complete"] and unrecorded), f"{unrecorded} of {len(values)} {layout.write_unit}s unrecorded")
-    _check_chunks(report, group, attrs, layout)
+    _check_chunks(report, group, attrs, layout, stored if attrs["complete"] else None, manifest)
     _check_index_and_labels(report, group, attrs)
     if layout.views is not None:
         _check_view_seeds(report, group, attrs, layout)
@@ -109,21 +117,44 @@ def _check_metadata(report: Report, group: zarr.Group, attrs: dict) -> Layout | 
     return layout
 
 
-def _check_chunk(group: zarr.Group, layout: Layout, chunk: int, dataset_size: int) -> str | None:
-    """Why one write unit (shard, or chunk) is bad, or None when it is readable and its values are sound."""
+def _check_stored_objects(report: Report, stored: dict[str, StoredChunks], complete: bool) -> bool:
+    """Check that every stored object is a regular file (or object) no larger than its metadata allows and, in a
+    complete cache, there, naming each that is not; whether zarr may read the cache (absent objects read as the fill)."""
+    problems = [(f"array {name}: chunk {chunk} {what}", absent) for name, array in stored.items()
+                for chunk, what, absent in array.object_problems(complete)]
+    bad = [text for text, _ in problems]
+    report.add("stored", not bad, "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+               if bad else "every chunk stored, each a regular file of the size its metadata allows")
+    return all(absent for _, absent in problems)
+
+
+def _read_manifest(report: Report, group: zarr.Group, attrs: dict, layout: Layout) -> Manifest | None:
+    values = _read_whole(report, group, "chunk_manifest")
+    return None if values is None else Manifest(attrs, layout, values)
+
+
+def _check_chunk(group: zarr.Group, layout: Layout, chunk: int, dataset_size: int, stored: dict[str, StoredChunks] | None,
+                 manifest: Manifest | None) -> str | None:
+    """Why one write unit (shard, or chunk) is bad, or None when it is readable and its values are sound. With the
+    arrays `stored` (of a complete cache), each chunk must be there and, with a `manifest`, be the one written there."""
     start, stop = layout.write_grid.rows(chunk)
     rows = {}
     for name in layout.arrays():
         try:
+            if stored is not None:
+                check_stored(stored[name], layout.chunks_of(chunk), manifest)
             rows[name] = group[name][start:stop]
+        except ChunkDamage as damage:
+            return f"array {name}: chunk {damage.chunk} {damage.what}"
         except Exception as exc:  # noqa: BLE001 - a checksum mismatch, a torn or truncated chunk
             return f"unreadable {name} ({type(exc).__name__}: {exc})"
     return row_problem(rows, layout, dataset_size, start)
 
 
-def _check_chunks(report: Report, group: zarr.Group, attrs: dict, layout: Layout) -> None:
+def _check_chunks(report: Report, group: zarr.Group, attrs: dict, layout: Layout, stored: dict[str, StoredChunks] | None,
+                  manifest: Manifest | None) -> None:
     grid, unit = layout.write_grid, layout.write_unit
-    tasks = [dask.delayed(_check_chunk)(group, layout, c, dataset_size(attrs)) for c in range(grid.num_chunks)]
+    tasks = [dask.delayed(_check_chunk)(group, layout, c, dataset_size(attrs), stored, manifest) for c in range(grid.num_chunks)]
     results = dask.compute(*tasks, scheduler="threads")
     bad = [f"{unit} {c}: {why}" for c, why in enumerate(results) if why]
     report.add("chunks", not bad, "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

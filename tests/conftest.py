@@ -108,7 +108,7 @@ def assert_same_cache(a, b, storage_options: dict | None = None) -> None:
     first, second = (zarr.open_group(str(c), mode="r", storage_options=storage_options if "://" in str(c) else None)
                      for c in (a, b))
     assert sorted(first.array_keys()) == sorted(second.array_keys())
-    for name in first.array_keys():
+    for name in set(first.array_keys()) - {"chunk_manifest"}:  # each binds its own cache's random id
         a, b = first[name][:], second[name][:]
         assert (a.dtype, a.shape) == (b.dtype, b.shape), name
         assert a.tobytes() == b.tobytes(), f"{name}: {int((a != b).sum())} values differ"  # bit for bit, NaNs and -0.0 too

@@ -23,9 +23,11 @@ Room for later kinds without breaking readers of these: `kind` names a class of 
 may carry further named axes (views), and `teachers` is a list with a `combine` rule for
 ensembles. Schema 1 caches (dense, one row per sample, before `row_axes`) read as schema 2,
 schema 2 caches (no checksums, no dimension names) as schema 3, schema 3 caches (before
-`shard_rows`) as unsharded schema 4 caches, and schema 4 caches (the kind's options as
+`shard_rows`) as unsharded schema 4 caches, schema 4 caches (the kind's options as
 attributes of their own, `top_k`, `value_bits`, `samples`, `sample_seed`) as schema 5 caches,
-whose `kind_options` attribute holds them all.
+whose `kind_options` attribute holds them all, and schema 5 caches (no `chunk_manifest`, no
+`cache_id`) as schema 6 caches without the check that each chunk is the one written at its
+position (stages.cache.manifest).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from stages.kinds import Rows
 from stages.storage import CacheLocation
 
 FORMAT = "distill-cache"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+CHECKSUM_SCHEMA = 3  # the first schema whose every chunk ends in a crc32c
 STORED_VALUES = "teacher_logits / temperature"
 
 
@@ -138,7 +141,25 @@ def array_problems(group: zarr.Group, attrs: dict, layout: Layout) -> list[str]:
                  if shard_rows[name] != layout.shard_rows]
     problems += [f"{name}: dtype {array.dtype} (expected {expected[name][1]})" for name, array in present.items()
                  if str(array.dtype) != expected[name][1]]
+    version = attrs["schema_version"]
+    if version >= CHECKSUM_SCHEMA:  # a chunk without its checksum could be anything: refused, not trusted
+        problems += [f"{name}: its chunks carry no crc32c checksum (schema {version} requires one)"
+                     for name in expected if name in group and not _checksummed(group[name])]
     return problems
+
+
+def _checksummed(array: zarr.Array) -> bool:
+    """Whether every chunk of `array` ends in a crc32c checksum (and, sharded, each shard's index)."""
+    codecs = list(array.metadata.to_dict()["codecs"])
+    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+        config = codecs[0]["configuration"]
+        return _ends_in_crc32c(config["codecs"]) and _ends_in_crc32c(config["index_codecs"])
+    return _ends_in_crc32c(codecs)
+
+
+def _ends_in_crc32c(codecs) -> bool:
+    codecs = list(codecs)
+    return bool(codecs) and codecs[-1]["name"] == "crc32c"
 
 
 def _sharding(shard_rows: int | None) -> str:

@@ -35,6 +35,8 @@ MAX_CHUNK_ROWS = 1024
 # the array, so that a cache just above the threshold still has about that many shards to
 # resume, verify and hand to dask workers.
 SHARD_ABOVE_BYTES = 2**30
+# The first schema whose caches have a `chunk_manifest` (stages.cache.manifest).
+MANIFEST_SCHEMA = 6
 SHARD_BYTES = (64 * 2**20, 128 * 2**20)
 MIN_SHARDS = 16
 
@@ -105,6 +107,7 @@ class Layout:
     labelled: bool = True
     features: int | None = None  # feature targets: the teacher's feature vector per sample (or view) has F values
     shard_rows: int | None = None  # rows per shard, a multiple of chunk_rows; None: unsharded (a chunk per object)
+    manifest: bool = True  # whether the cache has a chunk_manifest (from schema MANIFEST_SCHEMA on)
 
     def __post_init__(self):
         object.__setattr__(self, "options", kind_options(self.kind, self.options))  # checks the kind's name too
@@ -145,7 +148,7 @@ class Layout:
 
     def chunks_of(self, unit: int) -> range:
         """The read chunks that make up write unit `unit`."""
-        per_unit = self.write_grid.chunk_rows // self.chunk_rows
+        per_unit = self.chunks_per_unit
         return range(unit * per_unit, min((unit + 1) * per_unit, self.grid.num_chunks))
 
     @property
@@ -193,13 +196,27 @@ class Layout:
     def unit_arrays(self) -> dict[str, ArraySpec]:
         """Arrays with a row per write unit (their shape is the whole array's), each row its own
         object, so that recording one unit never rewrites another's: `chunk_done`, whether the
-        unit is complete, and for a lossy kind `encoding_error`, what its encoding lost there
-        (positions, sum and largest absolute error in probability, summed KL; stages.kinds)."""
+        unit is complete; `chunk_manifest`, which chunk of each per-row array (`manifest_arrays`)
+        was written at each of its positions (stages.cache.manifest); and for a lossy kind
+        `encoding_error`, what its encoding lost there (positions, sum and largest absolute error
+        in probability, summed KL; stages.kinds)."""
         units = self.write_grid.num_chunks
         arrays = {"chunk_done": ArraySpec((units,), "uint8", 0, False, ("chunk",))}
+        if self.manifest:
+            arrays["chunk_manifest"] = ArraySpec((units, len(self.manifest_arrays), self.chunks_per_unit), "uint32", 0, False,
+                                                 ("chunk", "array", "read_chunk"))
         if self.soft_kind.lossy:
             arrays["encoding_error"] = ArraySpec((units, 4), "float64", float("nan"), False, ("chunk", "statistic"))
         return arrays
+
+    @property
+    def manifest_arrays(self) -> tuple[str, ...]:
+        """The per-row arrays in the order of the manifest's `array` axis: by name."""
+        return tuple(sorted(self.arrays()))
+
+    @property
+    def chunks_per_unit(self) -> int:
+        return self.write_grid.chunk_rows // self.chunk_rows
 
     @property
     def row_bytes(self) -> int:
@@ -229,7 +246,9 @@ class Layout:
     @classmethod
     def from_attributes(cls, attrs: dict, labelled: bool) -> Layout:
         """The layout a cache's attributes describe (schema 1 caches: dense, one row per sample;
-        before schema 4: unsharded; before schema 5: the kind's options as attributes of their own)."""
+        before schema 4: unsharded; before schema 5: the kind's options as attributes of their own;
+        before schema 6: no chunk manifest, unless the cache has a `cache_id`, which only a manifest's writer gives)."""
+        version = attrs.get("schema_version")
         row_shape = attrs["row_shape"]
         axes = attrs.get("row_axes") or ["class"]
         return cls(
@@ -239,6 +258,7 @@ class Layout:
             tokens=row_shape[axes.index("token")] if "token" in axes else None,
             views=row_shape[axes.index("view")] if "view" in axes else None, labelled=labelled,
             features=attrs.get("features"), shard_rows=attrs.get("shard_rows"), trained_mask=bool(attrs.get("trained_mask", False)),
+            manifest="cache_id" in attrs or (isinstance(version, int) and version >= MANIFEST_SCHEMA),
         )
 
 

@@ -5,7 +5,9 @@ stages.cache.format.
 How it keeps up with the disk (`pipeline bench --only reader` compares it with a memory map of
 the same bytes): a local cache's chunks are read straight from their files into the shuffle
 buffer (stages.cache.chunk_files), the buffers are reused, and the values of a chunk are
-range-checked on its first read in a process only; its checksum is checked on every read."""
+range-checked on its first read in a process only; its checksum, and in a cache with a chunk
+manifest that it is the chunk written at its position (stages.cache.manifest), on every read.
+In a complete cache every chunk must be there: an absent one is damage, never the fill value."""
 
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import numpy as np
 import zarr
 
 from stages import storage
-from stages.cache.chunk_files import ChunkFiles
+from stages.cache.chunk_files import ChunkDamage, ChunkFiles
 from stages.cache.format import (
     FORMAT, SCHEMA_VERSION, Rows, array_problems, dataset_size, is_cache, malformed_attributes, row_problem, unreadable_chunks,
 )
 from stages.cache.layout import Layout
+from stages.cache.manifest import Manifest, StoredChunks, check_stored
 from stages.data import Split, fingerprint, sha256
 from stages.errors import CacheDamagedError, CacheMismatchError, InputError
 from stages.kinds import KINDS
@@ -69,9 +72,26 @@ class CacheReader:
             raise CacheDamagedError(f"cache {self.path}: an array cannot be opened ({type(exc).__name__}); run pipeline verify") from exc
         if problems:
             raise CacheDamagedError(f"cache {self.path}: its attributes and arrays disagree: {'; '.join(problems)}; run pipeline verify")
+        # Every chunk a regular file (or object) of bounded size, and in a complete cache every one
+        # there: checked before anything reads one (zarr would read a link to /dev/zero without end).
+        self.complete = bool(self.attrs["complete"])
+        self._stored = StoredChunks.of(self.path, self.layout)
+        for name, stored in self._stored.items():
+            problems = stored.object_problems(self.complete)
+            if problems:
+                chunk, what, _ = problems[0]
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise CacheDamagedError(f"cache {self.path}: array {name}: chunk {chunk} {what}{more}; run pipeline verify")
         # A local cache's arrays are read from their chunk files directly (stages.cache.chunk_files), others by zarr.
         self._files = {} if storage.is_url(self.path) else {
             name: files for name in self.arrays if (files := ChunkFiles.open(Path(self.path) / name)) is not None}
+        self.manifest = self._read_manifest() if self.complete and self.layout.manifest else None
+        if self.manifest is not None and not storage.is_url(self.path):
+            self._check_positions()
+        for name, files in self._files.items():
+            files.strict = self.complete
+            if self.manifest is not None and files.crc:
+                files.seal = self.manifest.seal(name)
         # Chunks of those arrays whose values passed row_problem in this process, by array: the
         # checksum, checked on every read, then vouches that a later read gives the same bytes,
         # so each value is range-checked once per process rather than once per epoch.
@@ -79,6 +99,34 @@ class CacheReader:
         self._buffers = BufferPool()
         if require_complete:
             self._check_index()
+
+    def _read_manifest(self) -> Manifest:
+        """The manifest of a complete cache (its chunks' checksums bound to their positions), read whole."""
+        files = None if storage.is_url(self.path) else ChunkFiles.open(Path(self.path) / "chunk_manifest")
+        try:
+            if files is None:
+                values = self.group["chunk_manifest"][:]
+            else:
+                files.strict = True
+                values = files.read(0, files.shape[0])[0]
+        except ChunkDamage as exc:
+            raise CacheDamagedError(f"cache {self.path}: array chunk_manifest: chunk {exc.chunk} {exc.what}; run pipeline verify") from exc
+        except Exception as exc:
+            raise CacheDamagedError(f"cache {self.path}: array chunk_manifest cannot be read ({type(exc).__name__}: {exc}); "
+                                    "run pipeline verify") from exc
+        return Manifest(self.attrs, self.layout, values)
+
+    def _check_positions(self) -> None:
+        """Every chunk of every array is the one written at its position, from the checksums it was
+        stored with (4 bytes read per chunk, no values): also the arrays a caller never reads
+        (train-student takes labels from its dataset), which would otherwise pass as sound. Each
+        read checks its chunks again."""
+        chunks = range(self.grid.num_chunks)
+        for name in self.layout.manifest_arrays:
+            try:
+                check_stored(self._stored[name], chunks, self.manifest)
+            except ChunkDamage as exc:
+                raise CacheDamagedError(f"cache {self.path}: array {name}: chunk {exc.chunk} {exc.what}; run pipeline verify") from exc
 
     def _check_index(self) -> None:
         """Rows are joined to their inputs by `index`: a permuted or duplicated one would pair soft
@@ -149,11 +197,17 @@ class CacheReader:
                     if files is not None:
                         rows[name], gap = files.read(start, stop, target)
                         gaps |= gap
-                    elif target is None:
-                        rows[name] = array[start:stop]
                     else:
-                        target[...] = array[start:stop]
-                        rows[name] = target
+                        if self.complete:  # what ChunkFiles checks, before zarr reads the chunks
+                            check_stored(self._stored[name], range(start // self.grid.chunk_rows, (stop - 1) // self.grid.chunk_rows + 1),
+                                         self.manifest)
+                        if target is None:
+                            rows[name] = array[start:stop]
+                        else:
+                            target[...] = array[start:stop]
+                            rows[name] = target
+                except ChunkDamage as exc:  # located already: never read again through zarr
+                    raise CacheDamagedError(f"cache {self.path}: array {name}: chunk {exc.chunk} {exc.what}; run pipeline verify") from exc
                 except Exception as exc:
                     chunks = range(start // self.grid.chunk_rows, (stop - 1) // self.grid.chunk_rows + 1)
                     chunk = (unreadable_chunks(array, self.grid, chunks) or [chunks[-1]])[0]

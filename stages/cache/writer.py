@@ -9,7 +9,9 @@ import contextlib
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from stages.cache.format import (
     FORMAT, SCHEMA_VERSION, STORED_VALUES, Rows, dataset_size, is_cache, now_iso, row_problem, unreadable_chunks,
 )
 from stages.cache.layout import ZSTD_LEVEL, ChunkGrid, Layout, recorded_options
+from stages.cache.manifest import unit_entries
 from stages.errors import CacheDamagedError, InputError, PipelineError
 from stages.kinds.base import valid_positions
 from stages.storage import CacheLocation
@@ -46,14 +49,15 @@ class CacheWriter:
     chunks, or 1 shard). Its memory is bounded by that: a sharded writer holds about three
     shards of rows (one filling, one queued, one being written), about 3 x 64-128 MiB per
     soft-label array at the default sharding. A unit's `chunk_done` record is set only after all
-    of its arrays are written.
+    of its arrays and its `chunk_manifest` row (stages.cache.manifest) are written.
     """
 
     def __init__(self, path: CacheLocation, *, max_pending: int | None = None, lock=None):
         self.path = path
         self.lock = lock  # a stages.storage lock: checked before each unit, a lost lease stops the writes
         self.group = zarr.open_group(str(self.path), mode="r+")
-        self.layout = Layout.from_attributes(dict(self.group.attrs), labelled="labels" in self.group)
+        self._attrs = dict(self.group.attrs)  # what the manifest binds: never changed by a resumed write
+        self.layout = Layout.from_attributes(self._attrs, labelled="labels" in self.group)
         self.grid = self.layout.write_grid
         if max_pending is None:
             max_pending = 4 if self.layout.shard_rows is None else 1
@@ -62,6 +66,7 @@ class CacheWriter:
         arrays = {name: self.group[name].with_config({"write_empty_chunks": True}) for name in self.group.array_keys()}
         self._done = arrays.pop("chunk_done")
         self._encoding_error = arrays.pop("encoding_error", None)
+        self._manifest = arrays.pop("chunk_manifest", None)  # None in a cache of an older schema, resumed
         self._arrays = arrays
         self._buffers: dict[int, dict[str, list[np.ndarray]]] = {}
         self._filled: dict[int, int] = {}
@@ -83,6 +88,7 @@ class CacheWriter:
             attributes={
                 "format": FORMAT,
                 "schema_version": SCHEMA_VERSION,
+                "cache_id": uuid.uuid4().hex,  # bound into the chunk manifest: a chunk of another cache never matches
                 "stored_values": STORED_VALUES,
                 **layout.attributes(),
                 "complete": False,
@@ -115,8 +121,8 @@ class CacheWriter:
     def forget_damaged_chunks(self) -> None:
         """Before resuming: remove the temporary files a killed zarr write leaves (`*.partial`),
         and unmark the write units whose `chunk_done` record cannot be read (a 0-byte file) or
-        whose rows were never written (`index` holds -1, or cannot be read; or, for a lossy kind,
-        their `encoding_error` record cannot be read or was never written) although marked done,
+        whose rows were never written (`index` holds -1, or cannot be read; their `chunk_manifest`
+        row, or for a lossy kind their `encoding_error` record, cannot be read or was never written) although marked done,
         so that they are computed again. Such damage comes from outside this tool (a writer marks
         a unit only after writing all of it); recomputing costs one unit, refusing would cost
         the whole pass."""
@@ -128,6 +134,9 @@ class CacheWriter:
         if self._encoding_error is not None:  # a unit's record of what it lost, unreadable or never written
             error, torn = _read_tolerant(self._encoding_error, units, np.nan)
             unwritten += [c for c in map(int, np.flatnonzero(done)) if c in torn or np.isnan(error[c]).any()]
+        if self._manifest is not None:  # a unit's manifest row, unreadable or never written
+            entries, torn = _read_tolerant(self._manifest, units, 0)
+            unwritten += [c for c in map(int, np.flatnonzero(done)) if c in torn or not entries[c].any()]
         damaged = sorted({*unreadable, *unwritten})
         if damaged:
             log.warning("%s: %ss %s were marked done but their record is damaged or their rows were never written; "
@@ -219,6 +228,8 @@ class CacheWriter:
                     if error is None:
                         raise PipelineError(f"internal: rows of a {self.layout.kind} cache without their encoding_error")
                     self._encoding_error[chunk] = _unit_encoding_error(error, valid_positions(rows, self.layout.tokens or 0))
+                if self._manifest is not None:
+                    self._manifest[chunk] = unit_entries(self.path, self.layout, self._attrs, chunk)
                 self._done[chunk] = 1
             except BaseException as exc:  # surfaced to the caller by _raise_writer_error
                 self._error = exc
@@ -275,7 +286,9 @@ def open_writer(path: CacheLocation, layout: Layout, attrs: dict, *, overwrite: 
             )
         # The same cache: resume it, unless its arrays were never all created (killed right
         # after its attributes), when it holds no finished unit and is simply made again.
-        if {*layout.arrays(), *layout.unit_arrays()} <= set(group.array_keys()):
+        # A cache of an older schema is resumed as it is (without a chunk manifest, if it had none).
+        existing = replace(layout, manifest=Layout.from_attributes(dict(group.attrs), labelled=layout.labelled).manifest)
+        if {*existing.arrays(), *existing.unit_arrays()} <= set(group.array_keys()):
             writer = CacheWriter(path, lock=lock)
             writer.forget_damaged_chunks()
             return writer

@@ -29,6 +29,7 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
         "loaded_threads_every_core_vs_one", "quiet_threads_chosen_vs_every_core", "lm_teacher_memory_8x_batch",
         "lm_teacher_memory_8x_batch_whole_logits", "reader_vs_memmap_dense", "reader_first_epoch_vs_memmap_dense",
         "reader_vs_memmap_tokens", "reader_first_epoch_vs_memmap_tokens", "lm_cache_vs_forward",
+        "reader_manifest_checked_vs_unchecked_dense", "reader_manifest_checked_vs_unchecked_tokens",
     }
     writer = report["lm_writer"]
     assert (writer["vocab"], writer["rows"], writer["teacher"]) == (500, 6, "gpt2:layers=1,dim=16,heads=2,vocab=500")
@@ -91,9 +92,10 @@ def test_bench_reader_section_alone_reads_the_same_bytes_as_its_memory_map(tmp_p
     code, out, err = invoke("bench", *TINY_OPTIONS, "--only", "reader", "--lm-seq=50", "--json", "--keep", tmp_path / "bench")
     assert code == 0, err
     report = json.loads(out)
+    checked = ("reader_manifest_checked_vs_unchecked_dense", "reader_manifest_checked_vs_unchecked_tokens")
     assert set(report["ratios"]) == {"reader_vs_memmap_dense", "reader_first_epoch_vs_memmap_dense", "reader_vs_memmap_tokens",
-                                     "reader_first_epoch_vs_memmap_tokens"}
-    assert report["target_sense"] == {"reader_vs_memmap_dense": ">=", "reader_vs_memmap_tokens": ">="}
+                                     "reader_first_epoch_vs_memmap_tokens", *checked}
+    assert report["target_sense"] == {"reader_vs_memmap_dense": ">=", "reader_vs_memmap_tokens": ">=", **dict.fromkeys(checked, ">=")}
     dense, tokens = report["reader"]["dense"], report["reader"]["tokens"]
     assert (dense["rows"], dense["classes"], dense["positions_per_row"]) == (3000, 16, 1)
     assert (tokens["rows"], tokens["positions_per_row"], tokens["classes"], tokens["top_k"]) == (400, 50, 300, 32)

@@ -16,6 +16,7 @@ from stages import storage
 from stages.cache import CacheReader
 from stages.errors import CacheDamagedError
 from tests.conftest import CHUNK_ROWS, assert_same_cache, cache_with_cli, invoke, invoke_json
+from tests.stages.cache.conftest import reseal
 
 
 def _copy(cache_path, tmp_path):
@@ -109,6 +110,7 @@ def test_permuted_index_rows_stop_training(cache_path, tmp_path, teacher_weights
     broken = _copy(cache_path, tmp_path)
     index = zarr.open_group(str(broken), mode="r+")["index"]
     index[[10, 11]] = index[[11, 10]]
+    reseal(broken)  # as a faulty writer would have recorded it: the index's hash, not the manifest, must catch it
     code, _, err = invoke(*_commands(broken, tmp_path, teacher_weights)["train-student"])
     assert code == 4 and err.strip().splitlines() == [
         f"error: cache {broken}: its index array differs from the recorded dataset.index_sha256 "

@@ -174,8 +174,8 @@ def test_a_sharded_cache_holds_the_unsharded_caches_bytes_in_a_file_per_shard(tm
     def files(cache: Path) -> int:
         return sum(1 for path in cache.rglob("*") if path.is_file())
 
-    # The group's zarr.json, then for logits, index, labels and chunk_done a zarr.json and a file per write unit.
-    assert (files(whole), files(sharded)) == (1 + 4 * (1 + 6), 1 + 4 * (1 + 3))
+    # The group's zarr.json, then for logits, index, labels, chunk_done and chunk_manifest a zarr.json and a file per write unit.
+    assert (files(whole), files(sharded)) == (1 + 5 * (1 + 6), 1 + 5 * (1 + 3))
 
 
 def test_resuming_with_another_batch_size_is_refused(tmp_path, mlp_weights, uninterrupted):

@@ -69,8 +69,8 @@ def test_the_report_gives_the_sharding_and_the_files_the_cache_is(request, cache
     report = describe_cache(path)
     assert (report["chunk_rows"], report["shard_rows"]) == (CHUNK_ROWS, shard_rows)
     assert report["objects"] == sum(1 for file in path.rglob("*") if file.is_file())
-    # the group's and 4 arrays' zarr.json, and a file per write unit of each array: 10 chunks or 5 shards
-    assert report["objects"] == 5 + 4 * (10 if shard_rows is None else 5)
+    # the group's and 5 arrays' zarr.json (chunk_manifest too), and a file per write unit of each array: 10 chunks or 5 shards
+    assert report["objects"] == 6 + 5 * (10 if shard_rows is None else 5)
 
 
 def test_disk_figures_are_the_bytes_of_the_files_under_each_array(cache_path):

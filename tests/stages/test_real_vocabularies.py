@@ -25,6 +25,7 @@ from stages.cache.layout import Layout
 from stages.storage import disk_usage
 from tests.conftest import assert_same_cache, invoke, invoke_json
 from tests.doc_examples import example
+from tests.stages.cache.conftest import reseal
 
 transformers = pytest.importorskip("transformers")
 
@@ -244,6 +245,7 @@ def test_a_qtopk_token_cache_resumes_bit_for_bit_verifies_and_trains(gpt2, tmp_p
     moved = codes[:2]
     moved[0, 0, 1] ^= 64  # one kept class's probability 64 steps off: still a valid-looking row
     codes[:2] = moved
+    reseal(tmp_path / "whole.zarr")  # as a faulty writer would have recorded it: only the teacher's rerun can tell
     code, out, _ = invoke("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--samples", 10_000, "--json")
     failed = {c["check"]: c["detail"] for c in json.loads(out)["checks"] if not c["ok"]}
     assert code == 4 and set(failed) == {"teacher"} and "qtopk_codes differ" in failed["teacher"], failed

@@ -14,6 +14,7 @@ from stages.kinds import KINDS
 from stages.verify import verify
 from stages.weights import save_weights
 from tests.conftest import DATASET, cache_with_cli, invoke, invoke_json
+from tests.stages.cache.conftest import reseal
 
 # A value for each kind's options (stages.kinds: each kind's Options).
 KIND_OPTIONS = {"top_k": 2, "samples": 12, "value_bits": 4}
@@ -28,7 +29,7 @@ def _damaged_copy(cache_path, tmp_path, name="broken.zarr"):
 def test_a_sound_cache_passes_every_check(cache_path, teacher_weights):
     report = invoke_json("verify", cache_path, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "40")
     assert report["ok"] is True
-    assert [c["check"] for c in report["checks"]] == ["metadata", "schema", "arrays", "complete", "chunks", "index", "labels", "teacher"]
+    assert [c["check"] for c in report["checks"]] == ["metadata", "schema", "arrays", "stored", "complete", "chunks", "index", "labels", "teacher"]
     assert 0 <= report["max_abs_diff"] < 5e-3  # float16 rounding of logits/T
 
 
@@ -53,6 +54,7 @@ def test_a_sampled_cache_whose_draws_were_altered_fails_against_its_teacher(tmp_
     row[0, 0] += 1
     row[0, 1] -= 1
     counts[:3] = row
+    reseal(cache)  # as a faulty writer would have recorded it: only the teacher's rerun can tell
     code, out, _ = invoke("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "10000", "--json")
     report = json.loads(out)
     failed = {c["check"]: c["detail"] for c in report["checks"] if not c["ok"]}
@@ -60,27 +62,27 @@ def test_a_sampled_cache_whose_draws_were_altered_fails_against_its_teacher(tmp_
 
 
 @pytest.mark.parametrize(("cache", "garbled", "deleted", "named"), [
-    ("cache_path", 2, 5, ("chunk 2: unreadable", "chunk 5: non-finite logits in rows [320")),
-    ("sharded_cache_path", 1, 4, ("shard 1: unreadable", "shard 4: non-finite logits in rows [512")),  # shards of 128 rows
+    ("cache_path", 2, 5, ("chunk 2: array logits: chunk 2 cannot be read", "chunk 5: array logits: chunk 5 is missing")),
+    ("sharded_cache_path", 1, 4, ("shard 1: array logits: chunk 2 cannot be read", "shard 4: array logits: chunk 8 is missing")),
 ])
 def test_damaged_chunks_are_each_named(request, cache, garbled, deleted, named, tmp_path):
     """Each damaged file is named: a chunk's, or a shard's."""
     broken = _damaged_copy(request.getfixturevalue(cache), tmp_path)
     (broken / "logits" / "c" / str(garbled) / "0").write_bytes(b"\x00garbage")
-    (broken / "logits" / "c" / str(deleted) / "0").unlink()  # reads back as NaN: a gap never passes as data
+    (broken / "logits" / "c" / str(deleted) / "0").unlink()  # a complete cache has every chunk: never read as NaN
     report = verify(broken)
     assert not report.ok
     chunks = next(c for c in report.checks if c["check"] == "chunks")
     assert all(name in chunks["detail"] for name in named), chunks["detail"]
     code, _, err = invoke("verify", broken)
-    assert code == 4 and err.strip().splitlines() == [f"error: cache {broken} failed verification: chunks"]
+    assert code == 4 and err.strip().splitlines() == [f"error: cache {broken} failed verification: stored, chunks"]
 
 
 def test_incomplete_cache_fails_completeness(cache_path, tmp_path):
     broken = _damaged_copy(cache_path, tmp_path)
-    zarr.open_group(str(broken), mode="r+")["chunk_done"][3] = 0
+    zarr.open_group(str(broken), mode="r+")["chunk_done"][3] = 0  # zarr deletes a chunk of fill values
     failed = {c["check"] for c in verify(broken).checks if not c["ok"]}
-    assert failed == {"complete"}
+    assert failed == {"stored", "complete"}
 
 
 def test_tampered_index_is_caught(cache_path, tmp_path):
@@ -88,7 +90,7 @@ def test_tampered_index_is_caught(cache_path, tmp_path):
     group = zarr.open_group(str(broken), mode="r+")
     group["index"][:2] = group["index"][:2][::-1]  # swap two rows' dataset indices
     failed = {c["check"] for c in verify(broken).checks if not c["ok"]}
-    assert failed == {"index"}
+    assert failed == {"chunks", "index"}  # its chunk is not the one written there, and the index's hash differs
 
 
 def test_tampered_labels_are_caught(cache_path, tmp_path):
@@ -96,7 +98,7 @@ def test_tampered_labels_are_caught(cache_path, tmp_path):
     group = zarr.open_group(str(broken), mode="r+")
     group["labels"][10] = (group["labels"][10] + 1) % 4
     failed = {c["check"] for c in verify(broken).checks if not c["ok"]}
-    assert failed == {"labels"}
+    assert failed == {"chunks", "labels"}  # its chunk is not the one written there, and the labels differ from the dataset's
 
 
 def test_another_teachers_weights_fail_the_teacher_check(cache_path, tmp_path):
@@ -120,6 +122,7 @@ def test_missing_attributes_fail_metadata(cache_path, tmp_path):
 def test_an_index_pointing_outside_the_dataset_fails_checks_not_the_tool(cache_path, tmp_path):
     broken = _damaged_copy(cache_path, tmp_path)
     zarr.open_group(str(broken), mode="r+")["index"][5] = 2**40
+    reseal(broken)  # as a faulty writer would have recorded it: the range check, not the manifest, must catch it
     report = verify(broken)
     failed = {c["check"] for c in report.checks if not c["ok"]}
     assert failed == {"chunks", "index"}  # labels are not judged through a broken index

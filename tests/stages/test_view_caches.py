@@ -20,6 +20,7 @@ from stages.cache import CacheReader
 from stages.errors import InputError
 from stages.loop import one_view_each
 from stages.verify import verify
+from tests.stages.cache.conftest import reseal
 
 DATA = "digits"
 AUGMENT = "shift:1+rotate:10"
@@ -95,6 +96,7 @@ def test_verify_notices_views_that_do_not_replay(views_cache, digits, tmp_path):
     group.attrs["augment"] = {"spec": AUGMENT, "base_seed": 6}
     seeds = group["view_seeds"][:]
     group["view_seeds"][:] = view_seeds(6, np.arange(len(seeds)), VIEWS)
+    reseal(copy)  # as a writer with that base seed would have recorded it: only the teacher's rerun can tell
     report = verify(copy, teacher=views_cache["teacher"].model, split=digits[0], samples=64, augment=parse_augment(AUGMENT))
     failed = {c["check"] for c in report.checks if not c["ok"]}
     assert failed == {"teacher"}  # consistent seeds, but not the views the teacher saw

@@ -112,8 +112,8 @@ def test_damage_to_a_shard_is_reported(tmp_path, where):
 
 def test_the_reader_checks_checksums_on_every_read_and_values_once(tmp_path):
     """A reader range-checks a chunk's values on its first read only, but every read checks the
-    chunk's checksum, and a chunk gone since (a gap) is checked again: damage after the first
-    epoch is still caught."""
+    chunk's checksum, and a chunk gone since is damage (the cache is complete): damage after the
+    first epoch is still caught."""
     reader, logits = _complete_cache(tmp_path)
     np.testing.assert_array_equal(reader.read_chunk(2)["logits"], logits[64:96])
     chunk = tmp_path / "c.zarr" / "logits" / "c" / "2" / "0"
@@ -121,8 +121,8 @@ def test_the_reader_checks_checksums_on_every_read_and_values_once(tmp_path):
     _flip_byte(chunk, 40)
     with pytest.raises(CacheDamagedError, match="chunk 2 cannot be read"):
         reader.read_chunk(2)
-    chunk.unlink()  # reads as NaN: a gap, checked as on a first read
-    with pytest.raises(CacheDamagedError, match="non-finite logits"):
+    chunk.unlink()  # a complete cache has every chunk: never read as the fill value
+    with pytest.raises(CacheDamagedError, match="array logits: chunk 2 is missing"):
         reader.read_chunk(2)
     chunk.write_bytes(data)
     np.testing.assert_array_equal(reader.read_chunk(2)["logits"], logits[64:96])

@@ -284,7 +284,8 @@ def test_a_layout_the_format_cannot_hold_is_an_input_error(fields, message):
 def _replace_array(group, name, **changes):
     """Rewrite array `name` of `group` with the same values but other `changes` (chunks, dtype)."""
     old = group[name]
-    spec = {"shape": old.shape, "chunks": old.chunks, "dtype": old.dtype, "fill_value": old.fill_value, **changes}
+    spec = {"shape": old.shape, "chunks": old.chunks, "dtype": old.dtype, "fill_value": old.fill_value, "compressors": old.compressors,
+            **changes}
     values = old[:]
     del group[name]
     group.create_array(name, **spec)[:] = values.astype(spec["dtype"])
