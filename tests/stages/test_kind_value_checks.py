@@ -22,6 +22,7 @@ from stages.kinds import KINDS
 from stages.loop import CacheDataset, kd_loss
 from stages.teacher_rows import stored_rows
 from tests.conftest import DATASET, cache_with_cli, invoke
+from tests.stages.cache.conftest import as_schema, reseal
 
 OPTIONS = {"dense": {}, "topk": {"top_k": 6}, "qtopk": {"top_k": 6, "value_bits": 4}, "sampled": {"samples": 12}}
 ROWS, TOKENS = 6, 12
@@ -195,10 +196,14 @@ def caches(tmp_path_factory, teacher_weights):
 
 def _rewrite_chunk(cache, array: str, chunk: int, change) -> None:
     """Chunk `chunk` of `array` changed by `change`, its first row kept: zarr deletes a chunk
-    written all fill value, which would make this a missing chunk rather than impossible values."""
+    written all fill value, which would make this a missing chunk rather than impossible values.
+    The manifest is resealed, as a faulty writer would have recorded its own values: else the
+    manifest's check, not the kind's, would find the edit."""
     values = zarr.open_array(f"{cache}/{array}", mode="r+")
     rows = slice(chunk * values.chunks[0] + 1, (chunk + 1) * values.chunks[0])
     values[rows] = change(values[rows])
+    if "chunk_manifest" in zarr.open_group(str(cache), mode="r"):
+        reseal(cache)
 
 
 @pytest.mark.parametrize("kind,options,array,change", CLI_CASES, ids=[f"{c[0]}-{c[2]}" for c in CLI_CASES])
@@ -238,27 +243,37 @@ LONG_LIVED_CASES = [
 @pytest.mark.parametrize("kind,options,array,change,named", LONG_LIVED_CASES, ids=[c[0] for c in LONG_LIVED_CASES])
 def test_a_chunk_damaged_after_a_long_lived_reader_checked_it_is_damage_not_a_nan_loss_or_an_index_error(
         kind, options, array, change, named, caches, tmp_path):
-    """The reader checks a chunk's values on its first read, and its checksum on every read: a
-    chunk rewritten since, checksum and all, reaches the loss, which refuses what it cannot train on."""
-    cache = tmp_path / "cache.zarr"
-    shutil.copytree(caches(kind, options), cache)
-    data = CacheDataset(cache, resolve_dataset(DATASET).split("train"), batch_size=64, seed=0)
-    student = torch.nn.Linear(8, 4)
-    assert _epoch(data, student) > 1
-    _rewrite_chunk(cache, array, 2, change)
-    with pytest.raises(CacheDamagedError, match=named):
-        _epoch(data, student)
+    """The reader checks a chunk's values on its first read, and its checksum on every read. In a
+    cache of schema 5 (no manifest, which a reader holds from its opening and checks every chunk
+    read against), a chunk rewritten since, checksum and all, reaches the loss, which refuses
+    what it cannot train on; in a schema 6 cache the manifest finds it first."""
+    for schema in (5, 6):
+        cache = tmp_path / f"cache-{schema}.zarr"
+        shutil.copytree(caches(kind, options), cache)
+        if schema == 5:
+            as_schema(cache, 5)
+        data = CacheDataset(cache, resolve_dataset(DATASET).split("train"), batch_size=64, seed=0)
+        student = torch.nn.Linear(8, 4)
+        assert _epoch(data, student) > 1
+        _rewrite_chunk(cache, array, 2, change)
+        with pytest.raises(CacheDamagedError, match=named if schema == 5 else f"array {array}: chunk 2 is not the chunk written there"):
+            _epoch(data, student)
 
 
 @pytest.mark.parametrize("damaged", ["before", "after"])
 def test_labels_a_cache_holds_other_than_the_datasets_are_damage_naming_their_chunk(damaged, cache_path):
     """The dataset's labels matched the cache's fingerprint when it was opened: a labels chunk
-    replaced (its checksum recomputed) before or after the reader first read it is damage."""
-    data = CacheDataset(cache_path, resolve_dataset(DATASET).split("train"), batch_size=64, seed=0)
+    replaced (its checksum, and in a schema 6 cache its manifest entry, recomputed) before the
+    cache is opened, or after the reader first read it (schema 5: without a manifest to find it
+    first), is damage."""
     student = torch.nn.Linear(8, 4)
     if damaged == "after":
+        as_schema(cache_path, 5)
+        data = CacheDataset(cache_path, resolve_dataset(DATASET).split("train"), batch_size=64, seed=0)
         assert _epoch(data, student) > 1
     _rewrite_chunk(cache_path, "labels", 2, lambda labels: (labels + 1) % 4)
+    if damaged == "before":
+        data = CacheDataset(cache_path, resolve_dataset(DATASET).split("train"), batch_size=64, seed=0)
     with pytest.raises(CacheDamagedError, match="array labels: chunk 2 holds labels that differ from the dataset's"):
         _epoch(data, student)
 
