@@ -262,6 +262,8 @@ def _tokenize_units(source: Source, units: list[Unit], todo: list[int], parts: P
         if progress is not None:
             progress(done, len(units))
 
+    if progress is not None:
+        progress(done, len(units))
     # The tokenizer on one thread in every process (set before a fork: its thread pool is not forked in use).
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"

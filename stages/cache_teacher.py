@@ -284,6 +284,8 @@ def _teacher_pass(
     rows_done = rows_total - sum(stop - start for start, stop in map(writer.grid.rows, missing))
     last_report = time.perf_counter()
     views = writer.layout.views
+    if progress is not None:  # the total from the start, before the first batch
+        progress(rows_done, rows_total)
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.loader_workers)
     if augmentation is not None:
         batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
@@ -345,6 +347,8 @@ def _distributed_pass(
                    for chunks in tasks]
         rows_total = grid.num_samples
         rows_done = rows_total - sum(stop - start for start, stop in map(grid.rows, missing))
+        if progress is not None:
+            progress(rows_done, rows_total)
         try:
             for future in distributed.as_completed(futures):
                 rows_done += future.result()

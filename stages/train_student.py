@@ -192,6 +192,8 @@ def _train(
             (open_no_follow(config.out / STEPS_LOG, "a") if ranks.main and config.log_every_steps else contextlib.nullcontext()) as steps_log, \
             one_blas_thread_beside_torch(), torch_threads(training_threads(device)):
         training.steps_log = steps_log
+        if progress is not None and ranks.main:  # the total from the start, before the first step's batches load
+            progress(training.step, training.total_steps)
         for epoch in range(training.first_epoch, len(training.epoch_batches)):
             epoch_started = time.perf_counter()
             means = _train_epoch(training, epoch, progress)

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -308,6 +309,7 @@ def test_on_a_terminal_log_lines_and_the_progress_bar_share_the_screen_cleanly(t
                                        "--epochs", "3", "--batch-size", "64", "--out", tmp_path / "run"])
     assert code == 0, "\n".join(screen)
     assert bars and all("elapsed" in bar and "remaining" in bar for bar in bars), bars  # labelled time columns
+    _assert_total_known_and_elapsed_never_resets(bars)
     for epoch in (1, 2, 3):  # each epoch's log line whole, on its own line
         lines = [line for line in screen if f"epoch {epoch}/3 " in line]
         assert len(lines) == 1 and "━" not in lines[0], screen
@@ -325,6 +327,16 @@ def test_a_resumed_run_s_bar_starts_at_the_steps_already_done(tmp_path):
     assert code == 0, "\n".join(screen)
     first = next(bar for bar in bars if "%" in bar)
     assert int(first.split("%")[0].split()[-1]) >= 50, bars
+    _assert_total_known_and_elapsed_never_resets(bars)
+
+
+def _assert_total_known_and_elapsed_never_resets(bars: list[str]) -> None:
+    """Every bar drawn shows the run's total steps (a new user saw `0/? ... remaining` while the run
+    started), and the time elapsed only grows (it went back to 0:00:00 when the total came)."""
+    totals = {match.group(1) if (match := re.search(r"\b\d+/(\S+)", bar)) else None for bar in bars}
+    assert len(totals) == 1 and next(iter(totals)).isdigit(), bars
+    elapsed = [tuple(map(int, re.search(r"elapsed (\d+):(\d\d):(\d\d)", bar).groups())) for bar in bars]
+    assert elapsed == sorted(elapsed), bars
 
 
 def test_the_cli_starts_without_loading_heavy_modules():

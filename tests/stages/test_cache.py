@@ -18,5 +18,5 @@ def test_teacher_pass_reports_rows_done(tmp_path, teacher_weights):
                                               chunk_rows=CHUNK_ROWS, batch_size=100, device="cpu")
     cache_teacher.run(config, teacher, split, progress=lambda done, total: calls.append((done, total)))
     # A teacher batch never crosses a chunk (stages.cache_teacher.chunk_batches): batches of 100
-    # over chunks of 64 rows are the chunks themselves.
-    assert calls == [(min(done, 600), 600) for done in range(64, 704, 64)]
+    # over chunks of 64 rows are the chunks themselves. The total comes first, before any batch.
+    assert calls == [(min(done, 600), 600) for done in range(0, 704, 64)]

@@ -179,7 +179,8 @@ def test_progress_is_reported_up_to_the_total(tmp_path, cache_path):
                                        epochs=2, batch_size=64, device="cpu")
     train_student.run(config, resolve_model("mlp-64", num_classes=4, input_shape=(8,)), data.split("train"), None,
                       progress=lambda done, total: calls.append((done, total)))
-    assert [done for done, _ in calls] == list(range(1, 19)) and {total for _, total in calls} == {18}  # 600 rows / 64
+    # the total first, before any step (a progress bar shows it from the start), then every step
+    assert [done for done, _ in calls] == list(range(19)) and {total for _, total in calls} == {18}  # 600 rows / 64
 
 
 class _NumpySplit:
@@ -285,7 +286,7 @@ def test_max_steps_overrides_epochs_and_counts_progress_in_steps(tmp_path, cache
     train_student.run(config, resolve_model("mlp-64", num_classes=4, input_shape=(8,)), data.split("train"), None,
                       progress=lambda done, total: calls.append((done, total)))
     # 9 batches of 64 an epoch: 5 steps (the last of one batch), then 2 of the second epoch
-    assert calls == [(step, 7) for step in range(1, 8)]
+    assert calls == [(step, 7) for step in range(8)]
     assert len((tmp_path / "p" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
