@@ -49,7 +49,7 @@ from stages.cache.format import is_cache, nonfinite_rows
 from stages.cache.layout import ChunkGrid, Layout, default_chunk_rows, default_shard_rows
 from stages.cache.reader import prefetch
 from stages.cache.writer import CacheWriter, writing
-from stages.config import CacheTeacherConfig  # defined there, torch-free, for the CLI; re-exported here
+from stages.config import DEFAULT_TEACHER_BATCH, CacheTeacherConfig  # the config is defined there, torch-free, for the CLI; re-exported here
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
@@ -125,6 +125,8 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
     # None: by the cache's size (default_shard_rows); 0: never sharded.
     layout = replace(layout, shard_rows=default_shard_rows(layout) if config.shard_rows is None else config.shard_rows or None)
+    if config.batch_size is None:
+        config = replace(config, batch_size=min(DEFAULT_TEACHER_BATCH, layout.chunk_rows))
     _check_size(layout, config.max_gib)
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}
@@ -133,7 +135,7 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         if missing and len(missing) < writer.grid.num_chunks:
             log.info("resuming %s: %d of %d %ss still to compute", config.out, len(missing), writer.grid.num_chunks,
                      layout.write_unit)
-            _check_resume_determinism(config, writer.group.attrs.get("determinism"), provenance["determinism"])
+            _check_resume_determinism(config, writer.group.attrs.get("determinism"), provenance["determinism"], layout.chunk_rows)
         if config.workers or config.scheduler:
             writer.close()  # the workers write; this process only hands out chunks
             _distributed_pass(config, writer.grid, missing, load_on_worker, progress, writer.lock)
@@ -192,16 +194,18 @@ def _determinism(config: CacheTeacherConfig, device: torch.device) -> dict:
     }
 
 
-def _check_resume_determinism(config: CacheTeacherConfig, recorded: dict | None, current: dict) -> None:
+def _check_resume_determinism(config: CacheTeacherConfig, recorded: dict | None, current: dict, chunk_rows: int) -> None:
     """Refuse a resume whose batches would differ from the cache's chunks already written; warn
     when only the machine or library versions differ (the rows are still the teacher's, but
     their last bits may not equal an uninterrupted run's). Threads follow the record
-    (_recorded_threads), so they never differ."""
+    (_recorded_threads), so they never differ. Batches stop at chunk boundaries (chunk_batches),
+    so batch sizes of a chunk's rows or more make the same batches (a cache started at the old
+    default of 256 rows resumes at today's default, one chunk)."""
     if recorded is None:
         log.warning("%s was started before caches recorded their batching: resumed rows may differ from an "
                     "uninterrupted run's in the last bit", config.out)
         return
-    if recorded["batch_size"] != current["batch_size"]:
+    if min(recorded["batch_size"], chunk_rows) != min(current["batch_size"], chunk_rows):
         raise InputError(
             f"{config.out} was started with batch size {recorded['batch_size']}: resume it with the same batch size, so "
             "that its rows meet the teacher in the same batches (or start over with overwrite)"
