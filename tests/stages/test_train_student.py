@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -373,3 +374,45 @@ def test_a_run_folder_of_an_older_version_is_still_the_same_run_but_its_epoch_ch
                 "torch_rng": torch.get_rng_state()}, tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(PipelineError, match="of an older version of the tool"):
         _train(tmp_path, cache_path, epochs=2, resume=True)
+
+
+SLOW_STUDENT = """
+    import time
+    import torch
+
+    class Slow(torch.nn.Linear):
+        def forward(self, x):
+            time.sleep(0.05)
+            return super().forward(x)
+
+    def build(num_classes):
+        return Slow(8, num_classes)
+"""
+
+
+def test_a_resumed_run_s_summary_counts_the_seconds_of_every_part(tmp_path):
+    """Killed after two of four epochs (each checkpointed), then resumed: summary.json's seconds
+    count the interrupted part up to its last checkpoint and the resumed part (resumed_seconds),
+    not the resumed part only; so they are at least the four epochs' own seconds (metrics.jsonl)."""
+    from tests.stages.test_crash_safety import _pipeline, _wait_for
+
+    (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW_STUDENT))
+    run = tmp_path / "run"
+    args = ["train-student", "--student", f"{tmp_path / 'slow.py'}:build", "--dataset", DATASET, "--epochs", "4",
+            "--batch-size", "32", "--device", "cpu", "--out", run, "--json"]
+    metrics = run / "metrics.jsonl"
+    with _pipeline(*args) as proc:
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
+        proc.kill()
+        proc.wait()
+    assert not (run / "summary.json").exists()
+    with _pipeline(*args, "--resume") as proc:
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads(out)["seconds"] == summary["seconds"]
+    epochs = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()]
+    assert len(epochs) == 4 and summary["seconds"] >= sum(epochs), (summary, epochs)
+    kept = int(re.search(r"resuming .* after epoch (\d+)", err).group(1))  # the checkpoint's epochs, done before the kill
+    assert kept >= 2 and summary["seconds"] - summary["resumed_seconds"] >= sum(epochs[:kept]), (summary, epochs)
+    assert summary["resumed_seconds"] >= sum(epochs[kept:]), (summary, epochs)
