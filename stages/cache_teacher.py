@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -127,8 +128,11 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
     layout = replace(layout, shard_rows=default_shard_rows(layout) if config.shard_rows is None else config.shard_rows or None)
     if config.batch_size is None:
         config = replace(config, batch_size=min(DEFAULT_TEACHER_BATCH, layout.chunk_rows))
-    _check_size(layout, config.max_gib)
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
+    estimate = _size_estimate(layout, layout.soft_kind.position_bytes(layout), _positions(layout, lengths))
+    log.info("soft labels: about %s, by the %s kind's byte model (measured on the first chunk written)",
+             _size_text(layout, estimate, lengths), layout.kind)
+    _check_size(layout, estimate, lengths, config.max_gib)
     provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}
     with writing(config.out, layout, provenance, overwrite=config.overwrite) as writer:
         missing = writer.missing_chunks()
@@ -247,20 +251,88 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
     }
 
 
-def _check_size(layout: Layout, max_gib: float) -> None:
-    """Say what the cache will take before computing it, and refuse one over `max_gib`: a dense
-    token cache at a language model's vocabulary is 2 bytes per class per token (a 150k
-    vocabulary over a billion tokens is 300 TB)."""
-    per_token = layout.row_bytes / (layout.tokens or 1)
-    total = layout.row_bytes * layout.num_samples
-    unit = "token position" if layout.tokens else "row"
-    log.info("soft labels: %s bytes per %s, %.3g GiB in all (uncompressed)", f"{per_token:,.0f}", unit, total / 2**30)
+def _positions(layout: Layout, lengths: np.ndarray | None) -> tuple[int, int]:
+    """(every position, the positions that hold soft labels): rows times views, or a token cache's
+    positions and its valid tokens."""
+    every = layout.num_samples * math.prod(layout.position_shape)
+    return every, every if lengths is None else int(lengths.sum())
+
+
+def _size_estimate(layout: Layout, per_position: dict[str, float], positions: tuple[int, int]) -> float:
+    """The soft labels' bytes on disk, from each array's bytes per position that holds soft labels:
+    a compressed array stores padding in next to nothing, an uncompressed one at full size."""
+    every, valid = positions
+    specs = layout.soft_kind.arrays(layout)
+    return sum(per_position[name] * (valid if spec.compressed else every) for name, spec in specs.items())
+
+
+def _size_text(layout: Layout, total: float, lengths: np.ndarray | None) -> str:
+    every, valid = _positions(layout, lengths)
+    if layout.tokens is None:
+        return f"{total / layout.num_samples:,.0f} bytes per row over {layout.num_samples:,} rows, {total / 2**30:,.3g} GiB in all"
+    return (f"{total / every:,.0f} bytes per token position ({total / max(valid, 1):,.1f} per valid token) over {every:,} token "
+            f"positions, {total / 2**30:,.3g} GiB in all")
+
+
+def _check_size(layout: Layout, total: float, lengths: np.ndarray | None, max_gib: float, measured: str = "") -> None:
+    """Refuse a cache whose soft labels would take more than `max_gib`: a dense token cache at a
+    language model's vocabulary is 2 bytes per class per token (a 150k vocabulary over a billion
+    tokens is 300 TB). `measured` says where the figure was measured, and what is kept."""
     if max_gib and total > max_gib * 2**30:
+        every, _ = _positions(layout, lengths)
+        per, unit, count = (total / every, "token position", every) if layout.tokens else (total / layout.num_samples, "row", layout.num_samples)
         raise InputError(
-            f"this cache's soft labels would take {total / 2**30:,.1f} GiB ({per_token:,.0f} bytes per {unit} over "
-            f"{layout.num_samples * (layout.tokens or 1):,} {unit}s), more than `max_gib` {max_gib:g}: keep the top k "
-            "classes (`format` topk or qtopk) or raise `max_gib` (0: no limit)"
+            f"this cache's soft labels would take {total / 2**30:,.1f} GiB ({per:,.0f} bytes per {unit} over {count:,} {unit}s"
+            f"{measured}), more than `max_gib` {max_gib:g}: keep the top k classes (`format` topk or qtopk) or raise `max_gib` "
+            "(0: no limit)"
         )
+
+
+class _FirstChunkSize:
+    """The soft labels of the first read chunk a pass stores, encoded as the cache's arrays encode
+    them (their own codecs, in memory): the whole cache's size measured rather than modelled,
+    logged, and checked against `max_gib` again. A refusal then keeps what is written (the
+    writer finishes the write units queued): the same command with a larger `max_gib` resumes."""
+
+    def __init__(self, writer: CacheWriter, chunk: int, lengths: np.ndarray | None, max_gib: float):
+        self.writer, self.chunk, self.lengths, self.max_gib = writer, chunk, lengths, max_gib
+        self.start, self.stop = writer.layout.grid.rows(chunk)
+        self.parts: dict[str, list[np.ndarray]] | None = {name: [] for name in writer.layout.soft_kind.arrays(writer.layout)}
+        self.filled = 0
+
+    def add(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        """Rows [start, start + len) as stored; the chunk's rows arrive in order."""
+        low, high = max(start, self.start), min(start + len(rows["index"]), self.stop)
+        if self.parts is None or low >= high:
+            return
+        for name, parts in self.parts.items():
+            parts.append(rows[name][low - start : high - start])
+        self.filled += high - low
+        if self.filled == self.stop - self.start:
+            parts, self.parts = self.parts, None
+            self._measure({name: np.concatenate(values) for name, values in parts.items()})
+
+    def _measure(self, rows: dict[str, np.ndarray]) -> None:
+        layout, count = self.writer.layout, self.stop - self.start
+        every = count * math.prod(layout.position_shape)
+        valid = every if self.lengths is None else int(self.lengths[self.start : self.stop].sum())
+        specs = layout.soft_kind.arrays(layout)
+        per_position = {name: _encoded_bytes(self.writer.group[name], values) / max(valid if specs[name].compressed else every, 1)
+                        for name, values in rows.items()}
+        total = _size_estimate(layout, per_position, _positions(layout, self.lengths))
+        log.info("soft labels: %s, measured on chunk %d", _size_text(layout, total, self.lengths), self.chunk)
+        _check_size(layout, total, self.lengths, self.max_gib,
+                    f", measured on its chunk {self.chunk}; the chunks written are kept and the same command resumes them")
+
+
+def _encoded_bytes(array: zarr.Array, values: np.ndarray) -> int:
+    """The bytes `values`, one chunk of `array`'s rows, take stored as `array` stores a chunk."""
+    store: dict = {}
+    copy = zarr.create_array(store=store, shape=values.shape, chunks=values.shape, dtype=array.dtype, fill_value=array.fill_value,
+                             filters=array.filters, serializer=array.serializer, compressors=array.compressors,
+                             config={"write_empty_chunks": True})
+    copy[...] = values
+    return sum(len(value) for key, value in store.items() if key != "zarr.json")
 
 
 def _teacher_pass(
@@ -290,6 +362,7 @@ def _teacher_pass(
     views = writer.layout.views
     if progress is not None:  # the total from the start, before the first batch
         progress(rows_done, rows_total)
+    size = _FirstChunkSize(writer, writer.layout.chunks_of(missing[0])[0], lengths, config.max_gib) if missing else None
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.loader_workers)
     if augmentation is not None:
         batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
@@ -312,14 +385,14 @@ def _teacher_pass(
         else:
             in_flight.append((start, stored, None))
         while in_flight and (len(in_flight) > MAX_IN_FLIGHT or in_flight[0][2] is None or in_flight[0][2].query()):
-            rows_done += _store(writer, split, lengths, config, *in_flight.popleft())
+            rows_done += _store(writer, split, lengths, config, *in_flight.popleft(), size=size)
             if progress is not None:
                 progress(rows_done, rows_total)
         if time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
             log.info("teacher pass: rows up to %d of %d", start + count, len(split))
     while in_flight:
-        rows_done += _store(writer, split, lengths, config, *in_flight.popleft())
+        rows_done += _store(writer, split, lengths, config, *in_flight.popleft(), size=size)
         if progress is not None:
             progress(rows_done, rows_total)
 
@@ -474,9 +547,10 @@ class _PinnedRing:
 
 
 def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config: CacheTeacherConfig, start: int,
-           stored: dict[str, torch.Tensor], done: torch.cuda.Event | None) -> int:
+           stored: dict[str, torch.Tensor], done: torch.cuda.Event | None, size: _FirstChunkSize | None = None) -> int:
     """Check one batch of stored values (after rounding to the cache dtype, so an overflow of
-    float16 is caught as well as a NaN), hand it to the writer, and return its row count."""
+    float16 is caught as well as a NaN), hand it to the writer (and to `size`, which measures the
+    first chunk's), and return its row count."""
     if done is not None:
         done.synchronize()
     # A pinned buffer is reused for a later batch: copy out of it.
@@ -503,6 +577,8 @@ def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config
     if writer.layout.views is not None:
         rows["view_seeds"] = view_seeds(config.view_seed, rows["index"], writer.layout.views)
     writer.write_rows(start, rows)
+    if size is not None:  # after the writer has the rows: a refusal keeps the chunk they complete
+        size.add(start, rows)
     return count
 
 
