@@ -245,6 +245,9 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
             "split": config.split,
             "fingerprint": fingerprint(split),
             "index_sha256": sha256(index),
+            # A split that is a slice of its dataset's rows (a token dataset's rows=A:B) says where it
+            # starts, so that caches of other slices are compared by dataset row (stages.inspection).
+            "first_row": int(getattr(split, "first_row", 0)),
         },
         "teacher_metrics": None,
         "config": config_dict(config),
