@@ -130,8 +130,11 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         config = replace(config, batch_size=min(DEFAULT_TEACHER_BATCH, layout.chunk_rows))
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
     estimate = _size_estimate(layout, layout.soft_kind.position_bytes(layout), _positions(layout, lengths))
-    log.info("soft labels: about %s, by the %s kind's byte model (measured on the first chunk written)",
-             _size_text(layout, estimate, lengths), layout.kind)
+    if any(spec.compressed for spec in layout.soft_kind.arrays(layout).values()):
+        log.info("soft labels: about %s, by the %s kind's byte model (measured on the first chunk written)",
+                 _size_text(layout, estimate, lengths), layout.kind)
+    else:
+        log.info("soft labels: %s (uncompressed)", _size_text(layout, estimate, lengths))
     _check_size(layout, estimate, lengths, config.max_gib)
     provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}
     with writing(config.out, layout, provenance, overwrite=config.overwrite) as writer:
@@ -292,15 +295,17 @@ def _check_size(layout: Layout, total: float, lengths: np.ndarray | None, max_gi
 
 
 class _FirstChunkSize:
-    """The soft labels of the first read chunk a pass stores, encoded as the cache's arrays encode
-    them (their own codecs, in memory): the whole cache's size measured rather than modelled,
-    logged, and checked against `max_gib` again. A refusal then keeps what is written (the
-    writer finishes the write units queued): the same command with a larger `max_gib` resumes."""
+    """The compressed soft-label arrays of the first read chunk a pass stores, encoded as the
+    cache's arrays encode them (their own codecs, in memory): the whole cache's size measured
+    rather than modelled (an uncompressed array's size is exact beforehand), logged, and checked
+    against `max_gib` again. A refusal then keeps what is written (the writer finishes the write
+    units queued): the same command with a larger `max_gib` resumes."""
 
     def __init__(self, writer: CacheWriter, chunk: int, lengths: np.ndarray | None, max_gib: float):
         self.writer, self.chunk, self.lengths, self.max_gib = writer, chunk, lengths, max_gib
         self.start, self.stop = writer.layout.grid.rows(chunk)
-        self.parts: dict[str, list[np.ndarray]] | None = {name: [] for name in writer.layout.soft_kind.arrays(writer.layout)}
+        specs = writer.layout.soft_kind.arrays(writer.layout)
+        self.parts: dict[str, list[np.ndarray]] | None = {name: [] for name, spec in specs.items() if spec.compressed}
         self.filled = 0
 
     def add(self, start: int, rows: dict[str, np.ndarray]) -> None:
@@ -316,12 +321,13 @@ class _FirstChunkSize:
             self._measure({name: np.concatenate(values) for name, values in parts.items()})
 
     def _measure(self, rows: dict[str, np.ndarray]) -> None:
-        layout, count = self.writer.layout, self.stop - self.start
-        every = count * math.prod(layout.position_shape)
+        layout = self.writer.layout
+        every = (self.stop - self.start) * math.prod(layout.position_shape)
         valid = every if self.lengths is None else int(self.lengths[self.start : self.stop].sum())
-        specs = layout.soft_kind.arrays(layout)
-        per_position = {name: _encoded_bytes(self.writer.group[name], values) / max(valid if specs[name].compressed else every, 1)
-                        for name, values in rows.items()}
+        skip = len(layout.position_shape)
+        per_position = {name: np.dtype(spec.dtype).itemsize * math.prod(spec.shape[skip:])
+                        for name, spec in layout.soft_kind.arrays(layout).items()}
+        per_position.update({name: _encoded_bytes(self.writer.group[name], values) / max(valid, 1) for name, values in rows.items()})
         total = _size_estimate(layout, per_position, _positions(layout, self.lengths))
         log.info("soft labels: %s, measured on chunk %d", _size_text(layout, total, self.lengths), self.chunk)
         _check_size(layout, total, self.lengths, self.max_gib,
@@ -366,6 +372,8 @@ def _teacher_pass(
     if progress is not None:  # the total from the start, before the first batch
         progress(rows_done, rows_total)
     size = _FirstChunkSize(writer, writer.layout.chunks_of(missing[0])[0], lengths, config.max_gib) if missing else None
+    if size is not None and not size.parts:  # no compressed array: the size said before the pass is exact
+        size = None
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.loader_workers)
     if augmentation is not None:
         batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
