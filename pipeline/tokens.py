@@ -262,6 +262,8 @@ def _tokenize_units(source: Source, units: list[Unit], todo: list[int], parts: P
         if progress is not None:
             progress(done, len(units))
 
+    if progress is not None:
+        progress(done, len(units))
     # The tokenizer on one thread in every process (set before a fork: its thread pool is not forked in use).
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -465,6 +467,7 @@ class TokenSplit:
         self._tokens, self._trained = group["tokens"], group["trained"]
         self._chunk = int(self._tokens.chunks[0])
         first, last = rows if rows is not None else (0, int(group["lengths"].shape[0]))
+        self.first_row = first  # the split's row 0 in the whole split (recorded by a cache: stages.cache_teacher)
         self._row_start = group["row_start"][first:last]
         self.lengths = group["lengths"][first:last].astype(np.int64)
         whole = rows is None or (first, last) == (0, int(group["lengths"].shape[0]))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -49,7 +50,7 @@ from stages.cache.format import is_cache, nonfinite_rows
 from stages.cache.layout import ChunkGrid, Layout, default_chunk_rows, default_shard_rows
 from stages.cache.reader import prefetch
 from stages.cache.writer import CacheWriter, writing
-from stages.config import CacheTeacherConfig  # defined there, torch-free, for the CLI; re-exported here
+from stages.config import DEFAULT_TEACHER_BATCH, CacheTeacherConfig  # the config is defined there, torch-free, for the CLI; re-exported here
 from stages.data import Split, fingerprint, joined_with_inputs, sequence_lengths, sha256
 from stages.errors import InputError, PipelineError
 from stages.runtime import (
@@ -125,15 +126,23 @@ def run(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Split, prog
         layout = replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, len(split)))
     # None: by the cache's size (default_shard_rows); 0: never sharded.
     layout = replace(layout, shard_rows=default_shard_rows(layout) if config.shard_rows is None else config.shard_rows or None)
-    _check_size(layout, config.max_gib)
+    if config.batch_size is None:
+        config = replace(config, batch_size=min(DEFAULT_TEACHER_BATCH, layout.chunk_rows))
     lengths = None if layout.tokens is None else sequence_lengths(split, layout.tokens)
+    estimate = _size_estimate(layout, layout.soft_kind.position_bytes(layout), _positions(layout, lengths))
+    if any(spec.compressed for spec in layout.soft_kind.arrays(layout).values()):
+        log.info("soft labels: about %s, by the %s kind's byte model (measured on the first chunk written)",
+                 _size_text(layout, estimate, lengths), layout.kind)
+    else:
+        log.info("soft labels: %s (uncompressed)", _size_text(layout, estimate, lengths))
+    _check_size(layout, estimate, lengths, config.max_gib)
     provenance = {**_provenance(config, teacher, split), "determinism": _determinism(config, device)}
     with writing(config.out, layout, provenance, overwrite=config.overwrite) as writer:
         missing = writer.missing_chunks()
         if missing and len(missing) < writer.grid.num_chunks:
             log.info("resuming %s: %d of %d %ss still to compute", config.out, len(missing), writer.grid.num_chunks,
                      layout.write_unit)
-            _check_resume_determinism(config, writer.group.attrs.get("determinism"), provenance["determinism"])
+            _check_resume_determinism(config, writer.group.attrs.get("determinism"), provenance["determinism"], layout.chunk_rows)
         if config.workers or config.scheduler:
             writer.close()  # the workers write; this process only hands out chunks
             _distributed_pass(config, writer.grid, missing, load_on_worker, progress, writer.lock)
@@ -192,16 +201,18 @@ def _determinism(config: CacheTeacherConfig, device: torch.device) -> dict:
     }
 
 
-def _check_resume_determinism(config: CacheTeacherConfig, recorded: dict | None, current: dict) -> None:
+def _check_resume_determinism(config: CacheTeacherConfig, recorded: dict | None, current: dict, chunk_rows: int) -> None:
     """Refuse a resume whose batches would differ from the cache's chunks already written; warn
     when only the machine or library versions differ (the rows are still the teacher's, but
     their last bits may not equal an uninterrupted run's). Threads follow the record
-    (_recorded_threads), so they never differ."""
+    (_recorded_threads), so they never differ. Batches stop at chunk boundaries (chunk_batches),
+    so batch sizes of a chunk's rows or more make the same batches (a cache started at the old
+    default of 256 rows resumes at today's default, one chunk)."""
     if recorded is None:
         log.warning("%s was started before caches recorded their batching: resumed rows may differ from an "
                     "uninterrupted run's in the last bit", config.out)
         return
-    if recorded["batch_size"] != current["batch_size"]:
+    if min(recorded["batch_size"], chunk_rows) != min(current["batch_size"], chunk_rows):
         raise InputError(
             f"{config.out} was started with batch size {recorded['batch_size']}: resume it with the same batch size, so "
             "that its rows meet the teacher in the same batches (or start over with overwrite)"
@@ -237,26 +248,100 @@ def _provenance(config: CacheTeacherConfig, teacher: torch.nn.Module, split: Spl
             "split": config.split,
             "fingerprint": fingerprint(split),
             "index_sha256": sha256(index),
+            # A split that is a slice of its dataset's rows (a token dataset's rows=A:B) says where it
+            # starts, so that caches of other slices are compared by dataset row (stages.inspection).
+            "first_row": int(getattr(split, "first_row", 0)),
         },
         "teacher_metrics": None,
         "config": config_dict(config),
     }
 
 
-def _check_size(layout: Layout, max_gib: float) -> None:
-    """Say what the cache will take before computing it, and refuse one over `max_gib`: a dense
-    token cache at a language model's vocabulary is 2 bytes per class per token (a 150k
-    vocabulary over a billion tokens is 300 TB)."""
-    per_token = layout.row_bytes / (layout.tokens or 1)
-    total = layout.row_bytes * layout.num_samples
-    unit = "token position" if layout.tokens else "row"
-    log.info("soft labels: %s bytes per %s, %.3g GiB in all (uncompressed)", f"{per_token:,.0f}", unit, total / 2**30)
+def _positions(layout: Layout, lengths: np.ndarray | None) -> tuple[int, int]:
+    """(every position, the positions that hold soft labels): rows times views, or a token cache's
+    positions and its valid tokens."""
+    every = layout.num_samples * math.prod(layout.position_shape)
+    return every, every if lengths is None else int(lengths.sum())
+
+
+def _size_estimate(layout: Layout, per_position: dict[str, float], positions: tuple[int, int]) -> float:
+    """The soft labels' bytes on disk, from each array's bytes per position that holds soft labels:
+    a compressed array stores padding in next to nothing, an uncompressed one at full size."""
+    every, valid = positions
+    specs = layout.soft_kind.arrays(layout)
+    return sum(per_position[name] * (valid if spec.compressed else every) for name, spec in specs.items())
+
+
+def _size_text(layout: Layout, total: float, lengths: np.ndarray | None) -> str:
+    every, valid = _positions(layout, lengths)
+    if layout.tokens is None:
+        return f"{total / layout.num_samples:,.0f} bytes per row over {layout.num_samples:,} rows, {total / 2**30:,.3g} GiB in all"
+    return (f"{total / every:,.0f} bytes per token position ({total / max(valid, 1):,.1f} per valid token) over {every:,} token "
+            f"positions, {total / 2**30:,.3g} GiB in all")
+
+
+def _check_size(layout: Layout, total: float, lengths: np.ndarray | None, max_gib: float, measured: str = "") -> None:
+    """Refuse a cache whose soft labels would take more than `max_gib`: a dense token cache at a
+    language model's vocabulary is 2 bytes per class per token (a 150k vocabulary over a billion
+    tokens is 300 TB). `measured` says where the figure was measured, and what is kept."""
     if max_gib and total > max_gib * 2**30:
+        every, _ = _positions(layout, lengths)
+        per, unit, count = (total / every, "token position", every) if layout.tokens else (total / layout.num_samples, "row", layout.num_samples)
         raise InputError(
-            f"this cache's soft labels would take {total / 2**30:,.1f} GiB ({per_token:,.0f} bytes per {unit} over "
-            f"{layout.num_samples * (layout.tokens or 1):,} {unit}s), more than `max_gib` {max_gib:g}: keep the top k "
-            "classes (`format` topk or qtopk) or raise `max_gib` (0: no limit)"
+            f"this cache's soft labels would take {total / 2**30:,.1f} GiB ({per:,.0f} bytes per {unit} over {count:,} {unit}s"
+            f"{measured}), more than `max_gib` {max_gib:g}: keep the top k classes (`format` topk or qtopk) or raise `max_gib` "
+            "(0: no limit)"
         )
+
+
+class _FirstChunkSize:
+    """The compressed soft-label arrays of the first read chunk a pass stores, encoded as the
+    cache's arrays encode them (their own codecs, in memory): the whole cache's size measured
+    rather than modelled (an uncompressed array's size is exact beforehand), logged, and checked
+    against `max_gib` again. A refusal then keeps what is written (the writer finishes the write
+    units queued): the same command with a larger `max_gib` resumes."""
+
+    def __init__(self, writer: CacheWriter, chunk: int, lengths: np.ndarray | None, max_gib: float):
+        self.writer, self.chunk, self.lengths, self.max_gib = writer, chunk, lengths, max_gib
+        self.start, self.stop = writer.layout.grid.rows(chunk)
+        specs = writer.layout.soft_kind.arrays(writer.layout)
+        self.parts: dict[str, list[np.ndarray]] | None = {name: [] for name, spec in specs.items() if spec.compressed}
+        self.filled = 0
+
+    def add(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        """Rows [start, start + len) as stored; the chunk's rows arrive in order."""
+        low, high = max(start, self.start), min(start + len(rows["index"]), self.stop)
+        if self.parts is None or low >= high:
+            return
+        for name, parts in self.parts.items():
+            parts.append(rows[name][low - start : high - start])
+        self.filled += high - low
+        if self.filled == self.stop - self.start:
+            parts, self.parts = self.parts, None
+            self._measure({name: np.concatenate(values) for name, values in parts.items()})
+
+    def _measure(self, rows: dict[str, np.ndarray]) -> None:
+        layout = self.writer.layout
+        every = (self.stop - self.start) * math.prod(layout.position_shape)
+        valid = every if self.lengths is None else int(self.lengths[self.start : self.stop].sum())
+        skip = len(layout.position_shape)
+        per_position = {name: np.dtype(spec.dtype).itemsize * math.prod(spec.shape[skip:])
+                        for name, spec in layout.soft_kind.arrays(layout).items()}
+        per_position.update({name: _encoded_bytes(self.writer.group[name], values) / max(valid, 1) for name, values in rows.items()})
+        total = _size_estimate(layout, per_position, _positions(layout, self.lengths))
+        log.info("soft labels: %s, measured on chunk %d", _size_text(layout, total, self.lengths), self.chunk)
+        _check_size(layout, total, self.lengths, self.max_gib,
+                    f", measured on its chunk {self.chunk}; the chunks written are kept and the same command resumes them")
+
+
+def _encoded_bytes(array: zarr.Array, values: np.ndarray) -> int:
+    """The bytes `values`, one chunk of `array`'s rows, take stored as `array` stores a chunk."""
+    store: dict = {}
+    copy = zarr.create_array(store=store, shape=values.shape, chunks=values.shape, dtype=array.dtype, fill_value=array.fill_value,
+                             filters=array.filters, serializer=array.serializer, compressors=array.compressors,
+                             config={"write_empty_chunks": True})
+    copy[...] = values
+    return sum(len(value) for key, value in store.items() if key != "zarr.json")
 
 
 def _teacher_pass(
@@ -284,6 +369,11 @@ def _teacher_pass(
     rows_done = rows_total - sum(stop - start for start, stop in map(writer.grid.rows, missing))
     last_report = time.perf_counter()
     views = writer.layout.views
+    if progress is not None:  # the total from the start, before the first batch
+        progress(rows_done, rows_total)
+    size = _FirstChunkSize(writer, writer.layout.chunks_of(missing[0])[0], lengths, config.max_gib) if missing else None
+    if size is not None and not size.parts:  # no compressed array: the size said before the pass is exact
+        size = None
     batches = _input_batches(split, writer, missing, config.batch_size, pin=cuda, workers=config.loader_workers)
     if augmentation is not None:
         batches = _augmented_views(batches, augmentation, views, config.view_seed, pin=cuda)
@@ -306,14 +396,14 @@ def _teacher_pass(
         else:
             in_flight.append((start, stored, None))
         while in_flight and (len(in_flight) > MAX_IN_FLIGHT or in_flight[0][2] is None or in_flight[0][2].query()):
-            rows_done += _store(writer, split, lengths, config, *in_flight.popleft())
+            rows_done += _store(writer, split, lengths, config, *in_flight.popleft(), size=size)
             if progress is not None:
                 progress(rows_done, rows_total)
         if time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
             log.info("teacher pass: rows up to %d of %d", start + count, len(split))
     while in_flight:
-        rows_done += _store(writer, split, lengths, config, *in_flight.popleft())
+        rows_done += _store(writer, split, lengths, config, *in_flight.popleft(), size=size)
         if progress is not None:
             progress(rows_done, rows_total)
 
@@ -345,6 +435,8 @@ def _distributed_pass(
                    for chunks in tasks]
         rows_total = grid.num_samples
         rows_done = rows_total - sum(stop - start for start, stop in map(grid.rows, missing))
+        if progress is not None:
+            progress(rows_done, rows_total)
         try:
             for future in distributed.as_completed(futures):
                 rows_done += future.result()
@@ -466,9 +558,10 @@ class _PinnedRing:
 
 
 def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config: CacheTeacherConfig, start: int,
-           stored: dict[str, torch.Tensor], done: torch.cuda.Event | None) -> int:
+           stored: dict[str, torch.Tensor], done: torch.cuda.Event | None, size: _FirstChunkSize | None = None) -> int:
     """Check one batch of stored values (after rounding to the cache dtype, so an overflow of
-    float16 is caught as well as a NaN), hand it to the writer, and return its row count."""
+    float16 is caught as well as a NaN), hand it to the writer (and to `size`, which measures the
+    first chunk's), and return its row count."""
     if done is not None:
         done.synchronize()
     # A pinned buffer is reused for a later batch: copy out of it.
@@ -495,6 +588,8 @@ def _store(writer: CacheWriter, split: Split, lengths: np.ndarray | None, config
     if writer.layout.views is not None:
         rows["view_seeds"] = view_seeds(config.view_seed, rows["index"], writer.layout.views)
     writer.write_rows(start, rows)
+    if size is not None:  # after the writer has the rows: a refusal keeps the chunk they complete
+        size.add(start, rows)
     return count
 
 

@@ -39,6 +39,10 @@ MAX_SEED = 2**32 - 1
 MAX_VIEW_SEED = 2**64 - 1
 # Top-k caches store class numbers as uint8, uint16 or uint32 (stages.cache).
 MAX_CLASSES = 2**32
+# The teacher's default batch in rows. A teacher batch never crosses a chunk, so a chunk of fewer
+# rows (a token cache's: about 2 MB of a sequence's soft labels per row, stages.cache.layout) is
+# one batch by default: the same batches, without a note that the chunks are smaller.
+DEFAULT_TEACHER_BATCH = 256
 
 
 # Messages name config fields in backticks, "`top_k` must be ...": the library speaks its own
@@ -62,7 +66,7 @@ class CacheTeacherConfig:
     teacher_weights: Path | None = None
     split: str = "train"
     temperature: float = 4.0
-    batch_size: int = 256
+    batch_size: int | None = None  # None: DEFAULT_TEACHER_BATCH rows, or one chunk's rows where a chunk holds fewer
     device: str = "auto"
     dtype: str = "float16"
     format: str = "dense"  # the kind of cache, a name in stages.kinds.KINDS

@@ -214,8 +214,12 @@ def _chunks(reader: CacheReader, names: tuple[str, ...]) -> list:
 
 def distance_from_reference(path: CacheLocation, reference: CacheLocation, max_rows: int | None = None) -> dict:
     """How far the distribution a cache gives each row (or valid token) is from the one a dense
-    cache of the same teacher and rows gives, at the cache's T: the mean KL(reference || cached)
-    in nats and the mean total variation distance, over the first `max_rows` rows (default all).
+    cache of the same teacher gives, at the cache's T: the mean KL(reference || cached) in nats
+    and the mean total variation distance, over the rows both caches hold (matched by their index
+    in the dataset: the reference may hold any subset of the cache's rows, as a dense cache of a
+    `rows=A:B` slice of a token dataset does, and the other way round), the first `max_rows` of
+    them (default all). `rows_compared` says how many; caches that cannot be compared are an
+    InputError naming what differs (_incomparable).
 
     The cached distribution is over every class: the kind's probabilities on its support, and the
     mass it leaves (a top-k cache's tail) spread evenly over the classes it does not name, the
@@ -230,27 +234,34 @@ def distance_from_reference(path: CacheLocation, reference: CacheLocation, max_r
     layout = cache.layout
     if dense.layout.kind != "dense":
         raise InputError(f"the reference {reference} must be a dense cache (every class's logit), not a {dense.layout.kind} one")
-    same_rows = (dense.layout.num_classes, dense.layout.row_shape[:-1]) == (layout.num_classes, layout.row_shape[:-1]) and all(
-        np.array_equal(dense.group[name][:], cache.group[name][:]) for name in ("index", "view_seeds") if name in cache.group)
-    if not same_rows:
-        raise InputError(f"the reference {reference} does not hold the same rows as {path} (classes, positions, dataset index or views differ)")
-    if [t.get("weights_sha256") for t in dense.attrs["teachers"]] != [t.get("weights_sha256") for t in cache.attrs["teachers"]]:
-        raise InputError(f"the reference {reference} was made by another teacher than {path} (their weights_sha256 differ)")
+    differences = _incomparable(cache, dense)
+    if differences:
+        raise InputError(f"the reference {reference} cannot be compared with {path}: {'; '.join(differences)}")
+    # Rows both hold, by their index in the dataset (a cache's `index` counts from its split's first row).
+    ours, theirs = (reader.group["index"][:] + _first_row(reader) for reader in (cache, dense))
+    _, mine, others = np.intersect1d(ours, theirs, assume_unique=True, return_indices=True)
+    if len(mine) == 0:
+        raise InputError(f"the reference {reference} holds none of the rows of {path} (dataset rows {_span(ours)} and "
+                         f"{_span(theirs)})")
+    order = np.argsort(mine)
+    mine, others = mine[order][:max_rows], others[order][:max_rows]
+    if "view_seeds" in cache.group:
+        differ = (cache.group["view_seeds"].get_orthogonal_selection(mine) != dense.group["view_seeds"].get_orthogonal_selection(others)).any()
+        if differ:
+            raise InputError(f"the reference {reference} cannot be compared with {path}: views: other augmentation seeds")
     kind, classes, ratio = layout.soft_kind, layout.num_classes, dense.temperature / cache.temperature
     names = (*kind.soft_arrays, *layout.position_arrays)
-    rows_total = min(max_rows or layout.num_samples, layout.num_samples)
     step = max(1, REFERENCE_STEP_VALUES // (classes * math.prod(layout.position_shape)))
     block = max(1, REFERENCE_STEP_VALUES // classes)
     kl_sum = tv_sum = 0.0
     positions = infinite = 0
-    for start in range(0, rows_total, step):
-        stop = min(start + step, rows_total)
-        rows = cache.read_rows(start, stop, names)
-        logits = dense.read_rows(start, stop, ("logits",))["logits"]
+    for first in range(0, len(mine), step):
+        rows = _rows_at(cache, mine[first : first + step], names)
+        logits = _rows_at(dense, others[first : first + step], ("logits",))["logits"]
         valid = np.ones(logits.shape[:-1], dtype=bool) if "lengths" not in rows else valid_positions(rows, logits.shape[1])
         soft, logits = {name: rows[name][valid] for name in kind.soft_arrays}, logits[valid]  # one row per valid position
-        for first in range(0, len(logits), block):
-            part = slice(first, first + block)
+        for part_start in range(0, len(logits), block):
+            part = slice(part_start, part_start + block)
             p = torch.softmax(torch.from_numpy(logits[part]).double() * ratio, -1)
             q = _whole_distribution(kind, {name: values[part] for name, values in soft.items()}, classes)
             kl = (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)  # xlogy(p, 0) = -inf where p > 0: an infinite KL
@@ -259,8 +270,66 @@ def distance_from_reference(path: CacheLocation, reference: CacheLocation, max_r
             infinite += int((~finite).sum())
             tv_sum += float(0.5 * (p - q).abs().sum())
             positions += len(p)
-    return {"reference": str(reference), "positions": positions, "kl_nats": None if infinite else kl_sum / positions,
-            "infinite_kl_positions": infinite, "total_variation": tv_sum / positions}
+    return {"reference": str(reference), "rows_compared": len(mine), "rows": layout.num_samples,
+            "reference_rows": dense.layout.num_samples, "positions": positions,
+            "kl_nats": None if infinite else kl_sum / positions, "infinite_kl_positions": infinite,
+            "total_variation": tv_sum / positions}
+
+
+def _incomparable(cache: CacheReader, dense: CacheReader) -> list[str]:
+    """What keeps a dense cache from being a reference for `cache`, each named with both values:
+    another teacher, another dataset or split (the same source sliced otherwise is the same
+    dataset), other classes or positions per row. The temperature may differ: a dense cache
+    re-tempers exactly."""
+    differences = []
+    ours, theirs = ([(t.get("spec"), t.get("weights_sha256")) for t in reader.attrs["teachers"]] for reader in (cache, dense))
+    if [w for _, w in ours] != [w for _, w in theirs]:
+        differences.append(f"teacher: {_teachers(dense)} in the reference, {_teachers(cache)} in the cache (their weights_sha256 differ)")
+    ours, theirs = _dataset_identity(cache), _dataset_identity(dense)
+    if ours != theirs:
+        differences.append(f"dataset: {_dataset_text(dense)} in the reference, {_dataset_text(cache)} in the cache")
+    if dense.layout.num_classes != cache.layout.num_classes:
+        differences.append(f"classes: {dense.layout.num_classes} in the reference, {cache.layout.num_classes} in the cache")
+    if dense.layout.position_shape != cache.layout.position_shape:
+        differences.append(f"positions per row ({', '.join(cache.layout.position_axes) or 'none'}): "
+                           f"{list(dense.layout.position_shape)} in the reference, {list(cache.layout.position_shape)} in the cache")
+    return differences
+
+
+def _dataset_identity(reader: CacheReader) -> tuple:
+    """What the rows of a cache come from, whatever range of it the cache holds: a token dataset's
+    source (every `rows=A:B` slice of it shares it) and split, else the dataset spec, split and
+    fingerprint (the same rows throughout)."""
+    dataset = reader.attrs["dataset"]
+    source = (dataset.get("fingerprint") or {}).get("source_sha256")
+    if source is not None:
+        return source, dataset.get("split")
+    return dataset.get("spec"), dataset.get("split"), dataset.get("fingerprint")
+
+
+def _first_row(reader: CacheReader) -> int:
+    """The dataset row of the cache's row 0: a slice's first row (`dataset.first_row`; absent, 0, in caches made before it was recorded)."""
+    return int(reader.attrs["dataset"].get("first_row") or 0)
+
+
+def _teachers(reader: CacheReader) -> str:
+    return ", ".join(f"{t.get('spec')} ({str(t.get('weights_sha256'))[:12]})" for t in reader.attrs["teachers"])
+
+
+def _dataset_text(reader: CacheReader) -> str:
+    dataset = reader.attrs["dataset"]
+    return f"{dataset.get('spec')} split {dataset.get('split')!r}"
+
+
+def _span(rows: np.ndarray) -> str:
+    return f"{int(rows.min())}-{int(rows.max())}" if len(rows) else "none"
+
+
+def _rows_at(reader: CacheReader, rows: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The rows `rows` (ascending) of `names`, read as the one range they span (rows both caches
+    hold are a range of each) through the reader's checks."""
+    read = reader.read_rows(int(rows[0]), int(rows[-1]) + 1, names)
+    return {name: values[rows - rows[0]] for name, values in read.items()}
 
 
 def _whole_distribution(kind, rows: dict[str, np.ndarray], classes: int) -> torch.Tensor:

@@ -100,7 +100,10 @@ class TrainResult:
     test_samples: int | None
     test_tokens: int | None  # models with logits per token: errors and nll count valid tokens
     test_nll: float | None
+    # The run's seconds over all its parts: a part a kill interrupted counts up to its last checkpoint
+    # (what the kill lost after it is done again, and counted, in the part that resumed).
     seconds: float
+    resumed_seconds: float | None = None  # after a resume: the seconds of the part that finished the run
 
 
 class SoftLabels(Protocol):
@@ -175,6 +178,8 @@ class Training:
     step: int  # optimizer steps done
     position: int  # micro-batches of `first_epoch` consumed before the checkpoint resumed from
     sums: dict[str, torch.Tensor]  # of `first_epoch`'s losses so far (restored with the position)
+    earlier_seconds: float | None  # resumed: the seconds of the earlier parts, up to the checkpoint (else None)
+    started: float = 0.0  # this part's start (time.perf_counter)
     steps_log: object = None  # rank 0's open steps.jsonl
     window: dict | None = None  # what the next step log line averages
 
@@ -186,12 +191,15 @@ def _train(
     training = _prepare(config, model, train, evaluation, cache, augment, ranks, device)
     if isinstance(training, TrainResult):  # resuming a finished run: nothing to do
         return training
+    training.started = started
     metrics = main_only(ranks, lambda: _kept_metrics(config.out / "metrics.jsonl", training.first_epoch)) or {}
     main_only(ranks, lambda: _kept_steps(config.out / STEPS_LOG, training.step))
     with (open_no_follow(config.out / "metrics.jsonl", "a") if ranks.main else contextlib.nullcontext()) as metrics_file, \
             (open_no_follow(config.out / STEPS_LOG, "a") if ranks.main and config.log_every_steps else contextlib.nullcontext()) as steps_log, \
             one_blas_thread_beside_torch(), torch_threads(training_threads(device)):
         training.steps_log = steps_log
+        if progress is not None and ranks.main:  # the total from the start, before the first step's batches load
+            progress(training.step, training.total_steps)
         for epoch in range(training.first_epoch, len(training.epoch_batches)):
             epoch_started = time.perf_counter()
             means = _train_epoch(training, epoch, progress)
@@ -209,7 +217,8 @@ def _train(
         test_samples=metrics.get("test_num_samples"),
         test_tokens=metrics.get("test_num_tokens"),
         test_nll=metrics.get("test_nll"),
-        seconds=time.perf_counter() - started,
+        seconds=_seconds_so_far(training),
+        resumed_seconds=None if training.earlier_seconds is None else time.perf_counter() - started,
     )
     if ranks.main:
         _write_json(config.out / "summary.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()})
@@ -261,6 +270,7 @@ def _prepare(
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
     first_epoch = step = position = 0
     sums: dict[str, torch.Tensor] = {}
+    earlier_seconds = None
     if state is not None:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -270,6 +280,7 @@ def _prepare(
         _set_rng_states(state["rng"], device)
         first_epoch, step, position = state["epoch"], state["step"], state["position"]
         sums = {name: value.to(device) for name, value in state["sums"].items()}
+        earlier_seconds = float(state.get("seconds", 0.0))  # 0: a checkpoint of a version that did not count them
         if ranks.main and position == 0:
             log.info("resuming %s after epoch %d (step %d of %d)", config.out, first_epoch, step, total_steps)
         elif ranks.main:
@@ -284,7 +295,8 @@ def _prepare(
     forward = forward if config.amp == "none" else AutocastForward(forward, config.amp, device)
     trained = forward if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(forward)
     return Training(config, model, student, trained, optimizer, schedule, scaler, train, evaluation, cache, labels, lengths,
-                    augment, temperature, ranks, device, first_epoch, epoch_batches, total_steps, step, position, sums)
+                    augment, temperature, ranks, device, first_epoch, epoch_batches, total_steps, step, position, sums,
+                    earlier_seconds)
 
 
 def _plan(config: TrainConfig, train: Split, cache: SoftLabels | None, ranks: Ranks) -> list[int]:
@@ -484,13 +496,19 @@ def _end_of_epoch(training: Training, epoch: int, means: dict[str, float], epoch
 def _checkpoint_state(training: Training, *, epoch: int, position: int, sums: dict[str, torch.Tensor]) -> dict:
     """Everything a resumed run continues from: the weights, the optimizer, schedule and scaler,
     every RNG state, and where it stands: `epoch`, the micro-batches of it consumed
-    (`position`), the sums of its losses so far, and the optimizer steps done."""
+    (`position`), the sums of its losses so far, the optimizer steps done, and the run's seconds."""
     t = training
     return {
         "step": t.step, "epoch": epoch, "position": position, "sums": sums, "model": t.student.state_dict(),
         "optimizer": t.optimizer.state_dict(), "schedule": t.schedule.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler is not None else {}, "rng": _rng_states(t.device),
+        "seconds": _seconds_so_far(t),
     }
+
+
+def _seconds_so_far(training: Training) -> float:
+    """The run's seconds up to now: this part's, and the earlier parts' up to the checkpoint it resumed from."""
+    return (training.earlier_seconds or 0.0) + time.perf_counter() - training.started
 
 
 def _rng_states(device: torch.device) -> dict:

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from pipeline import DATA_ROOT, __version__
@@ -243,22 +244,38 @@ def _print_table(table: Table) -> None:
     Console(width=UNBOUNDED_WIDTH).print(table)
 
 
+class _RemainingAtThisPace(TimeRemainingColumn):
+    """Time left at this process's pace since its first report: a resumed run's first report counts
+    work done before this process, which rich's own estimate would take for a burst of speed."""
+
+    def render(self, task) -> Text:
+        since = task.fields.get("since")
+        if task.total is None or since is None or task.completed <= since[1]:
+            return Text("-:--:--", style="progress.remaining")
+        started, done = since
+        left = (task.total - task.completed) * (task.get_time() - started) / (task.completed - done)
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"{hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
 @contextlib.contextmanager
 def _progress_bar(description: str):
-    """A rich progress bar on stderr when it is a terminal (else None: log lines only). The
-    stage's first report may count work done before this process (a resumed run): the bar starts
-    there, and its time left is estimated from this process's pace only."""
+    """A rich progress bar on stderr when it is a terminal (else None: log lines only). It shows
+    once the stage's first report gives the total (never "0/?"), with the time elapsed since the
+    command started. That report may count work done before this process (a resumed run): the bar
+    starts there, and its time left is estimated from this process's pace only."""
     if not sys.stderr.isatty():
         yield None
         return
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), TaskProgressColumn(), MofNCompleteColumn(),
-               TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn())
+               TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("remaining"), _RemainingAtThisPace())
     with Progress(*columns, console=STDERR, transient=True) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(description, total=None, visible=False)
 
         def report(done: int, total: int) -> None:
-            if bar.tasks[0].total is None:  # the first report: reset, so a resumed start is no burst of speed
-                bar.reset(task, total=total, completed=done)
+            if "since" not in bar.tasks[0].fields:
+                bar.update(task, completed=done, total=total, visible=True, since=(bar.get_time(), done))
             else:
                 bar.update(task, completed=done, total=total)
 

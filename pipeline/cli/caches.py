@@ -122,8 +122,8 @@ def evaluate_command(
 def inspect_command(
     cache: Annotated[str, typer.Argument(help="The cache to describe: a folder or an fsspec URL.", show_default=False)],
     png: Annotated[Path | None, typer.Option(help="Where to write the plots (confidence and entropy histograms, reliability). (default: data/inspect/CACHE-NAME.png)")] = None,
-    reference: Annotated[str | None, typer.Option(help="A dense cache of the same teacher and rows: also report the KL and total variation from its distribution to this cache's.")] = None,
-    reference_rows: Annotated[int | None, typer.Option(min=1, help="Compare with --reference over the first N rows only. (default: all)")] = None,
+    reference: Annotated[str | None, typer.Option(help="A dense cache of the same teacher and dataset, of all its rows or a slice: also report the KL and total variation from its distribution to this cache's, over the rows both hold.")] = None,
+    reference_rows: Annotated[int | None, typer.Option(min=1, help="Compare with --reference over the first N rows both hold only. (default: all)")] = None,
     storage_option: StorageOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -77,7 +77,7 @@ def cache_teacher_command(
     split: Annotated[str, typer.Option(rich_help_panel=DATA, help="Split to cache.")] = field_default(CT, "split"),
     out: Annotated[str | None, typer.Option(rich_help_panel=CACHE, help="Cache to write: a .zarr folder, or an fsspec URL such as s3://bucket/path.zarr. (default: data/caches/TEACHER-DATASET-SPLIT-T.zarr)")] = None,
     temperature: Annotated[float, typer.Option(rich_help_panel=CACHE, help="Temperature T: the cache stores teacher logits / T.")] = field_default(CT, "temperature"),
-    batch_size: Annotated[int, typer.Option(rich_help_panel=MODEL, help="Teacher batch size.")] = field_default(CT, "batch_size"),
+    batch_size: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help="Teacher batch size in rows. (default: 256, or a chunk's rows where a chunk holds fewer, as a language model's token cache does: a batch never crosses a chunk)")] = field_default(CT, "batch_size"),
     device: DeviceOption = field_default(CT, "device"),
     dtype: Annotated[str, typer.Option(rich_help_panel=CACHE, help="Stored dtype: float16 or float32.")] = field_default(CT, "dtype"),
     format: str = field_default(CT, "format"),  # with_kind_options gives its help, and a flag for each kind's option after it

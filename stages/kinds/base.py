@@ -19,6 +19,7 @@ use (stages.lazy): the CLI reads the options at start-up.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -196,6 +197,14 @@ class Kind:
     def arrays(self, layout: Shape) -> dict[str, ArraySpec]:
         """Its soft-label arrays, by name."""
         raise NotImplementedError
+
+    def position_bytes(self, layout: Shape) -> dict[str, float]:
+        """Its byte model: the bytes each soft-label array is expected to take on disk per position
+        that holds soft labels (a row, a view or a valid token), before any is written; what
+        cache-teacher estimates a cache's size by until it has measured its first chunk. By
+        default their uncompressed size, which a compressed array's override replaces."""
+        skip = len(layout.position_shape)
+        return {name: np.dtype(spec.dtype).itemsize * math.prod(spec.shape[skip:]) for name, spec in self.arrays(layout).items()}
 
     def encode(self, rounded: torch.Tensor, layout: Shape, padding: torch.Tensor | None,
                scratch: torch.Tensor | None = None, row_index: torch.Tensor | None = None,

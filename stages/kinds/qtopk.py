@@ -4,6 +4,7 @@ quantisation loses measured as the rows are written (`encoding_error`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from stages.kinds.base import (
@@ -105,6 +106,14 @@ class QuantisedTopK(Kind):
             "qtopk_scale": ArraySpec(layout.position_shape, "float16", float("nan"), True, position),
             "qtopk_tail": ArraySpec(layout.position_shape, "float32", float("nan"), True, position),
         }
+
+    def position_bytes(self, layout):
+        # zstd keeps a class delta in about the entropy of the gap between kept classes, log2(e C / K)
+        # bits where they spread evenly (a trained teacher's cluster: fewer), and a code in value_bits.
+        k, classes = layout.options.top_k, layout.num_classes
+        delta_bits = min(8 * np.dtype(index_dtype(classes)).itemsize, math.log2(math.e * classes / k))
+        return {"qtopk_class_deltas": k * delta_bits / 8, "qtopk_codes": k * layout.options.value_bits / 8,
+                "qtopk_scale": 2, "qtopk_tail": 4}
 
     def encode(self, rounded, layout, padding, scratch=None, row_index=None, first_position=0):
         values, indices, logsumexp, tail = top_and_logsumexp(rounded, layout.options.top_k, scratch)

@@ -102,6 +102,13 @@ class Sampled(Kind):
             "entropy": ArraySpec(layout.position_shape, "float32", float("nan"), True, ("sample", *layout.position_axes)),
         }
 
+    def position_bytes(self, layout):
+        # At most S distinct ids in ascending order: zstd keeps each in about the entropy of the gap
+        # between them, log2(e C / S) bits, and a count (most of them 1, the unused slots 0) in a few bits.
+        draws, classes = layout.options.samples, layout.num_classes
+        id_bits = min(8 * np.dtype(index_dtype(classes)).itemsize, math.log2(math.e * classes / draws))
+        return {"sampled_ids": draws * id_bits / 8, "sampled_counts": draws * min(8, math.log2(draws + 1)) / 8, "entropy": 4}
+
     def encode(self, rounded, layout, padding, scratch=None, row_index=None, first_position=0):
         if row_index is None:
             raise PipelineError("internal: a sampled cache's draws need the rows' dataset indices")

@@ -225,7 +225,7 @@ def test_there_are_at_least_twenty_distinct_cases():
     (["no-such-command"], "No such command"),
 ])
 def test_usage_errors_from_the_console_entry_point_are_one_line(args, words):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO, timeout=1800)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr

@@ -34,7 +34,7 @@ def check(tmp_path_factory) -> tuple[int, dict, str, Path]:
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "gpu-check", "--device", "cpu", "--keep", str(folder), "--json"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = process.communicate(timeout=600)
+        out, err = process.communicate(timeout=1800)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

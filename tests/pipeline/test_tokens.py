@@ -170,7 +170,7 @@ def test_a_killed_tokenize_resumes_to_the_same_bytes(tmp_path, reference, kill_o
             if kill_on in line:
                 os.killpg(process.pid, signal.SIGKILL)
                 break
-        process.wait(timeout=60)
+        process.wait(timeout=1800)
         assert process.returncode == -signal.SIGKILL, "".join(seen[-5:])
     finally:
         if process.poll() is None:
@@ -180,7 +180,7 @@ def test_a_killed_tokenize_resumes_to_the_same_bytes(tmp_path, reference, kill_o
     assert not zarr.open_group(str(out), mode="r").attrs["complete"]
     code, _, err = invoke("cache-teacher", "--dataset", f"tokens:{out}", "--teacher", "gpt2:layers=1,dim=16,heads=2")
     assert code == 2 and "incomplete" in err and len(err.strip().splitlines()) == 1
-    resumed = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=600)
+    resumed = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=1800)
     assert resumed.returncode == 0, resumed.stderr
     if kill_on.startswith("tokenized"):
         assert "resuming" in resumed.stderr

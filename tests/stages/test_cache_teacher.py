@@ -119,7 +119,7 @@ def test_a_cache_killed_at_random_points_resumes_to_the_same_bytes(tmp_path, mlp
         folder.mkdir()
         spec, log = recording_teacher(folder, kill_at=kill_at)
         args = [str(a) for a in _args(spec, mlp_weights, folder / "c.zarr")]
-        killed = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+        killed = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=1800)
         assert killed.returncode == -9, killed.stderr
         assert not zarr.open_group(str(folder / "c.zarr"), mode="r").attrs["complete"]
         log.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ def _torchrun(*args, check: bool = True) -> subprocess.CompletedProcess:
     # --standalone: a rendezvous on a free local port, so tests never collide on one.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "pipeline", "train-student", *map(str, args), "--json"]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

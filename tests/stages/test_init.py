@@ -28,7 +28,7 @@ SCRIPT = """
                          ids=["no logging configured", "the application's own logging"])
 def test_a_script_sees_the_stages_progress_once(tmp_path, configure):
     script = textwrap.dedent(SCRIPT).format(configure=configure, out=str(tmp_path / "c.zarr"))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "teacher pass over" in line]
     assert len(lines) == 1, proc.stderr

@@ -220,9 +220,61 @@ def test_inspect_against_a_dense_reference_gives_each_kinds_kl_and_total_variati
     assert code == 2 and "must be a dense cache" in err and len(err.strip().splitlines()) == 1, err
     other = cache_with_cli(tmp_path / "test.zarr", teacher_weights, "--split", "test")["cache"]
     code, _, err = invoke("inspect", topk, "--reference", other)
-    assert code == 2 and "does not hold the same rows" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot be compared" in err and "dataset: " in err and "split 'test' in the reference" in err and "teacher:" not in err, err
     code, _, err = invoke("cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--temperature", TEMPERATURE,
                           "--chunk-rows", CHUNK_ROWS, "--device", "cpu", "--out", tmp_path / "untrained.zarr")
     assert code == 0, err
     code, _, err = invoke("inspect", topk, "--reference", tmp_path / "untrained.zarr")
-    assert code == 2 and "made by another teacher" in err, err
+    assert code == 2 and "teacher: " in err and "weights_sha256 differ" in err and "dataset:" not in err, err
+
+
+def test_inspect_against_a_dense_reference_of_a_slice_compares_the_rows_both_hold(tmp_path):
+    """A dense cache of the whole split is often too large: a dense cache of a slice of a token
+    dataset's rows (rows=10:50) is the reference for a qtopk cache of every row, compared on those
+    40 rows by dataset row, and the other way round; what cannot be compared is named."""
+    pytest.importorskip("transformers")
+    from pipeline.corpus import stdlib_corpus, stdlib_tokenizer
+    from stages.weights import save_weights
+    from tests.conftest import invoke, invoke_json
+
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_text("\n".join(stdlib_corpus(tmp_path).read_text(encoding="utf-8").splitlines()[:20]) + "\n", encoding="utf-8")
+    tokenizer = stdlib_tokenizer(tmp_path / "tok", vocab=512)
+    invoke_json("tokenize", f"corpus:{corpus},tokenizer=hf:{tokenizer},seq=32,test=0", "--out", tmp_path / "t.zarr")
+    teacher, weights = "gpt2:layers=1,dim=16,heads=2", tmp_path / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_weights(resolve_model(teacher, num_classes=512, input_shape=(32,)), weights)
+
+    def cache(out, rows="", *options):
+        return invoke_json("cache-teacher", "--teacher", teacher, "--teacher-weights", weights, "--dataset",
+                           f"tokens:{tmp_path / 't.zarr'}{rows}", "--temperature", 2, "--device", "cpu", "--out", out, *options)["cache"]
+
+    whole = cache(tmp_path / "qtopk.zarr", "", "--format", "qtopk", "--top-k", 8)
+    dense_whole = cache(tmp_path / "dense.zarr")
+    dense = cache(tmp_path / "dense-10-50.zarr", ",rows=10:50")
+    measured = invoke_json("inspect", whole, "--reference", dense)["against_reference"]
+    assert (measured["rows_compared"], measured["reference_rows"]) == (40, 40) and measured["rows"] > 50
+
+    # By hand: the slice's logits against the qtopk cache's rows 10..49 over their valid tokens.
+    group, logits = zarr.open_group(str(whole), mode="r"), zarr.open_group(str(dense), mode="r")["logits"][:]
+    p = _softmax(logits.astype(np.float64))
+    deltas, codes = group["qtopk_class_deltas"][10:50].astype(np.int64), group["qtopk_codes"][10:50].astype(np.float64)
+    scale, tail = group["qtopk_scale"][10:50].astype(np.float64), group["qtopk_tail"][10:50].astype(np.float64)
+    weights_k = np.exp(-codes * scale[..., None])
+    kept = (1 - tail)[..., None] * weights_k / weights_k.sum(-1, keepdims=True)
+    completed = np.broadcast_to((np.maximum(tail, 2.0**-24) / (512 - 8))[..., None], p.shape).copy()
+    np.put_along_axis(completed, deltas.cumsum(-1), kept, -1)
+    valid = np.arange(32)[None, :] < group["lengths"][10:50][:, None]
+    kl = (p * (np.log(p) - np.log(completed))).sum(-1)[valid].mean()
+    assert measured["positions"] == valid.sum() and measured["kl_nats"] == pytest.approx(kl, rel=1e-4)
+
+    # The other way round: the slice against the whole split's dense cache, row for row the same teacher outputs.
+    itself = invoke_json("inspect", dense, "--reference", dense_whole)["against_reference"]
+    assert itself["rows_compared"] == 40 and itself["kl_nats"] == pytest.approx(0, abs=1e-6)
+
+    other = invoke_json("cache-teacher", "--teacher", "mlp-64", "--dataset", DATASET, "--device", "cpu", "--out", tmp_path / "o.zarr")
+    code, _, err = invoke("inspect", whole, "--reference", other["cache"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    for named in ("teacher: mlp-64", "dataset: synthetic", "classes: 4 in the reference, 512 in the cache", "positions per row (token)"):
+        assert named in err, (named, err)

@@ -230,7 +230,7 @@ def test_the_trainer_example_distills_a_token_cache(tmp_path):
     # One torch thread, as torchrun sets: beside two loader workers on a busy machine of few cores,
     # torch's threads (one per core) wait on one another and the run takes three times as long.
     run = subprocess.run([sys.executable, str(tmp_path / "example.py")], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     before, after = map(float, re.search(r"held-out loss per token: (\S+) before, (\S+) after", run.stdout).groups())
     assert before > 5 and after < before - 0.5, run.stdout  # a fresh student: about ln 256 = 5.55
@@ -245,7 +245,7 @@ def test_the_torchrun_example_trains_every_row_once_per_epoch(tmp_path, teacher_
     code = example("own-loop-ddp", CACHE=repr(str(cache)), DATASET=repr(DATASET), EPOCHS="4")
     (tmp_path / "train.py").write_text(code)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py"]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     epochs = re.findall(r"epoch (\d+): (\d+) rows, test accuracy (\S+)", run.stdout)
     assert [int(e) for e, _, _ in epochs] == [0, 1, 2, 3], run.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -156,7 +157,7 @@ def test_teacher_is_never_imported_or_loaded(tmp_path):
         "sys.exit(code)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", probe, str(cache), str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", probe, str(cache), str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=1800
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["test_samples"] == 200
@@ -179,7 +180,8 @@ def test_progress_is_reported_up_to_the_total(tmp_path, cache_path):
                                        epochs=2, batch_size=64, device="cpu")
     train_student.run(config, resolve_model("mlp-64", num_classes=4, input_shape=(8,)), data.split("train"), None,
                       progress=lambda done, total: calls.append((done, total)))
-    assert [done for done, _ in calls] == list(range(1, 19)) and {total for _, total in calls} == {18}  # 600 rows / 64
+    # the total first, before any step (a progress bar shows it from the start), then every step
+    assert [done for done, _ in calls] == list(range(19)) and {total for _, total in calls} == {18}  # 600 rows / 64
 
 
 class _NumpySplit:
@@ -285,7 +287,7 @@ def test_max_steps_overrides_epochs_and_counts_progress_in_steps(tmp_path, cache
     train_student.run(config, resolve_model("mlp-64", num_classes=4, input_shape=(8,)), data.split("train"), None,
                       progress=lambda done, total: calls.append((done, total)))
     # 9 batches of 64 an epoch: 5 steps (the last of one batch), then 2 of the second epoch
-    assert calls == [(step, 7) for step in range(1, 8)]
+    assert calls == [(step, 7) for step in range(8)]
     assert len((tmp_path / "p" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
@@ -372,3 +374,45 @@ def test_a_run_folder_of_an_older_version_is_still_the_same_run_but_its_epoch_ch
                 "torch_rng": torch.get_rng_state()}, tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(PipelineError, match="of an older version of the tool"):
         _train(tmp_path, cache_path, epochs=2, resume=True)
+
+
+SLOW_STUDENT = """
+    import time
+    import torch
+
+    class Slow(torch.nn.Linear):
+        def forward(self, x):
+            time.sleep(0.05)
+            return super().forward(x)
+
+    def build(num_classes):
+        return Slow(8, num_classes)
+"""
+
+
+def test_a_resumed_run_s_summary_counts_the_seconds_of_every_part(tmp_path):
+    """Killed after two of four epochs (each checkpointed), then resumed: summary.json's seconds
+    count the interrupted part up to its last checkpoint and the resumed part (resumed_seconds),
+    not the resumed part only; so they are at least the four epochs' own seconds (metrics.jsonl)."""
+    from tests.stages.test_crash_safety import _pipeline, _wait_for
+
+    (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW_STUDENT))
+    run = tmp_path / "run"
+    args = ["train-student", "--student", f"{tmp_path / 'slow.py'}:build", "--dataset", DATASET, "--epochs", "4",
+            "--batch-size", "32", "--device", "cpu", "--out", run, "--json"]
+    metrics = run / "metrics.jsonl"
+    with _pipeline(*args) as proc:
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
+        proc.kill()
+        proc.wait()
+    assert not (run / "summary.json").exists()
+    with _pipeline(*args, "--resume") as proc:
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads(out)["seconds"] == summary["seconds"]
+    epochs = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()]
+    assert len(epochs) == 4 and summary["seconds"] >= sum(epochs), (summary, epochs)
+    kept = int(re.search(r"resuming .* after epoch (\d+)", err).group(1))  # the checkpoint's epochs, done before the kill
+    assert kept >= 2 and summary["seconds"] - summary["resumed_seconds"] >= sum(epochs[:kept]), (summary, epochs)
+    assert summary["resumed_seconds"] >= sum(epochs[kept:]), (summary, epochs)

@@ -220,7 +220,7 @@ def test_abandoning_prefetch_stops_its_producer_which_never_runs_more_than_depth
     assert [next(stream) for _ in range(3)] == [0, 1, 2]
     (producer,) = [t for t in threading.enumerate() if t not in before and t.name == "prefetch"]
     stream.close()
-    producer.join(timeout=30)
+    producer.join(timeout=1800)
     assert not producer.is_alive()
     assert len(produced) <= 3 + 2 + 1  # consumed, queued (depth), and the one it was offering
 
