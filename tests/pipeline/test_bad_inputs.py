@@ -176,7 +176,7 @@ CASES = {
         or (["train-student", "--student", "mlp-64", "--dataset", t / "odd.npz", "--out", t / "r"], 2, "x_train and x_test must have one input shape, got (3,) and (4,)"),
     "cuda without a GPU": lambda t, c, w: (["train-student", "--cache", c, "--student", "mlp-64", "--device", "cuda"], 2, "CUDA"),
     "verify against a dataset of another size": lambda t, c, w: (["verify", c, "--teacher", "mlp-64", "--teacher-weights", w, "--dataset",
-                                                                  "synthetic:n=500,test=200,features=8,classes=4,seed=3", "--samples", "8"],
+                                                                  "synthetic:n=500,test=200,features=8,classes=4,seed=3", "--rows", "8"],
                                                                  3, "split 'train' of the dataset given has 500 samples; cache"),
     "gpt2 vocabulary of four billion": lambda t, c, w: (["cache-teacher", "--teacher", "gpt2:layers=1,dim=16,heads=2,vocab=4000000000", "--dataset", LM_DATA, "--out", t / "g.zarr"],
                                                         2, "vocab must be at most 1,048,576, got 4,000,000,000"),

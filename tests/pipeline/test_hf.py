@@ -72,7 +72,7 @@ def test_an_hf_teacher_on_text_distils_into_an_lstm_with_feature_targets(tmp_pat
     assert np.allclose(group["features"][:], features.numpy(), atol=1e-2)  # float16
     assert np.allclose(group["logits"][:], (logits / 2).numpy(), atol=1e-2)
     assert cache["chunks_computed"] == 1
-    checked = invoke_json("verify", tmp_path / "c.zarr", "--teacher", f"hf:{folder}", "--samples", 8, "--device", "cpu")
+    checked = invoke_json("verify", tmp_path / "c.zarr", "--teacher", f"hf:{folder}", "--rows", 8, "--device", "cpu")
     assert checked["ok"] and checked["max_abs_diff"] < 1e-2  # the features re-derived as well as the logits
 
     student = f"lstm:vocab={len(WORDS) + 5},dim=8,hidden=8"
@@ -330,7 +330,7 @@ def test_a_folder_with_custom_code_recorded_in_a_cache_is_one_line_never_a_promp
         "CacheDataset": [sys.executable, "-c", f"from stages import CacheDataset; CacheDataset({str(cache)!r}, batch_size=8)"],
         "train-student": [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache), "--student",
                           f"lstm:vocab={len(WORDS) + 5},dim=8,hidden=8", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")],
-        "verify": [sys.executable, "-m", "pipeline", "verify", str(cache), "--teacher", f"hf:{folder}", "--samples", "4", "--device", "cpu"],
+        "verify": [sys.executable, "-m", "pipeline", "verify", str(cache), "--teacher", f"hf:{folder}", "--rows", "4", "--device", "cpu"],
     }
     for what, command in commands.items():
         code, out, err = _with_a_terminal_on_stdin(command, repo)

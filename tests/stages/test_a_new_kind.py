@@ -95,7 +95,7 @@ def test_a_kind_defined_outside_the_project_caches_resumes_verifies_inspects_and
                           "--decimals", "2")
     assert code == 2 and "decimals: cache has 1, this run 2" in err, err
 
-    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--samples", "40")
+    report = invoke_json("verify", cache, "--teacher", "mlp-64", "--teacher-weights", teacher_weights, "--rows", "40")
     assert report["ok"], report
     described = invoke_json("inspect", cache)
     assert described["kind"] == "rounded" and described["decimals"] == 1 and described["logit_spread"]["entries"] == 600

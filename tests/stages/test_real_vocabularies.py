@@ -130,7 +130,7 @@ def test_an_hf_causal_lm_is_cached_per_token_with_its_own_logits_at_the_kept_cla
     np.testing.assert_allclose(at_kept[valid], logits.topk(K, dim=-1).values.numpy()[valid], rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(group["logsumexp"][:][valid], torch.logsumexp(logits, -1).numpy()[valid], rtol=1e-3, atol=1e-3)
     assert (group["topk_values"][:][~valid] == 0).all() and (indices[~valid] == 0).all()
-    report = invoke_json("verify", tmp_path / "c.zarr", "--teacher", gpt2["teacher"], "--samples", 40)
+    report = invoke_json("verify", tmp_path / "c.zarr", "--teacher", gpt2["teacher"], "--rows", 40)
     assert report["ok"], report
 
 
@@ -166,7 +166,7 @@ def test_a_sampled_token_cache_takes_at_most_48_bytes_a_valid_token_resumes_bit_
     assert valid_tokens < len(gpt2["train"]) * SEQ, "no sequence ends early: padding is not counted"
     per_token = disk_usage(tmp_path / "whole.zarr") / valid_tokens
     assert per_token <= 48, per_token
-    report = invoke_json("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--samples", 10_000)
+    report = invoke_json("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--rows", 10_000)
     assert report["ok"], report
     described = invoke_json("inspect", tmp_path / "whole.zarr")
     assert 1 <= described["distinct_sampled_ids"]["mean"] <= 12 and described["bytes_per_token"] == pytest.approx(per_token)
@@ -240,13 +240,13 @@ def test_a_qtopk_token_cache_resumes_bit_for_bit_verifies_and_trains(gpt2, tmp_p
     _cache(gpt2, tmp_path / "whole.zarr", teacher=teacher, kind=eight_bits)
     assert_same_cache(tmp_path / "whole.zarr", tmp_path / "killed.zarr")
 
-    assert invoke_json("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--samples", 10_000)["ok"]
+    assert invoke_json("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--rows", 10_000)["ok"]
     codes = zarr.open_group(str(tmp_path / "whole.zarr"), mode="r+")["qtopk_codes"]
     moved = codes[:2]
     moved[0, 0, 1] ^= 64  # one kept class's probability 64 steps off: still a valid-looking row
     codes[:2] = moved
     reseal(tmp_path / "whole.zarr")  # as a faulty writer would have recorded it: only the teacher's rerun can tell
-    code, out, _ = invoke("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--samples", 10_000, "--json")
+    code, out, _ = invoke("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--rows", 10_000, "--json")
     failed = {c["check"]: c["detail"] for c in json.loads(out)["checks"] if not c["ok"]}
     assert code == 4 and set(failed) == {"teacher"} and "qtopk_codes differ" in failed["teacher"], failed
 
