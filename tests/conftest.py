@@ -175,3 +175,18 @@ def dying_model(folder: Path, *, where: str, after_forwards: int = 3, spec: str 
             return model
     """))
     return f"{factory}:build", marker, loads
+
+
+# A student slow enough (50 ms a batch) that a test can stop its run part-way, on observable progress.
+SLOW_STUDENT = """
+    import time
+    import torch
+
+    class Slow(torch.nn.Linear):
+        def forward(self, x):
+            time.sleep(0.05)
+            return super().forward(x)
+
+    def build(num_classes):
+        return Slow(8, num_classes)
+"""

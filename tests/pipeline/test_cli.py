@@ -26,7 +26,7 @@ import pipeline.jobs
 from pipeline.cli import _strict_json
 from pipeline.datasets import resolve_dataset
 from pipeline.specs import slug
-from tests.conftest import DATASET, invoke, invoke_json
+from tests.conftest import DATASET, SLOW_STUDENT, invoke, invoke_json
 from tests.stages.test_crash_safety import CHUNK, ROWS, _cache_args, _pipeline, _wait_for, slow_teacher  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -253,20 +253,6 @@ def test_piped_tables_keep_every_value_whole(tmp_path, cache_path):
     assert any(f"cache {cache}" in line for line in lines), proc.stdout  # the title
     assert any(line.startswith("│ png ") and str(png) in line for line in lines), proc.stdout  # a row's value
     assert any(line.startswith("│ temperature ") and "3.0000" in line for line in lines), proc.stdout
-
-
-SLOW_STUDENT = """
-    import time
-    import torch
-
-    class Slow(torch.nn.Linear):
-        def forward(self, x):
-            time.sleep(0.05)
-            return super().forward(x)
-
-    def build(num_classes):
-        return Slow(8, num_classes)
-"""
 
 
 def _in_terminal(args, *, columns: int = 160, rows: int = 60, stop_when=None, timeout: float = 1800):

@@ -22,7 +22,7 @@ from pipeline.models import resolve_model
 from stages import train_student
 from stages.cache_teacher import CacheTeacherConfig
 from stages.errors import CacheMismatchError, InputError, PipelineError
-from tests.conftest import DATASET, TEMPERATURE
+from tests.conftest import DATASET, SLOW_STUDENT, TEMPERATURE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -374,20 +374,6 @@ def test_a_run_folder_of_an_older_version_is_still_the_same_run_but_its_epoch_ch
                 "torch_rng": torch.get_rng_state()}, tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(PipelineError, match="of an older version of the tool"):
         _train(tmp_path, cache_path, epochs=2, resume=True)
-
-
-SLOW_STUDENT = """
-    import time
-    import torch
-
-    class Slow(torch.nn.Linear):
-        def forward(self, x):
-            time.sleep(0.05)
-            return super().forward(x)
-
-    def build(num_classes):
-        return Slow(8, num_classes)
-"""
 
 
 def test_a_resumed_run_s_summary_counts_the_seconds_of_every_part(tmp_path):
