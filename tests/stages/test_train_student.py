@@ -377,7 +377,7 @@ def test_a_run_folder_of_an_older_version_is_still_the_same_run_but_its_epoch_ch
 
 
 def test_a_resumed_run_s_summary_counts_the_seconds_of_every_part(tmp_path):
-    """Killed after two of four epochs (each checkpointed), then resumed: summary.json's seconds
+    """Killed after two of four epochs' metrics (each epoch checkpointed), then resumed: summary.json's seconds
     count the interrupted part up to its last checkpoint and the resumed part (resumed_seconds),
     not the resumed part only; so they are at least the four epochs' own seconds (metrics.jsonl)."""
     from tests.stages.test_crash_safety import _pipeline, _wait_for
@@ -399,6 +399,8 @@ def test_a_resumed_run_s_summary_counts_the_seconds_of_every_part(tmp_path):
     assert json.loads(out)["seconds"] == summary["seconds"]
     epochs = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()]
     assert len(epochs) == 4 and summary["seconds"] >= sum(epochs), (summary, epochs)
-    kept = int(re.search(r"resuming .* after epoch (\d+)", err).group(1))  # the checkpoint's epochs, done before the kill
-    assert kept >= 2 and summary["seconds"] - summary["resumed_seconds"] >= sum(epochs[:kept]), (summary, epochs)
+    # The checkpoint's epochs, done before the kill: at least the first, whose checkpoint is saved before the
+    # second epoch's metrics line; the second's may not be (its line is written before its checkpoint).
+    kept = int(re.search(r"resuming .* after epoch (\d+)", err).group(1))
+    assert kept >= 1 and summary["seconds"] - summary["resumed_seconds"] >= sum(epochs[:kept]), (summary, epochs)
     assert summary["resumed_seconds"] >= sum(epochs[kept:]), (summary, epochs)
