@@ -20,10 +20,9 @@ import numpy as np
 import torch
 import zarr
 
-from stages import storage
 from stages.augment import Augmentation, view_seeds
 from stages.cache.format import (
-    FORMAT, SCHEMA_VERSION, array_problems, dataset_size, is_cache, malformed_attributes, row_problem,
+    SCHEMA_VERSION, array_problems, dataset_size, malformed_attributes, require_cache, row_problem,
 )
 from stages.cache.chunk_files import ChunkDamage
 from stages.cache.layout import Layout
@@ -62,10 +61,7 @@ def verify(path: CacheLocation, *, teacher: torch.nn.Module | None = None, split
     """Run every check on the cache at `path`. With `teacher` and `split` (the cached split),
     also re-run the teacher on `samples` random rows and compare with the stored values (on a
     view cache, on each view replayed by `augment` from its stored seed)."""
-    if not storage.exists(path):
-        raise InputError(f"cache not found: {path}")
-    if not is_cache(path):
-        raise InputError(f"{path} is not a cache written by this tool (no '{FORMAT}' format attribute)")
+    require_cache(path)
     report = Report(str(path))
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)

@@ -33,13 +33,17 @@ position (stages.cache.manifest).
 from __future__ import annotations
 
 import math
+import stat
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import zarr
 
 from stages.cache.layout import ChunkGrid, Layout
 from stages.kinds import Rows
+from stages import storage
+from stages.errors import CacheDamagedError, InputError
 from stages.storage import CacheLocation
 
 FORMAT = "distill-cache"
@@ -52,7 +56,46 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# More than a cache's zarr.json documents ever hold: its attributes (teachers, dataset, kind
+# options) are a few KiB, an array's metadata less.
+MAX_METADATA_BYTES = 16 * 2**20
+
+
+def metadata_problem(path: CacheLocation) -> str | None:
+    """Why the zarr.json documents of the local cache at `path` (the group's and its arrays')
+    cannot be read safely, or None: zarr reads each whole, so a FIFO there would wait forever and
+    a link to /dev/zero never end. (An object store serves objects only.)"""
+    if storage.is_url(path):
+        return None
+    root = Path(path)
+    for document in (root / "zarr.json", *root.glob("*/zarr.json")):
+        try:
+            info = document.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"{document} cannot be read ({exc.strerror})"
+        if not stat.S_ISREG(info.st_mode):
+            return f"{document} is not a regular file"
+        if info.st_size > MAX_METADATA_BYTES:
+            return f"{document} holds {info.st_size:,} bytes, more than a cache's metadata ever does"
+    return None
+
+
+def require_cache(path: CacheLocation) -> None:
+    """Refuse what is at `path` unless it is a cache of this tool whose metadata can be read."""
+    if not storage.exists(path):
+        raise InputError(f"cache not found: {path}")
+    problem = metadata_problem(path)
+    if problem:
+        raise CacheDamagedError(f"cache {path}: {problem}; a cache's metadata are its own files")
+    if not is_cache(path):
+        raise InputError(f"{path} is not a cache written by this tool (no '{FORMAT}' format attribute)")
+
+
 def is_cache(path: CacheLocation) -> bool:
+    if metadata_problem(path):
+        return False
     try:
         return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
     # TypeError, AttributeError: a zarr.json that is JSON but not a zarr document ([], null)

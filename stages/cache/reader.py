@@ -22,7 +22,8 @@ import zarr
 from stages import storage
 from stages.cache.chunk_files import ChunkDamage, ChunkFiles
 from stages.cache.format import (
-    FORMAT, SCHEMA_VERSION, Rows, array_problems, dataset_size, is_cache, malformed_attributes, row_problem, unreadable_chunks,
+    SCHEMA_VERSION, Rows, array_problems, dataset_size, malformed_attributes, require_cache, row_problem,
+    unreadable_chunks,
 )
 from stages.cache.layout import Layout
 from stages.cache.manifest import Manifest, StoredChunks, check_stored
@@ -38,10 +39,7 @@ class CacheReader:
 
     def __init__(self, path: CacheLocation, *, require_complete: bool = True):
         self.path = path
-        if not storage.exists(self.path):
-            raise InputError(f"cache not found: {self.path}")
-        if not is_cache(self.path):
-            raise InputError(f"{self.path} is not a cache written by this tool (no '{FORMAT}' format attribute)")
+        require_cache(self.path)
         self.group = zarr.open_group(str(self.path), mode="r")
         self.attrs = dict(self.group.attrs)
         version = self.attrs.get("schema_version")

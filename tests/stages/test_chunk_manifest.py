@@ -70,8 +70,10 @@ def _assert_damage(cache: Path, tmp_path: Path, *named: str) -> None:
         code, out, err = invoke(*args)
         lines = err.strip().splitlines()
         assert code == 4 and "internal error" not in err, (command, code, err)
-        text = lines[0] if command != "verify" else out
-        assert command == "verify" or len(lines) == 1, (command, err)
+        # verify reports the damage it finds in its report; damage that stops it before one, as the others do
+        in_report = command == "verify" and out.strip()
+        text = out if in_report else lines[0]
+        assert in_report or len(lines) == 1, (command, err)
         assert any(n in text for n in named), (command, text[:2000])
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -195,6 +197,28 @@ def test_a_chunk_that_is_not_a_regular_file_is_damage_at_once(caches, tmp_path, 
         chunk.symlink_to("/dev/zero")
         named = [f"array logits: chunk {PER_SHARD if sharded else 1} cannot be read ({chunk} is a symbolic link"]
     _assert_damage(broken, tmp_path, *named)
+
+
+@pytest.mark.parametrize("document", ["zarr.json", "logits/zarr.json"])
+@pytest.mark.parametrize("what", ["/dev/zero", "fifo", "huge"])
+def test_metadata_that_is_not_a_regular_file_of_metadata_size_is_damage_at_once(caches, teacher_weights, tmp_path, document, what):
+    """zarr reads a zarr.json whole: a FIFO in place of the group's or an array's waited forever, a
+    link to /dev/zero never ended. Each is refused before anything reads it."""
+    broken = _copy(caches(), tmp_path)
+    target = broken / document
+    target.unlink()
+    if what == "fifo":
+        os.mkfifo(target)
+    elif what == "huge":
+        with open(target, "wb") as file:  # sparse: 17 MiB that take no disk
+            file.truncate(17 * 2**20)
+    else:
+        target.symlink_to("/dev/zero")
+    problem = "more than a cache's metadata ever does" if what == "huge" else "is not a regular file"
+    _assert_damage(broken, tmp_path, f"cache {broken}: {target} {'holds' if what == 'huge' else problem}")
+    with pytest.raises(AssertionError, match="is not a cache"):  # not a cache, so not replaced: its files stay
+        cache_with_cli(broken, teacher_weights, "--overwrite")
+    assert target.is_fifo() if what == "fifo" else target.is_symlink() if what == "/dev/zero" else target.stat().st_size == 17 * 2**20
 
 
 def test_a_chunk_damaged_after_the_reader_opened_the_cache_is_caught_on_its_next_read(caches, tmp_path):
