@@ -2,8 +2,11 @@
 
 A byte-level BPE tokenizer of 8,192 tokens is trained on the Python standard library's sources
 (pipeline.corpus.stdlib_tokenizer), and those sources are the corpus, packed into rows of `seq`
-next-token targets with a held-out split of whole files. A GPT-2-style teacher is trained on it
-(train-teacher) and cached per token in every encoding: top-k for each K, the same K quantised
+next-token targets with a held-out split of whole files. A GPT-2-style teacher is trained on a
+longer stream of the same corpus (`teacher_max_tokens`: the students' rows and more, no held-out
+file), its weights kept after `early_epochs` as well as at the end: two teachers of one run, an
+early and the final one (`teacher_strengths`). Each is measured on the held-out tokens (its loss,
+and the mass its top 8, 32 and 128 classes hold) and cached per token in every encoding: top-k for each K, the same K quantised
 (qtopk at `value_bits`), and sampled for each S. A smaller GPT-2-style student is trained from
 each cache and from hard labels alone, with the same epochs and paired seeds: at seed s every arm's
 student starts from the same weights and sees the same batches (every cache has the same chunk
@@ -13,12 +16,14 @@ would not fit (`dense_max_gib`), online KD with the teacher run in every step. E
 `divergences` trains one more student from the dense cache (or, without one, the largest top-k
 cache) with that divergence instead of forward KL (stages.divergences).
 
-The report is the bytes-versus-quality frontier: for each cache its bytes per token on disk, the
+The report is the bytes-versus-quality frontier, at each teacher strength (`strengths`): for each
+cache its bytes per token on disk (and for a top-k or qtopk cache the bits per kept class id), the
 KL and total variation from the teacher's distribution (the dense cache's) to the cache's, over
 the first `reference_rows` rows (stages.inspection.distance_from_reference), and its student's
 held-out loss (nats and bits per token, perplexity; the mean over `seeds` students) against the
 reference's, paired by seed: the relative difference at each seed, its mean and 95% t interval
-(pipeline.paired); and the seconds of every stage. `targets` checks the two figures the frontier
+(pipeline.paired); as well its students' KL from the teacher on the held-out tokens, paired the
+same way (less noisy than the loss); and the seconds of every stage. frontier_figure draws it. `targets` checks the two figures the frontier
 is judged by (see TARGETS), a quality claim only where the interval decides it.
 """
 
@@ -36,8 +41,9 @@ from rich.table import Table
 
 @dataclass(frozen=True)
 class LLMDemo:
-    """The demo's sizes. The defaults finish in about STATED_MINUTES minutes on 2 CPU cores; on a
-    GPU, raise max_tokens, seq, the models and the epochs (`pipeline demo-llm --help`)."""
+    """The demo's sizes. The defaults take about 70 minutes on 2 CPU cores (the teacher about 8,
+    each teacher strength's caches and students about 30; with the final teacher alone, about
+    40); on a GPU, raise max_tokens, seq, the models and the epochs (`pipeline demo-llm --help`)."""
 
     vocab: int = 8192
     seq: int = 128
