@@ -338,7 +338,7 @@ def llm_demo_table(report: dict) -> Table:
         table.add_row(f"{strength} teacher: {teacher['epochs']} of {report['teacher']['epochs']} epochs; held-out top-"
                       f"{'/'.join(teacher['top_mass'])} mass {masses}%", "", "", "", "", f"{teacher['nats_per_token']:.4f}",
                       *(("",) if seeds > 1 else ()), "", "", "", "", f"{teacher['bits_per_token']:.4f}", f"{teacher['perplexity']:.2f}", "",
-                      "" if seconds is None else f"{seconds * teacher['epochs'] / report['teacher']['epochs']:.0f}", style="bold",
+                      "" if seconds is None or strength != "final" else f"{seconds:.0f}", style="bold",  # the whole run's seconds
                       end_section=True)
     table.caption = "; ".join(
         f"{strength}: {TARGETS['small_cache_bytes']:g} B/token or less and within 1% of the reference (upper end of the interval): "
