@@ -376,6 +376,8 @@ def frontier_figure(report: dict, path: Path) -> list[str]:
                     ax.axhline(100 * c["mean"], color=colour, linestyle="--", linewidth=0.8)
                     ax.annotate(f"{strength}: {name}", (0.01, 100 * c["mean"]), xycoords=("axes fraction", "data"), fontsize=6)
         names = [n for n, s in cached.items() if s["total_variation_from_teacher"] is not None]
+        if not names:  # online KD as the reference: nothing measured against the teacher's distribution
+            continue
         axes[2].scatter([cached[n]["bytes_per_token"] for n in names], [cached[n]["total_variation_from_teacher"] for n in names],
                         marker="s", color=colour, label=f"{strength}: total variation")
         with_kl = [n for n in names if cached[n]["kl_from_teacher"] is not None]
@@ -383,14 +385,17 @@ def frontier_figure(report: dict, path: Path) -> list[str]:
                         marker="^", color=colour, facecolors="none", label=f"{strength}: KL (nats)")
     titles = ["student's held-out loss vs the reference", "student's KL from the teacher vs the reference", "cache vs the teacher's distribution"]
     for ax, title, ylabel in zip(axes, titles, ("paired difference (%)", "paired difference (%)", "KL (nats), total variation"), strict=True):
-        ax.set_xscale("log")
         ax.set_xlabel("cache bytes per token")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend_handles_labels()[0]:  # points placed: bytes per token over decades
+            ax.set_xscale("log")
             ax.legend(fontsize=7)
-    axes[2].set_yscale("symlog", linthresh=1e-3)  # the dense cache at 0, the others over decades
-    axes[2].set_ylim(bottom=0)
+    if axes[2].get_legend_handles_labels()[0]:
+        axes[2].set_yscale("symlog", linthresh=1e-3)  # the dense cache at 0, the others over decades
+        axes[2].set_ylim(bottom=0)
+    else:  # online KD as the reference: no dense cache holds the teacher's distribution
+        axes[2].text(0.5, 0.5, "no dense cache to measure the caches against", ha="center", transform=axes[2].transAxes, fontsize=8)
     demo = report["demo"]
     figure.suptitle(f"demo-llm: {demo['student']} from {demo['teacher']}, {demo['seeds']} paired seeds "
                     f"({report['reference']} as reference)", fontsize=10)

@@ -144,6 +144,13 @@ def test_demo_llm_frontier_figure_is_a_png_of_three_panels(tmp_path):
     with Image.open(tmp_path / "figure" / "frontier.png") as image:
         assert image.format == "PNG" and image.width > 2.5 * image.height  # three panels side by side
         image.verify()
+    # Online KD as the reference: no dense cache, no cache's distance from the teacher, an empty third panel.
+    online = {name: {**s, "kl_from_teacher": None, "total_variation_from_teacher": None} for name, s in students.items() if name != "dense"}
+    online["online KD"] = student(None, 0.0)
+    report = {**report, "reference": "online KD (the teacher run in every step)", "strengths": {"final": {"students": online}}}
+    assert frontier_figure(report, tmp_path / "online.png") == titles
+    with Image.open(tmp_path / "online.png") as image:
+        image.verify()
 
 
 def _check_llm_frontier(report: dict, frontier: dict, reference: str, folder, err: str) -> None:
