@@ -85,6 +85,10 @@ def describe_cache(path: CacheLocation) -> dict:
             report["bytes_per_trained_token"] = total / max(trained, 1)
             report["soft_label_bytes_per_trained_token"] = soft / max(trained, 1)
     report["bytes_per_array"] = per_array
+    if kind.class_ids_array is not None and attrs["complete"]:
+        # What compression leaves of each kept id: it depends on how alike the teacher's kept sets are.
+        positions = report.get("trained_positions", report.get("num_tokens", layout.num_samples * math.prod(layout.position_shape)))
+        report["bits_per_class_id"] = per_array[kind.class_ids_array] * 8 / max(positions * kind.width(layout), 1)
     if kind.statistics_arrays and attrs["complete"]:
         report.update(_kind_statistics(reader))
     if kind.lossy and attrs["complete"]:

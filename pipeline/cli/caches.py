@@ -129,7 +129,7 @@ def inspect_command(
 ) -> None:
     """Describe a cache: provenance, layout, size, the teacher's quality and calibration.
 
-    Shows bytes on disk per row (and per token), the teacher's accuracy, NLL and calibration error (ECE) at T=1 and at the cache's T, for a top-k cache how much probability the kept entries miss, and for a quantised (qtopk) cache the error its quantisation introduced; writes histograms of the teacher's confidence and entropy and a reliability diagram to a PNG. With --reference DENSE-CACHE, how far this cache's distribution is from the dense one's (the bytes-versus-quality trade-off of a top-k, qtopk or sampled cache).
+    Shows bytes on disk per row (and per token), the teacher's accuracy, NLL and calibration error (ECE) at T=1 and at the cache's T, for a top-k cache how much probability the kept entries miss, for a top-k or qtopk cache the bits it stores per kept class id, and for a quantised (qtopk) cache the error its quantisation introduced; writes histograms of the teacher's confidence and entropy and a reliability diagram to a PNG. With --reference DENSE-CACHE, how far this cache's distribution is from the dense one's (the bytes-versus-quality trade-off of a top-k, qtopk or sampled cache).
 
     Example:
 

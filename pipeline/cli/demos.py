@@ -51,12 +51,15 @@ def demo_lm_command(
 @command("demo-llm", rich_help_panel="Demos")
 def demo_llm_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's tokenizer, corpus, teacher, caches and runs.")] = DATA_ROOT / "demo-llm",
-    teacher_weights: Annotated[Path | None, typer.Option(help="Reuse these teacher weights (the demo's teacher.safetensors) instead of training the teacher.")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="Reuse these teacher weights (the demo's teacher.safetensors) instead of training the teacher: the final teacher alone (--teacher-strengths final).")] = None,
     max_tokens: Annotated[int, typer.Option(min=1000, help="Training tokens of the corpus (the held-out split: 25% as many, from other files); the standard library holds about 1.2M.")] = field_default(LLMDemo, "max_tokens"),
+    teacher_max_tokens: Annotated[int, typer.Option(min=1000, help="Training tokens of the teacher's own stream: those of --max-tokens and more (no held-out document among them).")] = field_default(LLMDemo, "teacher_max_tokens"),
     seq: Annotated[int, typer.Option(min=8, help="Tokens per row.")] = field_default(LLMDemo, "seq"),
     teacher: Annotated[str, typer.Option(help="The teacher: gpt2:layers=N,dim=D,heads=H, or any model spec of a causal LM.")] = field_default(LLMDemo, "teacher"),
     student: Annotated[str, typer.Option(help="The student, as --teacher.")] = field_default(LLMDemo, "student"),
     teacher_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "teacher_epochs"),
+    early_epochs: Annotated[int, typer.Option(min=1, help="The early teacher: the same run's weights after this many of --teacher-epochs.")] = field_default(LLMDemo, "early_epochs"),
+    teacher_strengths: Annotated[str, typer.Option(help="The teachers the frontier is measured from, comma-separated: early, final or both (each caches every arm and trains every student again).")] = ",".join(field_default(LLMDemo, "teacher_strengths")),
     student_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "student_epochs"),
     batch_size: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "batch_size"),
     seeds: Annotated[int, typer.Option(min=1, help="Paired seeds: one student per arm and seed, every arm's starting from the same weights and seeing the same batches; the table shows each arm's difference from the reference with its 95% interval.")] = field_default(LLMDemo, "seeds"),
@@ -72,11 +75,12 @@ def demo_llm_command(
 ) -> None:
     """Distil a GPT-2-style language model at a real vocabulary (8,192-token BPE) through every cache encoding, and print the bytes-versus-quality frontier.
 
-    Trains a byte-level BPE tokenizer and a GPT-2-style teacher on the Python standard library's sources (offline), caches the teacher per token densely, at top-8, top-32 and top-128, at the same K quantised to 4 bits (qtopk), and sampled with S = 12 and 32, trains a smaller GPT-2-style student from each cache and from hard labels, and prints for each cache its bytes per token on disk, the KL and total variation from the teacher's distribution, and its student's held-out loss (nats and bits per token, perplexity) against the dense-KD reference's, paired by seed with a 95% interval (a claim is printed only where the interval decides it), with the seconds per stage. Needs: pip install -e ".\\[hf]"."""
+    Trains a byte-level BPE tokenizer and a GPT-2-style teacher on the Python standard library's sources (offline), measures the teacher's held-out loss and the mass of its top 8, 32 and 128 tokens, after its first epoch (early) and its last (final), and from each caches it per token densely, at top-8, top-32 and top-128, at the same K quantised to 4 bits (qtopk), and sampled with S = 12 and 32, trains a smaller GPT-2-style student from each cache and from hard labels, and prints for each cache its bytes per token on disk, the KL and total variation from the teacher's distribution, and its student's held-out loss (nats and bits per token, perplexity) and KL from the teacher on the held-out tokens against the dense-KD reference's, paired by seed with a 95% interval (a claim is printed only where the interval decides it), with the seconds per stage; draws the frontier to DIR/frontier.png. Needs: pip install -e ".\\[hf]"."""
     from pipeline.demo_llm import llm_demo_table, run_llm_demo
 
-    demo = LLMDemo(max_tokens=max_tokens, seq=seq, teacher=teacher, student=student, teacher_epochs=teacher_epochs,
-                   student_epochs=student_epochs, batch_size=batch_size, seeds=seeds, top_ks=tuple(top_k or field_default(LLMDemo, "top_ks")),
+    demo = LLMDemo(max_tokens=max_tokens, teacher_max_tokens=teacher_max_tokens, seq=seq, teacher=teacher, student=student,
+                   teacher_epochs=teacher_epochs, early_epochs=early_epochs,
+                   teacher_strengths=tuple(s.strip() for s in teacher_strengths.split(",") if s.strip()), student_epochs=student_epochs, batch_size=batch_size, seeds=seeds, top_ks=tuple(top_k or field_default(LLMDemo, "top_ks")),
                    quantised_top_ks=tuple(quantised_top_k or field_default(LLMDemo, "quantised_top_ks")), value_bits=value_bits,
                    samples=tuple(samples or field_default(LLMDemo, "samples")),
                    divergences=tuple(divergence or field_default(LLMDemo, "divergences")), reference_rows=reference_rows,

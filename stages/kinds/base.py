@@ -298,6 +298,10 @@ class Kind:
         legitimately differ in order is compared by value."""
         return {}
 
+    # The array of the class ids it keeps, `width` per position (None: it keeps none, or not so):
+    # `inspect` reports the bits it stores per id, which compression makes depend on the ids.
+    class_ids_array: str | None = None
+
     # Its own figures for `inspect`: per chunk of `statistics_arrays` (out of core, as dask
     # tasks), then summed over the chunks of a complete cache.
     statistics_arrays: tuple[str, ...] = ()

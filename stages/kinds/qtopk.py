@@ -89,6 +89,7 @@ class QuantisedTopK(Kind):
     can_combine = False
     Options = QuantisedTopKOptions
     statistics_arrays = ("qtopk_tail",)
+    class_ids_array = "qtopk_class_deltas"
     lossy = True
 
     def width(self, layout):

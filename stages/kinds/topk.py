@@ -89,6 +89,7 @@ class TopK(Kind):
     entropy_of = "the kept classes and the tail (a lower bound)"
     can_combine = False
     statistics_arrays = ("topk_values", "logsumexp")
+    class_ids_array = "topk_indices"
 
     def width(self, layout):
         return layout.options.top_k

@@ -182,6 +182,14 @@ CASES = {
                                                         2, "vocab must be at most 1,048,576, got 4,000,000,000"),
     "model larger than the machine": lambda t, c, w: (["cache-teacher", "--teacher", "mlp:width=65536,depth=1024", "--dataset", DATASET, "--out", t / "m.zarr"],
                                                       2, "parameters take 16,368.3 GiB as float32, more than this machine's"),
+    "demo-llm teacher of another strength": lambda t, c, w: (["demo-llm", "--out", t / "d", "--teacher-strengths", "final,medium"], 2,
+                                                            "teacher strengths are early and final, got medium"),
+    "demo-llm early teacher with given weights": lambda t, c, w: (["demo-llm", "--out", t / "d", "--teacher-weights", w], 2,
+                                                                 "--teacher-weights gives the final teacher alone"),
+    "demo-llm teacher on fewer tokens than its students": lambda t, c, w: (["demo-llm", "--out", t / "d", "--teacher-max-tokens", "5000"], 2,
+                                                                          "--teacher-max-tokens 5,000 is below --max-tokens 60,000"),
+    "demo-llm early teacher as late as the last": lambda t, c, w: (["demo-llm", "--out", t / "d", "--teacher-epochs", "2", "--early-epochs", "2"], 2,
+                                                                  "the early teacher's epochs must be fewer than the teacher's 2, got 2"),
     "synthetic set of 1e11 rows": lambda t, c, w: (["train-student", "--student", "mlp-64", "--dataset", "synthetic:n=100000001000"], 2, "n must be at most 100,000,000, got 100,000,001,000"),
 }
 

@@ -20,7 +20,7 @@ from stages.augment import parse_augment
 from stages.cache.reader import CacheReader
 from stages.data import TensorSplit
 from stages.errors import InputError
-from stages.evaluation import evaluate, speed, teacher_agreement
+from stages.evaluation import evaluate, kl_from_reference, speed, teacher_agreement, top_mass
 from tests.conftest import DATASET
 
 CPU = torch.device("cpu")
@@ -238,3 +238,30 @@ def test_an_empty_split_and_views_without_their_augmentation_are_input_errors():
     empty = TensorSplit("test", torch.zeros(0, 3), np.zeros(0, dtype=np.int64), 2)
     with pytest.raises(InputError, match="split 'test': it has no rows"):
         evaluate(torch.nn.Linear(3, 2), empty, torch.device("cpu"))
+
+
+def test_top_mass_and_kl_from_a_reference_over_valid_tokens_in_pieces_match_the_whole_logits(monkeypatch):
+    """Two GPT-2s over 8,192 classes on the standard library's bytes (rows shorter than 16 padded):
+    the mean mass of a model's top K, and each model's mean KL(reference || model), computed a piece
+    of positions at a time (pieces of 3 rows here), equal their values from the whole (B, L, C)
+    logits over the valid tokens; a model's KL from itself is 0."""
+    pytest.importorskip("transformers")
+    from stages import losses
+
+    split = resolve_dataset("stdlib-bytes:seq=16,train=600,test=300").split("test")
+    assert (split.lengths < 16).any()  # padding to leave out
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(resolve_model("gpt2:layers=1,dim=16,heads=2,vocab=8192", num_classes=8192, input_shape=(16,)).eval())
+    with torch.no_grad():
+        logits = [m(torch.from_numpy(np.asarray(split.x))).double() for m in models]
+    valid = torch.arange(16)[None, :] < torch.from_numpy(split.lengths)[:, None]
+    p = [z[valid].softmax(-1) for z in logits]
+    ranked = p[0].sort(-1, descending=True).values.cumsum(-1)
+    kl = (p[0] * (p[0].log() - p[1].log())).sum(-1).mean()
+    monkeypatch.setattr(losses, "LOGIT_PIECE_BYTES", 3 * 4 * 8192)
+    masses = top_mass(models[0], split, torch.device("cpu"), (8, 128), batch_size=7)
+    assert masses == pytest.approx({8: float(ranked[:, 7].mean()), 128: float(ranked[:, 127].mean())}, rel=1e-5)
+    itself, other = kl_from_reference(models[0], [models[0], models[1]], split, torch.device("cpu"), batch_size=7)
+    assert itself == pytest.approx(0, abs=1e-6) and other == pytest.approx(float(kl), rel=1e-4) and other > 1e-3

@@ -278,3 +278,57 @@ def test_inspect_against_a_dense_reference_of_a_slice_compares_the_rows_both_hol
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     for named in ("teacher: mlp-64", "dataset: synthetic", "classes: 4 in the reference, 512 in the cache", "positions per row (token)"):
         assert named in err, (named, err)
+
+
+# Two teachers over 8,192 classes of the standard library's bytes: one ranks the same classes
+# first at every token, the other random ones at every token (drawn from a generator seeded by the
+# row's bytes: the same row gives the same logits).
+_ID_TEACHERS = '''
+import torch
+
+class Fixed(torch.nn.Module):
+    def __init__(self, diverse):
+        super().__init__()
+        self.diverse = diverse
+        self.bias = torch.randn(8192, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        if not self.diverse:
+            return self.bias.expand(*x.shape, 8192).clone()
+        seeds = (x.long() * torch.arange(1, x.shape[1] + 1)).sum(1).tolist()
+        return torch.stack([torch.randn(x.shape[1], 8192, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+def same(num_classes, input_shape):
+    return Fixed(diverse=False)
+
+def diverse(num_classes, input_shape):
+    return Fixed(diverse=True)
+'''
+
+
+@pytest.mark.parametrize("kind, compressed", [(("--format", "topk", "--top-k", 32), False),
+                                              (("--format", "topk", "--top-k", 32, "--codec", "zstd"), True),
+                                              (("--format", "qtopk", "--top-k", 32, "--value-bits", 4), True)],
+                         ids=["topk", "topk-zstd", "qtopk"])
+def test_inspect_reports_the_bits_stored_per_kept_class_id_which_depend_on_how_diverse_the_kept_sets_are(tmp_path, kind, compressed):
+    """`bits_per_class_id`: the class array's bytes on disk x 8 over the kept ids (tokens x K) at
+    8,192 classes. Compressed (qtopk's sorted deltas, always; topk's ranked ids with --codec zstd):
+    near nothing where every token keeps the same 32 classes, more than 10 bits where the sets are
+    random (qtopk: about log2(e C / K) = 11.4). Uncompressed (topk's default codec): the 16 bits of
+    a uint16, whatever the teacher (and a little for the array's metadata)."""
+    from tests.conftest import invoke_json
+
+    (tmp_path / "teachers.py").write_text(_ID_TEACHERS)
+    bits = {}
+    for teacher in ("same", "diverse"):
+        out = tmp_path / f"{teacher}.zarr"
+        invoke_json("cache-teacher", "--teacher", f"{tmp_path / 'teachers.py'}:{teacher}", "--dataset", "stdlib-bytes:seq=32,train=4000,test=400",
+                    *kind, "--device", "cpu", "--out", out)
+        report = invoke_json("inspect", out, "--png", tmp_path / f"{teacher}.png")
+        array = "topk_indices" if kind[1] == "topk" else "qtopk_class_deltas"
+        assert report["bits_per_class_id"] == pytest.approx(report["bytes_per_array"][array] * 8 / (report["num_tokens"] * 32))
+        bits[teacher] = report["bits_per_class_id"]
+    if compressed:
+        assert bits["same"] < 1 and bits["diverse"] > 10, bits
+    else:
+        assert bits["same"] == bits["diverse"] == pytest.approx(16, abs=0.2), bits
