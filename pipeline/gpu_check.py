@@ -1,7 +1,8 @@
 """`pipeline gpu-check`: both stages, the benchmark and torchrun on one device, as one table.
 
     pipeline gpu-check --device cuda     # the full size: one CUDA GPU, well under 8 minutes
-    pipeline gpu-check --device cpu      # the small size: 1-2 minutes on 2 CPU cores (what CI runs)
+    pipeline gpu-check --device cpu      # the small size: 1-2 minutes on 2 CPU cores
+    pipeline gpu-check --device cpu --size test   # every step in seconds, at the teacher's vocabulary (what the tests run)
 
 The steps, each reported whether or not the others fail (the exit code says if any did):
 
@@ -77,6 +78,13 @@ SIZES = {
                               "--student-width", "16", "--batch-size", "64", "--epochs", "2", "--lm-vocab", "0",
                               "--reader-rows", "3000", "--reader-tokens", "20000", "--reader-vocab", "300", "--writer-vocab", "500",
                               "--writer-teacher", "gpt2:layers=1,dim=16,heads=2", "--writer-rows", "6")),
+    # Every step's path at the small size's vocabulary, in seconds: what the tests run. The bench
+    # runs one section (its own tests run them all); its in-process teacher pass on the device is
+    # the section closest to what this check is for.
+    "test": CheckSize(teacher="gpt2:layers=1,dim=32,heads=2,vocab=4096", student="gpt2:layers=1,dim=16,heads=2",
+                      seq=32, source_bytes=4096, batch_size=16, top_k=8, turns=1,
+                      bench=("--quick", "--only", "lm-writer", "--lm-seq", "16", "--writer-vocab", "500",
+                             "--writer-teacher", "gpt2:layers=1,dim=16,heads=2", "--writer-rows", "6")),
 }
 AMPS = {"fp32": "none", "bf16": "bf16"}
 STUDENT_EPOCHS = 2  # the first warms up (allocations, kernel choice); the second is measured

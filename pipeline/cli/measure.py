@@ -82,7 +82,7 @@ def _bench_table(report: dict) -> Table:
 @command("gpu-check", rich_help_panel="This machine")
 def gpu_check_command(
     device: DeviceOption = "auto",
-    size: Annotated[str | None, typer.Option(help="full (one CUDA GPU: a few minutes, under 8) or small (1-2 minutes on 2 CPU cores). (default: full on CUDA, small on a CPU)")] = None,
+    size: Annotated[str | None, typer.Option(help="full (one CUDA GPU: a few minutes, under 8), small (1-2 minutes on 2 CPU cores) or test (seconds: every step's path, as the tests run it). (default: full on CUDA, small on a CPU)")] = None,
     keep: Annotated[Path | None, typer.Option(help="Keep the check's caches, runs and logs in this folder.")] = None,
     as_json: JsonOption = False,
 ) -> None:

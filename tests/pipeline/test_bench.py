@@ -1,12 +1,16 @@
 """`pipeline bench` runs and reports well-formed figures. Its numbers are not asserted here:
 speed belongs to the benchmark command itself, on a quiet machine, never to a test."""
 
+import io
 import json
 import math
+from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from pipeline import bench
+from pipeline.cli.measure import _bench_table
 from tests.conftest import invoke, invoke_json
 
 TINY = dict(samples=600, classes=16, features=16, teacher_width=64, student_width=16, batch_size=64, epochs=2, lm_vocab=0,
@@ -18,11 +22,20 @@ TINY_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()] + ["--s
 TINY_LM = ["--lm-vocab=3000", "--lm-seq=16"]
 
 
-def test_bench_reports_every_ratio(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "THREAD_TURNS", 1)
-    code, out, err = invoke("bench", *TINY_OPTIONS, *TINY_LM, "--json", "--keep", tmp_path / "bench")
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory) -> tuple[dict, Path]:
+    """Every section but 11 at tiny sizes, run once for the tests that read its report (the JSON
+    report, and the table made from it): (the report, the kept folder). Read only."""
+    folder = tmp_path_factory.mktemp("bench") / "bench"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(bench, "THREAD_TURNS", 1)
+        code, out, err = invoke("bench", *TINY_OPTIONS, *TINY_LM, "--json", "--keep", folder)
     assert code == 0, err
-    report = json.loads(out)
+    return json.loads(out), folder
+
+
+def test_bench_reports_every_ratio(tiny_bench):
+    report, folder = tiny_bench
     assert set(report["ratios"]) == {
         "cache_vs_forward", "student_cache_vs_memory", "student_cache_vs_hard_labels", "student_cache_vs_online_kd",
         "memory_10x_vs_1x", "shuffled_vs_sequential_reads", "checksummed_vs_plain_reads", "loaded_threads_chosen_vs_one",
@@ -36,7 +49,7 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
     assert len(writer["bare_forward_seconds"]) == len(writer["cache_teacher_seconds"]) == bench.TEACHER_PASSES
     from stages.cache import CacheReader
 
-    lm_cache = CacheReader(tmp_path / "bench" / "lm-writer.zarr")  # the top-32 token cache section 10 timed
+    lm_cache = CacheReader(folder / "lm-writer.zarr")  # the top-32 token cache section 10 timed
     assert (lm_cache.layout.options.top_k, lm_cache.num_classes, lm_cache.layout.tokens) == (32, 500, writer["tokens"] // 6)
     lm = report["lm_teacher_memory"]
     assert (lm["vocab"], lm["seq"]) == (3000, 16) and set(lm) == {"vocab", "seq", "in_pieces", "whole_batch"}
@@ -48,26 +61,28 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
     assert report["memory"]["10x"]["cache_rows"] == 10 * report["memory"]["1x"]["cache_rows"] == 6000
     assert report["memory"]["10x"]["cache_bytes"] > 5 * report["memory"]["1x"]["cache_bytes"]
     assert report["machine"]["cpu_count"] >= 1 and report["parameters"]["teacher"] > report["parameters"]["student"]
-    assert (tmp_path / "bench" / "cache.zarr" / "zarr.json").is_file()
+    assert (folder / "cache.zarr" / "zarr.json").is_file()
 
 
 def test_bench_quick_prints_ratios_without_verdicts(tmp_path, monkeypatch):
-    """--quick sizes are too small to judge by: no ok column in the table, null verdicts in JSON."""
+    """--quick sizes are too small to judge by: no ok column in the table, null verdicts in JSON.
+    (A section or two: what --quick does to verdicts does not depend on which ran.)"""
     monkeypatch.setattr(bench, "QUICK", bench.BenchConfig(**TINY, student_vocabs=(), quick=True))
-    code, out, _ = invoke("bench", "--quick", "--epochs", "1")
+    code, out, _ = invoke("bench", "--quick", "--epochs", "1", "--only", "core")
     assert code == 0 and "cache_vs_forward" in out and "break-even" in out and "too small to judge" in out
     header = next(line for line in out.splitlines() if "measured" in line)
     assert "ok" not in header and not {"yes", "NO"} & set(out.replace("│", " ").split())
-    code, out, _ = invoke("bench", "--quick", "--epochs", "1", "--json")
-    assert code == 0 and json.loads(out)["meets_targets"] is None
+    code, out, _ = invoke("bench", "--quick", "--only", "reader", "--json")
+    assert code == 0 and json.loads(out)["meets_targets"] is None and json.loads(out)["targets"]
 
 
-def test_bench_table_rows_are_sane(tmp_path, monkeypatch):
+def test_bench_table_rows_are_sane(tiny_bench):
     """Every ratio is a row with a positive measured value, a target or "(info)", and a verdict
-    that follows from the two; the break-even count is a whole number."""
-    monkeypatch.setattr(bench, "THREAD_TURNS", 1)
-    code, out, err = invoke("bench", *TINY_OPTIONS, "--epochs", "1")
-    assert code == 0, err
+    that follows from the two; the break-even count is a whole number. (The table the command
+    prints for the shared run's report; test_bench_quick_prints_ratios_without_verdicts prints one.)"""
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(_bench_table(tiny_bench[0]))
+    out = console.export_text()
     rows = {cells[0]: cells[1:] for line in out.splitlines() if line.startswith("│")
             for cells in [[c.strip() for c in line.strip("│").split("│")]]}
     assert {"cache_vs_forward", "student_cache_vs_memory", "student_cache_vs_hard_labels", "student_cache_vs_online_kd",

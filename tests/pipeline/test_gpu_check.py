@@ -1,4 +1,5 @@
-"""`pipeline gpu-check` at --device cpu (its small size, as CI runs it): every step runs, reports
+"""`pipeline gpu-check` at --device cpu at its test size (every step's path in seconds, at the
+small size's 4,096-class teacher; the bench one section): every step runs, reports
 real figures, writes valid caches and a torchrun run that joined a gloo group. Its figures are
 not judged here: speed belongs to the check on its machine, never to a test."""
 
@@ -31,7 +32,7 @@ def check(tmp_path_factory) -> tuple[int, dict, str, Path]:
     so that whatever it starts is killed with it if the test is stopped): (exit code, the JSON
     report, stderr, the kept folder)."""
     folder = tmp_path_factory.mktemp("gpu-check") / "kept"
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "gpu-check", "--device", "cpu", "--keep", str(folder), "--json"],
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "gpu-check", "--device", "cpu", "--size", "test", "--keep", str(folder), "--json"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = process.communicate(timeout=1800)
@@ -49,7 +50,7 @@ def _rows(report: dict, step: str) -> list[dict]:
 def test_the_check_reports_every_step_with_a_finite_positive_throughput(check):
     code, report, err, _ = check
     assert code == 0, err[-3000:]
-    assert (report["size"], report["torch"], report["cuda"], report["failed"]) == ("small", torch.__version__, torch.version.cuda, [])
+    assert (report["size"], report["torch"], report["cuda"], report["failed"]) == ("test", torch.__version__, torch.version.cuda, [])
     assert report["device"].startswith("cpu") and report["tokens"] > 0
     assert [row["step"] for row in report["steps"]] == STEPS
     assert all(row["ok"] and row["device"] == "cpu" for row in report["steps"])
@@ -62,7 +63,7 @@ def test_the_check_reports_every_step_with_a_finite_positive_throughput(check):
         ratio = _rows(report, f"cache-teacher {amp}")[0]["ratio"]
         assert math.isfinite(ratio) and ratio > 0
     ratios = _rows(report, "bench")[0]["ratios"]
-    assert "cache_vs_forward" in ratios and all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert "lm_cache_vs_forward" in ratios and all(math.isfinite(v) and v > 0 for v in ratios.values())
 
 
 def test_the_caches_the_check_writes_are_valid_top_k_caches_of_the_teacher_at_each_autocast(check):

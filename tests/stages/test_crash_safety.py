@@ -178,8 +178,10 @@ def test_resuming_with_other_options_is_refused(tmp_path, cache_path, teacher_we
 
 
 def _train_args(out: Path) -> list:
-    return ["train-student", "--student", "mlp-128", "--dataset", "synthetic:n=30000,test=2000,features=32,classes=10",
-            "--epochs", "10", "--batch-size", "64", "--seed", "4", "--out", out, "--device", "cpu", "--json"]
+    # 188 steps an epoch: killed after its third epoch, the run still has five to go (seconds on a
+    # loaded machine), so the kill cannot miss it
+    return ["train-student", "--student", "mlp-128", "--dataset", "synthetic:n=12000,test=2000,features=32,classes=10",
+            "--epochs", "8", "--batch-size", "64", "--seed", "4", "--out", out, "--device", "cpu", "--json"]
 
 
 def _metrics(run: Path) -> list[dict]:
