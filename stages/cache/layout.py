@@ -127,8 +127,9 @@ class Layout:
 
     @property
     def soft_kind(self) -> Kind:
-        """The kind of soft labels the cache stores, which owns their arrays, encoding and reading."""
-        return KINDS[self.kind]
+        """The kind of soft labels the cache stores, which owns their arrays, encoding and reading,
+        bound to the cache's options (what its rows mean may depend on one: Kind.bound)."""
+        return KINDS[self.kind].bound(self.options)
 
     @property
     def grid(self) -> ChunkGrid:
