@@ -34,7 +34,7 @@ from stages.cache import CacheReader, Rows, prefetch
 from stages.config import VIEW_POLICIES
 from stages.data import Split, TorchDatasetSplit, inputs_at
 from stages.errors import CacheDamagedError, InputError
-from stages.kinds import KINDS, Kind, kind_options
+from stages.kinds import KINDS, Kind
 from stages.losses import HiddenAndHead, piecewise_loss
 from stages.storage import CacheLocation, cache_location
 
@@ -43,8 +43,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
     """Batches of a cache joined with their inputs, as dicts of tensors: "index", "inputs",
     "labels" (a labelled cache), "lengths" (a token cache), the soft-label arrays of the cache's
     kind ("logits"; "topk_values", "topk_indices", "logsumexp"), "view_seeds" and "view" (a
-    cache of views), and "kind", "kind_options" and "temperature" (the cache's kind, its options
-    as the cache records them and its T, for `kd_loss`).
+    cache of views), and "kind" and "temperature" (the cache's kind and T, for `kd_loss`).
 
     `cache`: a path or fsspec URL. `dataset`: the inputs the cache was made from, as a project
     split (stages.data.Split) or a map-style torch Dataset of inputs or (input, label) pairs, or
@@ -80,7 +79,6 @@ class CacheDataset(torch.utils.data.IterableDataset):
         self.split = dataset if hasattr(dataset, "inputs") else TorchDatasetSplit(reader.attrs["dataset"]["split"], dataset)
         reader.check_split(self.split, getattr(self.split, "name", "given"))
         self.kind, self.temperature, self.views = reader.layout.kind, reader.temperature, reader.layout.views
-        self.kind_options = reader.layout.options.attributes()
         self.num_classes = reader.num_classes
         self.augment = None if self.views is None else resolved(reader.attrs["augment"]["spec"], augment)
         self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, shuffle, buffer_chunks
@@ -132,7 +130,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
             if self.augment is not None:
                 inputs = self.augment(inputs, batch["view_seeds"])
             yield {"inputs": inputs, **{name: torch.from_numpy(values) for name, values in batch.items()},
-                   "kind": self.kind, "kind_options": self.kind_options, "temperature": self.temperature}
+                   "kind": self.kind, "temperature": self.temperature}
 
 
 def _share(placement: tuple[int, int]) -> tuple[int, int]:
@@ -202,8 +200,6 @@ def kd_loss(student_logits: torch.Tensor | HiddenAndHead, batch: dict, *, alpha:
     but forward-kl), mixed with cross-entropy on the labels by
     `alpha` (1: soft labels only), over valid tokens only. The loss train-student trains with."""
     kind = KINDS[batch["kind"]]
-    if "kind_options" in batch:  # what the rows mean may depend on one (qtopk's value_root); without them, as before it
-        kind = kind.bound(kind_options(batch["kind"], batch["kind_options"]))
     # Only what the loss reads: the inputs went to the model already, and a copy per step is no small thing on a GPU.
     device = (student_logits.hidden if isinstance(student_logits, HiddenAndHead) else student_logits).device
     tensors = {name: batch[name].to(device) for name in ("labels", "lengths", "trained", *kind.soft_arrays) if name in batch}

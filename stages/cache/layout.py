@@ -127,9 +127,8 @@ class Layout:
 
     @property
     def soft_kind(self) -> Kind:
-        """The kind of soft labels the cache stores, which owns their arrays, encoding and reading,
-        bound to the cache's options (what its rows mean may depend on one: Kind.bound)."""
-        return KINDS[self.kind].bound(self.options)
+        """The kind of soft labels the cache stores, which owns their arrays, encoding and reading."""
+        return KINDS[self.kind]
 
     @property
     def grid(self) -> ChunkGrid:

@@ -11,9 +11,8 @@ A kind (one module of stages.kinds, one line of its registry) owns:
   compares them (`soft_terms`); a kind that only estimates one divergence says which;
 - the meaning checks of its values, verify's comparisons, inspect's statistics and combine.
 
-A kind object holds no state but, once `bound` to a cache's options, the ones its rows' meaning
-depends on: what it needs of the cache's shape comes from a `Shape` (the cache's
-stages.cache.layout.Layout). This module and the kinds import numpy and torch on first
+A kind object holds no state: what it needs of the cache's shape comes from a `Shape` (the
+cache's stages.cache.layout.Layout). This module and the kinds import numpy and torch on first
 use (stages.lazy): the CLI reads the options at start-up.
 """
 
@@ -72,13 +71,10 @@ class Shape(Protocol):
     def position_axes(self) -> list[str]: ...
 
 
-def option(default: Any = None, *, help: str, low: int, high: int | None = None, recorded_at_default: bool = True) -> Any:
+def option(default: Any = None, *, help: str, low: int, high: int | None = None) -> Any:
     """A field of a kind's options: its default (None: the option must be given), the range a
-    value must lie in, and its help text (the flag's, in cache-teacher --help).
-    `recorded_at_default` False, for an option added to a kind after its caches were first
-    written: a cache records it only when it is not the default, which a cache without it has."""
-    return dataclasses.field(default=default, metadata={"help": help, "low": low, "high": high,
-                                                        "recorded_at_default": recorded_at_default})
+    value must lie in, and its help text (the flag's, in cache-teacher --help)."""
+    return dataclasses.field(default=default, metadata={"help": help, "low": low, "high": high})
 
 
 @dataclass(frozen=True)
@@ -103,10 +99,8 @@ class KindOptions:
         return f"-{kind}" + "".join(f"-{name}{value}" for name, value in self.attributes().items())
 
     def attributes(self) -> dict:
-        """The options as the cache's `kind_options` attribute: every one, but an option added
-        later (`recorded_at_default` False) at its default."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
-                if field.metadata["recorded_at_default"] or getattr(self, field.name) != field.default}
+        """The options as the cache's `kind_options` attribute."""
+        return dataclasses.asdict(self)
 
 
 def index_dtype(num_classes: int) -> str:
@@ -192,12 +186,6 @@ class Kind:
     # Whether its encoding loses more than the cache dtype's rounding: `encode` then also gives
     # "encoding_error" per position (see encoding_error), which the writer sums per write unit.
     lossy: bool = False
-
-    def bound(self, options: KindOptions) -> Kind:
-        """This kind decoding rows written with `options` (a cache's): itself, unless what its
-        rows mean depends on an option (qtopk's `value_root`), when it is a copy that holds that
-        option and nothing else. Layout.soft_kind gives a cache's kind so bound."""
-        return self
 
     def width(self, layout: Shape) -> int:
         """The length of a row's last axis."""

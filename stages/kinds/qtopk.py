@@ -4,7 +4,6 @@ quantisation loses measured as the rows are written (`encoding_error`)."""
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -41,32 +40,18 @@ QTOPK_MIN_STEP = 2.0**-14
 class QuantisedTopKOptions(TopKOptions):
     value_bits: int = option(8, help="Bits per kept probability (codes are stored as uint8). pipeline inspect reports the error they introduce.",
                              low=1, high=8)
-    # Added after the kind: a cache records it only when it is not 1, so that caches from before it
-    # read as they did, and readers from before it read the linear caches it writes.
-    value_root: int = option(1, help="Companding of the codes: each is linear in this root of the log-probability below the "
-                                     "top class (1: equal steps; 2: square root, finer steps near the top class).",
-                             low=1, high=4, recorded_at_default=False)
 
     def suffix(self, kind):
-        return f"-qtop{self.top_k}-{self.value_bits}bit" + (f"-root{self.value_root}" if self.value_root != 1 else "")
-
-
-def code_unit(scale: torch.Tensor | np.ndarray, root: int, levels: int):
-    """What a code's R-th power is worth below the top class: the step `scale` (float32) at R = 1,
-    else scale / levels^(R - 1), so that the last code, levels, stands for the spread scale * levels."""
-    return scale / float(levels) ** (root - 1)
+        return f"-qtop{self.top_k}-{self.value_bits}bit"
 
 
 def dequantised_log_probs(class_deltas: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                          tail: torch.Tensor, root: int = 1, levels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                          tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A qtopk row's kept classes (int64, ascending) and their log-probabilities at the cache's T
-    (float32), from its stored arrays (class_deltas, codes (..., K); scale, tail (...)) and the
-    cache's `value_root` R and 2^value_bits - 1 levels: the decoding docs/cache-format.md gives in
-    numpy, the one every reader of the codes (the loss, inspect, verify, the encoder's own error)
-    goes through. At R = 1 it is the decoding of every cache from before the option, bit for bit.
-    Padding decodes to class 0 throughout; its values do not count."""
+    (float32), from its stored arrays (class_deltas, codes (..., K); scale, tail (...)): the
+    decoding docs/cache-format.md gives in numpy. Padding decodes to class 0 throughout; its values do not count."""
     classes = class_deltas.long().cumsum(-1)
-    relative = codes.float().pow(root) * -code_unit(scale.float(), root, levels).unsqueeze(-1)  # log(p_k / p_top1)
+    relative = codes.float() * -scale.float().unsqueeze(-1)  # log(p_k / p_top1)
     # log(1 - tail) as log1p: 1 - tail in float32 would lose a tail below 6e-8 (a sharp row's) entirely.
     kept_mass = torch.log1p(-tail.float().clamp(max=1.0 - 2.0**-24))
     return classes, relative - torch.logsumexp(relative, -1, keepdim=True) + kept_mass.unsqueeze(-1)
@@ -74,26 +59,22 @@ def dequantised_log_probs(class_deltas: torch.Tensor, codes: torch.Tensor, scale
 
 class QuantisedTopK(Kind):
     """The K most probable classes of each row at T with their probabilities in `value_bits`
-    bits (1-8, default 8), companded by `value_root` r (1-4, default 1), the tail's mass beside them.
+    bits (1-8, default 8), the tail's mass beside them.
 
     qtopk_class_deltas  the kept classes in ascending order, delta-coded: the first class, then
                         each minus the one before (the smallest unsigned type holding C - 1).
                         Small numbers: zstd (at QTOPK_DELTA_LEVEL) keeps them in a few bits each.
-    qtopk_codes         uint8, in the same order: q_k = round(L ((v_1 - v_k) / (scale L))^(1/r)),
-                        L = 2^value_bits - 1, where v are the logits / T and v_1 the row's
-                        largest, so the top class has code 0 and the K-th code L.
-    qtopk_scale         float16: (v_1 - v_K) / L, the step of the codes (at r = 1; companded,
-                        their average step).
+    qtopk_codes         uint8, in the same order: q_k = round((v_1 - v_k) / scale), where v are
+                        the logits / T and v_1 the row's largest, so the top class has code 0.
+    qtopk_scale         float16: (v_1 - v_K) / (2^value_bits - 1), the step of the codes.
     qtopk_tail          float32: 1 - the kept classes' probability, the mass of all the others
                         (float16 would round a sharp row's tail of 1e-5 to 0, or, near 1, a
                         flat row's kept mass of 5e-5 to 0).
 
-    Decoding: classes = cumsum(deltas); w_k = exp(-scale L (q_k / L)^r); p_k = (1 - tail) w_k / sum(w).
+    Decoding: classes = cumsum(deltas); w_k = exp(-q_k * scale); p_k = (1 - tail) w_k / sum(w).
     The kept mass is exact (to float32), so the K + 1 outcomes the top-k loss compares sum to 1
     and no rounding can push the tail below 0; within the kept classes the rounding moves each
-    log-probability by at most half a step before the normalisation: scale / 2 at r = 1; at r = 2
-    the steps widen from scale / L next to the top class to 2 scale near the K-th, where the
-    probability is small. What it moves them by is
+    log-probability by at most scale / 2 before the normalisation. What it moves them by is
     measured when the rows are written (the teacher's unquantised values are at hand then) and
     summed per write unit into `encoding_error`, which `inspect` reports: the mean and largest
     absolute error in probability over the K + 1 outcomes and the KL(unquantised || quantised)."""
@@ -109,15 +90,6 @@ class QuantisedTopK(Kind):
     Options = QuantisedTopKOptions
     statistics_arrays = ("qtopk_tail",)
     lossy = True
-    # What an unbound qtopk kind's codes mean: linear ones, as every cache's before the option.
-    value_root, levels = 1, 1
-
-    def bound(self, options):
-        if options.value_root == 1:  # the levels do not enter a linear decoding
-            return self
-        kind = copy.copy(self)
-        kind.value_root, kind.levels = options.value_root, 2**options.value_bits - 1
-        return kind
 
     def width(self, layout):
         return layout.options.top_k
@@ -145,7 +117,7 @@ class QuantisedTopK(Kind):
 
     def encode(self, rounded, layout, padding, scratch=None, row_index=None, first_position=0):
         values, indices, logsumexp, tail = top_and_logsumexp(rounded, layout.options.top_k, scratch)
-        levels, root = 2**layout.options.value_bits - 1, layout.options.value_root
+        levels = 2**layout.options.value_bits - 1
         below_top = (values[..., :1] - values).clamp_(max=QTOPK_MAX_SPREAD)  # v_1 - v_k >= 0; a masked class (-inf) capped
         # The step, rounded up to float16 so that the last class's code stays within the levels.
         step = (below_top[..., -1] / levels).clamp_(min=QTOPK_MIN_STEP)
@@ -153,12 +125,12 @@ class QuantisedTopK(Kind):
         # The next float16 up, by its bits (the step is positive and finite): torch.nextafter
         # has no CUDA kernel for float16 before torch 2.6, which the torch>=2.2 range allows.
         scale = torch.where(scale.float() < step, (scale.view(torch.int16) + 1).view(torch.float16), scale)
-        codes = (below_top / code_unit(scale.float(), root, levels).unsqueeze(-1)).pow_(1 / root).round_().clamp_(0, levels)
+        codes = (below_top / scale.float().unsqueeze(-1)).round_().clamp_(0, levels)
         log_p = values - logsumexp.unsqueeze(-1)
         classes, order = indices.sort(-1)
         codes = codes.gather(-1, order)
         deltas = torch.diff(classes, dim=-1, prepend=torch.zeros_like(classes[..., :1]))
-        _, decoded = dequantised_log_probs(deltas, codes, scale, tail, root, levels)
+        _, decoded = dequantised_log_probs(deltas, codes, scale, tail)
         # Padding is zeroed while the classes are int64: torch has no masked_fill for uint16/32.
         return {
             "qtopk_class_deltas": zero_padding(deltas, padding).to(getattr(torch, index_dtype(layout.num_classes))),
@@ -169,7 +141,7 @@ class QuantisedTopK(Kind):
         }
 
     def _decoded(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
-        classes, log_p = dequantised_log_probs(*(torch.from_numpy(rows[name]) for name in self.soft_arrays), self.value_root, self.levels)
+        classes, log_p = dequantised_log_probs(*(torch.from_numpy(rows[name]) for name in self.soft_arrays))
         return classes.numpy(), log_p.double().numpy()
 
     def probabilities(self, rows, num_classes, ratio):
@@ -190,7 +162,7 @@ class QuantisedTopK(Kind):
         return np.take_along_axis(classes, rows["qtopk_codes"].argmin(-1)[..., None], -1)[..., 0]
 
     def support_log_probs(self, student_over_t, soft, *, ratio):
-        classes, log_p = dequantised_log_probs(*(soft[name] for name in self.soft_arrays), self.value_root, self.levels)
+        classes, log_p = dequantised_log_probs(*(soft[name] for name in self.soft_arrays))
         teacher = losses.topk_teacher_log_probs(log_p, torch.zeros(log_p.shape[:-1], device=log_p.device), student_over_t.shape[-1], ratio)
         return teacher, losses.topk_student_log_probs(student_over_t, classes)
 
@@ -240,15 +212,11 @@ class QuantisedTopK(Kind):
         classes = torch.from_numpy(stored["qtopk_class_deltas"].astype(np.int64)).cumsum(-1)
         row = fresh_rounded.float().cpu()
         below_top = (row.amax(-1, keepdim=True) - row.gather(-1, classes)).clamp_(max=QTOPK_MAX_SPREAD).numpy()
-        scale = code_unit(np.maximum(stored["qtopk_scale"].astype(np.float32)[..., None], QTOPK_MIN_STEP), self.value_root, self.levels)
+        scale = stored["qtopk_scale"].astype(np.float32)[..., None]
         codes = stored["qtopk_codes"].astype(np.float32)
-        slack = (1e-3 + float(np.finfo(np.float16).eps) * np.abs(below_top)) / scale
-        # Where the fresh value, give or take the slack, lands in code space (a root of it, which
-        # the slack passes through unevenly: steeply near the top class), and whether that is the stored code.
-        steps, root = below_top / scale, self.value_root
-        lowest, highest = np.maximum(steps - slack, 0) ** (1 / root), (steps + slack) ** (1 / root)
-        in_step = (lowest <= codes + 0.5) & (highest >= codes - 0.5)
-        found = np.where(in_step, codes, steps ** (1 / root))
+        slack = (1e-3 + float(np.finfo(np.float16).eps) * np.abs(below_top)) / np.maximum(scale, QTOPK_MIN_STEP)
+        in_step = np.abs(below_top / np.maximum(scale, QTOPK_MIN_STEP) - codes) <= 0.5 + slack
+        found = np.where(in_step, codes, below_top / np.maximum(scale, QTOPK_MIN_STEP))
         if padding is not None:
             found[padding] = 0
         return {"qtopk_codes": (found, codes)}

@@ -16,8 +16,7 @@ from stages.teacher_rows import stored_rows
 from tests.conftest import invoke
 
 CLASSES, ROWS, T = 40, 6, 2.0
-OPTIONS = {"dense": None, "topk": {"top_k": 7}, "qtopk": {"top_k": 7, "value_bits": 8},
-           "qtopk-root2": {"top_k": 7, "value_bits": 3, "value_root": 2}}
+OPTIONS = {"dense": None, "topk": {"top_k": 7}, "qtopk": {"top_k": 7, "value_bits": 8}}
 SPECS = ("forward-kl", "reverse-kl", "jsd", "jsd:0.1", "jsd:0", "jsd:1", "tv")
 
 
@@ -40,7 +39,7 @@ def _reference(p: torch.Tensor, q: torch.Tensor, spec: str) -> torch.Tensor:
 
 
 def _rows(name: str, logits: torch.Tensor) -> tuple[Layout, dict[str, np.ndarray]]:
-    layout = Layout(kind=name.partition("-")[0], num_samples=ROWS, num_classes=CLASSES, chunk_rows=ROWS, dtype="float32", options=OPTIONS[name])
+    layout = Layout(kind=name, num_samples=ROWS, num_classes=CLASSES, chunk_rows=ROWS, dtype="float32", options=OPTIONS[name])
     return layout, {k: v.numpy() for k, v in stored_rows(logits, layout, row_index=torch.arange(ROWS)).items()}
 
 

@@ -22,20 +22,17 @@ from stages.train_student import batch_loss
 from stages.teacher_rows import stored_rows
 
 # What a kind needs besides the classes to describe a layout (a kind that needs nothing is absent).
-OPTIONS = {"topk": {"top_k": 5}, "qtopk": {"top_k": 5, "value_bits": 8}, "sampled": {"samples": 12},
-           "qtopk-root2": {"top_k": 5, "value_bits": 8, "value_root": 2}}
-# Each kind, and a kind again with an option that changes what its rows mean (tested as a kind of its own).
-VARIANTS = {**{name: name for name in KINDS}, "qtopk-root2": "qtopk"}
+OPTIONS = {"topk": {"top_k": 5}, "qtopk": {"top_k": 5, "value_bits": 8}, "sampled": {"samples": 12}}
 # Kinds whose stored rows give an estimate of the teacher's distribution at the cache's T only
 # (its own tests: tests/stages/test_sampled.py), not its probabilities on their support.
 ESTIMATES = {"sampled"}
 # How far a lossy kind's probabilities may be from the teacher's (qtopk at 8 bits: a step of at
 # most 1/255 of the kept logits' spread; its own tests: tests/stages/test_qtopk.py).
-ATOL = {"qtopk": 0.01, "qtopk-root2": 0.01}
+ATOL = {"qtopk": 0.01}
 
 
 def _layout(name: str, classes: int, tokens: int | None = None, samples: int = 6) -> Layout:
-    return Layout(kind=VARIANTS[name], num_samples=samples, num_classes=classes, chunk_rows=4, dtype="float32", tokens=tokens,
+    return Layout(kind=name, num_samples=samples, num_classes=classes, chunk_rows=4, dtype="float32", tokens=tokens,
                   options=OPTIONS.get(name))
 
 
@@ -75,7 +72,7 @@ def test_the_registry_names_each_kind_once_and_is_what_configs_and_layouts_accep
                                           kind_options={**given, other: 3}).validate()
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", KINDS)
 def test_encode_then_decode_gives_the_teachers_probabilities_on_the_kinds_support(name):
     layout, logits, rows = _encoded(name, classes=12)
     kind = layout.soft_kind
@@ -92,7 +89,7 @@ def test_encode_then_decode_gives_the_teachers_probabilities_on_the_kinds_suppor
     np.testing.assert_array_equal(kind.top1(rows), logits.argmax(-1).numpy())
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("temperature", [2.0, 1.0, 0.5, 7.0])
 def test_the_loss_equals_a_direct_computation_at_the_caches_temperature(name, temperature):
     """(1 - a) CE(y, s) + a T^2 KL(p || q), p and q the teacher's and student's softmax at T over
@@ -122,7 +119,7 @@ def test_the_loss_equals_a_direct_computation_at_the_caches_temperature(name, te
     assert set(parts) == {"ce", "kd"}
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("ratio", [0.5, 3.0])
 def test_retempering_keeps_the_kept_ratios(name, ratio):
     """At T' = T / ratio the probabilities of the kept classes, relative to each other, are the
@@ -146,7 +143,7 @@ def test_retempering_keeps_the_kept_ratios(name, ratio):
     assert np.allclose(retempered.sum(-1), 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", KINDS)
 def test_padding_is_zero_in_every_array_and_never_counts_in_the_loss(name):
     lengths = np.array([1, 4, 2, 3, 4, 1])
     layout, logits_over_t, rows = _encoded(name, classes=12, tokens=4, lengths=lengths)
@@ -171,7 +168,7 @@ def test_padding_is_zero_in_every_array_and_never_counts_in_the_loss(name):
         np.testing.assert_array_equal(again[array].numpy(), rows[array])
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("classes, dtype", [(256, "uint8"), (8192, "uint16"), (70_000, "uint32")])
 def test_token_rows_at_real_vocabularies_are_written_and_read_with_every_index_dtype(tmp_path, name, classes, dtype):
     """Class numbers take the smallest unsigned type; a padded token batch encodes (torch has no
@@ -207,14 +204,13 @@ def test_token_rows_at_real_vocabularies_are_written_and_read_with_every_index_d
     assert (student.grad[torch.from_numpy(~valid)] == 0).all()  # padding gets no gradient
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_encoding_in_the_callers_scratch_space_stores_the_same_rows(name, dtype):
     """cache-teacher lets a kind overwrite the logits / T it no longer needs (no allocation of B x L x V);
     the rows must be bit for bit those of the allocating path, and a top-k row's log-sum-exp that of the
     whole rounded row, at a real vocabulary."""
-    layout = Layout(kind=VARIANTS[name], num_samples=4, num_classes=32_000, chunk_rows=4, dtype=dtype, tokens=5,
-                    options=OPTIONS.get(name))
+    layout = Layout(kind=name, num_samples=4, num_classes=32_000, chunk_rows=4, dtype=dtype, tokens=5, options=OPTIONS.get(name))
     logits = torch.randn(4, 5, 32_000, generator=torch.Generator().manual_seed(1)) * 4
     lengths = torch.tensor([5, 2, 1, 4])
     allocating = stored_rows(logits.clone(), layout, lengths, row_index=torch.arange(4))
