@@ -16,6 +16,7 @@ from stages.errors import InputError
 from stages.kinds import KINDS
 from stages.teacher_rows import stored_rows
 from tests.conftest import cache_with_cli, invoke, invoke_json
+from tests.doc_examples import example
 
 HEADTAIL = KINDS["headtail"]
 CLASSES = 8192
@@ -164,6 +165,15 @@ def test_a_headtail_cache_is_made_verified_inspected_against_a_dense_reference_a
     support, probabilities = HEADTAIL.support(rows), HEADTAIL.probabilities(rows, p.shape[1], 1.0)
     np.add.at(estimate, (np.arange(len(p))[:, None], support), probabilities)
     np.testing.assert_allclose(estimate.sum(-1), 1.0, atol=1e-6)
+    # The documented recipe (example headtail-decode), run as written: the kind's own decoding, and a
+    # head whose kept classes are the teacher's most probable, with the teacher's probabilities to within a step.
+    decoded: dict = {}
+    exec(compile(example("headtail-decode", path=repr(str(cache))), "example headtail-decode", "exec"), decoded)  # noqa: S102
+    np.testing.assert_allclose(np.concatenate([decoded["p"], decoded["estimate"]], -1), probabilities, rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(np.concatenate([decoded["classes"], decoded["ids"]], -1), support)
+    np.testing.assert_array_equal(np.sort(decoded["classes"], -1), np.sort(np.argsort(-p, -1)[:, :2], -1))
+    np.testing.assert_allclose(decoded["p"], np.take_along_axis(p, decoded["classes"], -1), rtol=0.15)
+    np.testing.assert_allclose(decoded["tail"], 1 - np.take_along_axis(p, decoded["classes"], -1).sum(-1), atol=1e-3)
     measured = invoke_json("inspect", cache, "--reference", dense)["against_reference"]
     assert measured["total_variation"] == pytest.approx(0.5 * np.abs(p - estimate).sum(-1).mean(), rel=1e-6)
 
