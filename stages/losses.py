@@ -6,7 +6,8 @@ qtopk row decodes to the same), or a sampled row (classes drawn from the teacher
 distribution, their counts, and its entropy). The first two compare teacher and student over
 the same support, by any divergence of stages.divergences: every class for a dense row; the K
 kept classes plus one tail bucket holding the rest of the mass for a top-k row. The sampled
-loss is an unbiased estimate of the dense forward KL.
+loss is an unbiased estimate of the dense forward KL, and so is a headtail row's (a top-k head,
+exact, and classes drawn from the tail beyond it: `headtail_kl`).
 Normalising the teacher over its top-k but the student over the whole vocabulary is a known
 trap: the two would then disagree even for a student equal to its teacher.
 
