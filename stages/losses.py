@@ -6,7 +6,8 @@ qtopk row decodes to the same), or a sampled row (classes drawn from the teacher
 distribution, their counts, and its entropy). The first two compare teacher and student over
 the same support, by any divergence of stages.divergences: every class for a dense row; the K
 kept classes plus one tail bucket holding the rest of the mass for a top-k row. The sampled
-loss is an unbiased estimate of the dense forward KL.
+loss is an unbiased estimate of the dense forward KL, and so is a headtail row's (a top-k head,
+exact, and classes drawn from the tail beyond it: `headtail_kl`).
 Normalising the teacher over its top-k but the student over the whole vocabulary is a known
 trap: the two would then disagree even for a student equal to its teacher.
 
@@ -124,9 +125,34 @@ def sampled_distillation_loss(
 
 def sampled_kl(student_over_t: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
     """Per row, (B,): the estimate KL_hat of `sampled_distillation_loss` from the student's logits / T."""
-    log_q = F.log_softmax(student_over_t, dim=-1)
+    return drawn_cross_entropy(F.log_softmax(student_over_t, dim=-1), ids, counts) - entropy.float()
+
+
+def drawn_cross_entropy(log_q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row, (B,): sum_i (c_i / S) (-log q(id_i)) from the student's log-probabilities (B, C) and
+    the distinct classes drawn with their counts (B, S): an unbiased estimate of the cross-entropy
+    E_{c ~ p}[-log q_c] of the distribution p the S classes were drawn from (0 for a row without draws)."""
     weights = counts.float() / counts.shape[-1]
-    return (weights * -log_q.gather(-1, ids.long())).sum(-1) - entropy.float()
+    return (weights * -log_q.gather(-1, ids.long())).sum(-1)
+
+
+def headtail_kl(student_over_t: torch.Tensor, head_classes: torch.Tensor, head_log_p: torch.Tensor, ids: torch.Tensor,
+                counts: torch.Tensor, tail_mass: torch.Tensor, tail_entropy: torch.Tensor) -> torch.Tensor:
+    """Per row, (B,): a top-k head with a sampled tail's estimate of forward KL(p || q), q = softmax(s / T):
+
+        KL_hat = sum_k p_k (log p_k - log q_k) + t (log t - H(r)) + t sum_i (c_i / S) (-log q(id_i))
+
+    head_classes, head_log_p (B, K): the K most probable classes and the teacher's log-probabilities
+    of them; tail_mass t (B,): the probability of every other class; r = p / t on those others, the
+    tail's distribution, and H(r) (B,) its entropy; ids, counts (B, S): the distinct classes drawn
+    from r with their counts, summing to S (or 0 where the tail is empty). The dense KL splits into
+    the head's terms, exact here, and the tail's, sum_{c not kept} p_c (log p_c - log q_c) =
+    t (log t - H(r)) - t E_{c ~ r}[log q_c], whose expectation the draws estimate without bias: so
+    is KL_hat of the dense KL, and its gradient in s of the dense gradient."""
+    log_q = F.log_softmax(student_over_t, dim=-1)
+    head = divergences.ForwardKL()(head_log_p, log_q.gather(-1, head_classes))
+    t = tail_mass.float()
+    return head + torch.xlogy(t, t) + t * (drawn_cross_entropy(log_q, ids, counts) - tail_entropy.float())
 
 
 def soft_target_loss(kind, student_logits: torch.Tensor, soft: dict[str, torch.Tensor], labels: torch.Tensor | None, *,

@@ -11,6 +11,9 @@ one it is.
              tail's mass: a fraction of topk's bytes, the quantisation's error measured as written
     sampled  S classes drawn from softmax(logits / T), kept as the distinct ids and their
              counts, and the row's entropy: an unbiased estimate of the dense loss, at the cache's T only
+    headtail the K most probable classes as qtopk keeps them, S classes drawn from the rest (the
+             tail renormalised) as sampled keeps its draws, and the tail's entropy: the head's
+             loss exact, the tail's estimated, an unbiased estimate of the dense loss at the cache's T only
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import NamedTuple
 from stages.errors import InputError
 from stages.kinds.base import ArraySpec, Kind, KindOptions, Rows, index_dtype
 from stages.kinds.dense import Dense
+from stages.kinds.headtail import HeadTail
 from stages.kinds.qtopk import QuantisedTopK
 from stages.kinds.sampled import Sampled
 from stages.kinds.topk import TopK
@@ -30,7 +34,8 @@ from stages.kinds.topk import TopK
 __all__ = ["KINDS", "ArraySpec", "Kind", "KindOptions", "Rows", "index_dtype", "kind_options", "option_fields"]
 
 # The kinds this tool writes and reads, by the name caches record in their `kind` attribute.
-KINDS: dict[str, Kind] = {"dense": Dense(), "topk": TopK(), "qtopk": QuantisedTopK(), "sampled": Sampled()}
+KINDS: dict[str, Kind] = {"dense": Dense(), "topk": TopK(), "qtopk": QuantisedTopK(), "sampled": Sampled(),
+                          "headtail": HeadTail()}
 
 
 class OptionField(NamedTuple):

@@ -70,6 +70,37 @@ def draw_uniforms(seed: int, row_index: torch.Tensor, positions: torch.Tensor, d
     return _shift_right(key, 11).double() * 2.0**-53  # the top 53 bits: every float64 in [0, 1) a multiple of 2^-53
 
 
+def centred_logits(rounded: torch.Tensor) -> torch.Tensor:
+    """Rounded logits / T ((B, C) or (B, P, C)) as float64 (B, P, C) less each row's largest, a
+    class at -inf (a masked one) at the lowest finite value: its weight exp(z) is 0, and so is
+    0 * z in an entropy. float64 throughout: at 150,000 classes a float32 cumulative sum would
+    lose the small classes' share."""
+    z = rounded.double() if rounded.ndim == 3 else rounded.double().unsqueeze(1)
+    return z.sub_(z.amax(-1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)
+
+
+def draw_distinct(z: torch.Tensor, weights: torch.Tensor, seed: int, samples: int, row_index: torch.Tensor,
+                  first_position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`samples` classes drawn with replacement from weights / sum(weights) at each position
+    (weights: exp(z), or exp(z) with some classes zeroed; (B, P, C) float64 as z, from
+    centred_logits), as the distinct ids in ascending order in the first slots and their counts
+    (int64, (B, P, samples); unused slots 0), and that distribution's entropy (B, P). Draw j of
+    position l of the row with dataset index i is the inverse CDF of draw_uniforms(seed, i, l, j)."""
+    cdf = weights.cumsum(-1)
+    total = cdf[..., -1:]
+    entropy = total[..., 0].log() - (weights * z).sum(-1) / total[..., 0]  # H = log Z - sum_c e^z_c z_c / Z
+    positions = torch.arange(first_position, first_position + z.shape[1], device=z.device)
+    uniforms = draw_uniforms(seed, row_index, positions, samples)
+    drawn = torch.searchsorted(cdf, uniforms * total, right=True).clamp_(max=z.shape[-1] - 1).sort(-1).values
+    # Distinct ids with counts: slot k holds the k-th distinct id of the sorted draws.
+    new = torch.ones_like(drawn, dtype=torch.bool)
+    new[..., 1:] = drawn[..., 1:] != drawn[..., :-1]
+    slot = new.long().cumsum(-1) - 1
+    ids = torch.zeros_like(drawn).scatter_(-1, slot, drawn)
+    counts = torch.zeros_like(drawn).scatter_add_(-1, slot, torch.ones_like(drawn))
+    return ids, counts, entropy
+
+
 class Sampled(Kind):
     """Random-sampling KD (Anshumann et al., ACL 2025): S classes drawn with replacement from
     softmax(rounded logits / T) per row (or token), stored as the distinct ids in ascending order
@@ -112,23 +143,9 @@ class Sampled(Kind):
     def encode(self, rounded, layout, padding, scratch=None, row_index=None, first_position=0):
         if row_index is None:
             raise PipelineError("internal: a sampled cache's draws need the rows' dataset indices")
-        # float64 throughout: at 150,000 classes a float32 cumulative sum would lose the small classes' share.
-        z = rounded.double() if rounded.ndim == 3 else rounded.double().unsqueeze(1)  # (B, P, C)
-        # A class at -inf (a masked one) gets weight 0 and, at the lowest finite value, 0 * z = 0 in the entropy.
-        z = z.sub_(z.amax(-1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)
-        weights = z.exp()
-        cdf = weights.cumsum(-1)
-        total = cdf[..., -1:]
-        entropy = total[..., 0].log() - (weights * z).sum(-1) / total[..., 0]  # H = log Z - sum_c e^z_c z_c / Z
-        positions = torch.arange(first_position, first_position + z.shape[1], device=z.device)
-        uniforms = draw_uniforms(layout.options.sample_seed, row_index, positions, layout.options.samples)
-        drawn = torch.searchsorted(cdf, uniforms * total, right=True).clamp_(max=layout.num_classes - 1).sort(-1).values
-        # Distinct ids with counts: slot k holds the k-th distinct id of the sorted draws.
-        new = torch.ones_like(drawn, dtype=torch.bool)
-        new[..., 1:] = drawn[..., 1:] != drawn[..., :-1]
-        slot = new.long().cumsum(-1) - 1
-        ids = torch.zeros_like(drawn).scatter_(-1, slot, drawn)
-        counts = torch.zeros_like(drawn).scatter_add_(-1, slot, torch.ones_like(drawn))
+        z = centred_logits(rounded)
+        ids, counts, entropy = draw_distinct(z, z.exp(), layout.options.sample_seed, layout.options.samples, row_index,
+                                             first_position)
         if rounded.ndim == 2:
             ids, counts, entropy = ids[:, 0], counts[:, 0], entropy[:, 0]
         return {

@@ -70,6 +70,7 @@ SIZED_KINDS = {
     "topk": ("stdlib-bytes:seq=16,train=4000,test=50", 32, ("--format", "topk", "--top-k", 32)),
     "qtopk": ("stdlib-bytes:seq=16,train=4000,test=50", 32, ("--format", "qtopk", "--top-k", 32)),
     "sampled": ("stdlib-bytes:seq=16,train=4000,test=50", 32, ("--format", "sampled", "--samples", 12)),
+    "headtail": ("stdlib-bytes:seq=16,train=4000,test=50", 32, ("--format", "headtail", "--top-k", 8, "--samples", 12)),
 }
 # The size measured on the first chunk, or for a cache of uncompressed arrays (dense, topk), the exact one said before.
 MEASURED = re.compile(r"soft labels: [\d,]+ bytes per token position \(([\d,.]+) per valid token\).*(measured on chunk 0|\(uncompressed\))")

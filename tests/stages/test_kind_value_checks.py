@@ -24,7 +24,8 @@ from stages.teacher_rows import stored_rows
 from tests.conftest import DATASET, cache_with_cli, invoke
 from tests.stages.cache.conftest import as_schema, reseal
 
-OPTIONS = {"dense": {}, "topk": {"top_k": 6}, "qtopk": {"top_k": 6, "value_bits": 4}, "sampled": {"samples": 12}}
+OPTIONS = {"dense": {}, "topk": {"top_k": 6}, "qtopk": {"top_k": 6, "value_bits": 4}, "sampled": {"samples": 12},
+           "headtail": {"top_k": 6, "value_bits": 4, "samples": 12}}
 ROWS, TOKENS = 6, 12
 LENGTHS = np.array([12, 9, 4, 12, 7, 5])
 AT = (1, 2)  # a valid position of the token rows (row 1 has 9 tokens); row 1 of the rows without positions
@@ -90,6 +91,13 @@ CASES = [
     ("sampled", "ids out of order", _ids_reversed, "sampled_ids"),
     ("sampled", "an id repeated", _set("sampled_ids", _first_repeated), "sampled_ids"),
     ("sampled", "an id past the vocabulary", _set("sampled_ids", lambda i, c: np.where(i == i.max(), c, i)), "sampled_ids"),
+    ("headtail", "a code above 2^value_bits - 1", _set("qtopk_codes", lambda c, _: np.where(c == c.max(), 200, c)), "qtopk_codes"),
+    ("headtail", "a tail of 1", _set("qtopk_tail", 1.0), "qtopk_tail"),
+    ("headtail", "counts zeroed", _set("sampled_counts", 0), "sampled_counts"),
+    ("headtail", "counts summing past S", _set("sampled_counts", lambda n, _: n + (n > 0)), "sampled_counts"),
+    ("headtail", "ids out of order", _ids_reversed, "sampled_ids"),
+    ("headtail", "an id past the vocabulary", _set("sampled_ids", lambda i, c: np.where(i == i.max(), c, i)), "sampled_ids"),
+    ("headtail", "a negative tail entropy", _set("tail_entropy", -1.0), "tail_entropy"),
     ("topk", "a class past the last", _set("topk_indices", lambda i, c: np.r_[i[:-1], c]), "topk_indices"),
     ("topk", "a class repeated", _set("topk_indices", _first_repeated), "topk_indices"),
     ("topk", "values reversed", _set("topk_values", lambda v, _: v[::-1]), "topk_values"),
@@ -155,6 +163,9 @@ LOSS_CASES = [
     ("qtopk", "qtopk_scale", lambda rows, c: rows["qtopk_scale"].__setitem__(1, np.nan), "qtopk_scale"),
     ("sampled", "sampled_counts", lambda rows, c: rows["sampled_counts"].__setitem__(1, 0), "sampled_counts"),
     ("sampled", "sampled_ids", lambda rows, c: rows["sampled_ids"].__setitem__((1, 0), c), "sampled_ids"),
+    ("headtail", "sampled_counts", lambda rows, c: rows["sampled_counts"].__setitem__(1, 0), "sampled_counts"),
+    ("headtail", "qtopk_scale", lambda rows, c: rows["qtopk_scale"].__setitem__(1, np.nan), "qtopk_scale"),
+    ("headtail", "tail_entropy", lambda rows, c: rows["tail_entropy"].__setitem__(1, np.nan), "tail_entropy"),
 ]
 
 

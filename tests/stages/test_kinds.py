@@ -22,10 +22,11 @@ from stages.train_student import batch_loss
 from stages.teacher_rows import stored_rows
 
 # What a kind needs besides the classes to describe a layout (a kind that needs nothing is absent).
-OPTIONS = {"topk": {"top_k": 5}, "qtopk": {"top_k": 5, "value_bits": 8}, "sampled": {"samples": 12}}
+OPTIONS = {"topk": {"top_k": 5}, "qtopk": {"top_k": 5, "value_bits": 8}, "sampled": {"samples": 12},
+           "headtail": {"top_k": 5, "value_bits": 8, "samples": 12}}
 # Kinds whose stored rows give an estimate of the teacher's distribution at the cache's T only
-# (its own tests: tests/stages/test_sampled.py), not its probabilities on their support.
-ESTIMATES = {"sampled"}
+# (their own tests: tests/stages/test_sampled.py, test_headtail.py), not its probabilities on their support.
+ESTIMATES = {"sampled", "headtail"}
 # How far a lossy kind's probabilities may be from the teacher's (qtopk at 8 bits: a step of at
 # most 1/255 of the kept logits' spread; its own tests: tests/stages/test_qtopk.py).
 ATOL = {"qtopk": 0.01}
@@ -81,7 +82,7 @@ def test_encode_then_decode_gives_the_teachers_probabilities_on_the_kinds_suppor
     for array, spec in kind.arrays(layout).items():
         assert rows[array].shape == (6, *spec.shape) and str(rows[array].dtype) == spec.dtype
     if name in ESTIMATES:
-        pytest.skip("its probabilities are an estimate of the teacher's (tests/stages/test_sampled.py)")
+        pytest.skip("its probabilities are an estimate of the teacher's (tests/stages/test_sampled.py, test_headtail.py)")
     support = kind.support(rows)
     expected = _collapsed(torch.softmax(logits, -1), None if support is None else torch.from_numpy(support))
     np.testing.assert_allclose(kind.probabilities(rows, 12, 1.0)[..., : expected.shape[-1]], expected.numpy(),
@@ -100,7 +101,7 @@ def test_the_loss_equals_a_direct_computation_at_the_caches_temperature(name, te
     student = torch.randn(6, 12, generator=torch.Generator().manual_seed(1)) * 2
     labels = torch.arange(6) % 12
     if name in ESTIMATES:
-        pytest.skip("its loss is an estimate of this one (tests/stages/test_sampled.py)")
+        pytest.skip("its loss is an estimate of this one (tests/stages/test_sampled.py, test_headtail.py)")
     if temperature == cache_t or kind.exact_at_any_temperature:
         teacher_at_t = logits_over_t * (cache_t / temperature)
     else:

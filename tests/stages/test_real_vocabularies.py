@@ -65,6 +65,8 @@ SAMPLED = ("--format", "sampled", "--samples", 12)
 # outputs, and what finer codes lose (a KL of 2e-8 at 4 bits) is below float32's resolution of the
 # kept mass next to a tail near 1; at 1 bit it is far above it.
 QTOPK = ("--format", "qtopk", "--top-k", K, "--value-bits", 1)
+# A top-k head with a sampled tail: the K most probable classes at 4 bits and 12 draws from the rest.
+HEADTAIL = ("--format", "headtail", "--top-k", K, "--value-bits", 4, "--samples", 12)
 
 
 def _cache_args(teacher, out, kind=TOPK) -> list:
@@ -176,6 +178,29 @@ def test_a_sampled_token_cache_takes_at_most_48_bytes_a_valid_token_resumes_bit_
                       "--out", tmp_path / "run")
     losses = [json.loads(line)["train_loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0], losses
+    assert run["test_tokens"] > 0 and run["test_nll"] < 0.8 * math.log(gpt2["vocab"]), run  # it learned the bytes
+
+
+def test_a_headtail_token_cache_resumes_bit_for_bit_verifies_and_trains(gpt2, tmp_path):
+    """At both vocabularies: killed and resumed, it equals a whole pass (its draws included); verify
+    re-runs the teacher, rechecking the head's codes and redrawing the tail; its draws never name a
+    kept class; a student learns the bytes from it."""
+    teacher, _ = _killed_cache(gpt2, tmp_path, HEADTAIL)
+    _cache(gpt2, tmp_path / "whole.zarr", teacher=teacher, kind=HEADTAIL)
+    assert_same_cache(tmp_path / "whole.zarr", tmp_path / "killed.zarr")
+    assert invoke_json("verify", tmp_path / "whole.zarr", "--teacher", gpt2["teacher"], "--rows", 10_000)["ok"]
+    cache = zarr.open_group(str(tmp_path / "whole.zarr"), mode="r")
+    kept = cache["qtopk_class_deltas"][:].astype(np.int64).cumsum(-1)
+    ids, counts = cache["sampled_ids"][:].astype(np.int64), cache["sampled_counts"][:]
+    valid = np.arange(SEQ)[None, :] < cache["lengths"][:][:, None]
+    assert (counts.sum(-1)[valid] == 12).all() and (counts[~valid] == 0).all()
+    assert not ((ids[..., :, None] == kept[..., None, :]).any(-1) & (counts > 0)).any()
+    described = invoke_json("inspect", tmp_path / "whole.zarr")
+    assert 1 <= described["distinct_sampled_ids"]["mean"] <= 12 and 0 < described["tail_mass"]["mean"] < 1
+
+    run = invoke_json("train-student", "--student", f"gpt2:layers=1,dim=16,heads=2,vocab={gpt2['vocab']}", "--cache",
+                      tmp_path / "whole.zarr", "--epochs", 4, "--lr", 1e-2, "--batch-size", 16, "--device", "cpu",
+                      "--out", tmp_path / "run")
     assert run["test_tokens"] > 0 and run["test_nll"] < 0.8 * math.log(gpt2["vocab"]), run  # it learned the bytes
 
 
