@@ -66,6 +66,7 @@ class LLMDemo:
     quantised_top_ks: tuple[int, ...] = (8, 32, 128)  # qtopk arms, at value_bits
     value_bits: int = 4
     samples: tuple[int, ...] = (12, 32)  # sampled arms: classes drawn per token
+    head_tails: tuple[tuple[int, int], ...] = ((8, 12),)  # headtail arms (K, S): a qtopk head at value_bits, S tail draws
     divergences: tuple[str, ...] = ("reverse-kl", "jsd")  # arms on the reference cache with another divergence than forward KL
     reference_rows: int = 128  # rows the caches' distance from the teacher's distribution is measured over
     # The dense-KD reference: a dense cache over the same rows when its soft labels take at most
@@ -290,6 +291,8 @@ def _arms(demo: LLMDemo, online: bool) -> dict[str, dict]:
     arms.update({f"top-{k} {demo.value_bits}-bit": {"format": "qtopk", "kind_options": {"top_k": k, "value_bits": demo.value_bits}}
                  for k in demo.quantised_top_ks})
     arms.update({f"sampled S={s}": {"format": "sampled", "kind_options": {"samples": s}} for s in demo.samples})
+    arms.update({f"head-{k} tail S={s}": {"format": "headtail", "kind_options": {"top_k": k, "value_bits": demo.value_bits, "samples": s}}
+                 for k, s in demo.head_tails})
     if not online:
         arms["dense"] = {"format": "dense", "kind_options": {}}
     return arms

@@ -12,6 +12,7 @@ from pipeline.cli import DeviceOption, JsonOption, _emit, command
 from pipeline.config import field_default
 from pipeline.demo_chat import ChatDemo  # torch-free: the command's defaults
 from pipeline.demo_llm import LLMDemo
+from stages.errors import InputError
 
 
 @command("demo", rich_help_panel="Demos")
@@ -67,6 +68,7 @@ def demo_llm_command(
     quantised_top_k: Annotated[list[int] | None, typer.Option(min=1, help="K of a quantised top-k (qtopk) cache arm (repeatable; default 8, 32 and 128).")] = None,
     value_bits: Annotated[int, typer.Option(min=1, max=8, help="Bits per kept probability of the qtopk arms.")] = field_default(LLMDemo, "value_bits"),
     samples: Annotated[list[int] | None, typer.Option(min=1, max=255, help="S of a sampled cache arm, classes drawn per token (repeatable; default 12 and 32).")] = None,
+    head_tail: Annotated[list[str] | None, typer.Option(metavar="K,S", help="A headtail cache arm: the K most probable classes at --value-bits and S draws from the rest (repeatable; default 8,12).")] = None,
     divergence: Annotated[list[str] | None, typer.Option(help="A divergence other than forward KL to train one more student with, from the dense cache (else the largest top-k cache): reverse-kl, jsd[:BETA] or tv (repeatable; default reverse-kl and jsd).")] = None,
     reference_rows: Annotated[int, typer.Option(min=1, help="Rows over which each cache's KL and total variation from the teacher's distribution are measured.")] = field_default(LLMDemo, "reference_rows"),
     dense_max_gib: Annotated[float, typer.Option(min=0, help="The dense-KD reference arm is a dense cache over the same rows (2 bytes per class per token) up to this many GiB, else online KD.")] = field_default(LLMDemo, "dense_max_gib"),
@@ -75,7 +77,7 @@ def demo_llm_command(
 ) -> None:
     """Distil a GPT-2-style language model at a real vocabulary (8,192-token BPE) through every cache encoding, and print the bytes-versus-quality frontier.
 
-    Trains a byte-level BPE tokenizer and a GPT-2-style teacher on the Python standard library's sources (offline), measures the teacher's held-out loss and the mass of its top 8, 32 and 128 tokens, after its first epoch (early) and its last (final), and from each caches it per token densely, at top-8, top-32 and top-128, at the same K quantised to 4 bits (qtopk), and sampled with S = 12 and 32, trains a smaller GPT-2-style student from each cache and from hard labels, and prints for each cache its bytes per token on disk, the KL and total variation from the teacher's distribution, and its student's held-out loss (nats and bits per token, perplexity) and KL from the teacher on the held-out tokens against the dense-KD reference's, paired by seed with a 95% interval (a claim is printed only where the interval decides it), with the seconds per stage; draws the frontier to DIR/frontier.png. Needs: pip install -e ".\\[hf]"."""
+    Trains a byte-level BPE tokenizer and a GPT-2-style teacher on the Python standard library's sources (offline), measures the teacher's held-out loss and the mass of its top 8, 32 and 128 tokens, after its first epoch (early) and its last (final), and from each caches it per token densely, at top-8, top-32 and top-128, at the same K quantised to 4 bits (qtopk), sampled with S = 12 and 32, and as a 4-bit top-8 head with 12 draws from the rest (headtail), trains a smaller GPT-2-style student from each cache and from hard labels, and prints for each cache its bytes per token on disk, the KL and total variation from the teacher's distribution, and its student's held-out loss (nats and bits per token, perplexity) and KL from the teacher on the held-out tokens against the dense-KD reference's, paired by seed with a 95% interval (a claim is printed only where the interval decides it), with the seconds per stage; draws the frontier to DIR/frontier.png. Needs: pip install -e ".\\[hf]"."""
     from pipeline.demo_llm import llm_demo_table, run_llm_demo
 
     demo = LLMDemo(max_tokens=max_tokens, teacher_max_tokens=teacher_max_tokens, seq=seq, teacher=teacher, student=student,
@@ -83,10 +85,22 @@ def demo_llm_command(
                    teacher_strengths=tuple(s.strip() for s in teacher_strengths.split(",") if s.strip()), student_epochs=student_epochs, batch_size=batch_size, seeds=seeds, top_ks=tuple(top_k or field_default(LLMDemo, "top_ks")),
                    quantised_top_ks=tuple(quantised_top_k or field_default(LLMDemo, "quantised_top_ks")), value_bits=value_bits,
                    samples=tuple(samples or field_default(LLMDemo, "samples")),
+                   head_tails=tuple(_head_tail(value) for value in head_tail) if head_tail else field_default(LLMDemo, "head_tails"),
                    divergences=tuple(divergence or field_default(LLMDemo, "divergences")), reference_rows=reference_rows,
                    dense_max_gib=dense_max_gib)
     report = run_llm_demo(out, demo, device=device, teacher_weights=teacher_weights)
     _emit(as_json, report, llm_demo_table(report))
+
+
+def _head_tail(value: str) -> tuple[int, int]:
+    """--head-tail K,S as (K, S): both whole numbers, S at most 255 (a count is a uint8)."""
+    try:
+        k, s = (int(part) for part in value.split(","))
+    except ValueError:
+        raise InputError(f"--head-tail takes K,S (two whole numbers), got {value!r}") from None
+    if k < 1 or not 1 <= s <= 255:
+        raise InputError(f"--head-tail takes K >= 1 and S in [1, 255], got {value!r}")
+    return k, s
 
 
 @command("demo-chat", rich_help_panel="Demos")

@@ -67,6 +67,7 @@ class HeadTail(Kind):
     supported_divergences = ("forward-kl",)  # the draws estimate the tail's cross-entropy term, and nothing else
     statistics_arrays = ("qtopk_tail", "sampled_counts")
     lossy = True  # the head's codes, as qtopk's (encoding_error)
+    class_ids_array = "qtopk_class_deltas"  # the head's kept ids (the tail's drawn ids are counted as sampled's are: not)
 
     def width(self, layout):
         return layout.options.top_k

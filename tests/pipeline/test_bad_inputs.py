@@ -190,6 +190,10 @@ CASES = {
                                                                           "--teacher-max-tokens 5,000 is below --max-tokens 60,000"),
     "demo-llm early teacher as late as the last": lambda t, c, w: (["demo-llm", "--out", t / "d", "--teacher-epochs", "2", "--early-epochs", "2"], 2,
                                                                   "the early teacher's epochs must be fewer than the teacher's 2, got 2"),
+    "demo-llm head-tail arm without its draws": lambda t, c, w: (["demo-llm", "--out", t / "d", "--head-tail", "8"], 2,
+                                                                "--head-tail takes K,S (two whole numbers), got '8'"),
+    "demo-llm head-tail arm of 256 draws": lambda t, c, w: (["demo-llm", "--out", t / "d", "--head-tail", "8,256"], 2,
+                                                           "--head-tail takes K >= 1 and S in [1, 255], got '8,256'"),
     "synthetic set of 1e11 rows": lambda t, c, w: (["train-student", "--student", "mlp-64", "--dataset", "synthetic:n=100000001000"], 2, "n must be at most 100,000,000, got 100,000,001,000"),
 }
 

@@ -90,7 +90,7 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
     code, out, err = invoke("demo-llm", "--out", tmp_path / "demo", "--max-tokens", "4000", "--teacher-max-tokens", "8000", "--seq", "32",
                             "--teacher", "gpt2:layers=1,dim=16,heads=2", "--student", "gpt2:layers=1,dim=8,heads=2",
                             "--teacher-epochs", len(strengths), "--teacher-strengths", ",".join(strengths), "--student-epochs", "1",
-                            "--top-k", "8", "--quantised-top-k", "8", "--samples", "12", "--seeds", "2", "--dense-max-gib", dense_max_gib,
+                            "--top-k", "8", "--quantised-top-k", "8", "--samples", "12", "--head-tail", "8,12", "--seeds", "2", "--dense-max-gib", dense_max_gib,
                             "--device", "cpu", "--json")
     assert code == 0, err
     report = json.loads(out)
@@ -157,7 +157,7 @@ def _check_llm_frontier(report: dict, frontier: dict, reference: str, folder, er
     """One teacher strength's arms, caches, students and their paired comparisons, written under `folder`."""
     students = frontier["students"]
     on = "dense" if reference == "dense" else "top-8"  # the divergences' arms train from the reference cache, else the top-k one
-    assert list(students) == ["hard labels", "top-8", "top-8 4-bit", "sampled S=12", reference, f"{on}, reverse-kl", f"{on}, jsd:0.5"]
+    assert list(students) == ["hard labels", "top-8", "top-8 4-bit", "sampled S=12", "head-8 tail S=12", reference, f"{on}, reverse-kl", f"{on}, jsd:0.5"]
     assert [students[name]["divergence"] for name in (reference, f"{on}, reverse-kl", f"{on}, jsd:0.5")] == [
         "forward-kl", "reverse-kl", "jsd:0.5"]
     assert len({students[name]["nats_per_token"] for name in (on, f"{on}, reverse-kl", f"{on}, jsd:0.5")}) == 3
@@ -176,10 +176,13 @@ def _check_llm_frontier(report: dict, frontier: dict, reference: str, folder, er
     # Bits per kept id: top-k's uint16 ids, stored as they are (the default codec); qtopk's deltas, compressed.
     assert top8["bits_per_class_id"] == pytest.approx(16, abs=0.5) and 0 < quantised["bits_per_class_id"] < top8["bits_per_class_id"]
     assert sampled["bits_per_class_id"] is None and students["hard labels"]["bits_per_class_id"] is None
+    head_tail = students["head-8 tail S=12"]  # its head's ids as qtopk's: the same classes, the same bits
+    assert head_tail["bits_per_class_id"] == pytest.approx(quantised["bits_per_class_id"])
     if reference == "dense":  # the frontier: each cache's distance from the teacher's distribution
         assert students["dense"]["kl_from_teacher"] == pytest.approx(0, abs=1e-9)
         assert 0 < top8["kl_from_teacher"] <= quantised["kl_from_teacher"]  # quantising only loses
         assert sampled["kl_from_teacher"] is None and 0 < sampled["total_variation_from_teacher"] <= 1  # zero off its draws
+        assert head_tail["kl_from_teacher"] is None and 0 < head_tail["total_variation_from_teacher"] <= 1  # its tail too
     else:  # no dense cache: nothing to measure them against
         assert all(s["kl_from_teacher"] is None and s["total_variation_from_teacher"] is None for s in students.values())
     assert set(frontier["targets"]) == {"small_cache_within_1pct", "top128_below_distillkit"}
