@@ -158,3 +158,4 @@ def test_the_bench_s_figures_are_generated_into_a_copy_of_the_docs(tmp_path):
     assert "the tool's choice: every core but one" in block
     # everything outside that block is as it was (the reader's block, run by the same command, is not asked for)
     assert after.replace(block, "") == before.replace(_block(before, "bench-core"), "")
+    assert "--quick" in {b.name: why for b, why in stale(root)}["bench-core"]  # figures to check, not to quote
