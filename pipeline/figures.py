@@ -424,7 +424,7 @@ def regenerate(root: Path, only: list[str] | None = None, quick: bool = False, l
             failed.append(f"{block.name} ({block.path.name}): its report lacks what the block shows: {problem!r}")
             continue
         texts[block] = f"{provenance(block.name, run, commit, dirty, machine_words, versions_words)}\n\n{body}\n"
-    for block in left:
+    for block in left if not only else ():  # --only touches the blocks it names alone
         if GENERATED.match(block.text) is None and not FIGURES[block.name].default:
             texts[block] = _with_note(block)
     _write(texts)
