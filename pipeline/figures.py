@@ -268,6 +268,8 @@ def find_blocks(path: Path) -> list[Block]:
             raise InputError(f"{path}: the figure block {name} is not closed by {END} before the next block or the end")
         if name not in FIGURES:
             raise InputError(f"{path}: unknown figure block {name}; known: {', '.join(FIGURES)}")
+        if any(block.name == name for block in blocks):
+            raise InputError(f"{path}: the figure block {name} appears twice; a block's name says where its figures go")
         blocks.append(Block(name, path, begin.end(), end, text[begin.end():end]))
         position = end + len(END)
     return blocks
@@ -398,38 +400,40 @@ def stale(root: Path) -> list[tuple[Block, str]]:
 
 def regenerate(root: Path, only: list[str] | None = None, quick: bool = False, log: Path | None = None,
                say: Callable[[str], None] = lambda line: None) -> dict:
-    """Run each chosen block's command (once per distinct command), render the blocks and write
-    them into their files. Returns what was done; raises PipelineError after writing the blocks
-    that succeeded if any command failed."""
+    """Run each chosen block's command (once per distinct command, in the order the docs first
+    name them), render its blocks and write them into their files as soon as it is done, so that
+    a run stopped part-way keeps what it finished. Returns what was done; raises PipelineError,
+    after writing the blocks that succeeded, if any command failed."""
     chosen, left = selected(root, only)
     commit, dirty = head_commit(root)
     machine_words, versions_words = machine(), versions()
-    runs: dict[tuple[str, ...], Run] = {}
-    texts: dict[Block, str] = {}
-    failed: list[str] = []
+    by_command: dict[tuple[str, ...], list[Block]] = {}
     for block in chosen:
         figure = FIGURES[block.name]
-        argv = figure.quick if quick and figure.quick else figure.command
-        if argv not in runs:
-            say(f"figures: {block.name}: running pipeline {shlex.join(argv)} --json")
-            runs[argv] = run_command(argv, root, log)
-            say(f"figures: pipeline {shlex.join(argv)} took {runs[argv].seconds / 60:.1f} min")
-        run = runs[argv]
-        if run.error:
-            failed.append(f"{block.name} ({block.path.name}): pipeline {shlex.join(argv)} failed: {run.error}")
-            continue
-        try:
-            body = figure.render(run.report)
-        except (KeyError, TypeError, ValueError) as problem:  # a report without what the block shows
-            failed.append(f"{block.name} ({block.path.name}): its report lacks what the block shows: {problem!r}")
-            continue
-        texts[block] = f"{provenance(block.name, run, commit, dirty, machine_words, versions_words)}\n\n{body}\n"
-    for block in left if not only else ():  # --only touches the blocks it names alone
-        if GENERATED.match(block.text) is None and not FIGURES[block.name].default:
-            texts[block] = _with_note(block)
-    _write(texts)
-    result = {"regenerated": [b.name for b in chosen if b in texts],
-              "left": [b.name for b in left],
+        by_command.setdefault(figure.quick if quick and figure.quick else figure.command, []).append(block)
+    runs: dict[tuple[str, ...], Run] = {}
+    regenerated: list[str] = []
+    failed: list[str] = []
+    for argv, blocks in by_command.items():
+        say(f"figures: {', '.join(b.name for b in blocks)}: running pipeline {shlex.join(argv)} --json")
+        run = runs[argv] = run_command(argv, root, log)
+        say(f"figures: pipeline {shlex.join(argv)} took {run.seconds / 60:.1f} min")
+        texts: dict[Block, str] = {}
+        for block in blocks:
+            if run.error:
+                failed.append(f"{block.name} ({block.path.name}): pipeline {shlex.join(argv)} failed: {run.error}")
+                continue
+            try:
+                body = FIGURES[block.name].render(run.report)
+            except (KeyError, TypeError, ValueError) as problem:  # a report without what the block shows
+                failed.append(f"{block.name} ({block.path.name}): its report lacks what the block shows: {problem!r}")
+                continue
+            texts[block] = f"{provenance(block.name, run, commit, dirty, machine_words, versions_words)}\n\n{body}\n"
+        _write(texts)
+        regenerated += [b.name for b in texts]
+    _write({block: _with_note(block) for block in (left if not only else ())  # --only touches the blocks it names alone
+            if GENERATED.match(block.text) is None and not FIGURES[block.name].default})
+    result = {"regenerated": regenerated, "left": [b.name for b in left],
               "minutes": {shlex.join(("pipeline", *argv)): round(run.seconds / 60, 2) for argv, run in runs.items()}}
     if failed:
         raise PipelineError("; ".join(failed))
@@ -444,15 +448,19 @@ def _with_note(block: Block) -> str:
 
 
 def _write(texts: dict[Block, str]) -> None:
+    """Replace each block's text, found again by its file and name (an earlier write may have
+    moved it), provided it is still the text it was read with."""
     by_file: dict[Path, list[Block]] = {}
     for block in texts:
         by_file.setdefault(block.path, []).append(block)
     for path, blocks in by_file.items():
         text = path.read_text()
-        for block in sorted(blocks, key=lambda b: b.start, reverse=True):  # later first: earlier offsets stay valid
-            if text[block.start:block.end] != block.text:
-                raise PipelineError(f"{path} changed while its figures were generated; run again")
-            text = text[:block.start] + texts[block] + text[block.end:]
+        now = {block.name: block for block in find_blocks(path)}
+        for block in sorted(blocks, key=lambda b: now[b.name].start if b.name in now else 0, reverse=True):  # later first: earlier offsets stay valid
+            found = now.get(block.name)
+            if found is None or found.text != block.text:
+                raise PipelineError(f"{path}: the figure block {block.name} changed while its figures were generated; run again")
+            text = text[:found.start] + texts[block] + text[found.end:]
         temporary = path.with_name(f".{path.name}.figures")
         temporary.write_text(text)
         temporary.replace(path)

@@ -106,6 +106,15 @@ def test_a_block_whose_command_fails_leaves_its_file_as_it_was(checkout, monkeyp
     assert (checkout / "README.md").read_bytes() == before
 
 
+def test_blocks_done_before_a_command_fails_are_written_and_the_failed_block_s_file_is_not(checkout, monkeypatch):
+    monkeypatch.setitem(figures.FIGURES, "slow", Figure(("figures", "--only", "no-such-block"), _render_listing, 60, default=False))
+    guide = (checkout / "docs" / "guide.md").read_bytes()
+    with pytest.raises(PipelineError, match=r"^slow \(guide.md\): "):
+        regenerate(checkout, only=["listing", "slow"])
+    assert _block((checkout / "README.md").read_text(), "listing").startswith("_Generated at commit")
+    assert (checkout / "docs" / "guide.md").read_bytes() == guide
+
+
 def test_a_report_without_what_the_block_shows_leaves_its_file_as_it_was(checkout, monkeypatch):
     monkeypatch.setitem(figures.FIGURES, "listing", Figure(LISTING, lambda report: report["ratios"], 0.1))
     before = (checkout / "README.md").read_bytes()
@@ -118,6 +127,7 @@ def test_a_report_without_what_the_block_shows_leaves_its_file_as_it_was(checkou
     ("<!-- figures: nope -->\nx\n<!-- /figures -->\n", "unknown figure block nope"),
     ("<!-- figures: listing -->\nx\n", "not closed"),
     ("<!-- figures: listing -->\n<!-- figures: slow -->\n<!-- /figures -->\n", "not closed"),
+    ("<!-- figures: slow -->\n<!-- /figures -->\n<!-- figures: slow -->\n<!-- /figures -->\n", "appears twice"),
 ])
 def test_a_malformed_or_unknown_block_is_refused_and_nothing_runs(checkout, text, message):
     (checkout / "docs" / "bad.md").write_text(text)
