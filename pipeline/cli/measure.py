@@ -1,7 +1,8 @@
-"""What this machine does with the pipeline: bench and gpu-check."""
+"""What this machine does with the pipeline: bench, gpu-check, and the docs' figures regenerated from them."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -103,3 +104,63 @@ def gpu_check_command(
     failed = [step for step in report["steps"] if not step["ok"]]
     if failed:
         _fail(f"{len(failed)} of {len(report['steps'])} steps failed; {failed[0]['step']}: {failed[0]['note']}", 1)
+
+
+@command("figures", rich_help_panel="This machine")
+def figures_command(
+    only: Annotated[list[str] | None, typer.Option(help="Regenerate only this block (repeatable), including one a plain run leaves alone.")] = None,
+    list_blocks: Annotated[bool, typer.Option("--list", help="List the blocks, where they are, their commands and whether a plain run regenerates them.")] = False,
+    check: Annotated[bool, typer.Option(help="Run nothing: name the blocks not generated at HEAD with a clean tree, and exit with 1 if there are any.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Run the bench at its quick size (figures to check that it works, not to quote).")] = False,
+    root: Annotated[Path | None, typer.Option(help="The checkout whose README.md and docs/*.md to rewrite. (default: this tool's own)")] = None,
+    log: Annotated[Path | None, typer.Option(help="Append the commands' stderr to this file instead of printing it.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Regenerate every figure block of README.md and docs/*.md from the command it names, in place.
+
+    A block is the text between <!-- figures: NAME --> and <!-- /figures -->. Each block's command (pipeline bench, demo, demo-lm, ... with --json) runs once, in a process of its own, in the checkout; the block is rewritten as a provenance line (commit, date, machine, load average before and after, Python, torch, zarr and numpy versions, the exact command) and tables rendered from the report. Blocks whose command takes too long for a plain run are regenerated only with --only. A block whose command fails keeps its text, and the exit code is 1.
+
+    Examples:
+
+        pipeline figures --list
+
+        pipeline figures
+
+        pipeline figures --only demo-llm
+
+        pipeline figures --check
+    """
+    from pipeline.figures import FIGURES, all_blocks, regenerate, stale
+
+    checkout = (root or Path(__file__).resolve().parents[2]).resolve()
+    if list_blocks:
+        blocks = all_blocks(checkout)
+        rows = [{"name": b.name, "file": str(b.path.relative_to(checkout)), "command": "pipeline " + " ".join(FIGURES[b.name].command),
+                 "minutes": FIGURES[b.name].minutes, "default": FIGURES[b.name].default} for b in blocks]
+        table = Table(title=f"figure blocks in {checkout}")
+        for column in ("block", "file", "command", "about", "plain run"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["name"], row["file"], row["command"], f"{row['minutes']:g} min", "yes" if row["default"] else "only with --only")
+        _emit(as_json, {"blocks": rows}, table)
+        return
+    if check:
+        found = stale(checkout)
+        table = Table(title=f"figure blocks not generated at HEAD in {checkout}")
+        for column in ("block", "file", "why"):
+            table.add_column(column)
+        for block, why in found:
+            table.add_row(block.name, str(block.path.relative_to(checkout)), why)
+        _emit(as_json, {"stale": [{"name": b.name, "file": str(b.path.relative_to(checkout)), "why": why} for b, why in found]}, table)
+        if found:
+            raise typer.Exit(1)
+        return
+    result = regenerate(checkout, only, quick=quick, log=log, say=lambda line: print(line, file=sys.stderr, flush=True))
+    table = Table(title="pipeline figures")
+    for column in ("command", "minutes"):
+        table.add_column(column)
+    for command_line, minutes in result["minutes"].items():
+        table.add_row(command_line, f"{minutes:.1f}")
+    table.caption = (f"regenerated: {', '.join(result['regenerated']) or 'none'}; "
+                     f"left as they were: {', '.join(result['left']) or 'none'}")
+    _emit(as_json, result, table)
