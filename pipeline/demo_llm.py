@@ -93,9 +93,9 @@ def run_llm_demo(out: Path, demo: LLMDemo = LLMDemo(), *, device: str = "auto", 
     if unknown or not demo.teacher_strengths:
         raise InputError(f"teacher strengths are {' and '.join(STRENGTHS)}, got {', '.join(unknown) or 'none'}")
     if teacher_weights is not None and "early" in demo.teacher_strengths:
-        raise InputError("--teacher-weights gives the final teacher alone: pass --teacher-strengths final with it")
+        raise InputError("--teacher-weights gives the final teacher alone: pass --teachers final with it")
     if demo.teacher_max_tokens < demo.max_tokens:
-        raise InputError(f"the teacher's stream holds the students' and more: --teacher-max-tokens {demo.teacher_max_tokens:,} "
+        raise InputError(f"the teacher's stream holds the students' and more: --teacher-tokens {demo.teacher_max_tokens:,} "
                          f"is below --max-tokens {demo.max_tokens:,}")
     if not 1 <= demo.early_epochs < demo.teacher_epochs and "early" in demo.teacher_strengths:
         raise InputError(f"the early teacher's epochs must be fewer than the teacher's {demo.teacher_epochs}, got {demo.early_epochs}")

@@ -52,15 +52,15 @@ def demo_lm_command(
 @command("demo-llm", rich_help_panel="Demos")
 def demo_llm_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's tokenizer, corpus, teacher, caches and runs.")] = DATA_ROOT / "demo-llm",
-    teacher_weights: Annotated[Path | None, typer.Option(help="Reuse these teacher weights (the demo's teacher.safetensors) instead of training the teacher: the final teacher alone (--teacher-strengths final).")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="Reuse these teacher weights (the demo's teacher.safetensors) instead of training the teacher: the final teacher alone (--teachers final).")] = None,
     max_tokens: Annotated[int, typer.Option(min=1000, help="Training tokens of the corpus (the held-out split: 25% as many, from other files); the standard library holds about 1.2M.")] = field_default(LLMDemo, "max_tokens"),
-    teacher_max_tokens: Annotated[int, typer.Option(min=1000, help="Training tokens of the teacher's own stream: those of --max-tokens and more (no held-out document among them).")] = field_default(LLMDemo, "teacher_max_tokens"),
+    teacher_max_tokens: Annotated[int, typer.Option("--teacher-tokens", min=1000, help="Training tokens of the teacher's own stream: those of --max-tokens and more (no held-out document among them).")] = field_default(LLMDemo, "teacher_max_tokens"),
     seq: Annotated[int, typer.Option(min=8, help="Tokens per row.")] = field_default(LLMDemo, "seq"),
     teacher: Annotated[str, typer.Option(help="The teacher: gpt2:layers=N,dim=D,heads=H, or any model spec of a causal LM.")] = field_default(LLMDemo, "teacher"),
     student: Annotated[str, typer.Option(help="The student, as --teacher.")] = field_default(LLMDemo, "student"),
     teacher_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "teacher_epochs"),
     early_epochs: Annotated[int, typer.Option(min=1, help="The early teacher: the same run's weights after this many of --teacher-epochs.")] = field_default(LLMDemo, "early_epochs"),
-    teacher_strengths: Annotated[str, typer.Option(help="The teachers the frontier is measured from, comma-separated: early, final or both (each caches every arm and trains every student again).")] = ",".join(field_default(LLMDemo, "teacher_strengths")),
+    teacher_strengths: Annotated[str, typer.Option("--teachers", help="The teachers the frontier is measured from, comma-separated: early, final or both (each caches every arm and trains every student again).")] = ",".join(field_default(LLMDemo, "teacher_strengths")),
     student_epochs: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "student_epochs"),
     batch_size: Annotated[int, typer.Option(min=1)] = field_default(LLMDemo, "batch_size"),
     seeds: Annotated[int, typer.Option(min=1, help="Paired seeds: one student per arm and seed, every arm's starting from the same weights and seeing the same batches; the table shows each arm's difference from the reference with its 95% interval.")] = field_default(LLMDemo, "seeds"),

@@ -87,9 +87,9 @@ def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference)
     (early) and after both (final); online, from the final one alone."""
     pytest.importorskip("transformers")
     strengths = ["early", "final"] if reference == "dense" else ["final"]
-    code, out, err = invoke("demo-llm", "--out", tmp_path / "demo", "--max-tokens", "4000", "--teacher-max-tokens", "8000", "--seq", "32",
+    code, out, err = invoke("demo-llm", "--out", tmp_path / "demo", "--max-tokens", "4000", "--teacher-tokens", "8000", "--seq", "32",
                             "--teacher", "gpt2:layers=1,dim=16,heads=2", "--student", "gpt2:layers=1,dim=8,heads=2",
-                            "--teacher-epochs", len(strengths), "--teacher-strengths", ",".join(strengths), "--student-epochs", "1",
+                            "--teacher-epochs", len(strengths), "--teachers", ",".join(strengths), "--student-epochs", "1",
                             "--top-k", "8", "--quantised-top-k", "8", "--samples", "12", "--head-tail", "8,12", "--seeds", "2", "--dense-max-gib", dense_max_gib,
                             "--device", "cpu", "--json")
     assert code == 0, err
