@@ -239,7 +239,7 @@ FIGURES: dict[str, Figure] = {
     "demo": Figure(("demo",), _command_table("pipeline.demo", "demo_table"), 9),
     "demo-online": Figure(("demo", "--online-arm", "--seeds", "9"), _command_table("pipeline.demo", "demo_table"), 40, default=False),
     "demo-lm": Figure(("demo-lm",), _command_table("pipeline.demo", "lm_demo_table"), 25, default=False),
-    "demo-llm": Figure(("demo-llm",), _command_table("pipeline.demo_llm", "llm_demo_table"), 40, default=False),
+    "demo-llm": Figure(("demo-llm",), _command_table("pipeline.demo_llm", "llm_demo_table"), 70, default=False),
     "demo-chat": Figure(("demo-chat",), _command_table("pipeline.demo_chat", "chat_demo_table"), 5),
     "demo-text": Figure(("demo-text",), _command_table("pipeline.demo", "text_demo_table"), 8, default=False),
 }
