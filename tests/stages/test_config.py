@@ -69,7 +69,7 @@ def test_cache_config_accepts_every_value_at_the_edge_of_its_range(changes):
     ({"format": "qtopk"}, ("`format` qtopk needs `top_k`",)),
     ({"format": "qtopk", "kind_options": {"top_k": 4, "value_bits": 9}}, ("`value_bits` must be at most 8", "got 9")),
     ({"format": "qtopk", "kind_options": {"top_k": 4, "value_bits": 0}}, ("`value_bits` must be between 1 and 8", "got 0")),
-    ({"format": "topk", "kind_options": {"top_k": 4, "value_bits": 4}}, ("`value_bits` goes with `format` qtopk, not topk",)),
+    ({"format": "topk", "kind_options": {"top_k": 4, "value_bits": 4}}, ("`value_bits` goes with `format` qtopk or headtail, not topk",)),
     ({"views": 2}, ("`views` 2 needs `augment` SPEC",)),
     ({"workers": 2, "scheduler": "tcp://host:8786"}, ("`workers`", "`scheduler`", "give one of them")),
     ({"workers": 2, "loader_workers": 2}, ("`loader_workers` cannot go with dask workers",)),
