@@ -161,7 +161,7 @@ def test_the_bench_s_figures_are_generated_into_a_copy_of_the_docs(tmp_path):
     _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "docs")
     before = (root / "docs" / "benchmarks.md").read_text()
     done = subprocess.run([sys.executable, "-m", "pipeline", "figures", "--root", str(root), "--only", "bench-core", "--quick",
-                           "--json", "--log", str(tmp_path / "bench.log")], capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+                           "--json", "--log", str(tmp_path / "bench.log")], capture_output=True, text=True, cwd=REPO, timeout=1800, check=False)
     assert done.returncode == 0, done.stderr
     after = (root / "docs" / "benchmarks.md").read_text()
     block = _block(after, "bench-core")
