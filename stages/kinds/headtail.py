@@ -19,15 +19,13 @@ from stages.kinds.base import (
     mean_and_max,
     np,
     padding_problem,
-    torch,
-    zero_padding,
 )
 from stages.kinds.qtopk import (
     QuantisedTopK,
     QuantisedTopKOptions,
     dequantised_log_probs,
 )
-from stages.kinds.sampled import Sampled, SampledOptions, centred_logits, draw_distinct
+from stages.kinds.sampled import Sampled, SampledOptions, centred_logits, draw_distinct, stored_draws
 from stages.lazy import lazy_module
 
 losses = lazy_module("stages.losses")
@@ -105,14 +103,8 @@ class HeadTail(Kind):
         counts = counts.masked_fill_(empty.unsqueeze(-1), 0)
         ids = ids.masked_fill_(empty.unsqueeze(-1), 0)
         entropy = entropy.masked_fill_(empty, 0.0).clamp_(min=0.0)
-        if rounded.ndim == 2:
-            ids, counts, entropy = ids[:, 0], counts[:, 0], entropy[:, 0]
-        return {
-            **head,
-            "sampled_ids": zero_padding(ids, padding).to(getattr(torch, index_dtype(layout.num_classes))),
-            "sampled_counts": zero_padding(counts, padding).to(torch.uint8),
-            "tail_entropy": zero_padding(entropy.float(), padding),
-        }
+        ids, counts, entropy = stored_draws(ids, counts, entropy, rounded, layout, padding)
+        return {**head, "sampled_ids": ids, "sampled_counts": counts, "tail_entropy": entropy}
 
     def probabilities(self, rows, num_classes, ratio):
         """The head's probabilities as decoded, then the tail's mass shared among the drawn classes

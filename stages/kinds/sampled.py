@@ -101,6 +101,17 @@ def draw_distinct(z: torch.Tensor, weights: torch.Tensor, seed: int, samples: in
     return ids, counts, entropy
 
 
+def stored_draws(ids: torch.Tensor, counts: torch.Tensor, entropy: torch.Tensor, rounded: torch.Tensor, layout,
+                 padding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """draw_distinct's ids, counts and entropy as the cache stores them: back to the rows'
+    shape when `rounded` was a batch of rows rather than of token sequences, zero at padding,
+    and in the arrays' dtypes (the smallest id type for the vocabulary, uint8 counts, float32)."""
+    if rounded.ndim == 2:
+        ids, counts, entropy = ids[:, 0], counts[:, 0], entropy[:, 0]
+    return (zero_padding(ids, padding).to(getattr(torch, index_dtype(layout.num_classes))),
+            zero_padding(counts, padding).to(torch.uint8), zero_padding(entropy.float(), padding))
+
+
 class Sampled(Kind):
     """Random-sampling KD (Anshumann et al., ACL 2025): S classes drawn with replacement from
     softmax(rounded logits / T) per row (or token), stored as the distinct ids in ascending order
@@ -144,15 +155,9 @@ class Sampled(Kind):
         if row_index is None:
             raise PipelineError("internal: a sampled cache's draws need the rows' dataset indices")
         z = centred_logits(rounded)
-        ids, counts, entropy = draw_distinct(z, z.exp(), layout.options.sample_seed, layout.options.samples, row_index,
-                                             first_position)
-        if rounded.ndim == 2:
-            ids, counts, entropy = ids[:, 0], counts[:, 0], entropy[:, 0]
-        return {
-            "sampled_ids": zero_padding(ids, padding).to(getattr(torch, index_dtype(layout.num_classes))),
-            "sampled_counts": zero_padding(counts, padding).to(torch.uint8),
-            "entropy": zero_padding(entropy.float(), padding),
-        }
+        ids, counts, entropy = stored_draws(*draw_distinct(z, z.exp(), layout.options.sample_seed, layout.options.samples,
+                                                           row_index, first_position), rounded, layout, padding)
+        return {"sampled_ids": ids, "sampled_counts": counts, "entropy": entropy}
 
     def probabilities(self, rows, num_classes, ratio):
         """The share of the draws each drawn class got: an unbiased estimate of its probability."""
