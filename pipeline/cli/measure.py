@@ -110,7 +110,7 @@ def gpu_check_command(
 def figures_command(
     only: Annotated[list[str] | None, typer.Option(help="Regenerate only this block (repeatable), including one a plain run leaves alone.")] = None,
     list_blocks: Annotated[bool, typer.Option("--list", help="List the blocks, where they are, their commands and whether a plain run regenerates them.")] = False,
-    check: Annotated[bool, typer.Option(help="Run nothing: name the blocks not generated at HEAD with a clean tree, and exit with 1 if there are any.")] = False,
+    check: Annotated[bool, typer.Option(help="Run nothing: name the blocks HEAD might print differently (generated from uncommitted changes, or before a change to pipeline/, stages/, data/ or pyproject.toml), and exit with 1 if there are any.")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Run the bench at its quick size (figures to check that it works, not to quote).")] = False,
     root: Annotated[Path | None, typer.Option(help="The checkout whose README.md and docs/*.md to rewrite. (default: this tool's own)")] = None,
     log: Annotated[Path | None, typer.Option(help="Append the commands' stderr to this file instead of printing it.")] = None,
@@ -146,7 +146,7 @@ def figures_command(
         return
     if check:
         found = stale(checkout)
-        table = Table(title=f"figure blocks not generated at HEAD in {checkout}")
+        table = Table(title=f"figure blocks HEAD might print differently in {checkout}")
         for column in ("block", "file", "why"):
             table.add_column(column)
         for block, why in found:

@@ -80,12 +80,23 @@ def test_a_block_is_rewritten_in_place_with_its_provenance_and_a_second_run_chan
     assert _block((checkout / "docs" / "guide.md").read_text(), "slow") == guide  # the note is not added twice
 
 
-def test_check_names_the_blocks_not_generated_at_head(checkout):
+def test_check_names_the_blocks_generated_before_a_change_to_the_code(checkout):
     assert {block.name for block, _ in stale(checkout)} == {"listing", "slow"}
     regenerate(checkout)
     assert [block.name for block, _ in stale(checkout)] == ["slow"]  # generated at HEAD from a clean tree
     _git(checkout, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "figures")
-    assert {block.name for block, _ in stale(checkout)} == {"listing", "slow"}  # HEAD moved on
+    assert [block.name for block, _ in stale(checkout)] == ["slow"]  # committing the figures changes no code
+    (checkout / "tests").mkdir()
+    (checkout / "tests" / "test_more.py").write_text("def test_more(): pass\n")
+    _git(checkout, "add", ".")
+    _git(checkout, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a test")
+    assert [block.name for block, _ in stale(checkout)] == ["slow"]  # nor does a test
+    (checkout / "stages").mkdir()
+    (checkout / "stages" / "loss.py").write_text("SCALE = 2\n")
+    _git(checkout, "add", ".")
+    _git(checkout, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "code")
+    found = dict((block.name, why) for block, why in stale(checkout))
+    assert set(found) == {"listing", "slow"} and "stages/loss.py" in found["listing"]  # the code that computes it moved on
 
 
 def test_only_regenerates_the_blocks_it_names_and_touches_no_other(checkout):
