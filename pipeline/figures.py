@@ -37,6 +37,10 @@ from stages.errors import InputError, PipelineError
 
 BEGIN = re.compile(r"^<!-- figures: (?P<name>[^ ]+) -->\n", re.MULTILINE)
 END = "<!-- /figures -->"
+# What computes a figure: the package and the pinned inputs it reads. A later commit that changes
+# none of them (the figures' own commit, docs, tests) leaves every figure as HEAD would print it.
+# This module only runs the commands and lays out their reports, so its own changes do not count.
+FIGURE_INPUTS = ("pipeline", "stages", "data", "pyproject.toml", ":(exclude)pipeline/figures.py")
 # The provenance line of a generated block starts so; --check reads the commit from it.
 GENERATED = re.compile(r"^_Generated at commit `(?P<commit>[0-9a-f]+)`(?P<dirty> \(uncommitted changes\))?")
 VERSIONS = ("torch", "zarr", "numpy")
@@ -284,11 +288,13 @@ def all_blocks(root: Path) -> list[Block]:
 
 
 def head_commit(root: Path) -> tuple[str, bool]:
-    """HEAD's short hash and whether the tracked files differ from it."""
+    """HEAD's short hash and whether the files that compute figures differ from it (the blocks
+    an earlier run just wrote into README.md and docs/ do not count)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return git("rev-parse", "--short=7", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+        return (git("rev-parse", "--short=7", "HEAD"),
+                bool(git("status", "--porcelain", "--untracked-files=no", "--", *FIGURE_INPUTS)))
     except (OSError, subprocess.CalledProcessError) as error:
         raise InputError(f"{root} is not a git checkout, so no commit can be recorded beside the figures: {error}") from None
 
@@ -382,9 +388,6 @@ def selected(root: Path, only: list[str] | None) -> tuple[list[Block], list[Bloc
     return chosen, [b for b in blocks if b not in chosen]
 
 
-# What computes a figure: the package and the pinned inputs it reads. A later commit that changes
-# none of them (the figures' own commit, docs, tests) leaves every figure as HEAD would print it.
-FIGURE_INPUTS = ("pipeline", "stages", "data", "pyproject.toml")
 
 
 def changed_since(root: Path, commit: str) -> str | None:

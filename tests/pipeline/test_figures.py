@@ -99,6 +99,23 @@ def test_check_names_the_blocks_generated_before_a_change_to_the_code(checkout):
     assert set(found) == {"listing", "slow"} and "stages/loss.py" in found["listing"]  # the code that computes it moved on
 
 
+def test_blocks_written_one_run_after_another_are_clean_but_an_uncommitted_code_change_is_not(checkout):
+    """The blocks an earlier run wrote into the docs do not make the next run's figures
+    "uncommitted"; a change to the code that computes them does."""
+    (checkout / "data").mkdir()  # not stages/: the listing command, run in the checkout, imports stages
+    (checkout / "data" / "vocabulary.txt").write_text("8192\n")
+    _git(checkout, "add", ".")
+    _git(checkout, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "code")
+    regenerate(checkout, only=["listing"])
+    regenerate(checkout, only=["slow"])  # README.md now differs from HEAD
+    assert "(uncommitted changes)" not in _block((checkout / "docs" / "guide.md").read_text(), "slow")
+    assert stale(checkout) == []
+    (checkout / "data" / "vocabulary.txt").write_text("32000\n")
+    regenerate(checkout, only=["slow"])
+    assert "(uncommitted changes)" in _block((checkout / "docs" / "guide.md").read_text(), "slow")
+    assert [(block.name, "uncommitted" in why) for block, why in stale(checkout)] == [("slow", True)]
+
+
 def test_only_regenerates_the_blocks_it_names_and_touches_no_other(checkout):
     readme, guide = (checkout / "README.md").read_bytes(), (checkout / "docs" / "guide.md").read_bytes()
     regenerate(checkout, only=["listing"])
