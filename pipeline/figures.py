@@ -388,8 +388,6 @@ def selected(root: Path, only: list[str] | None) -> tuple[list[Block], list[Bloc
     return chosen, [b for b in blocks if b not in chosen]
 
 
-
-
 def changed_since(root: Path, commit: str) -> str | None:
     """None when nothing that computes a figure changed between `commit` and HEAD; otherwise why."""
     changed = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *FIGURE_INPUTS],
@@ -408,6 +406,7 @@ def stale(root: Path) -> list[tuple[Block, str]]:
     computes figures (FIGURE_INPUTS) changed."""
     commit, _ = head_commit(root)
     found = []
+    since: dict[str, str | None] = {}  # one git diff per commit the blocks name, not per block
     for block in all_blocks(root):
         generated = GENERATED.match(block.text)
         if generated is None:
@@ -416,8 +415,11 @@ def stale(root: Path) -> list[tuple[Block, str]]:
             found.append((block, "generated at the bench's --quick sizes, which are not to be quoted"))
         elif generated["dirty"]:
             found.append((block, f"generated at {generated['commit']} with uncommitted changes"))
-        elif not commit.startswith(generated["commit"]) and (why := changed_since(root, generated["commit"])):
-            found.append((block, why))
+        elif not commit.startswith(generated["commit"]):
+            if generated["commit"] not in since:
+                since[generated["commit"]] = changed_since(root, generated["commit"])
+            if since[generated["commit"]]:
+                found.append((block, since[generated["commit"]]))
     return found
 
 
