@@ -81,20 +81,20 @@ def test_demo_text_runs_every_step_and_reports(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dense_max_gib, reference", [(20, "dense"), (0, "online KD")])
 def test_demo_llm_runs_every_arm_and_reports(tmp_path, dense_max_gib, reference):
-    """The real 8,192-token BPE on 4,000 tokens of the standard library (the teacher on 8,000),
+    """The real 8,192-token BPE on 2,000 tokens of the standard library (the teacher on 4,000),
     tiny GPT-2s, one epoch a student: the dense-KD reference is a dense cache when it fits, else
     online KD. With the dense cache, the frontier from the teacher after its first epoch of two
     (early) and after both (final); online, from the final one alone."""
     pytest.importorskip("transformers")
     strengths = ["early", "final"] if reference == "dense" else ["final"]
-    code, out, err = invoke("demo-llm", "--out", tmp_path / "demo", "--max-tokens", "4000", "--teacher-tokens", "8000", "--seq", "32",
+    code, out, err = invoke("demo-llm", "--out", tmp_path / "demo", "--max-tokens", "2000", "--teacher-tokens", "4000", "--seq", "32",
                             "--teacher", "gpt2:layers=1,dim=16,heads=2", "--student", "gpt2:layers=1,dim=8,heads=2",
                             "--teacher-epochs", len(strengths), "--teachers", ",".join(strengths), "--student-epochs", "1",
                             "--top-k", "8", "--quantised-top-k", "8", "--samples", "12", "--head-tail", "8,12", "--seeds", "2", "--dense-max-gib", dense_max_gib,
                             "--device", "cpu", "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert list(report["strengths"]) == strengths and report["teacher"]["train_tokens"] > 4000 >= report["train_tokens"]
+    assert list(report["strengths"]) == strengths and report["teacher"]["train_tokens"] > 2000 >= report["train_tokens"]
     teachers = [report["strengths"][s]["teacher"] for s in strengths]
     assert [t["epochs"] for t in teachers] == list(range(1, len(strengths) + 1))
     for teacher in teachers:  # the mass of its top 8, 32 and 128 tokens on the held-out split: growing with K
