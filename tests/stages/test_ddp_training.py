@@ -1,5 +1,6 @@
 """Stage two under torchrun: two real processes on the gloo backend, compared with one process
-training on the same global batch."""
+training on the same global batch. One uninterrupted two-process run (the module's `ddp_run`)
+serves both as the run compared with one process and as the reference a killed run must resume to."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import DATASET, dying_model, invoke_json
+from tests.conftest import DATASET, _cache, dying_model, invoke_json
 
 REPO = Path(__file__).resolve().parents[2]
 OPTIONS = ("--epochs", "6", "--batch-size", "64", "--lr", "0.01", "--seed", "3", "--device", "cpu")
@@ -33,13 +35,26 @@ def _epochs(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_gloo_processes_train_as_well_as_one_on_the_same_global_batch(tmp_path, cache_path):
-    proc = _torchrun("--cache", cache_path, "--student", "mlp:width=32", *OPTIONS, "--out", tmp_path / "ddp")
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory, teacher_weights) -> Path:
+    """The tiny dataset's cache (conftest's `cache_path`), made once for the module."""
+    return _cache(tmp_path_factory.mktemp("ddp-cache") / "cache.zarr", teacher_weights)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, cache_path) -> tuple[subprocess.CompletedProcess, Path]:
+    """An uninterrupted two-process run of mlp:width=32 with OPTIONS: torchrun's result and the run folder."""
+    out = tmp_path_factory.mktemp("ddp-run") / "ddp"
+    return _torchrun("--cache", cache_path, "--student", "mlp:width=32", *OPTIONS, "--out", out), out
+
+
+def test_two_gloo_processes_train_as_well_as_one_on_the_same_global_batch(tmp_path, cache_path, ddp_run):
+    proc, ddp = ddp_run
     reported = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(reported) == 1, "rank 0 alone reports"
     single = invoke_json("train-student", "--cache", cache_path, "--student", "mlp:width=32", *OPTIONS, "--out", tmp_path / "one")
 
-    epochs = _epochs(tmp_path / "ddp")
+    epochs = _epochs(ddp)
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5, 6], "one metrics line per epoch, from rank 0 alone"
     losses = [e["train_loss"] for e in epochs]
     assert losses[-1] < 0.8 * losses[0]
@@ -47,12 +62,13 @@ def test_two_gloo_processes_train_as_well_as_one_on_the_same_global_batch(tmp_pa
     # step: equal up to that noise (the test split has 200 samples; 0.05 is 10 of them).
     assert abs(reported[0]["test_accuracy"] - single["test_accuracy"]) <= 0.05
     assert reported[0]["test_accuracy"] > 0.6
-    assert {p.name for p in (tmp_path / "ddp").iterdir()} == {p.name for p in (tmp_path / "one").iterdir()}
+    assert {p.name for p in ddp.iterdir()} == {p.name for p in (tmp_path / "one").iterdir()}
 
 
-def test_a_ddp_run_killed_partway_resumes_to_the_same_weights(tmp_path, cache_path):
+def test_a_ddp_run_killed_partway_resumes_to_the_same_weights(tmp_path, cache_path, ddp_run):
     """Rank 1 is SIGKILLed in epoch 4 (torchrun then stops rank 0); --resume continues from the
-    epoch-3 checkpoint in both processes and ends with the weights of an uninterrupted run."""
+    epoch-3 checkpoint in both processes and ends with the weights of an uninterrupted run
+    (`ddp_run`: the same student and options, without the dying hook, which changes no weight)."""
     student, marker, _ = dying_model(tmp_path, where="rank 1", after_forwards=30, spec="mlp:width=32")
     args = ("--cache", cache_path, "--student", student, *OPTIONS)
     killed = _torchrun(*args, "--out", tmp_path / "run", check=False)
@@ -60,9 +76,8 @@ def test_a_ddp_run_killed_partway_resumes_to_the_same_weights(tmp_path, cache_pa
     finished_before_kill = len(_epochs(tmp_path / "run"))
     assert 1 <= finished_before_kill < 6
     _torchrun(*args, "--out", tmp_path / "run", "--resume")
-    _torchrun(*args, "--out", tmp_path / "whole")
     assert len(_epochs(tmp_path / "run")) == 6
-    resumed, whole = load_file(tmp_path / "run/model.safetensors"), load_file(tmp_path / "whole/model.safetensors")
+    resumed, whole = load_file(tmp_path / "run/model.safetensors"), load_file(ddp_run[1] / "model.safetensors")
     assert all(np.array_equal(resumed[name], whole[name]) for name in whole)
 
 
