@@ -95,8 +95,9 @@ def _same_cache(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize(("shard_rows", "wait_for"), [(0, 8), (3 * CHUNK, 3)], ids=["unsharded", "sharded"])
 def test_killed_cache_teacher_resumes_only_missing_chunks(slow_teacher, shard_rows, wait_for):
-    """Killed once `wait_for` write units are done (chunks, or shards of three chunks), resumed:
-    only the missing units are computed, and the cache equals an uninterrupted one."""
+    """Killed once `wait_for` write units are done (chunks, or shards of three chunks), resumed
+    (the same command, in this process): only the missing units are computed, and the cache
+    equals an uninterrupted one."""
     spec, log, tmp = slow_teacher
     unit, units = shard_rows or CHUNK, ROWS // (shard_rows or CHUNK)
     reference = invoke_json(*_cache_args(spec, tmp / "reference.zarr", shard_rows))
@@ -113,10 +114,7 @@ def test_killed_cache_teacher_resumes_only_missing_chunks(slow_teacher, shard_ro
     assert not zarr.open_group(str(cache), mode="r").attrs["complete"]
     log.unlink()
 
-    with _pipeline(*_cache_args(spec, cache, shard_rows)) as proc:  # the same command again
-        out, err = proc.communicate()
-    assert proc.returncode == 0, err
-    result = json.loads(out)
+    result = invoke_json(*_cache_args(spec, cache, shard_rows)[:-1])  # the same command again
     missing = units - finished_before
     assert result["chunks_computed"] == missing * unit // CHUNK
     assert _rows_seen(log) == missing * unit + 1  # + the one-row probe of the output shape
@@ -191,9 +189,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_killed_train_student_resumes_to_the_same_result(tmp_path):
     reference = tmp_path / "reference"
-    with _pipeline(*_train_args(reference)) as proc:
-        _, err = proc.communicate()
-    assert proc.returncode == 0, err
+    invoke_json(*_train_args(reference)[:-1])  # uninterrupted, in this process
 
     run = tmp_path / "killed"
     metrics = run / "metrics.jsonl"
@@ -271,8 +267,9 @@ def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_wei
     """An LLM-style run by steps (warmup, accumulation, clipping, a checkpoint every 10 steps; 4
     micro-batches a step, 50 an epoch: every checkpoint falls mid-epoch) is SIGKILLed at
     a random forward pass after its first step checkpoint, and resumed: it reads the epoch's
-    consumed batches again, drops them, and ends with the uninterrupted run's weights, bit for
-    bit, and the same step and epoch records. The student has dropout: its draws resume too."""
+    consumed batches again, drops them, and ends with the uninterrupted run's (made in this
+    process) weights, bit for bit, and the same step and epoch records. The student has dropout:
+    its draws resume too."""
     (tmp_path / "dropout_mlp.py").write_text(textwrap.dedent("""
         from torch import nn
         def build(num_classes):
@@ -280,24 +277,24 @@ def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_wei
     """))
     kill_at = random.Random().randint(50, 200)  # forwards: after step 10's checkpoint, before step 60
     student, marker, _ = dying_model(tmp_path, where="process", after_forwards=kill_at, spec=f"{tmp_path / 'dropout_mlp.py'}:build")
-    args = ["train-student", "--cache", cache_path, "--student", student, "--batch-size", "12", "--max-steps", "60",
+    args = ["train-student", "--cache", cache_path, "--batch-size", "12", "--max-steps", "60",
             "--warmup-steps", "6", "--accumulate", "4", "--max-grad-norm", "1", "--checkpoint-every-steps", "10", "--checkpoint-every", "0",
             "--log-every-steps", "1", "--seed", "5", "--device", "cpu", "--json"]
     run, reference = tmp_path / "killed", tmp_path / "reference"
-    with _pipeline(*args, "--out", run) as proc:
+    with _pipeline(*args, "--student", student, "--out", run) as proc:
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL and marker.exists(), f"kill_at={kill_at}"
     killed_at = _steps(run)[-1]["step"]
     assert 10 <= killed_at < 60 and (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists(), kill_at
-    with _pipeline(*args, "--out", run, "--resume") as proc:
+    with _pipeline(*args, "--student", student, "--out", run, "--resume") as proc:
         _, err = proc.communicate()
     assert proc.returncode == 0, err
     resumed_at = killed_at // 10 * 10
     position = 4 * (resumed_at % 13)  # 13 steps an epoch, the last of 2 micro-batches
     assert f"at step {resumed_at} of 60 (epoch {resumed_at // 13 + 1}, after {position} of its batches)" in err, (kill_at, err)
-    with _pipeline(*args, "--out", reference) as proc:
-        _, err = proc.communicate()
-    assert proc.returncode == 0, err
+    # Uninterrupted, in this process, of the student without the dying hook (the same weights: the
+    # hook changes none, and draws no random number).
+    invoke_json(*args[:-1], "--student", f"{tmp_path / 'dropout_mlp.py'}:build", "--out", reference)
 
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes(), f"kill_at={kill_at}"
     assert _steps(run) == _steps(reference) and [s["step"] for s in _steps(run)] == list(range(1, 61))
