@@ -1,8 +1,11 @@
 """Stage one on dask.distributed: real local clusters of worker processes, compared with a
-single-process run of the same teacher over the same data."""
+single-process run of the same teacher over the same data. The tests that only need workers to
+write on share one local cluster of two (`cluster`, given by --scheduler); the one that kills a
+worker has its own, and the refusal starts one with --workers 2."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import numpy as np
@@ -14,17 +17,33 @@ from tests.conftest import CHUNK_ROWS, DATASET, SHARD_ROWS, assert_same_cache, c
 distributed = pytest.importorskip("distributed")
 
 
+@pytest.fixture(scope="module")
+def cluster() -> tuple[str, ...]:
+    """The options of a local cluster of two worker processes of one thread each, as --workers 2
+    starts for a pass, started once for the module. Its nannies set OMP_NUM_THREADS=1 and more
+    in this process's environment to start the workers: put back at once, as the pipeline does."""
+    environment = dict(os.environ)
+    try:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+            os.environ.clear()
+            os.environ.update(environment)
+            yield ("--scheduler", local.scheduler_address)
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+
+
 @pytest.mark.parametrize("layout", [(), ("--format", "topk", "--top-k", "2"), ("--shard-rows", SHARD_ROWS)],
                          ids=["dense", "topk", "sharded"])
-def test_a_local_cluster_of_two_workers_writes_the_single_process_cache(tmp_path, teacher_weights, layout):
+def test_a_local_cluster_of_two_workers_writes_the_single_process_cache(tmp_path, teacher_weights, layout, cluster):
     """Workers own whole write units: chunks, or shards (of two chunks) of a sharded cache."""
     single = cache_with_cli(tmp_path / "single.zarr", teacher_weights, *layout)
-    spread = cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *layout, "--workers", "2")
+    spread = cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *layout, *cluster)
     assert spread["chunks_computed"] == single["chunks_computed"] == 10
     assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
 
 
-def test_workers_cache_views_of_the_users_own_transform_as_one_process_does(tmp_path, teacher_weights):
+def test_workers_cache_views_of_the_users_own_transform_as_one_process_does(tmp_path, teacher_weights, cluster):
     """Each worker loads the transform from the file the user named, as it builds the teacher:
     the cache of views equals the single-process one."""
     (tmp_path / "jitter.py").write_text(textwrap.dedent("""
@@ -35,7 +54,7 @@ def test_workers_cache_views_of_the_users_own_transform_as_one_process_does(tmp_
     """))
     views = ("--augment", f"{tmp_path / 'jitter.py'}:factory", "--views", "3")
     cache_with_cli(tmp_path / "single.zarr", teacher_weights, *views)
-    cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *views, "--workers", "2")
+    cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *views, *cluster)
     assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
     logits = zarr.open_group(str(tmp_path / "spread.zarr"), mode="r")["logits"][:]
     assert not np.array_equal(logits[:, 0], logits[:, 1])  # the views differ: the transform ran on the workers
@@ -59,15 +78,15 @@ def test_a_killed_worker_has_its_chunks_recomputed_and_each_worker_loads_the_tea
     assert len(pids) == len(set(pids)) and len(pids) in (3, 4)
 
 
-def test_resuming_on_workers_computes_only_the_missing_chunks(tmp_path, teacher_weights):
+def test_resuming_on_workers_computes_only_the_missing_chunks(tmp_path, teacher_weights, cluster):
     cache_with_cli(tmp_path / "single.zarr", teacher_weights)
-    cache_with_cli(tmp_path / "spread.zarr", teacher_weights, "--workers", "2")
+    cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *cluster)
     group = zarr.open_group(str(tmp_path / "spread.zarr"), mode="r+")
     for chunk in (2, 3, 7):  # as a pass killed before these chunks were written leaves them
         group["chunk_done"][chunk] = 0
         group["logits"][chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS] = np.nan
     group.attrs.update({"complete": False, "teacher_metrics": None})
-    resumed = cache_with_cli(tmp_path / "spread.zarr", teacher_weights, "--workers", "2")
+    resumed = cache_with_cli(tmp_path / "spread.zarr", teacher_weights, *cluster)
     assert resumed["chunks_computed"] == 3
     assert_same_cache(tmp_path / "single.zarr", tmp_path / "spread.zarr")
 
