@@ -112,7 +112,7 @@ def test_a_config_file_value_of_another_type_than_its_option_is_a_one_line_error
 
 def test_a_config_file_may_give_a_whole_number_where_a_number_belongs(tmp_path):
     config = tmp_path / "student.toml"
-    config.write_text(f'student = "linear"\ndataset = "synthetic:n=40,test=10,features=4,classes=2"\nalpha = 0\nfeature-weight = 2\nepochs = 1\n')
+    config.write_text('student = "linear"\ndataset = "synthetic:n=40,test=10,features=4,classes=2"\nalpha = 0\nfeature-weight = 2\nepochs = 1\n')
     run = invoke_json("train-student", "--config", config, "--device", "cpu", "--out", tmp_path / "r")
     resolved = json.loads((Path(run["run_dir"]) / "config.json").read_text())
     assert (resolved["alpha"], resolved["feature_weight"], resolved["epochs"], resolved["model"]) == (0, 2, 1, "linear")

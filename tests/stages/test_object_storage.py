@@ -101,8 +101,9 @@ def test_dask_workers_write_an_s3_cache_with_the_options_given_to_the_coordinato
 
 def test_a_killed_writer_on_s3_leaves_a_lease_that_blocks_until_stale_then_resumes(tmp_path, teacher_weights, bucket, s3_endpoint):
     """A real process, configured by the environment alone, is SIGKILLed partway through: its
-    lease object stays behind (no kernel drops it, as with an flock), so a second writer is
-    refused while the lease looks alive, and takes it over once it is stale."""
+    lease object stays behind (no kernel drops it, as with an flock), so a second writer (the same
+    command, run in this process with the endpoint as an option) is refused while the lease looks
+    alive, and takes it over once it is stale."""
     teacher, marker, _ = dying_model(tmp_path, where="process", after_forwards=9)
     env = {**os.environ, **CREDENTIALS, "FSSPEC_S3_ENDPOINT_URL": s3_endpoint}
     url = f"{bucket}/killed.zarr"
@@ -116,15 +117,16 @@ def test_a_killed_writer_on_s3_leaves_a_lease_that_blocks_until_stale_then_resum
     done = zarr.open_group(url, mode="r", storage_options=options)["chunk_done"][:]
     assert 0 < done.sum() < len(done), done  # killed partway, with some chunks written
 
-    blocked = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
-    assert blocked.returncode == 5 and "is being written by another process" in blocked.stderr, blocked.stderr
+    again = [*command[3:], "--storage-option", f"endpoint_url={s3_endpoint}"]  # the arguments after `python -m pipeline`
+    code, _, err = invoke(*again)
+    assert code == 5 and "is being written by another process" in err, err
     lease = lock_location(url).removeprefix("s3://")
     stale = {**json.loads(fs.cat_file(lease)), "renewed_at": time.time() - 3600}  # as it reads an hour later
     fs.pipe_file(lease, json.dumps(stale).encode())
 
-    resumed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["chunks_computed"] == int((done == 0).sum())
+    code, out, err = invoke(*again)
+    assert code == 0, err
+    assert json.loads(out)["chunks_computed"] == int((done == 0).sum())
     cache_with_cli(tmp_path / "local.zarr", teacher_weights)
     assert_same_cache(tmp_path / "local.zarr", url, options)
     assert not fs.exists(lease)

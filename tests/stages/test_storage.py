@@ -27,7 +27,7 @@ def test_a_lock_file_deleted_or_replaced_under_its_holder_is_noticed(tmp_path):
     assert lock_file.read_text() == "another writer's"  # letting go never removes another's lock
 
 
-def test_a_deleted_lock_stops_the_first_writer_and_the_second_one_wins(slow_teacher):
+def test_a_deleted_lock_stops_the_first_writer_and_the_second_one_wins(slow_teacher):  # noqa: F811 - the fixture imported above
     """Deleting NAME.zarr.lock while cache-teacher runs, then starting another with --overwrite:
     the first stops (exit 5, one line) instead of both reporting a complete cache."""
     spec, _, tmp = slow_teacher

@@ -82,8 +82,9 @@ def _teacher_that_stalls(tmp_path):
 
 def test_an_interrupt_stops_a_pass_on_dask_workers_promptly_and_it_resumes(tmp_path, teacher_weights):
     """SIGINT to cache-teacher --workers 2 part-way (started with SIGINT ignored, as a script's
-    background job is): exit 130 with one line, the worker processes gone, and a re-run that
-    computes only the chunks the interrupted pass did not finish."""
+    background job is): exit 130 with one line, the worker processes gone, and a re-run (in this
+    process: resuming on workers is test_scale_out_caching's) that computes only the chunks the
+    interrupted pass did not finish."""
     import os
     import signal
     import subprocess
@@ -123,6 +124,6 @@ def test_an_interrupt_stops_a_pass_on_dask_workers_promptly_and_it_resumes(tmp_p
         raise AssertionError(f"worker process {pid} outlived the interrupted pass")
     assert 0 < done_before < 10
     stall.unlink()
-    resumed = invoke_json(*args, "--workers", "2")
+    resumed = invoke_json(*args)
     assert resumed["chunks_total"] == 10 and 0 < resumed["chunks_computed"] <= 10 - done_before
     assert zarr.open_group(str(cache), mode="r").attrs["complete"]
