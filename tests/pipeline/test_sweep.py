@@ -117,10 +117,11 @@ def test_a_changed_sweep_does_not_silently_reuse_other_runs(tmp_path, cache_path
 
 
 def _start_sweep_with_grandchildren(tmp_path: Path, cache: Path) -> tuple[subprocess.Popen, Path, Path]:
-    """`pipeline sweep --jobs 2`, in the background, of 6 runs of a student whose factory, in a
-    sweep worker, starts a long-lived child process of its own, as a DataLoader worker is one:
-    the worker's whole tree must go with the sweep. Returns the sweep's process, its file, and
-    the file listing those children's pids."""
+    """`pipeline sweep --jobs 2`, in the background, of 4 runs (alpha 0.5 and hard labels, seeds 0
+    and 1: two in the workers, one handed to them ahead of time, one still queued) of a student
+    whose factory, in a sweep worker, starts a long-lived child process of its own, as a
+    DataLoader worker is one: the worker's whole tree must go with the sweep. Returns the sweep's
+    process, its file, and the file listing those children's pids."""
     children = tmp_path / "children.txt"
     factory = tmp_path / "student_with_child.py"
     factory.write_text(textwrap.dedent(f"""
@@ -134,7 +135,7 @@ def _start_sweep_with_grandchildren(tmp_path: Path, cache: Path) -> tuple[subpro
                     f.write(f"{{child.pid}}\\n")
             return resolve_model("mlp-64", num_classes=num_classes, input_shape=(8,))
     """))
-    sweep = _sweep_file(tmp_path, cache, epochs=6, students=[f"{factory}:build"])
+    sweep = _sweep_file(tmp_path, cache, epochs=6, students=[f"{factory}:build"], alphas=[0.5])
     with open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", str(sweep), "--jobs", "2"], cwd=REPO,
                                    stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_as_in_the_foreground)
@@ -217,7 +218,7 @@ def test_a_killed_sweep_takes_every_process_it_started_with_it(tmp_path, cache_p
 
 
 @pytest.mark.parametrize("signum, code, message", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_an_interrupted_sweep_stops_its_runs_and_starts_no_queued_one(tmp_path, cache_path, signum, code, message):
+def test_an_interrupted_sweep_stops_its_runs_and_starts_no_queued_one(tmp_path, cache_path, caplog, signum, code, message):
     """SIGINT or SIGTERM to the sweep's process alone (not its process group): it stops its
     workers and their children, starts no queued run, exits 130 or 143 with one line; the same
     command then does what is left, resuming the stopped runs from their checkpoints."""
@@ -243,14 +244,11 @@ def test_an_interrupted_sweep_stops_its_runs_and_starts_no_queued_one(tmp_path, 
     finished = {path.parent.name for path in folder.glob("*/summary.json") if path.stat().st_mtime > signalled}
     stopped = {path.parent.name for path in folder.glob("*/checkpoint.pt")} - {p.parent.name for p in folder.glob("*/summary.json")}
     assert stopped and not finished
-    # One process does the rest (no worker, so the student's factory starts no child).
-    again = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep), "--json"], cwd=REPO,
-                           capture_output=True, text=True, timeout=1800)
-    assert again.returncode == 0, again.stderr
-    board = json.loads(again.stdout)
-    assert board["failures"] == {} and len(board["runs"]) == 6
+    # One process does the rest: this one, through the CLI (no worker, so the student's factory starts no child).
+    board = invoke_json("sweep", sweep)
+    assert board["failures"] == {} and len(board["runs"]) == 4
     for name in stopped:
-        assert f"resuming {folder / name} after epoch" in again.stderr
+        assert f"resuming {folder / name} after epoch" in caplog.text
 
 
 def test_a_run_folder_has_one_writer_at_a_time(tmp_path, cache_path):
@@ -259,7 +257,7 @@ def test_a_run_folder_has_one_writer_at_a_time(tmp_path, cache_path):
     out, factory = tmp_path / "run", tmp_path / "stalling_student.py"
     # In the first run (STALL set) the student stalls at its first training step until killed:
     # that run is surely live while the second one starts.
-    factory.write_text(textwrap.dedent(f"""
+    factory.write_text(textwrap.dedent("""
         import os, time
         from pipeline.models import resolve_model
 
@@ -274,43 +272,44 @@ def test_a_run_folder_has_one_writer_at_a_time(tmp_path, cache_path):
             return model
     """))
 
-    def command(*extra):
-        return [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache_path), "--student", f"{factory}:build",
-                "--epochs", "2", "--out", str(out), "--device", "cpu", *extra]
-
-    first = subprocess.Popen(command(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "STALL": "1"})
+    args = ("train-student", "--cache", cache_path, "--student", f"{factory}:build", "--epochs", "2", "--out", out, "--device", "cpu")
+    first = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "STALL": "1"})
     try:
         _wait_for(lambda: (out / "config.json").is_file() or first.poll() is not None, "the first run to start")
-        second = subprocess.run(command("--resume"), cwd=REPO, capture_output=True, text=True, timeout=1800)
+        # The second command and the resumed one run in this process (STALL unset: its student never stalls).
+        code, _, err = invoke(*args, "--resume")
         assert first.poll() is None
-        assert second.returncode == 5
-        assert second.stderr.strip().splitlines()[-1] == \
+        assert code == 5, err
+        assert err.strip().splitlines()[-1] == \
             f"error: run folder {out.resolve()} is being written by another process (pid {first.pid}); wait for it to finish"
     finally:
         first.kill()
         first.wait()
-    resumed = subprocess.run(command("--resume", "--json"), cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert resumed.returncode == 0, resumed.stderr
+    invoke_json(*args, "--resume")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_concurrent_students_on_one_cache_match_sequential_ones(tmp_path, cache_path):
-    """Readers take no lock: three train-student processes on one cache at once all succeed and
-    give what they give one after another."""
+    """Readers take no lock: three train-student processes on one cache at once, all of one seed (so
+    that they read the same chunks at the same moments), all succeed and each gives what the same
+    run gives alone."""
     def command(name):
         return [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache_path), "--student", "mlp-64",
-                "--epochs", "3", "--seed", name[-1], "--out", str(tmp_path / name), "--device", "cpu", "--json"]
+                "--epochs", "3", "--seed", "1", "--out", str(tmp_path / name), "--device", "cpu", "--json"]
+
+    def metrics(name):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sequential = [subprocess.run(command(f"seq{s}"), capture_output=True, text=True, cwd=REPO, env=env, timeout=1800) for s in "012"]
+    alone = subprocess.run(command("alone"), capture_output=True, text=True, cwd=REPO, env=env, timeout=1800)
     running = [subprocess.Popen(command(f"par{s}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
                for s in "012"]
     parallel = [(p.communicate(timeout=1800), p.returncode) for p in running]
-    assert all(p.returncode == 0 for p in sequential) and all(code == 0 for _, code in parallel)
+    assert alone.returncode == 0 and all(code == 0 for _, code in parallel), (alone.stderr, [err for (_, err), _ in parallel])
+    assert len(metrics("alone")) == 3
     for s in "012":
-        one = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (tmp_path / f"seq{s}" / "metrics.jsonl").read_text().splitlines()]
-        other = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (tmp_path / f"par{s}" / "metrics.jsonl").read_text().splitlines()]
-        assert one == other and len(one) == 3
+        assert metrics(f"par{s}") == metrics("alone")
 
 
 def test_evaluate_reports_quality_agreement_size_and_speed(tmp_path, cache_path):
