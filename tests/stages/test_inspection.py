@@ -238,8 +238,8 @@ def test_inspect_against_a_dense_reference_of_a_slice_compares_the_rows_both_hol
     from stages.weights import save_weights
     from tests.conftest import invoke, invoke_json
 
-    corpus = tmp_path / "small.jsonl"
-    corpus.write_text("\n".join(stdlib_corpus(tmp_path).read_text(encoding="utf-8").splitlines()[:20]) + "\n", encoding="utf-8")
+    corpus = tmp_path / "small.jsonl"  # the first 4 documents (12 KB): over a hundred rows of 32 tokens, enough past row 50
+    corpus.write_text("\n".join(stdlib_corpus(tmp_path).read_text(encoding="utf-8").splitlines()[:4]) + "\n", encoding="utf-8")
     tokenizer = stdlib_tokenizer(tmp_path / "tok", vocab=512)
     invoke_json("tokenize", f"corpus:{corpus},tokenizer=hf:{tokenizer},seq=32,test=0", "--out", tmp_path / "t.zarr")
     teacher, weights = "gpt2:layers=1,dim=16,heads=2", tmp_path / "teacher.safetensors"
