@@ -141,11 +141,9 @@ def test_a_row_range_is_the_same_rows_with_their_own_fingerprint(tmp_path, tok51
 # --- resume and workers ------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory, tok512, small_jsonl) -> tuple[str, Path]:
-    """The 30 documents of small_jsonl (about 0.8 MB: some 15 work units of 16 KB, and nearly 200
-    train chunks of 2,048 tokens, whose writing leaves a kill after the fifth seconds to land in)
-    tokenized in one uninterrupted single-process run."""
-    spec = f"corpus:{small_jsonl},tokenizer=hf:{tok512},seq=64,test=10"
+def reference(tmp_path_factory, tok512, stdlib_jsonl) -> tuple[str, Path]:
+    """The whole standard library tokenized in one uninterrupted single-process run."""
+    spec = f"corpus:{stdlib_jsonl},tokenizer=hf:{tok512},seq=64,test=10"
     out = tmp_path_factory.mktemp("reference") / "t.zarr"
     tokenize(spec, out, "--work-unit-bytes", 16384, "--chunk-tokens", 2048)
     return spec, out
