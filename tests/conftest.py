@@ -56,7 +56,8 @@ def teacher_weights(tmp_path_factory) -> Path:
     return run_training(config).weights
 
 
-def _cache(out: Path, teacher_weights: Path, shard_rows: int | None = None) -> Path:
+def tiny_cache(out: Path, teacher_weights: Path, shard_rows: int | None = None) -> Path:
+    """The tiny dataset's cache by the mlp-64 teacher at `out` (for fixtures of any scope)."""
     split = resolve_dataset(DATASET).split("train")
     teacher = resolve_model("mlp-64", num_classes=4, input_shape=(8,), weights=teacher_weights)
     config = cache_teacher.CacheTeacherConfig(
@@ -68,13 +69,13 @@ def _cache(out: Path, teacher_weights: Path, shard_rows: int | None = None) -> P
 
 @pytest.fixture
 def cache_path(tmp_path, teacher_weights) -> Path:
-    return _cache(tmp_path / "cache.zarr", teacher_weights)
+    return tiny_cache(tmp_path / "cache.zarr", teacher_weights)
 
 
 @pytest.fixture
 def sharded_cache_path(tmp_path, teacher_weights) -> Path:
     """The cache of `cache_path`, in shards of SHARD_ROWS rows."""
-    return _cache(tmp_path / "sharded.zarr", teacher_weights, shard_rows=SHARD_ROWS)
+    return tiny_cache(tmp_path / "sharded.zarr", teacher_weights, shard_rows=SHARD_ROWS)
 
 
 def cache_with_cli(out, teacher_weights, *extra, teacher: str = "mlp-64") -> dict:

@@ -210,7 +210,7 @@ def test_ambiguous_or_mistyped_config_file_entries_are_one_line_errors(tmp_path,
     assert not (tmp_path / "r").exists()
 
 
-def test_sigterm_is_an_interrupt_one_line_exit_143_and_the_same_command_resumes(slow_teacher):  # noqa: F811 (the fixture)
+def test_sigterm_is_an_interrupt_one_line_exit_143_and_the_same_command_resumes(slow_teacher):  # noqa: F811 - the fixture imported above
     spec, _, tmp = slow_teacher
     args = _cache_args(spec, tmp / "c.zarr")
     with _pipeline(*args) as proc:

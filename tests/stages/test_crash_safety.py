@@ -114,7 +114,7 @@ def test_killed_cache_teacher_resumes_only_missing_chunks(slow_teacher, shard_ro
     assert not zarr.open_group(str(cache), mode="r").attrs["complete"]
     log.unlink()
 
-    result = invoke_json(*_cache_args(spec, cache, shard_rows)[:-1])  # the same command again
+    result = invoke_json(*_cache_args(spec, cache, shard_rows)[:-1])  # the same command again (invoke_json adds its --json)
     missing = units - finished_before
     assert result["chunks_computed"] == missing * unit // CHUNK
     assert _rows_seen(log) == missing * unit + 1  # + the one-row probe of the output shape
@@ -189,7 +189,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_killed_train_student_resumes_to_the_same_result(tmp_path):
     reference = tmp_path / "reference"
-    invoke_json(*_train_args(reference)[:-1])  # uninterrupted, in this process
+    invoke_json(*_train_args(reference)[:-1])  # uninterrupted, in this process (invoke_json adds the --json)
 
     run = tmp_path / "killed"
     metrics = run / "metrics.jsonl"
@@ -293,7 +293,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_wei
     position = 4 * (resumed_at % 13)  # 13 steps an epoch, the last of 2 micro-batches
     assert f"at step {resumed_at} of 60 (epoch {resumed_at // 13 + 1}, after {position} of its batches)" in err, (kill_at, err)
     # Uninterrupted, in this process, of the student without the dying hook (the same weights: the
-    # hook changes none, and draws no random number).
+    # hook changes none, and draws no random number); args less its --json, which invoke_json adds.
     invoke_json(*args[:-1], "--student", f"{tmp_path / 'dropout_mlp.py'}:build", "--out", reference)
 
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes(), f"kill_at={kill_at}"

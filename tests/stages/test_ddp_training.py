@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import DATASET, _cache, dying_model, invoke_json
+from tests.conftest import DATASET, dying_model, invoke_json, tiny_cache
 
 REPO = Path(__file__).resolve().parents[2]
 OPTIONS = ("--epochs", "6", "--batch-size", "64", "--lr", "0.01", "--seed", "3", "--device", "cpu")
@@ -38,7 +38,7 @@ def _epochs(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def cache_path(tmp_path_factory, teacher_weights) -> Path:
     """The tiny dataset's cache (conftest's `cache_path`), made once for the module."""
-    return _cache(tmp_path_factory.mktemp("ddp-cache") / "cache.zarr", teacher_weights)
+    return tiny_cache(tmp_path_factory.mktemp("ddp-cache") / "cache.zarr", teacher_weights)
 
 
 @pytest.fixture(scope="module")
